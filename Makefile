@@ -1,0 +1,40 @@
+# LowRA quickstart: `make run` then `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export LOWRA_ASSETS ?= $(abspath ../shared/assets)
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv run test lint sweep bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A GPU user keeps the torch already in their environment; on a CPU machine pin the CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.run
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lowra kernels experiments tests
+
+sweep: $(STAMP)
+	$(PY) -m experiments.run -m +bits=1.15,2,4 quant=lowra train.max_steps=100 logger=none
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench_pipeline
+	$(PY) -m experiments.bench_kernels
+
+clean:
+	rm -rf $(VENV) outputs multirun
