@@ -24,7 +24,7 @@ from lowra.normalfloat import normal_float_table
 from lowra.scales import GroupScales, compute_absmax
 from lowra.validation import check_bits, check_group_size, check_weight
 
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 20
 
 
 @dataclass
