@@ -126,7 +126,8 @@ def _lloyd(rows: _SortedRows, init: torch.Tensor, iters: int, tol: float) -> tup
     codebook = init.double()
     history = [float(rows.error(codebook, rows.prefix).sum())]
     done = 0
-    for done in range(1, iters + 1):
+    for step in range(1, iters + 1):
+        done = step
         s0, s1, s2 = rows.bucket_sums(_midpoints(codebook), rows.prefix)
         centroid = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), codebook)
         history.append(float((s2 - 2 * centroid * s1 + centroid**2 * s0).sum()))

@@ -293,7 +293,9 @@ class QuantizedTensor:
         return cls.from_state_dict(tensors, json.loads(header["lowra"]))
 
 
-def _as_bits_per_row(bits: torch.Tensor | int, out_features: int, device: torch.device) -> torch.Tensor:
+def _as_bits_per_row(
+    bits: torch.Tensor | int, out_features: int, device: torch.device
+) -> torch.Tensor:
     if isinstance(bits, torch.Tensor):
         if bits.shape != (out_features,):
             raise ValueError(f"bits per row must have shape [{out_features}], got {tuple(bits.shape)}")
@@ -302,12 +304,15 @@ def _as_bits_per_row(bits: torch.Tensor | int, out_features: int, device: torch.
         bits = bits.to(torch.int64)
         bad = ~torch.isin(bits, torch.tensor([1, 2, 3, 4], device=bits.device))
         if bool(bad.any()):
-            raise ValueError(f"bit-width must be one of (1, 2, 3, 4), got {int(bits[bad][0])} (row {int(bad.nonzero()[0])})")
+            first = int(bad.nonzero()[0])
+            raise ValueError(f"bit-width must be one of (1, 2, 3, 4), got {int(bits[first])} (row {first})")
         return bits.to(device)
     return torch.full((out_features,), check_bits(bits), dtype=torch.int64, device=device)
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+def save_safetensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> None:
     """``safetensors.torch.save_file`` into a temp file in the same directory, then rename."""
     from safetensors.torch import save_file
 
@@ -324,7 +329,9 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.Pat
         raise
 
 
-def load_safetensors_checked(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors_checked(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load all tensors and the string header of a safetensors file, with clear errors."""
     from safetensors import SafetensorError, safe_open
 
