@@ -1,0 +1,475 @@
+"""Model-level API: quantize any HF model's linears in place, LoftQ-init the adapters, train helpers.
+
+``quantize_model(model, bits, method="lowra", ...)`` replaces every target ``nn.Linear`` by a
+``LowRALinear`` (frozen quantized base + LoRA adapters) and returns a ``QuantizationReport``.
+
+For ``method="lowra"`` it runs the LowRA pipeline (DESIGN.md §1–2) over the whole model:
+
+1. per target layer: ``learn_codebooks(W, bits=candidates)`` → per-row error table ``[out, K]``
+   (only the small codebooks are kept, never a copy of W);
+2. one model-wide precision plan: ``assign_precision`` over the concatenated rows of every layer
+   (``params`` = in-features per row) under the average budget ``bits`` (``budget_scope="matrix"``
+   solves one plan per layer instead);
+3. per layer: ``QuantizedTensor.from_codebooks(W, bits_per_row, codebooks)``, then LoftQ with the
+   same per-row widths and FIXED codebooks, then the swap ``nn.Linear`` → ``LowRALinear``.
+
+Decision: with ``method="lowra"`` the planner also runs at an integer budget (it may then mix, say,
+1- and 4-bit rows at an average of 2 — LowRA's point); ``use_plan=False`` at an integer budget
+stores every row at that width with its learned codebook instead.
+
+Other methods go through the same path with one integer width for all rows: ``"nf"`` (NormalFloat,
+QLoRA/LoftQ), ``"uniform"`` (round-to-nearest), any registered quantizer (``**quant_options`` are
+passed to it), and ``"none"``: no quantization, a frozen dense base and the standard LoRA init —
+the plain-LoRA baseline through the very same module.
+
+Memory: phase 1 keeps codebooks and error tables only; phase 3 works one layer at a time and drops
+the ``nn.Linear`` as soon as its replacement exists, so the peak stays near the (partly) quantized
+model plus one layer in fp32 (plus its SVD workspace).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowra.format import QuantizedTensor
+from lowra.loftq import loftq_init
+from lowra.nn import LowRALinear
+from lowra.validation import check_budget, check_weight
+
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "LayerReport",
+    "QuantizationReport",
+    "find_target_linears",
+    "lora_parameters",
+    "lowra_layers",
+    "mark_only_lora_trainable",
+    "quantize_model",
+]
+
+#: Default LoRA targets by ``config.model_type`` (QLoRA/LoftQ: every projection of every block).
+DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+#: Linears never quantized unless targeted explicitly: the output head stays in full precision.
+DEFAULT_SKIP_MODULES: tuple[str, ...] = ("lm_head",)
+METHOD_NONE = "none"
+
+
+# ---------------------------------------------------------------------------------- reports
+@dataclass
+class LayerReport:
+    """What happened to one target layer (bits are of the base weight only)."""
+
+    name: str
+    shape: tuple[int, int]
+    bits_histogram: dict[int, int]
+    nominal_bits: float
+    effective_bits: float
+    sse_quant: float
+    sse_loftq: float
+    loftq_best_iter: int = 0
+
+
+@dataclass
+class QuantizationReport:
+    """Summary of ``quantize_model``; ``to_dict()`` is JSON-able.
+
+    ``bits_nominal`` / ``bits_effective`` are weighted by parameter count over the quantized
+    layers (code bits only / every stored byte). ``total_sse`` is ``Σ‖W − deq(Q) − s·BA‖²`` after
+    LoftQ and ``total_sse_quant`` the same without adapters. ``plan`` holds the planner's solve
+    info (objective, lower bound, gap, solve time, …) for ``method="lowra"``.
+    """
+
+    method: str
+    bits_target: float | None
+    bits_nominal: float
+    bits_effective: float
+    rank: int
+    alpha: float
+    loftq_iters: int
+    group_size: int
+    double_quant: bool
+    candidates: tuple[int, ...]
+    num_params: int
+    layers: list[LayerReport] = field(default_factory=list)
+    total_sse_quant: float = 0.0
+    total_sse: float = 0.0
+    plan: dict[str, Any] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples → lists, int keys → str)."""
+        d = asdict(self)
+        d["candidates"] = list(self.candidates)
+        for layer in d["layers"]:
+            layer["shape"] = list(layer["shape"])
+            layer["bits_histogram"] = {str(k): v for k, v in layer["bits_histogram"].items()}
+        d["plan"] = _jsonable(self.plan)
+        return d
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() > 1 else value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------- targets
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_target_linears(
+    model: nn.Module,
+    target_modules: str | list[str] | tuple[str, ...] | None = None,
+    skip_modules: tuple[str, ...] | list[str] = DEFAULT_SKIP_MODULES,
+) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, nn.Linear)`` pairs to quantize, in module order.
+
+    Args:
+        target_modules: PEFT semantics — a list of names matching a module's full name or its
+            suffix after a dot (``"q_proj"``), or one string used as a full-match regex. ``None``
+            uses ``DEFAULT_TARGET_MODULES[config.model_type]``, or every linear for other models.
+        skip_modules: suffixes never taken unless listed in ``target_modules`` explicitly.
+    Raises:
+        ValueError: a listed target that matches no ``nn.Linear`` (the message lists what exists),
+            or a model that is already quantized.
+    """
+    if any(isinstance(m, LowRALinear) for m in model.modules()):
+        raise ValueError("the model already contains LowRALinear layers (quantize_model was run before)")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model has no nn.Linear layers to quantize")
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        target_modules = DEFAULT_TARGET_MODULES.get(model_type)
+    if target_modules is None:
+        chosen = [(n, m) for n, m in linears if not any(_matches(n, s) for s in skip_modules)]
+    elif isinstance(target_modules, str):
+        chosen = [(n, m) for n, m in linears if re.fullmatch(target_modules, n)]
+        if not chosen:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no nn.Linear; "
+                             f"linears are named e.g. {_examples(linears)}")
+    else:
+        targets = list(target_modules)
+        for t in targets:
+            if not any(_matches(n, t) for n, _ in linears):
+                raise ValueError(f"target module {t!r} matches no nn.Linear in the model; "
+                                 f"available: {_examples(linears)}")
+        chosen = []
+        for n, m in linears:
+            hits = [t for t in targets if _matches(n, t)]
+            skipped = any(_matches(n, s) for s in skip_modules)
+            # a skipped linear (lm_head) is taken only when a target names it explicitly
+            if hits and (not skipped or any(t == n or t in skip_modules for t in hits)):
+                chosen.append((n, m))
+    if not chosen:
+        raise ValueError("no target layer left to quantize (all matches are in skip_modules)")
+    return chosen
+
+
+def _examples(linears: list[tuple[str, nn.Module]]) -> list[str]:
+    short = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+    return short[:20]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def lowra_layers(model: nn.Module) -> list[tuple[str, LowRALinear]]:
+    """Every ``(name, LowRALinear)`` of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (every ``lora_A`` / ``lora_B``), e.g. for the optimizer."""
+    params = []
+    for _, m in lowra_layers(model):
+        if m.rank:
+            params += [m.lora_A, m.lora_B]
+    return params
+
+
+def mark_only_lora_trainable(model: nn.Module) -> int:
+    """Freeze everything but the adapters; returns the number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    return sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------------------------- quantize
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="layer", leave=False)
+
+
+def _integer_bits(bits: float, method: str) -> int:
+    if float(bits) != round(float(bits)):
+        raise ValueError(
+            f"method {method!r} quantizes every row at one integer width, got bits={bits}; a "
+            "fractional budget needs method='lowra' (per-row precision plan)"
+        )
+    return int(round(float(bits)))
+
+
+def _solve_plan(
+    errors: torch.Tensor,
+    params: torch.Tensor,
+    budget: float,
+    candidates: tuple[int, ...],
+    plan_options: dict[str, Any],
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run ``lowra.precision.assign_precision``; returns int64 bits ``[C]`` and its solve info."""
+    from lowra import precision
+
+    plan = precision.assign_precision(errors, params, budget, candidates=candidates, **plan_options)
+    info = {}
+    for key in ("average_bits", "objective", "lower_bound", "gap", "solve_time", "status", "clusters",
+                "info", "stats", "times"):
+        if hasattr(plan, key):
+            info[key] = _jsonable(getattr(plan, key))
+    return torch.as_tensor(plan.bits).to(torch.int64).cpu(), info
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: float,
+    method: str = "lowra",
+    rank: int = 16,
+    alpha: float = 16.0,
+    target_modules: str | list[str] | tuple[str, ...] | None = None,
+    loftq_iters: int = 1,
+    group_size: int = 64,
+    *,
+    dropout: float = 0.0,
+    double_quant: bool = False,
+    candidates: tuple[int, ...] = (1, 2, 4),
+    budget_scope: str = "model",
+    use_plan: bool = True,
+    skip_modules: tuple[str, ...] | list[str] = DEFAULT_SKIP_MODULES,
+    codebook_iters: int = 20,
+    weight_power: float = 2.0,
+    plan_options: dict[str, Any] | None = None,
+    adapter_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    **quant_options: Any,
+) -> QuantizationReport:
+    """Quantize the target linears of ``model`` in place and attach LoRA adapters.
+
+    Args:
+        model: any HF (or plain PyTorch) model with ``nn.Linear`` layers, on any device.
+        bits: average code-bit budget in [1, 4] (fractional only with ``method="lowra"``);
+            ignored for ``method="none"``.
+        method: ``"lowra"``, ``"nf"``, ``"uniform"``, another registered quantizer, or ``"none"``.
+        rank, alpha, dropout: LoRA hyper-parameters (scale ``alpha / rank``).
+        target_modules: see ``find_target_linears``; embeddings and ``lm_head`` stay dense unless
+            targeted explicitly (``skip_modules``).
+        loftq_iters: LoftQ alternations T; 0 = standard LoRA init (A Kaiming-uniform, B = 0).
+        group_size, double_quant: absmax grouping and its storage (fp16 or double-quantized).
+        candidates, budget_scope ("model"/"matrix"), use_plan, codebook_iters, weight_power,
+            plan_options: LowRA settings (``plan_options`` go to ``assign_precision``).
+        adapter_dtype: dtype of A/B (None: fp32 on CPU, bf16 on GPU).
+        quant_options: extra options for the quantizer of other methods (e.g. calibration data).
+    Returns:
+        A ``QuantizationReport`` (also stored as ``model.lowra_report``). All parameters but the
+        adapters are frozen.
+    Raises:
+        ValueError: bits outside [1, 4], an unknown target, NaN/Inf weights (naming the layer).
+    """
+    t_start = time.perf_counter()
+    if method != METHOD_NONE:
+        bits = check_budget(bits)
+        if method != "lowra" or not use_plan:
+            int_bits = _integer_bits(bits, method)
+            if method == "lowra" and int_bits not in candidates:
+                candidates = tuple(sorted({*candidates, int_bits}))
+        if budget_scope not in ("model", "matrix"):
+            raise ValueError(f"budget_scope must be 'model' or 'matrix', got {budget_scope!r}")
+        candidates = tuple(int(b) for b in candidates)
+    if method not in ("lowra", METHOD_NONE):
+        from lowra.quantizers import get_quantizer
+
+        get_quantizer(method)  # unknown method → ValueError before any work
+    if isinstance(rank, bool) or int(rank) != rank or rank < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+    if loftq_iters and rank == 0:
+        loftq_iters = 0
+    targets = find_target_linears(model, target_modules, skip_modules)
+    for name, linear in targets:
+        check_weight(linear.weight, f"layer {name!r} weight")
+        if linear.bias is not None:
+            check_weight(linear.bias[None], f"layer {name!r} bias")
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(f"layer {name!r} {tuple(linear.weight.shape)} is too small for rank {rank}")
+    report = QuantizationReport(
+        method=method,
+        bits_target=None if method == METHOD_NONE else float(bits),
+        bits_nominal=0.0,
+        bits_effective=0.0,
+        rank=int(rank),
+        alpha=float(alpha),
+        loftq_iters=int(loftq_iters),
+        group_size=int(group_size),
+        double_quant=bool(double_quant),
+        candidates=tuple(candidates),
+        num_params=sum(m.weight.numel() for _, m in targets),
+    )
+    times = {"codebooks_s": 0.0, "plan_s": 0.0, "quantize_s": 0.0, "loftq_s": 0.0}
+    module_kw = dict(rank=rank, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, backend=backend)
+
+    # ---- phase 1 + 2 (LowRA with a plan): codebooks / error tables, then one precision plan
+    layer_bits: dict[str, torch.Tensor | int] = {}
+    codebooks: dict[str, dict[int, torch.Tensor]] = {}
+    if method == "lowra" and use_plan:
+        from lowra.codebook import learn_codebooks
+
+        t0 = time.perf_counter()
+        errors, params = [], []
+        for name, linear in _progress(targets, "codebooks", progress):
+            result = learn_codebooks(
+                linear.weight.detach(), bits=candidates, group_size=group_size, iters=codebook_iters,
+                weight_power=weight_power, double_quant=double_quant,
+            )
+            codebooks[name] = {b: c.cpu() for b, c in result.codebooks.items()}
+            errors.append(result.error.cpu())
+            params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
+        times["codebooks_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        opts = dict(plan_options or {})
+        if budget_scope == "model":
+            plan_bits, report.plan = _solve_plan(torch.cat(errors), torch.cat(params), bits, candidates, opts)
+            offset = 0
+            for name, linear in targets:
+                layer_bits[name] = plan_bits[offset:offset + linear.out_features]
+                offset += linear.out_features
+        else:
+            infos = {}
+            for (name, _), err, par in zip(targets, errors, params):
+                layer_bits[name], infos[name] = _solve_plan(err, par, bits, candidates, opts)
+            report.plan = {"scope": "matrix", "layers": infos}
+        report.plan.setdefault("scope", budget_scope)
+        del errors, params
+        times["plan_s"] = time.perf_counter() - t0
+
+    # ---- phase 3: quantize + LoftQ + swap, one layer at a time
+    layer_reports = []
+    for name, linear in _progress(targets, f"quantize ({method})", progress):
+        weight = linear.weight.detach()
+        if method == METHOD_NONE:
+            new = LowRALinear.from_linear(linear, **module_kw)
+            layer_reports.append(LayerReport(name, tuple(weight.shape), {}, new.nominal_bits,
+                                             new.effective_bits, 0.0, 0.0))
+        else:
+            quantize_fn = _layer_quantizer(
+                method, layer_bits.get(name), codebooks.pop(name, None), bits, group_size,
+                double_quant, codebook_iters, weight_power, backend, weight.device, quant_options,
+            )
+            spent = [0.0]
+
+            def timed(m: torch.Tensor, fn=quantize_fn, spent=spent) -> QuantizedTensor:
+                t = time.perf_counter()
+                out = fn(m)
+                spent[0] += time.perf_counter() - t
+                return out
+
+            t0 = time.perf_counter()
+            result = loftq_init(weight, timed, rank, alpha, iters=loftq_iters, name=f"layer {name!r}")
+            times["quantize_s"] += spent[0]
+            times["loftq_s"] += time.perf_counter() - t0 - spent[0]
+            qt = result.qweight
+            new = LowRALinear(
+                qt, bias=linear.bias.detach() if linear.bias is not None else None,
+                lora_A=result.lora_A, lora_B=result.lora_B, **module_kw,
+            )
+            hist = Counter(qt.bits_per_row.tolist())
+            layer_reports.append(LayerReport(
+                name, tuple(weight.shape), {int(k): int(v) for k, v in sorted(hist.items())},
+                qt.nominal_bits, qt.effective_bits, result.sse_quant, result.sse, result.best_iter,
+            ))
+        new.train(linear.training)
+        _set_module(model, name, new)
+        del linear, weight
+
+    mark_only_lora_trainable(model)
+    report.layers = layer_reports
+    total = report.num_params
+    shapes = [lr.shape[0] * lr.shape[1] for lr in layer_reports]
+    report.bits_nominal = sum(lr.nominal_bits * n for lr, n in zip(layer_reports, shapes)) / total
+    report.bits_effective = sum(lr.effective_bits * n for lr, n in zip(layer_reports, shapes)) / total
+    report.total_sse_quant = sum(lr.sse_quant for lr in layer_reports)
+    report.total_sse = sum(lr.sse_loftq for lr in layer_reports)
+    times["total_s"] = time.perf_counter() - t_start
+    report.times = times
+    model.lowra_report = report
+    return report
+
+
+def _layer_quantizer(
+    method: str,
+    bits_per_row: torch.Tensor | None,
+    codebooks: dict[int, torch.Tensor] | None,
+    bits: float,
+    group_size: int,
+    double_quant: bool,
+    codebook_iters: int,
+    weight_power: float,
+    backend: str,
+    device: torch.device,
+    quant_options: dict[str, Any],
+):
+    """The ``[out, in] → QuantizedTensor`` used by LoftQ for one layer (codebooks/bits fixed)."""
+    if method == "lowra" and bits_per_row is not None:
+        bits_dev = bits_per_row.to(device)
+        tables = {b: codebooks[b].to(device) for b in torch.unique(bits_per_row).tolist()}
+        return lambda m: QuantizedTensor.from_codebooks(
+            m, bits_dev, tables, group_size, double_quant, method="lowra", backend=backend
+        )
+    from lowra.quantizers import quantize
+
+    int_bits = _integer_bits(bits, method)
+    if method == "lowra":
+        # no plan: learn this layer's codebooks once, then keep them fixed through LoftQ
+        from lowra.codebook import learn_codebooks
+
+        state: dict[str, Any] = {}
+
+        def fixed(m: torch.Tensor) -> QuantizedTensor:
+            if "tables" not in state:
+                learned = learn_codebooks(m, bits=(int_bits,), group_size=group_size, iters=codebook_iters,
+                                          weight_power=weight_power, double_quant=double_quant)
+                state["tables"] = learned.codebooks
+            return QuantizedTensor.from_codebooks(m, int_bits, state["tables"], group_size, double_quant,
+                                                  method="lowra", backend=backend)
+
+        return fixed
+    return lambda m: quantize(m, int_bits, method=method, group_size=group_size, double_quant=double_quant,
+                              backend=backend, **quant_options)
