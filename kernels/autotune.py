@@ -36,7 +36,9 @@ def autotune(
     return triton.autotune(configs=configs, key=list(key), **kwargs)
 
 
-def configs(space: Sequence[dict], num_warps: Sequence[int] = (4,), num_stages: Sequence[int] = (2,)) -> list[triton.Config]:
+def configs(
+    space: Sequence[dict], num_warps: Sequence[int] = (4,), num_stages: Sequence[int] = (2,)
+) -> list[triton.Config]:
     """Cartesian product of meta-parameter dicts × warps × stages, in order (first = first)."""
     return [
         triton.Config(dict(meta), num_warps=w, num_stages=s)

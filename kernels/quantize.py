@@ -96,7 +96,7 @@ def _quantize_kernel(
         for t in tl.static_range((1 << BITS) - 1):
             thr = tl.load(t_ptr + r * stride_tr + t, mask=r_ok, other=0.0).to(tl.float32)
             code += (thr[:, None] < x).to(tl.int32)
-        code = tl.where(x != x, (1 << BITS) - 1, code)  # noqa: PLR0124  NaN sorts last (searchsorted)
+        code = tl.where(x != x, (1 << BITS) - 1, code)  # NaN sorts last (searchsorted)
         code = tl.where(m, code, 0)
         acc = acc | (code << (s * BITS))
     tl.store(words_ptr + r[:, None] * stride_qr + w[None, :], acc,

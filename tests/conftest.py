@@ -1,4 +1,7 @@
-"""Session-wide test setup: the Triton interpreter on CPU-only machines, and the ``gpu`` marker.
+"""Session-wide test setup: the Triton interpreter on CPU-only machines; ``gpu`` tests skipped.
+
+The ``gpu`` marker is registered in setup.cfg (whose addopts deselect it: run ``pytest -m gpu`` on
+a CUDA machine); when selected without a GPU, such tests are skipped here.
 
 ``TRITON_INTERPRET`` must be set before anything imports ``triton``; pytest imports this file
 first, and ``torch`` (used for the check) does not import triton.
@@ -11,10 +14,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

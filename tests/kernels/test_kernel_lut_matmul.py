@@ -1,0 +1,134 @@
+"""Fused LUT matmul: Triton forward/backward against ``x @ deq(W).T`` (interpreter on CPU)."""
+
+import pytest
+import torch
+from kernel_testutils import DEVICE, mixed_bits, random_qtensor, requires_triton
+
+from kernels.lut_matmul import (
+    LUTMatmulFunction,
+    lut_linear,
+    lut_matmul,
+    lut_matmul_backward,
+    lut_matmul_backward_ref,
+    lut_matmul_ref,
+)
+
+TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=2e-2, atol=5e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+
+
+def _dense(q, dtype=torch.float64):
+    return q.to("cpu").dequantize(torch.float32, backend="torch").to(dtype)
+
+
+def _check(got, want, dtype):
+    """Compare against an fp64 oracle; errors are measured relative to the output's scale."""
+    scale = want.abs().max().item() + 1e-6
+    torch.testing.assert_close(got.double().cpu() / scale, want / scale, **TOL[dtype])
+
+
+# ------------------------------------------------------------------------- reference path (CPU)
+def test_reference_forward_backward_match_dense():
+    q = random_qtensor(40, 172, mixed_bits(40), seed=1).to("cpu")
+    x = torch.randn(3, 5, 172, dtype=torch.float64)
+    w = _dense(q)
+    torch.testing.assert_close(lut_matmul_ref(x, q), x @ w.t())
+    gy = torch.randn(3, 5, 40, dtype=torch.float64)
+    torch.testing.assert_close(lut_matmul_backward_ref(gy, q), gy @ w)
+
+
+def test_gradcheck_reference_float64():
+    q = random_qtensor(12, 70, mixed_bits(12, (1, 2, 4)), seed=2).to("cpu")
+    x = torch.randn(4, 70, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: LUTMatmulFunction.apply(t, q, "torch"), (x,))
+
+
+def test_autograd_reference_matches_dense_and_keeps_no_weight():
+    q = random_qtensor(24, 100, mixed_bits(24), seed=3).to("cpu")
+    x = torch.randn(6, 100, requires_grad=True)
+    y = lut_linear(x, q, backend="torch")
+    assert y.grad_fn.saved_tensors == ()  # deq(W) is not kept for backward
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w = _dense(q, torch.float32)
+    torch.testing.assert_close(y, x.detach() @ w.t())
+    torch.testing.assert_close(x.grad, gy @ w)
+
+
+# ------------------------------------------------------------------------- Triton kernels
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_forward_mixed(dtype, m):
+    q = random_qtensor(70, 172, mixed_bits(70), seed=10 + m)
+    x = torch.randn(m, 172).to(dtype).to(DEVICE)
+    y = lut_matmul(x, q, backend="triton")
+    assert y.dtype == dtype and y.shape == (m, 70)
+    _check(y, x.cpu().double() @ _dense(q, torch.float64).to(dtype).double().t(), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [2, 33])
+def test_backward_mixed(dtype, m):
+    q = random_qtensor(70, 172, mixed_bits(70), seed=20 + m)
+    gy = torch.randn(m, 70).to(dtype).to(DEVICE)
+    gx = lut_matmul_backward(gy, q, backend="triton")
+    assert gx.dtype == dtype and gx.shape == (m, 172)
+    _check(gx, gy.cpu().double() @ _dense(q, torch.float64).to(dtype).double(), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("m", [1, 24])
+def test_single_width_shared_codebook_double_quant(bits, m):
+    q = random_qtensor(37, 130, bits, seed=bits, shared=True, double_quant=True)
+    x = torch.randn(2, m, 130, device=DEVICE)  # 3-D activations
+    y = lut_matmul(x, q, backend="triton")
+    w = _dense(q)
+    _check(y, x.cpu().double() @ w.t(), torch.float32)
+    gx = lut_matmul_backward(torch.ones_like(y), q, backend="triton")
+    _check(gx, torch.ones(2, m, 37, dtype=torch.float64) @ w, torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("m", [4, 20])
+def test_autograd_function_triton(m):
+    q = random_qtensor(48, 172, mixed_bits(48, (1, 2, 4)), seed=30 + m)
+    x = torch.randn(m, 172, device=DEVICE, requires_grad=True)
+    y = LUTMatmulFunction.apply(x, q, "triton")
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w = _dense(q)
+    _check(y.detach(), x.detach().cpu().double() @ w.t(), torch.float32)
+    _check(x.grad, gy.cpu().double() @ w, torch.float32)
+
+
+@requires_triton
+def test_output_fully_written_and_empty_batch():
+    q = random_qtensor(70, 172, mixed_bits(70, (2, 4)), seed=40)
+    for m in (1, 17):
+        y = lut_matmul(torch.randn(m, 172, device=DEVICE), q, backend="triton")
+        assert torch.isfinite(y).all()
+    assert lut_matmul(torch.randn(0, 172, device=DEVICE), q, backend="triton").shape == (0, 70)
+    with pytest.raises(ValueError):
+        lut_matmul(torch.randn(2, 171, device=DEVICE), q, backend="triton")
+
+
+# ------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_bf16_fp16_forward_backward(m, dtype):
+    q = random_qtensor(1024, 2048 + 172, mixed_bits(1024, (1, 2, 4)), seed=50)
+    w = _dense(q).to(dtype).double()
+    x = torch.randn(m, 2048 + 172, device="cuda", dtype=dtype)
+    _check(lut_matmul(x, q, "triton"), x.cpu().double() @ w.t(), dtype)
+    gy = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    _check(lut_matmul_backward(gy, q, "triton"), gy.cpu().double() @ w, dtype)
+    xg = x.clone().requires_grad_(True)
+    LUTMatmulFunction.apply(xg, q, "auto").backward(gy)
+    _check(xg.grad, gy.cpu().double() @ w, dtype)
