@@ -6,9 +6,9 @@ export to PEFT without transposes).
 
 The base is either a ``QuantizedTensor`` (1–4 bits per output row) or a frozen dense weight (the
 plain-LoRA baseline, ``method="none"``). Its matmul runs through ``QuantizedMatmul``, a custom
-autograd Function: forward dequantizes the weight (through the ``kernels`` dispatch: Triton on
-CUDA, the PyTorch reference on CPU), multiplies, and drops the dequantized weight; backward
-dequantizes again and returns only the gradient w.r.t. the input. No gradient, optimizer state or
+autograd Function: forward runs ``kernels.lut_matmul`` (on CUDA the fused Triton LUT matmul that
+dequantizes tiles in registers; on CPU the reference, which dequantizes transiently), backward runs
+its transposed counterpart and returns only the gradient w.r.t. the input. No gradient, optimizer state or
 persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
 This also makes the module correct under gradient checkpointing (forward is simply recomputed) and
 under ``torch.no_grad`` (nothing is saved).
@@ -50,15 +50,22 @@ class QuantizedMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, base: QuantizedTensor | torch.Tensor, backend: str) -> torch.Tensor:  # type: ignore[override]
         ctx.base = base
         ctx.backend = backend
-        weight = base_weight(base, x.dtype, backend)
-        return F.linear(x, weight)
+        if isinstance(base, QuantizedTensor):
+            from kernels.lut_matmul import lut_matmul
+
+            return lut_matmul(x, base, backend)
+        return F.linear(x, base.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = base_weight(ctx.base, grad_out.dtype, ctx.backend)
-            grad_x = grad_out @ weight
+            if isinstance(ctx.base, QuantizedTensor):
+                from kernels.lut_matmul import lut_matmul_backward
+
+                grad_x = lut_matmul_backward(grad_out.contiguous(), ctx.base, ctx.backend)
+            else:
+                grad_x = grad_out @ ctx.base.to(grad_out.dtype)
         return grad_x, None, None
 
 
