@@ -1,0 +1,285 @@
+"""Kernel benchmark: dequantize bandwidth and fused LUT matmul vs dense ``torch.matmul``.
+
+``python -m experiments.bench_kernels [--quick] [--out PATH]`` prints a table and writes JSON
+(device, peak bandwidth used and where it came from, shapes, bits, times, GB/s, % of peak,
+speedups).
+
+* Shapes ``out × in``: 4096×4096, 4096×11008, 11008×4096, 8192×8192 (``--quick``: each side ÷ 4).
+* Bit plans: uniform 1, 2, 4 bits, and mixed plans averaging 1.15 (85 % 1-bit + 15 % 2-bit rows),
+  1.5 (50 % 1 + 50 % 2) and 2.5 (75 % 2 + 25 % 4), rows interleaved at random.
+* Dequantize: effective bandwidth = (codes + row indices + codebooks + fp16 absmax read, bf16
+  matrix written) ÷ time.
+* Matmul: ``y = x · deq(W)ᵀ`` at M ∈ {1, 16, 512, 2048} against ``torch.matmul`` with the dense
+  weight in the activation dtype; forward+backward (grad_x only, as for a frozen base) at
+  M ≥ 512.
+* bitsandbytes NF4 dequantize where bitsandbytes and a GPU are present.
+
+On a CUDA device the Triton kernels run (bf16 activations); every timing flushes L2 first (a
+256 MiB write) and is taken with CUDA events, median of ``--reps``. On a CPU-only machine the
+**reference path** is timed (fp32 activations, the last-level cache flushed with a 64 MiB write) and
+the table says so; the peak bandwidth there is a measured copy bandwidth, not a datasheet value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))
+PLANS: dict[str, dict[int, float]] = {
+    "1": {1: 1.0},
+    "2": {2: 1.0},
+    "4": {4: 1.0},
+    "mix1.15": {1: 0.85, 2: 0.15},
+    "mix1.5": {1: 0.5, 2: 0.5},
+    "mix2.5": {2: 0.75, 4: 0.25},
+}
+MS = (1, 16, 512, 2048)
+# HBM peaks (GB/s) by device-name fragment, used when the driver does not report clocks.
+DATASHEET_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 NVL": 3900.0, "H100 PCIe": 2000.0,
+                  "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0, "L40S": 864.0,
+                  "RTX 4090": 1008.0, "RTX 3090": 936.0, "RTX 3080": 760.0}
+
+
+# ------------------------------------------------------------------------------------ timing
+class Timer:
+    """Median time (s) of a callable with a cache flush before every repetition."""
+
+    def __init__(self, device: torch.device, reps: int, min_time: float) -> None:
+        self.device = device
+        self.reps = reps
+        self.min_time = min_time
+        flush_mib = 256 if device.type == "cuda" else 64
+        self.flush_buf = torch.empty(flush_mib * 2**20 // 4, dtype=torch.float32, device=device)
+
+    def __call__(self, fn: Callable[[], object], warmup: int = 2) -> float:
+        for _ in range(warmup):
+            fn()
+        times: list[float] = []
+        start_all = time.perf_counter()
+        while len(times) < self.reps or (
+            time.perf_counter() - start_all < self.min_time and len(times) < 10 * self.reps
+        ):
+            self.flush_buf.zero_()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            if self.device.type == "cpu" and len(times) >= 3 and sum(times) > 4 * self.min_time:
+                break
+        return statistics.median(times)
+
+
+def peak_bandwidth(device: torch.device, timer: Timer) -> tuple[float, str]:
+    """Peak memory bandwidth in GB/s and where the number comes from."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        clock_khz = getattr(props, "memory_clock_rate", 0)
+        bus_bits = getattr(props, "memory_bus_width", 0)
+        if clock_khz and bus_bits:
+            return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "driver: 2 × memory clock × bus width"
+        for frag, gbps in DATASHEET_GBPS.items():
+            if frag in props.name:
+                return gbps, f"datasheet ({frag})"
+        raise RuntimeError(f"unknown peak bandwidth for {props.name}")
+    src = torch.empty(64 * 2**20, dtype=torch.float32)  # 256 MiB, beyond any cache
+    dst = torch.empty_like(src)
+    src.fill_(1.0)
+    t = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / t / 1e9, "measured: 256 MiB tensor copy (read + write) on this CPU"
+
+
+# ------------------------------------------------------------------------------------ inputs
+def plan_bits(out_features: int, plan: dict[int, float], gen: torch.Generator) -> torch.Tensor:
+    """Bits per row for a plan (fractions of rows per width), interleaved at random."""
+    counts = {b: int(round(f * out_features)) for b, f in plan.items()}
+    last = max(plan, key=plan.get)
+    counts[last] += out_features - sum(counts.values())
+    bits = torch.cat([torch.full((n,), b, dtype=torch.int64) for b, n in counts.items()])
+    return bits[torch.randperm(out_features, generator=gen)]
+
+
+def make_qtensor(out_features: int, in_features: int, plan: dict[int, float], device: torch.device, seed: int = 0):
+    """A QuantizedTensor of a random weight with per-row random codebooks (fp16 absmax)."""
+    from lowra.format import QuantizedTensor
+
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen).to(device)
+    bits = plan_bits(out_features, plan, gen).to(device)
+    codebooks = {
+        b: torch.rand(out_features, 2**b, generator=gen).mul(2).sub(1).to(device) for b in plan
+    }
+    return QuantizedTensor.from_codebooks(weight, bits, codebooks, group_size=64)
+
+
+def stored_bytes(qt) -> int:
+    """Bytes a dequantize reads: codes, row indices, codebooks, fp16 absmax."""
+    return sum(g.codes.nbytes + g.rows.nbytes + g.codebook.nbytes for g in qt.groups) + qt.scales.absmax.nbytes
+
+
+# ------------------------------------------------------------------------------------ benchmark
+def _fwd_bwd(fn: Callable, x: torch.Tensor, w: object, grad_y: torch.Tensor, *extra: object) -> None:
+    """One forward ``fn(x, w, *extra)`` and its backward (grad for ``x`` only)."""
+    fn(x, w, *extra).backward(grad_y)
+    x.grad = None
+
+
+def run(args: argparse.Namespace) -> dict:
+    from kernels.dequantize import dequantize as dequantize_rows
+    from kernels.lut_matmul import LUTMatmulFunction, lut_matmul, weight_parts
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    gpu = device.type == "cuda"
+    backend = "triton" if gpu else "torch"
+    act_dtype = torch.bfloat16 if gpu else torch.float32
+    timer = Timer(device, args.reps, args.min_time)
+    peak, peak_src = peak_bandwidth(device, timer)
+    shapes = [(o // 4, i // 4) for o, i in SHAPES] if args.quick else list(SHAPES)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    plans = args.plans or list(PLANS)
+    ms = [m for m in (args.ms or MS)]
+    try:
+        import bitsandbytes as bnb
+
+        bnb_state = "installed" if gpu else "installed, needs CUDA"
+    except ImportError:
+        bnb = None
+        bnb_state = "not installed"
+
+    rows: list[dict] = []
+    dense_cache: dict[tuple, float] = {}
+    for out_features, in_features in shapes:
+        dense_w = torch.randn(out_features, in_features, device=device).to(act_dtype)
+        for plan_name in plans:
+            qt = make_qtensor(out_features, in_features, PLANS[plan_name], device)
+            _, _, group_size, groups, absmax = weight_parts(qt)
+            out = torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device)
+
+            def deq(out=out, groups=groups, absmax=absmax, group_size=group_size, backend=backend):
+                for g in groups:
+                    dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, backend)
+
+            t_deq = timer(deq)
+            moved = stored_bytes(qt) + out.nbytes
+            row = {
+                "shape": [out_features, in_features], "plan": plan_name,
+                "nominal_bits": round(qt.nominal_bits, 4), "effective_bits": round(qt.effective_bits, 4),
+                "dequant_ms": t_deq * 1e3, "dequant_bytes": moved,
+                "dequant_gbps": moved / t_deq / 1e9, "dequant_pct_peak": 100 * moved / t_deq / 1e9 / peak,
+            }
+            if gpu:
+                def deq_ref(out=out, groups=groups, absmax=absmax, group_size=group_size):
+                    for g in groups:
+                        dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, "torch")
+
+                row["dequant_ref_ms"] = timer(deq_ref) * 1e3
+                row["dequant_speedup_vs_ref"] = row["dequant_ref_ms"] / row["dequant_ms"]
+            del out
+            matmul = {}
+            for m in ms:
+                x = torch.randn(m, in_features, device=device).to(act_dtype)
+                key = (out_features, in_features, m)
+                if key not in dense_cache:
+                    dense_cache[key] = timer(partial(torch.matmul, x, dense_w.t()))
+                t_dense = dense_cache[key]
+                t_lut = timer(partial(lut_matmul, x, qt, backend))
+                entry = {"dense_ms": t_dense * 1e3, "lut_ms": t_lut * 1e3, "speedup": t_dense / t_lut}
+                if m >= 512:
+                    xg = x.clone().requires_grad_(True)
+                    gy = torch.randn(m, out_features, device=device).to(act_dtype)
+                    fb_key = key + ("fwd+bwd",)
+                    if fb_key not in dense_cache:
+                        dense_cache[fb_key] = timer(partial(_fwd_bwd, torch.matmul, xg, dense_w.t(), gy))
+                    t_fb = timer(partial(_fwd_bwd, LUTMatmulFunction.apply, xg, qt, gy, backend))
+                    entry.update({"dense_fwd_bwd_ms": dense_cache[fb_key] * 1e3, "lut_fwd_bwd_ms": t_fb * 1e3,
+                                  "fwd_bwd_ratio": t_fb / dense_cache[fb_key]})
+                matmul[str(m)] = entry
+            row["matmul"] = matmul
+            rows.append(row)
+            print(format_row(row), flush=True)
+        if bnb is not None and gpu:
+            import bitsandbytes.functional as bnbf
+
+            packed, state = bnbf.quantize_4bit(dense_w, quant_type="nf4")
+            t_bnb = timer(partial(bnbf.dequantize_4bit, packed, state))
+            moved = packed.nbytes + state.absmax.nbytes + dense_w.numel() * 2
+            rows.append({"shape": [out_features, in_features], "plan": "bnb-nf4", "nominal_bits": 4,
+                         "dequant_ms": t_bnb * 1e3, "dequant_bytes": moved, "dequant_gbps": moved / t_bnb / 1e9,
+                         "dequant_pct_peak": 100 * moved / t_bnb / 1e9 / peak, "matmul": {}})
+            print(format_row(rows[-1]), flush=True)
+        del dense_w
+
+    if gpu:
+        name = torch.cuda.get_device_name(device)
+        path = "Triton kernels (bf16 activations)"
+    else:
+        name = platform.processor() or platform.machine()
+        path = "PyTorch reference path on CPU (fp32 activations) — no GPU: Triton kernels NOT timed"
+    return {
+        "device": name, "device_type": device.type, "path": path, "quick": bool(args.quick),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "peak_bandwidth_gbps": peak, "peak_bandwidth_source": peak_src,
+        "activation_dtype": str(act_dtype), "dequant_output_dtype": "torch.bfloat16",
+        "group_size": 64, "absmax": "fp16", "bitsandbytes": bnb_state,
+        "timing": ("CUDA events, L2 flushed (256 MiB write) before each rep, median" if gpu
+                   else "perf_counter, 64 MiB cache flush before each rep, median"),
+        "reps": args.reps, "rows": rows,
+    }
+
+
+def format_row(row: dict) -> str:
+    shape = "×".join(map(str, row["shape"]))
+    head = f"{shape:>11} {row['plan']:>8} {row['nominal_bits']:>5.2f}b  deq {row['dequant_ms']:9.3f} ms " \
+           f"{row['dequant_gbps']:8.1f} GB/s {row['dequant_pct_peak']:5.1f}%"
+    parts = []
+    for m, e in row["matmul"].items():
+        s = f"M={m}: {e['lut_ms']:.3f}/{e['dense_ms']:.3f} ms ×{e['speedup']:.2f}"
+        if "fwd_bwd_ratio" in e:
+            s += f" fb {e['fwd_bwd_ratio']:.2f}×"
+        parts.append(s)
+    return head + ("  | " + " | ".join(parts) if parts else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shapes ÷ 4 on each side (for the CPU run)")
+    parser.add_argument("--cpu", action="store_true", help="time the CPU reference path even with a GPU")
+    parser.add_argument("--shapes", nargs="*", help="override shapes, e.g. 4096x11008")
+    parser.add_argument("--plans", nargs="*", choices=list(PLANS))
+    parser.add_argument("--ms", nargs="*", type=int, help="activation rows M (default 1 16 512 2048)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
+    parser.add_argument("--min-time", type=float, default=0.05, help="keep repeating until this long (s)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.cpu
+    if args.reps is None:
+        args.reps = 50 if gpu else 3
+    result = run(args)
+    out = args.out or REPO / "results" / "bench" / ("kernels_gpu.json" if gpu else "kernels_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\n{result['path']}; device {result['device']}; peak {result['peak_bandwidth_gbps']:.1f} GB/s "
+          f"({result['peak_bandwidth_source']}); bitsandbytes: {result['bitsandbytes']}")
+    print("columns: shape plan bits | dequant time, GB/s, % of peak | M: lut/dense ms, speedup, fwd+bwd ratio")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
