@@ -1,0 +1,171 @@
+"""Run outputs: atomic JSON writes, environment versions, peak memory, and the W&B logger.
+
+W&B runs offline unless the user sets ``WANDB_MODE`` (``logger.mode`` is only the fallback);
+the files go to ``<run_dir>/wandb`` (``wandb sync`` them later). Runs of one Hydra sweep share
+a W&B group (the sweep directory's name unless ``logger.group`` is set). A resumed run reuses
+its W&B run id (``<run_dir>/wandb_id.txt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.config_check import REPO_ROOT
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of the interpreter and the libraries results depend on, plus the git commit."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "transformers", "triton", "datasets", "hydra-core", "wandb", "cvxpy", "highspy", "lowra"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["cuda"] = torch.version.cuda
+    out["git_commit"] = git_commit()
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory allocated by torch on CUDA; peak resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def layer_type(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``q_proj`` (the last name component)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def bits_by_layer_type(per_row_bits: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per-row bit-widths pooled by layer type (q_proj, …, down_proj)."""
+    out: dict[str, list[int]] = defaultdict(list)
+    for name, bits in per_row_bits.items():
+        out[layer_type(name)].extend(int(b) for b in bits)
+    return dict(out)
+
+
+class RunLogger:
+    """No-op logger (``logger=none``); the W&B logger overrides every method."""
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Scalar metrics at a training step (or without one)."""
+
+    def log_bit_allocation(self, per_row_bits: dict[str, list[int]]) -> None:
+        """Histograms of per-row bits per layer type and the mean bits per layer type."""
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        """The final results as summary values and a one-row table."""
+
+    def finish(self) -> None:
+        """Close the run."""
+
+
+class WandbLogger(RunLogger):
+    """Weights & Biases run in ``<run_dir>/wandb`` (offline unless ``WANDB_MODE`` says otherwise)."""
+
+    def __init__(self, cfg: Any, run_dir: Path, config: dict[str, Any], group: str | None, name: str) -> None:
+        import wandb
+
+        self.wandb = wandb
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        atomic_write_text(id_file, run_id + "\n")
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=group, name=name, id=run_id, resume="allow",
+            dir=str(run_dir), config=config, tags=list(cfg.tags or []),
+            mode=os.environ.get("WANDB_MODE") or cfg.mode,
+        )
+        self.run.define_metric("train/*", step_metric="train/step")
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        data = dict(metrics)
+        if step is not None:
+            data["train/step"] = step
+        self.run.log(data)
+
+    def log_bit_allocation(self, per_row_bits: dict[str, list[int]]) -> None:
+        pooled = bits_by_layer_type(per_row_bits)
+        data: dict[str, Any] = {}
+        for kind, bits in pooled.items():
+            data[f"bits/{kind}/hist"] = self.wandb.Histogram(bits, num_bins=4)
+            data[f"bits/{kind}/mean"] = sum(bits) / max(1, len(bits))
+        table = self.wandb.Table(columns=["layer", "rows", "mean_bits", "rows_1b", "rows_2b", "rows_4b"])
+        for name, bits in per_row_bits.items():
+            table.add_data(name, len(bits), sum(bits) / max(1, len(bits)), *(bits.count(b) for b in (1, 2, 4)))
+        data["bits/per_layer"] = table
+        self.run.log(data)
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        flat = {k: v for k, v in results.items() if isinstance(v, int | float | str | bool) or v is None}
+        for k, v in results.items():
+            if isinstance(v, dict) and k.startswith("rouge"):
+                flat.update({f"{k}/{m}": s for m, s in v.items()})
+        self.run.summary.update(flat)
+        table = self.wandb.Table(columns=list(flat), data=[list(flat.values())])
+        self.run.log({"results": table})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], group: str | None, name: str) -> RunLogger:
+    if cfg.logger.name == "none" or os.environ.get("WANDB_MODE") == "disabled":
+        return RunLogger()
+    return WandbLogger(cfg.logger, run_dir, config, group, name)

@@ -1,0 +1,430 @@
+"""Experiment runner: ``python -m experiments.run +model=NAME +bits=B [quant=… data=… train.max_steps=N]``.
+
+Stages (one progress bar each, plus a bar over the stages):
+
+1. **load** — validate the config (before anything heavy: :mod:`experiments.config_check`), load
+   the tokenizer, the data (:mod:`experiments.data`) and the model; evaluate the full-precision
+   model (``ppl_fp`` / ``rouge_fp``, skipped with ``eval.fp=false``).
+2. **quantize** — ``lowra.quantize_model`` (codebooks, precision plan, LoftQ) in place.
+3. **evaluate before fine-tuning** — the quantized base alone (adapters disabled:
+   ``ppl_quantized``) and with the LoftQ-initialized adapters (``ppl_loftq``; null when
+   ``quant.loftq_iters=0`` since B = 0 then).
+4. **fine-tune** — the adapters only (:mod:`experiments.train`), checkpoints every
+   ``train.checkpoint_every`` steps.
+5. **evaluate** — ``ppl_finetuned`` / ``rouge_finetuned``.
+6. **save** — ``lowra.save_quantized`` (quantized base + adapters) into ``<run_dir>/model`` and
+   ``results.json`` into the run directory (atomic writes).
+
+``resume=true`` with the same ``hydra.run.dir`` continues an interrupted run: finished stages are
+read back from ``<run_dir>/state.json``, the quantized model from ``<run_dir>/checkpoint/quantized``
+(or re-quantized deterministically when the library cannot save it), the adapters, optimizer,
+scheduler and RNG from ``<run_dir>/checkpoint/last.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from experiments.config_check import ConfigError, check_config, resolve_path
+from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
+from experiments.evaluate import evaluate
+from experiments.logging_utils import (
+    RunLogger,
+    atomic_write_json,
+    make_logger,
+    peak_memory_bytes,
+    versions,
+)
+from experiments.train import LMBatches, PairBatches, TrainResult, train
+
+log = logging.getLogger("experiments.run")
+
+STAGES = ("load", "quantize", "evaluate (before fine-tuning)", "fine-tune", "evaluate", "save")
+STATE_FILE = "state.json"
+RESULTS_FILE = "results.json"
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model that cannot be loaded (offline Hub, missing directory), with how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def model_location(mcfg: Any) -> str:
+    return str(resolve_path(mcfg.pretrained)) if mcfg.source == "local" else str(mcfg.pretrained)
+
+
+def load_tokenizer(mcfg: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    where = model_location(mcfg)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code))
+    except OSError as exc:
+        raise ModelUnavailableError(_model_hint(mcfg, where, exc)) from exc
+
+
+def _model_hint(mcfg: Any, where: str, exc: BaseException) -> str:
+    return (
+        f"model={mcfg.name}: could not load '{where}' ({type(exc).__name__}: {exc}). Offline or gated? "
+        f"Download it elsewhere and point the config at the directory: "
+        f"model.pretrained=/path/to/{mcfg.name} model.source=local"
+    )
+
+
+def load_model(mcfg: Any, device: torch.device) -> torch.nn.Module:
+    """The pretrained HF model in ``model.dtype`` on ``device`` (or placed by ``device_map``)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForCausalLM if mcfg.arch == "causal_lm" else AutoModelForSeq2SeqLM
+    where = model_location(mcfg)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, mcfg.dtype), "trust_remote_code": bool(mcfg.trust_remote_code)}
+    if mcfg.device_map is not None and device.type == "cuda":
+        kwargs["device_map"] = mcfg.device_map
+    try:
+        model = cls.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        raise ModelUnavailableError(_model_hint(mcfg, where, exc)) from exc
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Evaluate the quantized base alone: the LoRA branch of every adapted layer scaled by 0."""
+    disable = lowra_api("disable_adapters")
+    if disable is not None:
+        with disable(model):
+            yield
+        return
+    saved = [(m, m.scaling) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+    try:
+        for m, _ in saved:
+            m.scaling = 0.0
+        yield
+    finally:
+        for m, s in saved:
+            m.scaling = s
+
+
+def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
+    """Keyword arguments of ``lowra.quantize_model`` from the ``quant`` and ``lora`` configs."""
+    q = cfg.quant
+    kw: dict[str, Any] = {
+        "bits": float(q.bits), "method": q.method, "rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha),
+        "dropout": float(cfg.lora.dropout), "target_modules": list(cfg.model.target_modules),
+        "loftq_iters": int(q.loftq_iters), "group_size": int(q.group_size),
+        "double_quant": bool(q.double_quant), "candidates": tuple(int(b) for b in q.candidates),
+        "progress": progress,
+    }
+    params = inspect.signature(lowra_api("quantize_model")).parameters
+    keep_name = "keep_full_precision" if "keep_full_precision" in params else "skip_modules"
+    kw[keep_name] = tuple(q.keep_full_precision)
+    kw.update(OmegaConf.to_container(q.options, resolve=True) or {})
+    return kw
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The adapters (``requires_grad``) by name; the frozen base is left out."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def bits_by_layer_type(report: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Rows per bit-width pooled by layer type (``q_proj`` …) from a quantization report dict."""
+    out: dict[str, dict[str, int]] = {}
+    for layer in report.get("layers", []):
+        kind = layer["name"].rsplit(".", 1)[-1]
+        hist = out.setdefault(kind, {})
+        for b, n in layer.get("bits_histogram", {}).items():
+            hist[str(b)] = hist.get(str(b), 0) + int(n)
+    return out
+
+
+def metric_prefix(cfg: Any) -> str:
+    return "ppl" if cfg.data.task == "lm" else "rouge"
+
+
+def metric_value(metrics: dict[str, Any] | None) -> Any:
+    """The number (ppl) or ROUGE dict stored in results.json for one evaluation."""
+    if metrics is None:
+        return None
+    return metrics["ppl"] if "ppl" in metrics else {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def _log_metric(logger: RunLogger, key: str, value: Any) -> None:
+    """``eval/<key>`` (a number) or ``eval/<key>/<rouge>`` (a ROUGE dict); None is not logged."""
+    if isinstance(value, dict):
+        logger.log({f"eval/{key}/{k}": v for k, v in value.items()})
+    elif value is not None:
+        logger.log({f"eval/{key}": value})
+
+
+def lowra_api(name: str) -> Any:
+    """``lowra.<name>`` (the public API), else from ``lowra.model`` / ``lowra.nn``; None if absent."""
+    import importlib
+
+    for module in ("lowra", "lowra.model", "lowra.nn", "lowra.io"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(mod, name):
+            return getattr(mod, name)
+    return None
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+class RunState:
+    """Finished stages and their outputs, persisted atomically in ``<run_dir>/state.json``."""
+
+    def __init__(self, run_dir: Path, resume: bool) -> None:
+        self.path = run_dir / STATE_FILE
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def set(self, **values: Any) -> None:
+        self.data.update(values)
+        atomic_write_json(self.path, self.data)
+
+
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
+    """Run the whole experiment described by ``cfg`` in ``run_dir``; returns the results dict."""
+    t_wall = time.perf_counter()
+    check_config(cfg)
+    OmegaConf.resolve(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = bool(cfg.resume)
+    ckpt_dir = run_dir / "checkpoint"
+    if not resume:
+        for stale in (run_dir / STATE_FILE, run_dir / RESULTS_FILE):
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    state = RunState(run_dir, resume)
+    device = pick_device(str(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    progress = bool(cfg.get("progress", True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    name = f"{cfg.model.name}-{cfg.data.name}-{cfg.quant.name}-b{cfg.quant.bits:g}-r{cfg.lora.rank}-s{cfg.seed}"
+    logger: RunLogger = make_logger(cfg, run_dir, config, group, name)
+    prefix = metric_prefix(cfg)
+    stages = tqdm(total=len(STAGES), desc="stages", disable=not progress, position=0)
+    try:
+        results = _run_stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix)
+        results.update(
+            peak_memory_bytes=peak_memory_bytes(device),
+            wall_time_s=time.perf_counter() - t_wall + float(state.get("wall_time_before_s", 0.0)),
+            device=str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
+            versions=versions(),
+            run_dir=str(run_dir),
+            config=config,
+        )
+        atomic_write_json(run_dir / RESULTS_FILE, results)
+        logger.log_results(results)
+        stages.update(1)
+        log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("config", "versions")}))
+        return results
+    except BaseException:
+        state.set(wall_time_before_s=time.perf_counter() - t_wall + float(state.get("wall_time_before_s", 0.0)))
+        raise
+    finally:
+        stages.close()
+        logger.finish()
+
+
+def _run_stages(
+    cfg: DictConfig, run_dir: Path, ckpt_dir: Path, state: RunState, device: torch.device, progress: bool,
+    logger: RunLogger, stages: tqdm, prefix: str,
+) -> dict[str, Any]:
+    quantize_model, save_quantized = lowra_api("quantize_model"), lowra_api("save_quantized")
+    load_quantized, memory_report = lowra_api("load_quantized"), lowra_api("memory_report")
+    steps_wanted = cfg.train.max_steps is None or int(cfg.train.max_steps) > 0
+    # ---- 1. load
+    stages.set_description(f"stages: {STAGES[0]}")
+    tokenizer = load_tokenizer(cfg.model)
+    data = load_data(cfg.data, tokenizer, need_train=steps_wanted)
+    model = load_model(cfg.model, device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.eval.fp and f"{prefix}_fp" not in state:
+        state.set(**{f"{prefix}_fp": metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fp", progress))})
+    if cfg.eval.fp:
+        _log_metric(logger, f"{prefix}_fp", state.get(f"{prefix}_fp"))
+    stages.update(1)
+
+    # ---- 2. quantize (or reload the quantized init of an interrupted run)
+    stages.set_description(f"stages: {STAGES[1]}")
+    quant_dir = ckpt_dir / "quantized"
+    torch.manual_seed(int(cfg.seed))
+    if "quantize_time_s" in state and quant_dir.exists() and load_quantized is not None:
+        del model
+        model = load_quantized(str(quant_dir), device=str(device))
+        report = state.get("quant_report")
+    else:
+        t0 = time.perf_counter()
+        rep = quantize_model(model, **quantize_kwargs(cfg, progress))
+        quantize_time = time.perf_counter() - t0
+        report = rep.to_dict()
+        if save_quantized is not None:
+            tmp = ckpt_dir / "quantized.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_quantized(model, str(tmp), report=rep, source_model=model_location(cfg.model))
+            shutil.rmtree(quant_dir, ignore_errors=True)
+            tmp.rename(quant_dir)
+        state.set(quantize_time_s=quantize_time, quant_report=report)
+    atomic_write_json(run_dir / "quant_report.json", report)
+    logger.log_bit_allocation(
+        {layer["name"]: {int(b): int(n) for b, n in layer.get("bits_histogram", {}).items()}
+         for layer in report.get("layers", [])}
+    )
+    stages.update(1)
+
+    # ---- 3. evaluate before fine-tuning
+    stages.set_description(f"stages: {STAGES[2]}")
+    if f"{prefix}_quantized" not in state:
+        with adapters_disabled(model):
+            quantized = evaluate(model, tokenizer, data, cfg, device, "eval quantized", progress)
+        loftq = None
+        if int(cfg.quant.loftq_iters) > 0:
+            loftq = evaluate(model, tokenizer, data, cfg, device, "eval loftq", progress)
+        state.set(**{f"{prefix}_quantized": metric_value(quantized), f"{prefix}_loftq": metric_value(loftq)})
+    for key in (f"{prefix}_quantized", f"{prefix}_loftq"):
+        _log_metric(logger, key, state.get(key))
+    stages.update(1)
+
+    # ---- 4. fine-tune
+    stages.set_description(f"stages: {STAGES[3]}")
+    result = TrainResult(steps=0, loss_final=None, time_s=0.0, resumed_from=0)
+    if steps_wanted:
+        if isinstance(data, LMData):
+            batches: LMBatches | PairBatches = LMBatches(
+                pack_blocks(data.train_ids, int(cfg.train.seq_len)), int(cfg.train.batch_size), int(cfg.train.seed)
+            )
+        else:
+            batches = PairBatches(
+                data.train, tokenizer, cfg.model.arch, int(cfg.train.batch_size), int(cfg.train.seed),
+                int(cfg.train.seq_len), int(cfg.data.target_length), cfg.data.prompt_template,
+            )
+        result = train(
+            model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
+            resume=bool(cfg.resume), log_fn=logger.log, progress=progress,
+        )
+    stages.update(1)
+
+    # ---- 5. evaluate
+    stages.set_description(f"stages: {STAGES[4]}")
+    if steps_wanted:
+        finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
+    else:
+        finetuned = state.get(f"{prefix}_loftq") or state.get(f"{prefix}_quantized")
+    _log_metric(logger, f"{prefix}_finetuned", finetuned)
+    stages.update(1)
+
+    # ---- 6. save
+    stages.set_description(f"stages: {STAGES[5]}")
+    if cfg.save_model and save_quantized is not None:
+        tmp, final = run_dir / "model.tmp", run_dir / "model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_quantized(model, str(tmp), report=report, source_model=model_location(cfg.model))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    memory = memory_report(model) if memory_report is not None else None
+    return {
+        "method": cfg.quant.name,
+        "quant_method": cfg.quant.method,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "metric": "perplexity" if prefix == "ppl" else "rouge",
+        "bits_target": float(cfg.quant.bits),
+        "bits_nominal": report.get("bits_nominal"),
+        "bits_effective": report.get("bits_effective"),
+        f"{prefix}_fp": state.get(f"{prefix}_fp"),
+        f"{prefix}_quantized": state.get(f"{prefix}_quantized"),
+        f"{prefix}_loftq": state.get(f"{prefix}_loftq"),
+        f"{prefix}_finetuned": finetuned,
+        "train_steps": result.steps,
+        "train_loss_final": result.loss_final,
+        "train_losses": result.losses,
+        "resumed_from_step": result.resumed_from,
+        "quantize_time_s": state.get("quantize_time_s"),
+        "train_time_s": result.time_s,
+        "rank": int(cfg.lora.rank),
+        "alpha": float(cfg.lora.alpha),
+        "seed": int(cfg.seed),
+        "trainable_params": sum(p.numel() for p in trainable_parameters(model).values()),
+        "bits_by_layer_type": bits_by_layer_type(report),
+        "eval": {"max_tokens": cfg.eval.max_tokens, "window": cfg.eval.window, "stride": cfg.eval.stride,
+                 "num_samples": cfg.eval.num_samples},
+        "data_sources": data.sources,
+        "memory": memory,
+    }
+
+
+# ------------------------------------------------------------------------------------- entry point
+
+
+def _hydra_group() -> tuple[Path, str | None]:
+    """The run directory and, in a multirun, the W&B group (the sweep directory's name)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    return run_dir, group
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../conf", config_name="run", version_base="1.3")
+    def _main(cfg: DictConfig) -> float | None:
+        run_dir, group = _hydra_group()
+        run_dir = resolve_path(run_dir)
+        try:
+            results = run(cfg, run_dir, group=cfg.logger.group or group)
+        except (ConfigError, DataUnavailableError, ModelUnavailableError) as exc:
+            log.error("%s", exc)
+            raise SystemExit(f"error: {exc}") from None
+        value = results.get(f"{metric_prefix(cfg)}_finetuned")
+        return value if isinstance(value, float) else None
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _main()
+
+
+if __name__ == "__main__":
+    main()
