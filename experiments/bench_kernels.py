@@ -23,7 +23,9 @@ the table says so; the peak bandwidth there is a measured copy bandwidth, not a 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import statistics
 import time
@@ -155,13 +157,16 @@ def run(args: argparse.Namespace) -> dict:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     plans = args.plans or list(PLANS)
     ms = [m for m in (args.ms or MS)]
-    try:
+    bnb = None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        bnb_state = "not installed"
+    elif not gpu:  # (importing it on CPU probes the HF ``kernels`` package and finds ours)
+        bnb_state = "installed, needs CUDA: not timed"
+    else:
         import bitsandbytes as bnb
 
-        bnb_state = "installed" if gpu else "installed, needs CUDA"
-    except ImportError:
-        bnb = None
-        bnb_state = "not installed"
+        bnb_state = f"bitsandbytes {bnb.__version__}"
+    load_before = os.getloadavg()
 
     rows: list[dict] = []
     dense_cache: dict[tuple, float] = {}
@@ -240,7 +245,8 @@ def run(args: argparse.Namespace) -> dict:
         "group_size": 64, "absmax": "fp16", "bitsandbytes": bnb_state,
         "timing": ("CUDA events, L2 flushed (256 MiB write) before each rep, median" if gpu
                    else "perf_counter, 64 MiB cache flush before each rep, median"),
-        "reps": args.reps, "rows": rows,
+        "reps": args.reps, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "cpu_count": os.cpu_count(), "rows": rows,
     }
 
 

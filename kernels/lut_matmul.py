@@ -29,7 +29,8 @@ import triton.language as tl
 from kernels.autotune import autotune, configs
 from kernels.layout import codes_per_word
 
-GEMV_MAX_M = 16
+GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel, larger M the tl.dot kernel
+GEMV_TILE_BUDGET = 16384  # max BLOCK_M * BLOCK_N * BLOCK_K fp32 products per GEMV step (registers)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -79,9 +80,18 @@ def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, str
     return value * scale
 
 
+def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Drop GEMV configs whose [BLOCK_M, BLOCK_N, BLOCK_K] product tile exceeds the budget."""
+    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    keep = [c for c in configs if block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= GEMV_TILE_BUDGET]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
 @autotune(
     configs(
         [{"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2},
+         {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 4},
+         {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 8},
          {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2},
          {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4},
          {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2}, {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 2},
@@ -91,6 +101,7 @@ def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, str
     ),
     key=["M", "n_rows", "K", "BITS"],
     restore_value=["y_ptr"],  # y is shared by the launches of every bit group
+    prune_configs_by={"early_config_prune": prune_gemv_configs},
 )
 @triton.jit
 def _lut_gemv_kernel(
