@@ -47,3 +47,5 @@ def quantize(
 
 
 __all__ = ["QUANTIZERS", "Quantizer", "get_quantizer", "quantize", "register_quantizer"]
+
+from lowra.quantizers.optq import OPTQQuantizer  # noqa: E402,F401  (importing registers "optq")
