@@ -187,7 +187,7 @@ def lowra_api(name: str) -> Any:
     """``lowra.<name>`` (the public API), else from ``lowra.model`` / ``lowra.nn``; None if absent."""
     import importlib
 
-    for module in ("lowra", "lowra.model", "lowra.nn", "lowra.io"):
+    for module in ("lowra", "lowra.model", "lowra.nn", "lowra.checkpoint", "lowra.memory"):
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -292,18 +292,17 @@ def _run_stages(
     if "quantize_time_s" in state and quant_dir.exists() and load_quantized is not None:
         del model
         model = load_quantized(str(quant_dir), device=str(device))
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
         rep = quantize_model(model, **quantize_kwargs(cfg, progress))
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
-        if save_quantized is not None:
-            tmp = ckpt_dir / "quantized.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_quantized(model, str(tmp), report=rep, source_model=model_location(cfg.model))
-            shutil.rmtree(quant_dir, ignore_errors=True)
-            tmp.rename(quant_dir)
+        if save_quantized is not None:  # atomic (its manifest is written last): the resume point
+            save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
     atomic_write_json(run_dir / "quant_report.json", report)
     logger.log_bit_allocation(
@@ -356,11 +355,8 @@ def _run_stages(
     # ---- 6. save
     stages.set_description(f"stages: {STAGES[5]}")
     if cfg.save_model and save_quantized is not None:
-        tmp, final = run_dir / "model.tmp", run_dir / "model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_quantized(model, str(tmp), report=report, source_model=model_location(cfg.model))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
+                       source_model=model_location(cfg.model))
     memory = memory_report(model) if memory_report is not None else None
     return {
         "method": cfg.quant.name,
