@@ -241,22 +241,22 @@ def _integer_bits(bits: float, method: str) -> int:
 
 
 def _solve_plan(
-    errors: torch.Tensor,
-    params: torch.Tensor,
+    errors: list[torch.Tensor],
+    params: list[torch.Tensor],
     budget: float,
     candidates: tuple[int, ...],
+    scope: str,
     plan_options: dict[str, Any],
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run ``lowra.precision.assign_precision``; returns int64 bits ``[C]`` and its solve info."""
-    from lowra import precision
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """One ``assign_precision`` over the rows of all layers; int64 bits per layer + solve info."""
+    from lowra.precision import assign_precision
 
-    plan = precision.assign_precision(errors, params, budget, candidates=candidates, **plan_options)
-    info = {}
-    for key in ("average_bits", "objective", "lower_bound", "gap", "solve_time", "status", "clusters",
-                "info", "stats", "times"):
-        if hasattr(plan, key):
-            info[key] = _jsonable(getattr(plan, key))
-    return torch.as_tensor(plan.bits).to(torch.int64).cpu(), info
+    sizes = [e.shape[0] for e in errors]
+    plan = assign_precision(
+        torch.cat(errors).numpy(), torch.cat(params).numpy(), budget, candidates=candidates,
+        scope=scope, layer_sizes=sizes, **plan_options,
+    )
+    return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], plan.summary()
 
 
 def quantize_model(
@@ -364,19 +364,9 @@ def quantize_model(
             params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
         times["codebooks_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        opts = dict(plan_options or {})
-        if budget_scope == "model":
-            plan_bits, report.plan = _solve_plan(torch.cat(errors), torch.cat(params), bits, candidates, opts)
-            offset = 0
-            for name, linear in targets:
-                layer_bits[name] = plan_bits[offset:offset + linear.out_features]
-                offset += linear.out_features
-        else:
-            infos = {}
-            for (name, _), err, par in zip(targets, errors, params):
-                layer_bits[name], infos[name] = _solve_plan(err, par, bits, candidates, opts)
-            report.plan = {"scope": "matrix", "layers": infos}
-        report.plan.setdefault("scope", budget_scope)
+        per_layer, report.plan = _solve_plan(errors, params, bits, candidates, budget_scope,
+                                             dict(plan_options or {}))
+        layer_bits = {name: b for (name, _), b in zip(targets, per_layer)}
         del errors, params
         times["plan_s"] = time.perf_counter() - t0
 
