@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -256,7 +257,18 @@ def _solve_plan(
         torch.cat(errors).numpy(), torch.cat(params).numpy(), budget, candidates=candidates,
         scope=scope, layer_sizes=sizes, **plan_options,
     )
-    return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], plan.summary()
+    info = plan.summary()
+    # every pure width that fits the budget is a feasible plan: a correct planner never does worse
+    all_errors = torch.cat(errors)
+    info["sse_uniform"] = {int(b): float(all_errors[:, j].sum()) for j, b in enumerate(candidates)}
+    feasible = [info["sse_uniform"][b] for b in candidates if b <= budget + 1e-9]
+    if feasible and info["objective"] > min(feasible) * (1 + 1e-6):
+        warnings.warn(
+            f"precision plan at {budget} bits has SSE {info['objective']:.4g}, worse than storing every "
+            f"row at one width that fits the budget ({min(feasible):.4g}); check lowra.precision",
+            RuntimeWarning, stacklevel=3,
+        )
+    return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], info
 
 
 def quantize_model(

@@ -1,0 +1,178 @@
+"""save_quantized / load_quantized (bit-identical, atomic, clear errors), merge_to_hf, PEFT export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lowra.checkpoint as ckpt
+from experiments.eval_stories import load_model
+from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized
+from lowra.format import FormatError
+from lowra.model import lora_parameters, lowra_layers, quantize_model
+from lowra.nn import LowRALinear
+
+X = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def _perturb_adapters(model, seed: int = 0) -> None:
+    """Pretend training happened: non-zero B everywhere, so adapters matter for the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+@torch.no_grad()
+def _logits(model, x=X):
+    model.eval()
+    return model(x).logits
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    """stories260K at 1.5 bits (LowRA plan, LoftQ, double-quantized scales) with moved adapters."""
+    model = load_model()
+    report = quantize_model(model, 1.5, rank=2, alpha=16, double_quant=True, codebook_iters=5,
+                            plan_options={"clusters": 16}, progress=False)
+    _perturb_adapters(model)
+    return model, report
+
+
+def test_save_load_bit_identical(quantized, tmp_path):
+    model, report = quantized
+    save_quantized(model, tmp_path / "ck", source_model="stories260K")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert manifest["format"] == "lowra.model" and manifest["format_version"] == 1
+    assert manifest["method"] == "lowra" and manifest["bits"] == 1.5 and manifest["source_model"] == "stories260K"
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 172]
+    assert manifest["report"]["bits_nominal"] == pytest.approx(report.bits_nominal)
+    loaded = load_quantized(tmp_path / "ck")
+    assert torch.equal(_logits(loaded), _logits(model))
+    for (n, a), (m, b) in zip(lowra_layers(model), lowra_layers(loaded)):
+        assert n == m and torch.equal(a.qweight.bits_per_row, b.qweight.bits_per_row)
+        assert b.qweight.scales.double_quant
+    # only the adapters train after loading, and the reloaded model still trains
+    assert {n.rsplit(".", 1)[-1] for n, p in loaded.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    loaded.train()
+    loaded(X, labels=X).loss.backward()
+    # loading into an existing (unquantized) model of the same architecture works too
+    into = load_quantized(tmp_path / "ck", model=load_model())
+    assert torch.equal(_logits(into), _logits(model))
+
+
+def test_resave_replaces_old_files(quantized, tmp_path):
+    model, _ = quantized
+    save_quantized(model, tmp_path / "ck")
+    first = set(p.name for p in (tmp_path / "ck").iterdir())
+    save_quantized(model, tmp_path / "ck")
+    second = set(p.name for p in (tmp_path / "ck").iterdir())
+    assert len(first) == len(second) == 5 and first != second and "manifest.json" in second
+
+
+def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
+    model, _ = quantized
+    save_quantized(model, tmp_path / "ck")
+    before = _logits(model)
+    names = set(p.name for p in (tmp_path / "ck").iterdir())
+    changed = load_model()
+    quantize_model(changed, 4, method="nf", rank=2, progress=False)
+    calls = {"n": 0}
+    real = ckpt.save_safetensors_atomic
+
+    def crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_safetensors_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(changed, tmp_path / "ck")
+    monkeypatch.undo()
+    assert set(p.name for p in (tmp_path / "ck").iterdir()) == names  # partial files removed
+    assert torch.equal(_logits(load_quantized(tmp_path / "ck")), before)
+
+
+def test_merge_reloads_with_transformers(quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = quantized
+    merge_to_hf(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    torch.testing.assert_close(_logits(merged), _logits(model), rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, LowRALinear) for m in model.modules())  # the quantized model is untouched
+
+
+def test_peft_export_on_dequantized_base(quantized, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, _ = quantized
+    export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path="stories260K")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 16
+    assert "down_proj" in config["target_modules"]
+    merge_to_hf(model, tmp_path / "base", include_adapters=False)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(peft_model), _logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_method_none_and_mistral_roundtrip(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    x = torch.randint(0, 128, (2, 12))
+    for method, bits in [("none", 16), ("lowra", 2.5)]:
+        model = MistralForCausalLM(config).eval()
+        quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,
+                       plan_options={"clusters": 8}, progress=False)
+        _perturb_adapters(model)
+        save_quantized(model, tmp_path / method)
+        assert torch.equal(_logits(load_quantized(tmp_path / method), x), _logits(model, x))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_foreign_truncated_and_wrong_shape(quantized, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, _ = quantized
+    with pytest.raises(FormatError, match="not a LowRA checkpoint"):
+        load_quantized(tmp_path)  # an empty (foreign) directory
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(FormatError, match="not a LowRA checkpoint"):
+        load_quantized(tmp_path)
+
+    save_quantized(model, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    other = load_model().config.to_dict()
+    other.update(hidden_size=32, intermediate_size=86, head_dim=4)
+    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' has shape"):
+        load_quantized(tmp_path / "ck", model=LlamaForCausalLM(LlamaConfig(**other)))
+
+    bumped = dict(manifest, format_version=99)
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(bumped))
+    with pytest.raises(FormatError, match="version 99"):
+        load_quantized(tmp_path / "ck")
+    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
+
+    path = tmp_path / "ck" / manifest["files"]["quantized"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="truncated"):
+        load_quantized(tmp_path / "ck")
+    # same size but garbage inside: safetensors refuses it, with the file named
+    path.write_bytes(b"\0" * len(data))
+    with pytest.raises(FormatError, match="quantized"):
+        load_quantized(tmp_path / "ck")
+
+
+def test_save_requires_quantized_model(tmp_path):
+    with pytest.raises(ValueError, match="quantize_model"):
+        save_quantized(load_model(), tmp_path / "x")
