@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """An invalid run configuration (raised before anything heavy happens)."""
 
 
+class BudgetError(ConfigError):
+    """``quant.bits`` outside the budgets the quant option accepts (a sweep skips such a job)."""
+
+
 def resolve_path(path: str | Path) -> Path:
     """An absolute path; relative ones are taken relative to the repository root."""
     p = Path(str(path)).expanduser()
@@ -89,12 +93,12 @@ def check_bits(quant: Any) -> float:
     choices = quant.get("budget_choices")
     if choices:
         if not any(math.isclose(bits, float(c)) for c in choices):
-            raise ConfigError(
+            raise BudgetError(
                 f"quant.bits={bits:g} is not accepted by quant={quant.name}: choose +bits= one of "
                 f"{[float(c) for c in choices]}"
             )
     elif not (float(quant.budget_min) - 1e-9 <= bits <= float(quant.budget_max) + 1e-9):
-        raise ConfigError(
+        raise BudgetError(
             f"quant.bits={bits:g} is out of range for quant={quant.name}: accepted "
             f"{float(quant.budget_min):g} ≤ bits ≤ {float(quant.budget_max):g} (set +bits=B)"
         )

@@ -38,7 +38,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from experiments.config_check import ConfigError, check_config, resolve_path
+from experiments.config_check import BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.evaluate import evaluate
 from experiments.logging_utils import (
@@ -412,6 +412,15 @@ def main() -> None:
         run_dir = resolve_path(run_dir)
         try:
             results = run(cfg, run_dir, group=cfg.logger.group or group)
+        except BudgetError as exc:
+            if group is None:  # a single run: a bad budget is an error
+                log.error("%s", exc)
+                raise SystemExit(f"error: {exc}") from None
+            # a sweep (-m +bits=… quant=a,b) crosses every budget with every method; a baseline
+            # that does not accept a budget is skipped, and the sweep goes on
+            log.warning("skipped: %s", exc)
+            atomic_write_json(run_dir / "skipped.json", {"reason": str(exc)})
+            return None
         except (ConfigError, DataUnavailableError, ModelUnavailableError) as exc:
             log.error("%s", exc)
             raise SystemExit(f"error: {exc}") from None
