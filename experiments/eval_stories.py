@@ -46,7 +46,9 @@ def load_model(dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(model_dir()), dtype=dtype).eval()
 
 
-def token_splits(heldout_chars: int = HELDOUT_CHARS, heldout_tokens: int = HELDOUT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def token_splits(
+    heldout_chars: int = HELDOUT_CHARS, heldout_tokens: int = HELDOUT_TOKENS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train_ids [N], heldout_ids [heldout_tokens])`` of TinyStories, tokenized with tok512."""
     from transformers import AutoTokenizer
 
