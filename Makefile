@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lowra kernels experiments tests
 
 sweep: $(STAMP)
-	$(PY) -m experiments.run -m +bits=1.15,2,4 quant=lowra train.max_steps=100 logger=none
+	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,loftq train.max_steps=100 eval.max_tokens=8192
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_pipeline
