@@ -252,6 +252,8 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, A
             config=config,
         )
         atomic_write_json(run_dir / RESULTS_FILE, results)
+        if (run_dir / "model" / "manifest.json").exists():  # the saved model supersedes the resume copy
+            shutil.rmtree(ckpt_dir / "quantized", ignore_errors=True)
         logger.log_results(results)
         stages.update(1)
         log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("config", "versions")}))
@@ -345,10 +347,9 @@ def _run_stages(
 
     # ---- 5. evaluate
     stages.set_description(f"stages: {STAGES[4]}")
+    finetuned = None  # train.max_steps=0: nothing was fine-tuned
     if steps_wanted:
         finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
-    else:
-        finetuned = state.get(f"{prefix}_loftq") or state.get(f"{prefix}_quantized")
     _log_metric(logger, f"{prefix}_finetuned", finetuned)
     stages.update(1)
 

@@ -179,3 +179,20 @@ def test_results_notebook_runs_on_a_run_directory(cli_run, tmp_path):
 def test_channel_distributions_notebook_runs(cli_run, tmp_path):
     _execute("channel_distributions.ipynb", {"LOWRA_FIGURES": str(tmp_path)})
     assert (tmp_path / "channel_distributions.png").exists()
+
+
+def test_sweep_skips_budgets_a_method_does_not_accept(tmp_path):
+    """``-m +bits=2,4 quant=qlora``: QLoRA accepts only 4 bits, so the 2-bit job is skipped."""
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "-m", "+bits=2,4", "quant=qlora", "train.max_steps=0",
+         "eval.max_tokens=256", "eval.fp=false", "logger=none", "progress=false", "save_model=false",
+         f"hydra.sweep.dir={sweep}"],
+        cwd=REPO_ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    (skipped,) = sweep.glob("*_qlora_b2_*/skipped.json")
+    assert "not accepted by quant=qlora" in json.loads(skipped.read_text())["reason"]
+    (done,) = sweep.glob("*_qlora_b4_*/results.json")
+    r = json.loads(done.read_text())
+    assert r["method"] == "qlora" and r["bits_nominal"] == 4.0 and r["ppl_finetuned"] is None
