@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,19 @@ def layer_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def bits_by_layer_type(per_row_bits: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Per-row bit-widths pooled by layer type (q_proj, …, down_proj)."""
-    out: dict[str, list[int]] = defaultdict(list)
-    for name, bits in per_row_bits.items():
-        out[layer_type(name)].extend(int(b) for b in bits)
+def rows_by_layer_type(per_layer: dict[str, dict[int, int]]) -> dict[str, dict[int, int]]:
+    """Rows per bit-width ``{bits: rows}`` of each layer, pooled by layer type (q_proj, …)."""
+    out: dict[str, dict[int, int]] = defaultdict(dict)
+    for name, hist in per_layer.items():
+        pooled = out[layer_type(name)]
+        for b, n in hist.items():
+            pooled[int(b)] = pooled.get(int(b), 0) + int(n)
     return dict(out)
+
+
+def _mean_bits(hist: dict[int, int]) -> float:
+    rows = sum(hist.values())
+    return sum(b * n for b, n in hist.items()) / rows if rows else float("nan")
 
 
 class RunLogger:
@@ -107,8 +115,12 @@ class RunLogger:
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Scalar metrics at a training step (or without one)."""
 
-    def log_bit_allocation(self, per_row_bits: dict[str, list[int]]) -> None:
-        """Histograms of per-row bits per layer type and the mean bits per layer type."""
+    def log_bit_allocation(self, per_layer: dict[str, dict[int, int]]) -> None:
+        """Per layer type: a histogram of the rows' bit-widths and their mean; a per-layer table.
+
+        Args:
+            per_layer: layer name → ``{bits: number of rows stored at that width}``.
+        """
 
     def log_results(self, results: dict[str, Any]) -> None:
         """The final results as summary values and a one-row table."""
@@ -125,7 +137,7 @@ class WandbLogger(RunLogger):
 
         self.wandb = wandb
         id_file = run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=group, name=name, id=run_id, resume="allow",
@@ -140,15 +152,17 @@ class WandbLogger(RunLogger):
             data["train/step"] = step
         self.run.log(data)
 
-    def log_bit_allocation(self, per_row_bits: dict[str, list[int]]) -> None:
-        pooled = bits_by_layer_type(per_row_bits)
+    def log_bit_allocation(self, per_layer: dict[str, dict[int, int]]) -> None:
         data: dict[str, Any] = {}
-        for kind, bits in pooled.items():
-            data[f"bits/{kind}/hist"] = self.wandb.Histogram(bits, num_bins=4)
-            data[f"bits/{kind}/mean"] = sum(bits) / max(1, len(bits))
-        table = self.wandb.Table(columns=["layer", "rows", "mean_bits", "rows_1b", "rows_2b", "rows_4b"])
-        for name, bits in per_row_bits.items():
-            table.add_data(name, len(bits), sum(bits) / max(1, len(bits)), *(bits.count(b) for b in (1, 2, 4)))
+        for kind, hist in rows_by_layer_type(per_layer).items():
+            edges = [0.5, 1.5, 2.5, 3.5, 4.5]
+            counts = [hist.get(b, 0) for b in (1, 2, 3, 4)]
+            data[f"bits/{kind}/hist"] = self.wandb.Histogram(np_histogram=(counts, edges))
+            data[f"bits/{kind}/mean"] = _mean_bits(hist)
+        table = self.wandb.Table(columns=["layer", "type", "rows", "mean_bits", "rows_1b", "rows_2b", "rows_4b"])
+        for name, hist in per_layer.items():
+            table.add_data(name, layer_type(name), sum(hist.values()), _mean_bits(hist),
+                           *(hist.get(b, 0) for b in (1, 2, 4)))
         data["bits/per_layer"] = table
         self.run.log(data)
 
