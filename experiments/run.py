@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,27 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     kw[keep_name] = tuple(q.keep_full_precision)
     kw.update(OmegaConf.to_container(q.options, resolve=True) or {})
     return kw
+
+
+def needs_calibration(cfg: Any) -> bool:
+    """A quant option with ``options.calibration: {samples, seq_len, batch_size}`` (OPTQ / ModuLoRA)."""
+    return isinstance(cfg.quant.options.get("calibration"), Mapping)
+
+
+def calibration_kwargs(cfg: Any, data: Any) -> dict[str, Any]:
+    """Replace ``options.calibration`` by real windows of the fine-tuning stream.
+
+    Contract with ``lowra.quantize_model``: ``calibration`` = int64 ``[samples, seq_len]`` token
+    windows (``lowra.calibration.calibration_windows`` of the training stream, seeded by
+    ``seed``) and ``calibration_batch_size``; the quantizer collects its layer statistics from them.
+    """
+    from lowra.calibration import calibration_windows
+
+    spec = cfg.quant.options.calibration
+    if not isinstance(data, LMData) or data.train_ids is None:
+        raise ConfigError(f"quant={cfg.quant.name} needs calibration text: data={cfg.data.name} has no training stream")
+    windows = calibration_windows(data.train_ids, int(spec.samples), int(spec.seq_len), seed=int(cfg.seed))
+    return {"calibration": windows, "calibration_batch_size": int(spec.get("batch_size", 16))}
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -276,7 +297,7 @@ def _run_stages(
     # ---- 1. load
     stages.set_description(f"stages: {STAGES[0]}")
     tokenizer = load_tokenizer(cfg.model)
-    data = load_data(cfg.data, tokenizer, need_train=steps_wanted)
+    data = load_data(cfg.data, tokenizer, need_train=steps_wanted or needs_calibration(cfg))
     model = load_model(cfg.model, device)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -300,7 +321,10 @@ def _run_stages(
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
-        rep = quantize_model(model, **quantize_kwargs(cfg, progress))
+        kwargs = quantize_kwargs(cfg, progress)
+        if needs_calibration(cfg):
+            kwargs.update(calibration_kwargs(cfg, data))
+        rep = quantize_model(model, **kwargs)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
         if save_quantized is not None:  # atomic (its manifest is written last): the resume point
