@@ -30,7 +30,7 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    "cluster mean error x count" (a linear cost is the convex combination of pure points).
    Mean costs force whole clusters to one width (only a couple of clusters are split), which
    costs ~0.1-1 % of SSE at 128 clusters; the sampled path removes that loss for a few extra
-   continuous variables (Decision: ``samples=32``; documented in the benchmark).  The pure
+   continuous variables (Decision: ``samples=32``, 8 per matrix; see the benchmark).  The pure
    points keep every count vector feasible, so stage 1 and the flat problem have the same
    feasible budget totals.
 2. **Stage 2 (transportation problem per cluster).**  Given ``y_k``, assign the cluster's
@@ -428,7 +428,8 @@ def _nearest(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     (a KD-tree over the centers: exact, ~5x faster than a distance matrix for small d)."""
     from scipy.spatial import cKDTree
 
-    return cKDTree(centers).query(X, k=1, workers=-1)[1].astype(np.int64)
+    workers = -1 if X.shape[0] >= 200_000 else 1  # threads only pay off on big queries
+    return cKDTree(centers).query(X, k=1, workers=workers)[1].astype(np.int64)
 
 
 def _kmeans(X: np.ndarray, k: int, rng: np.random.Generator, iters: int,
@@ -470,10 +471,15 @@ def _kmeans(X: np.ndarray, k: int, rng: np.random.Generator, iters: int,
 
 
 def _cluster(p: _Problem, clusters: int, seed: int, iters: int, sample: int) -> np.ndarray:
-    """Global cluster id ``[C]``.  Partitions: equal ``(budget group, n_c)``; k-means inside."""
+    """Cluster id ``[C]`` of every channel, ids ``0..G-1``.
+
+    Partitions: equal ``n_c``; k-means (``clusters`` per partition) on ``log(e / n_c)``.  With
+    per-matrix budgets a stage-1 cluster must lie in one budget group, so the k-means clusters
+    are then split by matrix (one k-means over all matrices: the same channel types get the
+    same clusters everywhere, and one fit instead of hundreds of small ones).
+    """
     C = p.e.shape[0]
-    key = p.group * (int(p.n.max()) + 1) + p.n
-    _, part = np.unique(key, return_inverse=True)
+    _, part = np.unique(p.n, return_inverse=True)
     part = part.reshape(-1)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(part.max() + 2))
@@ -486,6 +492,9 @@ def _cluster(p: _Problem, clusters: int, seed: int, iters: int, sample: int) -> 
         sub = _kmeans(feat[idx], clusters, rng, iters, sample)
         lab[idx] = sub + offset
         offset += int(sub.max()) + 1
+    if p.cap.shape[0] > 1:  # split by budget group
+        _, lab = np.unique(p.group * offset + lab, return_inverse=True)
+        lab = lab.reshape(-1)
     return lab
 
 
@@ -508,6 +517,12 @@ def _solve(prob: Any, opts: dict[str, Any], highs: dict[str, Any] | None = None)
     if "HIGHS" not in cp.installed_solvers():
         raise RuntimeError("CVXPY does not see HiGHS: pip install highspy")
     kw = {k: v for k, v in opts.items() if v is not None}
+    if kw.get("threads") is not None:
+        # HiGHS fixes its thread pool on the first solve of the process; a different
+        # ``threads`` later fails unless the global scheduler is reset first.
+        import highspy
+
+        highspy.Highs.resetGlobalScheduler(True)
     if not kw.get("verbose"):
         kw.setdefault("output_flag", False)  # also silences HiGHS' banner
     if highs:
@@ -529,7 +544,7 @@ def assign_precision(
     scope: str = "model",
     layer_sizes: Sequence[int] | None = None,
     layer_ids: _ArrayLike | None = None,
-    samples: int = 32,
+    samples: int | None = None,
     time_limit: float | None = None,
     mip_rel_gap: float | None = 1e-6,
     threads: int | None = None,
@@ -554,7 +569,9 @@ def assign_precision(
         layer_sizes: channels per matrix in concatenation order (or ``layer_ids [C]``);
             required by ``scope="matrix"``, used by :meth:`PrecisionPlan.split`.
         samples: points per cluster on its efficiency path in the stage-1 cost model; ``0`` is
-            the paper's cluster-mean cost (see the module docstring).
+            the paper's cluster-mean cost (see the module docstring).  Default (``None``): 32
+            for the model scope, 8 for the matrix scope (its clusters are split by matrix, so
+            smaller, and stage 1 has ~100x more of them).
         time_limit, mip_rel_gap, threads: passed to HiGHS (stage 1 and stage 2).
         solver_options: further HiGHS options (``{"presolve": "off", ...}``).
         kmeans_iters, kmeans_sample: Lloyd iterations and fitting subsample size.
@@ -573,6 +590,8 @@ def assign_precision(
     p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
     if int(clusters) < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
+    if samples is None:
+        samples = 32 if scope == "model" else 8
     if int(samples) < 0:
         raise ValueError(f"samples must be >= 0, got {samples}")
     e, n, cand = p.e, p.n, p.cand
@@ -666,12 +685,73 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     makes HiGHS' rounding heuristics slow, while an optimal plan of decreasing errors uses the
     budget anyway.  So the program is solved without it first; only when that solution misses
     the window is it solved again with the row (same optimum when the first one meets it,
-    since it is then feasible for the tighter program).  Returns counts ``[G, K]``, the
-    modelled SSE and solver info.
+    since it is then feasible for the tighter program).
+
+    Budget groups share nothing, so with per-matrix budgets whole groups are batched into
+    programs of at most ``_STAGE1_MAX_POINTS`` sample points (one program for the model
+    scope).  Returns counts ``[G, K]``, the modelled SSE and solver info.
     """
+    G, K = Nk.shape[0], p.cand.shape[0]
+    ngrp = p.cap.shape[0]
+    base = np.bincount(p.group, weights=p.n * p.cand[0], minlength=ngrp).astype(np.int64)
+    unit = int(np.gcd.reduce(p.n))
+    cap_u = np.floor_divide(p.cap - base, unit)   # sum n b <= cap  <=>  ... <= floor
+    lo_u = -np.floor_divide(-(p.lo - base), unit)  # and >= lo  <=>  ... >= ceil
+    # Budget groups are independent; batch them into programs of bounded size.
+    pts_per_group = np.bincount(gk[pk], minlength=ngrp)
+    batches: list[np.ndarray] = []
+    cur: list[int] = []
+    acc = 0
+    for g in range(ngrp):
+        if cur and acc + pts_per_group[g] > _STAGE1_MAX_POINTS:
+            batches.append(np.asarray(cur))
+            cur, acc = [], 0
+        cur.append(g)
+        acc += int(pts_per_group[g])
+    batches.append(np.asarray(cur))
+    Yint = np.zeros((G, K), dtype=np.int64)
+    total = 0.0
+    infos = []
+    for gs in batches:
+        in_g = np.zeros(ngrp, dtype=bool)
+        in_g[gs] = True
+        ks = np.nonzero(in_g[gk])[0]
+        pm = in_g[gk[pk]]
+        kloc = np.full(G, -1)
+        kloc[ks] = np.arange(ks.shape[0])
+        gloc = np.full(ngrp, -1)
+        gloc[gs] = np.arange(gs.shape[0])
+        Yb, val, inf = _stage1_program(
+            Y[pm], F[pm], kloc[pk[pm]], Nk[ks], nk[ks] // unit, gloc[gk[ks]], cap_u[gs],
+            lo_u[gs], p.cand, emax[ks], emin[ks], opts)
+        Yint[ks] = Yb
+        total += val
+        infos.append(inf)
+    info: dict[str, Any] = {"stage1_points": int(F.shape[0]), "stage1_programs": len(batches)}
+    info["stage1_status"] = ",".join(sorted({i["status"] for i in infos}))
+    fills = [i["fill_row"] for i in infos]
+    info["stage1_fill_row"] = ("unreachable: repair" if "unreachable: repair" in fills else
+                               "enforced" if "enforced" in fills else "not needed")
+    gaps = [i["mip_gap"] for i in infos if "mip_gap" in i]
+    if gaps:
+        info["stage1_mip_gap"] = float(max(gaps))
+    return Yint, total, info
+
+
+_STAGE1_MAX_POINTS = 10_000  # per program (matrix scope): ~1 s of HiGHS each
+
+
+def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray,
+                    wk: np.ndarray, gk: np.ndarray, cap_u: np.ndarray, lo_u: np.ndarray,
+                    cand: np.ndarray, emax: np.ndarray, emin: np.ndarray,
+                    opts: dict[str, Any]) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """One stage-1 program over a set of whole budget groups (local indices): clusters
+    ``Nk``, ``wk = n_k / u``, ``gk``; budget rows ``lo_u <= . <= cap_u`` per group.
+    Returns counts ``[G, K]``, the modelled SSE and the solver status."""
     import cvxpy as cp
 
-    G, K = Nk.shape[0], p.cand.shape[0]
+    G, K = Nk.shape[0], cand.shape[0]
+    ngrp = cap_u.shape[0]
     npts = F.shape[0]
     scale = max(float(F.max()), 1e-300)
     mu = cp.Variable(npts, nonneg=True)
@@ -680,14 +760,9 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     rows = (pk[:, None] * K + np.arange(K)[None, :]).ravel()
     cols = np.repeat(np.arange(npts), K)
     A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(G * K, npts))
-    unit = int(np.gcd.reduce(p.n))
-    ngrp = p.cap.shape[0]
-    gap0 = p.cand - p.cand[0]
-    W = sp.csr_matrix((((nk // unit)[:, None] * gap0[None, :]).ravel().astype(np.float64),
+    gap0 = cand - cand[0]
+    W = sp.csr_matrix(((wk[:, None] * gap0[None, :]).ravel().astype(np.float64),
                        (np.repeat(gk, K), np.arange(G * K))), shape=(ngrp, G * K))
-    base = np.bincount(p.group, weights=p.n * p.cand[0], minlength=ngrp).astype(np.int64)
-    cap_u = np.floor_divide(p.cap - base, unit)   # sum n b <= cap  <=>  ... <= floor
-    lo_u = -np.floor_divide(-(p.lo - base), unit)  # and >= lo  <=>  ... >= ceil
     s_plus = cp.Variable(G * K, nonneg=True)
     s_minus = cp.Variable(G * K, nonneg=True)
     objective = cp.Minimize((F / scale) @ mu + (emax.ravel() / scale) @ s_plus
@@ -696,10 +771,9 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
                           shape=(G, G * K))
     cons = [A_sum @ mu == 1, A_cnt @ mu + s_plus - s_minus == y, Y_sum @ y == Nk,
             y >= 0, W @ y <= cap_u]
-    info: dict[str, Any] = {"stage1_points": int(npts)}
     prob = cp.Problem(objective, cons)
     _solve(prob, opts)
-    info["stage1_fill_row"] = "not needed"
+    info: dict[str, Any] = {"fill_row": "not needed"}
     ok = y.value is not None
     if ok:
         used = W @ np.rint(np.asarray(y.value))
@@ -707,20 +781,18 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     if not ok:
         prob = cp.Problem(objective, cons + [W @ y >= lo_u])
         _solve(prob, opts)
-        info["stage1_fill_row"] = "enforced"
+        info["fill_row"] = "enforced"
         if y.value is None:  # the window is unreachable for the solver: repair fills it
             prob = cp.Problem(objective, cons)
             _solve(prob, opts)
-            info["stage1_fill_row"] = "unreachable: repair"
+            info["fill_row"] = "unreachable: repair"
     if y.value is None:
         raise RuntimeError(f"stage-1 integer program failed: {prob.status}")
-    info["stage1_status"] = prob.status
+    info["status"] = prob.status
     stats = getattr(prob.solver_stats, "extra_stats", None)
     if stats is not None:
-        info["stage1_mip_gap"] = float(getattr(stats, "mip_gap", float("nan")))
-        info["stage1_nodes"] = int(getattr(stats, "mip_node_count", -1))
-    Yint = _round_counts(np.asarray(y.value).reshape(G, K), Nk)
-    return Yint, float(prob.value) * scale, info
+        info["mip_gap"] = float(getattr(stats, "mip_gap", float("nan")))
+    return _round_counts(np.asarray(y.value).reshape(G, K), Nk), float(prob.value) * scale, info
 
 
 def _round_counts(Yf: np.ndarray, Nk: np.ndarray) -> np.ndarray:

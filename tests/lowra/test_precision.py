@@ -1,0 +1,296 @@
+"""Tests of the two-stage ILP precision assignment (lowra/precision.py).
+
+What must hold: the budget is never exceeded and is used up to max(n_c)/sum(n_c); the plan is
+within 0.5 % of the exact flat ILP (HiGHS) on small instances; the LP bound equals HiGHS' LP;
+stage 2 is exact for any counts; bad inputs raise ValueError naming the problem.
+Timings are the benchmark's business (experiments/bench_pipeline.py), not asserted here.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import cvxpy as cp
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+from lowra.precision import (
+    PrecisionPlan,
+    _ClusterPaths,
+    _hull_segments,
+    _prepare,
+    _repair,
+    _stage2,
+    assign_precision,
+    exact_assignment,
+    greedy_assignment,
+    llama_layer_shapes,
+    lp_lower_bound,
+    synthetic_error_table,
+    uniform_assignment,
+)
+
+# 4*192 + 2*384 + 192 = 1,728 channels of 192 and 384 inputs: a miniature Llama block.
+SMALL = llama_layer_shapes(1, 192, 384)
+
+
+def small_table(seed: int, candidates=(1, 2, 4)):
+    return synthetic_error_table(SMALL, candidates=candidates, seed=seed)
+
+
+def plan_sse(e: np.ndarray, bits: np.ndarray, candidates) -> float:
+    col = np.searchsorted(np.asarray(candidates), bits)
+    return float(e[np.arange(e.shape[0]), col].sum())
+
+
+def assert_budget(bits: np.ndarray, n: np.ndarray, budget: float) -> None:
+    """Never above the budget (exact rationals), and at most max(n) bits below it."""
+    used = int((n * bits).sum())
+    cap = Fraction(repr(budget)) * int(n.sum())
+    assert used <= cap
+    assert cap - used <= int(n.max())
+
+
+# ------------------------------------------------------------------------------------------
+# Optimality against the exact ILP
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("budget", [1.15, 2.0, 2.5])
+def test_within_half_percent_of_exact_ilp(seed: int, budget: float) -> None:
+    e, n, sizes = small_table(seed)
+    plan = assign_precision(e, n, budget, seed=seed, layer_sizes=sizes)
+    bits_x, obj_x, info = exact_assignment(e, n, budget)
+    assert info["status"] == "optimal"
+    assert_budget(plan.bits, n, budget)
+    assert_budget(bits_x, n, budget)
+    assert plan.lower_bound <= obj_x * (1 + 1e-9)
+    assert plan.objective >= obj_x * (1 - 1e-9)  # nothing beats the exact optimum
+    assert plan.objective <= obj_x * 1.005
+    assert plan.objective == pytest.approx(plan_sse(e, plan.bits, (1, 2, 4)), rel=1e-12)
+
+
+def test_candidates_1234_within_half_percent() -> None:
+    cands = (1, 2, 3, 4)
+    e, n, sizes = small_table(3, candidates=cands)
+    for budget in (1.5, 2.75):
+        plan = assign_precision(e, n, budget, candidates=cands, layer_sizes=sizes)
+        _, obj_x, _ = exact_assignment(e, n, budget, candidates=cands)
+        assert set(np.unique(plan.bits)) <= set(cands)
+        assert_budget(plan.bits, n, budget)
+        assert obj_x * (1 - 1e-9) <= plan.objective <= obj_x * 1.005
+
+
+def test_mean_cost_model_is_valid_and_close() -> None:
+    """samples=0 is the paper's cluster-mean stage-1 cost: valid, and still near-optimal."""
+    e, n, sizes = small_table(4)
+    plan = assign_precision(e, n, 1.5, samples=0, layer_sizes=sizes)
+    _, obj_x, _ = exact_assignment(e, n, 1.5)
+    assert_budget(plan.bits, n, 1.5)
+    assert plan.objective <= obj_x * 1.005
+    assert plan.stage1_objective >= plan.objective * (1 - 1e-9)  # stage 1 is an upper bound
+
+
+def test_per_matrix_scope_each_matrix_meets_budget() -> None:
+    e, n, sizes = small_table(5)
+    plan = assign_precision(e, n, 1.5, scope="matrix", layer_sizes=sizes, clusters=16)
+    _, obj_x, _ = exact_assignment(e, n, 1.5, scope="matrix", layer_sizes=sizes)
+    for b, nn in zip(plan.split(), np.split(n, np.cumsum(sizes)[:-1])):
+        assert_budget(b, nn, 1.5)
+    assert obj_x * (1 - 1e-9) <= plan.objective <= obj_x * 1.005
+    flat = lp_lower_bound(e, n, 1.5)
+    assert plan.lower_bound >= flat * (1 - 1e-12)  # per-matrix budgets only constrain more
+
+
+# ------------------------------------------------------------------------------------------
+# Budget
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [1.0, 1.01, 1.15, 1.9, 2.25, 3.0, 3.99, 4.0])
+def test_budget_never_exceeded_and_used(budget: float) -> None:
+    e, n, sizes = synthetic_error_table(llama_layer_shapes(2, 128, 320), seed=7)
+    plan = assign_precision(e, n, budget, clusters=32, layer_sizes=sizes)
+    assert_budget(plan.bits, n, budget)
+    assert plan.average_bits <= budget  # also after float rounding
+    assert plan.lower_bound <= plan.objective * (1 + 1e-12)
+    assert plan.gap >= -1e-12
+
+
+def test_repair_restores_both_budget_rows() -> None:
+    """The exact-integer repair fixes any plan (here: random) that breaks the budget rows."""
+    e, n, _ = small_table(6)
+    rng = np.random.default_rng(0)
+    for budget in (1.15, 2.5):
+        p = _prepare(e, n, budget, (1, 2, 4), "model", None, None)
+        for _ in range(3):
+            jidx = rng.integers(0, 3, size=n.shape[0])
+            fixed, moves = _repair(p, jidx)
+            assert moves > 0
+            assert_budget(np.array([1, 2, 4])[fixed], n, budget)
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces: LP bound, stage 2
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cands", [(1, 2, 4), (1, 2, 3, 4), (2, 3, 8)])
+def test_lp_bound_equals_highs_lp(cands) -> None:
+    """The hull-greedy bound is the LP optimum, also for non-convex / non-monotone errors."""
+    rng = np.random.default_rng(1)
+    C, K = 300, len(cands)
+    e = rng.gamma(2.0, 1.0, size=(C, K)) * np.exp(-0.7 * np.arange(K))
+    e[:40] = rng.gamma(2.0, 1.0, size=(40, K))  # arbitrary, possibly increasing errors
+    n = rng.choice([64, 96, 160], size=C)
+    budget = (cands[0] + cands[-1]) / 2 + 0.1
+    x = cp.Variable((C, K), nonneg=True)
+    cap = int(np.floor(Fraction(repr(budget)) * int(n.sum())))
+    lp = cp.Problem(cp.Minimize(cp.sum(cp.multiply(e, x))),
+                    [cp.sum(x, axis=1) == 1,
+                     cp.sum(cp.multiply(x @ np.asarray(cands), n)) <= cap])
+    lp.solve(solver=cp.HIGHS)
+    assert lp_lower_bound(e, n, budget, cands) == pytest.approx(lp.value, rel=1e-9)
+
+
+def test_stage2_exact_for_arbitrary_counts() -> None:
+    """Stage 2 (pure / path prefix / two-width sort / block LP) against brute force: each
+    cluster as an assignment problem with width j repeated y_j times."""
+    rng = np.random.default_rng(2)
+    cands = np.array([1, 2, 3, 4])
+    sizes = [7, 12, 25, 30, 9, 40]
+    lab = np.repeat(np.arange(len(sizes)), sizes)
+    C, K = lab.shape[0], cands.shape[0]
+    n = np.full(C, 64)
+    e = n[:, None] * np.exp(rng.normal(0, 0.4, (C, 1)) - 1.2 * np.arange(K)
+                            + rng.normal(0, 0.3, (C, K)))
+    seg = _hull_segments(e, n, cands)
+    path = _ClusterPaths(seg, lab, len(sizes), cands)
+    Y = np.zeros((len(sizes), K), dtype=np.int64)
+    for k, N in enumerate(sizes):  # pure, two widths, three widths, random, prefix
+        if k == 0:
+            Y[k, 2] = N
+        elif k == 1:
+            Y[k, [0, 3]] = [5, N - 5]
+        elif k == 5:  # counts of a prefix of the path
+            m = 17
+            Y[k] = path.cum_cnt[path.start[k] + m - 1]
+            Y[k, 0] += N
+        else:
+            Y[k] = rng.multinomial(N, [0.25, 0.25, 0.25, 0.25])
+    jidx, info = _stage2(e, lab, Y, path, {"verbose": False})
+    assert info["stage2_lp_clusters"] >= 1 and info["stage2_two_width"] >= 1
+    assert info["stage2_pure"] >= 1 and info["stage2_prefix"] >= 1
+    for k in range(len(sizes)):
+        chs = np.nonzero(lab == k)[0]
+        assert np.array_equal(np.bincount(jidx[chs], minlength=K), Y[k])
+        cols = np.repeat(np.arange(K), Y[k])
+        r, c = linear_sum_assignment(e[chs][:, cols])
+        best = e[chs][r, cols[c]].sum()
+        assert e[chs, jidx[chs]].sum() == pytest.approx(best, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# API, baselines, determinism
+# ------------------------------------------------------------------------------------------
+def test_plan_fields_split_and_determinism() -> None:
+    import torch
+
+    e, n, sizes = small_table(8)
+    plan = assign_precision(e, n, 1.5, layer_sizes=sizes, seed=3)
+    again = assign_precision(torch.from_numpy(e), torch.from_numpy(n), 1.5,
+                             layer_sizes=sizes, seed=3)
+    assert isinstance(plan, PrecisionPlan)
+    assert np.array_equal(plan.bits, again.bits)
+    assert plan.bits.dtype == np.int64 and plan.bits.shape == (n.shape[0],)
+    assert "HIGHS" in plan.solver
+    assert set(plan.times) >= {"cluster", "bound", "stage1", "stage2", "repair", "total"}
+    parts = plan.split()
+    assert [p.shape[0] for p in parts] == sizes
+    avg = plan.layer_average_bits()
+    assert avg.shape == (len(sizes),)
+    assert float((avg * [s * i for s, (_, i) in zip(sizes, SMALL)]).sum() / n.sum()) == \
+        pytest.approx(plan.average_bits)
+    assert sum(plan.counts().values()) == n.shape[0]
+    s = plan.summary()
+    assert s["channels"] == n.shape[0] and s["gap"] == plan.gap
+
+
+def test_solver_options_pass_through() -> None:
+    e, n, _ = small_table(9)
+    plan = assign_precision(e, n, 1.5, time_limit=30.0, threads=1, mip_rel_gap=1e-4,
+                            solver_options={"presolve": "off"})
+    assert_budget(plan.bits, n, 1.5)
+    with pytest.raises(ValueError, match="no_such_option"):
+        assign_precision(e, n, 1.5, solver_options={"no_such_option": 1})
+
+
+def test_baselines() -> None:
+    e, n, _ = small_table(10)
+    _, obj_x, _ = exact_assignment(e, n, 1.5)
+    g = greedy_assignment(e, n, 1.5)
+    assert (n * g).sum() <= 1.5 * n.sum()
+    assert plan_sse(e, g, (1, 2, 4)) >= obj_x * (1 - 1e-9)
+    assert uniform_assignment(n, 1.5) is None
+    u = uniform_assignment(n, 2.0)
+    assert u is not None and (u == 2).all()
+
+
+def test_degenerate_inputs() -> None:
+    """Equal errors at every width (no upgrade helps), identical rows, tiny problems."""
+    n = np.full(50, 64)
+    flat = np.ones((50, 3))
+    plan = assign_precision(flat, n, 1.5)
+    assert plan.objective == 50 and plan.average_bits <= 1.5
+    same = np.tile([[9.0, 3.0, 0.5]], (50, 1))
+    plan = assign_precision(same, n, 2.5)
+    assert_budget(plan.bits, n, 2.5)
+    assert plan.objective == pytest.approx(exact_assignment(same, n, 2.5)[1])
+    one = assign_precision(np.array([[4.0, 2.0, 1.0]]), [10], 2.0)
+    assert one.bits.tolist() == [2]
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+def test_value_errors_name_the_problem() -> None:
+    e, n, sizes = small_table(11)
+    with pytest.raises(ValueError, match="below the smallest"):
+        assign_precision(e, n, 0.9)
+    with pytest.raises(ValueError, match="above the largest"):
+        assign_precision(e, n, 4.5)
+    with pytest.raises(ValueError, match="columns"):
+        assign_precision(e[:, :2], n, 1.5)
+    with pytest.raises(ValueError, match="params"):
+        assign_precision(e, n[:-1], 1.5)
+    bad = e.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        assign_precision(bad, n, 1.5)
+    bad[3, 1] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        assign_precision(bad, n, 1.5)
+    bad[3, 1] = np.inf
+    with pytest.raises(ValueError, match="inf"):
+        assign_precision(bad, n, 1.5)
+    with pytest.raises(ValueError, match="positive integers"):
+        assign_precision(e, n + 0.5, 1.5)
+    with pytest.raises(ValueError, match="finite"):
+        assign_precision(e, n, float("nan"))
+    with pytest.raises(ValueError, match="layer_sizes"):
+        assign_precision(e, n, 1.5, scope="matrix")
+    with pytest.raises(ValueError, match="sum"):
+        assign_precision(e, n, 1.5, scope="matrix", layer_sizes=[10, 20])
+    with pytest.raises(ValueError, match="scope"):
+        assign_precision(e, n, 1.5, scope="layer")
+    with pytest.raises(ValueError, match="duplicates"):
+        assign_precision(e, n, 1.5, candidates=(1, 2, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# Scale (slow)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gap_to_lp_bound_at_scale() -> None:
+    """Four Llama-2-7B blocks (170 k channels): within 0.1 % of the LP bound."""
+    e, n, sizes = synthetic_error_table(llama_layer_shapes(4, 4096, 11008), seed=0)
+    for budget in (1.15, 2.5):
+        plan = assign_precision(e, n, budget, layer_sizes=sizes)
+        assert_budget(plan.bits, n, budget)
+        assert 0 <= plan.gap <= 1e-3
