@@ -642,8 +642,9 @@ def assign_precision(
 
     # ---- repair ----
     t0 = time.perf_counter()
-    jidx, moves = _repair(p, jidx)
+    jidx, moves, filled = _repair(p, jidx)
     info["repair_moves"] = moves
+    info["budget_filled"] = filled
     times["repair"] = time.perf_counter() - t0
 
     bits = cand[jidx].astype(np.int64)
@@ -977,33 +978,83 @@ def _match_prefix(path: _ClusterPaths, k: int, yk: np.ndarray, Nk: int) -> int:
     return i + 1 if np.array_equal(cnt, yk) else -1
 
 
-def _repair(p: _Problem, jidx: np.ndarray) -> tuple[np.ndarray, int]:
-    """Exact integer check of both budget rows per group; single-channel moves fix them.
+def _repair(p: _Problem, jidx: np.ndarray) -> tuple[np.ndarray, int, bool]:
+    """Exact integer check of both budget rows per group; local moves fix them.
 
-    Over the cap: downgrade the channel losing the least error per bit freed until within.
-    Below the fill row: upgrade the channel gaining the most error per bit that still fits.
-    Returns the fixed candidate indices and the number of moves (0 when stage 1 was exact).
+    Over the cap: downgrade the channels losing the least error per bit freed (always
+    possible: the all-narrowest plan fits).  Below the fill row: upgrade the channel gaining
+    the most error per bit that still fits; when no single upgrade fits, exchange a pair (one
+    channel up, another down, net bits in ``(0, slack]``) at the least error increase.
+    Returns the candidate indices, the number of moves (0 when stage 1 was exact) and whether
+    every fill row holds.  Raises RuntimeError if a cap could not be restored (a bug).
     """
     e, n, cand, K = p.e, p.n, p.cand, p.cand.shape[0]
     jidx = jidx.copy()
     moves = 0
     G = p.cap.shape[0]
-    for _ in range(4 * K + 8):
+    for _ in range(4 * K + 16):
         used = np.zeros(G, dtype=np.int64)
         np.add.at(used, p.group, n * cand[jidx])
         over = used - p.cap
         under = p.lo - used
-        if (over <= 0).all() and (under <= 0).all():
+        bad = np.nonzero((over > 0) | (under > 0))[0]
+        if bad.size == 0:
             break
-        for g in range(G):
+        progress = 0
+        for g in bad:
             sel = np.nonzero(p.group == g)[0]
             if over[g] > 0:
-                moves += _greedy_moves(e, n, cand, jidx, sel, int(over[g]), down=True)
-            elif under[g] > 0:
+                progress += _greedy_moves(e, n, cand, jidx, sel, int(over[g]), down=True)
+            else:
                 slack = int(p.cap[g] - used[g])
-                moves += _greedy_moves(e, n, cand, jidx, sel, int(under[g]), down=False,
-                                       slack=slack)
-    return jidx, moves
+                k = _greedy_moves(e, n, cand, jidx, sel, int(under[g]), down=False, slack=slack)
+                if k == 0:
+                    k = _pair_exchange(e, n, cand, jidx, sel, slack)
+                progress += k
+        moves += progress
+        if progress == 0:
+            break
+    used = np.zeros(G, dtype=np.int64)
+    np.add.at(used, p.group, n * cand[jidx])
+    if (used > p.cap).any():  # pragma: no cover - downgrades always restore the cap
+        raise RuntimeError("precision plan exceeds the budget after repair")
+    return jidx, moves, bool((used >= p.lo).all())
+
+
+def _pair_exchange(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndarray,
+                   sel: np.ndarray, slack: int) -> int:
+    """One exchange in place on channels ``sel``: channel ``u`` one width up, channel
+    ``d != u`` one width down, ``0 < added - freed <= slack``, least error increase.
+    Candidates: the two best channels per distinct step size either way.  Returns 1 or 0."""
+    K = cand.shape[0]
+    j = jidx[sel]
+
+    def best_per_step(ch: np.ndarray, dw: np.ndarray, score: np.ndarray) -> list[tuple]:
+        out = []
+        for w in np.unique(dw):
+            m = np.nonzero(dw == w)[0]
+            top = m[np.argsort(score[m], kind="stable")[:2]]
+            out += [(int(w), int(ch[i]), float(score[i])) for i in top]
+        return out
+
+    up = j < K - 1
+    cu, ju = sel[up], j[up]
+    ups = best_per_step(cu, n[cu] * (cand[np.minimum(ju + 1, K - 1)] - cand[ju]),
+                        e[cu, np.minimum(ju + 1, K - 1)] - e[cu, ju])  # error change
+    dn = j > 0
+    cd, jd = sel[dn], j[dn]
+    downs = best_per_step(cd, n[cd] * (cand[jd] - cand[np.maximum(jd - 1, 0)]),
+                          e[cd, np.maximum(jd - 1, 0)] - e[cd, jd])
+    best = None
+    for wu, u, su in ups:
+        for wd, d, sd in downs:
+            if u != d and 0 < wu - wd <= slack and (best is None or su + sd < best[0]):
+                best = (su + sd, u, d)
+    if best is None:
+        return 0
+    jidx[best[1]] += 1
+    jidx[best[2]] -= 1
+    return 1
 
 
 def _greedy_moves(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndarray,

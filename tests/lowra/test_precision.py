@@ -123,9 +123,21 @@ def test_repair_restores_both_budget_rows() -> None:
         p = _prepare(e, n, budget, (1, 2, 4), "model", None, None)
         for _ in range(3):
             jidx = rng.integers(0, 3, size=n.shape[0])
-            fixed, moves = _repair(p, jidx)
-            assert moves > 0
+            fixed, moves, filled = _repair(p, jidx)
+            assert moves > 0 and filled
             assert_budget(np.array([1, 2, 4])[fixed], n, budget)
+
+
+def test_repair_pair_exchange_when_no_single_upgrade_fits() -> None:
+    """All channels at 2 or 4 bits and a slack of 1.5 channels: only an exchange (one 2->4,
+    another 2->1, net +1 channel of bits) reaches the fill row."""
+    n = np.full(10, 100)
+    e = np.tile([[9.0, 3.0, 0.5]], (10, 1)) * (1 + 0.01 * np.arange(10))[:, None]
+    p = _prepare(e, n, 2.95, (1, 2, 4), "model", None, None)
+    jidx = np.array([2] * 4 + [1] * 6)  # 2,800 bits of a 2,950 cap
+    fixed, moves, filled = _repair(p, jidx)
+    assert filled and moves == 1
+    assert_budget(np.array([1, 2, 4])[fixed], n, 2.95)
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,6 +256,17 @@ def test_degenerate_inputs() -> None:
     assert plan.objective == pytest.approx(exact_assignment(same, n, 2.5)[1])
     one = assign_precision(np.array([[4.0, 2.0, 1.0]]), [10], 2.0)
     assert one.bits.tolist() == [2]
+
+
+def test_unsorted_and_single_candidates() -> None:
+    e, n, _ = small_table(12)
+    plan = assign_precision(e, n, 1.5)
+    perm = [2, 0, 1]  # columns in the order of candidates (4, 1, 2)
+    shuffled = assign_precision(e[:, perm], n, 1.5, candidates=(4, 1, 2))
+    assert shuffled.candidates == (1, 2, 4)
+    assert np.array_equal(plan.bits, shuffled.bits)
+    single = assign_precision(e[:, 1:2], n, 2.0, candidates=(2,))
+    assert (single.bits == 2).all() and single.objective == pytest.approx(e[:, 1].sum())
 
 
 # ------------------------------------------------------------------------------------------
