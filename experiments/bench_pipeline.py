@@ -16,7 +16,8 @@ section's dict is printed as a table and written to ``results/bench/<name>_cpu.j
    row.
 2. Small instances (1,728 channels, a miniature Llama block with 192 / 384 inputs): the
    two-stage plan against the exact flat ILP solved directly by HiGHS, over random seeds;
-   the distribution of the excess over the optimum.
+   the distribution of the excess over the optimum, also for the cluster-mean cost and for
+   coarse clusters (8 per partition instead of 128, ~150 channels each).
 
 ``--quick`` runs 7B only, two budgets, five seeds.
 """
@@ -58,7 +59,8 @@ def _rss_bytes() -> int:
 
 
 def precision_case(model: str, budget: float, seed: int = 0, samples: int | None = None,
-                   scope: str = "model", baselines: bool = True) -> dict[str, Any]:
+                   scope: str = "model", baselines: bool = True,
+                   candidates: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
     """Solve one large instance and measure it.  Run in a fresh interpreter so that
     ``peak_rss`` (the process high-water mark, ``ru_maxrss``) belongs to this case alone."""
     import cvxpy  # noqa: F401  (import cost is not the solver's)
@@ -72,7 +74,9 @@ def precision_case(model: str, budget: float, seed: int = 0, samples: int | None
     )
 
     blocks, hidden, ffn = MODELS[model]
-    e, n, sizes = synthetic_error_table(llama_layer_shapes(blocks, hidden, ffn), seed=seed)
+    candidates = tuple(candidates)
+    e, n, sizes = synthetic_error_table(llama_layer_shapes(blocks, hidden, ffn), candidates,
+                                        seed=seed)
     base = _rss_bytes()
     peak = [base]
     stop = threading.Event()
@@ -85,14 +89,14 @@ def precision_case(model: str, budget: float, seed: int = 0, samples: int | None
     thread = threading.Thread(target=poll, daemon=True)
     thread.start()
     t0 = time.perf_counter()
-    plan = assign_precision(e, n, budget, seed=seed, samples=samples, scope=scope,
+    plan = assign_precision(e, n, budget, candidates, seed=seed, samples=samples, scope=scope,
                             layer_sizes=sizes)
     wall = time.perf_counter() - t0
     stop.set()
     thread.join()
     row: dict[str, Any] = {
         "model": model, "channels": int(n.shape[0]), "budget": budget, "scope": scope,
-        "samples": samples, "seconds": wall, "times": plan.times,
+        "samples": samples, "candidates": list(candidates), "seconds": wall, "times": plan.times,
         "average_bits": plan.average_bits, "objective": plan.objective,
         "lower_bound": plan.lower_bound, "gap": plan.gap,
         "budget_slack_channels": (budget * int(n.sum()) - int((n * plan.bits).sum()))
@@ -103,11 +107,11 @@ def precision_case(model: str, budget: float, seed: int = 0, samples: int | None
     }
     if baselines:
         t0 = time.perf_counter()
-        g = greedy_assignment(e, n, budget, scope=scope, layer_sizes=sizes)
+        g = greedy_assignment(e, n, budget, candidates, scope=scope, layer_sizes=sizes)
         row["greedy_seconds"] = time.perf_counter() - t0
         cols = np.searchsorted(np.asarray(plan.candidates), g)
         row["greedy_gap"] = float(e[np.arange(e.shape[0]), cols].sum()) / plan.lower_bound - 1
-        u = uniform_assignment(n, budget)
+        u = uniform_assignment(n, budget, candidates)
         if u is not None:
             j = plan.candidates.index(int(budget))
             row["uniform_gap"] = float(e[:, j].sum()) / plan.lower_bound - 1
@@ -147,6 +151,7 @@ def small_instances(seeds: int, budgets: tuple[float, ...]) -> list[dict[str, An
             plan = assign_precision(e, n, budget, seed=seed, layer_sizes=sizes)
             t_two = time.perf_counter() - t0
             mean = assign_precision(e, n, budget, seed=seed, layer_sizes=sizes, samples=0)
+            coarse = assign_precision(e, n, budget, seed=seed, layer_sizes=sizes, clusters=8)
             _, opt, info = exact_assignment(e, n, budget)
             g = greedy_assignment(e, n, budget)
             g_obj = float(e[np.arange(e.shape[0]), np.searchsorted([1, 2, 4], g)].sum())
@@ -155,6 +160,7 @@ def small_instances(seeds: int, budgets: tuple[float, ...]) -> list[dict[str, An
                 "exact": opt, "exact_status": info["status"], "exact_seconds": info["time"],
                 "two_stage": plan.objective, "two_stage_seconds": t_two,
                 "excess": plan.objective / opt - 1, "mean_cost_excess": mean.objective / opt - 1,
+                "coarse_excess": coarse.objective / opt - 1,
                 "greedy_excess": g_obj / opt - 1, "lower_bound": plan.lower_bound,
                 "exact_gap_to_lb": opt / plan.lower_bound - 1,
             })
@@ -190,6 +196,8 @@ def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
         uni = f"{100 * r['uniform_gap']:>9.4f}" if "uniform_gap" in r else f"{'-':>9}"
         gr = f"{100 * r['greedy_gap']:>9.5f}" if "greedy_gap" in r else f"{'-':>9}"
         tag = r["scope"] if r["samples"] is None else f"s={r['samples']}"
+        if r["candidates"] != [1, 2, 4]:
+            tag = "".join(map(str, r["candidates"]))
         print(f"{r['model']:>10} {r['channels']:>9} {r['budget']:>6} {tag:>6} "
               f"{r['average_bits']:>9.6f} {r['seconds']:>8.2f} {t['cluster']:>6.2f} "
               f"{t['bound']:>6.2f} {t['stage1']:>7.2f} {t['stage2']:>7.2f} "
@@ -203,8 +211,8 @@ def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
             show(r)
     ablation = []
     if not quick:
-        print("\nAblation, Llama-2-7B: stage-1 cost = cluster mean x count (paper, samples=0)"
-              " and the per-matrix budget scope")
+        print("\nAblation, Llama-2-7B: stage-1 cost = cluster mean x count (paper, samples=0),"
+              " the per-matrix budget scope, candidates {1,2,3,4}")
         print(head)
         for budget in budgets:
             r = _in_subprocess("precision_case", model="llama2-7b", budget=budget, samples=0,
@@ -214,6 +222,11 @@ def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
         r = _in_subprocess("precision_case", model="llama2-7b", budget=1.5, scope="matrix")
         ablation.append(r)
         show(r)
+        for budget in (1.5, 2.5):
+            r = _in_subprocess("precision_case", model="llama2-7b", budget=budget,
+                               candidates=[1, 2, 3, 4])
+            ablation.append(r)
+            show(r)
 
     from lowra.precision import llama_layer_shapes
 
@@ -223,17 +236,19 @@ def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
     small = small_instances(seeds, budgets)
     by_budget = {}
     print(f"{'budget':>6} {'excess % median':>16} {'p95':>8} {'max':>8} {'mean-cost max %':>16} "
-          f"{'greedy max %':>13} {'exact s':>8} {'two-stage s':>12}")
+          f"{'8 clusters max %':>17} {'greedy max %':>13} {'exact s':>8} {'two-stage s':>12}")
     for budget in budgets:
         rs = [r for r in small if r["budget"] == budget]
         s = {"excess": _summary([r["excess"] for r in rs]),
              "mean_cost_excess": _summary([r["mean_cost_excess"] for r in rs]),
+             "coarse_excess": _summary([r["coarse_excess"] for r in rs]),
              "greedy_excess": _summary([r["greedy_excess"] for r in rs]),
              "exact_seconds": _summary([r["exact_seconds"] for r in rs]),
              "two_stage_seconds": _summary([r["two_stage_seconds"] for r in rs])}
         by_budget[str(budget)] = s
         print(f"{budget:>6} {100 * s['excess']['median']:>16.4f} {100 * s['excess']['p95']:>8.4f} "
               f"{100 * s['excess']['max']:>8.4f} {100 * s['mean_cost_excess']['max']:>16.4f} "
+              f"{100 * s['coarse_excess']['max']:>17.4f} "
               f"{100 * s['greedy_excess']['max']:>13.4f} {s['exact_seconds']['median']:>8.2f} "
               f"{s['two_stage_seconds']['median']:>12.2f}")
     all_excess = _summary([r["excess"] for r in small])

@@ -11,10 +11,12 @@ Problem (the "flat" problem).  Channel ``c`` (one output row of one quantized ma
 per budget group (the whole model, or each matrix).  This is a multiple-choice knapsack with
 1.36 M channels for Llama-2-7B.  LowRA solves it in two stages:
 
-0. **Clusters.**  Channels are partitioned by parameter count (and by matrix when the budget is
-   per matrix); each partition is clustered by k-means (k-means++ seeding, fixed seed) on the
-   features ``log(e[c, j] / n_c)``.  All channels of a cluster have the same ``n_c``, so the
-   budget only depends on *how many* channels of a cluster take each width.
+0. **Clusters.**  Channels are partitioned by parameter count; each partition is clustered by
+   k-means (k-means++ seeding with a fixed seed, Lloyd on a seeded 64k subsample, then every
+   channel to its nearest center) on the features ``log(e[c, j] / n_c)``.  With per-matrix
+   budgets the clusters are then split by matrix.  All channels of a cluster have the same
+   ``n_c`` (and budget), so the budget only depends on *how many* channels of a cluster take
+   each width.
 1. **Stage 1 (integer program over clusters).**  Integer ``y[k, j]`` = number of channels of
    cluster ``k`` at candidate ``j``; ``sum_j y[k, j] = N_k``; the budget rows above.  The exact
    cost of counts ``y_k`` is ``f_k(y_k)``, the optimum of the stage-2 problem; ``f_k`` is convex
@@ -29,10 +31,12 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    With ``samples=0`` only the pure points remain and the cost is exactly the paper's
    "cluster mean error x count" (a linear cost is the convex combination of pure points).
    Mean costs force whole clusters to one width (only a couple of clusters are split), which
-   costs ~0.1-1 % of SSE at 128 clusters; the sampled path removes that loss for a few extra
-   continuous variables (Decision: ``samples=32``, 8 per matrix; see the benchmark).  The pure
-   points keep every count vector feasible, so stage 1 and the flat problem have the same
-   feasible budget totals.
+   costs ~0.05 % of SSE over the LP bound at Llama-2-7B scale; the sampled path cuts that to
+   ~0.001 % for a few thousand extra continuous variables (Decision: ``samples=32``, 8 per
+   matrix; ``results/bench/precision_cpu.json``).  The pure points keep every count vector
+   feasible, so stage 1 and the flat problem have the same feasible budget totals.  Integer
+   counts between samples are reached by priced slack moves (see ``_stage1``), and the fill
+   row is added only when the optimum without it misses it.
 2. **Stage 2 (transportation problem per cluster).**  Given ``y_k``, assign the cluster's
    channels: ``x[c, j] in {0, 1}``, ``sum_j x[c, j] = 1``, ``sum_c x[c, j] = y[k, j]``.  Its
    constraint matrix is totally unimodular, so every vertex of the LP is integral.  It is
@@ -51,13 +55,15 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
 
 3. **Repair.**  Stage 2 preserves the counts, so the budget rows of stage 1 hold exactly.  The
    counts are read back from floating point, so the plan is checked in exact integer arithmetic
-   and, if needed, single-channel moves (best error per bit first) restore both budget rows.
+   and, if needed, single-channel moves (best error per bit first) or pair exchanges restore
+   both budget rows (``info["repair_moves"]``, 0 in every benchmark run).
 
 ``lower_bound`` is the LP relaxation of the flat problem, computed exactly by the classic
 greedy on each channel's lower convex hull (Sinha & Zoltners 1979): sort all hull segments by
 error saved per bit, take them until the budget is used, the last one fractionally.  Its value
-equals the HiGHS LP optimum (checked in the tests), and at 1e6+ channels it is within a
-fraction of one channel of the integer optimum, so ``gap`` measures the true sub-optimality.
+equals the HiGHS LP optimum (checked in the tests).  An LP optimum has at most one fractional
+channel per budget row, so the integer optimum lies within one channel's error step of the
+bound, and ``gap`` measures the true sub-optimality at scale.
 
 Bits are counted as code bits per parameter (QLoRA/LoftQ convention): ``average_bits`` is
 ``sum_c n_c b_c / sum_c n_c``.  Decision: a budget ``B`` is read as the decimal the user wrote
@@ -321,7 +327,7 @@ class _Segments:
     ``de[s] > 0`` error, at efficiency ``r[s] = de / dw`` (strictly decreasing along a channel,
     so every efficiency-sorted prefix takes each channel's segments in order).  Candidates
     off the hull or beyond the minimum error are never on a segment: at any price they lose.
-    Shapes: all ``[S]``, ``S <= C * (K - 1)``.
+    Shapes: all ``[S]``, ``S <= C * (K - 1)``; ``ch`` int32, ``src``/``dst`` int8.
     """
 
     ch: np.ndarray
@@ -330,7 +336,6 @@ class _Segments:
     dw: np.ndarray
     de: np.ndarray
     r: np.ndarray
-    ordinal: np.ndarray
     order_r: np.ndarray  # stable argsort of -r: keeps each channel's segments in order
 
 
@@ -346,31 +351,30 @@ def _hull_segments(e: np.ndarray, n: np.ndarray, cand: np.ndarray) -> _Segments:
             for k in range(j + 1, K):
                 t = (c[j] - c[i]) / (c[k] - c[i])
                 on[:, j] &= e[:, j] < e[:, i] + t * (e[:, k] - e[:, i])
-    prev = np.zeros(C, dtype=np.int64)
+    prev = np.zeros(C, dtype=np.int8)
     last_r = np.full(C, np.inf)
-    count = np.zeros(C, dtype=np.int64)
     parts: list[tuple[np.ndarray, ...]] = []
     for j in range(1, K):
-        ch = np.nonzero(on[:, j])[0]
+        ch = np.nonzero(on[:, j])[0].astype(np.int32)
         if ch.size == 0:
             continue
         src = prev[ch]
         dw = n[ch] * (cand[j] - cand[src])
         de = e[ch, src] - e[ch, j]
         r = np.minimum(de / dw, last_r[ch])  # guard the strict order against float rounding
-        parts.append((ch, src, np.full(ch.size, j), dw, de, r, count[ch].copy()))
+        parts.append((ch, src, np.full(ch.size, j, dtype=np.int8), dw, de, r))
         prev[ch] = j
         last_r[ch] = r
-        count[ch] += 1
     if not parts:
         z = np.zeros(0, dtype=np.int64)
-        return _Segments(z, z, z, z, z.astype(np.float64), z.astype(np.float64), z, z)
+        return _Segments(z.astype(np.int32), z.astype(np.int8), z.astype(np.int8), z,
+                         z.astype(np.float64), z.astype(np.float64), z)
     cols = [np.concatenate(p) for p in zip(*parts)]
     # Segments are laid out column by column, so a channel's earlier segment comes first;
     # a stable sort keeps that order among equal efficiencies.
     order_r = np.argsort(-cols[5], kind="stable")
     return _Segments(ch=cols[0], src=cols[1], dst=cols[2], dw=cols[3].astype(np.int64),
-                     de=cols[4], r=cols[5], ordinal=cols[6], order_r=order_r)
+                     de=cols[4], r=cols[5], order_r=order_r)
 
 
 def _stable_by(key: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -512,7 +516,39 @@ def _solver_name() -> str:
     return f"HIGHS (highspy {hv}) via CVXPY {cp.__version__}"
 
 
+_BANNER_DONE = False
+
+
+def _silence_banner() -> None:
+    """HiGHS prints a copyright banner from the first ``Highs()`` of a process, before any
+    option can be set; create that first instance with the C-level stdout muted."""
+    global _BANNER_DONE
+    if _BANNER_DONE:
+        return
+    import os
+    import sys
+
+    import highspy
+
+    _BANNER_DONE = True
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real stdout: nothing to protect
+        highspy.Highs()
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve(prob: Any, opts: dict[str, Any], highs: dict[str, Any] | None = None) -> None:
+    """Solve a CVXPY problem with HiGHS; ``opts`` are CVXPY/HiGHS keyword options (None
+    values dropped), ``highs`` options that clash with CVXPY's own names (``solver``)."""
     import cvxpy as cp
     if "HIGHS" not in cp.installed_solvers():
         raise RuntimeError("CVXPY does not see HiGHS: pip install highspy")
@@ -524,7 +560,8 @@ def _solve(prob: Any, opts: dict[str, Any], highs: dict[str, Any] | None = None)
 
         highspy.Highs.resetGlobalScheduler(True)
     if not kw.get("verbose"):
-        kw.setdefault("output_flag", False)  # also silences HiGHS' banner
+        kw.setdefault("output_flag", False)
+        _silence_banner()
     if highs:
         kw["highs_options"] = dict(highs)
     prob.solve(solver=cp.HIGHS, **kw)
@@ -565,7 +602,7 @@ def assign_precision(
         clusters: k-means clusters per partition (channels with equal ``n_c`` [and matrix]).
         seed: seed of the k-means++ seeding and subsample (the plan is deterministic).
         scope: ``"model"``: one budget over all channels; ``"matrix"``: every matrix meets the
-            budget on its own (all matrices still solved in one stage-1 program).
+            budget on its own (whole matrices batched into stage-1 programs of <= 10k points).
         layer_sizes: channels per matrix in concatenation order (or ``layer_ids [C]``);
             required by ``scope="matrix"``, used by :meth:`PrecisionPlan.split`.
         samples: points per cluster on its efficiency path in the stage-1 cost model; ``0`` is
@@ -622,6 +659,7 @@ def assign_precision(
     # ---- stage 1 ----
     t0 = time.perf_counter()
     path = _ClusterPaths(seg, lab, G, cand)
+    del seg
     Y, F, pk = path.sample_points(Nk, int(samples), e, lab)
     s1_opts = dict(opts)
     if mip_rel_gap is not None:
@@ -653,6 +691,8 @@ def assign_precision(
     average = used / int(n.sum())
     gap = (objective - lower_bound) / lower_bound if lower_bound > 0 else (
         0.0 if objective <= 0 else math.inf)
+    if -1e-12 < gap < 0:  # summation round-off; a larger negative gap would be a bug: kept
+        gap = 0.0
     times["total"] = time.perf_counter() - t_start
     return PrecisionPlan(
         bits=bits, candidates=tuple(int(c) for c in cand), budget=float(budget), scope=scope,
@@ -843,7 +883,7 @@ class _ClusterPaths:
         idx = np.arange(self.cl.shape[0])
         delta[idx, src] -= 1
         delta[idx, self.dst] += 1
-        self.cum_cnt = _segmented_cumsum(delta, self.cl, self.start)
+        self.cum_cnt = _segmented_cumsum(delta, self.cl, self.start)  # int32: |.| <= C
 
     def sample_points(self, Nk: np.ndarray, samples: int, e: np.ndarray,
                       lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -879,7 +919,7 @@ class _ClusterPaths:
 def _segmented_cumsum(x: np.ndarray, seg_id: np.ndarray, start: np.ndarray) -> np.ndarray:
     """Cumulative sum of ``x [S, ...]`` along axis 0, restarting at every segment;
     ``seg_id [S]`` sorted segment of each entry, ``start [G + 1]`` segment offsets."""
-    cs = np.cumsum(x, axis=0)
+    cs = np.cumsum(x, axis=0, dtype=x.dtype if x.dtype.kind in "iu" else None)
     if cs.shape[0] == 0:
         return cs
     first = start[:-1]
