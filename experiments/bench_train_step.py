@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="steps per config per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bits", type=float, nargs="+", default=[1.15, 2.0, 4.0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 = stable timings on a shared 2-core machine)")
     parser.add_argument("--out", default=str(REPO / "results" / "bench" / "train_step_cpu.json"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     configs = {"fp32 + PEFT LoRA": _peft_model(args.rank, args.alpha),
