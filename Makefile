@@ -32,6 +32,10 @@ lint: $(STAMP)
 sweep: $(STAMP)
 	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,loftq train.max_steps=100 eval.max_tokens=8192
 
+# Every run behind README "Results" + the MiniLM weights study + tables/plots (~40 min on 2 cores).
+reproduce: $(STAMP)
+	PY=$(PY) bash results/reproduce.sh results/runs
+
 bench: $(STAMP)
 	$(PY) -m experiments.bench_pipeline
 	$(PY) -m experiments.bench_kernels

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Regenerates every run behind README "Results" (stories260K sweep + ablations + seeds), the
+# MiniLM weights-only study, and the tables / plots (experiments/collect_results.py).
+# Two chains run in parallel (2 CPU cores); each job uses one torch thread.
+# Usage: bash results/reproduce.sh [RUNS_DIR [chain_a|chain_b]]  (default results/runs; `make reproduce`)
+set -u
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUNS=${1:-results/runs}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+# The one training / evaluation recipe every method gets (stories260K, rank 2, real TinyStories,
+# held-out = last 10 % of the stories, 8,192 held-out tokens in 32 windows of 256).
+COMMON="logger=none progress=false train.max_steps=100 eval.max_tokens=8192"
+
+sweep() {  # sweep NAME OVERRIDES...  → $RUNS/NAME/<model>_<data>_<quant>_b<bits>_r<rank>_s<seed>/
+  local name=$1; shift
+  echo "== $name: $*"
+  $PY -m experiments.run -m $COMMON "hydra.sweep.dir=$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1 \
+    || echo "!! $name failed (see $RUNS/$name.log)"
+}
+
+chain_a() {
+  sweep main_lowra quant=lowra +bits=1.15,1.25,1.5,1.75,2,2.25,2.5,3,4
+  sweep main_loftq quant=loftq +bits=2,4
+  sweep main_qlora quant=qlora +bits=4
+  sweep main_lora quant=lora
+  sweep seeds_lowra quant=lowra +bits=1.15,2 seed=1,2
+}
+
+chain_b() {
+  sweep main_modulora quant=modulora +bits=2,3,4
+  sweep abl_uniform_bits quant=lowra +bits=2,4 +quant.options.use_plan=false
+  sweep abl_no_loftq quant=lowra +bits=2 quant.loftq_iters=0
+  sweep abl_weight_power1 quant=lowra +bits=2 +quant.options.weight_power=1
+  sweep abl_candidates_1234 quant=lowra +bits=2 'quant.candidates=[1,2,3,4]'
+  sweep seeds_loftq quant=loftq +bits=2 seed=1,2
+}
+
+mkdir -p "$RUNS"
+if [ $# -ge 2 ]; then "$2"; exit; fi  # one step only: chain_a | chain_b
+chain_a & A=$!
+chain_b & B=$!
+wait $A $B
+$PY -m experiments.weights_study
+$PY -m experiments.collect_results --runs "$RUNS"
