@@ -36,7 +36,7 @@ def quantized():
     """stories260K at 1.5 bits (LowRA plan, LoftQ, double-quantized scales) with moved adapters."""
     model = load_model()
     report = quantize_model(model, 1.5, rank=2, alpha=16, double_quant=True, codebook_iters=5,
-                            plan_options={"clusters": 16}, progress=False)
+                            plan_options={"clusters": 16, "samples": 0, "time_limit": 20}, progress=False)
     _perturb_adapters(model)
     return model, report
 
@@ -132,7 +132,7 @@ def test_method_none_and_mistral_roundtrip(tmp_path):
     for method, bits in [("none", 16), ("lowra", 2.5)]:
         model = MistralForCausalLM(config).eval()
         quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,
-                       plan_options={"clusters": 8}, progress=False)
+                       plan_options={"clusters": 8, "samples": 0, "time_limit": 20}, progress=False)
         _perturb_adapters(model)
         save_quantized(model, tmp_path / method)
         assert torch.equal(_logits(load_quantized(tmp_path / method), x), _logits(model, x))
