@@ -23,9 +23,13 @@ MODEL_ARCHS = ("causal_lm", "seq2seq")
 DATA_TASKS = ("lm", "summarization")
 DATA_LOADERS = ("story_file", "hub_text", "hub_summarization")
 QUANT_METHODS = ("lowra", "nf", "uniform", "optq", "none")
-CANDIDATE_BITS = (1, 2, 4)
+CANDIDATE_BITS = (1, 2, 3, 4)
+CODEBOOKS = ("learned", "nf")
+PLANS = ("ilp", "uniform")
 SCHEDULERS = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw",)
+#: ``auto``: the method's optimizer (``lowra.methods.optimizer_for``: paged 8-bit AdamW for QLoRA on
+#: CUDA, else AdamW); ``paged_adamw_8bit`` falls back to AdamW without CUDA/bitsandbytes.
+OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 LOGGERS = ("wandb", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES = ("local", "hub")
@@ -154,6 +158,17 @@ def check_config(cfg: Any) -> None:
     check_bits(q)
     for b in q.candidates:
         _choice("quant.candidates[]", b, CANDIDATE_BITS)
+    if q.get("codebook") is not None:
+        _choice("quant.codebook", q.codebook, CODEBOOKS)
+    if q.get("plan") is not None:
+        _choice("quant.plan", q.plan, PLANS)
+    if q.get("weight_power") is not None:
+        _positive_float("quant.weight_power", q.weight_power, allow_zero=True)
+    if q.method == "lowra" and q.get("plan") == "uniform" and not float(q.bits).is_integer():
+        raise BudgetError(
+            f"quant.plan=uniform stores every row at one integer width, got quant.bits={float(q.bits):g}: "
+            "use an integer +bits= or quant.plan=ilp"
+        )
     _positive_int("quant.group_size", q.group_size)
     _positive_int("quant.loftq_iters", q.loftq_iters, allow_zero=True)
 

@@ -48,12 +48,14 @@ from experiments.logging_utils import (
     peak_memory_bytes,
     versions,
 )
-from experiments.train import LMBatches, PairBatches, TrainResult, train
+from experiments.train import LMBatches, PairBatches, TrainResult, resolve_optimizer, train
 
 log = logging.getLogger("experiments.run")
 
 STAGES = ("load", "quantize", "evaluate (before fine-tuning)", "fine-tune", "evaluate", "save")
 STATE_FILE = "state.json"
+#: ``quant.<key>`` passed to ``lowra.quantize_model`` for ``quant.method=lowra`` only.
+LOWRA_KEYS = ("codebook", "plan", "weight_power")
 RESULTS_FILE = "results.json"
 
 
@@ -144,7 +146,15 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     params = inspect.signature(lowra_api("quantize_model")).parameters
     keep_name = "keep_full_precision" if "keep_full_precision" in params else "skip_modules"
     kw[keep_name] = tuple(q.keep_full_precision)
-    kw.update(OmegaConf.to_container(q.options, resolve=True) or {})
+    if q.method == "lowra":  # LowRA's own switches (ablations); absent keys keep the defaults
+        for key in LOWRA_KEYS:
+            if q.get(key) is not None and key in params:
+                kw[key] = float(q[key]) if key == "weight_power" else str(q[key])
+    options = OmegaConf.to_container(q.options, resolve=True) or {}
+    # `options.calibration` is the runner's recipe for the windows (calibration_kwargs), not an
+    # option of the quantizer (OPTQ would raise a TypeError on it)
+    options.pop("calibration", None)
+    kw.update(options)
     return kw
 
 
@@ -352,7 +362,8 @@ def _run_stages(
 
     # ---- 4. fine-tune
     stages.set_description(f"stages: {STAGES[3]}")
-    result = TrainResult(steps=0, loss_final=None, time_s=0.0, resumed_from=0)
+    optimizer = resolve_optimizer(cfg.train.get("optimizer"), str(cfg.quant.name), device)
+    result = TrainResult(steps=0, loss_final=None, time_s=0.0, resumed_from=0, optimizer=optimizer)
     if steps_wanted:
         if isinstance(data, LMData):
             batches: LMBatches | PairBatches = LMBatches(
@@ -365,7 +376,7 @@ def _run_stages(
             )
         result = train(
             model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
-            resume=bool(cfg.resume), log_fn=logger.log, progress=progress,
+            resume=bool(cfg.resume), log_fn=logger.log, progress=progress, optimizer=optimizer,
         )
     stages.update(1)
 
@@ -396,6 +407,7 @@ def _run_stages(
         f"{prefix}_quantized": state.get(f"{prefix}_quantized"),
         f"{prefix}_loftq": state.get(f"{prefix}_loftq"),
         f"{prefix}_finetuned": finetuned,
+        "optimizer": result.optimizer,
         "train_steps": result.steps,
         "train_loss_final": result.loss_final,
         "train_losses": result.losses,

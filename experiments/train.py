@@ -1,4 +1,4 @@
-"""Fine-tuning loop for the LoRA adapters: AdamW, warm-up + decay, accumulation, resumable.
+"""Fine-tuning loop for the LoRA adapters: AdamW (or paged 8-bit AdamW), warm-up + decay, accumulation, resumable.
 
 Only the parameters passed in are trained (the adapters; the quantized base is frozen).
 Data order is a pure function of ``(seed, epoch)``, so a run resumed from a checkpoint at
@@ -149,6 +149,53 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     raise ValueError(f"train.scheduler={kind!r} is not one of ['cosine', 'linear', 'constant']")
 
 
+# --------------------------------------------------------------------------------------- optimizer
+
+
+def resolve_optimizer(requested: str | None, method: str | None, device: torch.device | str) -> str:
+    """The optimizer a run actually uses (recorded in results.json as ``optimizer``).
+
+    ``requested`` is ``train.optimizer``: ``auto`` / None takes the method's
+    (``lowra.methods.optimizer_for``: paged 8-bit AdamW for QLoRA on CUDA with bitsandbytes, else
+    AdamW; a quant option unknown to ``lowra.methods`` gets AdamW); ``paged_adamw_8bit`` falls back
+    to ``adamw`` (with a warning) when there is no CUDA device or bitsandbytes does not import.
+    """
+    from lowra.methods import METHODS, optimizer_for
+
+    name = "auto" if requested is None else str(requested)
+    if name == "auto":
+        return optimizer_for(method, str(device)) if method in METHODS else "adamw"
+    if name == "paged_adamw_8bit" and not _bnb_usable(device):
+        import warnings
+
+        warnings.warn("train.optimizer=paged_adamw_8bit needs CUDA and bitsandbytes; using adamw",
+                      RuntimeWarning, stacklevel=2)
+        return "adamw"
+    return name
+
+
+def _bnb_usable(device: torch.device | str) -> bool:
+    if not str(device).startswith("cuda"):
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # any import failure means: not usable here
+        return False
+    return True
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], tcfg: Any) -> torch.optim.Optimizer:
+    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only)."""
+    kw = dict(lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps), weight_decay=float(tcfg.weight_decay))
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, **kw)
+    raise ValueError(f"train.optimizer={name!r} is not one of ['auto', 'adamw', 'paged_adamw_8bit']")
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 
@@ -182,6 +229,7 @@ class TrainResult:
     time_s: float
     resumed_from: int
     losses: list[float] = field(default_factory=list)
+    optimizer: str = "adamw"
 
 
 def train(
@@ -194,6 +242,7 @@ def train(
     resume: bool = False,
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
+    optimizer: str | None = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -202,15 +251,17 @@ def train(
         tcfg: the ``train`` config (lr, scheduler, grad_accum, checkpoint_every, …).
         ckpt_dir: where ``last.pt`` lives; with ``resume`` the loop continues from it.
         log_fn: called with ``({"train/loss", "train/lr"}, step)`` every ``log_every`` steps.
+        optimizer: the resolved optimizer name (``resolve_optimizer``); None: ``tcfg.optimizer``
+            (``auto`` → adamw).
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
     named = list(params.items())
     trainable = [p for _, p in named]
-    opt = torch.optim.AdamW(
-        trainable, lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps),
-        weight_decay=float(tcfg.weight_decay),
-    )
+    if optimizer is None:
+        optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
+                                      None, device)
+    opt = make_optimizer(optimizer, trainable, tcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, tcfg.scheduler))
     step, losses, elapsed = 0, [], 0.0
     torch.manual_seed(int(tcfg.seed))
@@ -273,5 +324,5 @@ def train(
     tail = losses[-int(tcfg.log_every) :]
     return TrainResult(
         steps=step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=elapsed,
-        resumed_from=resumed_from, losses=losses,
+        resumed_from=resumed_from, losses=losses, optimizer=optimizer,
     )

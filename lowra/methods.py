@@ -18,7 +18,11 @@ Notes: QLoRA's NF4 uses blocks of 64 and double-quantizes the absmax to 8 bits i
 (``lowra.scales``); its paged 8-bit AdamW needs bitsandbytes on CUDA, so on a CPU the run uses
 plain AdamW and records that (``optimizer_for``). LoftQ's published code supports NF4 (PEFT) and
 NF2 (the LoftQ repository); ModuLoRA's OPTQ needs calibration Hessians
-(``lowra.calibration.collect_hessians``) and quantizes every matrix at one width.
+(``lowra.calibration.collect_hessians``, run by ``lowra.quantize_model(calibration=...)`` on the
+full-precision model) and quantizes every matrix at one width.
+
+LowRA's ablations are ``lowra.quantize_model`` options exposed as ``quant.<key>=`` overrides of
+``conf/quant/lowra.yaml`` (the keys of ``MethodSpec.ablations``).
 """
 
 from __future__ import annotations

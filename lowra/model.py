@@ -293,6 +293,11 @@ def quantize_model(
     adapter_dtype: torch.dtype | None = None,
     backend: str = "auto",
     progress: bool = True,
+    codebook: str = "learned",
+    plan: str = "ilp",
+    calibration: torch.Tensor | None = None,
+    calibration_batch_size: int = 16,
+    layer_options: dict[str, dict[str, Any]] | None = None,
     **quant_options: Any,
 ) -> QuantizationReport:
     """Quantize the target linears of ``model`` in place and attach LoRA adapters.
@@ -310,16 +315,42 @@ def quantize_model(
         candidates, budget_scope ("model"/"matrix"), use_plan, codebook_iters, weight_power,
             plan_options: LowRA settings (``plan_options`` go to ``assign_precision``).
         adapter_dtype: dtype of A/B (None: fp32 on CPU, bf16 on GPU).
-        quant_options: extra options for the quantizer of other methods (e.g. calibration data).
+        codebook: LowRA ablation: ``"learned"`` (per-row Lloyd-Max codebooks) or ``"nf"`` (the
+            NormalFloat start of ``learn_codebooks(iters=0)``, symmetric ±m at 1 bit) for both the
+            planner's error tables and the stored tables; the plan stays on.
+        plan: LowRA ablation: ``"ilp"`` (precision plan) or ``"uniform"`` (= ``use_plan=False``:
+            every row at the integer budget; a fractional budget is then a ValueError).
+        calibration: int64 token windows ``[samples, seq_len]`` for quantizers that need input
+            Hessians (``needs_calibration``, e.g. ``"optq"``): they are run through the still
+            full-precision model in batches of ``calibration_batch_size``
+            (``lowra.calibration.collect_hessians``) before any layer is swapped, and each layer
+            gets its own ``hessian=``.
+        layer_options: ``{layer name: {option: value}}`` merged over ``quant_options`` for that
+            layer's quantizer (other methods than ``"lowra"``).
+        quant_options: extra options for the quantizer of other methods (e.g. ``damp`` for OPTQ).
     Returns:
         A ``QuantizationReport`` (also stored as ``model.lowra_report``). All parameters but the
         adapters are frozen.
     Raises:
-        ValueError: bits outside [1, 4], an unknown target, NaN/Inf weights (naming the layer).
+        ValueError: bits outside [1, 4], an unknown target, NaN/Inf weights (naming the layer),
+            a quantizer that needs calibration without ``calibration=``, a fractional budget with
+            ``plan="uniform"``.
     """
     t_start = time.perf_counter()
+    if codebook not in ("learned", "nf"):
+        raise ValueError(f"codebook must be 'learned' or 'nf', got {codebook!r}")
+    if plan not in ("ilp", "uniform"):
+        raise ValueError(f"plan must be 'ilp' or 'uniform', got {plan!r}")
+    use_plan = bool(use_plan) and plan == "ilp"
+    if method == "lowra" and codebook == "nf":
+        codebook_iters = 0  # learn_codebooks(iters=0) returns the NormalFloat tables and their errors
     if method != METHOD_NONE:
         bits = check_budget(bits)
+        if method == "lowra" and not use_plan and float(bits) != round(float(bits)):
+            raise ValueError(
+                f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
+                f"budget bits={bits}; use plan='ilp' (the precision plan) or an integer budget"
+            )
         if method != "lowra" or not use_plan:
             int_bits = _integer_bits(bits, method)
             if method == "lowra" and int_bits not in candidates:
@@ -327,10 +358,13 @@ def quantize_model(
         if budget_scope not in ("model", "matrix"):
             raise ValueError(f"budget_scope must be 'model' or 'matrix', got {budget_scope!r}")
         candidates = tuple(int(b) for b in candidates)
+    needs_calibration = False
     if method not in ("lowra", METHOD_NONE):
         from lowra.quantizers import get_quantizer
 
-        get_quantizer(method)  # unknown method → ValueError before any work
+        # unknown method → ValueError before any work
+        needs_calibration = bool(getattr(get_quantizer(method), "needs_calibration", False))
+    layer_options = {k: dict(v) for k, v in (layer_options or {}).items()}
     if isinstance(rank, bool) or int(rank) != rank or rank < 0:
         raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
     if loftq_iters and rank == 0:
@@ -342,6 +376,15 @@ def quantize_model(
             check_weight(linear.bias[None], f"layer {name!r} bias")
         if rank > min(linear.in_features, linear.out_features):
             raise ValueError(f"layer {name!r} {tuple(linear.weight.shape)} is too small for rank {rank}")
+    t_calib = 0.0
+    if needs_calibration:
+        t0 = time.perf_counter()
+        _add_calibration_hessians(model, targets, method, calibration, calibration_batch_size, layer_options,
+                                  quant_options)
+        t_calib = time.perf_counter() - t0
+    elif calibration is not None and method != METHOD_NONE:
+        warnings.warn(f"method {method!r} does not use calibration data; `calibration=` is ignored",
+                      RuntimeWarning, stacklevel=2)
     report = QuantizationReport(
         method=method,
         bits_target=None if method == METHOD_NONE else float(bits),
@@ -356,6 +399,8 @@ def quantize_model(
         num_params=sum(m.weight.numel() for _, m in targets),
     )
     times = {"codebooks_s": 0.0, "plan_s": 0.0, "quantize_s": 0.0, "loftq_s": 0.0}
+    if needs_calibration:
+        times["calibration_s"] = t_calib
     module_kw = dict(rank=rank, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, backend=backend)
 
     # ---- phase 1 + 2 (LowRA with a plan): codebooks / error tables, then one precision plan
@@ -393,7 +438,8 @@ def quantize_model(
         else:
             quantize_fn = _layer_quantizer(
                 method, layer_bits.get(name), codebooks.pop(name, None), bits, group_size,
-                double_quant, codebook_iters, weight_power, backend, weight.device, quant_options,
+                double_quant, codebook_iters, weight_power, backend, weight.device,
+                {**quant_options, **layer_options.pop(name, {})},
             )
             spent = [0.0]
 
@@ -433,6 +479,48 @@ def quantize_model(
     report.times = times
     model.lowra_report = report
     return report
+
+
+def _add_calibration_hessians(
+    model: nn.Module,
+    targets: list[tuple[str, nn.Linear]],
+    method: str,
+    calibration: torch.Tensor | None,
+    batch_size: int,
+    layer_options: dict[str, dict[str, Any]],
+    quant_options: dict[str, Any],
+) -> None:
+    """Put each target's input Hessian into ``layer_options[name]["hessian"]`` (in place).
+
+    Runs ``collect_hessians`` on the still full-precision model (no layer swapped yet). Layers
+    that already have ``hessian``/``inputs`` (per layer or in ``quant_options``) keep them.
+    """
+    def has_data(opts: dict[str, Any]) -> bool:
+        return opts.get("hessian") is not None or opts.get("inputs") is not None
+
+    if has_data(quant_options):
+        return
+    missing = [n for n, _ in targets if not has_data(layer_options.get(n, {}))]
+    if not missing:
+        return
+    if calibration is None:
+        raise ValueError(
+            f"method {method!r} needs calibration data: pass `calibration=` (int64 token windows "
+            "[samples, seq_len], e.g. lowra.calibration.calibration_windows of the training stream)"
+        )
+    from lowra.calibration import collect_hessians
+
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() == 1:
+        calibration = calibration[None]
+    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.dtype.is_floating_point:
+        raise ValueError(f"`calibration=` must be integer token windows [samples, seq_len], got "
+                         f"{calibration.dtype} {tuple(calibration.shape)}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"calibration_batch_size must be a positive integer, got {batch_size!r}")
+    hessians = collect_hessians(model, calibration.split(int(batch_size)), missing)
+    for name in missing:
+        layer_options.setdefault(name, {})["hessian"] = hessians.pop(name)
 
 
 def _layer_quantizer(

@@ -20,10 +20,13 @@ class Quantizer(ABC):
     Attributes:
         name: registry name (``lowra.quantize(..., method=name)``).
         accepted_bits: widths the method supports per row.
+        needs_calibration: the method needs per-layer input statistics (``hessian=``), which
+            ``lowra.quantize_model`` collects from its ``calibration=`` token windows.
     """
 
     name: str = ""
     accepted_bits: tuple[int, ...] = (1, 2, 3, 4)
+    needs_calibration: bool = False
 
     def quantize(
         self,

@@ -227,6 +227,7 @@ class OPTQQuantizer(Quantizer):
 
     name = "optq"
     accepted_bits = (2, 3, 4)
+    needs_calibration = True
 
     def quantize(
         self,

@@ -248,3 +248,76 @@ def test_already_quantized_and_targets():
     quantize_model(model, 4, method="nf", target_modules=["q_proj"], progress=False)
     with pytest.raises(ValueError, match="already"):
         quantize_model(model, 4, method="nf", progress=False)
+
+
+# ------------------------------------------------------------- issue 7 wiring: OPTQ calibration, ablations
+@pytest.fixture(scope="module")
+def calibration(splits):
+    from lowra.calibration import calibration_windows
+
+    return calibration_windows(splits[0], 16, 64, seed=0)
+
+
+def test_optq_with_calibration_uses_each_layers_hessian(calibration):
+    from lowra.calibration import collect_hessians
+    from lowra.quantizers import quantize
+    from lowra.quantizers.optq import optq_quantize, output_error
+
+    model = load_model()
+    hessians = collect_hessians(model, calibration.split(8))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"]
+    weights = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    report = quantize_model(model, 3, method="optq", rank=2, alpha=4, loftq_iters=0, calibration=calibration,
+                            calibration_batch_size=8, progress=False)
+    assert report.bits_nominal == 3.0 and len(report.layers) == 35 and "calibration_s" in report.times
+    for n in names:
+        w, h = weights[n], hessians[n]
+        got = model.get_submodule(n).qweight.dequantize()
+        # exactly OPTQ with THIS layer's Hessian from the full-precision model
+        assert torch.equal(got, optq_quantize(w, 3, h).dequantized)
+        rtn = quantize(w, 3, method="uniform").dequantize()
+        assert output_error(w, got, h) < output_error(w, rtn, h)
+
+
+def test_optq_without_calibration_names_the_argument():
+    model = load_model()
+    with pytest.raises(ValueError, match=r"'optq'.*calibration="):
+        quantize_model(model, 3, method="optq", rank=2, alpha=4, loftq_iters=0, progress=False)
+    assert not lowra_layers(model)  # nothing was swapped
+
+
+def test_layer_options_override_quant_options(calibration):
+    from lowra.calibration import collect_hessians
+
+    model = load_model()
+    name = "model.layers.0.self_attn.q_proj"
+    h = collect_hessians(model, calibration.split(8), [name])[name]
+    report = quantize_model(model, 2, method="optq", rank=2, alpha=4, loftq_iters=0, target_modules=[name],
+                            layer_options={name: {"hessian": h}}, progress=False)
+    assert report.bits_nominal == 2.0 and "calibration_s" in report.times
+
+
+def test_nf_codebook_ablation_is_no_better_than_learned():
+    results = {}
+    for codebook in ("learned", "nf"):
+        model = load_model()
+        results[codebook] = quantize_model(model, 2.0, rank=0, loftq_iters=0, codebook=codebook, **FAST)
+    assert results["nf"].plan and results["nf"].bits_nominal == pytest.approx(2.0, abs=0.01)  # plan still on
+    assert results["nf"].total_sse_quant >= results["learned"].total_sse_quant
+
+
+def test_uniform_plan_ablation():
+    model = load_model()
+    report = quantize_model(model, 2, rank=0, loftq_iters=0, plan="uniform", **FAST)
+    assert not report.plan and all(layer.bits_histogram.keys() == {2} for layer in report.layers)
+    with pytest.raises(ValueError, match=r"plan='uniform'.*fractional"):
+        quantize_model(load_model(), 1.5, rank=0, plan="uniform", **FAST)
+    for bad in ({"plan": "greedy"}, {"codebook": "uniform"}):
+        with pytest.raises(ValueError, match="must be"):
+            quantize_model(load_model(), 2, rank=0, **bad, **FAST)
+
+
+def test_three_bit_candidates():
+    model = load_model()
+    report = quantize_model(model, 2.5, rank=0, loftq_iters=0, candidates=(1, 2, 3, 4), **FAST)
+    assert report.candidates == (1, 2, 3, 4) and report.bits_nominal <= 2.5 + 1e-9
