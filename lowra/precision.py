@@ -50,8 +50,13 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
      puts on a sample point;
    * two widths ``a < b`` used: give ``b`` to the ``y[k, b]`` channels with the smallest
      ``e[c, b] - e[c, a]`` (exchange argument; exact);
-   * otherwise: all remaining clusters go into **one** block-diagonal LP through CVXPY, solved
-     by HiGHS' simplex; its basic optimum is integral by total unimodularity.
+   * otherwise (three or more widths): successive shortest paths, started from the prefix (or
+     pure point) nearest the counts, which is optimal for its own counts; each augmentation
+     moves one channel-unit along a shortest path of the K-node exchange graph (the residual
+     network with channel nodes contracted), so every step stays optimal (the textbook
+     min-cost-flow argument; ``_ssp``).  Alternative ``stage2="lp"``: all such clusters in
+     **one** block-diagonal LP through CVXPY, solved by HiGHS' simplex, whose basic optimum is
+     integral by total unimodularity (slower: HiGHS needs ~1 min for one 8k-channel cluster).
 
 3. **Repair.**  Stage 2 preserves the counts, so the budget rows of stage 1 hold exactly.  The
    counts are read back from floating point, so the plan is checked in exact integer arithmetic
@@ -588,6 +593,7 @@ def assign_precision(
     solver_options: dict[str, Any] | None = None,
     kmeans_iters: int = 30,
     kmeans_sample: int = 65_536,
+    stage2: str = "combinatorial",
     verbose: bool = False,
 ) -> PrecisionPlan:
     """Choose a bit-width per output channel at the least total SSE under an average budget.
@@ -612,6 +618,9 @@ def assign_precision(
         time_limit, mip_rel_gap, threads: passed to HiGHS (stage 1 and stage 2).
         solver_options: further HiGHS options (``{"presolve": "off", ...}``).
         kmeans_iters, kmeans_sample: Lloyd iterations and fitting subsample size.
+        stage2: clusters with three or more widths in use are solved by successive shortest
+            paths (``"combinatorial"``) or all in one block-diagonal LP (``"lp"``, CVXPY +
+            HiGHS simplex); both exact.
         verbose: HiGHS log to the console.
 
     Returns:
@@ -627,6 +636,8 @@ def assign_precision(
     p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
     if int(clusters) < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
+    if stage2 not in ("combinatorial", "lp"):
+        raise ValueError(f'stage2 must be "combinatorial" or "lp", got {stage2!r}')
     if samples is None:
         samples = 32 if scope == "model" else 8
     if int(samples) < 0:
@@ -664,6 +675,10 @@ def assign_precision(
     s1_opts = dict(opts)
     if mip_rel_gap is not None:
         s1_opts["mip_rel_gap"] = mip_rel_gap
+    # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
+    # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
+    # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
+    s1_opts.setdefault("mip_feasibility_tolerance", 1e-4)
     emax = np.full((G, e.shape[1]), -np.inf)
     emin = np.full((G, e.shape[1]), np.inf)
     np.maximum.at(emax, lab, e)
@@ -674,7 +689,7 @@ def assign_precision(
 
     # ---- stage 2 ----
     t0 = time.perf_counter()
-    jidx, s2info = _stage2(e, lab, Yint, path, opts)
+    jidx, s2info = _stage2(e, lab, Yint, path, opts, stage2)
     info.update(s2info)
     times["stage2"] = time.perf_counter() - t0
 
@@ -709,9 +724,10 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     Sample points ``Y [P, K]`` (counts), ``F [P]`` (exact SSE), ``pk [P]`` (cluster); per
     cluster ``Nk``, ``nk`` (params per channel), ``gk`` (budget group), ``emax``/``emin
     [G, K]`` (largest / smallest error of its channels at each width).  Variables
-    ``mu [P] >= 0`` and integer ``y [G * K]``; rows: ``sum mu = 1`` per cluster, ``y =
-    sum mu Y``, the budget.  The budget rows are written in units of ``u = gcd(n)`` bits above
-    the all-narrowest plan, so coefficients and right-hand sides are exact small integers.
+    ``mu [P] >= 0`` and integer counts ``y [G, K]`` (as ``z = y[:, 1:]``, the narrowest width
+    taking the rest); rows: ``sum mu = 1`` per cluster, ``y = sum mu Y``, the budget.  The
+    budget rows are written in units of ``u = gcd(n)`` bits above the all-narrowest plan, so
+    coefficients and right-hand sides are exact small integers, all ``>= 0`` in ``z``.
 
     Integer counts off the sampled chords are reached through per-cluster slack moves
     ``y = sum mu Y + s_plus - s_minus`` (``s >= 0``, ``sum_j y[k, j] = N_k`` so every unit
@@ -796,44 +812,71 @@ def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray
     npts = F.shape[0]
     scale = max(float(F.max()), 1e-300)
     mu = cp.Variable(npts, nonneg=True)
-    y = cp.Variable(G * K, integer=True)
+    # Integer counts above the narrowest width, z [G, K-1]; the narrowest takes the rest.
+    # Every budget coefficient is then >= 0 and rounding z down stays feasible, so HiGHS'
+    # rounding heuristics find near-LP solutions at once.
+    z = cp.Variable(G * (K - 1), integer=True) if K > 1 else None
     A_sum = sp.csr_matrix((np.ones(npts), (pk, np.arange(npts))), shape=(G, npts))
     rows = (pk[:, None] * K + np.arange(K)[None, :]).ravel()
     cols = np.repeat(np.arange(npts), K)
     A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(G * K, npts))
-    gap0 = cand - cand[0]
-    W = sp.csr_matrix(((wk[:, None] * gap0[None, :]).ravel().astype(np.float64),
-                       (np.repeat(gk, K), np.arange(G * K))), shape=(ngrp, G * K))
     s_plus = cp.Variable(G * K, nonneg=True)
     s_minus = cp.Variable(G * K, nonneg=True)
     objective = cp.Minimize((F / scale) @ mu + (emax.ravel() / scale) @ s_plus
                             - (emin.ravel() / scale) @ s_minus)
-    Y_sum = sp.csr_matrix((np.ones(G * K), (np.repeat(np.arange(G), K), np.arange(G * K))),
-                          shape=(G, G * K))
-    cons = [A_sum @ mu == 1, A_cnt @ mu + s_plus - s_minus == y, Y_sum @ y == Nk,
-            y >= 0, W @ y <= cap_u]
-    prob = cp.Problem(objective, cons)
+    offset = np.zeros(G * K)
+    offset[np.arange(G) * K] = Nk
+    cons = [A_sum @ mu == 1]
+    if z is None:
+        cons.append(A_cnt @ mu + s_plus - s_minus == offset)
+        budget_rows: list[Any] = []
+        budget_lo: list[Any] = []
+        W = None
+    else:
+        kk = np.repeat(np.arange(G), K - 1)
+        jj = np.tile(np.arange(1, K), G)
+        T = sp.csr_matrix((np.concatenate([np.ones(kk.size), -np.ones(kk.size)]),
+                           (np.concatenate([kk * K + jj, kk * K]),
+                            np.concatenate([np.arange(kk.size)] * 2))), shape=(G * K, kk.size))
+        S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, kk.size))
+        gap0 = (cand - cand[0])[1:]
+        W = sp.csr_matrix(((wk[:, None] * gap0[None, :]).ravel().astype(np.float64),
+                           (np.repeat(gk, K - 1), np.arange(kk.size))), shape=(ngrp, kk.size))
+        cons += [A_cnt @ mu + s_plus - s_minus == T @ z + offset, z >= 0, S @ z <= Nk]
+        budget_rows = [W @ z <= cap_u]
+        budget_lo = [W @ z >= lo_u]
+    prob = cp.Problem(objective, cons + budget_rows)
     _solve(prob, opts)
     info: dict[str, Any] = {"fill_row": "not needed"}
-    ok = y.value is not None
-    if ok:
-        used = W @ np.rint(np.asarray(y.value))
-        ok = bool((used >= lo_u - 1e-6).all())
-    if not ok:
-        prob = cp.Problem(objective, cons + [W @ y >= lo_u])
-        _solve(prob, opts)
-        info["fill_row"] = "enforced"
-        if y.value is None:  # the window is unreachable for the solver: repair fills it
-            prob = cp.Problem(objective, cons)
+
+    def value() -> np.ndarray | None:
+        if z is None:
+            return np.asarray(Nk, dtype=np.float64)[:, None] if prob.value is not None else None
+        if z.value is None:
+            return None
+        zv = np.asarray(z.value).reshape(G, K - 1)
+        return np.concatenate([(Nk - zv.sum(1))[:, None], zv], 1)
+
+    Yf = value()
+    if Yf is not None and W is not None:
+        used = W @ np.rint(Yf[:, 1:]).ravel()
+        if not (used >= lo_u - 1e-6).all():
+            prob = cp.Problem(objective, cons + budget_rows + budget_lo)
             _solve(prob, opts)
-            info["fill_row"] = "unreachable: repair"
-    if y.value is None:
+            info["fill_row"] = "enforced"
+            Yf = value()
+            if Yf is None:  # the window is unreachable for the solver: repair fills it
+                prob = cp.Problem(objective, cons + budget_rows)
+                _solve(prob, opts)
+                info["fill_row"] = "unreachable: repair"
+                Yf = value()
+    if Yf is None:
         raise RuntimeError(f"stage-1 integer program failed: {prob.status}")
     info["status"] = prob.status
     stats = getattr(prob.solver_stats, "extra_stats", None)
     if stats is not None:
         info["mip_gap"] = float(getattr(stats, "mip_gap", float("nan")))
-    return _round_counts(np.asarray(y.value).reshape(G, K), Nk), float(prob.value) * scale, info
+    return _round_counts(Yf, Nk), float(prob.value) * scale, info
 
 
 def _round_counts(Yf: np.ndarray, Nk: np.ndarray) -> np.ndarray:
@@ -930,9 +973,12 @@ def _segmented_cumsum(x: np.ndarray, seg_id: np.ndarray, start: np.ndarray) -> n
 
 
 def _stage2(e: np.ndarray, lab: np.ndarray, Y: np.ndarray, path: _ClusterPaths,
-            opts: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+            opts: dict[str, Any], method: str = "combinatorial"
+            ) -> tuple[np.ndarray, dict[str, Any]]:
     """Exact per-cluster transportation given counts ``Y [G, K]``; returns candidate index
-    ``[C]`` per channel and counters of the method used per cluster."""
+    ``[C]`` per channel and counters of the method used per cluster.  Clusters with three or
+    more widths in use go to successive shortest paths (``method="combinatorial"``) or all
+    into one block-diagonal LP (``method="lp"``)."""
     import cvxpy as cp
 
     C, K = e.shape
@@ -942,7 +988,7 @@ def _stage2(e: np.ndarray, lab: np.ndarray, Y: np.ndarray, path: _ClusterPaths,
     cstart = np.searchsorted(lab[corder], np.arange(G + 1))
     prefix_m = np.full(G, -1, dtype=np.int64)
     lp_clusters: list[int] = []
-    n_pure = n_prefix = n_two = 0
+    n_pure = n_prefix = n_two = n_ssp = 0
     Nk = np.diff(cstart)
     ones_k = np.nonzero(Y == Nk[:, None])
     pure = np.full(G, -1)
@@ -967,7 +1013,12 @@ def _stage2(e: np.ndarray, lab: np.ndarray, Y: np.ndarray, path: _ClusterPaths,
             jidx[chs[pick]] = b
             n_two += 1
             continue
-        lp_clusters.append(k)
+        if method == "lp":
+            lp_clusters.append(k)
+            continue
+        start = _closest_start(path, k, Y[k], Nk[k], chs)
+        jidx[chs] = _ssp(e[chs], start, Y[k])
+        n_ssp += 1
     if n_prefix:
         sel = prefix_m[path.cl] > path.rank  # segments inside the chosen prefixes
         has = prefix_m >= 0
@@ -994,11 +1045,96 @@ def _stage2(e: np.ndarray, lab: np.ndarray, Y: np.ndarray, path: _ClusterPaths,
             raise RuntimeError(f"stage-2 LP failed: {prob.status}")
         X = np.asarray(x.value).reshape(M, K)
         if np.abs(X - np.rint(X)).max() > 1e-6:  # a simplex vertex of a TU system is integral
-            raise RuntimeError("stage-2 LP returned a fractional vertex")
+            raise RuntimeError("stage-2 LP returned a fractional point (not a simplex vertex: "
+                               "keep HiGHS' simplex / crossover on)")
         jidx[chs] = X.argmax(1)
+        got = np.zeros((len(lp_clusters), K), dtype=np.int64)
+        np.add.at(got, (local, jidx[chs]), 1)
+        if not np.array_equal(got, Y[lp_clusters]):
+            raise RuntimeError("stage-2 LP solution does not meet the stage-1 counts")
         lp_status = prob.status
     return jidx, {"stage2_pure": n_pure, "stage2_prefix": n_prefix, "stage2_two_width": n_two,
-                  "stage2_lp_clusters": len(lp_clusters), "stage2_lp_status": lp_status}
+                  "stage2_shortest_paths": n_ssp, "stage2_lp_clusters": len(lp_clusters),
+                  "stage2_lp_status": lp_status}
+
+
+def _closest_start(path: _ClusterPaths, k: int, yk: np.ndarray, Nk: int,
+                   chs: np.ndarray) -> np.ndarray:
+    """Candidate index ``[N_k]`` (channels ``chs``) of the path prefix or pure assignment of
+    cluster ``k`` whose counts are nearest ``yk`` in L1: optimal for its own counts, so a
+    valid start for successive shortest paths, and few augmentations away."""
+    K = yk.shape[0]
+    a, b = path.start[k], path.start[k + 1]
+    cnt = np.zeros((b - a + 1, K), dtype=np.int64)
+    cnt[:, 0] = Nk
+    cnt[1:] += path.cum_cnt[a:b]
+    dist = np.abs(cnt - yk).sum(1)
+    m = int(dist.argmin())
+    pure = int(np.argmax(yk))
+    pure_dist = 2 * (Nk - int(yk[pure]))  # L1 distance of "all at the most used width"
+    if pure_dist < dist[m]:
+        return np.full(chs.shape[0], pure, dtype=np.int64)
+    out = np.zeros(chs.shape[0], dtype=np.int64)
+    if m:
+        pos = np.searchsorted(chs, path.ch[a:a + m])  # chs is sorted (stable argsort)
+        np.maximum.at(out, pos, path.dst[a:a + m])
+    return out
+
+
+def _ssp(ek: np.ndarray, start: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Successive shortest paths for one cluster: from ``start [N]`` (an assignment optimal
+    for its own counts) to counts ``target [K]``, moving one channel-unit at a time along a
+    shortest path of the K-node exchange graph, edge ``a -> b`` weighing
+    ``min_{c at a} (ek[c, b] - ek[c, a])``.  That graph is the residual network of the
+    transportation problem with each channel node contracted (a path alternates width,
+    channel, width; a simple path uses distinct channels), so this is the textbook SSP
+    algorithm for min-cost flow and every intermediate assignment is optimal for its counts.
+    ``ek [N, K]``; O(N K^2) per augmentation, |target - counts(start)|_1 / 2 augmentations."""
+    K = ek.shape[1]
+    j = start.copy()
+    cnt = np.bincount(j, minlength=K)
+    arange_k = np.arange(K)
+    while True:
+        excess = cnt - target
+        if not excess.any():
+            return j
+        w = np.full((K, K), np.inf)
+        arg = np.zeros((K, K), dtype=np.int64)
+        for a in range(K):
+            idx = np.nonzero(j == a)[0]
+            if idx.size == 0:
+                continue
+            d = ek[idx] - ek[idx, a][:, None]
+            am = d.argmin(0)
+            w[a] = d[am, arange_k]
+            arg[a] = idx[am]
+            w[a, a] = np.inf
+        dist = np.where(excess > 0, 0.0, np.inf)
+        pred = np.full(K, -1)
+        for _ in range(K - 1):  # Bellman-Ford from every width with excess
+            cand = dist[:, None] + w
+            src = cand.argmin(0)
+            best = cand[src, arange_k]
+            better = best < dist
+            if not better.any():
+                break
+            dist[better] = best[better]
+            pred[better] = src[better]
+        sinks = np.nonzero(excess < 0)[0]
+        b = int(sinks[np.argmin(dist[sinks])])
+        if not np.isfinite(dist[b]):  # pragma: no cover - counts always reachable
+            raise RuntimeError("stage 2: target counts unreachable")
+        moves = []  # trace back to the width with excess the path starts from
+        v = b
+        for _ in range(K):
+            u = pred[v]
+            if u < 0:
+                break
+            moves.append((arg[u, v], v))
+            v = u
+        for c, to in moves:
+            j[c] = to
+        cnt = np.bincount(j, minlength=K)
 
 
 def _match_prefix(path: _ClusterPaths, k: int, yk: np.ndarray, Nk: int) -> int:
