@@ -31,7 +31,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 #: overrides shared by every run of the sweep (not part of a run's variant label)
-COMMON_KEYS = {"logger", "progress", "train.max_steps", "eval.max_tokens", "quant", "+bits", "bits", "seed"}
+COMMON_KEYS = {"logger", "progress", "train.max_steps", "eval.max_tokens", "quant", "+bits", "bits", "seed",
+               "+quant.options.plan_options.time_limit"}  # an ILP wall-time cap, not an ablation
 COLUMNS = [
     "group", "method", "variant", "bits_target", "seed", "bits_nominal", "bits_effective",
     "ppl_fp", "ppl_quantized", "ppl_loftq", "ppl_finetuned", "wikitext2_ppl_fp", "wikitext2_ppl_finetuned",
