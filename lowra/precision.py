@@ -127,6 +127,8 @@ class PrecisionPlan:
         n_clusters: clusters over all partitions.
         params: ``[C]`` parameters per channel.
         layer_sizes: channels per matrix, in order, when known (for :meth:`split`).
+        layer_index: ``[C]`` matrix index ``0..L-1`` of every channel when ``layer_ids`` were
+            given (the sorted unique ids), else ``None``.
     """
 
     bits: np.ndarray
@@ -144,13 +146,19 @@ class PrecisionPlan:
     n_clusters: int
     params: np.ndarray
     layer_sizes: tuple[int, ...] | None = None
+    layer_index: np.ndarray | None = None
 
     def split(self, layer_sizes: Sequence[int] | None = None) -> list[np.ndarray]:
         """Split ``bits [C]`` back into one array per matrix, ``[rows_i]`` each, in order.
 
-        ``layer_sizes`` defaults to the one given to :func:`assign_precision`.
+        ``layer_sizes`` defaults to the one given to :func:`assign_precision`; with
+        ``layer_ids`` given there instead, one array per id (sorted ids), rows in order.
         """
         sizes = self.layer_sizes if layer_sizes is None else tuple(int(s) for s in layer_sizes)
+        if sizes is None and self.layer_index is not None:
+            order = np.argsort(self.layer_index, kind="stable")
+            counts = np.bincount(self.layer_index)
+            return np.split(self.bits[order], np.cumsum(counts)[:-1])
         if sizes is None:
             raise ValueError("layer_sizes unknown: pass layer_sizes to split() or assign_precision")
         if sum(sizes) != self.bits.shape[0]:
@@ -160,9 +168,8 @@ class PrecisionPlan:
 
     def layer_average_bits(self, layer_sizes: Sequence[int] | None = None) -> np.ndarray:
         """Parameter-weighted average bits of each matrix, ``[num_layers]`` float64."""
-        sizes = self.layer_sizes if layer_sizes is None else tuple(int(s) for s in layer_sizes)
         out = []
-        for b, n in zip(self.split(sizes), np.split(self.params, np.cumsum(sizes)[:-1])):
+        for b, n in zip(self.split(layer_sizes), _split_like(self, self.params, layer_sizes)):
             out.append(float((b * n).sum()) / float(n.sum()))
         return np.asarray(out)
 
@@ -181,6 +188,13 @@ class PrecisionPlan:
             "counts": {str(k): v for k, v in self.counts().items()},
             "info": {k: v for k, v in self.info.items() if _jsonable(v)},
         }
+
+
+def _split_like(plan: PrecisionPlan, x: np.ndarray,
+                layer_sizes: Sequence[int] | None) -> list[np.ndarray]:
+    """``x [C]`` split the way :meth:`PrecisionPlan.split` splits ``bits``."""
+    view = dataclasses.replace(plan, bits=x)
+    return view.split(layer_sizes)
 
 
 def _jsonable(v: Any) -> bool:
@@ -713,7 +727,8 @@ def assign_precision(
         bits=bits, candidates=tuple(int(c) for c in cand), budget=float(budget), scope=scope,
         average_bits=average, objective=objective, lower_bound=lower_bound, gap=gap,
         stage1_objective=stage1_obj, times=times, solver=_solver_name(), info=info,
-        n_clusters=G, params=n, layer_sizes=p.layer_sizes)
+        n_clusters=G, params=n, layer_sizes=p.layer_sizes,
+        layer_index=p.layer_of if p.layer_sizes is None else None)
 
 
 def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray,

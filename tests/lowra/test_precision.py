@@ -225,6 +225,10 @@ def test_plan_fields_split_and_determinism() -> None:
     assert sum(plan.counts().values()) == n.shape[0]
     s = plan.summary()
     assert s["channels"] == n.shape[0] and s["gap"] == plan.gap
+    ids = np.repeat(np.arange(len(sizes))[::-1], sizes)  # layer ids instead of sizes
+    by_id = assign_precision(e, n, 1.5, layer_ids=ids, seed=3)
+    assert [p.shape[0] for p in by_id.split()] == sizes[::-1]
+    assert np.array_equal(by_id.split()[-1], by_id.bits[:sizes[0]])
 
 
 def test_solver_options_pass_through() -> None:
