@@ -42,6 +42,7 @@ COLUMNS = [
 VARIANT_NAMES = {
     "": "LowRA (default)",
     "+quant.options.use_plan=false": "uniform bits (no ILP plan)",
+    "+quant.options.use_plan=False": "uniform bits (no ILP plan)",
     "quant.loftq_iters=0": "no LoftQ (B = 0 init)",
     "+quant.options.weight_power=1": "weight_power = 1",
     "quant.candidates=[1,2,3,4]": "candidates {1,2,3,4}",
