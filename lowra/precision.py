@@ -601,8 +601,8 @@ def assign_precision(
     layer_sizes: Sequence[int] | None = None,
     layer_ids: _ArrayLike | None = None,
     samples: int | None = None,
-    time_limit: float | None = None,
-    mip_rel_gap: float | None = 1e-6,
+    time_limit: float | None = 300.0,
+    mip_rel_gap: float | None = 1e-4,
     threads: int | None = None,
     solver_options: dict[str, Any] | None = None,
     kmeans_iters: int = 30,
@@ -629,7 +629,12 @@ def assign_precision(
             the paper's cluster-mean cost (see the module docstring).  Default (``None``): 32
             for the model scope, 8 for the matrix scope (its clusters are split by matrix, so
             smaller, and stage 1 has ~100x more of them).
-        time_limit, mip_rel_gap, threads: passed to HiGHS (stage 1 and stage 2).
+        time_limit, mip_rel_gap, threads: passed to HiGHS (stage 1 and stage 2).  Defaults:
+            300 s and a 1e-4 relative MIP gap.  Proving the stage-1 optimum to 1e-6 can take
+            minutes on small models (77 s for stories260K's 3,000 channels at 1.15 bits) for no
+            measurable gain: at 1e-4 the same plans solve in ~1 s and stay within 0.02 % of
+            ``lower_bound``, which ``gap`` reports for every plan.  A stage 1 cut by the time
+            limit still yields a valid plan (repair), recorded in ``info``.
         solver_options: further HiGHS options (``{"presolve": "off", ...}``).
         kmeans_iters, kmeans_sample: Lloyd iterations and fitting subsample size.
         stage2: clusters with three or more widths in use are solved by successive shortest
