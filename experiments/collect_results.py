@@ -46,6 +46,7 @@ VARIANT_NAMES = {
     "quant.loftq_iters=0": "no LoftQ (B = 0 init)",
     "+quant.options.weight_power=1": "weight_power = 1",
     "quant.candidates=[1,2,3,4]": "candidates {1,2,3,4}",
+    "quant.codebook=nf": "NF codebooks (ILP plan on)",
 }
 
 

@@ -41,6 +41,11 @@ chain_b2() {  # without the 60 s ILP cap, weight_power=1 at 2 bits ran > 5 min i
   sweep abl_weight_power1 quant=lowra +bits=2 +quant.options.weight_power=1 +quant.options.plan_options.time_limit=60
   sweep abl_candidates_1234 quant=lowra +bits=2 'quant.candidates=[1,2,3,4]' +quant.options.plan_options.time_limit=60
   sweep seeds_loftq quant=loftq +bits=2 seed=1,2
+  chain_nf
+}
+
+chain_nf() {  # NormalFloat tables (1 bit: symmetric ±m) instead of learned codebooks, ILP plan on
+  sweep abl_nf_codebooks quant=lowra +bits=2 quant.codebook=nf
 }
 
 chain_c() {  # the baselines (run after chain_b)
