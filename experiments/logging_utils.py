@@ -13,7 +13,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -22,22 +21,12 @@ from typing import Any
 import torch
 
 from experiments.config_check import REPO_ROOT
+from lowra.atomic import write_text_atomic
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file + ``os.replace`` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` atomically (never half-written)."""
+    write_text_atomic(path, text)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

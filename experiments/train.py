@@ -13,8 +13,6 @@ history, elapsed time) are written atomically (temporary file + ``os.replace``) 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +21,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from lowra.atomic import atomic_path
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -200,24 +200,14 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], tcfg: Any) -> to
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through ``lowra.atomic.atomic_path`` (a crash keeps the previous checkpoint)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
     path = ckpt_dir / CHECKPOINT_NAME
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
 @dataclass

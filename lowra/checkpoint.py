@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowra.atomic import write_text_atomic
 from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked, save_safetensors_atomic
 from lowra.model import lowra_layers
 from lowra.nn import LowRALinear
@@ -65,20 +66,6 @@ _DATA_FILE = re.compile(r"^(config|quantized|adapters|rest)\.[0-9a-f]{12}\.(json
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _source_model(model: nn.Module) -> str | None:
@@ -234,7 +221,7 @@ def save_quantized(
     header = {"format": MODEL_FORMAT, "format_version": str(MODEL_FORMAT_VERSION)}
 
     try:
-        _write_text_atomic(directory / files["config"], config.to_json_string())
+        write_text_atomic(directory / files["config"], config.to_json_string())
         save_safetensors_atomic(quantized, directory / files["quantized"], header)
         save_safetensors_atomic(adapters, directory / files["adapters"], header)
         save_safetensors_atomic(rest, directory / files["rest"], header)
@@ -266,7 +253,7 @@ def save_quantized(
         "tied": aliases,
         "report": report.to_dict() if report is not None else None,
     }
-    _write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
     # the new save is committed; drop older data files (ours only, by name pattern)
     keep = set(files.values())
     for f in directory.iterdir():

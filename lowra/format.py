@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from kernels.dequantize import dequantize as dequantize_rows
 from kernels.layout import codes_per_word, num_groups, words_per_row
 from kernels.quantize import quantize as quantize_rows
+from lowra.atomic import atomic_path
 from lowra.scales import DQ_BLOCK, GroupScales, compute_absmax
 from lowra.validation import check_bits, check_group_size, check_weight
 
@@ -313,20 +313,11 @@ def _as_bits_per_row(
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
 ) -> None:
-    """``safetensors.torch.save_file`` into a temp file in the same directory, then rename."""
+    """``safetensors.torch.save_file`` through ``lowra.atomic.atomic_path`` (crash-safe)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_safetensors_checked(
