@@ -42,6 +42,11 @@ chain_b2() {  # without the 60 s ILP cap, weight_power=1 at 2 bits ran > 5 min i
   sweep abl_candidates_1234 quant=lowra +bits=2 'quant.candidates=[1,2,3,4]' +quant.options.plan_options.time_limit=60
   sweep seeds_loftq quant=loftq +bits=2 seed=1,2
   chain_nf
+  chain_seeds4
+}
+
+chain_seeds4() {  # seeds 1, 2 of the 4-bit comparison (LowRA vs LoftQ vs QLoRA differ by ~2 %)
+  sweep seeds_4bit quant=lowra,loftq,qlora +bits=4 seed=1,2
 }
 
 chain_nf() {  # NormalFloat tables (1 bit: symmetric ±m) instead of learned codebooks, ILP plan on
