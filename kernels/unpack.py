@@ -14,8 +14,8 @@ from kernels.autotune import autotune, configs
 from kernels.layout import codes_per_word
 
 
-def unpack_ref(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Unpack int32 words ``[rows, words]`` into int64 codes ``[rows, in_features]``."""
+def _check_words(words: torch.Tensor, bits: int, in_features: int) -> int:
+    """Validate packed words ``[rows, words]`` for ``in_features`` codes; return codes per word."""
     if words.dim() != 2:
         raise ValueError(f"packed codes must be 2-D [rows, words], got shape {tuple(words.shape)}")
     per_word = codes_per_word(bits)
@@ -23,6 +23,12 @@ def unpack_ref(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor
         raise ValueError(
             f"{words.shape[1]} words of {per_word} codes cannot hold {in_features} codes per row"
         )
+    return per_word
+
+
+def unpack_ref(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Unpack int32 words ``[rows, words]`` into int64 codes ``[rows, in_features]``."""
+    per_word = _check_words(words, bits, in_features)
     shifts = torch.arange(per_word, device=words.device, dtype=torch.int64) * bits
     codes = (words.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(words.shape[0], -1)[:, :in_features]
@@ -54,13 +60,7 @@ def _unpack_kernel(
 
 def unpack_triton(words: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Triton launcher of ``unpack_ref`` (same arguments and result)."""
-    if words.dim() != 2:
-        raise ValueError(f"packed codes must be 2-D [rows, words], got shape {tuple(words.shape)}")
-    per_word = codes_per_word(bits)
-    if words.shape[1] * per_word < in_features:
-        raise ValueError(
-            f"{words.shape[1]} words of {per_word} codes cannot hold {in_features} codes per row"
-        )
+    per_word = _check_words(words, bits, in_features)
     rows = words.shape[0]
     codes = torch.empty(rows, in_features, dtype=torch.int64, device=words.device)
     if rows == 0 or in_features == 0:
