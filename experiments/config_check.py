@@ -12,7 +12,7 @@ against the root, never against the current directory (:func:`resolve_path`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ QUANT_METHODS = ("lowra", "nf", "uniform", "optq", "none")
 CANDIDATE_BITS = (1, 2, 3, 4)
 CODEBOOKS = ("learned", "nf")
 PLANS = ("ilp", "uniform")
+ERROR_TABLES = ("sse", "fisher", "relative", "kfac")  # lowra.error_tables.ERROR_TABLES (kept torch-free here)
+INITS = ("loftq", "calibrated")
+BUDGET_KINDS = ("nominal", "effective")
 SCHEDULERS = ("cosine", "linear", "constant")
 #: ``auto``: the method's optimizer (``lowra.methods.optimizer_for``: paged 8-bit AdamW for QLoRA on
 #: CUDA, else AdamW); ``paged_adamw_8bit`` falls back to AdamW without CUDA/bitsandbytes.
@@ -101,11 +104,14 @@ def check_bits(quant: Any) -> float:
                 f"quant.bits={bits:g} is not accepted by quant={quant.name}: choose +bits= one of "
                 f"{[float(c) for c in choices]}"
             )
-    elif not (float(quant.budget_min) - 1e-9 <= bits <= float(quant.budget_max) + 1e-9):
-        raise BudgetError(
-            f"quant.bits={bits:g} is out of range for quant={quant.name}: accepted "
-            f"{float(quant.budget_min):g} ≤ bits ≤ {float(quant.budget_max):g} (set +bits=B)"
-        )
+    else:
+        # an effective budget counts every stored bit (codebooks, scales, index): it may exceed 4
+        high = 16.0 if quant.get("budget_kind") == "effective" else float(quant.budget_max)
+        if not (float(quant.budget_min) - 1e-9 <= bits <= high + 1e-9):
+            raise BudgetError(
+                f"quant.bits={bits:g} is out of range for quant={quant.name}: accepted "
+                f"{float(quant.budget_min):g} ≤ bits ≤ {high:g} (set +bits=B)"
+            )
     return bits
 
 
@@ -162,6 +168,20 @@ def check_config(cfg: Any) -> None:
         _choice("quant.codebook", q.codebook, CODEBOOKS)
     if q.get("plan") is not None:
         _choice("quant.plan", q.plan, PLANS)
+    if q.get("error") is not None:
+        _choice("quant.error", q.error, ERROR_TABLES)
+    if q.get("init") is not None:
+        _choice("quant.init", q.init, INITS)
+    if q.get("budget_kind") is not None:
+        _choice("quant.budget_kind", q.budget_kind, BUDGET_KINDS)
+    if (q.get("error") in ("fisher", "kfac") and q.method == "lowra"
+            and not isinstance(q.options.get("calibration"), Mapping)):
+        raise ConfigError(f"quant.error={q.error} needs calibration text: set quant.options.calibration "
+                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
+    if (q.get("init") == "calibrated" and q.method != "none" and int(q.loftq_iters) > 0
+            and not isinstance(q.options.get("calibration"), Mapping)):
+        raise ConfigError("quant.init=calibrated needs calibration text: set quant.options.calibration "
+                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
     if q.get("weight_power") is not None:
         _positive_float("quant.weight_power", q.weight_power, allow_zero=True)
     if q.method == "lowra" and q.get("plan") == "uniform" and not float(q.bits).is_integer():

@@ -55,7 +55,9 @@ log = logging.getLogger("experiments.run")
 STAGES = ("load", "quantize", "evaluate (before fine-tuning)", "fine-tune", "evaluate", "save")
 STATE_FILE = "state.json"
 #: ``quant.<key>`` passed to ``lowra.quantize_model`` for ``quant.method=lowra`` only.
-LOWRA_KEYS = ("codebook", "plan", "weight_power")
+LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
+#: ``quant.<key>`` passed for every quantizing method (the adapter init).
+INIT_KEYS = ("init", "init_damp")
 RESULTS_FILE = "results.json"
 
 
@@ -149,7 +151,12 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     if q.method == "lowra":  # LowRA's own switches (ablations); absent keys keep the defaults
         for key in LOWRA_KEYS:
             if q.get(key) is not None and key in params:
-                kw[key] = float(q[key]) if key == "weight_power" else str(q[key])
+                kw[key] = (float(q[key]) if key == "weight_power" else bool(q[key]) if key == "fisher_codebooks"
+                           else str(q[key]))
+    if q.method != "none":
+        for key in INIT_KEYS:
+            if q.get(key) is not None and key in params:
+                kw[key] = float(q[key]) if key == "init_damp" else str(q[key])
     options = OmegaConf.to_container(q.options, resolve=True) or {}
     # `options.calibration` is the runner's recipe for the windows (calibration_kwargs), not an
     # option of the quantizer (OPTQ would raise a TypeError on it)
@@ -159,8 +166,17 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
 
 
 def needs_calibration(cfg: Any) -> bool:
-    """A quant option with ``options.calibration: {samples, seq_len, batch_size}`` (OPTQ / ModuLoRA)."""
-    return isinstance(cfg.quant.options.get("calibration"), Mapping)
+    """Calibration windows are built from ``quant.options.calibration: {samples, seq_len, batch_size}``
+    for a quantizer that needs them (OPTQ / ModuLoRA), LowRA's Fisher error table
+    (``quant.error=fisher``) and the calibrated adapter init (``quant.init=calibrated``)."""
+    q = cfg.quant
+    if not isinstance(q.options.get("calibration"), Mapping):
+        return False
+    if q.method == "optq":
+        return True
+    fisher = q.method == "lowra" and q.get("error", "sse") in ("fisher", "kfac")
+    calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0
+    return fisher or calibrated
 
 
 def calibration_kwargs(cfg: Any, data: Any) -> dict[str, Any]:
@@ -403,6 +419,9 @@ def _run_stages(
         "bits_target": float(cfg.quant.bits),
         "bits_nominal": report.get("bits_nominal"),
         "bits_effective": report.get("bits_effective"),
+        "error_table": report.get("error_table"),
+        "init": report.get("init"),
+        "budget_kind": report.get("budget_kind", "nominal"),
         f"{prefix}_fp": state.get(f"{prefix}_fp"),
         f"{prefix}_quantized": state.get(f"{prefix}_quantized"),
         f"{prefix}_loftq": state.get(f"{prefix}_loftq"),

@@ -37,7 +37,8 @@ class CodebookResult:
             (the stored precision), in the absmax-normalized space.
         thresholds: ``{b: fp32 [out, 2**b - 1]}`` midpoints of neighbouring mapping values.
         error: float64 ``[out, len(bits)]``: SSE of each row in the original space, of exactly
-            what ``QuantizedTensor.from_codebooks`` stores.
+            what ``QuantizedTensor.from_codebooks`` stores (importance-weighted when
+            ``learn_codebooks`` got an ``importance``).
         nf_error: float64 ``[out, len(bits)]``: the same with the NormalFloat table (1 bit: the
             symmetric ±m start), the baseline every learned row must beat.
         iterations: ``{b: iterations run}``.
@@ -61,15 +62,23 @@ class _SortedRows:
     """Sorted normalized rows of one chunk and float64 prefix sums of their weighted moments.
 
     Shapes: ``xs [R, in]`` sorted ascending; ``prefix[k] [R, in + 1]`` for the moments
-    ``Σ wt·x**k`` (k = 0, 1, 2) with weight ``wt = a**p``; ``err_prefix`` the same with ``a**2``
-    (the original-space error), shared with ``prefix`` when ``p = 2``.
+    ``Σ wt·x**k`` (k = 0, 1, 2) with weight ``wt = a**p`` (times the element importance ``F`` when
+    ``weigh_codebooks``); ``err_prefix`` the same with ``a**2`` (the original-space error), times
+    ``F`` when an importance is given; shared with ``prefix`` when the weights coincide.
     """
 
-    def __init__(self, x: torch.Tensor, scale: torch.Tensor, weight_power: float) -> None:
+    def __init__(self, x: torch.Tensor, scale: torch.Tensor, weight_power: float,
+                 importance: torch.Tensor | None = None, weigh_codebooks: bool = False) -> None:
         self.xs, order = x.sort(dim=1)
         scale_sorted = scale.gather(1, order).double()
-        self.prefix = self._moments(self.xs, scale_sorted ** weight_power)
-        self.err_prefix = self.prefix if weight_power == 2 else self._moments(self.xs, scale_sorted ** 2)
+        imp = None if importance is None else importance.gather(1, order).double()
+        fit_wt = scale_sorted ** weight_power
+        if imp is not None and weigh_codebooks:
+            fit_wt = fit_wt * imp
+        err_wt = scale_sorted ** 2 if imp is None else scale_sorted ** 2 * imp
+        self.prefix = self._moments(self.xs, fit_wt)
+        same = weight_power == 2 and (imp is None or weigh_codebooks)
+        self.err_prefix = self.prefix if same else self._moments(self.xs, err_wt)
 
     @staticmethod
     def _moments(xs: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -147,11 +156,19 @@ def learn_codebooks(
     tol: float = 1e-5,
     weight_power: float = 2.0,
     double_quant: bool = False,
+    importance: torch.Tensor | None = None,
+    weigh_codebooks: bool = False,
 ) -> CodebookResult:
     """Learn per-row codebooks of ``weight [out, in]`` at each width in ``bits``.
 
     Data-free and batched over rows (no Python loop per row). ``double_quant`` must match how the
     weight will be stored, because the normalization uses the stored absmax.
+
+    ``importance [out, in]`` (e.g. a diagonal Fisher, ``lowra.calibration.collect_fisher``) makes
+    ``error`` the importance-weighted squared error ``Σⱼ Fᵢⱼ (Wᵢⱼ − Q(W)ᵢⱼ)²`` of each row at each
+    width (the planner's loss-aware table, for every candidate in one pass); with
+    ``weigh_codebooks`` the Lloyd-Max fit minimizes that weighted error too (as SqueezeLLM's
+    sensitivity-weighted k-means), otherwise the codebooks stay data-free.
     """
     check_weight(weight)
     group_size = check_group_size(group_size)
@@ -162,6 +179,12 @@ def learn_codebooks(
         raise ValueError(f"iters must be >= 0, got {iters}")
     if weight_power < 0:
         raise ValueError(f"weight_power must be >= 0, got {weight_power}")
+    if importance is not None:
+        if tuple(importance.shape) != tuple(weight.shape):
+            raise ValueError(f"importance must have the weight's shape {tuple(weight.shape)}, got "
+                             f"{tuple(importance.shape)}")
+        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+            raise ValueError("importance must be finite and >= 0 (e.g. squared gradients)")
 
     out_features, in_features = weight.shape
     absmax = GroupScales.store(compute_absmax(weight, group_size), double_quant).restore()
@@ -177,7 +200,8 @@ def learn_codebooks(
         w = weight[start:stop].detach().to(torch.float32)
         scale = absmax[start:stop].repeat_interleave(group_size, dim=1)[:, :in_features]
         x = torch.where(scale > 0, w / torch.where(scale > 0, scale, 1.0), torch.zeros_like(w))
-        rows = _SortedRows(x, scale, weight_power)
+        imp = None if importance is None else importance[start:stop].to(device=x.device, dtype=torch.float32)
+        rows = _SortedRows(x, scale, weight_power, imp, weigh_codebooks)
         del w, x, scale
         for k, b in enumerate(bits):
             init = _initial_codebook(rows, b)

@@ -293,6 +293,19 @@ class QuantizedTensor:
         return cls.from_state_dict(tensors, json.loads(header["lowra"]))
 
 
+def row_storage_bits(in_features: int, bits: int, group_size: int, double_quant: bool = False) -> int:
+    """Stored bits of ONE row of ``in_features`` weights at width ``bits`` (per-row codebook).
+
+    codes (int32 words) + row index (int32) + codebook (``2**bits`` fp16) + its absmax share
+    (fp16 per group, or 8-bit codes when double-quantized; the second-level fp32 block scales and
+    offset, ~0.125 bit per group, are left out). Summed over the rows of a ``QuantizedTensor``
+    with fp16 scales this is exactly ``8 * nbytes``. It is the row's cost in the planner's
+    ``budget_kind="effective"`` budget.
+    """
+    groups = num_groups(in_features, group_size)
+    return 32 * words_per_row(in_features, bits) + 32 + 16 * 2**bits + (8 if double_quant else 16) * groups
+
+
 def _as_bits_per_row(
     bits: torch.Tensor | int, out_features: int, device: torch.device
 ) -> torch.Tensor:

@@ -16,6 +16,13 @@ the group absmax is recomputed on ``W − s·BA``), so the plan's budget holds i
 Decision: the iterate with the smallest residual ``‖W − deq(Q) − s·BA‖²`` is returned (LoftQ
 returns the last). Iterations are deterministic, so the returned residual never grows with T and is
 never above the plain quantization error (iteration 1 already has ``‖R − R_r‖ ≤ ‖R‖``).
+
+Calibrated init (``hessian=H``, ``quant.init=calibrated``): the rank-r fit minimizes the residual
+in the activation norm, ``‖(R − s·BA) X‖² = tr((R − s·BA) H (R − s·BA)ᵀ)`` with ``H = XᵀX / n`` from
+calibration text, instead of ``‖R − s·BA‖_F``. Closed form (as CLoQ / QERA): with the damped
+``H_λ = H + λ·mean(diag H)·I = U Λ Uᵀ`` and ``S = U Λ^½ Uᵀ``, the optimum is
+``truncSVD_r(R S) S⁻¹``. The iterate kept is the one with the smallest activation-norm residual;
+``sse`` stays the plain Frobenius residual (comparable with LoftQ), ``act_error`` the weighted one.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from lowra.validation import check_weight
 
 QuantizeFn = Callable[[torch.Tensor], QuantizedTensor]
 
-__all__ = ["LoftQResult", "loftq_init", "low_rank_factors"]
+__all__ = ["ActivationWhitening", "LoftQResult", "loftq_init", "low_rank_factors"]
 
 
 @dataclass
@@ -43,8 +50,10 @@ class LoftQResult:
         lora_B: fp32 ``[out, r]`` or None (``iters == 0``).
         sse_quant: ``‖W − deq(quantize(W))‖²`` (plain quantization, no adapters).
         sse: ``‖W − deq(Q) − s·B A‖²`` of the returned init (= ``sse_quant`` when ``iters == 0``).
-        history: residual SSE after each iteration (length ``iters``).
+        history: residual SSE after each iteration (length ``iters``; the activation-norm
+            residual for the calibrated init).
         best_iter: 1-based iteration returned (0 when ``iters == 0``).
+        act_error: ``tr(D H Dᵀ)`` of the returned residual ``D`` (calibrated init only, else None).
     """
 
     qweight: QuantizedTensor
@@ -54,6 +63,7 @@ class LoftQResult:
     sse: float
     history: list[float] = field(default_factory=list)
     best_iter: int = 0
+    act_error: float | None = None
 
 
 def low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +74,42 @@ def low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple
     U, S, Vh = torch.linalg.svd(residual.to(torch.float32), full_matrices=False)
     root = S[:rank].sqrt() / (scaling ** 0.5)
     return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
+class ActivationWhitening:
+    """``S = H_λ^½`` and ``S⁻¹`` of a damped input Hessian ``H [in, in]`` (symmetric PSD).
+
+    ``damp`` λ is relative to ``mean(diag H)`` (OPTQ's convention), so tiny-energy input directions
+    are not amplified without bound when un-whitening.
+    """
+
+    def __init__(self, hessian: torch.Tensor, damp: float = 0.01, name: str = "weight") -> None:
+        h = torch.as_tensor(hessian).to(torch.float64)
+        if h.dim() != 2 or h.shape[0] != h.shape[1]:
+            raise ValueError(f"{name}: hessian must be square [in, in], got {tuple(h.shape)}")
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError(f"{name}: hessian has NaN/Inf (quant.init=calibrated needs finite activations)")
+        if not damp > 0:
+            raise ValueError(f"{name}: damp must be > 0, got {damp}")
+        h = 0.5 * (h + h.T)
+        mean_diag = float(h.diagonal().mean())
+        if not mean_diag > 0:
+            raise ValueError(f"{name}: hessian is zero (no calibration activations reached the layer)")
+        lam, U = torch.linalg.eigh(h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype))
+        lam = lam.clamp_min(damp * mean_diag * 1e-3)
+        self.h = h
+        self.sqrt = ((U * lam.sqrt()) @ U.T).to(torch.float32)
+        self.inv_sqrt = ((U * lam.rsqrt()) @ U.T).to(torch.float32)
+
+    def error(self, diff: torch.Tensor) -> float:
+        """``tr(D H Dᵀ)`` (undamped H) of ``D [out, in]``."""
+        d = diff.to(torch.float64)
+        return float(((d @ self.h) * d).sum())
+
+    def low_rank_factors(self, residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A [r, in]``, ``B [out, r]`` with ``s·B A = truncSVD_r(R S) S⁻¹`` (balanced factors)."""
+        A, B = low_rank_factors(residual.to(torch.float32) @ self.sqrt, rank, scaling)
+        return A @ self.inv_sqrt, B
 
 
 def _sse(diff: torch.Tensor) -> float:
@@ -77,6 +123,8 @@ def loftq_init(
     alpha: float,
     iters: int = 1,
     name: str = "weight",
+    hessian: torch.Tensor | None = None,
+    damp: float = 0.01,
 ) -> LoftQResult:
     """Quantize ``weight [out, in]`` and initialize LoRA factors on the quantization residual.
 
@@ -87,6 +135,8 @@ def loftq_init(
         alpha: LoRA alpha; the scale ``s = alpha / r`` is folded into A and B.
         iters: T ≥ 0 alternations; 0 = plain quantization and the standard LoRA init.
         name: used in error messages (e.g. the layer name).
+        hessian: input Hessian ``[in, in]`` for the calibrated init (None: plain LoftQ).
+        damp: relative damping of ``hessian`` (see ``ActivationWhitening``).
     """
     check_weight(weight, name)
     if isinstance(iters, bool) or int(iters) != iters or iters < 0:
@@ -104,6 +154,11 @@ def loftq_init(
         return LoftQResult(q0, None, None, sse_quant, sse_quant)
 
     scaling = alpha / rank
+    whiten = None
+    if hessian is not None:
+        if tuple(hessian.shape) != (in_features, in_features):
+            raise ValueError(f"{name}: hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
+        whiten = ActivationWhitening(hessian, damp, name)
     best: LoftQResult | None = None
     history = []
     q = q0
@@ -112,11 +167,16 @@ def loftq_init(
         if delta is not None:
             q = quantize_fn(w - delta)
             residual = w - q.dequantize(torch.float32)
-        A, B = low_rank_factors(residual, rank, scaling)
+        if whiten is None:
+            A, B = low_rank_factors(residual, rank, scaling)
+        else:
+            A, B = whiten.low_rank_factors(residual, rank, scaling)
         delta = scaling * (B @ A)
         sse = _sse(residual - delta)
-        history.append(sse)
-        if best is None or sse < best.sse:
-            best = LoftQResult(q, A, B, sse_quant, sse, best_iter=t)
+        act = None if whiten is None else whiten.error(residual - delta)
+        score = sse if act is None else act
+        history.append(score)
+        if best is None or score < (best.sse if best.act_error is None else best.act_error):
+            best = LoftQResult(q, A, B, sse_quant, sse, best_iter=t, act_error=act)
     best.history = history
     return best

@@ -108,6 +108,9 @@ class QuantizationReport:
     total_sse: float = 0.0
     plan: dict[str, Any] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
+    error_table: str | None = None
+    init: str = "loftq"
+    budget_kind: str = "nominal"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples → lists, int keys → str)."""
@@ -248,20 +251,26 @@ def _solve_plan(
     candidates: tuple[int, ...],
     scope: str,
     plan_options: dict[str, Any],
+    bit_costs: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """One ``assign_precision`` over the rows of all layers; int64 bits per layer + solve info."""
+    """One ``assign_precision`` over the rows of all layers; int64 bits per layer + solve info.
+
+    ``bit_costs`` (``budget_kind="effective"``): per layer ``[out, K]`` stored bits of each row at
+    each candidate (``lowra.format.row_storage_bits``), so the budget counts every stored bit.
+    """
     from lowra.precision import assign_precision
 
     sizes = [e.shape[0] for e in errors]
+    extra = {} if bit_costs is None else {"bit_costs": torch.cat(bit_costs).numpy()}
     plan = assign_precision(
         torch.cat(errors).numpy(), torch.cat(params).numpy(), budget, candidates=candidates,
-        scope=scope, layer_sizes=sizes, **plan_options,
+        scope=scope, layer_sizes=sizes, **extra, **plan_options,
     )
     info = plan.summary()
     # every pure width that fits the budget is a feasible plan: a correct planner never does worse
     all_errors = torch.cat(errors)
     info["sse_uniform"] = {int(b): float(all_errors[:, j].sum()) for j, b in enumerate(candidates)}
-    feasible = [info["sse_uniform"][b] for b in candidates if b <= budget + 1e-9]
+    feasible = [info["sse_uniform"][b] for b in candidates if b <= budget + 1e-9] if bit_costs is None else []
     if feasible and info["objective"] > min(feasible) * (1 + 1e-6):
         warnings.warn(
             f"precision plan at {budget} bits has SSE {info['objective']:.4g}, worse than storing every "
@@ -298,6 +307,11 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     calibration_batch_size: int = 16,
     layer_options: dict[str, dict[str, Any]] | None = None,
+    error: str = "sse",
+    fisher_codebooks: bool = False,
+    init: str = "loftq",
+    init_damp: float = 0.01,
+    budget_kind: str = "nominal",
     **quant_options: Any,
 ) -> QuantizationReport:
     """Quantize the target linears of ``model`` in place and attach LoRA adapters.
@@ -327,6 +341,22 @@ def quantize_model(
             gets its own ``hessian=``.
         layer_options: ``{layer name: {option: value}}`` merged over ``quant_options`` for that
             layer's quantizer (other methods than ``"lowra"``).
+        error: the planner's error table (``method="lowra"``; ``lowra.error_tables``):
+            ``"sse"`` (the paper's data-free weight SSE), ``"fisher"`` (diagonal empirical Fisher
+            ``Σⱼ Fᵢⱼ ΔWᵢⱼ²`` from ``calibration``), ``"relative"`` (data-free: each layer's SSE
+            divided by its mean squared weight, so layers of small norm are not starved),
+            ``"kfac"`` (``Gᵢ ΔWᵢ H ΔWᵢᵀ``, Kronecker-factored Fisher from ``calibration``).
+        fisher_codebooks: with ``error="fisher"``, fit the Lloyd-Max codebooks to the
+            Fisher-weighted error as well (else the codebooks stay data-free).
+        init: ``"loftq"`` (rank-r SVD of the residual, the paper) or ``"calibrated"`` (the same in
+            the activation norm ``‖(W − deq(Q) − s·BA)X‖``, ``H = XᵀX`` from ``calibration``;
+            ``lowra.loftq.ActivationWhitening``); ``loftq_iters`` alternations either way.
+        init_damp: relative damping of ``H`` for ``init="calibrated"``.
+        budget_kind: ``"nominal"``: ``bits`` counts code bits (QLoRA/LoftQ convention);
+            ``"effective"`` (``method="lowra"`` with a plan): ``bits`` counts every stored bit —
+            each row's cost in the plan includes its codes, codebook, scales and row index
+            (``lowra.format.row_storage_bits``); budgets up to 16 are accepted, and one the
+            cheapest plan cannot meet is a ValueError.
         quant_options: extra options for the quantizer of other methods (e.g. ``damp`` for OPTQ).
     Returns:
         A ``QuantizationReport`` (also stored as ``model.lowra_report``). All parameters but the
@@ -342,16 +372,31 @@ def quantize_model(
     if plan not in ("ilp", "uniform"):
         raise ValueError(f"plan must be 'ilp' or 'uniform', got {plan!r}")
     use_plan = bool(use_plan) and plan == "ilp"
+    from lowra.error_tables import ERROR_TABLES, INITS
+
+    if error not in ERROR_TABLES:
+        raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {error!r}")
+    if init not in INITS:
+        raise ValueError(f"quant.init must be one of {INITS}, got {init!r}")
+    if error != "sse" and method != "lowra":
+        raise ValueError(f"quant.error={error!r} is an error table of LowRA's planner; method {method!r} has none")
+    if fisher_codebooks and error != "fisher":
+        raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
     if method == "lowra" and codebook == "nf":
         codebook_iters = 0  # learn_codebooks(iters=0) returns the NormalFloat tables and their errors
+    if budget_kind not in ("nominal", "effective"):
+        raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {budget_kind!r}")
+    if budget_kind == "effective" and not (method == "lowra" and use_plan):
+        raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
+                         "other methods store one fixed width and report their effective bits as they are")
     if method != METHOD_NONE:
-        bits = check_budget(bits)
+        bits = check_budget(bits, high=16.0 if budget_kind == "effective" else 4.0)
         if method == "lowra" and not use_plan and float(bits) != round(float(bits)):
             raise ValueError(
                 f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
                 f"budget bits={bits}; use plan='ilp' (the precision plan) or an integer budget"
             )
-        if method != "lowra" or not use_plan:
+        if budget_kind == "nominal" and (method != "lowra" or not use_plan):
             int_bits = _integer_bits(bits, method)
             if method == "lowra" and int_bits not in candidates:
                 candidates = tuple(sorted({*candidates, int_bits}))
@@ -382,7 +427,23 @@ def quantize_model(
         _add_calibration_hessians(model, targets, method, calibration, calibration_batch_size, layer_options,
                                   quant_options)
         t_calib = time.perf_counter() - t0
-    elif calibration is not None and method != METHOD_NONE:
+    calibrated_init = init == "calibrated" and loftq_iters > 0
+    stats_needed = method != METHOD_NONE and (error in ("fisher", "kfac") or calibrated_init)
+    fisher: dict[str, torch.Tensor] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    out_grads: dict[str, torch.Tensor] = {}
+    if stats_needed:
+        from lowra.error_tables import calibration_statistics
+
+        t0 = time.perf_counter()
+        stats = calibration_statistics(
+            model, [n for n, _ in targets], calibration, calibration_batch_size,
+            fisher=error == "fisher", hessians=calibrated_init or error == "kfac", output_grads=error == "kfac",
+            wanted=f"quant.error={error}" if error in ("fisher", "kfac") else "quant.init=calibrated",
+        )
+        fisher, hessians, out_grads = stats.fisher, stats.hessians, stats.output_grads
+        t_calib += time.perf_counter() - t0
+    elif calibration is not None and method != METHOD_NONE and not needs_calibration:
         warnings.warn(f"method {method!r} does not use calibration data; `calibration=` is ignored",
                       RuntimeWarning, stacklevel=2)
     report = QuantizationReport(
@@ -398,8 +459,11 @@ def quantize_model(
         candidates=tuple(candidates),
         num_params=sum(m.weight.numel() for _, m in targets),
     )
+    report.error_table = error if method == "lowra" else None
+    report.init = init if loftq_iters > 0 else "lora"
+    report.budget_kind = budget_kind
     times = {"codebooks_s": 0.0, "plan_s": 0.0, "quantize_s": 0.0, "loftq_s": 0.0}
-    if needs_calibration:
+    if needs_calibration or stats_needed:
         times["calibration_s"] = t_calib
     module_kw = dict(rank=rank, alpha=alpha, dropout=dropout, adapter_dtype=adapter_dtype, backend=backend)
 
@@ -410,19 +474,37 @@ def quantize_model(
         from lowra.codebook import learn_codebooks
 
         t0 = time.perf_counter()
-        errors, params = [], []
+        errors, params, costs = [], [], []
+        from lowra.error_tables import kfac_row_errors, row_error_table
+        from lowra.format import row_storage_bits
+
         for name, linear in _progress(targets, "codebooks", progress):
+            importance = fisher.pop(name, None)
             result = learn_codebooks(
                 linear.weight.detach(), bits=candidates, group_size=group_size, iters=codebook_iters,
-                weight_power=weight_power, double_quant=double_quant,
+                weight_power=weight_power, double_quant=double_quant, importance=importance,
+                weigh_codebooks=fisher_codebooks,
             )
             codebooks[name] = {b: c.cpu() for b, c in result.codebooks.items()}
-            errors.append(result.error.cpu())
+            if error == "kfac":
+                h = hessians[name] if calibrated_init else hessians.pop(name)
+                errors.append(kfac_row_errors(linear.weight.detach(), result.codebooks, candidates, group_size,
+                                              double_quant, out_grads.pop(name), h))
+            else:
+                errors.append(row_error_table(error, result.error, linear.weight.detach()).cpu())
             params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
+            row_cost = [row_storage_bits(linear.in_features, b, group_size, double_quant) for b in candidates]
+            costs.append(torch.tensor(row_cost, dtype=torch.int64).expand(linear.out_features, -1))
         times["codebooks_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        per_layer, report.plan = _solve_plan(errors, params, bits, candidates, budget_scope,
-                                             dict(plan_options or {}))
+        try:
+            per_layer, report.plan = _solve_plan(errors, params, bits, candidates, budget_scope,
+                                                 dict(plan_options or {}),
+                                                 costs if budget_kind == "effective" else None)
+        except ValueError as exc:
+            if budget_kind != "effective":
+                raise
+            raise ValueError(f"quant.budget_kind=effective, bits={bits}: {exc}") from exc
         layer_bits = {name: b for (name, _), b in zip(targets, per_layer)}
         del errors, params
         times["plan_s"] = time.perf_counter() - t0
@@ -440,6 +522,7 @@ def quantize_model(
                 method, layer_bits.get(name), codebooks.pop(name, None), bits, group_size,
                 double_quant, codebook_iters, weight_power, backend, weight.device,
                 {**quant_options, **layer_options.pop(name, {})},
+                importance=fisher.pop(name, None) if fisher_codebooks else None,
             )
             spent = [0.0]
 
@@ -450,7 +533,8 @@ def quantize_model(
                 return out
 
             t0 = time.perf_counter()
-            result = loftq_init(weight, timed, rank, alpha, iters=loftq_iters, name=f"layer {name!r}")
+            result = loftq_init(weight, timed, rank, alpha, iters=loftq_iters, name=f"layer {name!r}",
+                                hessian=hessians.pop(name, None) if calibrated_init else None, damp=init_damp)
             times["quantize_s"] += spent[0]
             times["loftq_s"] += time.perf_counter() - t0 - spent[0]
             qt = result.qweight
@@ -535,8 +619,12 @@ def _layer_quantizer(
     backend: str,
     device: torch.device,
     quant_options: dict[str, Any],
+    importance: torch.Tensor | None = None,
 ):
-    """The ``[out, in] → QuantizedTensor`` used by LoftQ for one layer (codebooks/bits fixed)."""
+    """The ``[out, in] → QuantizedTensor`` used by LoftQ for one layer (codebooks/bits fixed).
+
+    ``importance``: Fisher diagonal for LowRA without a plan and ``fisher_codebooks``.
+    """
     if method == "lowra" and bits_per_row is not None:
         bits_dev = bits_per_row.to(device)
         tables = {b: codebooks[b].to(device) for b in torch.unique(bits_per_row).tolist()}
@@ -555,7 +643,8 @@ def _layer_quantizer(
         def fixed(m: torch.Tensor) -> QuantizedTensor:
             if "tables" not in state:
                 learned = learn_codebooks(m, bits=(int_bits,), group_size=group_size, iters=codebook_iters,
-                                          weight_power=weight_power, double_quant=double_quant)
+                                          weight_power=weight_power, double_quant=double_quant,
+                                          importance=importance, weigh_codebooks=importance is not None)
                 state["tables"] = learned.codebooks
             return QuantizedTensor.from_codebooks(m, int_bits, state["tables"], group_size, double_quant,
                                                   method="lowra", backend=backend)

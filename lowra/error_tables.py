@@ -1,0 +1,146 @@
+"""Error tables for the precision planner: what a row costs at each candidate width.
+
+``assign_precision`` minimizes ``Σ rows cost[row, width]`` under a bit budget and is agnostic to
+what the cost means. The paper's cost is the weight SSE of each row, which is *not* comparable
+across layers: layers of small norm (v_proj, o_proj on Llama models) have tiny SSE at every width,
+so a model-wide plan starves them, although their errors feed the residual stream directly.
+Tables offered (``quant.error=``):
+
+``sse``
+    ``Σⱼ (Wᵢⱼ − Q_b(W)ᵢⱼ)²`` — data-free, the paper's objective.
+``fisher``
+    ``Σⱼ Fᵢⱼ (Wᵢⱼ − Q_b(W)ᵢⱼ)²`` with ``F`` the diagonal empirical Fisher (squared gradients of
+    the LM loss, ``lowra.calibration.collect_fisher``): a second-order estimate of the loss
+    increase, comparable across layers by construction.
+``relative``
+    ``SSE / mean(W_layer²)`` — data-free; each layer's error in units of its own weight energy,
+    so every layer is judged by its *relative* distortion, weighted by its parameter count.
+``kfac``
+    ``Gᵢ · ΔWᵢ H ΔWᵢᵀ`` with ``H = E[x xᵀ]`` the input Gram and ``Gᵢ = E[(∂L/∂yᵢ)²]`` the output
+    gradient energy of row ``i``: the row block of the Kronecker-factored Fisher ``G ⊗ H``
+    (K-FAC). Unlike the diagonal Fisher it sees input correlations (errors that cancel through
+    correlated inputs, as OPTQ exploits), and unlike a bare output error ``ΔW H ΔWᵀ`` it is
+    comparable across layers (``G`` carries each row's effect on the loss).
+
+All tables are computed for every candidate width at once from ``learn_codebooks`` (the Fisher
+one by passing ``importance=F``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ERROR_TABLES", "INITS", "CalibrationStatistics", "calibration_statistics", "kfac_row_errors",
+           "row_error_table"]
+
+ERROR_TABLES = ("sse", "fisher", "relative", "kfac")
+INITS = ("loftq", "calibrated")
+
+
+def row_error_table(kind: str, error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Planner cost ``[out, K]`` of one layer from its ``learn_codebooks`` error table.
+
+    ``error [out, K]`` is the row SSE per candidate (Fisher-weighted already for ``fisher``);
+    ``weight [out, in]`` is the full-precision weight (used by ``relative``).
+    """
+    if kind not in ERROR_TABLES:
+        raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {kind!r}")
+    if error.dim() != 2 or error.shape[0] != weight.shape[0]:
+        raise ValueError(f"error table must be [{weight.shape[0]}, candidates], got {tuple(error.shape)}")
+    if kind == "kfac":
+        raise ValueError("quant.error=kfac is computed by kfac_row_errors (it needs G and H)")
+    if kind == "relative":
+        energy = float(weight.detach().to(torch.float64).pow(2).mean())
+        if not energy > 0:
+            raise ValueError("quant.error=relative: a layer's weight is all zeros")
+        return error / energy
+    return error
+
+
+def kfac_row_errors(
+    weight: torch.Tensor,
+    codebooks: dict[int, torch.Tensor],
+    candidates: Sequence[int],
+    group_size: int,
+    double_quant: bool,
+    output_grad_sq: torch.Tensor,
+    hessian: torch.Tensor,
+) -> torch.Tensor:
+    """K-FAC row cost ``[out, K]`` float64: ``Gᵢ · Δᵢ H Δᵢᵀ`` at each candidate width.
+
+    ``Δ = W − deq(Q_b(W))`` with every row at width ``b`` and its learned codebook (exactly what
+    would be stored); ``output_grad_sq [out]``, ``hessian [in, in]`` from
+    ``lowra.calibration.collect_fisher(..., hessians=True, output_grads=True)``.
+    """
+    from lowra.format import QuantizedTensor
+
+    out_features, in_features = weight.shape
+    if tuple(hessian.shape) != (in_features, in_features) or tuple(output_grad_sq.shape) != (out_features,):
+        raise ValueError(f"quant.error=kfac: statistics of shape H {tuple(hessian.shape)}, G "
+                         f"{tuple(output_grad_sq.shape)} do not fit a weight {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    g = output_grad_sq.to(device=w.device, dtype=torch.float64)
+    table = torch.empty(out_features, len(candidates), dtype=torch.float64)
+    for k, b in enumerate(candidates):
+        deq = QuantizedTensor.from_codebooks(w, int(b), {int(b): codebooks[int(b)].to(w.device)}, group_size,
+                                             double_quant).dequantize(torch.float32)
+        d = (w - deq).to(torch.float64)
+        table[:, k] = (g * ((d @ h) * d).sum(1)).clamp_min(0.0).cpu()
+    return table
+
+
+@dataclass
+class CalibrationStatistics:
+    """Per-layer statistics from one calibration pass (empty dicts where not requested).
+
+    ``fisher {name: fp32 [out, in]}``, ``hessians {name: float64 [in, in]}``,
+    ``output_grads {name: float64 [out]}``.
+    """
+
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    output_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def calibration_statistics(
+    model: nn.Module,
+    names: Sequence[str],
+    calibration: torch.Tensor | None,
+    batch_size: int,
+    fisher: bool,
+    hessians: bool,
+    output_grads: bool = False,
+    wanted: str = "quant.error=fisher",
+) -> CalibrationStatistics:
+    """One pass over the calibration windows: Fisher diagonals, input Hessians, output gradients.
+
+    ``calibration``: int64 token windows ``[samples, seq_len]`` of the training stream, run in
+    chunks of ``batch_size`` windows. Forward only when only Hessians are wanted, else forward and
+    backward through the LM loss. ``wanted`` names the option that needs the data in errors.
+    """
+    from lowra.calibration import collect_fisher, collect_hessians
+
+    if calibration is None:
+        raise ValueError(
+            f"{wanted} needs calibration data: pass `calibration=` (int64 token windows [samples, seq_len], "
+            "e.g. lowra.calibration.calibration_windows of the training stream)"
+        )
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() == 1:
+        calibration = calibration[None]
+    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.dtype.is_floating_point:
+        raise ValueError(f"{wanted}: `calibration=` must be integer token windows [samples, seq_len], got "
+                         f"{calibration.dtype} {tuple(calibration.shape)}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"calibration_batch_size must be a positive integer, got {batch_size!r}")
+    batches = calibration.split(int(batch_size))
+    if fisher or output_grads:
+        out = collect_fisher(model, batches, list(names), hessians=hessians, output_grads=output_grads,
+                             diagonal=fisher)
+        return CalibrationStatistics(*out)
+    return CalibrationStatistics(hessians=collect_hessians(model, batches, list(names)))
