@@ -15,6 +15,14 @@ Tables offered (``quant.error=``):
 ``relative``
     ``SSE / mean(W_layer²)`` — data-free; each layer's error in units of its own weight energy,
     so every layer is judged by its *relative* distortion, weighted by its parameter count.
+``measured``
+    the loss increase actually measured on calibration text when ONE layer is quantized at width
+    ``b`` (all its rows, the learned codebooks, the rest of the model in full precision), split
+    among the layer's rows in proportion to their diagonal-Fisher row errors. Second-order tables
+    are additive approximations that fail exactly where the plan makes its boldest moves (1-bit
+    rows); measuring each layer's true damage puts layers on one scale, the Fisher share keeps the
+    per-row resolution inside a layer. Costs ``layers × candidates`` forward passes over the
+    measurement windows.
 ``kfac``
     ``Gᵢ · ΔWᵢ H ΔWᵢᵀ`` with ``H = E[x xᵀ]`` the input Gram and ``Gᵢ = E[(∂L/∂yᵢ)²]`` the output
     gradient energy of row ``i``: the row block of the Kronecker-factored Fisher ``G ⊗ H``
@@ -28,16 +36,20 @@ one by passing ``importance=F``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["ERROR_TABLES", "INITS", "CalibrationStatistics", "calibration_statistics", "kfac_row_errors",
-           "row_error_table"]
+__all__ = [
+    "DATA_TABLES", "ERROR_TABLES", "INITS", "CalibrationStatistics", "calibration_statistics", "kfac_row_errors",
+    "measure_layer_losses", "measured_row_table", "row_error_table",
+]
 
-ERROR_TABLES = ("sse", "fisher", "relative", "kfac")
+ERROR_TABLES = ("sse", "fisher", "relative", "kfac", "measured")
+#: tables that need calibration text (a Fisher / statistics pass)
+DATA_TABLES = ("fisher", "kfac", "measured")
 INITS = ("loftq", "calibrated")
 
 
@@ -51,8 +63,8 @@ def row_error_table(kind: str, error: torch.Tensor, weight: torch.Tensor) -> tor
         raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {kind!r}")
     if error.dim() != 2 or error.shape[0] != weight.shape[0]:
         raise ValueError(f"error table must be [{weight.shape[0]}, candidates], got {tuple(error.shape)}")
-    if kind == "kfac":
-        raise ValueError("quant.error=kfac is computed by kfac_row_errors (it needs G and H)")
+    if kind in ("kfac", "measured"):
+        raise ValueError(f"quant.error={kind} is computed from calibration statistics, not by row_error_table")
     if kind == "relative":
         energy = float(weight.detach().to(torch.float64).pow(2).mean())
         if not energy > 0:
@@ -144,3 +156,73 @@ def calibration_statistics(
                              diagonal=fisher)
         return CalibrationStatistics(*out)
     return CalibrationStatistics(hessians=collect_hessians(model, batches, list(names)))
+
+
+@torch.no_grad()
+def _mean_loss(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """Token-weighted mean next-token NLL of ``model`` over ``batches`` of ``input_ids [B, T]``."""
+    total, count = 0.0, 0
+    for ids in batches:
+        n = ids.shape[0] * (ids.shape[1] - 1)
+        total += float(model(input_ids=ids, labels=ids).loss) * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def measure_layer_losses(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Linear]],
+    dequantized: Callable[[str, nn.Linear, int], torch.Tensor],
+    candidates: Sequence[int],
+    windows: torch.Tensor,
+    batch_size: int,
+) -> tuple[float, torch.Tensor]:
+    """Loss increase ``[layers, K]`` (float64) with one layer at a time quantized at each width.
+
+    ``dequantized(name, linear, b)`` returns that layer's weight with every row at width ``b``
+    (what would be stored). The weight is swapped in place and restored bit-exactly; the model
+    is in eval mode throughout. Returns ``(fp loss, increases)``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    batches = [w.to(device) for w in torch.as_tensor(windows).split(int(batch_size))]
+    try:
+        base = _mean_loss(model, batches)
+        out = torch.empty(len(layers), len(candidates), dtype=torch.float64)
+        for i, (name, linear) in enumerate(layers):
+            saved = linear.weight.data.clone()
+            try:
+                for k, b in enumerate(candidates):
+                    linear.weight.data.copy_(saved)  # each width quantizes the full-precision weight
+                    linear.weight.data.copy_(dequantized(name, linear, int(b)).to(saved.dtype))
+                    out[i, k] = _mean_loss(model, batches) - base
+            finally:
+                linear.weight.data.copy_(saved)
+    finally:
+        model.train(was_training)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("quant.error=measured: a quantized layer gave a non-finite calibration loss")
+    return base, out
+
+
+def measured_row_table(
+    layer_increase: torch.Tensor, row_error: torch.Tensor, candidates: Sequence[int]
+) -> torch.Tensor:
+    """Split one layer's measured loss increase ``[K]`` among its rows by ``row_error [out, K]``.
+
+    The increase is made non-negative and non-increasing in the width first (a wider code never
+    costs more loss; a tiny negative increase is measurement luck, not a gain to plan on). A row's
+    share at width ``b`` is its error over the layer's total error at ``b``.
+    """
+    if row_error.dim() != 2 or row_error.shape[1] != len(candidates) or layer_increase.numel() != len(candidates):
+        raise ValueError(f"row_error must be [out, {len(candidates)}], got {tuple(row_error.shape)}")
+    order = sorted(range(len(candidates)), key=lambda k: candidates[k])
+    inc = layer_increase.to(torch.float64).clamp_min(0.0).clone()
+    for a, b in zip(order, order[1:]):  # narrower → wider: cumulative minimum
+        inc[b] = torch.minimum(inc[b], inc[a])
+    err = row_error.to(torch.float64)
+    total = err.sum(0, keepdim=True)
+    share = torch.where(total > 0, err / total.clamp_min(1e-300), torch.full_like(err, 1.0 / err.shape[0]))
+    return share * inc[None, :]

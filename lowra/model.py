@@ -109,6 +109,7 @@ class QuantizationReport:
     plan: dict[str, Any] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
     error_table: str | None = None
+    layer_loss_increase: dict[str, list[float]] = field(default_factory=dict)
     init: str = "loftq"
     budget_kind: str = "nominal"
 
@@ -312,6 +313,7 @@ def quantize_model(
     init: str = "loftq",
     init_damp: float = 0.01,
     budget_kind: str = "nominal",
+    measure_windows: int = 16,
     **quant_options: Any,
 ) -> QuantizationReport:
     """Quantize the target linears of ``model`` in place and attach LoRA adapters.
@@ -345,7 +347,10 @@ def quantize_model(
             ``"sse"`` (the paper's data-free weight SSE), ``"fisher"`` (diagonal empirical Fisher
             ``Σⱼ Fᵢⱼ ΔWᵢⱼ²`` from ``calibration``), ``"relative"`` (data-free: each layer's SSE
             divided by its mean squared weight, so layers of small norm are not starved),
-            ``"kfac"`` (``Gᵢ ΔWᵢ H ΔWᵢᵀ``, Kronecker-factored Fisher from ``calibration``).
+            ``"kfac"`` (``Gᵢ ΔWᵢ H ΔWᵢᵀ``, Kronecker-factored Fisher from ``calibration``),
+            ``"measured"`` (each layer's loss increase measured on the first ``measure_windows``
+            calibration windows with that layer alone quantized, split among its rows by their
+            Fisher row errors).
         fisher_codebooks: with ``error="fisher"``, fit the Lloyd-Max codebooks to the
             Fisher-weighted error as well (else the codebooks stay data-free).
         init: ``"loftq"`` (rank-r SVD of the residual, the paper) or ``"calibrated"`` (the same in
@@ -372,7 +377,7 @@ def quantize_model(
     if plan not in ("ilp", "uniform"):
         raise ValueError(f"plan must be 'ilp' or 'uniform', got {plan!r}")
     use_plan = bool(use_plan) and plan == "ilp"
-    from lowra.error_tables import ERROR_TABLES, INITS
+    from lowra.error_tables import DATA_TABLES, ERROR_TABLES, INITS
 
     if error not in ERROR_TABLES:
         raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {error!r}")
@@ -428,7 +433,7 @@ def quantize_model(
                                   quant_options)
         t_calib = time.perf_counter() - t0
     calibrated_init = init == "calibrated" and loftq_iters > 0
-    stats_needed = method != METHOD_NONE and (error in ("fisher", "kfac") or calibrated_init)
+    stats_needed = method != METHOD_NONE and (error in DATA_TABLES or calibrated_init)
     fisher: dict[str, torch.Tensor] = {}
     hessians: dict[str, torch.Tensor] = {}
     out_grads: dict[str, torch.Tensor] = {}
@@ -438,8 +443,9 @@ def quantize_model(
         t0 = time.perf_counter()
         stats = calibration_statistics(
             model, [n for n, _ in targets], calibration, calibration_batch_size,
-            fisher=error == "fisher", hessians=calibrated_init or error == "kfac", output_grads=error == "kfac",
-            wanted=f"quant.error={error}" if error in ("fisher", "kfac") else "quant.init=calibrated",
+            fisher=error in ("fisher", "measured"), hessians=calibrated_init or error == "kfac",
+            output_grads=error == "kfac",
+            wanted=f"quant.error={error}" if error in DATA_TABLES else "quant.init=calibrated",
         )
         fisher, hessians, out_grads = stats.fisher, stats.hessians, stats.output_grads
         t_calib += time.perf_counter() - t0
@@ -490,12 +496,31 @@ def quantize_model(
                 h = hessians[name] if calibrated_init else hessians.pop(name)
                 errors.append(kfac_row_errors(linear.weight.detach(), result.codebooks, candidates, group_size,
                                               double_quant, out_grads.pop(name), h))
+            elif error == "measured":
+                errors.append(result.error.cpu())  # Fisher row errors: the shares, scaled below
             else:
                 errors.append(row_error_table(error, result.error, linear.weight.detach()).cpu())
             params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
             row_cost = [row_storage_bits(linear.in_features, b, group_size, double_quant) for b in candidates]
             costs.append(torch.tensor(row_cost, dtype=torch.int64).expand(linear.out_features, -1))
         times["codebooks_s"] = time.perf_counter() - t0
+        if error == "measured":
+            from lowra.error_tables import measure_layer_losses, measured_row_table
+
+            t0 = time.perf_counter()
+
+            def dequantized(name: str, linear: nn.Module, b: int) -> torch.Tensor:
+                w = linear.weight.detach()
+                tables = {b: codebooks[name][b].to(w.device)}
+                return QuantizedTensor.from_codebooks(w, b, tables, group_size, double_quant,
+                                                      backend=backend).dequantize(torch.float32)
+
+            n_win = max(1, min(int(measure_windows), int(torch.as_tensor(calibration).shape[0])))
+            base_loss, increase = measure_layer_losses(model, targets, dequantized, candidates,
+                                                       torch.as_tensor(calibration)[:n_win], calibration_batch_size)
+            errors = [measured_row_table(increase[i], e, candidates) for i, e in enumerate(errors)]
+            times["measure_s"] = time.perf_counter() - t0
+            report.layer_loss_increase = {name: [float(v) for v in increase[i]] for i, (name, _) in enumerate(targets)}
         t0 = time.perf_counter()
         try:
             per_layer, report.plan = _solve_plan(errors, params, bits, candidates, budget_scope,

@@ -8,7 +8,7 @@ import torch
 from experiments.eval_stories import load_model, token_splits
 from lowra.calibration import calibration_windows, collect_fisher, collect_hessians
 from lowra.codebook import learn_codebooks
-from lowra.error_tables import calibration_statistics, row_error_table
+from lowra.error_tables import calibration_statistics, measure_layer_losses, measured_row_table, row_error_table
 from lowra.format import QuantizedTensor
 from lowra.loftq import ActivationWhitening, loftq_init
 from lowra.model import lowra_layers, quantize_model
@@ -152,3 +152,41 @@ def test_calibrated_init_through_quantize_model(windows):
     assert rep.init == "calibrated" and rep.error_table == "fisher" and "calibration_s" in rep.times
     d = rep.to_dict()
     assert d["init"] == "calibrated" and d["error_table"] == "fisher" and d["budget_kind"] == "nominal"
+
+
+def test_measured_row_table_is_monotone_and_splits_by_share():
+    inc = torch.tensor([2.0, 0.5, -0.01], dtype=torch.float64)
+    err = torch.tensor([[3.0, 1.0, 0.2], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    table = measured_row_table(inc, err, (1, 2, 4))
+    torch.testing.assert_close(table.sum(0), torch.tensor([2.0, 0.5, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(table[:, 0], torch.tensor([1.5, 0.5], dtype=torch.float64))
+    # a wider code never costs more than a narrower one
+    up = measured_row_table(torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64), err, (1, 2, 4))
+    assert up.sum(0).tolist() == pytest.approx([0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="row_error must be"):
+        measured_row_table(inc, err[:, :2], (1, 2, 4))
+
+
+def test_measure_layer_losses_restores_weights_and_orders_widths(windows):
+    model = load_model()
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.2.mlp.up_proj"]
+    layers = [(n, model.get_submodule(n)) for n in names]
+    before = {n: m.weight.detach().clone() for n, m in layers}
+    cbs = {n: learn_codebooks(m.weight.detach(), bits=(1, 4), group_size=64).codebooks for n, m in layers}
+
+    def deq(name, linear, b):
+        return QuantizedTensor.from_codebooks(linear.weight.detach(), b, {b: cbs[name][b]}, 64).dequantize()
+
+    base, inc = measure_layer_losses(model, layers, deq, (1, 4), windows[:4], 2)
+    assert base > 0 and inc.shape == (2, 2)
+    assert (inc[:, 0] > inc[:, 1]).all() and (inc[:, 0] > 0).all()
+    for n, m in layers:
+        assert torch.equal(m.weight, before[n])
+
+
+def test_measured_table_through_quantize_model(windows):
+    model = load_model()
+    rep = quantize_model(model, 1.5, error="measured", rank=2, alpha=4, loftq_iters=0, calibration=windows,
+                         calibration_batch_size=4, measure_windows=4, **FAST)
+    assert rep.error_table == "measured" and len(rep.layer_loss_increase) == 35
+    assert "measure_s" in rep.times and abs(rep.bits_nominal - 1.5) < 0.01
