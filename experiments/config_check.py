@@ -26,7 +26,7 @@ QUANT_METHODS = ("lowra", "nf", "uniform", "optq", "none")
 CANDIDATE_BITS = (1, 2, 3, 4)
 CODEBOOKS = ("learned", "nf")
 PLANS = ("ilp", "uniform")
-ERROR_TABLES = ("sse", "fisher", "relative", "kfac")  # lowra.error_tables.ERROR_TABLES (kept torch-free here)
+ERROR_TABLES = ("sse", "fisher", "relative", "kfac", "measured")  # lowra.error_tables.ERROR_TABLES (kept torch-free here)
 INITS = ("loftq", "calibrated")
 BUDGET_KINDS = ("nominal", "effective")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -174,7 +174,7 @@ def check_config(cfg: Any) -> None:
         _choice("quant.init", q.init, INITS)
     if q.get("budget_kind") is not None:
         _choice("quant.budget_kind", q.budget_kind, BUDGET_KINDS)
-    if (q.get("error") in ("fisher", "kfac") and q.method == "lowra"
+    if (q.get("error") in ("fisher", "kfac", "measured") and q.method == "lowra"
             and not isinstance(q.options.get("calibration"), Mapping)):
         raise ConfigError(f"quant.error={q.error} needs calibration text: set quant.options.calibration "
                           "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
