@@ -174,7 +174,8 @@ def needs_calibration(cfg: Any) -> bool:
         return False
     if q.method == "optq":
         return True
-    fisher = q.method == "lowra" and q.get("error", "sse") in ("fisher", "kfac", "measured")
+    fisher = (q.method == "lowra" and q.get("plan", "ilp") == "ilp"
+              and q.get("error", "sse") in ("fisher", "kfac", "measured"))
     calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0
     return fisher or calibrated
 

@@ -34,6 +34,7 @@ __all__ = ["METHODS", "MethodSpec", "check_budget", "get_method", "optimizer_for
 
 STANDARD_INIT = "standard"
 LOFTQ_INIT = "loftq"
+CALIBRATED_INIT = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,13 @@ class MethodSpec:
         budget_choices: the integer widths accepted (every row at that width), or None.
         budget_range: ``(low, high)`` accepted average budgets (fractional allowed), or None.
             Both None: the budget is ignored (no quantization).
-        init: "standard" (A Kaiming, B = 0) or "loftq" (SVD of the quantization residual).
+        init: "standard" (A Kaiming, B = 0), "loftq" (SVD of the quantization residual) or
+            "calibrated" (the residual fitted in the activation norm, from calibration text).
         loftq_iters: default LoftQ alternations T (0 with the standard init).
         double_quant: default absmax storage (True: 8-bit double quantization, QLoRA).
         group_size: inputs per absmax group.
         paged_optimizer: use bitsandbytes' paged 8-bit AdamW when training on CUDA.
-        needs_calibration: the quantizer needs input Hessians of the target layers.
+        needs_calibration: the method needs calibration text (input Hessians, Fisher statistics).
         nominal_bits: bits of the frozen base when it is not quantized (LoRA's 16-bit base).
         reference: the system being reproduced.
         ablations: option → meaning, for the ablation switches of the method.
@@ -85,6 +87,18 @@ class MethodSpec:
         return f"any budget in [{low:g}, {high:g}] bits"
 
 
+_LOWRA_ABLATIONS = {
+    "error=kfac|fisher|measured|relative|sse": "the planner's error table (lowra.error_tables)",
+    "init=calibrated|loftq": "adapter init in the activation norm or LoftQ's weight norm",
+    "budget_kind=nominal|effective": "the budget counts code bits or every stored bit",
+    "codebook=nf": "NormalFloat tables instead of learned per-row codebooks",
+    "plan=uniform": "every row at the integer budget instead of the precision plan",
+    "loftq_iters=0": "standard LoRA init (no LoftQ)",
+    "weight_power=1|2": "Lloyd-Max element weight absmax**p",
+    "candidates=[1,2,4]|[1,2,3,4]": "widths a channel may take",
+    "group_size=G": "inputs per absmax group",
+}
+
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
@@ -111,17 +125,18 @@ METHODS: dict[str, MethodSpec] = {
                       "quantization-agnostic forward/backward",
         ),
         MethodSpec(
-            name="lowra", quantizer="lowra", budget_choices=None, budget_range=(1.0, 4.0), init=LOFTQ_INIT,
+            name="lowra", quantizer="lowra", budget_choices=None, budget_range=(1.0, 4.0), init=CALIBRATED_INIT,
+            loftq_iters=1, needs_calibration=True,
+            reference="LowRA (Zhou et al. 2025), measured default: learned per-channel codebooks at 1/2/3/4 bits, "
+                      "ILP plan on a Kronecker-factored Fisher error table, calibrated adapter init",
+            ablations=_LOWRA_ABLATIONS,
+        ),
+        MethodSpec(
+            name="lowra_paper", quantizer="lowra", budget_choices=None, budget_range=(1.0, 4.0), init=LOFTQ_INIT,
             loftq_iters=1,
-            reference="LowRA (Zhou et al. 2025): learned per-channel codebooks + ILP precision plan",
-            ablations={
-                "codebook=nf": "NormalFloat tables instead of learned per-row codebooks",
-                "plan=uniform": "every row at the integer budget instead of the precision plan",
-                "loftq_iters=0": "standard LoRA init (no LoftQ)",
-                "weight_power=1|2": "Lloyd-Max element weight absmax**p",
-                "candidates=[1,2,4]|[1,2,3,4]": "widths a channel may take",
-                "group_size=G": "inputs per absmax group",
-            },
+            reference="LowRA as published (Zhou et al. 2025): learned per-channel codebooks at 1/2/4 bits, ILP "
+                      "plan on the data-free weight SSE, LoftQ init",
+            ablations=_LOWRA_ABLATIONS,
         ),
     )
 }

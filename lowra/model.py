@@ -433,7 +433,8 @@ def quantize_model(
                                   quant_options)
         t_calib = time.perf_counter() - t0
     calibrated_init = init == "calibrated" and loftq_iters > 0
-    stats_needed = method != METHOD_NONE and (error in DATA_TABLES or calibrated_init)
+    table_needs_data = method == "lowra" and use_plan and error in DATA_TABLES
+    stats_needed = method != METHOD_NONE and (table_needs_data or calibrated_init)
     fisher: dict[str, torch.Tensor] = {}
     hessians: dict[str, torch.Tensor] = {}
     out_grads: dict[str, torch.Tensor] = {}
@@ -443,9 +444,10 @@ def quantize_model(
         t0 = time.perf_counter()
         stats = calibration_statistics(
             model, [n for n, _ in targets], calibration, calibration_batch_size,
-            fisher=error in ("fisher", "measured"), hessians=calibrated_init or error == "kfac",
-            output_grads=error == "kfac",
-            wanted=f"quant.error={error}" if error in DATA_TABLES else "quant.init=calibrated",
+            fisher=table_needs_data and error in ("fisher", "measured"),
+            hessians=calibrated_init or (table_needs_data and error == "kfac"),
+            output_grads=table_needs_data and error == "kfac",
+            wanted=f"quant.error={error}" if table_needs_data else "quant.init=calibrated",
         )
         fisher, hessians, out_grads = stats.fisher, stats.hessians, stats.output_grads
         t_calib += time.perf_counter() - t0

@@ -57,6 +57,10 @@ def test_optimizer_hint() -> None:
     assert all(optimizer_for(m, "cuda", bnb_available=True) == "adamw" for m in METHODS if m != "qlora")
 
 
+def q_init(name: str) -> str:
+    return OmegaConf.load(REPO / "conf" / "quant" / f"{name}.yaml")["init"]
+
+
 def test_specs_match_the_quantizers_and_the_hydra_options() -> None:
     """Each conf/quant/<method>.yaml mirrors lowra.yaml's keys and agrees with its MethodSpec."""
     keys = list(OmegaConf.load(REPO / "conf" / "quant" / "lowra.yaml").keys())
@@ -74,7 +78,8 @@ def test_specs_match_the_quantizers_and_the_hydra_options() -> None:
         elif spec.budget_range is not None:
             assert (q["budget_min"], q["budget_max"]) == spec.budget_range and not q["budget_choices"]
     assert get_method("qlora").double_quant and get_method("modulora").needs_calibration
-    assert {m.init for m in METHODS.values()} == {"standard", "loftq"}
+    assert {m.init for m in METHODS.values()} == {"standard", "loftq", "calibrated"}
+    assert q_init("lowra") == "calibrated" and q_init("lowra_paper") == "loftq"
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -108,6 +113,10 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     if not spec.needs_calibration:
         quantize_model(model, 16 if bits is None else bits, method=spec.quantizer, **common)
         return
+    if spec.quantizer == "lowra":  # the measured default: K-FAC table and calibrated init from calib text
+        quantize_model(model, bits, method="lowra", error="kfac", init="calibrated", candidates=(1, 2, 3, 4),
+                       calibration=calib, calibration_batch_size=16, **common)
+        return
     # modulora: one Hessian per layer from the full-precision model, then OPTQ behind LowRALinear
     # (quantize_model passes one set of quantizer options to every layer, so swap the bases here).
     from lowra.calibration import collect_hessians
@@ -130,6 +139,7 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "bits", "want_bits"), [
     ("lora", None, None), ("qlora", 4, 4.0), ("loftq", 2, 2.0), ("modulora", 3, 3.0), ("lowra", 1.5, 1.5),
+    ("lowra_paper", 1.5, 1.5),
 ])
 def test_method_end_to_end_on_stories260k(assets: dict, name: str, bits, want_bits) -> None:
     from lowra.model import lora_parameters, lowra_layers
@@ -152,6 +162,8 @@ def test_method_end_to_end_on_stories260k(assets: dict, name: str, bits, want_bi
             assert all(m.qweight.scales.double_quant for _, m in layers)
     b_zero = all(float(m.lora_B.detach().abs().max()) == 0.0 for _, m in layers)
     assert b_zero == (spec.init == "standard")
+    if spec.quantizer == "lowra":
+        assert model.lowra_report.init == spec.init
 
     params = lora_parameters(model)
     assert params and all(p.requires_grad for p in params)

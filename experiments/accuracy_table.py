@@ -1,0 +1,91 @@
+"""Tables of the accuracy study (issue 12): ``python -m experiments.accuracy_table RUNS_DIR [--out F.md]``.
+
+Reads every ``<RUNS_DIR>/<label>_s<seed>/results.json`` written by ``results/accuracy_study.sh``
+(one runner call each), groups the seeds of a label, and prints / writes one markdown table per
+model: nominal and effective bits, perplexity after quantization (no adapters), after the adapter
+init (before fine-tuning) and after fine-tuning, as mean ± std over seeds, with the command that
+reproduces the row (from the run's ``.hydra/overrides.yaml``). Also writes ``<RUNS_DIR>/table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+METRICS = ("ppl_quantized", "ppl_loftq", "ppl_finetuned")
+
+
+def _stat(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _command(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ""
+    import yaml
+
+    overrides = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(("hydra.", "seed="))]
+    return "python -m experiments.run " + " ".join(overrides)
+
+
+def collect(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{model: {label: {"runs": [results...], "command": str}}}`` from ``runs``."""
+    table: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for path in sorted(runs.glob("*/results.json")):
+        label = re.sub(r"_s\d+$", "", path.parent.name)
+        res = json.loads(path.read_text())
+        row = table[res["model"]].setdefault(label, {"runs": [], "command": _command(path.parent)})
+        row["runs"].append(res)
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
+    lines = []
+    for model, rows in table.items():
+        fp = [r["ppl_fp"] for row in rows.values() for r in row["runs"] if r.get("ppl_fp")]
+        lines += [f"### {model} (fp ppl {statistics.fmean(fp):.2f})" if fp else f"### {model}", "",
+                  "| run | error table · init · budget | nominal bits | effective bits | ppl quantized | "
+                  "ppl after init (before FT) | ppl fine-tuned | seeds | command |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, row in rows.items():
+            runs = row["runs"]
+            r0 = runs[0]
+            how = f"{r0.get('error_table') or '—'} · {r0.get('init')} · {r0.get('budget_kind', 'nominal')}"
+            cells = [_stat([r.get(m) for r in runs]) for m in METRICS]
+            lines.append(
+                f"| {label} | {how} | {statistics.fmean(r['bits_nominal'] for r in runs):.3f} | "
+                f"{statistics.fmean(r['bits_effective'] for r in runs):.3f} | " + " | ".join(cells)
+                + f" | {len(runs)} | `{row['command']}` |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="markdown file (default: RUNS/table.md)")
+    args = parser.parse_args()
+    table = collect(args.runs)
+    text = markdown(table)
+    print(text)
+    (args.out or args.runs / "table.md").write_text(text + "\n")
+    summary = {model: {label: {m: [r.get(m) for r in row["runs"]] for m in (*METRICS, "bits_nominal", "bits_effective")}
+                       | {"command": row["command"]} for label, row in rows.items()} for model, rows in table.items()}
+    (args.runs / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
