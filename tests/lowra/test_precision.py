@@ -174,8 +174,8 @@ def test_stage2_exact_for_arbitrary_counts(method: str) -> None:
     e = n[:, None] * np.exp(rng.normal(0, 0.4, (C, 1)) - 1.2 * np.arange(K)
                             + rng.normal(0, 0.3, (C, K)))
     e[lab == 6] = rng.gamma(1.0, 1.0, size=(33, K))  # non-convex, non-monotone errors
-    seg = _hull_segments(e, n, cands)
-    path = _ClusterPaths(seg, lab, len(sizes), cands)
+    seg = _hull_segments(e, n[:, None] * cands[None, :])
+    path = _ClusterPaths(seg, lab, np.tile(64 * cands, (len(sizes), 1)))  # n = 64 everywhere
     Y = np.zeros((len(sizes), K), dtype=np.int64)
     for k, N in enumerate(sizes):  # pure, two widths, three+ widths, random, prefix
         if k == 0:
