@@ -9,14 +9,30 @@ Problem (the "flat" problem).  Channel ``c`` (one output row of one quantized ma
               sum_c n_c * b(j_c) >= B * sum_c n_c - max_c n_c (budget used up to one channel)
 
 per budget group (the whole model, or each matrix).  This is a multiple-choice knapsack with
-1.36 M channels for Llama-2-7B.  LowRA solves it in two stages:
+1.36 M channels for Llama-2-7B.
 
-0. **Clusters.**  Channels are partitioned by parameter count; each partition is clustered by
-   k-means (k-means++ seeding with a fixed seed, Lloyd on a seeded 64k subsample, then every
-   channel to its nearest center) on the features ``log(e[c, j] / n_c)``.  With per-matrix
-   budgets the clusters are then split by matrix.  All channels of a cluster have the same
-   ``n_c`` (and budget), so the budget only depends on *how many* channels of a cluster take
-   each width.
+Bit costs.  Optionally (``bit_costs``) channel ``c`` costs an arbitrary ``w[c, j]`` bits at
+candidate ``j`` (positive integers, strictly increasing in ``j``), e.g. its code bits plus its
+share of codebook, scales and row index, so that the budget counts *stored* bits per weight:
+
+    sum_c w[c, j_c] <= B * sum_c n_c                         (B still per parameter)
+    sum_c w[c, j_c] >= B * sum_c n_c - max_c max_j (w[c, j+1] - w[c, j])
+
+The fill row's slack is one channel's largest cost step: upgrading one step at a time from
+the cheapest plan crosses the budget in steps no larger, so the window is never empty.
+Everything below holds with ``n_c * b_j`` replaced by ``w[c, j]``: hull segments, the stage-1
+budget rows, the prefix argument of stage 2, repair moves, the greedy baseline and the exact
+ILP.  Without ``bit_costs``, ``w = n * cand`` and the plans are bit-identical to the planner
+before costs existed (``bit_costs`` equal to ``n * cand`` is recognised as that default).
+LowRA solves the problem in two stages:
+
+0. **Clusters.**  Channels are partitioned by parameter count (with ``bit_costs``: by cost
+   vector ``w[c, :]``, so keep the distinct cost vectors few, e.g. one per matrix shape);
+   each partition is clustered by k-means (k-means++ seeding with a fixed seed, Lloyd on a
+   seeded 64k subsample, then every channel to its nearest center) on the features
+   ``log(e[c, j] / n_c)``.  With per-matrix budgets the clusters are then split by matrix.
+   All channels of a cluster have the same ``n_c`` (or cost vector) and budget, so the budget
+   only depends on *how many* channels of a cluster take each width.
 1. **Stage 1 (integer program over clusters).**  Integer ``y[k, j]`` = number of channels of
    cluster ``k`` at candidate ``j``; ``sum_j y[k, j] = N_k``; the budget rows above.  The exact
    cost of counts ``y_k`` is ``f_k(y_k)``, the optimum of the stage-2 problem; ``f_k`` is convex
@@ -36,7 +52,8 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    matrix; ``results/bench/precision_cpu.json``).  The pure points keep every count vector
    feasible, so stage 1 and the flat problem have the same feasible budget totals.  Integer
    counts between samples are reached by priced slack moves (see ``_stage1``), and the fill
-   row is added only when the optimum without it misses it.
+   row is added only when the optimum without it misses it.  With ``bit_costs`` each budget
+   group (matrix) is its own program (``_stage1`` says why).
 2. **Stage 2 (transportation problem per cluster).**  Given ``y_k``, assign the cluster's
    channels: ``x[c, j] in {0, 1}``, ``sum_j x[c, j] = 1``, ``sum_c x[c, j] = y[k, j]``.  Its
    constraint matrix is totally unimodular, so every vertex of the LP is integral.  It is
@@ -44,9 +61,10 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
 
    * one width used: trivial;
    * ``y_k`` equals the counts of a prefix of the cluster's efficiency path: that prefix is
-     optimal (Lagrangian sufficiency: every channel of it minimizes ``e + lam * n * b`` at the
+     optimal (Lagrangian sufficiency: every channel of it minimizes ``e + lam * w`` at the
      price ``lam`` of the last upgrade taken, so no assignment with the same bit total, hence
-     none with the same counts, has a lower error).  This covers every cluster that stage 1
+     none with the same counts, has a lower error; the cluster's channels share one cost
+     vector, so equal counts mean equal bit totals).  This covers every cluster that stage 1
      puts on a sample point;
    * two widths ``a < b`` used: give ``b`` to the ``y[k, b]`` channels with the smallest
      ``e[c, b] - e[c, a]`` (exchange argument; exact);
@@ -64,15 +82,18 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    both budget rows (``info["repair_moves"]``, 0 in every benchmark run).
 
 ``lower_bound`` is the LP relaxation of the flat problem, computed exactly by the classic
-greedy on each channel's lower convex hull (Sinha & Zoltners 1979): sort all hull segments by
+greedy on each channel's lower convex hull of ``(w[c, j], e[c, j])`` (Sinha & Zoltners 1979):
+sort all hull segments by
 error saved per bit, take them until the budget is used, the last one fractionally.  Its value
 equals the HiGHS LP optimum (checked in the tests).  An LP optimum has at most one fractional
 channel per budget row, so the integer optimum lies within one channel's error step of the
 bound, and ``gap`` measures the true sub-optimality at scale.
 
 Bits are counted as code bits per parameter (QLoRA/LoftQ convention): ``average_bits`` is
-``sum_c n_c b_c / sum_c n_c``.  Decision: a budget ``B`` is read as the decimal the user wrote
-(``Fraction(str(B))``), so ``average_bits <= B`` holds exactly, also after float rounding.
+``sum_c n_c b_c / sum_c n_c``; with ``bit_costs`` the budget bounds ``average_cost_bits`` =
+``sum_c w[c, j_c] / sum_c n_c`` instead, and both are reported.  Decision: a budget ``B`` is
+read as the decimal the user wrote (``Fraction(str(B))``), so ``average_bits <= B`` (or
+``average_cost_bits <= B``) holds exactly, also after float rounding.
 """
 
 from __future__ import annotations
@@ -884,7 +905,12 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
 
     Budget groups share nothing, so with per-matrix budgets whole groups are batched into
     programs of at most ``_STAGE1_MAX_POINTS`` sample points (one program for the model
-    scope).  Returns counts ``[G, K]``, the modelled SSE and solver info.
+    scope).  With ``bit_costs`` every group gets its own program: a matrix's budget row then
+    has coefficients like 15 and 48 (instead of 1 and 3), its integer optimum lies ~1e-3
+    above its LP value on small matrices, and in one program HiGHS' branch-and-bound must
+    close those gaps jointly to ``mip_rel_gap`` (measured on 7 matrices of 192 rows: 67-300 s
+    batched, 10-16 s one program per matrix).  Returns counts ``[G, K]``, the modelled SSE
+    and solver info.
     """
     G, K = Nk.shape[0], p.cand.shape[0]
     ngrp = p.cap.shape[0]
@@ -896,11 +922,12 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     lo_u = -np.floor_divide(-(p.lo - base), unit)  # and >= lo  <=>  ... >= ceil
     # Budget groups are independent; batch them into programs of bounded size.
     pts_per_group = np.bincount(gk[pk], minlength=ngrp)
+    limit = 0 if p.costed else _STAGE1_MAX_POINTS  # costed: one group per program
     batches: list[np.ndarray] = []
     cur: list[int] = []
     acc = 0
     for g in range(ngrp):
-        if cur and acc + pts_per_group[g] > _STAGE1_MAX_POINTS:
+        if cur and acc + pts_per_group[g] > limit:
             batches.append(np.asarray(cur))
             cur, acc = [], 0
         cur.append(g)
