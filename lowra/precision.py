@@ -9,14 +9,30 @@ Problem (the "flat" problem).  Channel ``c`` (one output row of one quantized ma
               sum_c n_c * b(j_c) >= B * sum_c n_c - max_c n_c (budget used up to one channel)
 
 per budget group (the whole model, or each matrix).  This is a multiple-choice knapsack with
-1.36 M channels for Llama-2-7B.  LowRA solves it in two stages:
+1.36 M channels for Llama-2-7B.
 
-0. **Clusters.**  Channels are partitioned by parameter count; each partition is clustered by
-   k-means (k-means++ seeding with a fixed seed, Lloyd on a seeded 64k subsample, then every
-   channel to its nearest center) on the features ``log(e[c, j] / n_c)``.  With per-matrix
-   budgets the clusters are then split by matrix.  All channels of a cluster have the same
-   ``n_c`` (and budget), so the budget only depends on *how many* channels of a cluster take
-   each width.
+Bit costs.  Optionally (``bit_costs``) channel ``c`` costs an arbitrary ``w[c, j]`` bits at
+candidate ``j`` (positive integers, strictly increasing in ``j``), e.g. its code bits plus its
+share of codebook, scales and row index, so that the budget counts *stored* bits per weight:
+
+    sum_c w[c, j_c] <= B * sum_c n_c                         (B still per parameter)
+    sum_c w[c, j_c] >= B * sum_c n_c - max_c max_j (w[c, j+1] - w[c, j])
+
+The fill row's slack is one channel's largest cost step: upgrading one step at a time from
+the cheapest plan crosses the budget in steps no larger, so the window is never empty.
+Everything below holds with ``n_c * b_j`` replaced by ``w[c, j]``: hull segments, the stage-1
+budget rows, the prefix argument of stage 2, repair moves, the greedy baseline and the exact
+ILP.  Without ``bit_costs``, ``w = n * cand`` and the plans are bit-identical to the planner
+before costs existed (``bit_costs`` equal to ``n * cand`` is recognised as that default).
+LowRA solves the problem in two stages:
+
+0. **Clusters.**  Channels are partitioned by parameter count (with ``bit_costs``: by cost
+   vector ``w[c, :]``, so keep the distinct cost vectors few, e.g. one per matrix shape);
+   each partition is clustered by k-means (k-means++ seeding with a fixed seed, Lloyd on a
+   seeded 64k subsample, then every channel to its nearest center) on the features
+   ``log(e[c, j] / n_c)``.  With per-matrix budgets the clusters are then split by matrix.
+   All channels of a cluster have the same ``n_c`` (or cost vector) and budget, so the budget
+   only depends on *how many* channels of a cluster take each width.
 1. **Stage 1 (integer program over clusters).**  Integer ``y[k, j]`` = number of channels of
    cluster ``k`` at candidate ``j``; ``sum_j y[k, j] = N_k``; the budget rows above.  The exact
    cost of counts ``y_k`` is ``f_k(y_k)``, the optimum of the stage-2 problem; ``f_k`` is convex
@@ -36,7 +52,8 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    matrix; ``results/bench/precision_cpu.json``).  The pure points keep every count vector
    feasible, so stage 1 and the flat problem have the same feasible budget totals.  Integer
    counts between samples are reached by priced slack moves (see ``_stage1``), and the fill
-   row is added only when the optimum without it misses it.
+   row is added only when the optimum without it misses it.  With ``bit_costs`` each budget
+   group (matrix) is its own program (``_stage1`` says why).
 2. **Stage 2 (transportation problem per cluster).**  Given ``y_k``, assign the cluster's
    channels: ``x[c, j] in {0, 1}``, ``sum_j x[c, j] = 1``, ``sum_c x[c, j] = y[k, j]``.  Its
    constraint matrix is totally unimodular, so every vertex of the LP is integral.  It is
@@ -44,9 +61,10 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
 
    * one width used: trivial;
    * ``y_k`` equals the counts of a prefix of the cluster's efficiency path: that prefix is
-     optimal (Lagrangian sufficiency: every channel of it minimizes ``e + lam * n * b`` at the
+     optimal (Lagrangian sufficiency: every channel of it minimizes ``e + lam * w`` at the
      price ``lam`` of the last upgrade taken, so no assignment with the same bit total, hence
-     none with the same counts, has a lower error).  This covers every cluster that stage 1
+     none with the same counts, has a lower error; the cluster's channels share one cost
+     vector, so equal counts mean equal bit totals).  This covers every cluster that stage 1
      puts on a sample point;
    * two widths ``a < b`` used: give ``b`` to the ``y[k, b]`` channels with the smallest
      ``e[c, b] - e[c, a]`` (exchange argument; exact);
@@ -64,15 +82,18 @@ per budget group (the whole model, or each matrix).  This is a multiple-choice k
    both budget rows (``info["repair_moves"]``, 0 in every benchmark run).
 
 ``lower_bound`` is the LP relaxation of the flat problem, computed exactly by the classic
-greedy on each channel's lower convex hull (Sinha & Zoltners 1979): sort all hull segments by
+greedy on each channel's lower convex hull of ``(w[c, j], e[c, j])`` (Sinha & Zoltners 1979):
+sort all hull segments by
 error saved per bit, take them until the budget is used, the last one fractionally.  Its value
 equals the HiGHS LP optimum (checked in the tests).  An LP optimum has at most one fractional
 channel per budget row, so the integer optimum lies within one channel's error step of the
 bound, and ``gap`` measures the true sub-optimality at scale.
 
 Bits are counted as code bits per parameter (QLoRA/LoftQ convention): ``average_bits`` is
-``sum_c n_c b_c / sum_c n_c``.  Decision: a budget ``B`` is read as the decimal the user wrote
-(``Fraction(str(B))``), so ``average_bits <= B`` holds exactly, also after float rounding.
+``sum_c n_c b_c / sum_c n_c``; with ``bit_costs`` the budget bounds ``average_cost_bits`` =
+``sum_c w[c, j_c] / sum_c n_c`` instead, and both are reported.  Decision: a budget ``B`` is
+read as the decimal the user wrote (``Fraction(str(B))``), so ``average_bits <= B`` (or
+``average_cost_bits <= B``) holds exactly, also after float rounding.
 """
 
 from __future__ import annotations
@@ -112,9 +133,11 @@ class PrecisionPlan:
         bits: ``[C]`` int64, the bit-width of every channel (values from ``candidates``), in the
             order of the rows of ``errors``.
         candidates: the candidate widths, increasing.
-        budget: the target average (code bits per parameter).
+        budget: the target average (code bits per parameter; with ``bit_costs``: cost bits
+            per parameter).
         scope: ``"model"`` (one budget over all channels) or ``"matrix"`` (one per matrix).
-        average_bits: parameter-weighted average of ``bits`` over all channels.
+        average_bits: parameter-weighted average of ``bits`` over all channels (code bits,
+            also when ``bit_costs`` were given).
         objective: total SSE of the plan, ``sum_c errors[c, bits_c]``.
         lower_bound: LP-relaxation bound of the flat problem (same scope); no plan can beat it.
         gap: ``(objective - lower_bound) / lower_bound`` (0 when both are 0).
@@ -129,6 +152,8 @@ class PrecisionPlan:
         layer_sizes: channels per matrix, in order, when known (for :meth:`split`).
         layer_index: ``[C]`` matrix index ``0..L-1`` of every channel when ``layer_ids`` were
             given (the sorted unique ids), else ``None``.
+        average_cost_bits: ``sum_c bit_costs[c, j_c] / sum_c n_c`` when ``bit_costs`` were
+            given (the quantity the budget bounds), else ``None``.
     """
 
     bits: np.ndarray
@@ -147,6 +172,7 @@ class PrecisionPlan:
     params: np.ndarray
     layer_sizes: tuple[int, ...] | None = None
     layer_index: np.ndarray | None = None
+    average_cost_bits: float | None = None
 
     def split(self, layer_sizes: Sequence[int] | None = None) -> list[np.ndarray]:
         """Split ``bits [C]`` back into one array per matrix, ``[rows_i]`` each, in order.
@@ -182,6 +208,7 @@ class PrecisionPlan:
         return {
             "candidates": list(self.candidates), "budget": self.budget, "scope": self.scope,
             "channels": int(self.bits.shape[0]), "average_bits": self.average_bits,
+            "average_cost_bits": self.average_cost_bits,
             "objective": self.objective, "lower_bound": self.lower_bound, "gap": self.gap,
             "stage1_objective": self.stage1_objective, "times": dict(self.times),
             "solver": self.solver, "n_clusters": self.n_clusters,
@@ -207,16 +234,27 @@ def _jsonable(v: Any) -> bool:
 @dataclasses.dataclass
 class _Problem:
     """Validated inputs. ``e [C, K]`` float64, ``n [C]`` int64, ``cand [K]`` increasing,
-    ``group [C]`` budget group of each channel, ``cap [G]`` / ``lo [G]`` exact integer bounds on
-    ``sum n_c b_c`` per group, ``maxn [G]``."""
+    ``w [C, K]`` int64 bit cost of every channel at every width (``n_c * cand[j]`` unless
+    ``bit_costs`` were given), ``group [C]`` budget group of each channel, ``cap [G]`` /
+    ``lo [G]`` exact integer bounds on ``sum_c w[c, j_c]`` per group, ``fill [G]`` the slack of
+    the fill row (``lo = cap-side target - fill``).  ``costed``: ``w`` is not ``n * cand``
+    (clusters are then partitioned by cost vector instead of by ``n``).  ``unit_inc`` divides
+    every ``w[c, j] - w[c, 0]``, ``unit_abs`` every ``w[c, j]``: the integer programs are
+    written in these units.  ``given_costs``: ``bit_costs`` was passed (plans report
+    ``average_cost_bits``)."""
 
     e: np.ndarray
     n: np.ndarray
     cand: np.ndarray
+    w: np.ndarray
     group: np.ndarray
     cap: np.ndarray
     lo: np.ndarray
-    maxn: np.ndarray
+    fill: np.ndarray
+    costed: bool
+    given_costs: bool
+    unit_inc: int
+    unit_abs: int
     layer_sizes: tuple[int, ...] | None
     layer_of: np.ndarray | None
 
@@ -242,9 +280,42 @@ def _budget_fraction(budget: float) -> Fraction:
     return Fraction(repr(float(budget)))
 
 
+def _check_costs(bit_costs: _ArrayLike, C: int, perm: np.ndarray) -> np.ndarray:
+    """``bit_costs [C, K]`` (columns in the caller's candidate order) validated and permuted to
+    increasing candidates: int64, positive, strictly increasing along every row."""
+    K = perm.shape[0]
+    w_raw = _to_numpy(bit_costs, "bit_costs")
+    if w_raw.shape != (C, K):
+        raise ValueError(f"bit_costs must have shape [{C}, {K}] (one row per row of errors, "
+                         f"one column per candidate), got {w_raw.shape}")
+    if w_raw.dtype == bool or not np.issubdtype(w_raw.dtype, np.number) or \
+            np.iscomplexobj(w_raw):
+        raise ValueError(f"bit_costs must be integers, got dtype {w_raw.dtype}")
+    if np.issubdtype(w_raw.dtype, np.integer):
+        w = w_raw.astype(np.int64)
+    else:
+        w_f = w_raw.astype(np.float64)
+        if not np.isfinite(w_f).all():
+            raise ValueError("bit_costs contains NaN or inf")
+        if (w_f != np.round(w_f)).any() or (np.abs(w_f) >= 2.0**53).any():
+            raise ValueError(f"bit_costs must be integers (bits), first non-integer at row "
+                             f"{int((w_f != np.round(w_f)).any(1).argmax())}")
+        w = w_f.astype(np.int64)
+    w = np.ascontiguousarray(w[:, perm])
+    if (w <= 0).any():
+        raise ValueError(f"bit_costs must be positive (first non-positive at row "
+                         f"{int((w <= 0).any(1).argmax())})")
+    if K > 1 and (np.diff(w, axis=1) <= 0).any():
+        raise ValueError(f"bit_costs must increase strictly with the candidate width in every "
+                         f"row (first violation at row {int((np.diff(w, axis=1) <= 0).any(1).argmax())})")
+    if (w[:, -1] >= 2**62 // C).any():
+        raise ValueError("bit_costs too large: the sum over all rows overflows 64-bit integers")
+    return w
+
+
 def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: Sequence[int],
              scope: str, layer_sizes: Sequence[int] | None,
-             layer_ids: _ArrayLike | None) -> _Problem:
+             layer_ids: _ArrayLike | None, bit_costs: _ArrayLike | None = None) -> _Problem:
     cand_list = [int(c) for c in candidates]
     if len(cand_list) == 0:
         raise ValueError("candidates is empty")
@@ -273,7 +344,7 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
     if (e < 0).any():
         raise ValueError(f"errors contains negative values (first at channel "
                          f"{int((e < 0).any(1).argmax())}); SSE is never negative")
-    C = e.shape[0]
+    C, K = e.shape
 
     n_raw = _to_numpy(params, "params")
     if n_raw.ndim != 1 or n_raw.shape[0] != C:
@@ -288,11 +359,21 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
         raise ValueError("params must be positive integers (parameters per channel)")
     n = n_f.astype(np.int64)
 
+    w = n[:, None] * cand[None, :]
+    given = bit_costs is not None
+    costed = False
+    if given:
+        w_given = _check_costs(bit_costs, C, perm)
+        costed = not np.array_equal(w_given, w)  # n * cand given explicitly: the default
+        w = w_given
+
     B = _budget_fraction(budget)
-    if B < int(cand[0]):
+    if costed:
+        pass  # the budget range is checked per group below, against the costs
+    elif B < int(cand[0]):
         raise ValueError(f"budget {float(B)} is below the smallest candidate {int(cand[0])} bits: "
                          "no assignment meets it")
-    if B > int(cand[-1]):
+    elif B > int(cand[-1]):
         raise ValueError(f"budget {float(B)} is above the largest candidate {int(cand[-1])} bits: "
                          "it cannot be used up (use the largest candidate, or add a wider one)")
 
@@ -325,13 +406,41 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
     G = int(group.max()) + 1
     tot = np.zeros(G, dtype=object)
     np.add.at(tot, group, n.astype(object))  # exact Python ints (sum n can exceed 2**53)
-    maxn = np.zeros(G, dtype=np.int64)
-    np.maximum.at(maxn, group, n)
     cap = np.array([math.floor(B * int(t)) for t in tot], dtype=np.int64)
-    lo = np.array([max(math.ceil(B * int(t) - int(m)), int(cand[0]) * int(t))
-                   for t, m in zip(tot, maxn)], dtype=np.int64)
-    return _Problem(e=e, n=n, cand=cand, group=group, cap=cap, lo=lo, maxn=maxn,
-                    layer_sizes=sizes, layer_of=layer_of)
+    # all-narrowest (cheapest) and all-widest totals per group: int64 is exact (checked above)
+    least = np.zeros(G, dtype=np.int64)
+    np.add.at(least, group, w[:, 0])
+    if costed:
+        most = np.zeros(G, dtype=np.int64)
+        np.add.at(most, group, w[:, -1])
+        for g in range(G):
+            where = "" if G == 1 else f" in budget group {g}"
+            if cap[g] < least[g]:
+                raise ValueError(
+                    f"budget {float(B)} bits per parameter is below the cheapest plan under "
+                    f"bit_costs{where} ({int(least[g]) / int(tot[g]):.6g}: every row at its "
+                    "narrowest width): no assignment meets it")
+            if B * int(tot[g]) > int(most[g]):
+                raise ValueError(
+                    f"budget {float(B)} bits per parameter is above the most expensive plan "
+                    f"under bit_costs{where} ({int(most[g]) / int(tot[g]):.6g}: every row at "
+                    "its widest width): it cannot be used up")
+        # the fill row: within one cost step of the budget (always reachable: upgrading one
+        # step at a time from the cheapest plan crosses the budget in steps of at most that)
+        fill = np.zeros(G, dtype=np.int64)
+        if K > 1:
+            np.maximum.at(fill, group, np.diff(w, axis=1).max(1))
+        unit_inc = int(np.gcd.reduce((w[:, 1:] - w[:, :1]).ravel())) if K > 1 else 1
+        unit_abs = int(np.gcd.reduce(w.ravel()))
+    else:
+        fill = np.zeros(G, dtype=np.int64)  # one bit per parameter of the widest channel
+        np.maximum.at(fill, group, n)
+        unit_inc = unit_abs = int(np.gcd.reduce(n))
+    lo = np.array([max(math.ceil(B * int(t) - int(m)), int(lw))
+                   for t, m, lw in zip(tot, fill, least)], dtype=np.int64)
+    return _Problem(e=e, n=n, cand=cand, w=w, group=group, cap=cap, lo=lo, fill=fill,
+                    costed=costed, given_costs=given, unit_inc=max(unit_inc, 1),
+                    unit_abs=max(unit_abs, 1), layer_sizes=sizes, layer_of=layer_of)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,10 +448,11 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Segments:
-    """Upgrade steps along each channel's lower-left convex hull of ``(n_c * b_j, e[c, j])``.
+    """Upgrade steps along each channel's lower-left convex hull of ``(w[c, j], e[c, j])``
+    (``w[c, j] = n_c * b_j`` without ``bit_costs``).
 
     Every channel starts at candidate 0.  Segment ``s`` moves channel ``ch[s]`` from candidate
-    ``src[s]`` to ``dst[s]``, costs ``dw[s] = n_c * (b_dst - b_src)`` bits, saves
+    ``src[s]`` to ``dst[s]``, costs ``dw[s] = w[c, dst] - w[c, src]`` bits, saves
     ``de[s] > 0`` error, at efficiency ``r[s] = de / dw`` (strictly decreasing along a channel,
     so every efficiency-sorted prefix takes each channel's segments in order).  Candidates
     off the hull or beyond the minimum error are never on a segment: at any price they lose.
@@ -358,9 +468,10 @@ class _Segments:
     order_r: np.ndarray  # stable argsort of -r: keeps each channel's segments in order
 
 
-def _hull_segments(e: np.ndarray, n: np.ndarray, cand: np.ndarray) -> _Segments:
+def _hull_segments(e: np.ndarray, w: np.ndarray) -> _Segments:
+    """Hull segments of ``e [C, K]`` over the costs ``w [C, K]`` (int64, increasing)."""
     C, K = e.shape
-    c = cand.astype(np.float64)
+    x = w.astype(np.float64)
     on = np.ones((C, K), dtype=bool)
     if K > 1:
         runmin = np.minimum.accumulate(e, axis=1)
@@ -368,7 +479,9 @@ def _hull_segments(e: np.ndarray, n: np.ndarray, cand: np.ndarray) -> _Segments:
     for j in range(1, K - 1):  # strictly below every chord i < j < l (a lower-hull vertex)
         for i in range(j):
             for k in range(j + 1, K):
-                t = (c[j] - c[i]) / (c[k] - c[i])
+                # per row; for w = n * cand the correctly rounded quotient equals the
+                # per-candidate (cand_j - cand_i) / (cand_k - cand_i) bit for bit
+                t = (x[:, j] - x[:, i]) / (x[:, k] - x[:, i])
                 on[:, j] &= e[:, j] < e[:, i] + t * (e[:, k] - e[:, i])
     prev = np.zeros(C, dtype=np.int8)
     last_r = np.full(C, np.inf)
@@ -378,7 +491,7 @@ def _hull_segments(e: np.ndarray, n: np.ndarray, cand: np.ndarray) -> _Segments:
         if ch.size == 0:
             continue
         src = prev[ch]
-        dw = n[ch] * (cand[j] - cand[src])
+        dw = w[ch, j] - w[ch, src]
         de = e[ch, src] - e[ch, j]
         r = np.minimum(de / dw, last_r[ch])  # guard the strict order against float rounding
         parts.append((ch, src, np.full(ch.size, j, dtype=np.int8), dw, de, r))
@@ -409,7 +522,7 @@ def _group_lp_bounds(p: _Problem, seg: _Segments) -> tuple[np.ndarray, np.ndarra
     value, and the price (error per bit) of the last, fractional, segment."""
     G = p.cap.shape[0]
     base_e = np.bincount(p.group, weights=p.e[:, 0], minlength=G)
-    base_w = np.bincount(p.group, weights=p.n * p.cand[0], minlength=G)
+    base_w = np.bincount(p.group, weights=p.w[:, 0], minlength=G)
     order = seg.order_r if G == 1 else _stable_by(p.group[seg.ch], seg.order_r)
     sg, dw, de, r = p.group[seg.ch[order]], seg.dw[order], seg.de[order], seg.r[order]
     starts = np.searchsorted(sg, np.arange(G + 1))
@@ -433,14 +546,16 @@ def _group_lp_bounds(p: _Problem, seg: _Segments) -> tuple[np.ndarray, np.ndarra
 def lp_lower_bound(errors: _ArrayLike, params: _ArrayLike, budget: float,
                    candidates: Sequence[int] = (1, 2, 4), *, scope: str = "model",
                    layer_sizes: Sequence[int] | None = None,
-                   layer_ids: _ArrayLike | None = None) -> float:
+                   layer_ids: _ArrayLike | None = None,
+                   bit_costs: _ArrayLike | None = None) -> float:
     """LP-relaxation optimum of the flat problem (a lower bound on any plan's total SSE).
 
-    ``errors [C, K]``, ``params [C]``.  Exact: greedy on the channels' lower convex hulls, the
-    last segment taken fractionally (optimal for the LP of a multiple-choice knapsack).
+    ``errors [C, K]``, ``params [C]``, optional ``bit_costs [C, K]`` (see
+    :func:`assign_precision`).  Exact: greedy on the channels' lower convex hulls, the last
+    segment taken fractionally (optimal for the LP of a multiple-choice knapsack).
     """
-    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
-    return float(_group_lp_bounds(p, _hull_segments(p.e, p.n, p.cand))[0].sum())
+    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids, bit_costs)
+    return float(_group_lp_bounds(p, _hull_segments(p.e, p.w))[0].sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,13 +611,22 @@ def _kmeans(X: np.ndarray, k: int, rng: np.random.Generator, iters: int,
 def _cluster(p: _Problem, clusters: int, seed: int, iters: int, sample: int) -> np.ndarray:
     """Cluster id ``[C]`` of every channel, ids ``0..G-1``.
 
-    Partitions: equal ``n_c``; k-means (``clusters`` per partition) on ``log(e / n_c)``.  With
-    per-matrix budgets a stage-1 cluster must lie in one budget group, so the k-means clusters
-    are then split by matrix (one k-means over all matrices: the same channel types get the
-    same clusters everywhere, and one fit instead of hundreds of small ones).
+    Partitions: equal ``n_c`` (with ``bit_costs``: equal cost vectors ``w[c, :]``, so every
+    cluster has one cost vector); k-means (``clusters`` per partition) on ``log(e / n_c)``.
+    With per-matrix budgets a stage-1 cluster must lie in one budget group, so the k-means
+    clusters are then split by matrix (one k-means over all matrices: the same channel types
+    get the same clusters everywhere, and one fit instead of hundreds of small ones).
     """
     C = p.e.shape[0]
-    _, part = np.unique(p.n, return_inverse=True)
+    if p.costed:  # unique rows of w, in lexicographic order (as np.unique(axis=0), faster)
+        keys = np.lexsort(p.w.T[::-1])
+        ws = p.w[keys]
+        new = np.ones(C, dtype=bool)
+        new[1:] = (ws[1:] != ws[:-1]).any(1)
+        part = np.empty(C, dtype=np.int64)
+        part[keys] = np.cumsum(new) - 1
+    else:
+        _, part = np.unique(p.n, return_inverse=True)
     part = part.reshape(-1)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(part.max() + 2))
@@ -609,6 +733,7 @@ def assign_precision(
     kmeans_sample: int = 65_536,
     stage2: str = "combinatorial",
     verbose: bool = False,
+    bit_costs: _ArrayLike | None = None,
 ) -> PrecisionPlan:
     """Choose a bit-width per output channel at the least total SSE under an average budget.
 
@@ -641,18 +766,27 @@ def assign_precision(
             paths (``"combinatorial"``) or all in one block-diagonal LP (``"lp"``, CVXPY +
             HiGHS simplex); both exact.
         verbose: HiGHS log to the console.
+        bit_costs: optional ``[C, K]`` positive integers, strictly increasing along each row,
+            columns in the order of ``candidates``: the bits channel ``c`` costs at each width
+            (e.g. code bits plus its share of codebook, scales and index: stored bits).  The
+            budget then reads ``sum_c bit_costs[c, j_c] <= budget * sum_c n_c`` (``budget``
+            still per parameter, ``n_c`` from ``params``) and is used up to the largest cost
+            step of one channel.  Clusters are partitioned by cost vector, so rows should
+            share a few distinct cost vectors (e.g. one per matrix shape); every distinct one
+            gets up to ``clusters`` clusters.  ``None``: ``params[:, None] * candidates``.
 
     Returns:
         A :class:`PrecisionPlan`.
 
     Raises:
         ValueError: mismatched shapes, NaN/inf/negative errors, non-integer params, a budget
-            outside ``[candidates[0], candidates[-1]]``, an unknown scope.
+            outside ``[candidates[0], candidates[-1]]`` (with ``bit_costs``: below the cheapest
+            or above the most expensive plan), malformed ``bit_costs``, an unknown scope.
     """
     t_start = time.perf_counter()
     import cvxpy  # noqa: F401  (lazy: ~3 s; imported before the stages are timed)
 
-    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
+    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids, bit_costs)
     if int(clusters) < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
     if stage2 not in ("combinatorial", "lp"):
@@ -670,7 +804,7 @@ def assign_precision(
 
     # ---- bound (also builds the hull segments the stage-1 samples use) ----
     t0 = time.perf_counter()
-    seg = _hull_segments(e, n, cand)
+    seg = _hull_segments(e, p.w)
     lb_groups, _ = _group_lp_bounds(p, seg)
     lower_bound = float(lb_groups.sum())
     times["bound"] = time.perf_counter() - t0
@@ -680,15 +814,15 @@ def assign_precision(
     lab = _cluster(p, int(clusters), int(seed), int(kmeans_iters), int(kmeans_sample))
     G = int(lab.max()) + 1
     Nk = np.bincount(lab, minlength=G)
-    nk = np.zeros(G, dtype=np.int64)
-    nk[lab] = n
+    wk = np.zeros((G, cand.shape[0]), dtype=np.int64)
+    wk[lab] = p.w  # one cost vector per cluster (clusters are partitioned by it)
     gk = np.zeros(G, dtype=np.int64)
     gk[lab] = p.group
     times["cluster"] = time.perf_counter() - t0
 
     # ---- stage 1 ----
     t0 = time.perf_counter()
-    path = _ClusterPaths(seg, lab, G, cand)
+    path = _ClusterPaths(seg, lab, wk)
     del seg
     Y, F, pk = path.sample_points(Nk, int(samples), e, lab)
     s1_opts = dict(opts)
@@ -702,7 +836,7 @@ def assign_precision(
     emin = np.full((G, e.shape[1]), np.inf)
     np.maximum.at(emax, lab, e)
     np.minimum.at(emin, lab, e)
-    Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, nk, gk, emax, emin, s1_opts)
+    Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, wk, gk, emax, emin, s1_opts)
     info.update(s1info)
     times["stage1"] = time.perf_counter() - t0
 
@@ -723,6 +857,8 @@ def assign_precision(
     objective = float(e[np.arange(C), jidx].sum())
     used = int((n * bits).sum())
     average = used / int(n.sum())
+    average_cost = (int(p.w[np.arange(C), jidx].sum()) / int(n.sum())
+                    if p.given_costs else None)
     gap = (objective - lower_bound) / lower_bound if lower_bound > 0 else (
         0.0 if objective <= 0 else math.inf)
     if -1e-12 < gap < 0:  # summation round-off; a larger negative gap would be a bug: kept
@@ -733,20 +869,23 @@ def assign_precision(
         average_bits=average, objective=objective, lower_bound=lower_bound, gap=gap,
         stage1_objective=stage1_obj, times=times, solver=_solver_name(), info=info,
         n_clusters=G, params=n, layer_sizes=p.layer_sizes,
-        layer_index=p.layer_of if p.layer_sizes is None else None)
+        layer_index=p.layer_of if p.layer_sizes is None else None,
+        average_cost_bits=average_cost)
 
 
 def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray,
-            nk: np.ndarray, gk: np.ndarray, emax: np.ndarray, emin: np.ndarray,
+            wk: np.ndarray, gk: np.ndarray, emax: np.ndarray, emin: np.ndarray,
             opts: dict[str, Any]) -> tuple[np.ndarray, float, dict[str, Any]]:
     """Stage-1 integer program over clusters (CVXPY model, HiGHS MIP).
 
     Sample points ``Y [P, K]`` (counts), ``F [P]`` (exact SSE), ``pk [P]`` (cluster); per
-    cluster ``Nk``, ``nk`` (params per channel), ``gk`` (budget group), ``emax``/``emin
-    [G, K]`` (largest / smallest error of its channels at each width).  Variables
+    cluster ``Nk``, ``wk [G, K]`` (bit cost of one channel at each width), ``gk`` (budget
+    group), ``emax``/``emin [G, K]`` (largest / smallest error of its channels at each
+    width).  Variables
     ``mu [P] >= 0`` and integer counts ``y [G, K]`` (as ``z = y[:, 1:]``, the narrowest width
     taking the rest); rows: ``sum mu = 1`` per cluster, ``y = sum mu Y``, the budget.  The
-    budget rows are written in units of ``u = gcd(n)`` bits above the all-narrowest plan, so
+    budget rows are written in units of ``u`` bits above the all-narrowest plan (``u =
+    gcd(n)``; with ``bit_costs`` the gcd of all cost increments ``w[c, j] - w[c, 0]``), so
     coefficients and right-hand sides are exact small integers, all ``>= 0`` in ``z``.
 
     Integer counts off the sampled chords are reached through per-cluster slack moves
@@ -766,21 +905,29 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
 
     Budget groups share nothing, so with per-matrix budgets whole groups are batched into
     programs of at most ``_STAGE1_MAX_POINTS`` sample points (one program for the model
-    scope).  Returns counts ``[G, K]``, the modelled SSE and solver info.
+    scope).  With ``bit_costs`` every group gets its own program: a matrix's budget row then
+    has coefficients like 15 and 48 (instead of 1 and 3), its integer optimum lies ~1e-3
+    above its LP value on small matrices, and in one program HiGHS' branch-and-bound must
+    close those gaps jointly to ``mip_rel_gap`` (measured on 7 matrices of 192 rows: 67-300 s
+    batched, 10-16 s one program per matrix).  Returns counts ``[G, K]``, the modelled SSE
+    and solver info.
     """
     G, K = Nk.shape[0], p.cand.shape[0]
     ngrp = p.cap.shape[0]
-    base = np.bincount(p.group, weights=p.n * p.cand[0], minlength=ngrp).astype(np.int64)
-    unit = int(np.gcd.reduce(p.n))
+    base = np.zeros(ngrp, dtype=np.int64)
+    np.add.at(base, p.group, p.w[:, 0])  # exact (bincount would sum in float64)
+    unit = p.unit_inc
+    dwk = (wk[:, 1:] - wk[:, :1]) // unit  # [G, K-1] budget coefficients, exact
     cap_u = np.floor_divide(p.cap - base, unit)   # sum n b <= cap  <=>  ... <= floor
     lo_u = -np.floor_divide(-(p.lo - base), unit)  # and >= lo  <=>  ... >= ceil
     # Budget groups are independent; batch them into programs of bounded size.
     pts_per_group = np.bincount(gk[pk], minlength=ngrp)
+    limit = 0 if p.costed else _STAGE1_MAX_POINTS  # costed: one group per program
     batches: list[np.ndarray] = []
     cur: list[int] = []
     acc = 0
     for g in range(ngrp):
-        if cur and acc + pts_per_group[g] > _STAGE1_MAX_POINTS:
+        if cur and acc + pts_per_group[g] > limit:
             batches.append(np.asarray(cur))
             cur, acc = [], 0
         cur.append(g)
@@ -799,7 +946,7 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
         gloc = np.full(ngrp, -1)
         gloc[gs] = np.arange(gs.shape[0])
         Yb, val, inf = _stage1_program(
-            Y[pm], F[pm], kloc[pk[pm]], Nk[ks], nk[ks] // unit, gloc[gk[ks]], cap_u[gs],
+            Y[pm], F[pm], kloc[pk[pm]], Nk[ks], dwk[ks], gloc[gk[ks]], cap_u[gs],
             lo_u[gs], p.cand, emax[ks], emin[ks], opts)
         Yint[ks] = Yb
         total += val
@@ -819,11 +966,12 @@ _STAGE1_MAX_POINTS = 10_000  # per program (matrix scope): ~1 s of HiGHS each
 
 
 def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray,
-                    wk: np.ndarray, gk: np.ndarray, cap_u: np.ndarray, lo_u: np.ndarray,
+                    dwk: np.ndarray, gk: np.ndarray, cap_u: np.ndarray, lo_u: np.ndarray,
                     cand: np.ndarray, emax: np.ndarray, emin: np.ndarray,
                     opts: dict[str, Any]) -> tuple[np.ndarray, float, dict[str, Any]]:
     """One stage-1 program over a set of whole budget groups (local indices): clusters
-    ``Nk``, ``wk = n_k / u``, ``gk``; budget rows ``lo_u <= . <= cap_u`` per group.
+    ``Nk``, ``dwk [G, K-1]`` (cost of one channel at width ``j >= 1`` above the narrowest, in
+    units ``u``), ``gk``; budget rows ``lo_u <= . <= cap_u`` per group.
     Returns counts ``[G, K]``, the modelled SSE and the solver status."""
     import cvxpy as cp
 
@@ -859,8 +1007,7 @@ def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray
                            (np.concatenate([kk * K + jj, kk * K]),
                             np.concatenate([np.arange(kk.size)] * 2))), shape=(G * K, kk.size))
         S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, kk.size))
-        gap0 = (cand - cand[0])[1:]
-        W = sp.csr_matrix(((wk[:, None] * gap0[None, :]).ravel().astype(np.float64),
+        W = sp.csr_matrix((dwk.ravel().astype(np.float64),
                            (np.repeat(gk, K - 1), np.arange(kk.size))), shape=(ngrp, kk.size))
         cons += [A_cnt @ mu + s_plus - s_minus == T @ z + offset, z >= 0, S @ z <= Nk]
         budget_rows = [W @ z <= cap_u]
@@ -923,16 +1070,19 @@ class _ClusterPaths:
     segments is a threshold assignment, optimal for its own counts (module docstring).
 
     Arrays over sorted segments ``[S]``: ``cl`` cluster, ``rank`` position in its cluster,
-    ``ch``/``dst`` channel and target candidate, ``cum_de`` error saved, ``cum_db`` bits per
-    channel added, ``cum_cnt [S, K]`` count change, all cumulative and restarting at each
-    cluster; ``start [G + 1]`` cluster offsets.  ``gap0 [K]``: ``cand - cand[0]``.
+    ``ch``/``dst`` channel and target candidate, ``cum_de`` error saved, ``cum_db`` bits
+    added (cost increments ``dw``), ``cum_cnt [S, K]`` count change, all cumulative and
+    restarting at each cluster; ``start [G + 1]`` cluster offsets.  ``gap0 [G, K]``: each
+    cluster's cost of one channel at each width above the narrowest, ``wk - wk[:, :1]``
+    (``wk [G, K]`` its channels' common cost vector).
     """
 
-    def __init__(self, seg: _Segments, lab: np.ndarray, G: int, cand: np.ndarray) -> None:
+    def __init__(self, seg: _Segments, lab: np.ndarray, wk: np.ndarray) -> None:
+        G, K = wk.shape
         order = _stable_by(lab[seg.ch], seg.order_r)
         cl = lab[seg.ch]
-        self.K = K = cand.shape[0]
-        self.gap0 = (cand - cand[0]).astype(np.int64)
+        self.K = K
+        self.gap0 = (wk - wk[:, :1]).astype(np.int64)
         self.cl = cl[order]
         self.ch = seg.ch[order]
         src = seg.src[order]
@@ -940,8 +1090,7 @@ class _ClusterPaths:
         self.start = np.searchsorted(self.cl, np.arange(G + 1))
         self.rank = np.arange(self.cl.shape[0]) - self.start[self.cl]
         self.cum_de = _segmented_cumsum(seg.de[order], self.cl, self.start)
-        self.cum_db = _segmented_cumsum((cand[self.dst] - cand[src]).astype(np.int64),
-                                        self.cl, self.start)
+        self.cum_db = _segmented_cumsum(seg.dw[order].astype(np.int64), self.cl, self.start)
         delta = np.zeros((self.cl.shape[0], K), dtype=np.int32)
         idx = np.arange(self.cl.shape[0])
         delta[idx, src] -= 1
@@ -1162,8 +1311,8 @@ def _match_prefix(path: _ClusterPaths, k: int, yk: np.ndarray, Nk: int) -> int:
     a, b = path.start[k], path.start[k + 1]
     if b == a:
         return -1
-    # channel-unit bit total above the all-narrowest start, strictly increasing along the path
-    target = int((yk * path.gap0).sum())
+    # bit total above the all-narrowest start, strictly increasing along the path
+    target = int((yk * path.gap0[k]).sum())
     if target == 0:
         return 0 if yk[0] == Nk else -1
     i = int(np.searchsorted(path.cum_db[a:b], target))
@@ -1184,13 +1333,14 @@ def _repair(p: _Problem, jidx: np.ndarray) -> tuple[np.ndarray, int, bool]:
     Returns the candidate indices, the number of moves (0 when stage 1 was exact) and whether
     every fill row holds.  Raises RuntimeError if a cap could not be restored (a bug).
     """
-    e, n, cand, K = p.e, p.n, p.cand, p.cand.shape[0]
+    e, w, K = p.e, p.w, p.cand.shape[0]
+    rows = np.arange(e.shape[0])
     jidx = jidx.copy()
     moves = 0
     G = p.cap.shape[0]
     for _ in range(4 * K + 16):
         used = np.zeros(G, dtype=np.int64)
-        np.add.at(used, p.group, n * cand[jidx])
+        np.add.at(used, p.group, w[rows, jidx])
         over = used - p.cap
         under = p.lo - used
         bad = np.nonzero((over > 0) | (under > 0))[0]
@@ -1200,29 +1350,30 @@ def _repair(p: _Problem, jidx: np.ndarray) -> tuple[np.ndarray, int, bool]:
         for g in bad:
             sel = np.nonzero(p.group == g)[0]
             if over[g] > 0:
-                progress += _greedy_moves(e, n, cand, jidx, sel, int(over[g]), down=True)
+                progress += _greedy_moves(e, w, jidx, sel, int(over[g]), down=True)
             else:
                 slack = int(p.cap[g] - used[g])
-                k = _greedy_moves(e, n, cand, jidx, sel, int(under[g]), down=False, slack=slack)
+                k = _greedy_moves(e, w, jidx, sel, int(under[g]), down=False, slack=slack)
                 if k == 0:
-                    k = _pair_exchange(e, n, cand, jidx, sel, slack)
+                    k = _pair_exchange(e, w, jidx, sel, slack)
                 progress += k
         moves += progress
         if progress == 0:
             break
     used = np.zeros(G, dtype=np.int64)
-    np.add.at(used, p.group, n * cand[jidx])
+    np.add.at(used, p.group, w[rows, jidx])
     if (used > p.cap).any():  # pragma: no cover - downgrades always restore the cap
         raise RuntimeError("precision plan exceeds the budget after repair")
     return jidx, moves, bool((used >= p.lo).all())
 
 
-def _pair_exchange(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndarray,
-                   sel: np.ndarray, slack: int) -> int:
+def _pair_exchange(e: np.ndarray, w: np.ndarray, jidx: np.ndarray, sel: np.ndarray,
+                   slack: int) -> int:
     """One exchange in place on channels ``sel``: channel ``u`` one width up, channel
     ``d != u`` one width down, ``0 < added - freed <= slack``, least error increase.
-    Candidates: the two best channels per distinct step size either way.  Returns 1 or 0."""
-    K = cand.shape[0]
+    Candidates: the two best channels per distinct step size either way.  ``w [C, K]`` bit
+    costs.  Returns 1 or 0."""
+    K = w.shape[1]
     j = jidx[sel]
 
     def best_per_step(ch: np.ndarray, dw: np.ndarray, score: np.ndarray) -> list[tuple]:
@@ -1235,11 +1386,11 @@ def _pair_exchange(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndar
 
     up = j < K - 1
     cu, ju = sel[up], j[up]
-    ups = best_per_step(cu, n[cu] * (cand[np.minimum(ju + 1, K - 1)] - cand[ju]),
+    ups = best_per_step(cu, w[cu, np.minimum(ju + 1, K - 1)] - w[cu, ju],
                         e[cu, np.minimum(ju + 1, K - 1)] - e[cu, ju])  # error change
     dn = j > 0
     cd, jd = sel[dn], j[dn]
-    downs = best_per_step(cd, n[cd] * (cand[jd] - cand[np.maximum(jd - 1, 0)]),
+    downs = best_per_step(cd, w[cd, jd] - w[cd, np.maximum(jd - 1, 0)],
                           e[cd, np.maximum(jd - 1, 0)] - e[cd, jd])
     best = None
     for wu, u, su in ups:
@@ -1253,17 +1404,18 @@ def _pair_exchange(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndar
     return 1
 
 
-def _greedy_moves(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndarray,
-                  sel: np.ndarray, need: int, down: bool, slack: int = 0) -> int:
-    """Apply single-step moves in place on channels ``sel`` until ``need`` bits are freed
-    (down) or added without exceeding ``slack`` (up).  Returns the number of moves."""
-    K = cand.shape[0]
+def _greedy_moves(e: np.ndarray, w: np.ndarray, jidx: np.ndarray, sel: np.ndarray,
+                  need: int, down: bool, slack: int = 0) -> int:
+    """Apply single-step moves in place on channels ``sel`` until ``need`` bits (of the costs
+    ``w [C, K]``) are freed (down) or added without exceeding ``slack`` (up).  Returns the
+    number of moves."""
+    K = w.shape[1]
     j = jidx[sel]
     moves = 0
     if down:
         ok = j > 0
         ch, jj = sel[ok], j[ok]
-        dw = n[ch] * (cand[jj] - cand[jj - 1])
+        dw = w[ch, jj] - w[ch, jj - 1]
         loss = e[ch, jj - 1] - e[ch, jj]
         order = np.argsort(loss / dw, kind="stable")
         freed = np.cumsum(dw[order])
@@ -1273,13 +1425,13 @@ def _greedy_moves(e: np.ndarray, n: np.ndarray, cand: np.ndarray, jidx: np.ndarr
         return int(take.shape[0])
     ok = j < K - 1
     ch, jj = sel[ok], j[ok]
-    dw = n[ch] * (cand[jj + 1] - cand[jj])
+    dw = w[ch, jj + 1] - w[ch, jj]
     fits = dw <= slack
     ch, jj, dw = ch[fits], jj[fits], dw[fits]
     gain = e[ch, jj] - e[ch, jj + 1]
     order = np.argsort(-gain / dw, kind="stable")
     added = 0
-    for i in order:  # each move adds >= min(n) bits and need <= max(n): a few iterations
+    for i in order:  # each move adds >= one cost step, need <= the fill slack: a few steps
         if added >= need:
             break
         if dw[i] <= slack - added:
@@ -1305,24 +1457,26 @@ def exact_assignment(
     mip_rel_gap: float = 0.0,
     threads: int | None = None,
     verbose: bool = False,
+    bit_costs: _ArrayLike | None = None,
 ) -> tuple[np.ndarray, float, dict[str, Any]]:
     """The flat problem (same constraints as :func:`assign_precision`) as one binary ILP
     ``x [C, K]`` solved directly by HiGHS through CVXPY.  For small instances (a few thousand
-    channels): the reference the two-stage plan is checked against.
+    channels): the reference the two-stage plan is checked against.  ``bit_costs [C, K]``:
+    as in :func:`assign_precision`.
 
     Returns ``(bits [C] int64, objective, info)``; ``info`` has the solver status, HiGHS'
     MIP gap and the solve time.
     """
     import cvxpy as cp
 
-    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
-    e, n, cand = p.e, p.n, p.cand
+    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids, bit_costs)
+    e, cand = p.e, p.cand
     C, K = e.shape
-    unit = int(np.gcd.reduce(n))
+    unit = p.unit_abs  # divides every cost: exact small integer coefficients
     x = cp.Variable(C * K, boolean=True)
     R = sp.csr_matrix((np.ones(C * K), (np.repeat(np.arange(C), K), np.arange(C * K))),
                       shape=(C, C * K))
-    W = sp.csr_matrix((((n // unit)[:, None] * cand[None, :]).ravel().astype(np.float64),
+    W = sp.csr_matrix(((p.w // unit).ravel().astype(np.float64),
                        (np.repeat(p.group, K), np.arange(C * K))), shape=(p.cap.shape[0], C * K))
     sc = max(float(e.max()), 1e-300)
     prob = cp.Problem(cp.Minimize((e.ravel() / sc) @ x),
@@ -1350,6 +1504,7 @@ def greedy_assignment(
     scope: str = "model",
     layer_sizes: Sequence[int] | None = None,
     layer_ids: _ArrayLike | None = None,
+    bit_costs: _ArrayLike | None = None,
 ) -> np.ndarray:
     """Baseline: the marginal-gain greedy.  Start every channel at the narrowest width;
     repeatedly upgrade, to its *next* candidate, the channel with the largest error saved per
@@ -1358,15 +1513,16 @@ def greedy_assignment(
     Vectorized but equivalent to the heap version: a step's effective priority is the
     minimum efficiency of its channel's steps so far (the heap pops a better later step right
     after its predecessor); the prefix of steps that fits is taken at once, the last few that
-    still fit one by one.  Returns ``bits [C]`` int64.
+    still fit one by one.  ``bit_costs [C, K]``: as in :func:`assign_precision` (the bits
+    of a step are then its cost increase).  Returns ``bits [C]`` int64.
     """
-    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids)
-    e, n, cand = p.e, p.n, p.cand
+    p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids, bit_costs)
+    e, cand = p.e, p.cand
     C, K = e.shape
     jidx = np.zeros(C, dtype=np.int64)
     if K == 1:
         return cand[jidx].astype(np.int64)
-    dw = (n[:, None] * np.diff(cand)[None, :])                 # [C, K-1]
+    dw = np.diff(p.w, axis=1)                                  # [C, K-1]
     gain = e[:, :-1] - e[:, 1:]
     prio = np.minimum.accumulate(gain / dw, axis=1)
     ch = np.repeat(np.arange(C), K - 1)
@@ -1378,9 +1534,10 @@ def greedy_assignment(
     sel = np.nonzero(ok)[0][order]
     G = p.cap.shape[0]
     starts = np.searchsorted(grp[sel], np.arange(G + 1))
+    min_step = int(dw.min())  # no step fits below it
     for g in range(G):
         s = sel[starts[g]:starts[g + 1]]
-        slack = int(p.cap[g]) - int((n[p.group == g] * cand[0]).sum())
+        slack = int(p.cap[g]) - int(p.w[p.group == g, 0].sum())
         cw = np.cumsum(dw[s])
         t = int(np.searchsorted(cw, slack, side="right"))
         np.add.at(jidx, ch[s[:t]], 1)  # a prefix takes each channel's steps in order
@@ -1391,7 +1548,7 @@ def greedy_assignment(
             rest = s[t + 1:]
             rest = rest[dw[rest] <= rem]
             for i in rest:
-                if rem < int(n.min()):
+                if rem < min_step:
                     break
                 c = ch[i]
                 if blocked[c] or jidx[c] != st[i]:

@@ -103,6 +103,133 @@ def test_per_matrix_scope_each_matrix_meets_budget() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# Bit costs (budget in stored bits)
+# ------------------------------------------------------------------------------------------
+# 4*64 + 2*128 + 64 = 576 channels of 64 and 128 inputs: two partitions, exact ILP in ~1 s.
+TINY = llama_layer_shapes(1, 64, 128)
+
+
+def stored_costs(n: np.ndarray, cands) -> np.ndarray:
+    """Non-proportional costs: code bits, a per-row fp16 codebook (16 * 2**b) and a constant
+    (scale + row index), ``[C, K]`` int64."""
+    c = np.asarray(cands)
+    return n[:, None] * c[None, :] + 16 * 2 ** c[None, :] + 48
+
+
+def assert_cost_budget(bits: np.ndarray, w: np.ndarray, n: np.ndarray, cands,
+                       budget: float) -> None:
+    """Never above the budget in exact integer arithmetic, and within one cost step of it."""
+    used = int(w[np.arange(n.shape[0]), np.searchsorted(np.asarray(cands), bits)].sum())
+    cap = Fraction(repr(budget)) * int(n.sum())
+    assert used <= cap
+    assert cap - used <= int(np.diff(w, axis=1).max())
+
+
+@pytest.mark.parametrize("cands,budget,scope", [((1, 2, 4), 2.4, "model"),
+                                                ((1, 2, 4), 4.5, "model"),
+                                                ((1, 2, 3, 4), 3.3, "model"),
+                                                ((1, 2, 4), 3.0, "matrix")])
+def test_bit_costs_within_half_percent_of_exact_ilp(cands, budget: float, scope: str) -> None:
+    e, n, sizes = synthetic_error_table(TINY, candidates=cands, seed=21)
+    w = stored_costs(n, cands)
+    plan = assign_precision(e, n, budget, cands, scope=scope, layer_sizes=sizes, bit_costs=w)
+    bits_x, obj_x, info = exact_assignment(e, n, budget, cands, scope=scope,
+                                           layer_sizes=sizes, bit_costs=w)
+    assert info["status"] == "optimal"
+    groups = (zip(plan.split(), np.split(np.arange(n.shape[0]), np.cumsum(sizes)[:-1]))
+              if scope == "matrix" else [(plan.bits, np.arange(n.shape[0]))])
+    for b, idx in groups:
+        assert_cost_budget(b, w[idx], n[idx], cands, budget)
+    assert_cost_budget(bits_x, w, n, cands, budget)
+    assert plan.lower_bound <= obj_x * (1 + 1e-9)
+    assert lp_lower_bound(e, n, budget, cands, scope=scope, layer_sizes=sizes,
+                          bit_costs=w) == plan.lower_bound
+    assert obj_x * (1 - 1e-9) <= plan.objective <= obj_x * 1.005
+    assert plan.objective == pytest.approx(plan_sse(e, plan.bits, cands), rel=1e-12)
+    used = int(w[np.arange(n.shape[0]), np.searchsorted(np.asarray(cands), plan.bits)].sum())
+    assert plan.average_cost_bits == used / int(n.sum()) <= budget
+    assert plan.average_bits == int((n * plan.bits).sum()) / int(n.sum())
+    assert plan.average_bits < plan.average_cost_bits  # the codebook share is not free
+    assert plan.summary()["average_cost_bits"] == plan.average_cost_bits
+    g = greedy_assignment(e, n, budget, cands, scope=scope, layer_sizes=sizes, bit_costs=w)
+    wg = w[np.arange(n.shape[0]), np.searchsorted(np.asarray(cands), g)]
+    for _, idx in groups:  # the greedy baseline also respects the costed budget
+        assert int(wg[idx].sum()) <= Fraction(repr(budget)) * int(n[idx].sum())
+    assert plan_sse(e, g, cands) >= obj_x * (1 - 1e-9)
+
+
+def test_bit_costs_lp_bound_equals_highs_lp() -> None:
+    """The hull greedy over per-row costs is the LP optimum, also for non-convex errors and
+    costs that differ per row (so hulls differ per row even for equal errors)."""
+    rng = np.random.default_rng(3)
+    cands = (1, 2, 3, 4)
+    C, K = 300, len(cands)
+    e = rng.gamma(2.0, 1.0, size=(C, K)) * np.exp(-0.7 * np.arange(K))
+    e[:40] = rng.gamma(2.0, 1.0, size=(40, K))
+    n = rng.choice([64, 96, 160], size=C)
+    w = np.cumsum(rng.integers(1, 300, size=(C, K)), axis=1) + n[:, None]
+    budget = 4.1
+    x = cp.Variable((C, K), nonneg=True)
+    cap = int(np.floor(Fraction(repr(budget)) * int(n.sum())))
+    lp = cp.Problem(cp.Minimize(cp.sum(cp.multiply(e, x))),
+                    [cp.sum(x, axis=1) == 1, cp.sum(cp.multiply(x, w)) <= cap])
+    lp.solve(solver=cp.HIGHS)
+    assert lp_lower_bound(e, n, budget, cands, bit_costs=w) == pytest.approx(lp.value, rel=1e-9)
+
+
+@pytest.mark.parametrize("cands,budget,scope,kw", [((1, 2, 4), 1.15, "model", {}),
+                                                   ((1, 2, 4), 2.5, "matrix", {"clusters": 16}),
+                                                   ((1, 2, 3, 4), 2.75, "model", {}),
+                                                   ((2, 4, 8), 3.3, "model", {"samples": 0})])
+def test_bit_costs_n_times_candidates_is_the_default(cands, budget, scope, kw) -> None:
+    """``bit_costs = n * cand`` (columns in the caller's order) gives the default plan bit for
+    bit, and the default plan is what the planner gave before costs existed (checked on 84
+    plans, bounds and baselines when costs were added)."""
+    e, n, sizes = synthetic_error_table(TINY, candidates=cands, seed=5)
+    w = n[:, None] * np.asarray(cands)[None, :]
+    ref = assign_precision(e, n, budget, cands, scope=scope, layer_sizes=sizes, **kw)
+    got = assign_precision(e, n, budget, cands, scope=scope, layer_sizes=sizes, bit_costs=w,
+                           **kw)
+    assert np.array_equal(ref.bits, got.bits)
+    assert (ref.objective, ref.lower_bound) == (got.objective, got.lower_bound)
+    assert ref.average_cost_bits is None and got.average_cost_bits == got.average_bits
+    perm = np.roll(np.arange(len(cands)), 1)  # columns in the order of shuffled candidates
+    shuffled = assign_precision(e[:, perm], n, budget, [cands[i] for i in perm], scope=scope,
+                                layer_sizes=sizes, bit_costs=w[:, perm], **kw)
+    assert np.array_equal(ref.bits, shuffled.bits)
+    assert np.array_equal(greedy_assignment(e, n, budget, cands, scope=scope, layer_sizes=sizes),
+                          greedy_assignment(e, n, budget, cands, scope=scope, layer_sizes=sizes,
+                                            bit_costs=w))
+
+
+def test_bit_costs_value_errors() -> None:
+    e, n, sizes = synthetic_error_table(TINY, seed=6)
+    w = stored_costs(n, (1, 2, 4))
+    cases = [(w[:, :2], "bit_costs must have shape"), (w[:-1], "bit_costs must have shape"),
+             (w + 0.5, "bit_costs must be integers"), (w.astype(str), "bit_costs"),
+             (w - w[:, :1], "bit_costs must be positive"),
+             (w[:, [0, 2, 1]], "bit_costs must increase"),
+             (np.where(np.arange(3) == 1, w[:, :1], w), "bit_costs must increase")]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            assign_precision(e, n, 2.0, bit_costs=bad)
+    nanw = w.astype(np.float64)
+    nanw[4, 1] = np.nan
+    with pytest.raises(ValueError, match="bit_costs contains NaN"):
+        lp_lower_bound(e, n, 2.0, bit_costs=nanw)
+    least = float(w[:, 0].sum() / n.sum())  # 2.125: above candidates[0], below every plan
+    with pytest.raises(ValueError, match="below the cheapest plan under bit_costs"):
+        greedy_assignment(e, n, least - 0.01, bit_costs=w)
+    most = float(w[:, -1].sum() / n.sum())
+    with pytest.raises(ValueError, match="above the most expensive plan under bit_costs"):
+        exact_assignment(e, n, most + 0.01, bit_costs=w)
+    with pytest.raises(ValueError, match="in budget group"):  # per matrix
+        assign_precision(e, n, least + 0.05, scope="matrix", layer_sizes=sizes, bit_costs=w)
+    plan = assign_precision(e, n, least + 1e-3, bit_costs=w)  # just feasible: all narrowest
+    assert (plan.bits == 1).all()
+
+
+# ------------------------------------------------------------------------------------------
 # Budget
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [1.0, 1.01, 1.15, 1.9, 2.25, 3.0, 3.99, 4.0])
@@ -174,8 +301,8 @@ def test_stage2_exact_for_arbitrary_counts(method: str) -> None:
     e = n[:, None] * np.exp(rng.normal(0, 0.4, (C, 1)) - 1.2 * np.arange(K)
                             + rng.normal(0, 0.3, (C, K)))
     e[lab == 6] = rng.gamma(1.0, 1.0, size=(33, K))  # non-convex, non-monotone errors
-    seg = _hull_segments(e, n, cands)
-    path = _ClusterPaths(seg, lab, len(sizes), cands)
+    seg = _hull_segments(e, n[:, None] * cands[None, :])
+    path = _ClusterPaths(seg, lab, np.tile(64 * cands, (len(sizes), 1)))  # n = 64 everywhere
     Y = np.zeros((len(sizes), K), dtype=np.int64)
     for k, N in enumerate(sizes):  # pure, two widths, three+ widths, random, prefix
         if k == 0:
