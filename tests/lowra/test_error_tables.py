@@ -190,3 +190,22 @@ def test_measured_table_through_quantize_model(windows):
                          calibration_batch_size=4, measure_windows=4, **FAST)
     assert rep.error_table == "measured" and len(rep.layer_loss_increase) == 35
     assert "measure_s" in rep.times and abs(rep.bits_nominal - 1.5) < 0.01
+
+
+def test_effective_budget_counts_every_stored_bit():
+    """budget_kind=effective: the plan's stored bits (codes, codebooks, scales, index) meet +bits."""
+    from lowra.format import row_storage_bits
+
+    model = load_model()
+    rep = quantize_model(model, 2.7, budget_kind="effective", rank=2, alpha=4, loftq_iters=0,
+                         candidates=(1, 2, 3, 4), **FAST)
+    assert rep.budget_kind == "effective"
+    assert 2.65 <= rep.bits_effective <= 2.7 + 1e-9 and rep.bits_nominal < 2.0
+    layer = lowra_layers(model)[0][1]
+    rows = layer.qweight.bits_per_row.tolist()
+    stored = sum(row_storage_bits(layer.in_features, b, 64) for b in rows)
+    assert stored == 8 * layer.qweight.nbytes  # fp16 scales: the cost model is exact
+    with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
+        quantize_model(load_model(), 2, method="nf", budget_kind="effective", **FAST)
+    with pytest.raises(ValueError, match="quant.budget_kind=effective, bits=1.5"):
+        quantize_model(load_model(), 1.5, budget_kind="effective", rank=2, alpha=4, loftq_iters=0, **FAST)
