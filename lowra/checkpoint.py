@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra.atomic import write_text_atomic
+from lowra.atomic import dir_mode, write_text_atomic
 from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked, save_safetensors_atomic
 from lowra.model import lowra_layers
 from lowra.nn import LowRALinear
@@ -156,6 +156,7 @@ def _atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; a finished directory gets os.mkdir's mode
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
