@@ -148,10 +148,11 @@ class WandbLogger(RunLogger):
             counts = [hist.get(b, 0) for b in (1, 2, 3, 4)]
             data[f"bits/{kind}/hist"] = self.wandb.Histogram(np_histogram=(counts, edges))
             data[f"bits/{kind}/mean"] = _mean_bits(hist)
-        table = self.wandb.Table(columns=["layer", "type", "rows", "mean_bits", "rows_1b", "rows_2b", "rows_4b"])
+        widths = (1, 2, 3, 4)  # every width a row can have (3 bits: quant.candidates=[1,2,3,4], OPTQ)
+        table = self.wandb.Table(columns=["layer", "type", "rows", "mean_bits", *(f"rows_{b}b" for b in widths)])
         for name, hist in per_layer.items():
             table.add_data(name, layer_type(name), sum(hist.values()), _mean_bits(hist),
-                           *(hist.get(b, 0) for b in (1, 2, 4)))
+                           *(hist.get(b, 0) for b in widths))
         data["bits/per_layer"] = table
         self.run.log(data)
 

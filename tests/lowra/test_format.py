@@ -219,3 +219,13 @@ def test_file_without_checksums_needs_verify_false(tmp_path):
     with pytest.raises(FormatError, match="verify=False"):
         QuantizedTensor.load(path)
     assert torch.equal(QuantizedTensor.load(path, verify=False).dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("method", ["lowra", "nf", "uniform"])
+def test_fractional_bits_error_points_at_a_plan_not_at_the_same_method(method):
+    """``quantize(W, 2.5, method="lowra")`` used to suggest method='lowra' — the method it was given."""
+    with pytest.raises(ValueError, match=r"fractional average budget needs a per-row precision plan") as err:
+        quantize(torch.randn(4, 64), 2.5, method=method)
+    msg = str(err.value)
+    assert "lowra.quantize_model(model, 2.5" in msg and "int tensor [out]" in msg
+    assert "(method='lowra' or" not in msg
