@@ -3,8 +3,8 @@
 Without ``HF_HUB_OFFLINE``, ``from_pretrained("org/model")`` on a machine with no network retries
 for over a minute before it gives up. Before any Hub load the runner asks :func:`hub_reachable`
 (a TCP connection to the Hub endpoint, name lookup included, within ``timeout`` seconds, checked
-once per process and endpoint). When the Hub cannot be reached, models are loaded with
-``local_files_only=True`` (the local cache still works) and a miss fails at once with a message
+once per process and endpoint). When the Hub cannot be reached, models are loaded in
+huggingface_hub's offline mode (the local cache still works) and a miss fails at once with a message
 that says how to point the config at a local copy; datasets fail at once with the same kind of
 message (``HF_DATASETS_OFFLINE=1`` uses a cached copy).
 """
@@ -12,11 +12,12 @@ message (``HF_DATASETS_OFFLINE=1`` uses a cached copy).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 log = logging.getLogger("experiments.hub")
@@ -78,15 +79,27 @@ def no_network_reason() -> str | None:
     return None
 
 
-def model_load_kwargs(source: str) -> tuple[dict[str, Any], str | None]:
-    """Extra ``from_pretrained`` kwargs for a model ``source`` (``hub``/``local``) and the offline reason.
+@contextlib.contextmanager
+def hub_access(source: str) -> Iterator[str | None]:
+    """Context for loading a model from ``source`` (``hub``/``local``); yields why the Hub is offline (or None).
 
-    A Hub model with no network is read from the local cache only (``local_files_only=True``).
+    A Hub model with no network is read from the local cache only: huggingface_hub's offline mode
+    is switched on for the duration of the block (``local_files_only=True`` alone is not enough:
+    transformers still looks up an adapter config online, with a minute of retries).
     """
     if source != "hub":
-        return {}, None
+        yield None
+        return
     reason = no_network_reason()
-    if reason is not None and not offline_mode():
-        log.warning("%s: loading Hub models from the local cache only", reason)
-        return {"local_files_only": True}, reason
-    return {}, reason
+    if reason is None or offline_mode():
+        yield reason
+        return
+    log.warning("%s: loading Hub models from the local cache only", reason)
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = saved

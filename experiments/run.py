@@ -49,7 +49,7 @@ from experiments import resume_guard
 from experiments.config_check import BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.evaluate import evaluate
-from experiments.hub import model_load_kwargs
+from experiments.hub import hub_access
 from experiments.logging_utils import (
     RunLogger,
     atomic_write_json,
@@ -95,11 +95,11 @@ def load_tokenizer(mcfg: Any) -> Any:
     from transformers import AutoTokenizer
 
     where = model_location(mcfg)
-    extra, reason = model_load_kwargs(str(mcfg.source))  # no network: the local cache only, at once
-    try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code), **extra)
-    except OSError as exc:
-        raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
+    with hub_access(str(mcfg.source)) as reason:  # no network: the local cache only, at once
+        try:
+            return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code))
+        except OSError as exc:
+            raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
 
 
 def _model_hint(mcfg: Any, where: str, exc: BaseException, reason: str | None = None) -> str:
@@ -121,11 +121,11 @@ def load_model(mcfg: Any, device: torch.device) -> torch.nn.Module:
     kwargs: dict[str, Any] = {"dtype": getattr(torch, mcfg.dtype), "trust_remote_code": bool(mcfg.trust_remote_code)}
     if mcfg.device_map is not None and device.type == "cuda":
         kwargs["device_map"] = mcfg.device_map
-    extra, reason = model_load_kwargs(str(mcfg.source))
-    try:
-        model = cls.from_pretrained(where, **kwargs, **extra)
-    except OSError as exc:
-        raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
+    with hub_access(str(mcfg.source)) as reason:
+        try:
+            model = cls.from_pretrained(where, **kwargs)
+        except OSError as exc:
+            raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
