@@ -98,7 +98,7 @@ def load_tokenizer(mcfg: Any) -> Any:
     with hub_access(str(mcfg.source)) as reason:  # no network: the local cache only, at once
         try:
             return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
             raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
 
 
