@@ -120,8 +120,13 @@ def check_bits(quant: Any) -> float:
     return bits
 
 
-def check_config(cfg: Any) -> None:
-    """Raise :class:`ConfigError` on the first problem of a composed run config."""
+def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
+    """Raise :class:`ConfigError` on the first problem of a composed run config.
+
+    ``ignored_budget_ok``: accept ``+bits=B`` for a method that ignores the budget (``quant=lora``,
+    dense base) — in a sweep such a job is the dense reference for that budget; in a single run
+    the budget would be silently ignored, so it is an error.
+    """
     for key in ("model", "data", "quant", "train", "eval", "logger", "lora"):
         if key not in cfg or cfg[key] is None:
             raise ConfigError(f"config has no '{key}' section")
@@ -167,6 +172,17 @@ def check_config(cfg: Any) -> None:
     # quant
     _choice("quant.method", q.method, QUANT_METHODS)
     check_bits(q)
+    requested = cfg.get("bits")
+    if q.method == "none" and requested is not None and not ignored_budget_ok:
+        try:
+            same = math.isclose(float(requested), float(q.bits))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise ConfigError(
+                f"+bits={requested} has no effect with quant={q.name}: its base stays dense "
+                f"({float(q.bits):g}-bit); drop +bits, or choose a quantized method (quant=lowra|qlora|loftq|modulora)"
+            )
     for b in q.candidates:
         _choice("quant.candidates[]", b, CANDIDATE_BITS)
     if q.get("codebook") is not None:

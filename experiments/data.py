@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,17 @@ def load_hub_split(data_cfg: Any, split: str, role: str) -> Any:
     """``datasets.load_dataset(hub_path, hub_name, split=split)`` with an actionable error."""
     import datasets
 
+    from experiments.hub import no_network_reason, offline_mode
+
+    reason = no_network_reason()
+    if reason is not None and not offline_mode() and os.environ.get("HF_DATASETS_OFFLINE", "").upper() not in (
+        "1", "ON", "YES", "TRUE"
+    ):  # fail now instead of after a minute of retries
+        raise DataUnavailableError(
+            f"data={data_cfg.name}: cannot load the '{split}' split of '{data_cfg.hub_path}' from the Hugging "
+            f"Face Hub: {reason}. If it is in the local cache, set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1. "
+            f"{_hub_hint(data_cfg, role)}"
+        )
     try:
         return datasets.load_dataset(data_cfg.hub_path, data_cfg.hub_name, split=split)
     except Exception as exc:  # offline: ConnectionError / OSError / DatasetNotFoundError …

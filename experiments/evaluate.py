@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from experiments.progress import progress_iter
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def perplexity(
         else:
             batches.append([w])
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in progress_iter(batches, desc, progress):
             ids = torch.stack([stream[w.begin : w.end] for w in batch]).to(device)
             logits = model(input_ids=ids).logits.float()  # [B, T, V]
             # position t predicts token t+1
@@ -114,7 +115,7 @@ def generate_summaries(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        for i in tqdm(range(0, len(sources), batch_size), desc="generate", disable=not progress, leave=False):
+        for i in progress_iter(range(0, len(sources), batch_size), "generate", progress):
             chunk = sources[i : i + batch_size]
             if arch == "causal_lm" and prompt_template:
                 chunk = [prompt_template.format(source=s) for s in chunk]

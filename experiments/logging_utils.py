@@ -114,8 +114,8 @@ class RunLogger:
     def log_results(self, results: dict[str, Any]) -> None:
         """The final results as summary values and a one-row table."""
 
-    def finish(self) -> None:
-        """Close the run."""
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the run (``exit_code`` 1: the run failed)."""
 
 
 class WandbLogger(RunLogger):
@@ -148,10 +148,11 @@ class WandbLogger(RunLogger):
             counts = [hist.get(b, 0) for b in (1, 2, 3, 4)]
             data[f"bits/{kind}/hist"] = self.wandb.Histogram(np_histogram=(counts, edges))
             data[f"bits/{kind}/mean"] = _mean_bits(hist)
-        table = self.wandb.Table(columns=["layer", "type", "rows", "mean_bits", "rows_1b", "rows_2b", "rows_4b"])
+        widths = (1, 2, 3, 4)  # every width a row can have (3 bits: quant.candidates=[1,2,3,4], OPTQ)
+        table = self.wandb.Table(columns=["layer", "type", "rows", "mean_bits", *(f"rows_{b}b" for b in widths)])
         for name, hist in per_layer.items():
             table.add_data(name, layer_type(name), sum(hist.values()), _mean_bits(hist),
-                           *(hist.get(b, 0) for b in (1, 2, 4)))
+                           *(hist.get(b, 0) for b in widths))
         data["bits/per_layer"] = table
         self.run.log(data)
 
@@ -164,11 +165,44 @@ class WandbLogger(RunLogger):
         table = self.wandb.Table(columns=list(flat), data=[list(flat.values())])
         self.run.log({"results": table})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+class LazyLogger(RunLogger):
+    """Creates the real logger at the first call that logs something.
+
+    A run that fails while loading (a missing model, no network) therefore leaves no W&B run
+    behind; one that fails later closes its W&B run with exit code 1 (shown as failed).
+    """
+
+    def __init__(self, factory: Any) -> None:
+        self._factory, self._logger = factory, None
+
+    def _get(self) -> RunLogger:
+        if self._logger is None:
+            self._logger = self._factory()
+        return self._logger
+
+    @property
+    def started(self) -> bool:
+        return self._logger is not None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._get().log(metrics, step)
+
+    def log_bit_allocation(self, per_layer: dict[str, dict[int, int]]) -> None:
+        self._get().log_bit_allocation(per_layer)
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        self._get().log_results(results)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._logger is not None:
+            self._logger.finish(exit_code)
 
 
 def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], group: str | None, name: str) -> RunLogger:
     if cfg.logger.name == "none" or os.environ.get("WANDB_MODE") == "disabled":
         return RunLogger()
-    return WandbLogger(cfg.logger, run_dir, config, group, name)
+    return LazyLogger(lambda: WandbLogger(cfg.logger, run_dir, config, group, name))

@@ -18,14 +18,22 @@ Stages (one progress bar each, plus a bar over the stages):
 ``resume=true`` with the same ``hydra.run.dir`` continues an interrupted run: finished stages are
 read back from ``<run_dir>/state.json``, the quantized model from ``<run_dir>/checkpoint/quantized``
 (or re-quantized deterministically when the library cannot save it), the adapters, optimizer,
-scheduler and RNG from ``<run_dir>/checkpoint/last.pt``.
+scheduler and RNG from ``<run_dir>/checkpoint/last.pt``. It refuses a configuration that differs
+from the stored one in any result-changing key (``resume_override=true`` continues anyway), and a
+finished run is reported as finished (:mod:`experiments.resume_guard`).
+
+Output: one readable summary at the end (:mod:`experiments.summary`; per-step losses only in
+``results.json``); progress bars on a terminal, plain periodic lines otherwise
+(:mod:`experiments.progress`). A run that fails writes ``<run_dir>/failed.json`` (error, stage,
+whether it can be resumed); one that fails before anything resumable exists also removes its
+half-made outputs. The W&B run is created only when the first metric is logged and is marked
+failed (exit code 1) when the run fails.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -36,11 +44,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
+from experiments import resume_guard
 from experiments.config_check import BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.evaluate import evaluate
+from experiments.hub import hub_access
 from experiments.logging_utils import (
     RunLogger,
     atomic_write_json,
@@ -48,17 +57,21 @@ from experiments.logging_utils import (
     peak_memory_bytes,
     versions,
 )
+from experiments.progress import is_terminal, progress_bar, quiet_library_bars
+from experiments.resume_guard import RunState
+from experiments.summary import run_summary
 from experiments.train import LMBatches, PairBatches, TrainResult, resolve_optimizer, train
 
 log = logging.getLogger("experiments.run")
 
 STAGES = ("load", "quantize", "evaluate (before fine-tuning)", "fine-tune", "evaluate", "save")
-STATE_FILE = "state.json"
+STATE_FILE = resume_guard.STATE_FILE
 #: ``quant.<key>`` passed to ``lowra.quantize_model`` for ``quant.method=lowra`` only.
 LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
 #: ``quant.<key>`` passed for every quantizing method (the adapter init).
 INIT_KEYS = ("init", "init_damp")
-RESULTS_FILE = "results.json"
+RESULTS_FILE = resume_guard.RESULTS_FILE
+FAILED_FILE = resume_guard.FAILED_FILE
 
 
 class ModelUnavailableError(RuntimeError):
@@ -84,15 +97,18 @@ def load_tokenizer(mcfg: Any) -> Any:
     from transformers import AutoTokenizer
 
     where = model_location(mcfg)
-    try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code))
-    except OSError as exc:
-        raise ModelUnavailableError(_model_hint(mcfg, where, exc)) from exc
+    with hub_access(str(mcfg.source)) as reason:  # no network: the local cache only, at once
+        try:
+            return AutoTokenizer.from_pretrained(where, trust_remote_code=bool(mcfg.trust_remote_code))
+        except (OSError, ValueError) as exc:  # ValueError: a directory without tokenizer files
+            raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
 
 
-def _model_hint(mcfg: Any, where: str, exc: BaseException) -> str:
+def _model_hint(mcfg: Any, where: str, exc: BaseException, reason: str | None = None) -> str:
+    why = (f"{reason}, and it is not in the local Hugging Face cache" if reason
+           else f"{type(exc).__name__}: {exc}")
     return (
-        f"model={mcfg.name}: could not load '{where}' ({type(exc).__name__}: {exc}). Offline or gated? "
+        f"model={mcfg.name}: could not load '{where}' ({why}). Offline or gated? "
         f"Download it elsewhere and point the config at the directory: "
         f"model.pretrained=/path/to/{mcfg.name} model.source=local"
     )
@@ -107,10 +123,11 @@ def load_model(mcfg: Any, device: torch.device) -> torch.nn.Module:
     kwargs: dict[str, Any] = {"dtype": getattr(torch, mcfg.dtype), "trust_remote_code": bool(mcfg.trust_remote_code)}
     if mcfg.device_map is not None and device.type == "cuda":
         kwargs["device_map"] = mcfg.device_map
-    try:
-        model = cls.from_pretrained(where, **kwargs)
-    except OSError as exc:
-        raise ModelUnavailableError(_model_hint(mcfg, where, exc)) from exc
+    with hub_access(str(mcfg.source)) as reason:
+        try:
+            model = cls.from_pretrained(where, **kwargs)
+        except OSError as exc:
+            raise ModelUnavailableError(_model_hint(mcfg, where, exc, reason)) from exc
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
@@ -248,75 +265,73 @@ def lowra_api(name: str) -> Any:
 # -------------------------------------------------------------------------------------------- run
 
 
-class RunState:
-    """Finished stages and their outputs, persisted atomically in ``<run_dir>/state.json``."""
+def run(cfg: DictConfig, run_dir: Path, group: str | None = None, sweep: bool = False) -> dict[str, Any]:
+    """Run the whole experiment described by ``cfg`` in ``run_dir``; returns the results dict.
 
-    def __init__(self, run_dir: Path, resume: bool) -> None:
-        self.path = run_dir / STATE_FILE
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if resume and self.path.exists() else {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.data
-
-    def set(self, **values: Any) -> None:
-        self.data.update(values)
-        atomic_write_json(self.path, self.data)
-
-
-def run(cfg: DictConfig, run_dir: Path, group: str | None = None) -> dict[str, Any]:
-    """Run the whole experiment described by ``cfg`` in ``run_dir``; returns the results dict."""
-    t_wall = time.perf_counter()
-    check_config(cfg)
+    ``sweep``: the run is one job of a multirun (a budget the method ignores is then allowed).
+    """
+    check_config(cfg, ignored_budget_ok=sweep)
     OmegaConf.resolve(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(cfg.resume)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    finished = resume_guard.check_resume(run_dir, config, resume, bool(cfg.get("resume_override", False)))
+    if finished is not None:  # resume=true on a finished run: report it, touch nothing
+        log.info("%s", run_summary(finished, run_dir / RESULTS_FILE,
+                                   title="already finished (resume=true: nothing to do)"))
+        return finished
     ckpt_dir = run_dir / "checkpoint"
     if not resume:
         for stale in (run_dir / STATE_FILE, run_dir / RESULTS_FILE):
             stale.unlink(missing_ok=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    resume_guard.store_config(run_dir, config)
     state = RunState(run_dir, resume)
-    device = pick_device(str(cfg.device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    state.start_session(ckpt_dir / "last.pt")
     progress = bool(cfg.get("progress", True))
-    config = OmegaConf.to_container(cfg, resolve=True)
+    if not is_terminal():
+        quiet_library_bars()  # no redrawn bars from transformers/hub/datasets in log files
     name = f"{cfg.model.name}-{cfg.data.name}-{cfg.quant.name}-b{cfg.quant.bits:g}-r{cfg.lora.rank}-s{cfg.seed}"
-    logger: RunLogger = make_logger(cfg, run_dir, config, group, name)
+    logger: RunLogger = make_logger(cfg, run_dir, config, group, name)  # W&B starts at the first metric
     prefix = metric_prefix(cfg)
-    stages = tqdm(total=len(STAGES), desc="stages", disable=not progress, position=0)
+    stages = progress_bar(len(STAGES), "stages", progress, announce=True, position=0)
+    failed = False
     try:
+        device = pick_device(str(cfg.device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         results = _run_stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix)
         results.update(
             peak_memory_bytes=peak_memory_bytes(device),
-            wall_time_s=time.perf_counter() - t_wall + float(state.get("wall_time_before_s", 0.0)),
+            wall_time_s=state.wall_time_s(),  # every session, a killed one up to its last checkpoint
             device=str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
             versions=versions(),
             run_dir=str(run_dir),
             config=config,
         )
         atomic_write_json(run_dir / RESULTS_FILE, results)
+        state.end_session()
         if (run_dir / "model" / "manifest.json").exists():  # the saved model supersedes the resume copy
             shutil.rmtree(ckpt_dir / "quantized", ignore_errors=True)
         logger.log_results(results)
         stages.update(1)
-        log.info("results: %s", json.dumps({k: v for k, v in results.items() if k not in ("config", "versions")}))
-        return results
-    except BaseException:
-        state.set(wall_time_before_s=time.perf_counter() - t_wall + float(state.get("wall_time_before_s", 0.0)))
+    except BaseException as exc:
+        failed = True
+        state.end_session()
+        resume_guard.mark_failed(run_dir, exc, str(getattr(stages, "desc", "")), state)
         raise
     finally:
         stages.close()
-        logger.finish()
+        logger.finish(exit_code=1 if failed else 0)
+    log.info("%s", run_summary(results, run_dir / RESULTS_FILE))  # after W&B's summary: the last screen
+    return results
 
 
 def _run_stages(
     cfg: DictConfig, run_dir: Path, ckpt_dir: Path, state: RunState, device: torch.device, progress: bool,
-    logger: RunLogger, stages: tqdm, prefix: str,
+    logger: RunLogger, stages: Any, prefix: str,
 ) -> dict[str, Any]:
     quantize_model, save_quantized = lowra_api("quantize_model"), lowra_api("save_quantized")
     load_quantized, memory_report = lowra_api("load_quantized"), lowra_api("memory_report")
@@ -348,7 +363,7 @@ def _run_stages(
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
-        kwargs = quantize_kwargs(cfg, progress)
+        kwargs = quantize_kwargs(cfg, progress and is_terminal())  # per-layer bars only on a terminal
         if needs_calibration(cfg):
             kwargs.update(calibration_kwargs(cfg, data))
         rep = quantize_model(model, **kwargs)
@@ -468,7 +483,7 @@ def main() -> None:
         run_dir, group = _hydra_group()
         run_dir = resolve_path(run_dir)
         try:
-            results = run(cfg, run_dir, group=cfg.logger.group or group)
+            results = run(cfg, run_dir, group=cfg.logger.group or group, sweep=group is not None)
         except BudgetError as exc:
             if group is None:  # a single run: a bad budget is an error
                 log.error("%s", exc)

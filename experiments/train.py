@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from experiments.progress import progress_bar
 from lowra.atomic import atomic_path
 
 CHECKPOINT_NAME = "last.pt"
@@ -284,7 +284,7 @@ def train(
     t0 = time.perf_counter()
     model.train()
     accum = int(tcfg.grad_accum)
-    bar = tqdm(total=total, initial=step, desc="fine-tune", disable=not progress)
+    bar = progress_bar(total, "fine-tune", progress, initial=step)  # a bar on a TTY, plain lines otherwise
     while step < total:
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0

@@ -3,7 +3,7 @@
 Directory layout written by ``save_quantized(model, dir)``::
 
     dir/manifest.json                    format, version, method, bits, source model, model class,
-                                         per-layer shapes/metadata, file names + byte sizes, report
+                                         per-layer shapes/metadata, file names + byte sizes + sha256, report
     dir/config.<token>.json              the HF config (model.config.to_dict())
     dir/quantized.<token>.safetensors    per layer "<name>/b{b}.codes|rows|codebook", "<name>/absmax…"
                                          and the plan "<name>/plan.bits" (int8 [out])
@@ -15,8 +15,12 @@ Atomicity: a save writes its data files under a fresh token, fsyncs them, and on
 ``manifest.json`` (``os.replace``, atomic on POSIX); files of the previous save are deleted after
 that. A crash at any moment therefore leaves a directory whose manifest names a complete save —
 the previous one or the new one. Loading checks the format name and version, that every file
-exists with its recorded size (a truncated file fails clearly) and parses, and that the shapes
-match the target model. Nothing is re-quantized on load: the codes are read back bit for bit, so
+exists with its recorded size (a truncated file fails clearly) and its recorded sha256
+(``file_sha256`` in the manifest: a byte changed anywhere, even at the same size, is refused),
+that it parses, that every codebook and scale is finite, and that the shapes match the target
+model. ``load_quantized(dir, verify=False)`` (and ``read_manifest(dir, verify=False)``) skips
+the hashing — one read of every file — for speed on trusted storage; the other checks still run.
+Nothing is re-quantized on load: the codes are read back bit for bit, so
 logits after a reload are identical.
 
 ``merge_to_hf`` writes ``deq(base) + s·B·A`` as a plain HF model with ``save_pretrained`` (into a
@@ -41,8 +45,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra.atomic import write_text_atomic
-from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked, save_safetensors_atomic
+from lowra.atomic import dir_mode, write_text_atomic
+from lowra.format import (
+    FormatError,
+    QuantizedTensor,
+    file_sha256,
+    load_safetensors_checked,
+    save_safetensors_atomic,
+)
 from lowra.model import lowra_layers
 from lowra.nn import LowRALinear
 
@@ -156,6 +166,7 @@ def _atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700; a finished directory gets os.mkdir's mode
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -249,6 +260,7 @@ def save_quantized(
         "torch_version": torch.__version__,
         "files": files,
         "file_sizes": {k: (directory / f).stat().st_size for k, f in files.items()},
+        "file_sha256": {k: file_sha256(directory / f) for k, f in files.items()},
         "layers": layer_meta,
         "tied": aliases,
         "report": report.to_dict() if report is not None else None,
@@ -274,8 +286,13 @@ def _weighted(layers: list[tuple[str, LowRALinear]], attr: str) -> float:
 
 
 # ---------------------------------------------------------------------------------- load
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The validated manifest of a ``save_quantized`` directory (FormatError if foreign/broken)."""
+def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """The validated manifest of a ``save_quantized`` directory (FormatError if foreign/broken).
+
+    Args:
+        verify: also recompute the sha256 of every data file and compare it with the manifest's
+            ``file_sha256`` (default); ``False`` checks only presence and sizes.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no such directory: {directory}")
@@ -302,6 +319,15 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         size, want = f.stat().st_size, manifest["file_sizes"].get(kind)
         if size != want:
             raise FormatError(f"checkpoint file {name} has {size} bytes, expected {want} (truncated or modified)")
+    if verify:
+        digests = manifest.get("file_sha256")
+        if not isinstance(digests, dict):
+            raise FormatError(f"{path} carries no checksums (saved by an older LowRA?); "
+                              "load it with verify=False to accept it unchecked")
+        for kind, name in manifest["files"].items():
+            if file_sha256(directory / name) != digests.get(kind):
+                raise FormatError(f"checkpoint file {name} fails its sha256 check (corrupted or modified after "
+                                  "the save); load_quantized(..., verify=False) skips this check")
     return manifest
 
 
@@ -309,6 +335,7 @@ def load_quantized(
     directory: str | os.PathLike,
     device: str | torch.device = "cpu",
     model: nn.Module | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Rebuild a model saved by ``save_quantized``, without re-quantizing anything.
 
@@ -318,13 +345,17 @@ def load_quantized(
         model: optional HF model to load into (its target linears must have the saved shapes);
             by default the model is rebuilt from the saved config (parameters are never
             allocated in fp32 for the quantized layers).
+        verify: check every file's sha256 against the manifest (default). ``False`` skips the
+            hashing (one extra read of every file) for speed on trusted storage; sizes,
+            structure, shapes and finite codebooks/scales are checked either way.
     Returns the model in eval mode, with only the adapters trainable.
     Raises:
-        FormatError (a ValueError): a foreign directory, a truncated or corrupt file, a version
-            this code does not read. ValueError: a ``model`` whose shapes differ from the save.
+        FormatError (a ValueError): a foreign directory, a truncated, corrupt or modified file
+            (sha256 mismatch), a NaN/Inf codebook or scale, a version this code does not read.
+        ValueError: a ``model`` whose shapes differ from the save.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, verify=verify)
     files = manifest["files"]
     quantized, _ = load_safetensors_checked(directory / files["quantized"], device)
     adapters, _ = load_safetensors_checked(directory / files["adapters"], device)
@@ -359,7 +390,10 @@ def load_quantized(
             prefix = f"{name}/"
             tensors = {k[len(prefix):]: v for k, v in quantized.items() if k.startswith(prefix)}
             tensors.pop("plan.bits", None)
-            qt = QuantizedTensor.from_state_dict(tensors, meta["quantized"])
+            try:
+                qt = QuantizedTensor.from_state_dict(tensors, meta["quantized"])
+            except FormatError as exc:
+                raise FormatError(f"layer {name!r}: {exc}") from None
             if qt.shape != shape:
                 raise FormatError(f"layer {name!r}: stored codes have shape {qt.shape}, manifest says {shape}")
             base: QuantizedTensor | torch.Tensor = qt

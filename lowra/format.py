@@ -9,10 +9,17 @@ original row order (fp16, or double-quantized). A weight element is
 
 ``nominal_bits`` counts code bits only (the QLoRA/LoftQ convention); ``effective_bits`` counts
 every stored byte (codes, row indices, codebooks, scales) — both are reported everywhere.
+
+Integrity: ``save`` stores a sha256 of every tensor's bytes in the file header
+(``lowra_sha256``); ``load`` recomputes them by default and refuses a file whose bytes changed,
+even at the same size (``verify=False`` skips the hashing, for speed on trusted files). Every
+load (``from_state_dict``) also checks that the codebooks and scales are finite, so a corrupted
+table cannot silently turn the weights into NaN.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,6 +36,8 @@ from lowra.validation import check_bits, check_group_size, check_weight
 
 FORMAT_NAME = "lowra.QuantizedTensor"
 FORMAT_VERSION = 1
+#: safetensors header key holding ``{tensor name: sha256 hex of its bytes}``.
+DIGEST_KEY = "lowra_sha256"
 
 
 class FormatError(ValueError):
@@ -230,6 +239,21 @@ class QuantizedTensor:
         elif tuple(self.scales.absmax.shape) != want_scales:
             raise FormatError(f"absmax has shape {tuple(self.scales.absmax.shape)}, expected {want_scales}")
 
+    def check_finite(self) -> None:
+        """Raise ``FormatError`` if a codebook or scale is NaN/Inf (a corrupted or broken table).
+
+        Run on every load: one non-finite mapping value or absmax would turn whole rows of the
+        dequantized weight into NaN/Inf without any other error.
+        """
+        for g in self.groups:
+            if not bool(torch.isfinite(g.codebook).all()):
+                raise FormatError(f"{g.bits}-bit codebook (b{g.bits}.codebook) has NaN/Inf values (corrupted?)")
+        for name, t in self.scales.tensors().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise FormatError(f"scales {name!r} have NaN/Inf values (corrupted?)")
+        if not bool(torch.isfinite(self.scales.restore()).all()):
+            raise FormatError("the restored absmax scales have NaN/Inf values (corrupted?)")
+
     # ------------------------------------------------------------------ serialization
     def metadata(self) -> dict:
         """JSON-able header: everything needed to rebuild the tensor from ``state_dict``."""
@@ -272,24 +296,40 @@ class QuantizedTensor:
                 tensors, (shape[0], num_groups(shape[1], int(meta["group_size"]))),
                 int(meta.get("dq_block", DQ_BLOCK)),
             )
-            return cls(shape, int(meta["group_size"]), groups, scales, meta.get("method", "unknown"))
+            qt = cls(shape, int(meta["group_size"]), groups, scales, meta.get("method", "unknown"))
         except KeyError as exc:
             raise FormatError(f"quantized tensor is missing {exc}") from None
+        qt.check_finite()
+        return qt
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file with the JSON header; atomic (a crash leaves the old file)."""
+        """Write a safetensors file with the JSON header and per-tensor sha256 digests; atomic."""
+        tensors = {k: v.contiguous() for k, v in self.state_dict().items()}
+        digests = {k: tensor_sha256(v) for k, v in tensors.items()}
         save_safetensors_atomic(
-            {k: v.contiguous() for k, v in self.state_dict().items()},
-            path,
-            {"lowra": json.dumps(self.metadata())},
+            tensors, path, {"lowra": json.dumps(self.metadata()), DIGEST_KEY: json.dumps(digests)}
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> QuantizedTensor:
-        """Read a file written by ``save``; a wrong, truncated or foreign file raises FormatError."""
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+    ) -> QuantizedTensor:
+        """Read a file written by ``save``; a wrong, truncated, foreign or modified file raises FormatError.
+
+        Args:
+            verify: recompute every tensor's sha256 and compare it with the header (default). A
+                byte changed anywhere, even at the same file size, is refused. ``verify=False``
+                skips the hashing (faster on large trusted files); the structure, shape and
+                finiteness checks still run.
+        """
         tensors, header = load_safetensors_checked(path, device)
         if "lowra" not in header:
             raise FormatError(f"{path} is a safetensors file but not a LowRA quantized tensor")
+        if verify:
+            if DIGEST_KEY not in header:
+                raise FormatError(f"{path} carries no checksums (written by an older LowRA?); "
+                                  "load it with verify=False to accept it unchecked")
+            verify_tensor_digests(tensors, json.loads(header[DIGEST_KEY]), str(path))
         return cls.from_state_dict(tensors, json.loads(header["lowra"]))
 
 
@@ -321,6 +361,31 @@ def _as_bits_per_row(
             raise ValueError(f"bit-width must be one of (1, 2, 3, 4), got {int(bits[first])} (row {first})")
         return bits.to(device)
     return torch.full((out_features,), check_bits(bits), dtype=torch.int64, device=device)
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes in C order (dtype and shape are checked separately)."""
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest()
+
+
+def verify_tensor_digests(tensors: dict[str, torch.Tensor], digests: dict[str, str], where: str) -> None:
+    """Raise ``FormatError`` unless ``tensors`` and ``digests`` have the same names and hashes."""
+    if set(tensors) != set(digests):
+        raise FormatError(f"{where}: tensors {sorted(set(tensors) ^ set(digests))[:5]} do not match the checksums")
+    for name, t in tensors.items():
+        if tensor_sha256(t) != digests[name]:
+            raise FormatError(f"{where}: tensor {name!r} fails its sha256 check (the file was corrupted or "
+                              "modified after it was saved)")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 (hex) of a file's bytes, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_safetensors_atomic(

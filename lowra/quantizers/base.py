@@ -56,8 +56,10 @@ class Quantizer(ABC):
             return bits.to(torch.int64)
         if isinstance(bits, float) and not bits.is_integer():
             raise ValueError(
-                f"method {self.name!r} takes an integer bit-width per row, got {bits}; a fractional "
-                "budget needs a precision plan (method='lowra' or lowra.quantize_model)"
+                f"quantize(..., method={self.name!r}) stores every row at the given integer width, got "
+                f"bits={bits}: a fractional average budget needs a per-row precision plan. Use "
+                f"lowra.quantize_model(model, {bits}, method='lowra') for a whole model, or pass an int "
+                "tensor [out] of per-row widths (e.g. torch.from_numpy(lowra.assign_precision(...).bits))"
             )
         return torch.full((out_features,), self._check(bits), dtype=torch.int64)
 

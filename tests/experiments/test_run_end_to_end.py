@@ -81,6 +81,11 @@ def test_end_to_end_results(cli_run):
     assert (cli_run / "quant_report.json").exists() and (cli_run / "model" / "manifest.json").exists()
     assert list((cli_run / "wandb").glob("offline-run-*")), "W&B offline run files"
     assert not list(cli_run.glob("**/*.tmp")), "no temporary files are left behind"
+    assert not (cli_run / "failed.json").exists() and (cli_run / "run_config.json").exists()
+    log = (cli_run / "run.log").read_text()  # Hydra's log file: plain lines, one summary, no losses
+    assert "\r" not in log and "\x1b[" not in log and "train_losses" not in log
+    assert log.count("──── run finished") == 1 and f"results     {cli_run / 'results.json'}" in log
+    assert len(log.splitlines()) < 60
 
 
 def test_saved_model_reloads_with_the_same_perplexity(cli_run):
@@ -124,6 +129,8 @@ def test_resume_continues_from_the_last_checkpoint(cli_run, tmp_path, monkeypatc
         run(cfg, run_dir)
     ckpt = torch.load(run_dir / "checkpoint" / "last.pt", weights_only=False)
     assert ckpt["step"] == 4 and not (run_dir / "results.json").exists()
+    failed = json.loads((run_dir / "failed.json").read_text())  # marked, and says it can be resumed
+    assert failed["status"] == "failed" and failed["stage"] == "fine-tune" and failed["resumable"]
     state = json.loads((run_dir / "state.json").read_text())
     assert {"ppl_quantized", "ppl_loftq", "quantize_time_s"} <= set(state)
 
@@ -135,6 +142,7 @@ def test_resume_continues_from_the_last_checkpoint(cli_run, tmp_path, monkeypatc
     full = _results(cli_run)
     assert r["train_losses"] == pytest.approx(full["train_losses"], rel=1e-4)
     assert r["ppl_finetuned"] == pytest.approx(full["ppl_finetuned"], rel=1e-4)
+    assert not (run_dir / "failed.json").exists()
 
 
 def test_hub_dataset_offline_says_how_to_use_local_files(monkeypatch):
@@ -196,3 +204,8 @@ def test_sweep_skips_budgets_a_method_does_not_accept(tmp_path):
     (done,) = sweep.glob("*_qlora_b4_*/results.json")
     r = json.loads(done.read_text())
     assert r["method"] == "qlora" and r["bits_nominal"] == 4.0 and r["ppl_finetuned"] is None
+    # one table at the end of the sweep (stdout and summary.md): a row per job
+    assert "──── sweep finished" in out.stdout
+    table = out.stdout.split("──── sweep finished", 1)[1]
+    assert "| job | method | bits |" in table and "skipped: quant.bits=2" in table and "| qlora | 4.00 |" in table
+    assert (sweep / "summary.md").read_text().count("\n| ") == 3

@@ -176,3 +176,77 @@ def test_foreign_truncated_and_wrong_shape(quantized, tmp_path):
 def test_save_requires_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="quantize_model"):
         save_quantized(load_model(), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------------- integrity
+def _kind(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj/b2.codes`` → ``b2.codes``; ``….lora_A`` → ``lora_A``."""
+    return name.rsplit("/", 1)[-1] if "/" in name else name.rsplit(".", 1)[-1]
+
+
+def test_bytes_changed_at_the_same_size_are_refused_in_every_tensor_kind(quantized, tmp_path):
+    """8 bytes flipped in one tensor of each kind (codes, rows, codebooks, double-quantized absmax
+    parts, plan, adapters, embeddings, norms) — and in the config — fail the sha256 check."""
+    from corrupt_testutils import flip_bytes, tensor_names
+
+    model, _ = quantized
+    save_quantized(model, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert set(manifest["file_sha256"]) == set(manifest["files"])
+    seen = set()
+    for kind in ("quantized", "adapters", "rest"):
+        path = tmp_path / "ck" / manifest["files"][kind]
+        good = path.read_bytes()
+        for name in tensor_names(path):
+            if _kind(name) in seen:
+                continue
+            seen.add(_kind(name))
+            flip_bytes(path, name)
+            assert path.stat().st_size == len(good)
+            with pytest.raises(FormatError, match="sha256"):
+                load_quantized(tmp_path / "ck")
+            path.write_bytes(good)
+    assert {"b1.codes", "b1.rows", "b1.codebook", "b2.codes", "absmax.codes", "absmax.scale", "absmax.offset",
+            "plan.bits", "lora_A", "lora_B", "weight"} <= seen
+    config = tmp_path / "ck" / manifest["files"]["config"]
+    text = config.read_text()
+    config.write_text(text.replace('"hidden_size": 64', '"hidden_size": 46'))
+    with pytest.raises(FormatError, match="sha256"):
+        load_quantized(tmp_path / "ck")
+    config.write_text(text)
+    assert torch.equal(_logits(load_quantized(tmp_path / "ck")), _logits(model))
+
+
+def test_verify_false_skips_hashing_but_not_the_finite_check(quantized, tmp_path):
+    from corrupt_testutils import flip_bytes, tensor_names
+
+    model, _ = quantized
+    save_quantized(model, tmp_path / "ck")
+    manifest = ckpt.read_manifest(tmp_path / "ck", verify=False)
+    path = tmp_path / "ck" / manifest["files"]["quantized"]
+    good = path.read_bytes()
+    codes = next(n for n in tensor_names(path) if n.endswith("/b2.codes"))
+    flip_bytes(path, codes)  # finite garbage: only the checksum sees it
+    assert not torch.equal(_logits(load_quantized(tmp_path / "ck", verify=False)), _logits(model))
+    for suffix, match in [("/b1.codebook", "codebook"), ("/absmax.scale", "absmax.scale")]:
+        path.write_bytes(good)
+        name = next(n for n in tensor_names(path) if n.endswith(suffix))
+        flip_bytes(path, name, count=4, fill=0xFF)  # NaN in fp16 and fp32
+        with pytest.raises(FormatError, match=match):
+            load_quantized(tmp_path / "ck", verify=False)
+
+
+def test_saved_files_respect_the_umask(quantized, tmp_path):
+    import os
+    import stat
+
+    model, _ = quantized
+    old = os.umask(0o022)
+    try:
+        save_quantized(model, tmp_path / "ck")
+        merge_to_hf(model, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "ck").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755

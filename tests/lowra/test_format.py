@@ -154,3 +154,78 @@ def test_bad_input(weight, bits, group_size, match):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown quantization method"):
         quantize(torch.randn(4, 8), 2, method="magic")
+
+
+# ---------------------------------------------------------------------------------- integrity
+def _kinds(q):
+    return sorted(q.state_dict())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_load_refuses_bytes_changed_at_the_same_size(tmp_path, double_quant):
+    """Every tensor kind (rows, codes, codebook, absmax or its double-quantized parts): 8 bytes
+    flipped in place are refused by ``load`` (sha256), whatever the dequantized values look like."""
+    from corrupt_testutils import flip_bytes
+
+    torch.manual_seed(0)
+    q = quantize(torch.randn(40, 172), _mixed_bits(40), method="lowra", double_quant=double_quant)
+    good = tmp_path / "good.safetensors"
+    q.save(good)
+    kinds = _kinds(q)
+    assert {"b1.codes", "b2.rows", "b4.codebook"} <= set(kinds)
+    assert ("absmax.codes" in kinds) == double_quant and ("absmax" in kinds) != double_quant
+    for name in kinds:
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(good.read_bytes())
+        flip_bytes(bad, name)
+        assert bad.stat().st_size == good.stat().st_size
+        with pytest.raises(FormatError, match=rf"tensor '{name}' fails its sha256 check"):
+            QuantizedTensor.load(bad)
+    assert torch.equal(QuantizedTensor.load(good).dequantize(), q.dequantize())
+
+
+def test_load_without_verify_still_refuses_non_finite_tables(tmp_path):
+    from corrupt_testutils import flip_bytes
+
+    q = quantize(torch.randn(16, 64), 2, method="lowra")
+    path = tmp_path / "q.safetensors"
+    q.save(path)
+    fresh = path.read_bytes()
+    flip_bytes(path, "b2.codes")  # same size, finite: only the checksum can tell
+    assert not torch.equal(QuantizedTensor.load(path, verify=False).dequantize(), q.dequantize())
+    for name, match in [("b2.codebook", "codebook"), ("absmax", "absmax")]:
+        path.write_bytes(fresh)
+        flip_bytes(path, name, count=2, fill=0xFF)  # fp16 0xFFFF is NaN
+        with pytest.raises(FormatError, match=match):
+            QuantizedTensor.load(path, verify=False)
+
+
+def test_double_quant_scale_nan_is_refused():
+    q = quantize(torch.randn(16, 64), 2, method="nf", double_quant=True)
+    state = dict(q.state_dict())
+    state["absmax.scale"] = torch.full_like(state["absmax.scale"], float("nan"))
+    with pytest.raises(FormatError, match="absmax.scale"):
+        QuantizedTensor.from_state_dict(state, q.metadata())
+
+
+def test_file_without_checksums_needs_verify_false(tmp_path):
+    import json as _json
+
+    from lowra.format import save_safetensors_atomic
+
+    q = quantize(torch.randn(8, 64), 2, method="nf")
+    path = tmp_path / "old.safetensors"
+    save_safetensors_atomic(q.state_dict(), path, {"lowra": _json.dumps(q.metadata())})
+    with pytest.raises(FormatError, match="verify=False"):
+        QuantizedTensor.load(path)
+    assert torch.equal(QuantizedTensor.load(path, verify=False).dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("method", ["lowra", "nf", "uniform"])
+def test_fractional_bits_error_points_at_a_plan_not_at_the_same_method(method):
+    """``quantize(W, 2.5, method="lowra")`` used to suggest method='lowra' — the method it was given."""
+    with pytest.raises(ValueError, match=r"fractional average budget needs a per-row precision plan") as err:
+        quantize(torch.randn(4, 64), 2.5, method=method)
+    msg = str(err.value)
+    assert "lowra.quantize_model(model, 2.5" in msg and "int tensor [out]" in msg
+    assert "(method='lowra' or" not in msg
