@@ -132,7 +132,8 @@ def collect_fisher(
         model: a full-precision causal LM (HF ``labels=`` API); its mode is restored afterwards.
         batches: token chunks ``[B, T]`` (e.g. ``calibration_windows(...).split(4)``).
         target_modules: as ``lowra.model.find_target_linears``.
-        hessians: also return ``H = Σ xᵀx / n`` ``[in, in]`` float64 per target (forward hooks).
+        hessians: also return ``H = Σ xᵀx / n`` ``[in, in]`` float64 per target (forward hooks;
+            layers that read the same input tensor, as q/k/v do, share one Gram object).
         device: where the inputs go (default: the model's first parameter's device).
         output_grads: also return ``G = mean over tokens of (∂L/∂y)²`` float64 ``[out]`` per target
             (the output factor of the Kronecker-factored Fisher ``G ⊗ H``; ``quant.error=kfac``).
@@ -157,6 +158,8 @@ def collect_fisher(
 
     gsums: dict[str, torch.Tensor] = {}
     gcounts: dict[str, int] = {}
+    shared_input: dict[tuple, str] = {}  # (data_ptr, shape) of an input seen in this chunk → first layer
+    alias: dict[str, str] = {}
 
     def grad_hook(name: str):
         def fn(g: torch.Tensor) -> None:
@@ -174,7 +177,14 @@ def collect_fisher(
                 output.register_hook(grad_hook(name))
             if not hessians:
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            inp = args[0]
+            # q/k/v (and gate/up) read the same input tensor: one Gram, shared (memory ÷ 2-3)
+            key = (inp.data_ptr(), tuple(inp.shape))
+            first = shared_input.setdefault(key, name)
+            if first != name:
+                alias[name] = first
+                return
+            x = inp.detach().reshape(-1, inp.shape[-1]).to(torch.float64)
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                 counts[name] = 0
@@ -191,6 +201,7 @@ def collect_fisher(
             ids = torch.as_tensor(batch).to(device)
             if ids.dim() == 1:
                 ids = ids[None]
+            shared_input.clear()
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
@@ -216,7 +227,11 @@ def collect_fisher(
         raise ValueError("quant.error=fisher needs calibration batches; got none")
     for f in fisher.values():
         f /= chunks
-    hess = {n: sums[n] / max(counts[n], 1) for n, _ in targets} if hessians else {}
+    hess: dict[str, torch.Tensor] = {}
+    if hessians:
+        for n in sums:
+            sums[n] /= max(counts[n], 1)
+        hess = {n: sums[alias.get(n, n)] for n, _ in targets}
     if output_grads:
         return fisher, hess, {n: (gsums[n] / max(gcounts[n], 1)).cpu() for n, _ in targets}
     return fisher, hess
