@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lowra kernels experiments tests
 
 sweep: $(STAMP)
-	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,loftq train.max_steps=100 eval.max_tokens=8192
+	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,lowra_paper,loftq train.max_steps=100 eval.max_tokens=8192
 
 # Every run behind README "Results" + the MiniLM weights study + tables/plots (~40 min on 2 cores).
 reproduce: $(STAMP)

@@ -39,6 +39,9 @@ COLUMNS = [
     "weight_sse", "model_bytes", "training_bytes", "peak_memory_bytes", "quantize_time_s", "train_time_s",
     "wall_time_s", "train_steps", "rank", "eval_tokens", "run_dir", "command",
 ]
+#: the sweep's LowRA runs: quant=lowra_paper today (the paper preset; it was quant=lowra when the
+#: committed tables were made)
+LOWRA_NAMES = ("lowra", "lowra_paper")
 VARIANT_NAMES = {
     "": "LowRA (default)",
     "+quant.options.use_plan=false": "uniform bits (no ILP plan)",
@@ -216,7 +219,7 @@ def markdown_tables(rows: list[dict[str, Any]], agg: list[dict[str, Any]]) -> st
             f"| {_fmt(a['bits_effective'], 3)} | {_fmt(a['weight_sse'], 1)} | {_pm(a, 'ppl_quantized')} "
             f"| {_pm(a, 'ppl_loftq')} | {_pm(a, 'ppl_finetuned')} | {_pm(a, 'wikitext2_ppl_finetuned')} "
             f"| {_fmt(a['model_bytes'], 0)} | {_fmt(a['quantize_time_s'], 1)} | {_fmt(a['train_time_s'], 1)} |")
-    abl = [a for a in agg if a["method"] == "lowra" and (a["variant"] or a["bits_target"] in (2.0, 4.0))]
+    abl = [a for a in agg if a["method"] in LOWRA_NAMES and (a["variant"] or a["bits_target"] in (2.0, 4.0))]
     abl = [a for a in abl if a["bits_target"] in {b["bits_target"] for b in agg if b["variant"]}]
     if abl:
         lines += ["", "Ablations of LowRA (same budget, same recipe); NF codebooks = `loftq` rows above "
@@ -242,7 +245,8 @@ def plots(rows: list[dict[str, Any]], agg: list[dict[str, Any]], out_dir: Path) 
 
     written = []
     main = [a for a in agg if not a["variant"]]
-    styles = {"lowra": ("o-", "C0"), "loftq": ("s--", "C1"), "qlora": ("^", "C2"), "modulora": ("D:", "C3")}
+    styles = {"lowra": ("o-", "C0"), "lowra_paper": ("o-", "C0"), "loftq": ("s--", "C1"), "qlora": ("^", "C2"),
+              "modulora": ("D:", "C3")}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, xcol in zip(axes, ("bits_nominal", "bits_effective")):
         for method, (style, color) in styles.items():
@@ -272,7 +276,7 @@ def plots(rows: list[dict[str, Any]], agg: list[dict[str, Any]], out_dir: Path) 
     picks = [b for b in (1.15, 2.0, 3.0)]
     fig, axes = plt.subplots(1, len(picks), figsize=(12, 3.8), sharey=True)
     for ax, bits in zip(axes, picks):
-        r = next((r for r in rows if r["method"] == "lowra" and not r["variant"] and r["bits_target"] == bits
+        r = next((r for r in rows if r["method"] in LOWRA_NAMES and not r["variant"] and r["bits_target"] == bits
                   and r["seed"] == 0), None)
         if r is None:
             ax.set_title(f"{bits} bits: no run")
@@ -299,7 +303,7 @@ def plots(rows: list[dict[str, Any]], agg: list[dict[str, Any]], out_dir: Path) 
     if abl_bits:
         bits = 2.0 if 2.0 in abl_bits else abl_bits[0]
         bars = [(VARIANT_NAMES.get(a["variant"], a["variant"]), a) for a in agg
-                if a["method"] == "lowra" and a["bits_target"] == bits]
+                if a["method"] in LOWRA_NAMES and a["bits_target"] == bits]
         bars += [("NF codebooks (loftq)", a) for a in agg if a["method"] == "loftq" and a["bits_target"] == bits]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, col, title in ((axes[0], "ppl_quantized", "before fine-tuning (base alone)"),
