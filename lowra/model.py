@@ -467,7 +467,7 @@ def quantize_model(
         candidates=tuple(candidates),
         num_params=sum(m.weight.numel() for _, m in targets),
     )
-    report.error_table = error if method == "lowra" else None
+    report.error_table = error if method == "lowra" and use_plan else None
     report.init = init if loftq_iters > 0 else "lora"
     report.budget_kind = budget_kind
     times = {"codebooks_s": 0.0, "plan_s": 0.0, "quantize_s": 0.0, "loftq_s": 0.0}

@@ -81,7 +81,7 @@ def test_collect_fisher_on_stories260k(windows):
     # one pass, same Hessians as the forward-only collector; nothing left trainable or with grads
     ref = collect_hessians(model, windows.split(4), names)
     for n in names:
-        torch.testing.assert_close(hess[n], ref[n])
+        torch.testing.assert_close(hess[n], ref[n], rtol=1e-5, atol=1e-6)  # fp32 Grams per chunk
     assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
     # a chunk's Fisher is the square of the loss gradient of that chunk
