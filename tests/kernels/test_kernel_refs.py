@@ -133,9 +133,9 @@ def test_gemv_config_pruning_respects_register_budget():
     from kernels.autotune import configs
     from kernels.lut_matmul import GEMV_TILE_BUDGET, prune_gemv_configs
 
-    space = configs([{"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}])
-    assert [c.kwargs["BLOCK_N"] for c in prune_gemv_configs(space, {}, BLOCK_M=1)] == [128, 16]
-    kept = prune_gemv_configs(space, {}, BLOCK_M=16)
-    assert [c.kwargs["BLOCK_N"] for c in kept] == [16]
-    assert all(16 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= GEMV_TILE_BUDGET for c in kept)
-    assert len(prune_gemv_configs(space[:1], {}, BLOCK_M=16)) == 1  # never empty
+    space = configs([{"BLOCK_N": 128, "SPLIT_K": 1}, {"BLOCK_N": 8, "SPLIT_K": 2}])
+    assert [c.kwargs["BLOCK_N"] for c in prune_gemv_configs(space, {}, BLOCK_M=1, WORDS=4, PW2=16)] == [128, 8]
+    kept = prune_gemv_configs(space, {}, BLOCK_M=16, WORDS=4, PW2=16)
+    assert [c.kwargs["BLOCK_N"] for c in kept] == [8]
+    assert all(16 * c.kwargs["BLOCK_N"] * 64 <= GEMV_TILE_BUDGET for c in kept)
+    assert len(prune_gemv_configs(space[:1], {}, BLOCK_M=16, WORDS=4, PW2=16)) == 1  # never empty
