@@ -3,11 +3,15 @@
 ``@triton.autotune`` benchmarks each config on the device; under ``TRITON_INTERPRET=1`` there is no
 device to benchmark on (and more than one config fails), so the helper keeps only ``configs[0]``
 there — the first config of every kernel is therefore its small, interpreter-friendly one. On a
-GPU the full config space is searched once per distinct key (shapes and bit-width).
+GPU the full config space is searched once per distinct key (shape, bit-width, M bucket), and the
+winners are cached on disk per GPU and Triton version (``cache_results``, in Triton's cache
+directory), so a later process does not re-tune. Every shipped config compiles for sm_90/sm_80
+without spilling and to a distinct binary: ``python -m kernels.compile_check``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import triton
@@ -25,7 +29,8 @@ def autotune(
     Args:
         configs: candidate configs; ``configs[0]`` is the one used by the interpreter.
         key: names of kernel arguments whose values select a tuned config (shapes, bits).
-        **kwargs: passed on to ``triton.autotune`` (e.g. ``reset_to_zero``, ``restore_value``).
+        **kwargs: passed on to ``triton.autotune`` (e.g. ``reset_to_zero``, ``restore_value``);
+            ``cache_results`` defaults to True where the installed Triton has it.
     """
     configs = list(configs)
     if not configs:
@@ -33,6 +38,8 @@ def autotune(
     if interpreting():
         configs = configs[:1]
         kwargs.pop("prune_configs_by", None)
+    elif "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
     return triton.autotune(configs=configs, key=list(key), **kwargs)
 
 

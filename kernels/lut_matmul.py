@@ -27,7 +27,6 @@ the stored row count of a bit group — so one tuning serves every layer of a sh
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ import triton.language as tl
 
 from kernels.autotune import autotune, configs
 from kernels.layout import codes_per_word
+from kernels.lut import gemv_k_step, lut_select
 
 GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
 TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
@@ -107,14 +107,11 @@ def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, str
 @autotune(
     configs(
         [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}],
-        num_warps=(4, 8),
-        num_stages=(3, 4),
-    ),
+         {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8}],
+        num_warps=(4,),
+        num_stages=(2,),
+    )
+    + configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}], num_warps=(8,), num_stages=(2,)),
     key=["M_BUCKET", "K", "BITS", "group_size"],
 )
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -156,8 +153,9 @@ def _lut_mm_kernel(
 
 # ---------------------------------------------------------------------------------------- GEMV (M ≤ 16)
 GEMV_BLOCK_M = (1, 4, 16)  # M buckets of the GEMV: M=1, 2-4, 5-16 (one binary each)
-GEMV_TILE_BUDGET = 8192  # max BLOCK_M * BLOCK_N * (words * codes per word) fp32 products per thread block
-GEMV_UNALIGNED_WORDS = 8  # words per row per K step when a word can straddle a group (3-bit)
+# fp32 products BLOCK_M * BLOCK_N * (codes per K step) of a GEMV tile: configs keep budget/4 .. budget
+# (larger tiles spill on sm_90, smaller ones under-use the block); 3/4-bit trees need more registers.
+GEMV_TILE_BUDGET = {1: 4096, 2: 4096, 3: 2048, 4: 2048}
 
 
 def m_bucket(m: int) -> int:
@@ -173,54 +171,23 @@ def gemv_block_m(m: int) -> int:
     raise ValueError(f"the GEMV runs M ≤ {GEMV_BLOCK_M[-1]} rows, got {m}")
 
 
-def gemv_k_step(bits: int, group_size: int) -> tuple[int, int, bool]:
-    """``(words, padded codes per word, aligned)`` one GEMV K step reads per row.
-
-    Aligned (codes per word a power of two dividing ``group_size``): a step is the largest
-    power-of-two chunk (≤ 256 codes) of one group, so a single scale per row applies and the
-    codebook is pre-scaled once per step. Otherwise (3-bit: 10 codes per word, padded to 16) a step
-    is ``GEMV_UNALIGNED_WORDS`` words and the scale is looked up per code.
-    """
-    per_word = codes_per_word(bits)
-    chunk = math.gcd(int(group_size), 256)
-    if per_word & (per_word - 1) == 0 and chunk >= per_word:
-        return chunk // per_word, per_word, True
-    return GEMV_UNALIGNED_WORDS, triton.next_power_of_2(per_word), False
-
-
 def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
-    """Keep GEMV configs whose ``[BLOCK_M, BLOCK_N, K step]`` fp32 tile fits ``GEMV_TILE_BUDGET``."""
-    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    step = kwargs.get("WORDS", named_args.get("WORDS", 4)) * kwargs.get("PW2", named_args.get("PW2", 16))
-    keep = [c for c in configs if block_m * c.kwargs["BLOCK_N"] * step <= GEMV_TILE_BUDGET]
-    return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_N"], c.kwargs["SPLIT_K"]))]
+    """Keep GEMV configs whose ``[BLOCK_M, BLOCK_N, K step]`` fp32 tile is within
+    ``[budget / 4, budget]`` of ``GEMV_TILE_BUDGET[BITS]`` (never returns an empty list)."""
+    def arg(name: str, default: int) -> int:
+        return kwargs.get(name, named_args.get(name, default))
 
-
-@triton.jit
-def _lut_leaf(cb_row, scale, row_ok, J: tl.constexpr, SCALED: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """Codebook entry ``J`` of each row (fp32); pre-scaled and rounded to the activation dtype."""
-    v = tl.load(cb_row + J, mask=row_ok, other=0.0).to(tl.float32)
-    if SCALED:
-        v = (v * scale).to(OUT_DTYPE).to(tl.float32)
-    return v
-
-
-@triton.jit
-def _lut_select(code, cb_row, scale, row_ok, LO: tl.constexpr, N: tl.constexpr, SCALED: tl.constexpr,
-                OUT_DTYPE: tl.constexpr):
-    """``table[code]`` by a binary select tree over the ``N`` entries from ``LO`` (N - 1 selects)."""
-    if N == 1:
-        return _lut_leaf(cb_row, scale, row_ok, LO, SCALED, OUT_DTYPE)
-    else:
-        lo = _lut_select(code, cb_row, scale, row_ok, LO, N // 2, SCALED, OUT_DTYPE)
-        hi = _lut_select(code, cb_row, scale, row_ok, LO + N // 2, N // 2, SCALED, OUT_DTYPE)
-        return tl.where((code & (N // 2)) != 0, hi, lo)
+    budget = GEMV_TILE_BUDGET[arg("BITS", 2)]
+    step = arg("WORDS", 4) * arg("PW2", 16)
+    tile = {id(c): arg("BLOCK_M", 1) * c.kwargs["BLOCK_N"] * step for c in configs}
+    keep = [c for c in configs if budget // 4 <= tile[id(c)] <= budget]
+    return keep or [min(configs, key=lambda c: (tile[id(c)], c.kwargs["SPLIT_K"]))]
 
 
 @autotune(
     configs(
-        [{"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
-         {"BLOCK_N": 16, "SPLIT_K": 4}, {"BLOCK_N": 8, "SPLIT_K": 2}],
+        [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
+         {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}],
         num_warps=(4,),
         num_stages=(2,),
     ),
@@ -265,19 +232,22 @@ def _lut_gemv_kernel(
     for w0 in range(pid_k * WORDS, n_words, WORDS * SPLIT_K):
         w = w0 + w_in
         word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
-        code = (word[None, :, :, None] >> shift) & ((1 << BITS) - 1)  # [1, BLOCK_N, WORDS, PW2]
+        word4 = word[None, :, :, None]  # [1, BLOCK_N, WORDS, 1]: code s sits at bits shift[s]...
         k = w[None, None, :, None] * PER_WORD + s4  # [1, 1, WORDS, PW2]
         k_ok = k < K
         if not ALIGNED:
             k_ok = k_ok & (s4 < PER_WORD)
         if ALIGNED:
             scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok4, other=0.0)
-            v = _lut_select(code, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, True, act)
+            v = lut_select(word4, shift, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, BITS - 1, True, act)
         else:
-            v = _lut_select(code, cb_row, 1.0, row_ok4, 0, 1 << BITS, False, act)
+            v = lut_select(word4, shift, cb_row, 1.0, row_ok4, 0, 1 << BITS, BITS - 1, False, act)
             scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok4 & k_ok, other=0.0)
             v = (v * scale.to(tl.float32)).to(act).to(tl.float32)
-        xt = tl.load(x_ptr + m4 * stride_xm + k, mask=(m4 < M) & k_ok, other=0.0)
+        # x is loaded at the full tile shape (rows broadcast, L1 hits) so that the load fixes a
+        # layout with each thread holding consecutive codes of one word (16-byte vectors).
+        x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
+        xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
         acc += xt.to(tl.float32) * v
     part = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     m2 = tl.arange(0, BLOCK_M)[:, None]
@@ -308,9 +278,9 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
         raise TypeError(f"the Triton LUT matmul runs fp32/fp16/bf16 activations, got {t.dtype}")
 
 
-def gemv_splits(block_m: int, words: int, pw2: int) -> int:
+def gemv_splits(bits: int, block_m: int, words: int, pw2: int) -> int:
     """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count."""
-    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BLOCK_M=block_m, WORDS=words, PW2=pw2)
+    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2)
     return max(c.kwargs["SPLIT_K"] for c in kept)
 
 
@@ -321,7 +291,7 @@ def _lut_gemv(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
     block_m = gemv_block_m(M)
     live = [g for g in groups if g.rows.numel() > 0]
     steps = {g.bits: gemv_k_step(g.bits, group_size) for g in live}
-    n_split = max(gemv_splits(block_m, w, p) for w, p, _ in steps.values())
+    n_split = max(gemv_splits(b, block_m, w, p) for b, (w, p, _) in steps.items())
     ws = torch.empty(n_split, M, out_features, dtype=torch.float32, device=x2.device)
     for g in live:
         n = g.rows.numel()
