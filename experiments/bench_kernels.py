@@ -274,7 +274,7 @@ def _compile_sass(kernel: str, bits: int, dtype: str, extra: dict, cfg: Any) -> 
 
     r = compile_variant({"kernel": kernel, "arch": 90, "bits": bits, "dtype": dtype, "extra": extra,
                          "config_index": 0, "config": dict(cfg.kwargs), "num_warps": cfg.num_warps,
-                         "num_stages": cfg.num_stages}, sass=True)
+                         "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg}, sass=True)
     if not r["ok"]:
         raise RuntimeError(f"{kernel} bits={bits} {cfg}: {r['error']}")
     return r

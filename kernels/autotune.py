@@ -44,11 +44,16 @@ def autotune(
 
 
 def configs(
-    space: Sequence[dict], num_warps: Sequence[int] = (4,), num_stages: Sequence[int] = (2,)
+    space: Sequence[dict], num_warps: Sequence[int] = (4,), num_stages: Sequence[int] = (2,),
+    maxnreg: int | None = None,
 ) -> list[triton.Config]:
-    """Cartesian product of meta-parameter dicts × warps × stages, in order (first = first)."""
+    """Cartesian product of meta-parameter dicts × warps × stages, in order (first = first).
+
+    ``maxnreg`` caps registers per thread (ptxas otherwise may pick a low count and spill a few
+    bytes to local memory, as it does for some GEMV tiles).
+    """
     return [
-        triton.Config(dict(meta), num_warps=w, num_stages=s)
+        triton.Config(dict(meta), num_warps=w, num_stages=s, maxnreg=maxnreg)
         for meta in space
         for w in num_warps
         for s in num_stages

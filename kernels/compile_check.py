@@ -161,7 +161,7 @@ def variants(archs: tuple[int, ...] = (90,), kernels: tuple[str, ...] = KERNELS,
                     for arch in tuple(archs) + (tuple(a for a in smoke_archs if a not in archs) if ci == 0 else ()):
                         yield {"kernel": name, "arch": arch, "bits": bits, "dtype": dtype, "extra": extra,
                                "config_index": ci, "config": dict(cfg.kwargs), "num_warps": cfg.num_warps,
-                               "num_stages": cfg.num_stages}
+                               "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg}
 
 
 # ------------------------------------------------------------------------------------ compile one
@@ -279,7 +279,8 @@ def compile_variant(v: dict, sass: bool = False) -> dict:
         args = dict(_args(v["kernel"], v["bits"], v["dtype"], v["extra"]), **v["config"])
         signature, constexprs, attrs = _specialize(fn, args)
         kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", v["arch"], 32),
-                                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"]})
+                                options={"num_warps": v["num_warps"], "num_stages": v["num_stages"],
+                                         "maxnreg": v.get("maxnreg")})
         cubin = kernel.asm["cubin"]
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(cubin)

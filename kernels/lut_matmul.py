@@ -92,6 +92,13 @@ def lut_matmul_backward_ref(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- GEMM (16 < M < 256)
+def prune_mm_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """fp32 activations (``"ieee"`` dots) keep ``BLOCK_K ≤ 32``: deeper fp32 tiles spill on sm_90."""
+    if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) != "ieee":
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs[:1]
+
+
 @triton.jit
 def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, stride_cbr,
               stride_ar, stride_ac, BITS: tl.constexpr, PER_WORD: tl.constexpr):
@@ -113,6 +120,7 @@ def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, str
     )
     + configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}], num_warps=(8,), num_stages=(2,)),
     key=["M_BUCKET", "K", "BITS", "group_size"],
+    prune_configs_by={"early_config_prune": prune_mm_configs},
 )
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _lut_mm_kernel(
@@ -190,6 +198,7 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
          {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}],
         num_warps=(4,),
         num_stages=(2,),
+        maxnreg=128,  # without it ptxas settles on 64-72 registers and spills 8 bytes in some tiles
     ),
     key=["K", "BITS", "GROUP", "BLOCK_M"],
     prune_configs_by={"early_config_prune": prune_gemv_configs},
