@@ -185,11 +185,24 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
     def arg(name: str, default: int) -> int:
         return kwargs.get(name, named_args.get(name, default))
 
-    budget = GEMV_TILE_BUDGET[arg("BITS", 2)]
+    bits = arg("BITS", 2)
+    budget = GEMV_TILE_BUDGET[bits]
     step = arg("WORDS", 4) * arg("PW2", 16)
     tile = {id(c): arg("BLOCK_M", 1) * c.kwargs["BLOCK_N"] * step for c in configs}
     keep = [c for c in configs if budget // 4 <= tile[id(c)] <= budget]
-    return keep or [min(configs, key=lambda c: (tile[id(c)], c.kwargs["SPLIT_K"]))]
+    keep = keep or [min(configs, key=lambda c: (tile[id(c)], c.kwargs["SPLIT_K"]))]
+    return [_with_register_cap(c, tile[id(c)], bits) for c in keep]
+
+
+def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
+    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
+    a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
+    must stay uncapped. Both found by ``kernels.compile_check`` on sm_90."""
+    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
+    if config.maxnreg == cap:
+        return config
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
+                         maxnreg=cap)
 
 
 @autotune(
@@ -198,7 +211,6 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
          {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}],
         num_warps=(4,),
         num_stages=(2,),
-        maxnreg=128,  # without it ptxas settles on 64-72 registers and spills 8 bytes in some tiles
     ),
     key=["K", "BITS", "GROUP", "BLOCK_M"],
     prune_configs_by={"early_config_prune": prune_gemv_configs},
