@@ -8,7 +8,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test lint sweep bench assets clean
+.PHONY: venv run test lint sweep bench assets clean kernels-compile kernels-static gpu-check
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ reproduce: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m experiments.bench_pipeline
 	$(PY) -m experiments.bench_kernels
+
+# Every Triton kernel × autotune config × bits × dtype compiled for sm_90 and sm_80 (no GPU needed);
+# fails on a compile error, a spilling config or duplicate binaries; writes results/bench/kernels_sm90_static.json.
+kernels-compile: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check --arch 90 80
+
+# Static H100 estimate from the sm_90 SASS (instructions per weight, bytes vs floor); no GPU needed.
+kernels-static: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m experiments.bench_kernels --static
+
+# On a machine with an NVIDIA GPU: tests + dequant/GEMV/training timings in <= 8 min, JSON after each step.
+# No venv is created (the GPU image reaches no registry): the .venv's python if present, else $(PYTHON).
+GPU_PY := $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	$(GPU_PY) -m experiments.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs multirun

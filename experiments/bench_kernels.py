@@ -14,6 +14,15 @@ speedups).
   M ≥ 512.
 * bitsandbytes NF4 dequantize where bitsandbytes and a GPU are present.
 
+``--static`` (no GPU needed) prints and writes a **static estimate** instead
+(``results/bench/kernels_static_estimate.json``): the kernels are compiled for sm_90 and their SASS
+counted (``kernels.compile_check``) to give, for a 4096×11008 layer, the bytes moved vs the HBM
+floor, the warp-instructions per weight of the GEMV's K loop and of the dequantize kernel, and from
+those an H100 time bound ``max(bytes / 3.0 TB/s, warp-instructions / (528 schedulers × 1.755 GHz))``
+compared with bf16 (GEMV: the bf16 weight read; training: cuBLAS fwd + grad_x at 790 TFLOP/s).
+It is an estimate from instruction counts and peak rates — it says whether a change moves toward
+the GPU targets, not what a GPU measures.
+
 On a CUDA device the Triton kernels run (bf16 activations); every timing flushes L2 first (a
 256 MiB write) and is taken with CUDA events, median of ``--reps``. On a CPU-only machine the
 **reference path** is timed (fp32 activations, the last-level cache flushed with a 64 MiB write) and
@@ -32,14 +41,18 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from lowra.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))
 PLANS: dict[str, dict[int, float]] = {
     "1": {1: 1.0},
     "2": {2: 1.0},
+    "3": {3: 1.0},
     "4": {4: 1.0},
     "mix1.15": {1: 0.85, 2: 0.15},
     "mix1.5": {1: 0.5, 2: 0.5},
@@ -250,6 +263,93 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------ static estimate
+H100 = {"hbm_bytes_per_s": 3.0e12, "schedulers": 528, "clock_hz": 1.755e9, "bf16_flops": 790e12}
+STATIC_SHAPE = (4096, 11008)  # out × in
+STATIC_TRAIN_M = 2048
+
+
+def _compile_sass(kernel: str, bits: int, dtype: str, extra: dict, cfg: Any) -> dict:
+    from kernels.compile_check import compile_variant
+
+    r = compile_variant({"kernel": kernel, "arch": 90, "bits": bits, "dtype": dtype, "extra": extra,
+                         "config_index": 0, "config": dict(cfg.kwargs), "num_warps": cfg.num_warps,
+                         "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg}, sass=True)
+    if not r["ok"]:
+        raise RuntimeError(f"{kernel} bits={bits} {cfg}: {r['error']}")
+    return r
+
+
+def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfloat16") -> dict:
+    """Static H100 estimate from the sm_90 SASS of the shipped configs (see the module docstring)."""
+    from kernels.compile_check import _args, _configs
+    from kernels.layout import codes_per_word, num_groups
+    from kernels.lut import gemv_k_step
+
+    out_f, in_f = STATIC_SHAPE
+    weights = out_f * in_f
+    issue = H100["schedulers"] * H100["clock_hz"]  # warp-instructions per second
+    bw = H100["hbm_bytes_per_s"]
+    t_bf16_gemv = weights * 2 / bw
+    t_gemm = 2 * STATIC_TRAIN_M * weights / H100["bf16_flops"]
+    rows = []
+    for bits in bits_list:
+        words, pw2, aligned = gemv_k_step(bits, 64)
+        valid = words * codes_per_word(bits)  # codes per row per K step
+        packed = out_f * -(-in_f // codes_per_word(bits)) * 4
+        scales = out_f * num_groups(in_f, 64) * 2 + out_f * (2 ** bits) * 2 + out_f * 8
+        # GEMV M = 1: instructions of the K loop per weight, best shipped config
+        gemv = []
+        for cfg in _configs("lut_gemv", _args("lut_gemv", bits, dtype, {"BLOCK_M": 1})):
+            r = _compile_sass("lut_gemv", bits, dtype, {"BLOCK_M": 1}, cfg)
+            per_weight = r["sass"]["main_loop_instructions"] * cfg.num_warps / (cfg.kwargs["BLOCK_N"] * valid)
+            gemv.append({"config": dict(cfg.kwargs), "num_warps": cfg.num_warps, "registers": r["registers"],
+                         "loop_instructions": r["sass"]["main_loop_instructions"],
+                         "warp_instructions_per_weight": round(per_weight, 4)})
+        best = min(gemv, key=lambda g: g["warp_instructions_per_weight"])
+        gemv_bytes = packed + scales + in_f * 2 + out_f * 2
+        t_gemv = max(gemv_bytes / bw, best["warp_instructions_per_weight"] * weights / issue)
+        # dequantize to bf16 (training path): one program = BLOCK_R rows × STEPS K steps, no loop
+        deq = []
+        for cfg in _configs("dequantize", _args("dequantize", bits, dtype, {})):
+            r = _compile_sass("dequantize", bits, dtype, {}, cfg)
+            tile = cfg.kwargs["BLOCK_R"] * cfg.kwargs["STEPS"] * valid
+            deq.append({"config": dict(cfg.kwargs), "num_warps": cfg.num_warps, "registers": r["registers"],
+                        "instructions": r["sass"]["instructions"],
+                        "warp_instructions_per_weight": round(r["sass"]["instructions"] * cfg.num_warps / tile, 4)})
+        best_deq = min(deq, key=lambda g: g["warp_instructions_per_weight"])
+        deq_bytes = packed + scales + weights * 2
+        t_deq = max(deq_bytes / bw, best_deq["warp_instructions_per_weight"] * weights / issue)
+        # training fwd + grad_x: dequantize twice (forward, backward) + two cuBLAS GEMMs, vs two bf16 GEMMs
+        t_train = 2 * t_deq + 2 * t_gemm
+        rows.append({
+            "bits": bits, "shape": [out_f, in_f], "dtype": dtype,
+            "gemv_m1": {"configs": gemv, "best": best, "bytes": gemv_bytes, "bytes_floor_us": gemv_bytes / bw * 1e6,
+                        "estimate_us": t_gemv * 1e6, "bf16_us": t_bf16_gemv * 1e6,
+                        "speedup_vs_bf16": t_bf16_gemv / t_gemv},
+            "dequantize": {"configs": deq, "best": best_deq, "bytes": deq_bytes, "bytes_floor_us": deq_bytes / bw * 1e6,
+                           "estimate_us": t_deq * 1e6, "pct_of_hbm_peak": 100 * (deq_bytes / bw) / t_deq},
+            "train_fwd_bwd_m2048": {"estimate_us": t_train * 1e6, "bf16_us": 2 * t_gemm * 1e6,
+                                    "ratio_vs_bf16": t_train / (2 * t_gemm)},
+        })
+    return {"kind": "static estimate from sm_90 SASS instruction counts and H100 peak rates (not a measurement)",
+            "h100": H100, "shape": list(STATIC_SHAPE), "train_m": STATIC_TRAIN_M, "rows": rows,
+            "targets": {"gemv_2bit_warp_instructions_per_weight": 0.35, "train_ratio_vs_bf16": 1.25}}
+
+
+def print_static(est: dict) -> None:
+    print(f"STATIC ESTIMATE (sm_90 SASS + H100 peaks; not a measurement) for {est['shape'][0]}×{est['shape'][1]}")
+    print(f"{'bits':>4} | {'GEMV wi/w':>9} {'est µs':>7} {'floor µs':>8} {'×bf16':>6} | "
+          f"{'deq wi/w':>8} {'est µs':>7} {'%HBM':>5} | {'train/bf16':>10}")
+    for r in est["rows"]:
+        g, d, t = r["gemv_m1"], r["dequantize"], r["train_fwd_bwd_m2048"]
+        print(f"{r['bits']:>4} | {g['best']['warp_instructions_per_weight']:>9.3f} {g['estimate_us']:>7.1f} "
+              f"{g['bytes_floor_us']:>8.1f} {g['speedup_vs_bf16']:>6.2f} | "
+              f"{d['best']['warp_instructions_per_weight']:>8.3f} {d['estimate_us']:>7.1f} "
+              f"{d['pct_of_hbm_peak']:>5.0f} | "
+              f"{t['ratio_vs_bf16']:>10.3f}")
+
+
 def format_row(row: dict) -> str:
     shape = "×".join(map(str, row["shape"]))
     head = f"{shape:>11} {row['plan']:>8} {row['nominal_bits']:>5.2f}b  deq {row['dequant_ms']:9.3f} ms " \
@@ -272,8 +372,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ms", nargs="*", type=int, help="activation rows M (default 1 16 512 2048)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 GPU, 3 CPU)")
     parser.add_argument("--min-time", type=float, default=0.05, help="keep repeating until this long (s)")
+    parser.add_argument("--static", action="store_true",
+                        help="no timing: static H100 estimate from the compiled sm_90 SASS (no GPU needed)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.static:
+        est = static_estimate()
+        print_static(est)
+        out = args.out or REPO / "results" / "bench" / "kernels_static_estimate.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps(est, indent=1))
+        print(f"wrote {out}")
+        return
     gpu = torch.cuda.is_available() and not args.cpu
     if args.reps is None:
         args.reps = 50 if gpu else 3

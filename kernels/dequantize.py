@@ -3,8 +3,9 @@
 ``out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // group_size]``. Rows are stored
 grouped by bit-width, so a full matrix is the union of one call per stored width.
 ``dequantize_ref`` is the pure-PyTorch reference (the CPU path and the test oracle);
-``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` (unpack → codebook lookup →
-× absmax → scatter to the original rows, one pass) on CUDA or when forced. Both compute the product
+``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` (words loaded once, unpack by
+shifts, codebook select tree with group-scaled entries, scatter to the original rows, one pass) on
+CUDA or when forced. Both compute the product
 in fp32 and round once to the output dtype, so the kernel is bit-exact with the reference.
 """
 
@@ -16,6 +17,7 @@ import triton.language as tl
 
 from kernels.autotune import autotune, configs
 from kernels.layout import codes_per_word
+from kernels.lut import gemv_k_step, lut_select
 from kernels.unpack import unpack_ref
 
 
@@ -53,36 +55,70 @@ def dequantize_ref(
     return out
 
 
+DEQUANT_TILE_BUDGET = 4096  # max BLOCK_R * (codes per K step, padded) of one step: larger tiles spill
+
+
+def prune_dequantize_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Keep dequantize configs whose ``[BLOCK_R, WORDS, PW2]`` step tile fits the budget (never empty)."""
+    step = kwargs.get("WORDS", named_args.get("WORDS", 4)) * kwargs.get("PW2", named_args.get("PW2", 16))
+    keep = [c for c in configs if c.kwargs["BLOCK_R"] * step <= DEQUANT_TILE_BUDGET]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_R"])]
+
+
 @autotune(
     configs(
-        [{"BLOCK_R": 8, "BLOCK_C": 64}, {"BLOCK_R": 4, "BLOCK_C": 512}, {"BLOCK_R": 8, "BLOCK_C": 256},
-         {"BLOCK_R": 16, "BLOCK_C": 128}, {"BLOCK_R": 2, "BLOCK_C": 1024}, {"BLOCK_R": 1, "BLOCK_C": 2048}],
-        num_warps=(4, 8),
+        [{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 64, "STEPS": 1}],
+        num_warps=(4,),
     ),
-    key=["n_rows", "in_features", "BITS"],
+    key=["in_features", "BITS", "GROUP"],  # not n_rows: it differs per bit group
+    prune_configs_by={"early_config_prune": prune_dequantize_configs},
 )
 @triton.jit
 def _dequantize_kernel(
-    q_ptr, rows_ptr, cb_ptr, a_ptr, out_ptr, n_rows, in_features, group_size,
+    q_ptr, rows_ptr, cb_ptr, a_ptr, out_ptr, n_rows, in_features,
     stride_qr, stride_cbr, stride_ar, stride_ac, stride_or, stride_oc,
-    BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BITS: tl.constexpr, PER_WORD: tl.constexpr, PW2: tl.constexpr, WORDS: tl.constexpr,
+    ALIGNED: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, STEPS: tl.constexpr,
 ):
-    """out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // group_size]."""
+    """out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // GROUP] (rounded once).
+
+    ``STEPS`` K steps of ``[BLOCK_R, WORDS, PW2]`` codes per program: each word is loaded once and
+    unpacked by shifts; the lookup is the select tree of ``kernels.lut`` over codebook entries
+    pre-multiplied by the row's group scale (aligned widths) — bit-exact with the reference.
+    """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    i = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    col = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    out_ty = out_ptr.dtype.element_ty
+    i = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     i_ok = i < n_rows
-    m = i_ok[:, None] & (col < in_features)[None, :]
     orig = tl.load(rows_ptr + i, mask=i_ok, other=0).to(tl.int64)
-    word = tl.load(q_ptr + i[:, None] * stride_qr + (col // PER_WORD)[None, :], mask=m, other=0)
-    code = (word >> ((col % PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-    value = tl.load(cb_ptr + i[:, None] * stride_cbr + code, mask=m, other=0.0).to(tl.float32)
-    scale = tl.load(a_ptr + orig[:, None] * stride_ar + (col // group_size)[None, :] * stride_ac,
-                    mask=m, other=0.0).to(tl.float32)
-    y = value * scale
-    tl.store(out_ptr + orig[:, None] * stride_or + col[None, :] * stride_oc,
-             y.to(out_ptr.dtype.element_ty), mask=m)
+    i64 = i.to(tl.int64)
+    q_row = q_ptr + i64[:, None] * stride_qr  # [BLOCK_R, 1]
+    row_ok3 = i_ok[:, None, None]
+    cb_row = cb_ptr + i64[:, None, None] * stride_cbr  # [BLOCK_R, 1, 1]
+    a_row = a_ptr + orig[:, None, None] * stride_ar
+    o_row = out_ptr + orig[:, None, None] * stride_or
+    s3 = tl.arange(0, PW2)[None, None, :]
+    shift = s3 * BITS
+    n_words = tl.cdiv(in_features, PER_WORD)
+    for step in tl.static_range(STEPS):
+        w0 = (pid_c * STEPS + step) * WORDS
+        w = w0 + tl.arange(0, WORDS)
+        word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
+        word3 = word[:, :, None]
+        k = w[None, :, None] * PER_WORD + s3  # [1, WORDS, PW2]
+        k_ok = k < in_features
+        if not ALIGNED:
+            k_ok = k_ok & (s3 < PER_WORD)
+        if ALIGNED:
+            scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok3, other=0.0)
+            v = lut_select(word3, shift, cb_row, scale.to(tl.float32), row_ok3, 0, 1 << BITS, BITS - 1, True,
+                           out_ty)
+        else:
+            v = lut_select(word3, shift, cb_row, 1.0, row_ok3, 0, 1 << BITS, BITS - 1, False, out_ty)
+            scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok3 & k_ok, other=0.0)
+            v = v * scale.to(tl.float32)
+        tl.store(o_row + k * stride_oc, v.to(out_ty), mask=row_ok3 & k_ok)
 
 
 def dequantize_triton(
@@ -109,13 +145,16 @@ def dequantize_triton(
         codebook = codebook.contiguous()
     stride_cbr = 0 if codebook.shape[0] == 1 else codebook.stride(0)
 
+    words, pw2, aligned = gemv_k_step(bits, group_size)
+    n_words = codes.shape[1]
+
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(in_features, meta["BLOCK_C"]))
+        return (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(n_words, words * meta["STEPS"]))
 
     _dequantize_kernel[grid](
-        codes, rows, codebook, absmax, out, n, in_features, group_size,
+        codes, rows, codebook, absmax, out, n, in_features,
         codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, PER_WORD=codes_per_word(bits),
+        BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=group_size,
     )
     return out
 

@@ -1,21 +1,28 @@
-"""Fused LUT matmul with a quantized weight: ``y = x · deq(W)ᵀ`` and ``grad_x = grad_y · deq(W)``.
+"""LUT matmul with a quantized weight: ``y = x · deq(W)ᵀ`` and ``grad_x = grad_y · deq(W)``.
 
 ``W [out, in]`` is a ``lowra.format.QuantizedTensor`` (rows grouped by bit-width; see
-``kernels.dequantize`` for the element formula). The Triton kernels dequantize W tiles in
-registers (unpack → per-row codebook lookup → × group absmax → cast to the activation dtype) and
-never write ``deq(W)`` to global memory:
+``kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
+row count ``M``:
 
-* forward, decode shapes (M ≤ 16): ``_lut_gemv_kernel`` — a split-K GEMV (broadcast-multiply and
-  reduce, fp32 accumulation, ``atomic_add`` into an fp32 ``y`` when split);
-* forward, larger M: ``_lut_mm_kernel`` — a tiled ``tl.dot`` GEMM;
-* backward: ``_lut_mm_t_kernel`` — a tiled ``tl.dot`` over the stored rows of one bit group,
-  accumulating into an fp32 ``grad_x`` across groups.
+* ``M ≤ GEMV_MAX_M`` (decode): ``_lut_gemv_kernel`` — a fused GEMV that reads each packed word
+  once, unpacks by constant shifts, looks codes up in a per-row codebook held in registers (select
+  tree; pre-scaled by the group absmax once per K step since ``group_size`` is a compile-time
+  constant), accumulates in a register tile reduced once after the K loop, and writes fp32 split-K
+  partials to a workspace that is summed in a fixed order (deterministic; no host sync, so decode
+  can be captured in a CUDA graph). One launch per stored bit-width plus the partial sum.
+* ``GEMV_MAX_M < M < TRAIN_MIN_M``: ``_lut_mm_kernel`` — a fused tiled ``tl.dot`` GEMM that
+  dequantizes W tiles in registers (never writes ``deq(W)``).
+* ``M ≥ TRAIN_MIN_M`` (training): ``deq(W)`` is written once to a transient weight in the
+  activation dtype by the Triton dequantize kernel and multiplied by cuBLAS (as bitsandbytes'
+  4-bit matmul does), then freed: the extra memory peak is one layer's weight.
 
-One launch per stored bit-width: the forward writes the output columns ``y[:, rows_b]`` (scattered
-by the original row index), the backward reads ``grad_y[:, rows_b]``. ``lut_matmul_ref`` /
-``lut_matmul_backward_ref`` are the references (they materialize ``deq(W)`` in the activation
-dtype transiently). ``LUTMatmulFunction`` is the autograd op: gradient for ``x`` only, the
-dequantized weight is never kept between calls.
+The backward ``grad_x = grad_y · deq(W)`` always takes the transient-weight + cuBLAS path.
+``lut_matmul_ref`` / ``lut_matmul_backward_ref`` are the references (they materialize ``deq(W)``
+in the activation dtype transiently). ``LUTMatmulFunction`` is the autograd op: gradient for ``x``
+only, the dequantized weight is never kept between calls.
+
+Autotune keys are ``K``, the bit-width, ``group_size`` and the power-of-two bucket of ``M`` — never
+the stored row count of a bit group — so one tuning serves every layer of a shape.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import triton.language as tl
 
 from kernels.autotune import autotune, configs
 from kernels.layout import codes_per_word
+from kernels.lut import gemv_k_step, lut_select
 
-GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel, larger M the tl.dot kernel
-GEMV_TILE_BUDGET = 16384  # max BLOCK_M * BLOCK_N * BLOCK_K fp32 products per GEMV step (registers)
+GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
+TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -54,6 +62,22 @@ def _dequant_weight(qweight: Any, dtype: torch.dtype, backend: str) -> torch.Ten
     return qweight.dequantize(dtype=dtype, backend=backend)
 
 
+def dequantize_transient(qweight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``deq(W) [out, in]`` in ``dtype`` by the Triton dequantize kernel (one launch per bit group).
+
+    The output is ``torch.empty``: every row belongs to exactly one bit group (a validated
+    ``QuantizedTensor``), so no fill pass is spent on it.
+    """
+    from kernels.dequantize import dequantize_triton
+
+    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
+    w = torch.empty(out_features, in_features, dtype=dtype, device=absmax.device)
+    for g in groups:
+        if g.rows.numel():
+            dequantize_triton(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, w)
+    return w
+
+
 # ---------------------------------------------------------------------------------------- refs
 def lut_matmul_ref(x: torch.Tensor, qweight: Any) -> torch.Tensor:
     """Reference forward: ``x [..., in] @ deq(W)ᵀ → [..., out]`` in ``x.dtype``."""
@@ -67,7 +91,14 @@ def lut_matmul_backward_ref(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
     return grad_y @ w
 
 
-# ---------------------------------------------------------------------------------------- kernels
+# ---------------------------------------------------------------------------------------- GEMM (16 < M < 256)
+def prune_mm_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """fp32 activations (``"ieee"`` dots) keep ``BLOCK_K ≤ 32``: deeper fp32 tiles spill on sm_90."""
+    if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) != "ieee":
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs[:1]
+
+
 @triton.jit
 def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, stride_cbr,
               stride_ar, stride_ac, BITS: tl.constexpr, PER_WORD: tl.constexpr):
@@ -80,83 +111,28 @@ def _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, mask, group_size, stride_qr, str
     return value * scale
 
 
-def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
-    """Drop GEMV configs whose [BLOCK_M, BLOCK_N, BLOCK_K] product tile exceeds the budget."""
-    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    keep = [c for c in configs if block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= GEMV_TILE_BUDGET]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
-
-
-@autotune(
-    configs(
-        [{"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2},
-         {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 4}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 4},
-         {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 8},
-         {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2},
-         {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4},
-         {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 2}, {"BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 2},
-         {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 8}],
-        num_warps=(4, 8),
-        num_stages=(2, 3),
-    ),
-    key=["M", "n_rows", "K", "BITS"],
-    restore_value=["y_ptr"],  # y is shared by the launches of every bit group
-    prune_configs_by={"early_config_prune": prune_gemv_configs},
-)
-@triton.jit
-def _lut_gemv_kernel(
-    x_ptr, q_ptr, rows_ptr, cb_ptr, a_ptr, y_ptr, M, n_rows, K, group_size,
-    stride_xm, stride_xk, stride_qr, stride_cbr, stride_ar, stride_ac, stride_ym,
-    BITS: tl.constexpr, PER_WORD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """y32[m, rows[i]] += Σ_k x[m, k] · deq(W)[i, k] over this program's K slices (M ≤ BLOCK_M)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    i = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    i_ok = i < n_rows
-    orig = tl.load(rows_ptr + i, mask=i_ok, other=0).to(tl.int64)
-    m = tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        xt = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :] * stride_xk,
-                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, i_ok[:, None] & k_ok[None, :], group_size,
-                      stride_qr, stride_cbr, stride_ar, stride_ac, BITS, PER_WORD)
-        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(xt.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    ptrs = y_ptr + m[:, None] * stride_ym + orig[None, :]
-    mask = m_ok[:, None] & i_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
-
-
 @autotune(
     configs(
         [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8},
-         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}],
-        num_warps=(4, 8),
-        num_stages=(3, 4),
-    ),
-    key=["M", "n_rows", "K", "BITS"],
+         {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8}],
+        num_warps=(4,),
+        num_stages=(2,),
+    )
+    + configs([{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}], num_warps=(8,), num_stages=(2,)),
+    key=["M_BUCKET", "K", "BITS", "group_size"],
+    prune_configs_by={"early_config_prune": prune_mm_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _lut_mm_kernel(
-    x_ptr, q_ptr, rows_ptr, cb_ptr, a_ptr, y_ptr, M, n_rows, K, group_size,
+    x_ptr, q_ptr, rows_ptr, cb_ptr, a_ptr, y_ptr, M, M_BUCKET, n_rows, K, group_size,
     stride_xm, stride_xk, stride_qr, stride_cbr, stride_ar, stride_ac, stride_ym, stride_yn,
     BITS: tl.constexpr, PER_WORD: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[m, rows[i]] = Σ_k x[m, k] · deq(W)[i, k] for one [BLOCK_M, BLOCK_N] tile (tl.dot)."""
+    """y[m, rows[i]] = Σ_k x[m, k] · deq(W)[i, k] for one [BLOCK_M, BLOCK_N] tile (tl.dot).
+
+    ``M_BUCKET`` (unused in the body) is the power-of-two bucket of ``M``: the autotune key.
+    """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(n_rows, BLOCK_N)
@@ -183,49 +159,125 @@ def _lut_mm_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & i_ok[None, :])
 
 
+# ---------------------------------------------------------------------------------------- GEMV (M ≤ 16)
+GEMV_BLOCK_M = (1, 4, 16)  # M buckets of the GEMV: M=1, 2-4, 5-16 (one binary each)
+# fp32 products BLOCK_M * BLOCK_N * (codes per K step) of a GEMV tile: configs keep budget/4 .. budget
+# (larger tiles spill on sm_90, smaller ones under-use the block); 3/4-bit trees need more registers.
+GEMV_TILE_BUDGET = {1: 4096, 2: 4096, 3: 2048, 4: 2048}
+
+
+def m_bucket(m: int) -> int:
+    """Power-of-two bucket of the activation row count (autotune key: one tuning per bucket)."""
+    return 1 if m <= 1 else 1 << (int(m) - 1).bit_length()
+
+
+def gemv_block_m(m: int) -> int:
+    """The GEMV's M tile for ``m ≤ GEMV_MAX_M`` rows: the smallest of ``GEMV_BLOCK_M`` that holds m."""
+    for b in GEMV_BLOCK_M:
+        if m <= b:
+            return b
+    raise ValueError(f"the GEMV runs M ≤ {GEMV_BLOCK_M[-1]} rows, got {m}")
+
+
+def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Keep GEMV configs whose ``[BLOCK_M, BLOCK_N, K step]`` fp32 tile is within
+    ``[budget / 4, budget]`` of ``GEMV_TILE_BUDGET[BITS]`` (never returns an empty list)."""
+    def arg(name: str, default: int) -> int:
+        return kwargs.get(name, named_args.get(name, default))
+
+    bits = arg("BITS", 2)
+    budget = GEMV_TILE_BUDGET[bits]
+    step = arg("WORDS", 4) * arg("PW2", 16)
+    tile = {id(c): arg("BLOCK_M", 1) * c.kwargs["BLOCK_N"] * step for c in configs}
+    keep = [c for c in configs if budget // 4 <= tile[id(c)] <= budget]
+    keep = keep or [min(configs, key=lambda c: (tile[id(c)], c.kwargs["SPLIT_K"]))]
+    return [_with_register_cap(c, tile[id(c)], bits) for c in keep]
+
+
+def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
+    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
+    a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
+    must stay uncapped. Both found by ``kernels.compile_check`` on sm_90."""
+    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
+    if config.maxnreg == cap:
+        return config
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
+                         maxnreg=cap)
+
+
 @autotune(
     configs(
-        [{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32},
-         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128},
-         {"BLOCK_M": 128, "BLOCK_N": 32, "BLOCK_K": 128},
-         {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128},
-         {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 256},
-         {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64}],
-        num_warps=(4, 8),
-        num_stages=(3, 4),
+        [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
+         {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}],
+        num_warps=(4,),
+        num_stages=(2,),
     ),
-    key=["M", "n_rows", "K", "BITS"],
-    restore_value=["gx_ptr"],
+    key=["K", "BITS", "GROUP", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": prune_gemv_configs},
 )
 @triton.jit
-def _lut_mm_t_kernel(
-    gy_ptr, q_ptr, rows_ptr, cb_ptr, a_ptr, gx_ptr, M, n_rows, K, group_size,
-    stride_gm, stride_gn, stride_qr, stride_cbr, stride_ar, stride_ac, stride_xm,
-    BITS: tl.constexpr, PER_WORD: tl.constexpr, DOT_PREC: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _lut_gemv_kernel(
+    x_ptr, q_ptr, rows_ptr, cb_ptr, a_ptr, ws_ptr, M, n_rows, K, n_split,
+    stride_xm, stride_qr, stride_cbr, stride_ar, stride_ac, stride_ws_s, stride_ws_m,
+    BITS: tl.constexpr, PER_WORD: tl.constexpr, PW2: tl.constexpr, WORDS: tl.constexpr,
+    ALIGNED: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """gx[m, k] (+)= Σ_i grad_y[m, rows[i]] · deq(W)[i, k] over the stored rows of one group."""
-    pid_m = tl.program_id(0)
+    """ws[pid_k, m, rows[i]] = Σ_{k in this program's K steps} x[m, k] · deq(W)[i, k].
+
+    Tiles are 4-D ``[BLOCK_M, BLOCK_N, WORDS, PW2]`` (activation row, weight row, word, code in
+    word): each row's ``WORDS`` int32 words are loaded once (contiguous: vector loads), codes come
+    out by constant shifts, the codebook lookup is a select tree over entries loaded per row (and,
+    when aligned, pre-multiplied by the row's group scale and rounded to the activation dtype once
+    per step, which equals rounding each product), and products accumulate in a 4-D fp32 tile that
+    is reduced once after the loop. Slices ``SPLIT_K ≤ s < n_split`` of ``ws`` are zeroed by the
+    ``pid_k = 0`` programs, so the caller sums a fixed ``n_split`` slices (deterministic).
+    """
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_ok = m < M
-    k_ok = k < K
-    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, n_rows, BLOCK_N):
-        i = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        i_ok = i < n_rows
-        orig = tl.load(rows_ptr + i, mask=i_ok, other=0).to(tl.int64)
-        gy = tl.load(gy_ptr + m[:, None] * stride_gm + orig[None, :] * stride_gn,
-                     mask=m_ok[:, None] & i_ok[None, :], other=0.0)
-        w = _deq_tile(q_ptr, cb_ptr, a_ptr, i, orig, k, i_ok[:, None] & k_ok[None, :], group_size,
-                      stride_qr, stride_cbr, stride_ar, stride_ac, BITS, PER_WORD)
-        acc = tl.dot(gy, w.to(gy_ptr.dtype.element_ty), acc, input_precision=DOT_PREC)
-    ptrs = gx_ptr + m[:, None] * stride_xm + k[None, :]
-    mask = m_ok[:, None] & k_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    act = x_ptr.dtype.element_ty
+    i = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i_ok = i < n_rows
+    orig = tl.load(rows_ptr + i, mask=i_ok, other=0).to(tl.int64)
+    i64 = i.to(tl.int64)
+    q_row = q_ptr + i64[:, None] * stride_qr  # [BLOCK_N, 1]
+    row_ok4 = i_ok[None, :, None, None]
+    cb_row = cb_ptr + i64[None, :, None, None] * stride_cbr  # [1, BLOCK_N, 1, 1]
+    a_row = a_ptr + orig[None, :, None, None] * stride_ar
+    m4 = tl.arange(0, BLOCK_M)[:, None, None, None]
+    w_in = tl.arange(0, WORDS)
+    s4 = tl.arange(0, PW2)[None, None, None, :]
+    shift = s4 * BITS
+    n_words = tl.cdiv(K, PER_WORD)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS, PW2], dtype=tl.float32)
+    for w0 in range(pid_k * WORDS, n_words, WORDS * SPLIT_K):
+        w = w0 + w_in
+        word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
+        word4 = word[None, :, :, None]  # [1, BLOCK_N, WORDS, 1]: code s sits at bits shift[s]...
+        k = w[None, None, :, None] * PER_WORD + s4  # [1, 1, WORDS, PW2]
+        k_ok = k < K
+        if not ALIGNED:
+            k_ok = k_ok & (s4 < PER_WORD)
+        if ALIGNED:
+            scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok4, other=0.0)
+            v = lut_select(word4, shift, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, BITS - 1, True, act)
+        else:
+            v = lut_select(word4, shift, cb_row, 1.0, row_ok4, 0, 1 << BITS, BITS - 1, False, act)
+            scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok4 & k_ok, other=0.0)
+            v = (v * scale.to(tl.float32)).to(act).to(tl.float32)
+        # x is loaded at the full tile shape (rows broadcast, L1 hits) so that the load fixes a
+        # layout with each thread holding consecutive codes of one word (16-byte vectors).
+        x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
+        xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
+        acc += xt.to(tl.float32) * v
+    part = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+    m2 = tl.arange(0, BLOCK_M)[:, None]
+    ptrs = ws_ptr + m2 * stride_ws_m + orig[None, :]
+    mask = (m2 < M) & i_ok[None, :]
+    tl.store(ptrs + pid_k * stride_ws_s, part, mask=mask)
+    if pid_k == 0:
+        for s in range(SPLIT_K, n_split):
+            tl.store(ptrs + s * stride_ws_s, tl.zeros_like(part), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -247,82 +299,98 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
         raise TypeError(f"the Triton LUT matmul runs fp32/fp16/bf16 activations, got {t.dtype}")
 
 
-def lut_matmul_triton(x: torch.Tensor, qweight: Any) -> torch.Tensor:
-    """Triton forward ``x [..., in] → y [..., out]`` (GEMV for M ≤ 16, tiled tl.dot otherwise)."""
+def gemv_splits(bits: int, block_m: int, words: int, pw2: int) -> int:
+    """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count."""
+    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2)
+    return max(c.kwargs["SPLIT_K"] for c in kept)
+
+
+def _lut_gemv(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
+    """GEMV forward for ``x2 [M ≤ GEMV_MAX_M, in]`` (contiguous) → ``[M, out]`` in ``x2.dtype``."""
     out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
+    M = x2.shape[0]
+    block_m = gemv_block_m(M)
+    live = [g for g in groups if g.rows.numel() > 0]
+    steps = {g.bits: gemv_k_step(g.bits, group_size) for g in live}
+    n_split = max(gemv_splits(b, block_m, w, p) for b, (w, p, _) in steps.items())
+    ws = torch.empty(n_split, M, out_features, dtype=torch.float32, device=x2.device)
+    for g in live:
+        n = g.rows.numel()
+        words, pw2, aligned = steps[g.bits]
+        codes, rows, codebook, stride_cbr = _group_args(g, absmax)
+
+        def grid(meta, n=n):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        _lut_gemv_kernel[grid](
+            x2, codes, rows, codebook, absmax, ws, M, n, in_features, n_split,
+            x2.stride(0), codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1),
+            ws.stride(0), ws.stride(1),
+            BITS=g.bits, PER_WORD=codes_per_word(g.bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
+            GROUP=group_size, BLOCK_M=block_m,
+        )
+    y = ws[0] if n_split == 1 else ws.sum(0)
+    return y.to(x2.dtype)
+
+
+def _lut_mm(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
+    """Fused tiled forward for ``x2 [M, in]`` → ``[M, out]`` in ``x2.dtype`` (tl.dot)."""
+    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
+    M = x2.shape[0]
+    y = torch.empty(M, out_features, dtype=x2.dtype, device=x2.device)
+    for g in groups:
+        n = g.rows.numel()
+        if n == 0:
+            continue
+        codes, rows, codebook, stride_cbr = _group_args(g, absmax)
+
+        def grid(meta, n=n):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+        _lut_mm_kernel[grid](
+            x2, codes, rows, codebook, absmax, y, M, m_bucket(M), n, in_features, group_size,
+            x2.stride(0), x2.stride(1), codes.stride(0), stride_cbr, absmax.stride(0),
+            absmax.stride(1), y.stride(0), y.stride(1),
+            BITS=g.bits, PER_WORD=codes_per_word(g.bits), DOT_PREC=_dot_precision(x2.dtype),
+        )
+    return y
+
+
+def lut_matmul_triton(x: torch.Tensor, qweight: Any) -> torch.Tensor:
+    """Triton forward ``x [..., in] → y [..., out]``: GEMV (M ≤ 16), fused GEMM, or dequantize + cuBLAS
+    (M ≥ ``TRAIN_MIN_M``)."""
+    out_features, in_features, _, _, _ = weight_parts(qweight)
     _check_activation(x, in_features, "x")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, out_features)
     if M <= GEMV_MAX_M:
-        y = torch.zeros(M, out_features, dtype=torch.float32, device=x.device)
-        block_m = max(1, triton.next_power_of_2(M))
-        for g in groups:
-            n = g.rows.numel()
-            if n == 0:
-                continue
-            codes, rows, codebook, stride_cbr = _group_args(g, absmax)
-
-            def grid(meta, n=n):
-                return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-            _lut_gemv_kernel[grid](
-                x2, codes, rows, codebook, absmax, y, M, n, in_features, group_size,
-                x2.stride(0), x2.stride(1), codes.stride(0), stride_cbr, absmax.stride(0),
-                absmax.stride(1), y.stride(0),
-                BITS=g.bits, PER_WORD=codes_per_word(g.bits), BLOCK_M=block_m,
-            )
-        y = y.to(x.dtype)
+        y = _lut_gemv(x2, qweight)
+    elif M < TRAIN_MIN_M:
+        y = _lut_mm(x2, qweight)
     else:
-        y = torch.empty(M, out_features, dtype=x.dtype, device=x.device)
-        for g in groups:
-            n = g.rows.numel()
-            if n == 0:
-                continue
-            codes, rows, codebook, stride_cbr = _group_args(g, absmax)
-
-            def grid(meta, n=n):
-                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-
-            _lut_mm_kernel[grid](
-                x2, codes, rows, codebook, absmax, y, M, n, in_features, group_size,
-                x2.stride(0), x2.stride(1), codes.stride(0), stride_cbr, absmax.stride(0),
-                absmax.stride(1), y.stride(0), y.stride(1),
-                BITS=g.bits, PER_WORD=codes_per_word(g.bits), DOT_PREC=_dot_precision(x.dtype),
-            )
+        w = dequantize_transient(qweight, x.dtype)
+        y = x2 @ w.t()
+        del w
     return y.reshape(*lead, out_features)
 
 
 def lut_matmul_backward_triton(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
-    """Triton backward ``grad_y [..., out] → grad_x [..., in]``, accumulated over bit groups."""
-    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
+    """Triton backward ``grad_y [..., out] → grad_x [..., in]``: transient ``deq(W)`` + cuBLAS."""
+    out_features, in_features, _, _, _ = weight_parts(qweight)
     _check_activation(grad_y, out_features, "grad_y")
     lead = grad_y.shape[:-1]
     gy = grad_y.reshape(-1, out_features)
-    M = gy.shape[0]
-    live = [g for g in groups if g.rows.numel() > 0]
-    if M == 0 or not live:
+    if gy.shape[0] == 0:
         return grad_y.new_zeros(*lead, in_features)
-    direct = grad_y.dtype == torch.float32 or len(live) == 1
-    gx = torch.empty(M, in_features, dtype=grad_y.dtype if direct else torch.float32,
-                     device=grad_y.device)
-    for j, g in enumerate(live):
-        n = g.rows.numel()
-        codes, rows, codebook, stride_cbr = _group_args(g, absmax)
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_K"]))
-
-        _lut_mm_t_kernel[grid](
-            gy, codes, rows, codebook, absmax, gx, M, n, in_features, group_size,
-            gy.stride(0), gy.stride(1), codes.stride(0), stride_cbr, absmax.stride(0),
-            absmax.stride(1), gx.stride(0),
-            BITS=g.bits, PER_WORD=codes_per_word(g.bits), DOT_PREC=_dot_precision(grad_y.dtype),
-            ACCUMULATE=j > 0,
-        )
-    return gx.to(grad_y.dtype).reshape(*lead, in_features)
+    w = dequantize_transient(qweight, grad_y.dtype)
+    gx = gy @ w
+    del w
+    return gx.reshape(*lead, in_features)
 
 
 def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
@@ -351,7 +419,7 @@ class LUTMatmulFunction(torch.autograd.Function):
     """``y = x · deq(W)ᵀ`` with a frozen quantized ``W``: gradient for ``x`` only.
 
     Only a reference to the (already stored) quantized weight is kept for backward; ``deq(W)`` is
-    recomputed tile by tile (Triton) or transiently (reference) and never kept between calls.
+    recomputed transiently in backward and never kept between calls.
     """
 
     @staticmethod

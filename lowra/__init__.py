@@ -4,24 +4,55 @@ Public API (see README.md): the quantized-weight format, the learned per-channel
 the quantizers, the precision planner, the LoRA module and the model-level functions.
 """
 
-from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, read_manifest, save_quantized
-from lowra.codebook import CodebookResult, learn_codebooks
-from lowra.format import BitGroup, FormatError, QuantizedTensor
-from lowra.loftq import LoftQResult, loftq_init
-from lowra.memory import memory_report
-from lowra.model import (
-    QuantizationReport,
-    find_target_linears,
-    lora_parameters,
-    lowra_layers,
-    mark_only_lora_trainable,
-    quantize_model,
-)
-from lowra.nn import LowRALinear
-from lowra.normalfloat import normal_float_table
-from lowra.precision import PrecisionPlan, assign_precision
-from lowra.quantizers import Quantizer, get_quantizer, quantize, register_quantizer
-from lowra.scales import GroupScales, compute_absmax
+# Names are imported on first use (PEP 562), so ``import lowra.format`` (the tensor format and the
+# kernels) works in a bare torch + triton environment without the planner's or trainer's
+# dependencies (scipy, cvxpy, transformers, ...).
+_EXPORTS = {
+    "BitGroup": "lowra.format",
+    "CodebookResult": "lowra.codebook",
+    "FormatError": "lowra.format",
+    "GroupScales": "lowra.scales",
+    "LoftQResult": "lowra.loftq",
+    "LowRALinear": "lowra.nn",
+    "PrecisionPlan": "lowra.precision",
+    "QuantizationReport": "lowra.model",
+    "QuantizedTensor": "lowra.format",
+    "Quantizer": "lowra.quantizers",
+    "assign_precision": "lowra.precision",
+    "compute_absmax": "lowra.scales",
+    "export_peft_adapters": "lowra.checkpoint",
+    "find_target_linears": "lowra.model",
+    "get_quantizer": "lowra.quantizers",
+    "learn_codebooks": "lowra.codebook",
+    "load_quantized": "lowra.checkpoint",
+    "loftq_init": "lowra.loftq",
+    "lora_parameters": "lowra.model",
+    "lowra_layers": "lowra.model",
+    "mark_only_lora_trainable": "lowra.model",
+    "memory_report": "lowra.memory",
+    "merge_to_hf": "lowra.checkpoint",
+    "normal_float_table": "lowra.normalfloat",
+    "quantize": "lowra.quantizers",
+    "quantize_model": "lowra.model",
+    "read_manifest": "lowra.checkpoint",
+    "register_quantizer": "lowra.quantizers",
+    "save_quantized": "lowra.checkpoint",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowra' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "BitGroup",

@@ -133,9 +133,23 @@ def test_gemv_config_pruning_respects_register_budget():
     from kernels.autotune import configs
     from kernels.lut_matmul import GEMV_TILE_BUDGET, prune_gemv_configs
 
-    space = configs([{"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}])
-    assert [c.kwargs["BLOCK_N"] for c in prune_gemv_configs(space, {}, BLOCK_M=1)] == [128, 16]
-    kept = prune_gemv_configs(space, {}, BLOCK_M=16)
-    assert [c.kwargs["BLOCK_N"] for c in kept] == [16]
-    assert all(16 * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= GEMV_TILE_BUDGET for c in kept)
-    assert len(prune_gemv_configs(space[:1], {}, BLOCK_M=16)) == 1  # never empty
+    space = configs([{"BLOCK_N": 128, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}])
+
+    def kept(**kw):
+        return [c.kwargs["BLOCK_N"] for c in prune_gemv_configs(space, {}, WORDS=4, PW2=16, **kw)]
+
+    assert kept(BITS=2, BLOCK_M=1) == [32]  # 128 * 64 over budget, 4 * 64 under a quarter of it
+    assert kept(BITS=2, BLOCK_M=16) == [4]
+    assert GEMV_TILE_BUDGET[4] < GEMV_TILE_BUDGET[2]
+    assert kept(BITS=4, BLOCK_M=1) == [32]
+    assert len(prune_gemv_configs(space[:1], {}, BITS=2, BLOCK_M=16, WORDS=4, PW2=16)) == 1  # never empty
+
+
+def test_dequantize_config_pruning():
+    from kernels.autotune import configs
+    from kernels.dequantize import DEQUANT_TILE_BUDGET, prune_dequantize_configs
+
+    space = configs([{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 128, "STEPS": 1}])
+    assert [c.kwargs["BLOCK_R"] for c in prune_dequantize_configs(space, {}, WORDS=4, PW2=16)] == [16]
+    assert 128 * 64 > DEQUANT_TILE_BUDGET
+    assert len(prune_dequantize_configs(space[1:], {}, WORDS=4, PW2=16)) == 1
