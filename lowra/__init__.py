@@ -8,7 +8,15 @@ the quantizers, the precision planner, the LoRA module and the model-level funct
 # kernels) works in a bare torch + triton environment without the planner's or trainer's
 # dependencies (scipy, cvxpy, transformers, ...).
 _EXPORTS = {
+    "ActivationWhitening": "lowra.loftq",
     "BitGroup": "lowra.format",
+    "ERROR_TABLES": "lowra.error_tables",
+    "calibration_statistics": "lowra.error_tables",
+    "calibration_windows": "lowra.calibration",
+    "collect_fisher": "lowra.calibration",
+    "kfac_row_errors": "lowra.error_tables",
+    "row_error_table": "lowra.error_tables",
+    "row_storage_bits": "lowra.format",
     "CodebookResult": "lowra.codebook",
     "FormatError": "lowra.format",
     "GroupScales": "lowra.scales",
@@ -55,7 +63,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ActivationWhitening",
     "BitGroup",
+    "ERROR_TABLES",
+    "calibration_statistics",
+    "calibration_windows",
+    "collect_fisher",
+    "kfac_row_errors",
+    "row_error_table",
+    "row_storage_bits",
     "CodebookResult",
     "FormatError",
     "GroupScales",
