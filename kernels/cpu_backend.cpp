@@ -1,0 +1,354 @@
+// CPU kernels for the LowRA quantized weight (built on first use by kernels/cpu_backend.py).
+//
+// One element of the weight is  W[rows[i], k] = table[i, code(i, k)] * absmax[rows[i], k / group_size]
+// (codes packed LSB-first into int32 words, 32/b per word, 10 for b = 3; kernels/layout.py).
+// The product is taken in fp32 and rounded once to the output dtype, exactly as dequantize_ref does,
+// so `dequant_group` is bit-exact with the reference.
+//
+// The hot loop (AVX2): 8 codes per step are shifted out of one broadcast word (b = 1, 2, 4) or a
+// gathered pair of words (b = 3) with one variable shift, looked up in the row's <= 16-entry fp32
+// table held in two registers (vpermps; two lookups + blend for 4 bits) and scaled by the group's
+// absmax. The table and the scale stay in registers, so a row is dequantized at a few instructions
+// per 8 weights and the only memory traffic is the packed codes (and the output, if any).
+//
+// Work is split with at::parallel_for, i.e. over torch.get_num_threads() threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWRA_AVX2 1
+#else
+#define LOWRA_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kChunk = 512;   // inputs per L1-resident block (multiple of 8 and of 40)
+constexpr int64_t kTable = 16;    // padded table row (entries past 2**b are never read)
+
+template <int BITS>
+constexpr int per_word() { return BITS == 3 ? 10 : 32 / BITS; }
+
+template <int BITS>
+inline int scalar_code(const int32_t* words, int64_t k) {
+  constexpr int PW = per_word<BITS>();
+  const uint32_t w = static_cast<uint32_t>(words[k / PW]);
+  return static_cast<int>((w >> ((k % PW) * BITS)) & ((1u << BITS) - 1u));
+}
+
+#if LOWRA_AVX2
+// 8 codes starting at k (k % 8 == 0) as int32 lanes.
+template <int BITS>
+inline __m256i codes8(const int32_t* words, int64_t k) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  if constexpr (BITS == 1) {
+    const __m256i w = _mm256_set1_epi32(words[k >> 5]);
+    const __m256i sh = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k & 31)), lane);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+  } else if constexpr (BITS == 2) {
+    const __m256i w = _mm256_set1_epi32(words[k >> 4]);
+    const __m256i sh = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k & 15)), lane), 1);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+  } else if constexpr (BITS == 4) {
+    const __m256i w = _mm256_set1_epi32(words[k >> 3]);
+    const __m256i sh = _mm256_slli_epi32(lane, 2);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+  } else {  // 3 bits, 10 codes per word: 8 codes span two words; 40 codes = 4 words repeat.
+    alignas(32) static const int32_t off[5][8] = {
+        {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 2, 2, 2, 2},
+        {2, 2, 2, 2, 2, 2, 3, 3}, {3, 3, 3, 3, 3, 3, 3, 3}};
+    alignas(32) static const int32_t shf[5][8] = {
+        {0, 3, 6, 9, 12, 15, 18, 21}, {24, 27, 0, 3, 6, 9, 12, 15}, {18, 21, 24, 27, 0, 3, 6, 9},
+        {12, 15, 18, 21, 24, 27, 0, 3}, {6, 9, 12, 15, 18, 21, 24, 27}};
+    const int r = static_cast<int>((k % 40) >> 3);
+    const int32_t* base = words + (k / 40) * 4;
+    const __m256i vi = _mm256_load_si256(reinterpret_cast<const __m256i*>(off[r]));
+    const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(shf[r]));
+    const __m256i w = _mm256_i32gather_epi32(base, vi, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+  }
+}
+
+template <int BITS>
+inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
+  if constexpr (BITS == 4) {
+    const __m256 lo = _mm256_permutevar8x32_ps(tlo, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(thi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  } else {
+    (void)thi;
+    return _mm256_permutevar8x32_ps(tlo, idx);
+  }
+}
+#endif
+
+// dst[j] = tab[code(k0 + j)] * scale[(k0 + j) / gs], j in [0, k1 - k0): one row segment in fp32.
+template <int BITS>
+void deq_segment(const int32_t* words, const float* tab, const float* scale, int64_t gs, int64_t k0,
+                 int64_t k1, float* dst) {
+  int64_t k = k0;
+#if LOWRA_AVX2
+  if (gs % 8 == 0) {
+    for (; k < k1 && (k & 7); ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * scale[k / gs];
+    const __m256 tlo = _mm256_loadu_ps(tab);
+    const __m256 thi = _mm256_loadu_ps(tab + 8);
+    while (k + 8 <= k1) {  // one absmax group at a time: no division in the inner loop
+      const int64_t grp = k / gs;
+      const int64_t end = std::min(k1, (grp + 1) * gs);  // >= k + 8 since 8 | gs and 8 | k
+      const __m256 s = _mm256_set1_ps(scale[grp]);
+      for (; k + 8 <= end; k += 8)
+        _mm256_storeu_ps(dst + (k - k0), _mm256_mul_ps(lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), s));
+    }
+  }
+#endif
+  while (k < k1) {  // tail, or every input when gs % 8 != 0 or without AVX2
+    const int64_t grp = k / gs;
+    const int64_t end = std::min(k1, (grp + 1) * gs);
+    const float s = scale[grp];
+    for (; k < end; ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * s;
+  }
+}
+
+// sum_k x[k] * W[k] over one row, without storing the row (the M = 1 decode case).
+template <int BITS>
+float row_dot(const int32_t* words, const float* tab, const float* scale, int64_t gs, int64_t K,
+              const float* x) {
+  int64_t k = 0;
+  float s = 0.f;
+#if LOWRA_AVX2
+  if (gs % 8 == 0) {
+    const __m256 tlo = _mm256_loadu_ps(tab);
+    const __m256 thi = _mm256_loadu_ps(tab + 8);
+    __m256 acc = _mm256_setzero_ps();
+    while (k + 8 <= K) {
+      const int64_t grp = k / gs;
+      const int64_t end = std::min(K, (grp + 1) * gs);
+      __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
+      for (; k + 8 <= end; k += 8)
+        part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
+      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(scale[grp]), acc);
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc);
+    s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+  }
+#endif
+  while (k < K) {
+    const int64_t grp = k / gs;
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    const float sc = scale[grp];
+    for (; k < end; ++k) s += x[k] * (tab[scalar_code<BITS>(words, k)] * sc);
+  }
+  return s;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if LOWRA_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
+  }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+#endif
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t j = 0;
+#if LOWRA_AVX2
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+  for (; j < n; ++j) y[j] += alpha * x[j];
+}
+
+struct Group {
+  const int32_t* codes;
+  int64_t words;         // row stride of codes
+  const int64_t* rows;
+  const float* table;    // [n or 1, 16]
+  int64_t table_stride;  // 16, or 0 for a shared table
+  const float* absmax;   // [out, G] contiguous
+  int64_t ngroups;
+  int64_t gs;
+  int64_t n;
+  int64_t in_features;
+};
+
+Group make_group(const torch::Tensor& codes, const torch::Tensor& rows, const torch::Tensor& table,
+                 const torch::Tensor& absmax, int64_t group_size, int64_t in_features) {
+  TORCH_CHECK(codes.scalar_type() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 2,
+              "codes must be contiguous int32 [n, words]");
+  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows must be contiguous int64");
+  TORCH_CHECK(table.scalar_type() == torch::kFloat32 && table.is_contiguous() && table.size(1) == kTable,
+              "table must be contiguous fp32 [n or 1, 16]");
+  TORCH_CHECK(absmax.scalar_type() == torch::kFloat32 && absmax.is_contiguous(), "absmax must be contiguous fp32");
+  Group g;
+  g.codes = codes.data_ptr<int32_t>();
+  g.words = codes.size(1);
+  g.rows = rows.data_ptr<int64_t>();
+  g.table = table.data_ptr<float>();
+  g.table_stride = table.size(0) == 1 ? 0 : kTable;
+  g.absmax = absmax.data_ptr<float>();
+  g.ngroups = absmax.size(1);
+  g.gs = group_size;
+  g.n = codes.size(0);
+  g.in_features = in_features;
+  return g;
+}
+
+template <int BITS>
+inline void deq_row(const Group& g, int64_t i, int64_t k0, int64_t k1, float* dst) {
+  deq_segment<BITS>(g.codes + i * g.words, g.table + i * g.table_stride, g.absmax + g.rows[i] * g.ngroups,
+                    g.gs, k0, k1, dst);
+}
+
+template <int BITS>
+void dequant_impl(const Group& g, torch::Tensor& out) {
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  if (out.scalar_type() == torch::kFloat32 && out.stride(1) == 1) {
+    float* o = out.data_ptr<float>();
+    const int64_t so = out.stride(0);
+    at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) deq_row<BITS>(g, i, 0, K, o + g.rows[i] * so);
+    });
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lowra_dequant", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t s0 = out.stride(0), s1 = out.stride(1);
+    at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+      std::vector<float> buf(K);
+      for (int64_t i = b; i < e; ++i) {
+        deq_row<BITS>(g, i, 0, K, buf.data());
+        scalar_t* dst = o + g.rows[i] * s0;
+        for (int64_t k = 0; k < K; ++k) dst[k * s1] = static_cast<scalar_t>(buf[k]);
+      }
+    });
+  });
+}
+
+// y[m, rows[i]] = sum_k x[m, k] * W[i, k]  (x fp32 [M, K] contiguous, y fp32 [M, out] contiguous)
+template <int BITS>
+void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_features) {
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+    alignas(32) float buf[kChunk];
+    float acc[16];
+    for (int64_t i = b; i < e; ++i) {
+      if (M == 1) {
+        y[g.rows[i]] = row_dot<BITS>(g.codes + i * g.words, g.table + i * g.table_stride,
+                                     g.absmax + g.rows[i] * g.ngroups, g.gs, K, x);
+        continue;
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t k1 = std::min(K, k0 + kChunk);
+        deq_row<BITS>(g, i, k0, k1, buf);
+        for (int64_t m = 0; m < M; ++m) acc[m] += dot(x + m * K + k0, buf, k1 - k0);
+      }
+      const int64_t r = g.rows[i];
+      for (int64_t m = 0; m < M; ++m) y[m * out_features + r] = acc[m];
+    }
+  });
+}
+
+// gx[m, k] += sum_i gy[m, rows[i]] * W[i, k]  (gy fp32 [M, out], gx fp32 [M, K]); split over k.
+template <int BITS>
+void gemv_t_impl(const Group& g, const float* gy, int64_t M, int64_t out_features, float* gx) {
+  const int64_t K = g.in_features;
+  const int64_t nchunks = (K + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(g.n * kChunk, 1));
+  at::parallel_for(0, nchunks, grain, [&](int64_t b, int64_t e) {
+    alignas(32) float buf[kChunk];
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t k0 = c * kChunk, k1 = std::min(K, k0 + kChunk);
+      for (int64_t i = 0; i < g.n; ++i) {
+        deq_row<BITS>(g, i, k0, k1, buf);
+        const int64_t r = g.rows[i];
+        for (int64_t m = 0; m < M; ++m) {
+          const float a = gy[m * out_features + r];
+          if (a != 0.f) axpy(a, buf, gx + m * K + k0, k1 - k0);
+        }
+      }
+    }
+  });
+}
+
+template <template <int> class F, typename... Args>
+void by_bits(int64_t bits, Args&&... args) {
+  switch (bits) {
+    case 1: F<1>::run(std::forward<Args>(args)...); break;
+    case 2: F<2>::run(std::forward<Args>(args)...); break;
+    case 3: F<3>::run(std::forward<Args>(args)...); break;
+    case 4: F<4>::run(std::forward<Args>(args)...); break;
+    default: TORCH_CHECK(false, "bit-width must be 1, 2, 3 or 4, got ", bits);
+  }
+}
+
+template <int B> struct DequantF { static void run(const Group& g, torch::Tensor& out) { dequant_impl<B>(g, out); } };
+template <int B> struct GemvF {
+  static void run(const Group& g, const float* x, int64_t M, float* y, int64_t o) { gemv_impl<B>(g, x, M, y, o); }
+};
+template <int B> struct GemvTF {
+  static void run(const Group& g, const float* gy, int64_t M, int64_t o, float* gx) { gemv_t_impl<B>(g, gy, M, o, gx); }
+};
+
+}  // namespace
+
+void dequant_group(torch::Tensor codes, torch::Tensor rows, torch::Tensor table, torch::Tensor absmax,
+                   int64_t bits, int64_t group_size, torch::Tensor out) {
+  TORCH_CHECK(out.dim() == 2, "out must be 2-D");
+  if (codes.size(0) == 0) return;
+  const Group g = make_group(codes, rows, table, absmax, group_size, out.size(1));
+  by_bits<DequantF>(bits, g, out);
+}
+
+void gemv_group(torch::Tensor x, torch::Tensor codes, torch::Tensor rows, torch::Tensor table,
+                torch::Tensor absmax, int64_t bits, int64_t group_size, torch::Tensor y) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be fp32 [M, K]");
+  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2, "y must be fp32 [M, out]");
+  TORCH_CHECK(x.size(0) <= 16 && y.size(0) == x.size(0), "the fused GEMV takes M <= 16 rows");
+  if (codes.size(0) == 0 || x.size(0) == 0) return;
+  const Group g = make_group(codes, rows, table, absmax, group_size, x.size(1));
+  by_bits<GemvF>(bits, g, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), y.size(1));
+}
+
+void gemv_t_group(torch::Tensor gy, torch::Tensor codes, torch::Tensor rows, torch::Tensor table,
+                  torch::Tensor absmax, int64_t bits, int64_t group_size, torch::Tensor gx) {
+  TORCH_CHECK(gy.scalar_type() == torch::kFloat32 && gy.is_contiguous() && gy.dim() == 2, "gy must be fp32 [M, out]");
+  TORCH_CHECK(gx.scalar_type() == torch::kFloat32 && gx.is_contiguous() && gx.dim() == 2, "gx must be fp32 [M, K]");
+  TORCH_CHECK(gx.size(0) == gy.size(0), "gx and gy must have the same rows");
+  if (codes.size(0) == 0 || gy.size(0) == 0) return;
+  const Group g = make_group(codes, rows, table, absmax, group_size, gx.size(1));
+  by_bits<GemvTF>(bits, g, gy.data_ptr<float>(), gy.size(0), gy.size(1), gx.data_ptr<float>());
+}
+
+bool has_avx2() { return LOWRA_AVX2 != 0; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequant_group", &dequant_group, "write the dequantized rows of one bit group into out");
+  m.def("gemv_group", &gemv_group, "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
+  m.def("gemv_t_group", &gemv_t_group, "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
+  m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+}
