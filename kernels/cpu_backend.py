@@ -78,7 +78,7 @@ def extension() -> Any | None:
                 _ext = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=False)
                 _state = "ready"
-            except Exception as err:  # noqa: BLE001 - any build failure means: no fast path
+            except Exception as err:  # any build failure means: no fast path
                 _state, _failure = "failed", f"{type(err).__name__}: {str(err).strip()[-600:]}"
                 warnings.warn(
                     "LowRA CPU kernels could not be built, so dequantize and the LUT matmul run the "
