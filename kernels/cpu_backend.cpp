@@ -12,13 +12,19 @@
 // per 8 weights and the only memory traffic is the packed codes (and the output, if any).
 //
 // Work is split with at::parallel_for, i.e. over torch.get_num_threads() threads.
+//
+// The Python side (kernels/cpu_backend.py) validates shapes, dtypes and contiguity and passes raw
+// data pointers: the module needs only pybind11 and ATen/Parallel.h, so it builds in a fraction of
+// the time a <torch/extension.h> module takes, and a call costs ~1 us.
 
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <stdexcept>
+#include <type_traits>
 #include <cstdint>
 #include <vector>
 
@@ -193,24 +199,19 @@ struct Group {
   int64_t in_features;
 };
 
-Group make_group(const torch::Tensor& codes, const torch::Tensor& rows, const torch::Tensor& table,
-                 const torch::Tensor& absmax, int64_t group_size, int64_t in_features) {
-  TORCH_CHECK(codes.scalar_type() == torch::kInt32 && codes.is_contiguous() && codes.dim() == 2,
-              "codes must be contiguous int32 [n, words]");
-  TORCH_CHECK(rows.scalar_type() == torch::kInt64 && rows.is_contiguous(), "rows must be contiguous int64");
-  TORCH_CHECK(table.scalar_type() == torch::kFloat32 && table.is_contiguous() && table.size(1) == kTable,
-              "table must be contiguous fp32 [n or 1, 16]");
-  TORCH_CHECK(absmax.scalar_type() == torch::kFloat32 && absmax.is_contiguous(), "absmax must be contiguous fp32");
+Group make_group(uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table,
+                 bool shared_table, uintptr_t absmax, int64_t ngroups, int64_t group_size,
+                 int64_t in_features) {
   Group g;
-  g.codes = codes.data_ptr<int32_t>();
-  g.words = codes.size(1);
-  g.rows = rows.data_ptr<int64_t>();
-  g.table = table.data_ptr<float>();
-  g.table_stride = table.size(0) == 1 ? 0 : kTable;
-  g.absmax = absmax.data_ptr<float>();
-  g.ngroups = absmax.size(1);
+  g.codes = reinterpret_cast<const int32_t*>(codes);
+  g.words = words;
+  g.rows = reinterpret_cast<const int64_t*>(rows);
+  g.table = reinterpret_cast<const float*>(table);
+  g.table_stride = shared_table ? 0 : kTable;
+  g.absmax = reinterpret_cast<const float*>(absmax);
+  g.ngroups = ngroups;
   g.gs = group_size;
-  g.n = codes.size(0);
+  g.n = n;
   g.in_features = in_features;
   return g;
 }
@@ -221,30 +222,36 @@ inline void deq_row(const Group& g, int64_t i, int64_t k0, int64_t k1, float* ds
                     g.gs, k0, k1, dst);
 }
 
-template <int BITS>
-void dequant_impl(const Group& g, torch::Tensor& out) {
+template <int BITS, typename T>
+void dequant_to(const Group& g, T* o, int64_t s0, int64_t s1) {
   const int64_t K = g.in_features;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
-  if (out.scalar_type() == torch::kFloat32 && out.stride(1) == 1) {
-    float* o = out.data_ptr<float>();
-    const int64_t so = out.stride(0);
-    at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) deq_row<BITS>(g, i, 0, K, o + g.rows[i] * so);
-    });
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lowra_dequant", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t s0 = out.stride(0), s1 = out.stride(1);
-    at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(K);
-      for (int64_t i = b; i < e; ++i) {
-        deq_row<BITS>(g, i, 0, K, buf.data());
-        scalar_t* dst = o + g.rows[i] * s0;
-        for (int64_t k = 0; k < K; ++k) dst[k * s1] = static_cast<scalar_t>(buf[k]);
+  at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (s1 == 1) {
+        for (int64_t i = b; i < e; ++i) deq_row<BITS>(g, i, 0, K, o + g.rows[i] * s0);
+        return;
       }
-    });
+    }
+    std::vector<float> buf(K);
+    for (int64_t i = b; i < e; ++i) {
+      deq_row<BITS>(g, i, 0, K, buf.data());
+      T* dst = o + g.rows[i] * s0;
+      for (int64_t k = 0; k < K; ++k) dst[k * s1] = static_cast<T>(buf[k]);  // round once
+    }
   });
+}
+
+// dtype: 0 fp32, 1 fp16, 2 bf16, 3 fp64 (element strides s0, s1)
+template <int BITS>
+void dequant_impl(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+  switch (dtype) {
+    case 0: dequant_to<BITS>(g, reinterpret_cast<float*>(out), s0, s1); break;
+    case 1: dequant_to<BITS>(g, reinterpret_cast<c10::Half*>(out), s0, s1); break;
+    case 2: dequant_to<BITS>(g, reinterpret_cast<c10::BFloat16*>(out), s0, s1); break;
+    case 3: dequant_to<BITS>(g, reinterpret_cast<double*>(out), s0, s1); break;
+    default: throw std::invalid_argument("unsupported output dtype code");
+  }
 }
 
 // y[m, rows[i]] = sum_k x[m, k] * W[i, k]  (x fp32 [M, K] contiguous, y fp32 [M, out] contiguous)
@@ -302,11 +309,15 @@ void by_bits(int64_t bits, Args&&... args) {
     case 2: F<2>::run(std::forward<Args>(args)...); break;
     case 3: F<3>::run(std::forward<Args>(args)...); break;
     case 4: F<4>::run(std::forward<Args>(args)...); break;
-    default: TORCH_CHECK(false, "bit-width must be 1, 2, 3 or 4, got ", bits);
+    default: throw std::invalid_argument("bit-width must be 1, 2, 3 or 4");
   }
 }
 
-template <int B> struct DequantF { static void run(const Group& g, torch::Tensor& out) { dequant_impl<B>(g, out); } };
+template <int B> struct DequantF {
+  static void run(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+    dequant_impl<B>(g, out, dtype, s0, s1);
+  }
+};
 template <int B> struct GemvF {
   static void run(const Group& g, const float* x, int64_t M, float* y, int64_t o) { gemv_impl<B>(g, x, M, y, o); }
 };
@@ -316,39 +327,42 @@ template <int B> struct GemvTF {
 
 }  // namespace
 
-void dequant_group(torch::Tensor codes, torch::Tensor rows, torch::Tensor table, torch::Tensor absmax,
-                   int64_t bits, int64_t group_size, torch::Tensor out) {
-  TORCH_CHECK(out.dim() == 2, "out must be 2-D");
-  if (codes.size(0) == 0) return;
-  const Group g = make_group(codes, rows, table, absmax, group_size, out.size(1));
-  by_bits<DequantF>(bits, g, out);
+namespace py = pybind11;
+
+// Group arguments (validated by kernels/cpu_backend.py): codes int32 [n, words] contiguous, rows
+// int64 [n], table fp32 [n or 1, 16] contiguous (shared_table when 1 row), absmax fp32 [out, ngroups]
+// contiguous, bits, group_size, in_features.
+#define LOWRA_GROUP_ARGS                                                                             \
+  uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table, bool shared_table,     \
+      uintptr_t absmax, int64_t ngroups, int64_t bits, int64_t group_size, int64_t in_features
+#define LOWRA_GROUP make_group(codes, n, words, rows, table, shared_table, absmax, ngroups, group_size, in_features)
+
+void dequant_group(LOWRA_GROUP_ARGS, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+  if (n == 0) return;
+  by_bits<DequantF>(bits, LOWRA_GROUP, out, dtype, s0, s1);
 }
 
-void gemv_group(torch::Tensor x, torch::Tensor codes, torch::Tensor rows, torch::Tensor table,
-                torch::Tensor absmax, int64_t bits, int64_t group_size, torch::Tensor y) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "x must be fp32 [M, K]");
-  TORCH_CHECK(y.scalar_type() == torch::kFloat32 && y.is_contiguous() && y.dim() == 2, "y must be fp32 [M, out]");
-  TORCH_CHECK(x.size(0) <= 16 && y.size(0) == x.size(0), "the fused GEMV takes M <= 16 rows");
-  if (codes.size(0) == 0 || x.size(0) == 0) return;
-  const Group g = make_group(codes, rows, table, absmax, group_size, x.size(1));
-  by_bits<GemvF>(bits, g, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), y.size(1));
+// x fp32 [M, in_features] contiguous (M <= 16), y fp32 [M, out_features] contiguous.
+void gemv_group(LOWRA_GROUP_ARGS, uintptr_t x, int64_t M, uintptr_t y, int64_t out_features) {
+  if (n == 0 || M == 0) return;
+  if (M > 16) throw std::invalid_argument("the fused GEMV takes M <= 16 rows");
+  by_bits<GemvF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y),
+                 out_features);
 }
 
-void gemv_t_group(torch::Tensor gy, torch::Tensor codes, torch::Tensor rows, torch::Tensor table,
-                  torch::Tensor absmax, int64_t bits, int64_t group_size, torch::Tensor gx) {
-  TORCH_CHECK(gy.scalar_type() == torch::kFloat32 && gy.is_contiguous() && gy.dim() == 2, "gy must be fp32 [M, out]");
-  TORCH_CHECK(gx.scalar_type() == torch::kFloat32 && gx.is_contiguous() && gx.dim() == 2, "gx must be fp32 [M, K]");
-  TORCH_CHECK(gx.size(0) == gy.size(0), "gx and gy must have the same rows");
-  if (codes.size(0) == 0 || gy.size(0) == 0) return;
-  const Group g = make_group(codes, rows, table, absmax, group_size, gx.size(1));
-  by_bits<GemvTF>(bits, g, gy.data_ptr<float>(), gy.size(0), gy.size(1), gx.data_ptr<float>());
+// gy fp32 [M, out_features] contiguous, gx fp32 [M, in_features] contiguous (accumulated into).
+void gemv_t_group(LOWRA_GROUP_ARGS, uintptr_t gy, int64_t M, int64_t out_features, uintptr_t gx) {
+  if (n == 0 || M == 0) return;
+  by_bits<GemvTF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(gy), M, out_features,
+                  reinterpret_cast<float*>(gx));
 }
 
 bool has_avx2() { return LOWRA_AVX2 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequant_group", &dequant_group, "write the dequantized rows of one bit group into out");
-  m.def("gemv_group", &gemv_group, "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
-  m.def("gemv_t_group", &gemv_t_group, "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("dequant_group", &dequant_group, release(), "write the dequantized rows of one bit group");
+  m.def("gemv_group", &gemv_group, release(), "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
+  m.def("gemv_t_group", &gemv_t_group, release(), "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
 }

@@ -3,7 +3,7 @@
 On a CPU tensor, ``backend="auto"`` (or ``"cpu"``) runs these instead of the PyTorch references.
 They are a small C++ extension (``kernels/cpu_backend.cpp``) built on first use with the machine's
 C++ compiler (``torch.utils.cpp_extension.load``; AVX2/FMA when the CPU has it) and cached by torch
-under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``): the build (~30-60 s) is
+under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``): the build (about a minute on 2 cores) is
 paid once per machine and source version, for every shape. Work is split with ``at::parallel_for``
 over ``torch.get_num_threads()`` threads. Where no compiler works, one ``RuntimeWarning`` says so
 and the references run (slow, never silently).
@@ -113,6 +113,16 @@ def _table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     return table
 
 
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _group_args(codes: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
+                bits: int, group_size: int, in_features: int) -> tuple:
+    """The extension's group arguments (raw pointers of contiguous tensors the caller keeps alive)."""
+    return (codes.data_ptr(), codes.shape[0], codes.shape[1], rows.data_ptr(), table.data_ptr(),
+            table.shape[0] == 1, absmax.data_ptr(), absmax.shape[1], bits, group_size, in_features)
+
+
 def _check_group(codes: torch.Tensor, codebook: torch.Tensor, absmax: torch.Tensor, bits: int,
                  group_size: int, in_features: int, rows_out: int) -> None:
     per_word = codes_per_word(bits)
@@ -148,8 +158,16 @@ def dequantize_cpu(
     _check_group(codes, codebook, absmax, bits, group_size, out.shape[1], out.shape[0])
     if rows.shape != (codes.shape[0],):
         raise ValueError(f"rows must be [{codes.shape[0]}], got {tuple(rows.shape)}")
-    ext.dequant_group(codes.contiguous(), rows.to(torch.int64).contiguous(), _table(codebook, bits),
-                      absmax.to(torch.float32).contiguous(), bits, group_size, out)
+    if out.dtype not in _DTYPE_CODE:  # e.g. fp8: fp32 product rounded once, as the reference does
+        tmp = torch.empty(out.shape, dtype=torch.float32)
+        dequantize_cpu(codes, rows, codebook, absmax, bits, group_size, tmp)
+        index = rows.to(torch.int64)
+        out[index] = tmp[index].to(out.dtype)
+        return out
+    codes, rows = codes.contiguous(), rows.to(torch.int64).contiguous()
+    table, absmax = _table(codebook, bits), absmax.to(torch.float32).contiguous()
+    ext.dequant_group(*_group_args(codes, rows, table, absmax, bits, group_size, out.shape[1]),
+                      out.data_ptr(), _DTYPE_CODE[out.dtype], out.stride(0), out.stride(1))
     return out
 
 
@@ -196,9 +214,12 @@ def dequantize_weight_cpu(qweight: Any, dtype: torch.dtype = torch.float32) -> t
     """``deq(W) [out, in]`` in ``dtype`` (bit-exact with ``QuantizedTensor.dequantize``)."""
     ext = _require()
     prep = prepare(qweight)
+    if dtype not in _DTYPE_CODE:
+        return dequantize_weight_cpu(qweight, torch.float32).to(dtype)  # rounded once, as the reference
     out = torch.empty(qweight.shape, dtype=dtype)
     for bits, codes, rows, table in prep.groups:
-        ext.dequant_group(codes, rows, table, prep.absmax, bits, qweight.group_size, out)
+        ext.dequant_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, out.shape[1]),
+                          out.data_ptr(), _DTYPE_CODE[dtype], out.stride(0), out.stride(1))
     return out
 
 
@@ -226,7 +247,8 @@ def lut_matmul_cpu(x: torch.Tensor, qweight: Any) -> torch.Tensor:
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
         for bits, codes, rows, table in prep.groups:
-            ext.gemv_group(x2, codes, rows, table, prep.absmax, bits, qweight.group_size, y)
+            ext.gemv_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, in_features),
+                           x2.data_ptr(), m, y.data_ptr(), out_features)
         return y.reshape(*lead, out_features)
     return x @ dequantize_weight_cpu(qweight, x.dtype).t()
 
@@ -246,6 +268,7 @@ def lut_matmul_backward_cpu(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
         gy = gy.contiguous()
         gx = torch.zeros(m, in_features, dtype=torch.float32)
         for bits, codes, rows, table in prep.groups:
-            ext.gemv_t_group(gy, codes, rows, table, prep.absmax, bits, qweight.group_size, gx)
+            ext.gemv_t_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, in_features),
+                             gy.data_ptr(), m, out_features, gx.data_ptr())
         return gx.reshape(*lead, in_features)
     return grad_y @ dequantize_weight_cpu(qweight, grad_y.dtype)
