@@ -69,18 +69,22 @@ inline __m256i codes8(const int32_t* words, int64_t k) {
     const __m256i w = _mm256_set1_epi32(words[k >> 3]);
     const __m256i sh = _mm256_slli_epi32(lane, 2);
     return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
-  } else {  // 3 bits, 10 codes per word: 8 codes span two words; 40 codes = 4 words repeat.
-    alignas(32) static const int32_t off[5][8] = {
-        {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 2, 2, 2, 2},
-        {2, 2, 2, 2, 2, 2, 3, 3}, {3, 3, 3, 3, 3, 3, 3, 3}};
+  } else {  // 3 bits, 10 codes per word: 8 codes span at most two words; 40 codes = 4 words repeat.
+    // For k % 40 = 8r: the low and high word of the 8 lanes, and which lanes take the high word.
+    static constexpr int lo_word[5] = {0, 0, 1, 2, 3};
+    static constexpr int hi_word[5] = {0, 1, 2, 3, 3};
+    alignas(32) static const int32_t hi_lane[5][8] = {
+        {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, -1, -1, -1, -1, -1, -1}, {0, 0, 0, 0, -1, -1, -1, -1},
+        {0, 0, 0, 0, 0, 0, -1, -1}, {0, 0, 0, 0, 0, 0, 0, 0}};
     alignas(32) static const int32_t shf[5][8] = {
         {0, 3, 6, 9, 12, 15, 18, 21}, {24, 27, 0, 3, 6, 9, 12, 15}, {18, 21, 24, 27, 0, 3, 6, 9},
         {12, 15, 18, 21, 24, 27, 0, 3}, {6, 9, 12, 15, 18, 21, 24, 27}};
     const int r = static_cast<int>((k % 40) >> 3);
-    const int32_t* base = words + (k / 40) * 4;
-    const __m256i vi = _mm256_load_si256(reinterpret_cast<const __m256i*>(off[r]));
+    const int32_t* base = words + (k / 40) * 4;  // both words hold real codes (k + 7 < in_features)
+    const __m256i w = _mm256_blendv_epi8(
+        _mm256_set1_epi32(base[lo_word[r]]), _mm256_set1_epi32(base[hi_word[r]]),
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_lane[r])));
     const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(shf[r]));
-    const __m256i w = _mm256_i32gather_epi32(base, vi, 4);
     return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
   }
 }
@@ -108,12 +112,14 @@ void deq_segment(const int32_t* words, const float* tab, const float* scale, int
     for (; k < k1 && (k & 7); ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * scale[k / gs];
     const __m256 tlo = _mm256_loadu_ps(tab);
     const __m256 thi = _mm256_loadu_ps(tab + 8);
-    while (k + 8 <= k1) {  // one absmax group at a time: no division in the inner loop
-      const int64_t grp = k / gs;
-      const int64_t end = std::min(k1, (grp + 1) * gs);  // >= k + 8 since 8 | gs and 8 | k
+    int64_t grp = k / gs, grp_end = (grp + 1) * gs;  // one absmax group at a time, no division
+    while (k + 8 <= k1) {
+      const int64_t end = std::min(k1, grp_end);  // >= k + 8 since 8 | gs and 8 | k
       const __m256 s = _mm256_set1_ps(scale[grp]);
       for (; k + 8 <= end; k += 8)
         _mm256_storeu_ps(dst + (k - k0), _mm256_mul_ps(lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), s));
+      ++grp;
+      grp_end += gs;
     }
   }
 #endif
@@ -136,13 +142,15 @@ float row_dot(const int32_t* words, const float* tab, const float* scale, int64_
     const __m256 tlo = _mm256_loadu_ps(tab);
     const __m256 thi = _mm256_loadu_ps(tab + 8);
     __m256 acc = _mm256_setzero_ps();
+    int64_t grp = 0, grp_end = gs;
     while (k + 8 <= K) {
-      const int64_t grp = k / gs;
-      const int64_t end = std::min(K, (grp + 1) * gs);
+      const int64_t end = std::min(K, grp_end);
       __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
       for (; k + 8 <= end; k += 8)
         part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
       acc = _mm256_fmadd_ps(part, _mm256_set1_ps(scale[grp]), acc);
+      ++grp;
+      grp_end += gs;
     }
     alignas(32) float t[8];
     _mm256_store_ps(t, acc);
