@@ -4,8 +4,10 @@ The model is a Llama decoder of SmolLM2-135M's shape (30 layers, width 576, FFN 
 3 KV heads, vocabulary 49,152, tied embeddings), randomly initialised (``--model synthetic-smollm2``,
 the default: the SmolLM2 asset is not prepared on every machine, and speed does not depend on the
 weights' values), or stories260K from the assets (``--model stories260K``). Every ``nn.Linear``
-inside the decoder layers becomes a ``LowRALinear`` with a quantized base (per-row NormalFloat
-codebooks stored per row, group 64, fp16 absmax; 1.5 bits = half the rows at 1 bit and half at 2,
+inside the decoder layers becomes a ``LowRALinear`` with a quantized base in the real storage
+format (per-row NormalFloat codebooks stored per row, group 64, fp16 absmax of the layer's weight;
+random packed codes, since speed does not depend on their values and a quantization pass over
+106M weights would dominate the run; 1.5 bits = half the rows at 1 bit and half at 2,
 interleaved) and rank-8 LoRA adapters; embeddings, norms and the tied LM head stay fp32.
 
 Each configuration generates ``--new-tokens`` tokens greedily (``model.generate``, KV cache,
@@ -65,18 +67,30 @@ def bits_per_row(out_features: int, bits: float, gen: torch.Generator) -> torch.
 
 def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, seed: int = 0) -> nn.Module:
     """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place)."""
-    from lowra.format import QuantizedTensor
+    from kernels.layout import words_per_row
+    from lowra.format import BitGroup, QuantizedTensor
     from lowra.nn import LowRALinear
     from lowra.normalfloat import normal_float_table
+    from lowra.scales import GroupScales, compute_absmax
 
     gen = torch.Generator().manual_seed(seed)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     for name, linear in targets:
         w = linear.weight.detach()
-        per_row = bits_per_row(w.shape[0], bits, gen)
-        tables = {b: normal_float_table(b).reshape(1, -1).expand(w.shape[0], -1).contiguous()
-                  for b in torch.unique(per_row).tolist()}
-        qt = QuantizedTensor.from_codebooks(w, per_row, tables, group_size=64, backend="torch")
+        out_features, in_features = w.shape
+        per_row = bits_per_row(out_features, bits, gen)
+        groups = []
+        for b in torch.unique(per_row).tolist():
+            rows = (per_row == b).nonzero().flatten().to(torch.int32)
+            # speed does not depend on the codes' values: random packed words, not a quantization pass
+            codes = torch.randint(-2**31, 2**31 - 1, (rows.numel(), words_per_row(in_features, b)),
+                                  generator=gen, dtype=torch.int64).to(torch.int32)
+            if b == 3:
+                codes &= (1 << 30) - 1  # 10 codes per word
+            table = normal_float_table(b).to(torch.float16).reshape(1, -1).expand(rows.numel(), -1).contiguous()
+            groups.append(BitGroup(b, rows, codes, table))
+        scales = GroupScales.store(compute_absmax(w, 64))
+        qt = QuantizedTensor((out_features, in_features), 64, groups, scales)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
                 LowRALinear.from_linear(linear, base=qt, rank=rank, alpha=2.0 * rank, backend=backend))

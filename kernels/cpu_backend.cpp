@@ -51,24 +51,26 @@ inline int scalar_code(const int32_t* words, int64_t k) {
 }
 
 #if LOWRA_AVX2
-// 8 codes starting at k (k % 8 == 0) as int32 lanes.
+// 8 codes starting at k (k % 8 == 0) as int32 lanes, in their low BITS bits: the bits above may
+// hold the next codes. vpermps reads only the low 3 bits of an index, so the tables repeat a 1- or
+// 2-bit codebook across all 8 entries (kernels/cpu_backend.py) and no mask is needed; the 4-bit
+// lookup moves bit 3 to the sign bit, shifting the rest out.
+alignas(32) static const int32_t kShift1[4][8] = {
+    {0, 1, 2, 3, 4, 5, 6, 7}, {8, 9, 10, 11, 12, 13, 14, 15},
+    {16, 17, 18, 19, 20, 21, 22, 23}, {24, 25, 26, 27, 28, 29, 30, 31}};
+alignas(32) static const int32_t kShift2[2][8] = {{0, 2, 4, 6, 8, 10, 12, 14}, {16, 18, 20, 22, 24, 26, 28, 30}};
+alignas(32) static const int32_t kShift4[8] = {0, 4, 8, 12, 16, 20, 24, 28};
+
+inline __m256i load8i(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
 template <int BITS>
 inline __m256i codes8(const int32_t* words, int64_t k) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
   if constexpr (BITS == 1) {
-    const __m256i w = _mm256_set1_epi32(words[k >> 5]);
-    const __m256i sh = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k & 31)), lane);
-    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 5]), load8i(kShift1[(k & 31) >> 3]));
   } else if constexpr (BITS == 2) {
-    const __m256i w = _mm256_set1_epi32(words[k >> 4]);
-    const __m256i sh = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(k & 15)), lane), 1);
-    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 4]), load8i(kShift2[(k & 15) >> 3]));
   } else if constexpr (BITS == 4) {
-    const __m256i w = _mm256_set1_epi32(words[k >> 3]);
-    const __m256i sh = _mm256_slli_epi32(lane, 2);
-    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 3]), load8i(kShift4));
   } else {  // 3 bits, 10 codes per word: 8 codes span at most two words; 40 codes = 4 words repeat.
     // For k % 40 = 8r: the low and high word of the 8 lanes, and which lanes take the high word.
     static constexpr int lo_word[5] = {0, 0, 1, 2, 3};
@@ -84,8 +86,7 @@ inline __m256i codes8(const int32_t* words, int64_t k) {
     const __m256i w = _mm256_blendv_epi8(
         _mm256_set1_epi32(base[lo_word[r]]), _mm256_set1_epi32(base[hi_word[r]]),
         _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_lane[r])));
-    const __m256i sh = _mm256_load_si256(reinterpret_cast<const __m256i*>(shf[r]));
-    return _mm256_and_si256(_mm256_srlv_epi32(w, sh), mask);
+    return _mm256_srlv_epi32(w, load8i(shf[r]));  // 3-bit codes: vpermps reads exactly these bits
   }
 }
 

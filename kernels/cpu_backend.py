@@ -107,10 +107,13 @@ def _require() -> Any:
 
 
 def _table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 ``[n or 1, 16]`` codebook rows padded with zeros (the extension reads 16 per row)."""
-    table = torch.zeros(codebook.shape[0], _TABLE, dtype=torch.float32)
-    table[:, : 1 << bits] = codebook
-    return table
+    """fp32 ``[n or 1, 16]`` codebook rows, repeated (the extension reads 16 entries per row).
+
+    Entry ``j`` holds value ``j mod 2**b``: the AVX2 lookup indexes with the low 3 bits of a
+    shifted word without masking off the next code's bits, which the repetition makes harmless.
+    """
+    reps = _TABLE >> bits
+    return codebook.to(torch.float32).repeat(1, reps).contiguous()
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
