@@ -104,19 +104,19 @@ inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
 #endif
 
 // dst[j] = tab[code(k0 + j)] * scale[(k0 + j) / gs], j in [0, k1 - k0): one row segment in fp32.
-template <int BITS>
-void deq_segment(const int32_t* words, const float* tab, const float* scale, int64_t gs, int64_t k0,
+template <int BITS, typename S>
+void deq_segment(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t k0,
                  int64_t k1, float* dst) {
   int64_t k = k0;
 #if LOWRA_AVX2
   if (gs % 8 == 0) {
-    for (; k < k1 && (k & 7); ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * scale[k / gs];
+    for (; k < k1 && (k & 7); ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * static_cast<float>(scale[k / gs]);
     const __m256 tlo = _mm256_loadu_ps(tab);
     const __m256 thi = _mm256_loadu_ps(tab + 8);
     int64_t grp = k / gs, grp_end = (grp + 1) * gs;  // one absmax group at a time, no division
     while (k + 8 <= k1) {
       const int64_t end = std::min(k1, grp_end);  // >= k + 8 since 8 | gs and 8 | k
-      const __m256 s = _mm256_set1_ps(scale[grp]);
+      const __m256 s = _mm256_set1_ps(static_cast<float>(scale[grp]));
       for (; k + 8 <= end; k += 8)
         _mm256_storeu_ps(dst + (k - k0), _mm256_mul_ps(lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), s));
       ++grp;
@@ -127,14 +127,14 @@ void deq_segment(const int32_t* words, const float* tab, const float* scale, int
   while (k < k1) {  // tail, or every input when gs % 8 != 0 or without AVX2
     const int64_t grp = k / gs;
     const int64_t end = std::min(k1, (grp + 1) * gs);
-    const float s = scale[grp];
+    const float s = static_cast<float>(scale[grp]);
     for (; k < end; ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * s;
   }
 }
 
 // sum_k x[k] * W[k] over one row, without storing the row (the M = 1 decode case).
-template <int BITS>
-float row_dot(const int32_t* words, const float* tab, const float* scale, int64_t gs, int64_t K,
+template <int BITS, typename S>
+float row_dot(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t K,
               const float* x) {
   int64_t k = 0;
   float s = 0.f;
@@ -149,7 +149,7 @@ float row_dot(const int32_t* words, const float* tab, const float* scale, int64_
       __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
       for (; k + 8 <= end; k += 8)
         part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
-      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(scale[grp]), acc);
+      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(static_cast<float>(scale[grp])), acc);
       ++grp;
       grp_end += gs;
     }
@@ -161,7 +161,7 @@ float row_dot(const int32_t* words, const float* tab, const float* scale, int64_
   while (k < K) {
     const int64_t grp = k / gs;
     const int64_t end = std::min(K, (grp + 1) * gs);
-    const float sc = scale[grp];
+    const float sc = static_cast<float>(scale[grp]);
     for (; k < end; ++k) s += x[k] * (tab[scalar_code<BITS>(words, k)] * sc);
   }
   return s;
@@ -201,7 +201,8 @@ struct Group {
   const int64_t* rows;
   const float* table;    // [n or 1, 16]
   int64_t table_stride;  // 16, or 0 for a shared table
-  const float* absmax;   // [out, G] contiguous
+  const void* absmax;    // [out, G] contiguous, fp16 (as stored) or fp32 (double-quant restore)
+  bool absmax_half;
   int64_t ngroups;
   int64_t gs;
   int64_t n;
@@ -209,7 +210,7 @@ struct Group {
 };
 
 Group make_group(uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table,
-                 bool shared_table, uintptr_t absmax, int64_t ngroups, int64_t group_size,
+                 bool shared_table, uintptr_t absmax, bool absmax_half, int64_t ngroups, int64_t group_size,
                  int64_t in_features) {
   Group g;
   g.codes = reinterpret_cast<const int32_t*>(codes);
@@ -217,7 +218,8 @@ Group make_group(uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uint
   g.rows = reinterpret_cast<const int64_t*>(rows);
   g.table = reinterpret_cast<const float*>(table);
   g.table_stride = shared_table ? 0 : kTable;
-  g.absmax = reinterpret_cast<const float*>(absmax);
+  g.absmax = reinterpret_cast<const void*>(absmax);
+  g.absmax_half = absmax_half;
   g.ngroups = ngroups;
   g.gs = group_size;
   g.n = n;
@@ -227,8 +229,23 @@ Group make_group(uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uint
 
 template <int BITS>
 inline void deq_row(const Group& g, int64_t i, int64_t k0, int64_t k1, float* dst) {
-  deq_segment<BITS>(g.codes + i * g.words, g.table + i * g.table_stride, g.absmax + g.rows[i] * g.ngroups,
-                    g.gs, k0, k1, dst);
+  const int32_t* words = g.codes + i * g.words;
+  const float* tab = g.table + i * g.table_stride;
+  const int64_t off = g.rows[i] * g.ngroups;
+  if (g.absmax_half)
+    deq_segment<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, k0, k1, dst);
+  else
+    deq_segment<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, k0, k1, dst);
+}
+
+template <int BITS>
+inline float row_dot_group(const Group& g, int64_t i, const float* x) {
+  const int32_t* words = g.codes + i * g.words;
+  const float* tab = g.table + i * g.table_stride;
+  const int64_t off = g.rows[i] * g.ngroups;
+  if (g.absmax_half)
+    return row_dot<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, g.in_features, x);
+  return row_dot<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, g.in_features, x);
 }
 
 template <int BITS, typename T>
@@ -273,8 +290,7 @@ void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_
     float acc[16];
     for (int64_t i = b; i < e; ++i) {
       if (M == 1) {
-        y[g.rows[i]] = row_dot<BITS>(g.codes + i * g.words, g.table + i * g.table_stride,
-                                     g.absmax + g.rows[i] * g.ngroups, g.gs, K, x);
+        y[g.rows[i]] = row_dot_group<BITS>(g, i, x);
         continue;
       }
       for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
@@ -339,12 +355,12 @@ template <int B> struct GemvTF {
 namespace py = pybind11;
 
 // Group arguments (validated by kernels/cpu_backend.py): codes int32 [n, words] contiguous, rows
-// int64 [n], table fp32 [n or 1, 16] contiguous (shared_table when 1 row), absmax fp32 [out, ngroups]
+// int64 [n], table fp32 [n or 1, 16] contiguous (shared_table when 1 row), absmax fp16 or fp32 [out, ngroups]
 // contiguous, bits, group_size, in_features.
 #define LOWRA_GROUP_ARGS                                                                             \
   uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table, bool shared_table,     \
-      uintptr_t absmax, int64_t ngroups, int64_t bits, int64_t group_size, int64_t in_features
-#define LOWRA_GROUP make_group(codes, n, words, rows, table, shared_table, absmax, ngroups, group_size, in_features)
+      uintptr_t absmax, bool absmax_half, int64_t ngroups, int64_t bits, int64_t group_size, int64_t in_features
+#define LOWRA_GROUP make_group(codes, n, words, rows, table, shared_table, absmax, absmax_half, ngroups, group_size, in_features)
 
 void dequant_group(LOWRA_GROUP_ARGS, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
   if (n == 0) return;

@@ -123,7 +123,15 @@ def _group_args(codes: torch.Tensor, rows: torch.Tensor, table: torch.Tensor, ab
                 bits: int, group_size: int, in_features: int) -> tuple:
     """The extension's group arguments (raw pointers of contiguous tensors the caller keeps alive)."""
     return (codes.data_ptr(), codes.shape[0], codes.shape[1], rows.data_ptr(), table.data_ptr(),
-            table.shape[0] == 1, absmax.data_ptr(), absmax.shape[1], bits, group_size, in_features)
+            table.shape[0] == 1, absmax.data_ptr(), absmax.dtype == torch.float16, absmax.shape[1], bits,
+            group_size, in_features)
+
+
+def _scales(absmax: torch.Tensor) -> torch.Tensor:
+    """absmax as the extension reads it: fp16 (the stored form, converted exactly per group) or fp32."""
+    if absmax.dtype not in (torch.float16, torch.float32):
+        absmax = absmax.to(torch.float32)
+    return absmax.contiguous()
 
 
 def _check_group(codes: torch.Tensor, codebook: torch.Tensor, absmax: torch.Tensor, bits: int,
@@ -168,7 +176,7 @@ def dequantize_cpu(
         out[index] = tmp[index].to(out.dtype)
         return out
     codes, rows = codes.contiguous(), rows.to(torch.int64).contiguous()
-    table, absmax = _table(codebook, bits), absmax.to(torch.float32).contiguous()
+    table, absmax = _table(codebook, bits), _scales(absmax)
     ext.dequant_group(*_group_args(codes, rows, table, absmax, bits, group_size, out.shape[1]),
                       out.data_ptr(), _DTYPE_CODE[out.dtype], out.stride(0), out.stride(1))
     return out
@@ -177,7 +185,7 @@ def dequantize_cpu(
 # ------------------------------------------------------------------------------ per-weight tables
 @dataclass
 class _Prepared:
-    """Contiguous codes, int64 rows, padded fp32 tables and fp32 absmax of one QuantizedTensor."""
+    """Contiguous codes, int64 rows, fp32 tables and fp16/fp32 absmax of one QuantizedTensor."""
 
     key: tuple
     absmax: torch.Tensor
@@ -208,7 +216,8 @@ def prepare(qweight: Any) -> _Prepared:
         (g.bits, g.codes.contiguous(), g.rows.to(torch.int64).contiguous(), _table(g.codebook, g.bits))
         for g in qweight.groups if g.rows.numel() > 0
     ]
-    prep = _Prepared(key, qweight.scales.restore().to(torch.float32).contiguous(), groups)
+    scales = qweight.scales  # stored fp16 absmax used in place (no fp32 copy kept); restored if double-quantized
+    prep = _Prepared(key, _scales(scales.restore() if scales.double_quant else scales.absmax), groups)
     _prepared[qweight] = prep
     return prep
 
