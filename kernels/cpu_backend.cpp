@@ -38,7 +38,12 @@
 namespace {
 
 constexpr int64_t kChunk = 512;   // inputs per L1-resident block (multiple of 8 and of 40)
-constexpr int64_t kTable = 16;    // padded table row (entries past 2**b are never read)
+constexpr int64_t kTable = 16;    // table row: the 2**b values repeated (see codes8)
+// Weights per thread before a second thread is used: a parallel region costs a few us on an idle
+// machine and up to a scheduler time slice on an oversubscribed one, so small layers (decode on a
+// 576-wide model: 0.3-0.9M weights) stay on one thread, as BLAS keeps a small GEMV on one.
+constexpr int64_t kGemvGrain = int64_t(1) << 20;
+constexpr int64_t kDequantGrain = int64_t(1) << 18;
 
 template <int BITS>
 constexpr int per_word() { return BITS == 3 ? 10 : 32 / BITS; }
@@ -251,7 +256,7 @@ inline float row_dot_group(const Group& g, int64_t i, const float* x) {
 template <int BITS, typename T>
 void dequant_to(const Group& g, T* o, int64_t s0, int64_t s1) {
   const int64_t K = g.in_features;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, kDequantGrain / std::max<int64_t>(K, 1));
   at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
     if constexpr (std::is_same_v<T, float>) {
       if (s1 == 1) {
@@ -284,7 +289,7 @@ void dequant_impl(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int6
 template <int BITS>
 void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_features) {
   const int64_t K = g.in_features;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, kGemvGrain / std::max<int64_t>(K, 1));
   at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
     alignas(32) float buf[kChunk];
     float acc[16];
@@ -310,7 +315,7 @@ template <int BITS>
 void gemv_t_impl(const Group& g, const float* gy, int64_t M, int64_t out_features, float* gx) {
   const int64_t K = g.in_features;
   const int64_t nchunks = (K + kChunk - 1) / kChunk;
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(g.n * kChunk, 1));
+  const int64_t grain = std::max<int64_t>(1, kGemvGrain / std::max<int64_t>(g.n * kChunk, 1));
   at::parallel_for(0, nchunks, grain, [&](int64_t b, int64_t e) {
     alignas(32) float buf[kChunk];
     for (int64_t c = b; c < e; ++c) {

@@ -132,8 +132,8 @@ def test_autograd_and_lead_dims():
 
 
 def test_same_result_for_any_thread_count():
-    q = random_qtensor(300, 1001, mixed_bits(300))
-    x, gy = torch.randn(4, 1001), torch.randn(4, 300)
+    q = random_qtensor(2200, 1001, mixed_bits(2200))  # > 1M weights: the kernels split the work
+    x, gy = torch.randn(4, 1001), torch.randn(4, 2200)
     threads = torch.get_num_threads()
     results = []
     try:
