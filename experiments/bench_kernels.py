@@ -13,6 +13,12 @@ speedups).
   weight in the activation dtype; forward+backward (grad_x only, as for a frozen base) at
   M ≥ 512.
 * bitsandbytes NF4 dequantize where bitsandbytes and a GPU are present.
+* ``--cpu-ratios``: the CPU backend (``kernels.cpu_backend``) side by side with what the hardware
+  does with a dense matrix of the same shape, at 1 and 2 threads (``--threads``): dequantize to
+  fp32 vs the fp16→fp32 conversion of the same matrix (both into a fresh tensor, as a user calls
+  them, and into a preallocated one: the kernel alone), and ``lut_matmul`` at M = 1 vs dense fp32
+  ``F.linear``; the PyTorch reference is timed beside it on the smaller shape. Shapes 2048×2048
+  and 4096×11008, plans 1, 2, 4 bits and mix1.5. Writes ``results/bench/kernels_cpu_ratios.json``.
 
 ``--static`` (no GPU needed) prints and writes a **static estimate** instead
 (``results/bench/kernels_static_estimate.json``): the kernels are compiled for sm_90 and their SASS
@@ -25,7 +31,7 @@ the GPU targets, not what a GPU measures.
 
 On a CUDA device the Triton kernels run (bf16 activations); every timing flushes L2 first (a
 256 MiB write) and is taken with CUDA events, median of ``--reps``. On a CPU-only machine the
-**reference path** is timed (fp32 activations, the last-level cache flushed with a 64 MiB write) and
+**C++ CPU backend** is timed (fp32 activations, the last-level cache flushed with a 64 MiB write) and
 the table says so; the peak bandwidth there is a measured copy bandwidth, not a datasheet value.
 """
 
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     gpu = device.type == "cuda"
-    backend = "triton" if gpu else "torch"
+    backend = "triton" if gpu else "cpu"
     act_dtype = torch.bfloat16 if gpu else torch.float32
     timer = Timer(device, args.reps, args.min_time)
     peak, peak_src = peak_bandwidth(device, timer)
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
                 "dequant_ms": t_deq * 1e3, "dequant_bytes": moved,
                 "dequant_gbps": moved / t_deq / 1e9, "dequant_pct_peak": 100 * moved / t_deq / 1e9 / peak,
             }
-            if gpu:
+            if True:  # the reference beside the fast path (Triton on GPU, C++ on CPU)
                 def deq_ref(out=out, groups=groups, absmax=absmax, group_size=group_size):
                     for g in groups:
                         dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, "torch")
@@ -249,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
         path = "Triton kernels (bf16 activations)"
     else:
         name = platform.processor() or platform.machine()
-        path = "PyTorch reference path on CPU (fp32 activations) — no GPU: Triton kernels NOT timed"
+        path = "C++ CPU backend (kernels.cpu_backend, fp32 activations) — no GPU: Triton kernels NOT timed"
     return {
         "device": name, "device_type": device.type, "path": path, "quick": bool(args.quick),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -350,6 +356,88 @@ def print_static(est: dict) -> None:
               f"{t['ratio_vs_bf16']:>10.3f}")
 
 
+CPU_RATIO_SHAPES = ((2048, 2048), (4096, 11008))
+CPU_RATIO_PLANS = ("1", "2", "4", "mix1.5")
+
+
+def run_cpu_ratios(args: argparse.Namespace) -> dict:
+    """Time the CPU backend against dense fp16→fp32 conversion and fp32 ``F.linear`` (module doc)."""
+    import torch.nn.functional as F
+
+    from kernels import cpu_backend
+    from kernels.dequantize import dequantize as dequantize_rows
+    from kernels.lut_matmul import lut_matmul, weight_parts
+
+    if not cpu_backend.available():
+        raise RuntimeError(f"the CPU backend did not build: {cpu_backend.failure()}")
+    device = torch.device("cpu")
+    timer = Timer(device, args.reps, args.min_time)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else list(CPU_RATIO_SHAPES)
+    plans = args.plans or list(CPU_RATIO_PLANS)
+    threads_before = torch.get_num_threads()
+    load_before = os.getloadavg()
+    rows: list[dict] = []
+    try:
+        qts = {(shape, plan): make_qtensor(*shape, PLANS[plan], device) for shape in shapes for plan in plans}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for out_features, in_features in shapes:
+                w16 = torch.randn(out_features, in_features).half()
+                w32 = w16.float()
+                out = torch.empty_like(w32)
+                x = torch.randn(1, in_features)
+                t_conv = timer(w16.float)
+                t_conv_pre = timer(partial(out.copy_, w16))
+                t_linear = timer(partial(F.linear, x, w32))
+                for plan in plans:
+                    qt = qts[((out_features, in_features), plan)]
+                    _, _, group_size, groups, absmax = weight_parts(qt)
+
+                    def deq_pre(backend, out=out, groups=groups, absmax=absmax, group_size=group_size):
+                        for g in groups:
+                            dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, backend)
+
+                    row = {"threads": threads, "shape": [out_features, in_features], "plan": plan,
+                           "nominal_bits": round(qt.nominal_bits, 4),
+                           "fp16_to_fp32_ms": t_conv * 1e3, "fp16_to_fp32_prealloc_ms": t_conv_pre * 1e3,
+                           "dense_linear_m1_ms": t_linear * 1e3,
+                           "dequant_ms": timer(partial(qt.dequantize, torch.float32, "cpu")) * 1e3,
+                           "dequant_prealloc_ms": timer(partial(deq_pre, "cpu")) * 1e3,
+                           "lut_m1_ms": timer(partial(lut_matmul, x, qt, "cpu")) * 1e3}
+                    row["dequant_ratio"] = row["dequant_ms"] / row["fp16_to_fp32_ms"]
+                    row["dequant_prealloc_ratio"] = row["dequant_prealloc_ms"] / row["fp16_to_fp32_prealloc_ms"]
+                    row["lut_m1_ratio"] = row["lut_m1_ms"] / row["dense_linear_m1_ms"]
+                    if out_features * in_features <= 2048 * 2048 and not args.no_ref:
+                        row["dequant_ref_ms"] = timer(partial(deq_pre, "torch"), warmup=1) * 1e3
+                        row["lut_m1_ref_ms"] = timer(partial(lut_matmul, x, qt, "torch"), warmup=1) * 1e3
+                    rows.append(row)
+                    print(format_cpu_ratio_row(row), flush=True)
+                del w16, w32, out
+    finally:
+        torch.set_num_threads(threads_before)
+    return {
+        "device": platform.processor() or platform.machine(), "device_type": "cpu",
+        "path": "kernels.cpu_backend (C++ extension, AVX2)" if cpu_backend.extension().has_avx2()
+        else "kernels.cpu_backend (C++ extension, scalar build)",
+        "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": list(args.threads),
+        "group_size": 64, "absmax": "fp16", "activation_dtype": "torch.float32",
+        "timing": "perf_counter, 64 MiB cache flush before each rep, median",
+        "reps": args.reps, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "targets": {"dequant_ratio": 3.0, "lut_m1_ratio": 1.5}, "rows": rows,
+    }
+
+
+def format_cpu_ratio_row(row: dict) -> str:
+    shape = "×".join(map(str, row["shape"]))
+    s = (f"{row['threads']}t {shape:>10} {row['plan']:>6}  deq {row['dequant_ms']:8.2f} ms / fp16→fp32 "
+         f"{row['fp16_to_fp32_ms']:8.2f} = {row['dequant_ratio']:5.2f}×  (prealloc {row['dequant_prealloc_ms']:7.2f}/"
+         f"{row['fp16_to_fp32_prealloc_ms']:7.2f} = {row['dequant_prealloc_ratio']:5.2f}×)  "
+         f"M=1 lut {row['lut_m1_ms']:7.3f} / linear {row['dense_linear_m1_ms']:7.3f} = {row['lut_m1_ratio']:5.2f}×")
+    if "dequant_ref_ms" in row:
+        s += f"  [ref deq {row['dequant_ref_ms']:.1f} ms, lut {row['lut_m1_ref_ms']:.1f} ms]"
+    return s
+
+
 def format_row(row: dict) -> str:
     shape = "×".join(map(str, row["shape"]))
     head = f"{shape:>11} {row['plan']:>8} {row['nominal_bits']:>5.2f}b  deq {row['dequant_ms']:9.3f} ms " \
@@ -375,6 +463,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--static", action="store_true",
                         help="no timing: static H100 estimate from the compiled sm_90 SASS (no GPU needed)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--cpu-ratios", action="store_true",
+                        help="CPU backend vs fp16→fp32 conversion and dense F.linear (see module doc)")
+    parser.add_argument("--threads", nargs="*", type=int, default=[1, 2], help="thread counts for --cpu-ratios")
+    parser.add_argument("--no-ref", action="store_true", help="--cpu-ratios: skip the slow reference timings")
     args = parser.parse_args(argv)
     if args.static:
         est = static_estimate()
@@ -386,7 +478,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     gpu = torch.cuda.is_available() and not args.cpu
     if args.reps is None:
-        args.reps = 50 if gpu else 3
+        args.reps = 50 if gpu else (7 if args.cpu_ratios else 3)
+    if args.cpu_ratios:
+        if args.plans and not set(args.plans) <= set(PLANS):
+            raise ValueError(f"plans must be among {list(PLANS)}")
+        result = run_cpu_ratios(args)
+        out = args.out or REPO / "results" / "bench" / "kernels_cpu_ratios.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"\n{result['path']}; {result['device']}; threads {result['threads']}; "
+              f"load average before/after {result['load_average_before_after']}")
+        print(f"wrote {out}")
+        return
     result = run(args)
     out = args.out or REPO / "results" / "bench" / ("kernels_gpu.json" if gpu else "kernels_cpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)

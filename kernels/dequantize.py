@@ -169,9 +169,14 @@ def dequantize(
     out: torch.Tensor,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dispatching launcher: Triton on CUDA (or when forced), the reference otherwise."""
-    from kernels.dispatch import use_triton
+    """Dispatching launcher: Triton on CUDA (or when forced), the C++ CPU backend on CPU
+    (``kernels.cpu_backend``, bit-exact), the reference otherwise."""
+    from kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, codes):
         return dequantize_triton(codes, rows, codebook, absmax, bits, group_size, out)
+    if use_cpu(backend, codes):
+        from kernels.cpu_backend import dequantize_cpu
+
+        return dequantize_cpu(codes, rows, codebook, absmax, bits, group_size, out)
     return dequantize_ref(codes, rows, codebook, absmax, bits, group_size, out)

@@ -1,8 +1,11 @@
 """Choose between a Triton kernel and its PyTorch reference.
 
-``backend="auto"`` runs Triton on CUDA tensors and the reference elsewhere; ``"torch"`` always runs
-the reference; ``"triton"`` forces the kernel (on a CPU tensor that only works under
-``TRITON_INTERPRET=1``, which must be set before ``triton`` is imported).
+``backend="auto"`` runs Triton on CUDA tensors and, on CPU tensors, the C++ CPU backend
+(``kernels.cpu_backend``; dequantize and LUT matmul only — other ops run their reference) when it
+builds, else the reference after one warning; ``"torch"`` always runs the reference; ``"cpu"``
+forces the CPU backend (an error if it cannot be built); ``"triton"`` forces the kernel (on a CPU
+tensor that only works under ``TRITON_INTERPRET=1``, which must be set before ``triton`` is
+imported).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def interpreting() -> bool:
@@ -23,7 +26,7 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
     """Whether to run the Triton kernel for data living where ``tensor`` lives."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend in ("torch", "cpu"):
         return False
     if backend == "auto":
         return tensor.is_cuda
@@ -33,3 +36,22 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
             "imported; use backend='auto' or 'torch' for the PyTorch reference"
         )
     return True
+
+
+def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
+    """Whether to run the CPU backend (``kernels.cpu_backend``) for data living where ``tensor`` is.
+
+    ``"auto"`` picks it for CPU tensors when the extension builds (a failed build warns once and
+    the reference runs); ``"cpu"`` demands it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu":
+        if tensor.device.type != "cpu":
+            raise ValueError(f"backend='cpu' takes CPU tensors, got a tensor on {tensor.device}")
+        return True
+    if backend == "auto" and tensor.device.type == "cpu":
+        from kernels.cpu_backend import available
+
+        return available()
+    return False

@@ -399,19 +399,27 @@ def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Te
     Not differentiable by itself: use ``LUTMatmulFunction.apply(x, qweight, backend)`` (or
     ``lut_linear``) inside autograd.
     """
-    from kernels.dispatch import use_triton
+    from kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, x):
         return lut_matmul_triton(x, qweight)
+    if use_cpu(backend, x):
+        from kernels.cpu_backend import lut_matmul_cpu
+
+        return lut_matmul_cpu(x, qweight)
     return lut_matmul_ref(x, qweight)
 
 
 def lut_matmul_backward(grad_y: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
     """Dispatching backward ``grad_x = grad_y · deq(W)``: ``[..., out]`` → ``[..., in]``."""
-    from kernels.dispatch import use_triton
+    from kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, grad_y):
         return lut_matmul_backward_triton(grad_y, qweight)
+    if use_cpu(backend, grad_y):
+        from kernels.cpu_backend import lut_matmul_backward_cpu
+
+        return lut_matmul_backward_cpu(grad_y, qweight)
     return lut_matmul_backward_ref(grad_y, qweight)
 
 

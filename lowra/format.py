@@ -178,6 +178,12 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ compute
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
         """The weight ``[out, in]`` in ``dtype``, rows in their original order."""
+        from kernels.dispatch import use_cpu
+
+        if use_cpu(backend, self.groups[0].codes):  # C++ CPU backend: one pass, cached tables
+            from kernels.cpu_backend import dequantize_weight_cpu
+
+            return dequantize_weight_cpu(self, dtype)
         absmax = self.scales.restore()
         out = torch.full(self.shape, float("nan"), dtype=dtype, device=self.device)
         for g in self.groups:

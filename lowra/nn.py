@@ -7,7 +7,8 @@ export to PEFT without transposes).
 The base is either a ``QuantizedTensor`` (1–4 bits per output row) or a frozen dense weight (the
 plain-LoRA baseline, ``method="none"``). Its matmul runs through ``QuantizedMatmul``, a custom
 autograd Function: forward runs ``kernels.lut_matmul`` (on CUDA the fused Triton LUT matmul that
-dequantizes tiles in registers; on CPU the reference, which dequantizes transiently), backward runs
+dequantizes tiles in registers; on CPU the C++ backend ``kernels.cpu_backend``: a fused GEMV for
+M ≤ 16, a transient dequantized weight + BLAS above), backward runs
 its transposed counterpart and returns only the gradient w.r.t. the input. No gradient, optimizer state or
 persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
 This also makes the module correct under gradient checkpointing (forward is simply recomputed) and

@@ -1,0 +1,398 @@
+// CPU kernels for the LowRA quantized weight (built on first use by kernels/cpu_backend.py).
+//
+// One element of the weight is  W[rows[i], k] = table[i, code(i, k)] * absmax[rows[i], k / group_size]
+// (codes packed LSB-first into int32 words, 32/b per word, 10 for b = 3; kernels/layout.py).
+// The product is taken in fp32 and rounded once to the output dtype, exactly as dequantize_ref does,
+// so `dequant_group` is bit-exact with the reference.
+//
+// The hot loop (AVX2): 8 codes per step are shifted out of one broadcast word (b = 1, 2, 4) or a
+// gathered pair of words (b = 3) with one variable shift, looked up in the row's <= 16-entry fp32
+// table held in two registers (vpermps; two lookups + blend for 4 bits) and scaled by the group's
+// absmax. The table and the scale stay in registers, so a row is dequantized at a few instructions
+// per 8 weights and the only memory traffic is the packed codes (and the output, if any).
+//
+// Work is split with at::parallel_for, i.e. over torch.get_num_threads() threads.
+//
+// The Python side (kernels/cpu_backend.py) validates shapes, dtypes and contiguity and passes raw
+// data pointers: the module needs only pybind11 and ATen/Parallel.h, so it builds in a fraction of
+// the time a <torch/extension.h> module takes, and a call costs ~1 us.
+
+#include <pybind11/pybind11.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LOWRA_AVX2 1
+#else
+#define LOWRA_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kChunk = 512;   // inputs per L1-resident block (multiple of 8 and of 40)
+constexpr int64_t kTable = 16;    // table row: the 2**b values repeated (see codes8)
+// Weights per thread before a second thread is used: a parallel region costs a few us on an idle
+// machine and up to a scheduler time slice on an oversubscribed one, so small layers (decode on a
+// 576-wide model: 0.3-0.9M weights) stay on one thread, as BLAS keeps a small GEMV on one.
+constexpr int64_t kGemvGrain = int64_t(1) << 20;
+constexpr int64_t kDequantGrain = int64_t(1) << 18;
+
+template <int BITS>
+constexpr int per_word() { return BITS == 3 ? 10 : 32 / BITS; }
+
+template <int BITS>
+inline int scalar_code(const int32_t* words, int64_t k) {
+  constexpr int PW = per_word<BITS>();
+  const uint32_t w = static_cast<uint32_t>(words[k / PW]);
+  return static_cast<int>((w >> ((k % PW) * BITS)) & ((1u << BITS) - 1u));
+}
+
+#if LOWRA_AVX2
+// 8 codes starting at k (k % 8 == 0) as int32 lanes, in their low BITS bits: the bits above may
+// hold the next codes. vpermps reads only the low 3 bits of an index, so the tables repeat a 1- or
+// 2-bit codebook across all 8 entries (kernels/cpu_backend.py) and no mask is needed; the 4-bit
+// lookup moves bit 3 to the sign bit, shifting the rest out.
+alignas(32) static const int32_t kShift1[4][8] = {
+    {0, 1, 2, 3, 4, 5, 6, 7}, {8, 9, 10, 11, 12, 13, 14, 15},
+    {16, 17, 18, 19, 20, 21, 22, 23}, {24, 25, 26, 27, 28, 29, 30, 31}};
+alignas(32) static const int32_t kShift2[2][8] = {{0, 2, 4, 6, 8, 10, 12, 14}, {16, 18, 20, 22, 24, 26, 28, 30}};
+alignas(32) static const int32_t kShift4[8] = {0, 4, 8, 12, 16, 20, 24, 28};
+
+inline __m256i load8i(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
+template <int BITS>
+inline __m256i codes8(const int32_t* words, int64_t k) {
+  if constexpr (BITS == 1) {
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 5]), load8i(kShift1[(k & 31) >> 3]));
+  } else if constexpr (BITS == 2) {
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 4]), load8i(kShift2[(k & 15) >> 3]));
+  } else if constexpr (BITS == 4) {
+    return _mm256_srlv_epi32(_mm256_set1_epi32(words[k >> 3]), load8i(kShift4));
+  } else {  // 3 bits, 10 codes per word: 8 codes span at most two words; 40 codes = 4 words repeat.
+    // For k % 40 = 8r: the low and high word of the 8 lanes, and which lanes take the high word.
+    static constexpr int lo_word[5] = {0, 0, 1, 2, 3};
+    static constexpr int hi_word[5] = {0, 1, 2, 3, 3};
+    alignas(32) static const int32_t hi_lane[5][8] = {
+        {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, -1, -1, -1, -1, -1, -1}, {0, 0, 0, 0, -1, -1, -1, -1},
+        {0, 0, 0, 0, 0, 0, -1, -1}, {0, 0, 0, 0, 0, 0, 0, 0}};
+    alignas(32) static const int32_t shf[5][8] = {
+        {0, 3, 6, 9, 12, 15, 18, 21}, {24, 27, 0, 3, 6, 9, 12, 15}, {18, 21, 24, 27, 0, 3, 6, 9},
+        {12, 15, 18, 21, 24, 27, 0, 3}, {6, 9, 12, 15, 18, 21, 24, 27}};
+    const int r = static_cast<int>((k % 40) >> 3);
+    const int32_t* base = words + (k / 40) * 4;  // both words hold real codes (k + 7 < in_features)
+    const __m256i w = _mm256_blendv_epi8(
+        _mm256_set1_epi32(base[lo_word[r]]), _mm256_set1_epi32(base[hi_word[r]]),
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_lane[r])));
+    return _mm256_srlv_epi32(w, load8i(shf[r]));  // 3-bit codes: vpermps reads exactly these bits
+  }
+}
+
+template <int BITS>
+inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
+  if constexpr (BITS == 4) {
+    const __m256 lo = _mm256_permutevar8x32_ps(tlo, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(thi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+  } else {
+    (void)thi;
+    return _mm256_permutevar8x32_ps(tlo, idx);
+  }
+}
+#endif
+
+// dst[j] = tab[code(k0 + j)] * scale[(k0 + j) / gs], j in [0, k1 - k0): one row segment in fp32.
+template <int BITS, typename S>
+void deq_segment(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t k0,
+                 int64_t k1, float* dst) {
+  int64_t k = k0;
+#if LOWRA_AVX2
+  if (gs % 8 == 0) {
+    for (; k < k1 && (k & 7); ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * static_cast<float>(scale[k / gs]);
+    const __m256 tlo = _mm256_loadu_ps(tab);
+    const __m256 thi = _mm256_loadu_ps(tab + 8);
+    int64_t grp = k / gs, grp_end = (grp + 1) * gs;  // one absmax group at a time, no division
+    while (k + 8 <= k1) {
+      const int64_t end = std::min(k1, grp_end);  // >= k + 8 since 8 | gs and 8 | k
+      const __m256 s = _mm256_set1_ps(static_cast<float>(scale[grp]));
+      for (; k + 8 <= end; k += 8)
+        _mm256_storeu_ps(dst + (k - k0), _mm256_mul_ps(lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), s));
+      ++grp;
+      grp_end += gs;
+    }
+  }
+#endif
+  while (k < k1) {  // tail, or every input when gs % 8 != 0 or without AVX2
+    const int64_t grp = k / gs;
+    const int64_t end = std::min(k1, (grp + 1) * gs);
+    const float s = static_cast<float>(scale[grp]);
+    for (; k < end; ++k) dst[k - k0] = tab[scalar_code<BITS>(words, k)] * s;
+  }
+}
+
+// sum_k x[k] * W[k] over one row, without storing the row (the M = 1 decode case).
+template <int BITS, typename S>
+float row_dot(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t K,
+              const float* x) {
+  int64_t k = 0;
+  float s = 0.f;
+#if LOWRA_AVX2
+  if (gs % 8 == 0) {
+    const __m256 tlo = _mm256_loadu_ps(tab);
+    const __m256 thi = _mm256_loadu_ps(tab + 8);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t grp = 0, grp_end = gs;
+    while (k + 8 <= K) {
+      const int64_t end = std::min(K, grp_end);
+      __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
+      for (; k + 8 <= end; k += 8)
+        part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
+      acc = _mm256_fmadd_ps(part, _mm256_set1_ps(static_cast<float>(scale[grp])), acc);
+      ++grp;
+      grp_end += gs;
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, acc);
+    s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+  }
+#endif
+  while (k < K) {
+    const int64_t grp = k / gs;
+    const int64_t end = std::min(K, (grp + 1) * gs);
+    const float sc = static_cast<float>(scale[grp]);
+    for (; k < end; ++k) s += x[k] * (tab[scalar_code<BITS>(words, k)] * sc);
+  }
+  return s;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if LOWRA_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), a1);
+  }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), a0);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, _mm256_add_ps(a0, a1));
+  s = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+#endif
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  int64_t j = 0;
+#if LOWRA_AVX2
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+#endif
+  for (; j < n; ++j) y[j] += alpha * x[j];
+}
+
+struct Group {
+  const int32_t* codes;
+  int64_t words;         // row stride of codes
+  const int64_t* rows;
+  const float* table;    // [n or 1, 16]
+  int64_t table_stride;  // 16, or 0 for a shared table
+  const void* absmax;    // [out, G] contiguous, fp16 (as stored) or fp32 (double-quant restore)
+  bool absmax_half;
+  int64_t ngroups;
+  int64_t gs;
+  int64_t n;
+  int64_t in_features;
+};
+
+Group make_group(uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table,
+                 bool shared_table, uintptr_t absmax, bool absmax_half, int64_t ngroups, int64_t group_size,
+                 int64_t in_features) {
+  Group g;
+  g.codes = reinterpret_cast<const int32_t*>(codes);
+  g.words = words;
+  g.rows = reinterpret_cast<const int64_t*>(rows);
+  g.table = reinterpret_cast<const float*>(table);
+  g.table_stride = shared_table ? 0 : kTable;
+  g.absmax = reinterpret_cast<const void*>(absmax);
+  g.absmax_half = absmax_half;
+  g.ngroups = ngroups;
+  g.gs = group_size;
+  g.n = n;
+  g.in_features = in_features;
+  return g;
+}
+
+template <int BITS>
+inline void deq_row(const Group& g, int64_t i, int64_t k0, int64_t k1, float* dst) {
+  const int32_t* words = g.codes + i * g.words;
+  const float* tab = g.table + i * g.table_stride;
+  const int64_t off = g.rows[i] * g.ngroups;
+  if (g.absmax_half)
+    deq_segment<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, k0, k1, dst);
+  else
+    deq_segment<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, k0, k1, dst);
+}
+
+template <int BITS>
+inline float row_dot_group(const Group& g, int64_t i, const float* x) {
+  const int32_t* words = g.codes + i * g.words;
+  const float* tab = g.table + i * g.table_stride;
+  const int64_t off = g.rows[i] * g.ngroups;
+  if (g.absmax_half)
+    return row_dot<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, g.in_features, x);
+  return row_dot<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, g.in_features, x);
+}
+
+template <int BITS, typename T>
+void dequant_to(const Group& g, T* o, int64_t s0, int64_t s1) {
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, kDequantGrain / std::max<int64_t>(K, 1));
+  at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (s1 == 1) {
+        for (int64_t i = b; i < e; ++i) deq_row<BITS>(g, i, 0, K, o + g.rows[i] * s0);
+        return;
+      }
+    }
+    std::vector<float> buf(K);
+    for (int64_t i = b; i < e; ++i) {
+      deq_row<BITS>(g, i, 0, K, buf.data());
+      T* dst = o + g.rows[i] * s0;
+      for (int64_t k = 0; k < K; ++k) dst[k * s1] = static_cast<T>(buf[k]);  // round once
+    }
+  });
+}
+
+// dtype: 0 fp32, 1 fp16, 2 bf16, 3 fp64 (element strides s0, s1)
+template <int BITS>
+void dequant_impl(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+  switch (dtype) {
+    case 0: dequant_to<BITS>(g, reinterpret_cast<float*>(out), s0, s1); break;
+    case 1: dequant_to<BITS>(g, reinterpret_cast<c10::Half*>(out), s0, s1); break;
+    case 2: dequant_to<BITS>(g, reinterpret_cast<c10::BFloat16*>(out), s0, s1); break;
+    case 3: dequant_to<BITS>(g, reinterpret_cast<double*>(out), s0, s1); break;
+    default: throw std::invalid_argument("unsupported output dtype code");
+  }
+}
+
+// y[m, rows[i]] = sum_k x[m, k] * W[i, k]  (x fp32 [M, K] contiguous, y fp32 [M, out] contiguous)
+template <int BITS>
+void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_features) {
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, kGemvGrain / std::max<int64_t>(K, 1));
+  at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
+    alignas(32) float buf[kChunk];
+    float acc[16];
+    for (int64_t i = b; i < e; ++i) {
+      if (M == 1) {
+        y[g.rows[i]] = row_dot_group<BITS>(g, i, x);
+        continue;
+      }
+      for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t k1 = std::min(K, k0 + kChunk);
+        deq_row<BITS>(g, i, k0, k1, buf);
+        for (int64_t m = 0; m < M; ++m) acc[m] += dot(x + m * K + k0, buf, k1 - k0);
+      }
+      const int64_t r = g.rows[i];
+      for (int64_t m = 0; m < M; ++m) y[m * out_features + r] = acc[m];
+    }
+  });
+}
+
+// gx[m, k] += sum_i gy[m, rows[i]] * W[i, k]  (gy fp32 [M, out], gx fp32 [M, K]); split over k.
+template <int BITS>
+void gemv_t_impl(const Group& g, const float* gy, int64_t M, int64_t out_features, float* gx) {
+  const int64_t K = g.in_features;
+  const int64_t nchunks = (K + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, kGemvGrain / std::max<int64_t>(g.n * kChunk, 1));
+  at::parallel_for(0, nchunks, grain, [&](int64_t b, int64_t e) {
+    alignas(32) float buf[kChunk];
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t k0 = c * kChunk, k1 = std::min(K, k0 + kChunk);
+      for (int64_t i = 0; i < g.n; ++i) {
+        deq_row<BITS>(g, i, k0, k1, buf);
+        const int64_t r = g.rows[i];
+        for (int64_t m = 0; m < M; ++m) {
+          const float a = gy[m * out_features + r];
+          if (a != 0.f) axpy(a, buf, gx + m * K + k0, k1 - k0);
+        }
+      }
+    }
+  });
+}
+
+template <template <int> class F, typename... Args>
+void by_bits(int64_t bits, Args&&... args) {
+  switch (bits) {
+    case 1: F<1>::run(std::forward<Args>(args)...); break;
+    case 2: F<2>::run(std::forward<Args>(args)...); break;
+    case 3: F<3>::run(std::forward<Args>(args)...); break;
+    case 4: F<4>::run(std::forward<Args>(args)...); break;
+    default: throw std::invalid_argument("bit-width must be 1, 2, 3 or 4");
+  }
+}
+
+template <int B> struct DequantF {
+  static void run(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+    dequant_impl<B>(g, out, dtype, s0, s1);
+  }
+};
+template <int B> struct GemvF {
+  static void run(const Group& g, const float* x, int64_t M, float* y, int64_t o) { gemv_impl<B>(g, x, M, y, o); }
+};
+template <int B> struct GemvTF {
+  static void run(const Group& g, const float* gy, int64_t M, int64_t o, float* gx) { gemv_t_impl<B>(g, gy, M, o, gx); }
+};
+
+}  // namespace
+
+namespace py = pybind11;
+
+// Group arguments (validated by kernels/cpu_backend.py): codes int32 [n, words] contiguous, rows
+// int64 [n], table fp32 [n or 1, 16] contiguous (shared_table when 1 row), absmax fp16 or fp32 [out, ngroups]
+// contiguous, bits, group_size, in_features.
+#define LOWRA_GROUP_ARGS                                                                             \
+  uintptr_t codes, int64_t n, int64_t words, uintptr_t rows, uintptr_t table, bool shared_table,     \
+      uintptr_t absmax, bool absmax_half, int64_t ngroups, int64_t bits, int64_t group_size, int64_t in_features
+#define LOWRA_GROUP make_group(codes, n, words, rows, table, shared_table, absmax, absmax_half, ngroups, group_size, in_features)
+
+void dequant_group(LOWRA_GROUP_ARGS, uintptr_t out, int64_t dtype, int64_t s0, int64_t s1) {
+  if (n == 0) return;
+  by_bits<DequantF>(bits, LOWRA_GROUP, out, dtype, s0, s1);
+}
+
+// x fp32 [M, in_features] contiguous (M <= 16), y fp32 [M, out_features] contiguous.
+void gemv_group(LOWRA_GROUP_ARGS, uintptr_t x, int64_t M, uintptr_t y, int64_t out_features) {
+  if (n == 0 || M == 0) return;
+  if (M > 16) throw std::invalid_argument("the fused GEMV takes M <= 16 rows");
+  by_bits<GemvF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y),
+                 out_features);
+}
+
+// gy fp32 [M, out_features] contiguous, gx fp32 [M, in_features] contiguous (accumulated into).
+void gemv_t_group(LOWRA_GROUP_ARGS, uintptr_t gy, int64_t M, int64_t out_features, uintptr_t gx) {
+  if (n == 0 || M == 0) return;
+  by_bits<GemvTF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(gy), M, out_features,
+                  reinterpret_cast<float*>(gx));
+}
+
+bool has_avx2() { return LOWRA_AVX2 != 0; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("dequant_group", &dequant_group, release(), "write the dequantized rows of one bit group");
+  m.def("gemv_group", &gemv_group, release(), "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
+  m.def("gemv_t_group", &gemv_t_group, release(), "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
+  m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+}

@@ -1,0 +1,198 @@
+"""The C++ CPU backend (``kernels.cpu_backend``) against the PyTorch references.
+
+dequantize and the M > 16 / non-fp32 matmuls are bit-exact with the references; the fused M ≤ 16
+fp32 products are compared with an fp64 product (their summation order differs from BLAS).
+"""
+
+import warnings
+
+import pytest
+import torch
+from kernel_testutils import mixed_bits, random_qtensor
+
+import kernels.cpu_backend as cpu
+from kernels.dequantize import dequantize, dequantize_ref
+from kernels.dispatch import use_cpu
+from kernels.layout import num_groups
+from kernels.lut_matmul import (
+    lut_linear,
+    lut_matmul,
+    lut_matmul_backward,
+    lut_matmul_backward_ref,
+    lut_matmul_ref,
+)
+from kernels.pack import pack_ref
+
+NAN = float("nan")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    if not cpu.available():  # a failed build is a test failure here, never a skip
+        pytest.fail(f"the CPU extension did not build: {cpu.failure()}")
+
+
+def _group(n, out_features, in_features, bits, seed, shared=False, group_size=64):
+    gen = torch.Generator().manual_seed(seed)
+    codes = pack_ref(torch.randint(0, 2**bits, (n, in_features), generator=gen), bits)
+    rows = torch.randperm(out_features, generator=gen)[:n].to(torch.int32)
+    cb = torch.randn(1 if shared else n, 2**bits, generator=gen).half()
+    absmax = torch.rand(out_features, num_groups(in_features, group_size), generator=gen).half()
+    return codes, rows, cb, absmax
+
+
+def _same(a, b):
+    return torch.equal(a.nan_to_num(12345.0), b.nan_to_num(12345.0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(37, 172), (70, 256), (130, 9), (33, 1001)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("group_size", [64, 24, 20])
+def test_dequantize_bit_exact(bits, shape, shared, group_size):
+    out_features, in_features = shape
+    codes, rows, cb, absmax = _group(out_features - 3, out_features, in_features, bits,
+                                     bits + out_features, shared, group_size)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = torch.full(shape, NAN, dtype=dtype)
+        want = got.clone()
+        dequantize(codes, rows, cb, absmax, bits, group_size, got, backend="cpu")
+        dequantize_ref(codes, rows, cb, absmax, bits, group_size, want)
+        assert _same(got, want), dtype
+        assert torch.isnan(got).sum() == 3 * in_features  # rows of other widths untouched
+
+
+def test_dequantize_strided_output():
+    codes, rows, cb, absmax = _group(40, 40, 100, 2, 3)
+    got = torch.full((100, 40), NAN).t()  # column-major [40, 100]
+    want = torch.full((40, 100), NAN)
+    dequantize(codes, rows, cb, absmax, 2, 64, got, backend="cpu")
+    dequantize_ref(codes, rows, cb, absmax, 2, 64, want)
+    assert _same(got, want)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape", [(70, 172), (33, 1001), (16, 9)])
+def test_mixed_widths_dequantize_auto_is_bit_exact(shape, double_quant):
+    q = random_qtensor(*shape, mixed_bits(shape[0]), double_quant=double_quant)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(q.dequantize(dtype, backend="auto"), q.dequantize(dtype, backend="torch"))
+        assert torch.equal(cpu.dequantize_weight_cpu(q, dtype), q.dequantize(dtype, backend="torch"))
+
+
+def _fp64(q):
+    return q.dequantize(torch.float64, backend="torch")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, None])
+@pytest.mark.parametrize("shape", [(70, 172), (33, 1001), (130, 9)])
+@pytest.mark.parametrize(("m", "group_size"), [(1, 64), (5, 64), (16, 64), (1, 20), (5, 20)])
+def test_fused_small_m_matches_fp64(bits, shape, m, group_size):
+    q = random_qtensor(*shape, bits if bits else mixed_bits(shape[0]), seed=m, group_size=group_size)
+    w = _fp64(q)
+    x = torch.randn(m, shape[1])
+    gy = torch.randn(m, shape[0])
+    y = lut_matmul(x, q, backend="cpu")
+    gx = lut_matmul_backward(gy, q, backend="cpu")
+    want_y, want_gx = x.double() @ w.t(), gy.double() @ w
+    # fp32 accumulation over K terms: error well under 1e-5 of the magnitude scale
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=2e-5 * (shape[1] ** 0.5))
+    torch.testing.assert_close(gx.double(), want_gx, rtol=1e-5, atol=2e-5 * (shape[0] ** 0.5))
+    torch.testing.assert_close(y, lut_matmul_ref(x, q), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, lut_matmul_backward_ref(gy, q), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [17, 40])
+def test_large_m_is_bit_exact(dtype, m):
+    q = random_qtensor(70, 333, mixed_bits(70))
+    x = torch.randn(2, m // 2 + 1, 333).to(dtype)
+    gy = torch.randn(2, m // 2 + 1, 70).to(dtype)
+    assert torch.equal(lut_matmul(x, q, backend="cpu"), lut_matmul_ref(x, q))
+    assert torch.equal(lut_matmul_backward(gy, q, backend="cpu"), lut_matmul_backward_ref(gy, q))
+
+
+def test_small_m_half_precision_is_bit_exact():
+    q = random_qtensor(70, 172, mixed_bits(70))
+    x = torch.randn(3, 172).to(torch.bfloat16)
+    assert torch.equal(lut_matmul(x, q, backend="cpu"), lut_matmul_ref(x, q))
+
+
+def test_autograd_and_lead_dims():
+    q = random_qtensor(48, 200, mixed_bits(48))
+    w = q.dequantize(torch.float32, backend="torch")
+    for shape in ((1, 1, 200), (2, 5, 200), (4, 30, 200)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = lut_linear(x, q, backend="auto")
+        assert y.shape == (*shape[:-1], 48)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        torch.testing.assert_close(y, x.detach() @ w.t(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(x.grad, gy @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_same_result_for_any_thread_count():
+    q = random_qtensor(2200, 1001, mixed_bits(2200))  # > 1M weights: the kernels split the work
+    x, gy = torch.randn(4, 1001), torch.randn(4, 2200)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((lut_matmul(x, q, backend="cpu"), lut_matmul_backward(gy, q, backend="cpu"),
+                            q.dequantize(backend="cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_prepared_tables_follow_in_place_edits():
+    q = random_qtensor(20, 64, 2)
+    x = torch.randn(1, 64)
+    before = lut_matmul(x, q, backend="cpu")
+    q.groups[0].codebook.mul_(2)
+    after = lut_matmul(x, q, backend="cpu")
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, lut_matmul_ref(x, q), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    q = random_qtensor(20, 64, 2)
+    with pytest.raises(ValueError, match="features"):
+        lut_matmul(torch.randn(2, 63), q, backend="cpu")
+    with pytest.raises(ValueError, match="features"):
+        lut_matmul_backward(torch.randn(2, 21), q, backend="cpu")
+    with pytest.raises(ValueError, match="float"):
+        lut_matmul(torch.ones(2, 64, dtype=torch.int64), q, backend="cpu")
+    codes, rows, cb, absmax = _group(5, 5, 100, 2, 0)
+    out = torch.empty(5, 100)
+    with pytest.raises(ValueError, match="cannot hold"):
+        dequantize(codes[:, :3], rows, cb, absmax, 2, 64, out, backend="cpu")
+    with pytest.raises(ValueError, match="codebook"):
+        dequantize(codes, rows, cb[:, :2], absmax, 2, 64, out, backend="cpu")
+    with pytest.raises(ValueError, match="absmax"):
+        dequantize(codes, rows, cb, absmax[:, :1], 2, 64, out, backend="cpu")
+    with pytest.raises(ValueError, match="backend"):
+        use_cpu("fast", out)
+
+
+def test_failed_build_warns_once_and_runs_the_reference(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu, "_SOURCE", broken)
+    monkeypatch.setattr(cpu, "_build_flags", lambda: ("lowra_cpu_broken_test", ["-O0"]))
+    monkeypatch.setattr(cpu, "_state", "unloaded")
+    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpu, "_failure", "")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    q = random_qtensor(20, 64, mixed_bits(20))
+    x = torch.randn(1, 64)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        y = lut_matmul(x, q, backend="auto")
+    assert torch.equal(y, lut_matmul_ref(x, q))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(q.dequantize(backend="auto"), q.dequantize(backend="torch"))
+    with pytest.raises(RuntimeError, match="failed to build"):
+        lut_matmul(x, q, backend="cpu")
