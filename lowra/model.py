@@ -434,7 +434,8 @@ def quantize_model(
         t_calib = time.perf_counter() - t0
     calibrated_init = init == "calibrated" and loftq_iters > 0
     table_needs_data = method == "lowra" and use_plan and error in DATA_TABLES
-    stats_needed = method != METHOD_NONE and (table_needs_data or calibrated_init)
+    fisher_needed = method == "lowra" and ((table_needs_data and error in ("fisher", "measured")) or fisher_codebooks)
+    stats_needed = method != METHOD_NONE and (table_needs_data or calibrated_init or fisher_needed)
     fisher: dict[str, torch.Tensor] = {}
     hessians: dict[str, torch.Tensor] = {}
     out_grads: dict[str, torch.Tensor] = {}
@@ -444,10 +445,10 @@ def quantize_model(
         t0 = time.perf_counter()
         stats = calibration_statistics(
             model, [n for n, _ in targets], calibration, calibration_batch_size,
-            fisher=table_needs_data and error in ("fisher", "measured"),
+            fisher=fisher_needed,
             hessians=calibrated_init or (table_needs_data and error == "kfac"),
             output_grads=table_needs_data and error == "kfac",
-            wanted=f"quant.error={error}" if table_needs_data else "quant.init=calibrated",
+            wanted=f"quant.error={error}" if table_needs_data or fisher_needed else "quant.init=calibrated",
         )
         fisher, hessians, out_grads = stats.fisher, stats.hessians, stats.output_grads
         t_calib += time.perf_counter() - t0
