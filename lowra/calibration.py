@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["calibration_windows", "collect_fisher", "collect_hessians"]
+__all__ = ["calibration_batches", "calibration_windows", "collect_fisher", "collect_hessians"]
 
 
 def calibration_windows(stream: torch.Tensor, n_samples: int = 256, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
@@ -37,6 +37,28 @@ def calibration_windows(stream: torch.Tensor, n_samples: int = 256, seq_len: int
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def calibration_batches(calibration: Any, batch_size: int, wanted: str) -> tuple[torch.Tensor, ...]:
+    """Check ``calibration`` (int64 token windows ``[samples, seq_len]``) and split it into chunks.
+
+    ``wanted`` names what needs the data (``"quant.error=fisher"``, ``"method 'optq'"``) in the
+    ValueError raised for missing windows, a wrong shape or dtype, or a bad ``batch_size``.
+    """
+    if calibration is None:
+        raise ValueError(
+            f"{wanted} needs calibration data: pass `calibration=` (int64 token windows [samples, seq_len], "
+            "e.g. lowra.calibration.calibration_windows of the training stream)"
+        )
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() == 1:
+        calibration = calibration[None]
+    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.dtype.is_floating_point:
+        raise ValueError(f"{wanted}: `calibration=` must be integer token windows [samples, seq_len], got "
+                         f"{calibration.dtype} {tuple(calibration.shape)}")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"calibration_batch_size must be a positive integer, got {batch_size!r}")
+    return calibration.split(int(batch_size))
 
 
 def _target_linears(model: nn.Module, target_modules: Any) -> list[tuple[str, nn.Linear]]:

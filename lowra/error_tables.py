@@ -135,22 +135,9 @@ def calibration_statistics(
     chunks of ``batch_size`` windows. Forward only when only Hessians are wanted, else forward and
     backward through the LM loss. ``wanted`` names the option that needs the data in errors.
     """
-    from lowra.calibration import collect_fisher, collect_hessians
+    from lowra.calibration import calibration_batches, collect_fisher, collect_hessians
 
-    if calibration is None:
-        raise ValueError(
-            f"{wanted} needs calibration data: pass `calibration=` (int64 token windows [samples, seq_len], "
-            "e.g. lowra.calibration.calibration_windows of the training stream)"
-        )
-    calibration = torch.as_tensor(calibration)
-    if calibration.dim() == 1:
-        calibration = calibration[None]
-    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.dtype.is_floating_point:
-        raise ValueError(f"{wanted}: `calibration=` must be integer token windows [samples, seq_len], got "
-                         f"{calibration.dtype} {tuple(calibration.shape)}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"calibration_batch_size must be a positive integer, got {batch_size!r}")
-    batches = calibration.split(int(batch_size))
+    batches = calibration_batches(calibration, batch_size, wanted)
     if fisher or output_grads:
         out = collect_fisher(model, batches, list(names), hessians=hessians, output_grads=output_grads,
                              diagonal=fisher)

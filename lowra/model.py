@@ -615,22 +615,10 @@ def _add_calibration_hessians(
     missing = [n for n, _ in targets if not has_data(layer_options.get(n, {}))]
     if not missing:
         return
-    if calibration is None:
-        raise ValueError(
-            f"method {method!r} needs calibration data: pass `calibration=` (int64 token windows "
-            "[samples, seq_len], e.g. lowra.calibration.calibration_windows of the training stream)"
-        )
-    from lowra.calibration import collect_hessians
+    from lowra.calibration import calibration_batches, collect_hessians
 
-    calibration = torch.as_tensor(calibration)
-    if calibration.dim() == 1:
-        calibration = calibration[None]
-    if calibration.dim() != 2 or calibration.shape[0] == 0 or calibration.dtype.is_floating_point:
-        raise ValueError(f"`calibration=` must be integer token windows [samples, seq_len], got "
-                         f"{calibration.dtype} {tuple(calibration.shape)}")
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"calibration_batch_size must be a positive integer, got {batch_size!r}")
-    hessians = collect_hessians(model, calibration.split(int(batch_size)), missing)
+    batches = calibration_batches(calibration, batch_size, f"method {method!r}")
+    hessians = collect_hessians(model, batches, missing)
     for name in missing:
         layer_options.setdefault(name, {})["hessian"] = hessians.pop(name)
 
