@@ -28,6 +28,7 @@ CODEBOOKS = ("learned", "nf")
 PLANS = ("ilp", "uniform")
 #: lowra.error_tables.ERROR_TABLES (kept torch-free here)
 ERROR_TABLES = ("sse", "fisher", "relative", "kfac", "measured")
+DATA_TABLES = ("fisher", "kfac", "measured")  # lowra.error_tables.DATA_TABLES: read calibration text
 INITS = ("loftq", "calibrated")
 BUDGET_KINDS = ("nominal", "effective")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -195,7 +196,7 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         _choice("quant.init", q.init, INITS)
     if q.get("budget_kind") is not None:
         _choice("quant.budget_kind", q.budget_kind, BUDGET_KINDS)
-    if (q.get("error") in ("fisher", "kfac", "measured") and q.method == "lowra"
+    if (q.get("error") in DATA_TABLES and q.method == "lowra"
             and not isinstance(q.options.get("calibration"), Mapping)):
         raise ConfigError(f"quant.error={q.error} needs calibration text: set quant.options.calibration "
                           "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")

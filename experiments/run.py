@@ -46,7 +46,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import resume_guard
-from experiments.config_check import BudgetError, ConfigError, check_config, resolve_path
+from experiments.config_check import DATA_TABLES, BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.evaluate import evaluate
 from experiments.hub import hub_access
@@ -184,15 +184,16 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
 
 def needs_calibration(cfg: Any) -> bool:
     """Calibration windows are built from ``quant.options.calibration: {samples, seq_len, batch_size}``
-    for a quantizer that needs them (OPTQ / ModuLoRA), LowRA's Fisher error table
-    (``quant.error=fisher``) and the calibrated adapter init (``quant.init=calibrated``)."""
+    for a quantizer that needs them (OPTQ / ModuLoRA), LowRA's data-driven error tables
+    (``quant.error=fisher|kfac|measured`` with a plan), Fisher-weighted codebooks and the calibrated
+    adapter init (``quant.init=calibrated``) — the same rule as ``lowra.quantize_model``'s."""
     q = cfg.quant
     if not isinstance(q.options.get("calibration"), Mapping):
         return False
     if q.method == "optq":
         return True
-    fisher = (q.method == "lowra" and q.get("plan", "ilp") == "ilp"
-              and q.get("error", "sse") in ("fisher", "kfac", "measured"))
+    fisher = q.method == "lowra" and (
+        (q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES) or bool(q.get("fisher_codebooks")))
     calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0
     return fisher or calibrated
 
