@@ -4,7 +4,10 @@ Reads every ``<RUNS_DIR>/<label>_s<seed>/results.json`` written by ``results/acc
 (one runner call each), groups the seeds of a label, and prints / writes one markdown table per
 model: nominal and effective bits, perplexity after quantization (no adapters), after the adapter
 init (before fine-tuning) and after fine-tuning, as mean ± std over seeds, with the command that
-reproduces the row (from the run's ``.hydra/overrides.yaml``). Also writes ``<RUNS_DIR>/table.json``.
+reproduces the row (from the run's ``.hydra/overrides.yaml``). Also writes ``<RUNS_DIR>/table.json``
+and ``<RUNS_DIR>/ppl_vs_bits.png``: perplexity (fine-tuned where the runs fine-tuned, else after the
+adapter init) against nominal and against effective bits, one series per configuration family
+(the label without its ``_b<bits>`` suffix), log scale, seed means.
 """
 
 from __future__ import annotations
@@ -73,6 +76,52 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _family(label: str) -> str:
+    return re.sub(r"_b[\d.]+$", "", label)
+
+
+def plot(table: dict[str, dict[str, dict[str, Any]]], out: Path) -> Path | None:
+    """``ppl_vs_bits.png`` (see the module docstring); None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = list(table)
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)
+    for row_axes, model in zip(axes, models, strict=True):
+        rows = table[model]
+        finetuned = any(r.get("ppl_finetuned") is not None for row in rows.values() for r in row["runs"])
+        metric = "ppl_finetuned" if finetuned else "ppl_loftq"
+        series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+        for label, row in rows.items():
+            vals = [r[metric] for r in row["runs"] if r.get(metric) is not None]
+            if not vals:
+                continue
+            series[_family(label)].append((statistics.fmean(r["bits_nominal"] for r in row["runs"]),
+                                           statistics.fmean(r["bits_effective"] for r in row["runs"]),
+                                           statistics.fmean(vals)))
+        fp = [r["ppl_fp"] for row in rows.values() for r in row["runs"] if r.get("ppl_fp")]
+        for ax, col, name in ((row_axes[0], 0, "nominal"), (row_axes[1], 1, "effective")):
+            for fam, pts in sorted(series.items()):
+                pts.sort(key=lambda p: p[col])
+                ax.plot([p[col] for p in pts], [p[2] for p in pts], marker="o", label=fam)
+            if fp:
+                ax.axhline(statistics.fmean(fp), color="k", ls=":", label="full precision")
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{name} bits per weight")
+            ax.set_ylabel("held-out ppl " + ("after fine-tuning" if finetuned else "after init (no FT)"))
+            ax.set_title(f"{model}: {name} bits")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path)
@@ -85,6 +134,8 @@ def main() -> None:
     summary = {model: {label: {m: [r.get(m) for r in row["runs"]] for m in (*METRICS, "bits_nominal", "bits_effective")}
                        | {"command": row["command"]} for label, row in rows.items()} for model, rows in table.items()}
     (args.runs / "table.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if (png := plot(table, args.runs / "ppl_vs_bits.png")) is not None:
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":
