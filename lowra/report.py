@@ -31,7 +31,8 @@ class QuantizationReport:
     ``bits_nominal`` / ``bits_effective`` are weighted by parameter count over the quantized
     layers (code bits only / every stored byte). ``total_sse`` is ``Σ‖W − deq(Q) − s·BA‖²`` after
     LoftQ and ``total_sse_quant`` the same without adapters. ``plan`` holds the planner's solve
-    info (objective, lower bound, gap, solve time, …) for ``method="lowra"``.
+    info (objective, lower bound, gap, solve time, …) for ``method="lowra"``. ``config`` is the
+    ``LowRAConfig.to_dict()`` the model was quantized with.
     """
 
     method: str
@@ -54,6 +55,7 @@ class QuantizationReport:
     layer_loss_increase: dict[str, list[float]] = field(default_factory=dict)
     init: str = "loftq"
     budget_kind: str = "nominal"
+    config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples → lists, int keys → str)."""

@@ -1,6 +1,7 @@
 """The stages of ``quantize_model``, one function each, in the order it calls them.
 
-1. :func:`resolve_settings` — check every option and derive what the run needs (:class:`Settings`);
+1. :func:`resolve_settings` — what the run needs (:class:`Settings`) from a validated
+   :class:`~lowra.config.LowRAConfig` and the call's data;
 2. :func:`find_targets` — the ``nn.Linear`` layers to quantize, their weights checked;
 3. :func:`calibrate` — layer statistics from calibration windows, only when something needs them
    (OPTQ input Hessians; Fisher diagonals, K-FAC factors or input Grams for LowRA's data-driven
@@ -9,9 +10,10 @@
    table ``[out, K]`` (only the small codebooks are kept, never a copy of W);
 5. :func:`plan_precision` — one precision plan (``lowra.precision.assign_precision``) over the rows
    of every layer under the average budget;
-6. :func:`quantize_layers` — one layer at a time: quantize + pack (:func:`layer_quantizer`), init
-   the adapters (:func:`init_adapters`: LoftQ or the calibrated init, the quantizer fixed), and swap
-   the ``nn.Linear`` for a ``LowRALinear`` (dropped at once: the peak stays near one fp32 layer);
+6. :func:`lowra.quantize_layers.quantize_layers` — one layer at a time: quantize + pack
+   (``layer_quantizer``), init the adapters (``init_adapters``: LoftQ or the calibrated init, the
+   quantizer fixed), and swap the ``nn.Linear`` for a ``LowRALinear`` (dropped at once: the peak
+   stays near one fp32 layer) — in its own module;
 7. :func:`finish_report` — the model-level numbers of the :class:`~lowra.report.QuantizationReport`.
 
 Stages 4-5 run for ``method="lowra"`` with a plan only; every other method stores one integer
@@ -22,20 +24,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowra.config import LowRAConfig
 from lowra.format import QuantizedTensor
-from lowra.layers import find_target_linears, mark_only_lora_trainable, set_module
-from lowra.loftq import LoftQResult, loftq_init
-from lowra.nn import LowRALinear
+from lowra.layers import find_target_linears, mark_only_lora_trainable
 from lowra.report import LayerReport, QuantizationReport
-from lowra.validation import check_budget, check_weight
+from lowra.validation import check_weight
 
 __all__ = [
     "METHOD_NONE",
@@ -46,11 +46,8 @@ __all__ = [
     "error_tables",
     "find_targets",
     "finish_report",
-    "init_adapters",
-    "layer_quantizer",
     "new_report",
     "plan_precision",
-    "quantize_layers",
     "resolve_settings",
 ]
 
@@ -61,15 +58,16 @@ METHOD_NONE = "none"
 # ------------------------------------------------------------------------------ 1. settings
 @dataclass
 class Settings:
-    """Every option of one ``quantize_model`` call, checked and resolved (see its docstring).
+    """Every option of one ``quantize_model`` call, resolved from its ``LowRAConfig`` (``config``).
 
     Resolved: ``candidates`` include an integer budget stored without a plan; ``codebook_iters``
     is 0 for ``codebook="nf"`` (the NormalFloat start); ``loftq_iters`` is 0 at rank 0;
     ``use_plan`` is False for ``plan="uniform"``; ``needs_calibration``: the method's quantizer
-    needs input Hessians (OPTQ).  ``quant_options`` / ``layer_options`` may hold tensors (a
-    layer's ``hessian=``): they are data of this call, not configuration.
+    needs input Hessians (OPTQ); ``adapter_dtype`` is a ``torch.dtype``.  ``quant_options`` /
+    ``layer_options`` may hold tensors (a layer's ``hessian=``): data of this call, not configuration.
     """
 
+    config: LowRAConfig
     method: str
     bits: float
     rank: int
@@ -135,72 +133,38 @@ def _integer_bits(bits: float, method: str) -> int:
     return int(round(float(bits)))
 
 
-def resolve_settings(
-    bits: float, method: str, rank: int, alpha: float, target_modules: Any, loftq_iters: int, group_size: int, *,
-    dropout: float, double_quant: bool, candidates: tuple[int, ...], budget_scope: str, use_plan: bool,
-    skip_modules: tuple[str, ...] | list[str], codebook_iters: int, weight_power: float,
-    plan_options: dict[str, Any] | None, adapter_dtype: torch.dtype | None, backend: str, progress: bool,
-    codebook: str, plan: str, calibration_batch_size: int, layer_options: dict[str, dict[str, Any]] | None,
-    error: str, fisher_codebooks: bool, init: str, init_damp: float, budget_kind: str, measure_windows: int,
-    quant_options: dict[str, Any],
-) -> Settings:
-    """Stage 1: check the options of ``quantize_model`` (ValueError naming the option) and resolve them."""
-    if codebook not in ("learned", "nf"):
-        raise ValueError(f"codebook must be 'learned' or 'nf', got {codebook!r}")
-    if plan not in ("ilp", "uniform"):
-        raise ValueError(f"plan must be 'ilp' or 'uniform', got {plan!r}")
-    use_plan = bool(use_plan) and plan == "ilp"
-    from lowra.error_tables import ERROR_TABLES, INITS
+def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bool = True,
+                     layer_options: dict[str, dict[str, Any]] | None = None,
+                     quant_options: dict[str, Any] | None = None) -> Settings:
+    """Stage 1: what this call runs, from a (validated) ``LowRAConfig`` and the call's runtime arguments.
 
-    if error not in ERROR_TABLES:
-        raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {error!r}")
-    if init not in INITS:
-        raise ValueError(f"quant.init must be one of {INITS}, got {init!r}")
-    if error != "sse" and method != "lowra":
-        raise ValueError(f"quant.error={error!r} is an error table of LowRA's planner; method {method!r} has none")
-    if fisher_codebooks and error != "fisher":
-        raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
-    if method == "lowra" and codebook == "nf":
-        codebook_iters = 0  # learn_codebooks(iters=0) returns the NormalFloat tables and their errors
-    if budget_kind not in ("nominal", "effective"):
-        raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {budget_kind!r}")
-    if budget_kind == "effective" and not (method == "lowra" and use_plan):
-        raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
-                         "other methods store one fixed width and report their effective bits as they are")
-    if method != METHOD_NONE:
-        bits = check_budget(bits, high=16.0 if budget_kind == "effective" else 4.0)
-        if method == "lowra" and not use_plan and float(bits) != round(float(bits)):
-            raise ValueError(
-                f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
-                f"budget bits={bits}; use plan='ilp' (the precision plan) or an integer budget"
-            )
-        if budget_kind == "nominal" and (method != "lowra" or not use_plan):
-            int_bits = _integer_bits(bits, method)
-            if method == "lowra" and int_bits not in candidates:
-                candidates = tuple(sorted({*candidates, int_bits}))
-        if budget_scope not in ("model", "matrix"):
-            raise ValueError(f"budget_scope must be 'model' or 'matrix', got {budget_scope!r}")
-        candidates = tuple(int(b) for b in candidates)
+    ``quant_options``: the call's non-JSON quantizer options (tensors), merged over
+    ``config.quant_options``; ``layer_options`` are copied (stage 3 adds OPTQ Hessians to them).
+    """
+    c = config
+    use_plan = c.plan == "ilp"
+    codebook_iters = 0 if c.method == "lowra" and c.codebook == "nf" else c.codebook_iters
+    candidates = tuple(c.candidates)
+    if c.method != METHOD_NONE and c.budget_kind == "nominal" and (c.method != "lowra" or not use_plan):
+        int_bits = _integer_bits(c.bits, c.method)
+        if c.method == "lowra" and int_bits not in candidates:
+            candidates = tuple(sorted({*candidates, int_bits}))
     needs_calibration = False
-    if method not in ("lowra", METHOD_NONE):
+    if c.method not in ("lowra", METHOD_NONE):
         from lowra.quantizers import get_quantizer
 
-        # unknown method → ValueError before any work
-        needs_calibration = bool(getattr(get_quantizer(method), "needs_calibration", False))
-    layer_options = {k: dict(v) for k, v in (layer_options or {}).items()}
-    if isinstance(rank, bool) or int(rank) != rank or rank < 0:
-        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
-    if loftq_iters and rank == 0:
-        loftq_iters = 0
+        needs_calibration = bool(getattr(get_quantizer(c.method), "needs_calibration", False))
     return Settings(
-        method=method, bits=bits, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
-        skip_modules=skip_modules, loftq_iters=loftq_iters, group_size=group_size, double_quant=double_quant,
-        candidates=tuple(candidates), budget_scope=budget_scope, use_plan=use_plan, codebook_iters=codebook_iters,
-        weight_power=weight_power, plan_options=dict(plan_options or {}), adapter_dtype=adapter_dtype,
-        backend=backend, progress=progress, calibration_batch_size=calibration_batch_size, error=error,
-        fisher_codebooks=fisher_codebooks, init=init, init_damp=init_damp, budget_kind=budget_kind,
-        measure_windows=measure_windows, quant_options=quant_options, layer_options=layer_options,
-        needs_calibration=needs_calibration,
+        config=c, method=c.method, bits=c.bits, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
+        target_modules=c.target_modules, skip_modules=c.skip_modules,
+        loftq_iters=0 if c.rank == 0 else c.loftq_iters, group_size=c.group_size, double_quant=c.double_quant,
+        candidates=candidates, budget_scope=c.budget_scope, use_plan=use_plan, codebook_iters=codebook_iters,
+        weight_power=c.weight_power, plan_options=dict(c.plan_options),
+        adapter_dtype=None if c.adapter_dtype is None else getattr(torch, c.adapter_dtype),
+        backend=backend, progress=progress, calibration_batch_size=c.calibration_batch_size, error=c.error,
+        fisher_codebooks=c.fisher_codebooks, init=c.init, init_damp=c.init_damp, budget_kind=c.budget_kind,
+        measure_windows=c.measure_windows, quant_options={**c.quant_options, **(quant_options or {})},
+        layer_options={k: dict(v) for k, v in (layer_options or {}).items()}, needs_calibration=needs_calibration,
     )
 
 
@@ -307,6 +271,7 @@ def new_report(s: Settings, targets: list[tuple[str, nn.Linear]], calib: Calibra
         candidates=tuple(s.candidates),
         num_params=sum(m.weight.numel() for _, m in targets),
     )
+    report.config = s.config.to_dict()
     report.error_table = s.error if s.with_plan else None
     report.init = s.init if s.loftq_iters > 0 else "lora"
     report.budget_kind = s.budget_kind
@@ -450,121 +415,11 @@ def _solve_plan(
     return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], info
 
 
-# ------------------------------------------------------------- 6. quantize + init adapters
-def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Settings,
-                    layer_bits: dict[str, torch.Tensor], codebooks: dict[str, dict[int, torch.Tensor]],
-                    calib: Calibration, report: QuantizationReport) -> list[LayerReport]:
-    """Stage 6, one layer at a time: quantize + pack, init the adapters, swap in a ``LowRALinear``.
-
-    The ``nn.Linear`` is dropped as soon as its replacement exists.  ``method="none"``: a frozen
-    dense base and the standard LoRA init.  Times go to ``report.times`` (quantizer calls inside
-    LoftQ count as ``quantize_s``, the rest as ``loftq_s``).
-    """
-    times = report.times
-    module_kw = dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, adapter_dtype=s.adapter_dtype, backend=s.backend)
-    layer_reports = []
-    for name, linear in _progress(targets, f"quantize ({s.method})", s.progress):
-        weight = linear.weight.detach()
-        if s.method == METHOD_NONE:
-            new = LowRALinear.from_linear(linear, **module_kw)
-            layer_reports.append(LayerReport(name, tuple(weight.shape), {}, new.nominal_bits,
-                                             new.effective_bits, 0.0, 0.0))
-        else:
-            quantize_fn = layer_quantizer(
-                s.method, layer_bits.get(name), codebooks.pop(name, None), s.bits, s.group_size,
-                s.double_quant, s.codebook_iters, s.weight_power, s.backend, weight.device,
-                {**s.quant_options, **s.layer_options.pop(name, {})},
-                importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
-            )
-            spent = [0.0]
-
-            def timed(m: torch.Tensor, fn=quantize_fn, spent=spent) -> QuantizedTensor:
-                t = time.perf_counter()
-                out = fn(m)
-                spent[0] += time.perf_counter() - t
-                return out
-
-            t0 = time.perf_counter()
-            result = init_adapters(name, weight, timed, s,
-                                   calib.hessians.pop(name, None) if s.calibrated_init else None)
-            times["quantize_s"] += spent[0]
-            times["loftq_s"] += time.perf_counter() - t0 - spent[0]
-            qt = result.qweight
-            new = LowRALinear(
-                qt, bias=linear.bias.detach() if linear.bias is not None else None,
-                lora_A=result.lora_A, lora_B=result.lora_B, **module_kw,
-            )
-            hist = Counter(qt.bits_per_row.tolist())
-            layer_reports.append(LayerReport(
-                name, tuple(weight.shape), {int(k): int(v) for k, v in sorted(hist.items())},
-                qt.nominal_bits, qt.effective_bits, result.sse_quant, result.sse, result.best_iter,
-            ))
-        new.train(linear.training)
-        set_module(model, name, new)
-        del linear, weight
-    return layer_reports
-
-
-def init_adapters(name: str, weight: torch.Tensor, quantize_fn: Callable[[torch.Tensor], QuantizedTensor],
-                  s: Settings, hessian: torch.Tensor | None) -> LoftQResult:
-    """The quantized base and adapters of one layer: ``loftq_init`` with the quantizer fixed
-    (``loftq_iters`` alternations; 0 = standard LoRA init; ``hessian`` = the calibrated init's
-    input Gram ``[in, in]``, None for LoftQ)."""
-    return loftq_init(weight, quantize_fn, s.rank, s.alpha, iters=s.loftq_iters, name=f"layer {name!r}",
-                      hessian=hessian, damp=s.init_damp)
-
-
-def layer_quantizer(
-    method: str,
-    bits_per_row: torch.Tensor | None,
-    codebooks: dict[int, torch.Tensor] | None,
-    bits: float,
-    group_size: int,
-    double_quant: bool,
-    codebook_iters: int,
-    weight_power: float,
-    backend: str,
-    device: torch.device,
-    quant_options: dict[str, Any],
-    importance: torch.Tensor | None = None,
-) -> Callable[[torch.Tensor], QuantizedTensor]:
-    """The ``[out, in] → QuantizedTensor`` (quantize + pack) used by LoftQ for one layer (codebooks/bits fixed).
-
-    ``importance``: Fisher diagonal for LowRA without a plan and ``fisher_codebooks``.
-    """
-    if method == "lowra" and bits_per_row is not None:
-        bits_dev = bits_per_row.to(device)
-        tables = {b: codebooks[b].to(device) for b in torch.unique(bits_per_row).tolist()}
-        return lambda m: QuantizedTensor.from_codebooks(
-            m, bits_dev, tables, group_size, double_quant, method="lowra", backend=backend
-        )
-    from lowra.quantizers import quantize
-
-    int_bits = _integer_bits(bits, method)
-    if method == "lowra":
-        # no plan: learn this layer's codebooks once, then keep them fixed through LoftQ
-        from lowra.codebook import learn_codebooks
-
-        state: dict[str, Any] = {}
-
-        def fixed(m: torch.Tensor) -> QuantizedTensor:
-            if "tables" not in state:
-                learned = learn_codebooks(m, bits=(int_bits,), group_size=group_size, iters=codebook_iters,
-                                          weight_power=weight_power, double_quant=double_quant,
-                                          importance=importance, weigh_codebooks=importance is not None)
-                state["tables"] = learned.codebooks
-            return QuantizedTensor.from_codebooks(m, int_bits, state["tables"], group_size, double_quant,
-                                                  method="lowra", backend=backend)
-
-        return fixed
-    return lambda m: quantize(m, int_bits, method=method, group_size=group_size, double_quant=double_quant,
-                              backend=backend, **quant_options)
-
-
 # ------------------------------------------------------------------------------ 7. report
-def finish_report(model: nn.Module, report: QuantizationReport, layer_reports: list[LayerReport],
+def finish_report(model: nn.Module, s: Settings, report: QuantizationReport, layer_reports: list[LayerReport],
                   t_start: float) -> QuantizationReport:
-    """Stage 7: freeze all but the adapters; parameter-weighted bits and total SSE; ``model.lowra_report``."""
+    """Stage 7: freeze all but the adapters; parameter-weighted bits and total SSE; the report and
+    the config are kept on the model (``model.lowra_report``, ``model.lowra_config``)."""
     mark_only_lora_trainable(model)
     report.layers = layer_reports
     total = report.num_params
@@ -575,4 +430,5 @@ def finish_report(model: nn.Module, report: QuantizationReport, layer_reports: l
     report.total_sse = sum(lr.sse_loftq for lr in layer_reports)
     report.times["total_s"] = time.perf_counter() - t_start
     model.lowra_report = report
+    model.lowra_config = s.config
     return report

@@ -1,4 +1,4 @@
-"""The named stages of quantize_model (lowra/stages.py), one at a time."""
+"""The named stages of quantize_model (lowra/stages.py, lowra/quantize_layers.py), one at a time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from lowra import stages
+from lowra.config import LowRAConfig
 from lowra.model import quantize_model
+from lowra.quantize_layers import quantize_layers
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "time_limit": 20}
 
@@ -20,14 +22,9 @@ def _toy() -> nn.Module:
 
 
 def _settings(**over):
-    kw = dict(bits=2.0, method="lowra", rank=2, alpha=4.0, target_modules=None, loftq_iters=1, group_size=16,
-              dropout=0.0, double_quant=False, candidates=(1, 2, 4), budget_scope="model", use_plan=True,
-              skip_modules=("lm_head",), codebook_iters=5, weight_power=2.0, plan_options=FAST_PLAN,
-              adapter_dtype=None, backend="auto", progress=False, codebook="learned", plan="ilp",
-              calibration_batch_size=4, layer_options=None, error="sse", fisher_codebooks=False, init="loftq",
-              init_damp=0.01, budget_kind="nominal", measure_windows=4, quant_options={})
+    kw = dict(bits=2.0, rank=2, alpha=4.0, group_size=16, codebook_iters=5, plan_options=FAST_PLAN)
     kw.update(over)
-    return stages.resolve_settings(**kw)
+    return stages.resolve_settings(LowRAConfig(**kw), progress=False)
 
 
 def test_resolve_settings_derives_what_the_run_needs():
@@ -69,9 +66,10 @@ def test_stages_by_hand_equal_quantize_model():
     assert all(bool((e[:, :-1] >= e[:, 1:]).all()) for e in tables.errors)  # SSE falls with the width
     layer_bits = stages.plan_precision(targets, tables, s, report)
     assert set(layer_bits) == {"0", "2", "4"} and report.plan["average_bits"] <= 1.5
-    layers = stages.quantize_layers(model, targets, s, layer_bits, tables.codebooks, calib, report)
-    out = stages.finish_report(model, report, layers, 0.0)
-    assert out is model.lowra_report
+    layers = quantize_layers(model, targets, s, layer_bits, tables.codebooks, calib, report)
+    out = stages.finish_report(model, s, report, layers, 0.0)
+    assert out is model.lowra_report and model.lowra_config is s.config
+    assert out.config == rep.config == s.config.to_dict()
     assert out.bits_nominal == rep.bits_nominal and out.total_sse == rep.total_sse
     sd, ref_sd = model.state_dict(), ref.state_dict()
     assert sd.keys() == ref_sd.keys()
