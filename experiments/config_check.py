@@ -213,6 +213,13 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         )
     _positive_int("quant.group_size", q.group_size)
     _positive_int("quant.loftq_iters", q.loftq_iters, allow_zero=True)
+    # every quant / lora option together, as quantize_model will get it (lowra.LowRAConfig.from_hydra)
+    from lowra.config import LowRAConfig
+
+    try:
+        LowRAConfig.from_hydra(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"quant={q.name}: {exc}") from None
 
     # train
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)

@@ -33,7 +33,6 @@ failed (exit code 1) when the run fails.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import shutil
@@ -66,9 +65,9 @@ log = logging.getLogger("experiments.run")
 
 STAGES = ("load", "quantize", "evaluate (before fine-tuning)", "fine-tune", "evaluate", "save")
 STATE_FILE = resume_guard.STATE_FILE
-#: ``quant.<key>`` passed to ``lowra.quantize_model`` for ``quant.method=lowra`` only.
+#: ``quant.<key>`` read for ``quant.method=lowra`` only (``lowra.config.LOWRA_ONLY``).
 LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
-#: ``quant.<key>`` passed for every quantizing method (the adapter init).
+#: ``quant.<key>`` read for every quantizing method: the adapter init (``lowra.config.INIT_FIELDS``).
 INIT_KEYS = ("init", "init_damp")
 RESULTS_FILE = resume_guard.RESULTS_FILE
 FAILED_FILE = resume_guard.FAILED_FILE
@@ -152,33 +151,29 @@ def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
             m.scaling = s
 
 
+def lowra_config(cfg: Any) -> Any:
+    """The ``lowra.LowRAConfig`` of the ``quant`` / ``lora`` / ``model`` groups: one Hydra key per field
+    (``LowRAConfig.from_hydra``, table ``lowra.config.HYDRA_KEYS``); what ``quantize_model`` runs with
+    and what ``results.json`` (``lowra_config``) and the saved model record."""
+    return lowra_api("LowRAConfig").from_hydra(cfg)
+
+
 def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
-    """Keyword arguments of ``lowra.quantize_model`` from the ``quant`` and ``lora`` configs."""
-    q = cfg.quant
-    kw: dict[str, Any] = {
-        "bits": float(q.bits), "method": q.method, "rank": int(cfg.lora.rank), "alpha": float(cfg.lora.alpha),
-        "dropout": float(cfg.lora.dropout), "target_modules": list(cfg.model.target_modules),
-        "loftq_iters": int(q.loftq_iters), "group_size": int(q.group_size),
-        "double_quant": bool(q.double_quant), "candidates": tuple(int(b) for b in q.candidates),
-        "progress": progress,
-    }
-    params = inspect.signature(lowra_api("quantize_model")).parameters
-    keep_name = "keep_full_precision" if "keep_full_precision" in params else "skip_modules"
-    kw[keep_name] = tuple(q.keep_full_precision)
-    if q.method == "lowra":  # LowRA's own switches (ablations); absent keys keep the defaults
-        for key in LOWRA_KEYS:
-            if q.get(key) is not None and key in params:
-                kw[key] = (float(q[key]) if key == "weight_power" else bool(q[key]) if key == "fisher_codebooks"
-                           else str(q[key]))
-    if q.method != "none":
-        for key in INIT_KEYS:
-            if q.get(key) is not None and key in params:
-                kw[key] = float(q[key]) if key == "init_damp" else str(q[key])
-    options = OmegaConf.to_container(q.options, resolve=True) or {}
-    # `options.calibration` is the runner's recipe for the windows (calibration_kwargs), not an
-    # option of the quantizer (OPTQ would raise a TypeError on it)
-    options.pop("calibration", None)
+    """``lowra_config(cfg)`` as keyword arguments of ``lowra.quantize_model`` (its shortcut form).
+
+    LowRA's own switches (``LOWRA_KEYS``) only for ``quant.method=lowra``, the adapter init
+    (``INIT_KEYS``) only for quantizing methods; ``quant_options`` (``quant.options`` without the
+    runner's ``calibration`` recipe) flattened, as ``quantize_model(**options)`` takes them.
+    """
+    import dataclasses
+
+    config = lowra_config(cfg)
+    kw: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    options = kw.pop("quant_options")
+    for key in (*(LOWRA_KEYS if config.method != "lowra" else ()), *(INIT_KEYS if config.method == "none" else ())):
+        kw.pop(key)
     kw.update(options)
+    kw["progress"] = progress
     return kw
 
 
@@ -364,10 +359,9 @@ def _run_stages(
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
-        kwargs = quantize_kwargs(cfg, progress and is_terminal())  # per-layer bars only on a terminal
-        if needs_calibration(cfg):
-            kwargs.update(calibration_kwargs(cfg, data))
-        rep = quantize_model(model, **kwargs)
+        data_kw = calibration_kwargs(cfg, data) if needs_calibration(cfg) else {}
+        # per-layer bars only on a terminal
+        rep = quantize_model(model, lowra_config(cfg), progress=progress and is_terminal(), **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
         if save_quantized is not None:  # atomic (its manifest is written last): the resume point
@@ -439,6 +433,7 @@ def _run_stages(
         "error_table": report.get("error_table"),
         "init": report.get("init"),
         "budget_kind": report.get("budget_kind", "nominal"),
+        "lowra_config": lowra_config(cfg).to_dict(),  # every quantization + adapter option (LowRAConfig)
         f"{prefix}_fp": state.get(f"{prefix}_fp"),
         f"{prefix}_quantized": state.get(f"{prefix}_quantized"),
         f"{prefix}_loftq": state.get(f"{prefix}_loftq"),

@@ -264,6 +264,8 @@ def save_quantized(
         "layers": layer_meta,
         "tied": aliases,
         "report": report.to_dict() if report is not None else None,
+        # the LowRAConfig the model was quantized with (LowRAConfig.to_dict(): an HF quantization_config)
+        "lowra_config": _config_dict(model, report),
     }
     write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
     # the new save is committed; drop older data files (ours only, by name pattern)
@@ -273,6 +275,14 @@ def save_quantized(
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     return directory
+
+
+def _config_dict(model: nn.Module, report: Any | None) -> dict[str, Any] | None:
+    """``LowRAConfig.to_dict()`` of ``model.lowra_config`` (else the report's), None if unknown."""
+    config = getattr(model, "lowra_config", None)
+    if config is not None:
+        return config.to_dict()
+    return getattr(report, "config", None)
 
 
 def _method_of(layers: list[tuple[str, LowRALinear]]) -> str:
@@ -438,6 +448,13 @@ def load_quantized(
     mark_only_lora_trainable(model)
     model.eval()
     model.lowra_manifest = manifest
+    if manifest.get("lowra_config") is not None:  # checkpoints before LowRAConfig have none
+        from lowra.config import LowRAConfig
+
+        try:
+            model.lowra_config = LowRAConfig.from_dict(manifest["lowra_config"])
+        except ValueError as exc:
+            raise FormatError(f"{directory}: the manifest's lowra_config is not a valid LowRAConfig: {exc}") from None
     return model
 
 

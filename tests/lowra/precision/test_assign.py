@@ -1,55 +1,37 @@
-"""Tests of the two-stage ILP precision assignment (lowra/precision.py).
+"""The two-stage planner end to end (lowra/precision/assign.py), and the package's public API.
 
 What must hold: the budget is never exceeded and is used up to max(n_c)/sum(n_c); the plan is
-within 0.5 % of the exact flat ILP (HiGHS) on small instances; the LP bound equals HiGHS' LP;
-stage 2 is exact for any counts; bad inputs raise ValueError naming the problem.
-Timings are the benchmark's business (experiments/bench_pipeline.py), not asserted here.
+within 0.5 % of the exact flat ILP (HiGHS) on small instances; bad inputs raise ValueError
+naming the problem.  The stages have their own tests beside this file (bounds, stage 2,
+repair, baselines).  Timings are the benchmark's business (experiments/bench_pipeline.py), not
+asserted here.
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
-import cvxpy as cp
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
+from precision_testutils import (
+    SMALL,
+    TINY,
+    assert_budget,
+    assert_cost_budget,
+    plan_sse,
+    small_table,
+    stored_costs,
+)
 
 from lowra.precision import (
     PrecisionPlan,
-    _ClusterPaths,
-    _hull_segments,
-    _prepare,
-    _repair,
-    _stage2,
     assign_precision,
     exact_assignment,
     greedy_assignment,
     llama_layer_shapes,
     lp_lower_bound,
     synthetic_error_table,
-    uniform_assignment,
 )
-
-# 4*192 + 2*384 + 192 = 1,728 channels of 192 and 384 inputs: a miniature Llama block.
-SMALL = llama_layer_shapes(1, 192, 384)
-
-
-def small_table(seed: int, candidates=(1, 2, 4)):
-    return synthetic_error_table(SMALL, candidates=candidates, seed=seed)
-
-
-def plan_sse(e: np.ndarray, bits: np.ndarray, candidates) -> float:
-    col = np.searchsorted(np.asarray(candidates), bits)
-    return float(e[np.arange(e.shape[0]), col].sum())
-
-
-def assert_budget(bits: np.ndarray, n: np.ndarray, budget: float) -> None:
-    """Never above the budget (exact rationals), and at most max(n) bits below it."""
-    used = int((n * bits).sum())
-    cap = Fraction(repr(budget)) * int(n.sum())
-    assert used <= cap
-    assert cap - used <= int(n.max())
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,24 +87,6 @@ def test_per_matrix_scope_each_matrix_meets_budget() -> None:
 # ------------------------------------------------------------------------------------------
 # Bit costs (budget in stored bits)
 # ------------------------------------------------------------------------------------------
-# 4*64 + 2*128 + 64 = 576 channels of 64 and 128 inputs: two partitions, exact ILP in ~1 s.
-TINY = llama_layer_shapes(1, 64, 128)
-
-
-def stored_costs(n: np.ndarray, cands) -> np.ndarray:
-    """Non-proportional costs: code bits, a per-row fp16 codebook (16 * 2**b) and a constant
-    (scale + row index), ``[C, K]`` int64."""
-    c = np.asarray(cands)
-    return n[:, None] * c[None, :] + 16 * 2 ** c[None, :] + 48
-
-
-def assert_cost_budget(bits: np.ndarray, w: np.ndarray, n: np.ndarray, cands,
-                       budget: float) -> None:
-    """Never above the budget in exact integer arithmetic, and within one cost step of it."""
-    used = int(w[np.arange(n.shape[0]), np.searchsorted(np.asarray(cands), bits)].sum())
-    cap = Fraction(repr(budget)) * int(n.sum())
-    assert used <= cap
-    assert cap - used <= int(np.diff(w, axis=1).max())
 
 
 @pytest.mark.parametrize("cands,budget,scope", [((1, 2, 4), 2.4, "model"),
@@ -156,25 +120,6 @@ def test_bit_costs_within_half_percent_of_exact_ilp(cands, budget: float, scope:
     for _, idx in groups:  # the greedy baseline also respects the costed budget
         assert int(wg[idx].sum()) <= Fraction(repr(budget)) * int(n[idx].sum())
     assert plan_sse(e, g, cands) >= obj_x * (1 - 1e-9)
-
-
-def test_bit_costs_lp_bound_equals_highs_lp() -> None:
-    """The hull greedy over per-row costs is the LP optimum, also for non-convex errors and
-    costs that differ per row (so hulls differ per row even for equal errors)."""
-    rng = np.random.default_rng(3)
-    cands = (1, 2, 3, 4)
-    C, K = 300, len(cands)
-    e = rng.gamma(2.0, 1.0, size=(C, K)) * np.exp(-0.7 * np.arange(K))
-    e[:40] = rng.gamma(2.0, 1.0, size=(40, K))
-    n = rng.choice([64, 96, 160], size=C)
-    w = np.cumsum(rng.integers(1, 300, size=(C, K)), axis=1) + n[:, None]
-    budget = 4.1
-    x = cp.Variable((C, K), nonneg=True)
-    cap = int(np.floor(Fraction(repr(budget)) * int(n.sum())))
-    lp = cp.Problem(cp.Minimize(cp.sum(cp.multiply(e, x))),
-                    [cp.sum(x, axis=1) == 1, cp.sum(cp.multiply(x, w)) <= cap])
-    lp.solve(solver=cp.HIGHS)
-    assert lp_lower_bound(e, n, budget, cands, bit_costs=w) == pytest.approx(lp.value, rel=1e-9)
 
 
 @pytest.mark.parametrize("cands,budget,scope,kw", [((1, 2, 4), 1.15, "model", {}),
@@ -242,94 +187,8 @@ def test_budget_never_exceeded_and_used(budget: float) -> None:
     assert plan.gap >= -1e-12
 
 
-def test_repair_restores_both_budget_rows() -> None:
-    """The exact-integer repair fixes any plan (here: random) that breaks the budget rows."""
-    e, n, _ = small_table(6)
-    rng = np.random.default_rng(0)
-    for budget in (1.15, 2.5):
-        p = _prepare(e, n, budget, (1, 2, 4), "model", None, None)
-        for _ in range(3):
-            jidx = rng.integers(0, 3, size=n.shape[0])
-            fixed, moves, filled = _repair(p, jidx)
-            assert moves > 0 and filled
-            assert_budget(np.array([1, 2, 4])[fixed], n, budget)
-
-
-def test_repair_pair_exchange_when_no_single_upgrade_fits() -> None:
-    """All channels at 2 or 4 bits and a slack of 1.5 channels: only an exchange (one 2->4,
-    another 2->1, net +1 channel of bits) reaches the fill row."""
-    n = np.full(10, 100)
-    e = np.tile([[9.0, 3.0, 0.5]], (10, 1)) * (1 + 0.01 * np.arange(10))[:, None]
-    p = _prepare(e, n, 2.95, (1, 2, 4), "model", None, None)
-    jidx = np.array([2] * 4 + [1] * 6)  # 2,800 bits of a 2,950 cap
-    fixed, moves, filled = _repair(p, jidx)
-    assert filled and moves == 1
-    assert_budget(np.array([1, 2, 4])[fixed], n, 2.95)
-
-
 # ------------------------------------------------------------------------------------------
-# Pieces: LP bound, stage 2
-# ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cands", [(1, 2, 4), (1, 2, 3, 4), (2, 3, 8)])
-def test_lp_bound_equals_highs_lp(cands) -> None:
-    """The hull-greedy bound is the LP optimum, also for non-convex / non-monotone errors."""
-    rng = np.random.default_rng(1)
-    C, K = 300, len(cands)
-    e = rng.gamma(2.0, 1.0, size=(C, K)) * np.exp(-0.7 * np.arange(K))
-    e[:40] = rng.gamma(2.0, 1.0, size=(40, K))  # arbitrary, possibly increasing errors
-    n = rng.choice([64, 96, 160], size=C)
-    budget = (cands[0] + cands[-1]) / 2 + 0.1
-    x = cp.Variable((C, K), nonneg=True)
-    cap = int(np.floor(Fraction(repr(budget)) * int(n.sum())))
-    lp = cp.Problem(cp.Minimize(cp.sum(cp.multiply(e, x))),
-                    [cp.sum(x, axis=1) == 1,
-                     cp.sum(cp.multiply(x @ np.asarray(cands), n)) <= cap])
-    lp.solve(solver=cp.HIGHS)
-    assert lp_lower_bound(e, n, budget, cands) == pytest.approx(lp.value, rel=1e-9)
-
-
-@pytest.mark.parametrize("method", ["combinatorial", "lp"])
-def test_stage2_exact_for_arbitrary_counts(method: str) -> None:
-    """Stage 2 (pure / path prefix / two-width sort / shortest paths or block LP) against
-    brute force: each cluster as an assignment problem with width j repeated y_j times."""
-    rng = np.random.default_rng(2)
-    cands = np.array([1, 2, 3, 4])
-    sizes = [7, 12, 25, 30, 9, 40, 33]
-    lab = np.repeat(np.arange(len(sizes)), sizes)
-    C, K = lab.shape[0], cands.shape[0]
-    n = np.full(C, 64)
-    e = n[:, None] * np.exp(rng.normal(0, 0.4, (C, 1)) - 1.2 * np.arange(K)
-                            + rng.normal(0, 0.3, (C, K)))
-    e[lab == 6] = rng.gamma(1.0, 1.0, size=(33, K))  # non-convex, non-monotone errors
-    seg = _hull_segments(e, n[:, None] * cands[None, :])
-    path = _ClusterPaths(seg, lab, np.tile(64 * cands, (len(sizes), 1)))  # n = 64 everywhere
-    Y = np.zeros((len(sizes), K), dtype=np.int64)
-    for k, N in enumerate(sizes):  # pure, two widths, three+ widths, random, prefix
-        if k == 0:
-            Y[k, 2] = N
-        elif k == 1:
-            Y[k, [0, 3]] = [5, N - 5]
-        elif k == 5:  # counts of a prefix of the path
-            m = 17
-            Y[k] = path.cum_cnt[path.start[k] + m - 1]
-            Y[k, 0] += N
-        else:
-            Y[k] = rng.multinomial(N, [0.25, 0.25, 0.25, 0.25])
-    jidx, info = _stage2(e, lab, Y, path, {"verbose": False}, method)
-    multi = info["stage2_lp_clusters"] if method == "lp" else info["stage2_shortest_paths"]
-    assert multi >= 3 and info["stage2_two_width"] >= 1
-    assert info["stage2_pure"] >= 1 and info["stage2_prefix"] >= 1
-    for k in range(len(sizes)):
-        chs = np.nonzero(lab == k)[0]
-        assert np.array_equal(np.bincount(jidx[chs], minlength=K), Y[k])
-        cols = np.repeat(np.arange(K), Y[k])
-        r, c = linear_sum_assignment(e[chs][:, cols])
-        best = e[chs][r, cols[c]].sum()
-        assert e[chs, jidx[chs]].sum() == pytest.approx(best, rel=1e-12)
-
-
-# ------------------------------------------------------------------------------------------
-# API, baselines, determinism
+# API, determinism
 # ------------------------------------------------------------------------------------------
 def test_plan_fields_split_and_determinism() -> None:
     import torch
@@ -365,17 +224,6 @@ def test_solver_options_pass_through() -> None:
     assert_budget(plan.bits, n, 1.5)
     with pytest.raises(ValueError, match="no_such_option"):
         assign_precision(e, n, 1.5, solver_options={"no_such_option": 1})
-
-
-def test_baselines() -> None:
-    e, n, _ = small_table(10)
-    _, obj_x, _ = exact_assignment(e, n, 1.5)
-    g = greedy_assignment(e, n, 1.5)
-    assert (n * g).sum() <= 1.5 * n.sum()
-    assert plan_sse(e, g, (1, 2, 4)) >= obj_x * (1 - 1e-9)
-    assert uniform_assignment(n, 1.5) is None
-    u = uniform_assignment(n, 2.0)
-    assert u is not None and (u == 2).all()
 
 
 def test_degenerate_inputs() -> None:
@@ -451,3 +299,21 @@ def test_gap_to_lp_bound_at_scale() -> None:
         plan = assign_precision(e, n, budget, layer_sizes=sizes)
         assert_budget(plan.bits, n, budget)
         assert 0 <= plan.gap <= 1e-3
+
+
+def test_package_reexports_every_name_it_had() -> None:
+    """``lowra.precision`` was one module; every name imported from it anywhere in the repo
+    (lowra/, experiments/, tests/) still imports from the package, and is the stage's object."""
+    import lowra.precision as P
+    from lowra.precision import assign, baselines, bounds, paths, plan, problem, repair, stage2, synthetic
+
+    assert set(P.__all__) == {"PrecisionPlan", "assign_precision", "lp_lower_bound", "exact_assignment",
+                              "greedy_assignment", "uniform_assignment", "synthetic_error_table",
+                              "llama_layer_shapes"}
+    homes = {"PrecisionPlan": plan, "assign_precision": assign, "lp_lower_bound": bounds,
+             "exact_assignment": baselines, "greedy_assignment": baselines, "uniform_assignment": baselines,
+             "synthetic_error_table": synthetic, "llama_layer_shapes": synthetic,
+             "_ClusterPaths": paths, "_hull_segments": bounds, "_prepare": problem, "_repair": repair,
+             "_stage2": stage2}
+    for name, module in homes.items():
+        assert getattr(P, name) is getattr(module, name), name

@@ -1,0 +1,428 @@
+"""``LowRAConfig``: every quantization and adapter option of ``quantize_model`` in one validated object.
+
+As PEFT's ``LoraConfig`` or transformers' ``BitsAndBytesConfig``: a dataclass checked on
+construction (a bad value is a ValueError that names the field), ``to_dict()`` / ``from_dict()``
+JSON-safe and strict (unknown keys are an error naming them), stored in every checkpoint
+(``lowra.save_quantized``: the manifest's ``lowra_config``) and in the runner's ``results.json``.
+``to_dict()`` carries ``quant_method: "lowra"``: it is the ``quantization_config`` of a Hugging
+Face ``config.json`` as it stands.
+
+``quantize_model(model, config)`` takes it; ``quantize_model(model, bits, rank=..., ...)`` stays as
+a shortcut that builds one (:func:`config_from_arguments`).  What is data or a runtime choice of
+one call, not configuration, stays an argument of ``quantize_model``: ``calibration`` windows,
+``layer_options`` (per-layer tensors such as OPTQ Hessians), ``backend``, ``progress``.
+
+The Hydra groups map onto it one to one (:meth:`LowRAConfig.from_hydra`, table
+:data:`HYDRA_KEYS`): ``quant.<field>`` for the quantization fields, ``lora.rank|alpha|dropout``,
+``model.target_modules``, ``quant.keep_full_precision`` → ``skip_modules``,
+``quant.options.calibration.batch_size`` → ``calibration_batch_size`` and the other
+``quant.options`` → ``quant_options`` (``quant.options.<field>``, e.g. ``measure_windows``, still
+sets that field, as ``quant.options`` were always extra keyword arguments of ``quantize_model``).
+Fields a preset does not set (``budget_scope``, ``codebook_iters``, ``plan_options``, ...) keep
+their defaults and can be added on the command line (``+quant.budget_scope=matrix``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["HYDRA_KEYS", "LowRAConfig", "config_from_arguments"]
+
+#: ``LowRAConfig.to_dict()["quant_method"]``: the name of this quantization scheme in HF configs.
+QUANT_METHOD = "lowra"
+#: Options of ``lowra.precision.assign_precision`` that ``plan_options`` may set (the others are
+#: given by ``quantize_model``); checked against its signature by the tests.
+PLAN_OPTIONS = ("clusters", "seed", "samples", "time_limit", "mip_rel_gap", "threads", "solver_options",
+                "kmeans_iters", "kmeans_sample", "stage2", "verbose")
+_CODEBOOKS = ("learned", "nf")
+_PLANS = ("ilp", "uniform")
+_SCOPES = ("model", "matrix")
+_BUDGET_KINDS = ("nominal", "effective")
+_WIDTHS = (1, 2, 3, 4)
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: LowRA-only fields: the runner reads them from ``quant.*`` for ``quant.method=lowra`` only (the
+#: other presets list them as "unused").
+LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
+#: Adapter-init fields: read for every quantizing method (not for ``method=none``).
+INIT_FIELDS = ("init", "init_damp")
+
+
+@dataclasses.dataclass
+class LowRAConfig:
+    """Every option of LowRA's ``quantize_model``: the quantizer, the precision plan, the adapters.
+
+    Quantization:
+        bits: average code-bit budget in [1, 4] (``budget_kind="effective"``: stored bits, up to
+            16); fractional only with ``method="lowra"`` and a plan; ignored by ``method="none"``.
+        method: ``"lowra"`` (learned per-row codebooks + precision plan), ``"nf"`` (NormalFloat,
+            QLoRA/LoftQ), ``"uniform"``, ``"optq"``, another registered quantizer, or ``"none"`` (a
+            frozen dense base: plain LoRA).
+        group_size, double_quant: absmax grouping along the input dim and its storage (fp16, or
+            8-bit double-quantized as in QLoRA).
+        candidates: widths a row may get (LowRA; the paper: ``(1, 2, 4)``), each in 1..4.
+        codebook: LowRA ablation: ``"learned"`` (per-row Lloyd-Max codebooks) or ``"nf"`` (the
+            NormalFloat start of ``learn_codebooks(iters=0)``, symmetric ±m at 1 bit) for both the
+            planner's error tables and the stored tables; the plan stays on.
+        codebook_iters, weight_power: Lloyd-Max iterations and element weight ``absmax**p``.
+        plan: ``"ilp"`` (precision plan; it also runs at an integer budget and may mix widths) or
+            ``"uniform"`` (every row at the integer budget with its learned codebook; a fractional
+            budget is then a ValueError).
+        budget_scope: ``"model"`` (one budget over all layers) or ``"matrix"`` (one per layer).
+        budget_kind: ``"nominal"``: ``bits`` counts code bits (QLoRA/LoftQ convention);
+            ``"effective"`` (``method="lowra"`` with a plan): ``bits`` counts every stored bit —
+            each row's cost in the plan includes its codes, codebook, scales and row index
+            (``lowra.format.row_storage_bits``); budgets up to 16 are accepted, and one the
+            cheapest plan cannot meet is a ValueError.
+        error: the planner's error table (``method="lowra"``; ``lowra.error_tables``):
+            ``"sse"`` (the paper's data-free weight SSE), ``"fisher"`` (diagonal empirical Fisher
+            ``Σⱼ Fᵢⱼ ΔWᵢⱼ²`` from calibration), ``"relative"`` (data-free: each layer's SSE
+            divided by its mean squared weight, so layers of small norm are not starved),
+            ``"kfac"`` (``Gᵢ ΔWᵢ H ΔWᵢᵀ``, Kronecker-factored Fisher from calibration),
+            ``"measured"`` (each layer's loss increase measured on the first ``measure_windows``
+            calibration windows with that layer alone quantized, split among its rows by their
+            Fisher row errors).
+        fisher_codebooks: with ``error="fisher"``, fit the Lloyd-Max codebooks to the
+            Fisher-weighted error as well (else the codebooks stay data-free).
+        measure_windows: calibration windows ``error="measured"`` runs per layer and width.
+        calibration_batch_size: windows per forward/backward chunk of the calibration pass.
+        plan_options: options of ``lowra.precision.assign_precision`` (``clusters``, ``samples``,
+            ``time_limit``, ...; :data:`PLAN_OPTIONS`).
+        quant_options: JSON-safe options of another method's quantizer (OPTQ ``damp``, ...).
+    Adapters:
+        rank, alpha, dropout: LoRA rank r (0: none), alpha (scale ``alpha / r``), input dropout.
+        loftq_iters: alternations of the adapter init (0: standard LoRA init, B = 0).
+        init: ``"loftq"`` (rank-r SVD of the residual, the paper) or ``"calibrated"`` (the same in
+            the activation norm ``‖(W − deq(Q) − s·BA)X‖``, ``H = XᵀX`` from calibration;
+            ``lowra.loftq.ActivationWhitening``); ``loftq_iters`` alternations either way.
+        init_damp: relative damping of the input Gram for ``init="calibrated"``.
+        target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
+            model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
+        skip_modules: never quantized unless targeted explicitly (Hydra: ``keep_full_precision``).
+        adapter_dtype: dtype name of A/B (``"bfloat16"``, ...); None: fp32 on CPU, bf16 on GPU.
+    """
+
+    bits: float
+    method: str = "lowra"
+    group_size: int = 64
+    double_quant: bool = False
+    candidates: tuple[int, ...] = (1, 2, 4)
+    codebook: str = "learned"
+    codebook_iters: int = 20
+    weight_power: float = 2.0
+    plan: str = "ilp"
+    budget_scope: str = "model"
+    budget_kind: str = "nominal"
+    error: str = "sse"
+    fisher_codebooks: bool = False
+    measure_windows: int = 16
+    calibration_batch_size: int = 16
+    plan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    loftq_iters: int = 1
+    init: str = "loftq"
+    init_damp: float = 0.01
+    target_modules: str | tuple[str, ...] | None = None
+    skip_modules: tuple[str, ...] = ("lm_head",)
+    adapter_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self._normalise_types()
+        self._check_values()
+
+    # ------------------------------------------------------------------------- validation
+    def _normalise_types(self) -> None:
+        """Plain Python types (so ``to_dict`` is JSON-safe and equal configs compare equal)."""
+        self.method = _string("method", self.method)
+        self.bits = _number("bits", self.bits)
+        for name in ("group_size", "codebook_iters", "measure_windows", "calibration_batch_size", "rank",
+                     "loftq_iters"):
+            setattr(self, name, _integer(name, getattr(self, name)))
+        for name in ("weight_power", "alpha", "dropout", "init_damp"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        for name in ("double_quant", "fisher_codebooks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("codebook", "plan", "budget_scope", "budget_kind", "error", "init"):
+            setattr(self, name, _string(name, getattr(self, name)))
+        if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
+            raise ValueError(f"candidates must be a sequence of bit-widths, got {self.candidates!r}")
+        self.candidates = tuple(_integer("candidates", b) for b in self.candidates)
+        if self.target_modules is not None and not isinstance(self.target_modules, str):
+            self.target_modules = _names("target_modules", self.target_modules)
+        self.skip_modules = _names("skip_modules", self.skip_modules)
+        if self.adapter_dtype is not None:
+            name = str(self.adapter_dtype).removeprefix("torch.")
+            if name not in _DTYPES:
+                raise ValueError(f"adapter_dtype must be one of {_DTYPES} or None, got {self.adapter_dtype!r}")
+            self.adapter_dtype = name
+        for name in ("plan_options", "quant_options"):
+            value = {} if getattr(self, name) is None else getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+            value = {str(k): v for k, v in value.items()}
+            bad = [k for k, v in value.items() if not _json_safe(v)]
+            if bad:
+                raise ValueError(f"{name} must hold JSON values (numbers, strings, lists, dicts): {bad} do not "
+                                 "(tensors such as a layer's hessian= are data: pass them to quantize_model)")
+            setattr(self, name, value)
+
+    def _check_values(self) -> None:
+        from lowra.error_tables import ERROR_TABLES, INITS
+
+        if self.codebook not in _CODEBOOKS:
+            raise ValueError(f"codebook must be 'learned' or 'nf', got {self.codebook!r}")
+        if self.plan not in _PLANS:
+            raise ValueError(f"plan must be 'ilp' or 'uniform', got {self.plan!r}")
+        if self.error not in ERROR_TABLES:
+            raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {self.error!r}")
+        if self.init not in INITS:
+            raise ValueError(f"quant.init must be one of {INITS}, got {self.init!r}")
+        if self.error != "sse" and self.method != "lowra":
+            raise ValueError(f"quant.error={self.error!r} is an error table of LowRA's planner; "
+                             f"method {self.method!r} has none")
+        if self.fisher_codebooks and self.error != "fisher":
+            raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
+        if self.budget_kind not in _BUDGET_KINDS:
+            raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {self.budget_kind!r}")
+        with_plan = self.method == "lowra" and self.plan == "ilp"
+        if self.budget_kind == "effective" and not with_plan:
+            raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
+                             "other methods store one fixed width and report their effective bits as they are")
+        if self.budget_scope not in _SCOPES:
+            raise ValueError(f"budget_scope must be 'model' or 'matrix', got {self.budget_scope!r}")
+        if self.method != "none":
+            high = 16.0 if self.budget_kind == "effective" else 4.0
+            if not 1.0 <= self.bits <= high:
+                raise ValueError(f"bits: bit budget must lie in [1.0, {high}], got {self.bits!r}")
+            if self.method == "lowra" and self.plan == "uniform" and self.bits != round(self.bits):
+                raise ValueError(
+                    f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
+                    f"budget bits={self.bits:g}; use plan='ilp' (the precision plan) or an integer budget")
+            if self.method != "lowra" and self.budget_kind == "nominal" and self.bits != round(self.bits):
+                raise ValueError(
+                    f"method {self.method!r} quantizes every row at one integer width, got bits={self.bits:g}; a "
+                    "fractional budget needs method='lowra' (per-row precision plan)")
+        if self.method not in ("lowra", "none"):
+            from lowra.quantizers import get_quantizer
+
+            get_quantizer(self.method)  # an unknown method: ValueError listing the registered ones
+        if not self.candidates or any(b not in _WIDTHS for b in self.candidates) or \
+                len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates must be distinct widths from {_WIDTHS}, got {self.candidates!r}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        for name in ("codebook_iters", "loftq_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("measure_windows", "calibration_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+        if not self.init_damp >= 0:
+            raise ValueError(f"init_damp must be >= 0, got {self.init_damp!r}")
+        unknown = sorted(set(self.plan_options) - set(PLAN_OPTIONS))
+        if unknown:
+            raise ValueError(f"plan_options: unknown option(s) {unknown} of assign_precision; allowed: "
+                             f"{list(PLAN_OPTIONS)}")
+
+    # ------------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field (tuples as lists) plus ``quant_method: "lowra"``.
+
+        This is the ``quantization_config`` of a Hugging Face ``config.json``;
+        ``LowRAConfig.from_dict(config.to_dict()) == config``.
+        """
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else json.loads(json.dumps(value))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LowRAConfig:
+        """The config of ``to_dict()`` output (e.g. a ``quantization_config``); unknown keys are a
+        ValueError naming them, a ``quant_method`` other than ``"lowra"`` too."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"LowRAConfig.from_dict needs a mapping, got {type(data).__name__}")
+        data = dict(data)
+        qm = data.pop("quant_method", QUANT_METHOD)
+        if qm != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r} for a LowRAConfig, got {qm!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"LowRAConfig.from_dict: unknown key(s) {unknown}; known: {sorted(names)}")
+        if "bits" not in data:
+            raise ValueError("LowRAConfig.from_dict: 'bits' is required")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_hydra(cls, cfg: Any) -> LowRAConfig:
+        """The config of a composed runner config (``conf/run.yaml``: groups ``quant``, ``lora``, ``model``).
+
+        Every field comes from its Hydra key (:data:`HYDRA_KEYS`) when present; LowRA-only keys
+        (:data:`LOWRA_ONLY`) are read for ``quant.method=lowra`` only and the adapter-init keys
+        for quantizing methods only, as the presets mark them ("unused").
+        """
+        q = _plain(cfg["quant"])
+        method = str(q["method"])
+        options = dict(q.get("options") or {})
+        calibration = options.pop("calibration", None) or {}
+        values: dict[str, Any] = {}
+        for field, key in HYDRA_KEYS.items():
+            if field in LOWRA_ONLY and method != "lowra" or field in INIT_FIELDS and method == "none":
+                continue
+            group, _, rest = key.partition(".")
+            if group == "quant" and rest == "options":
+                values[field] = options
+                continue
+            if rest == "options.calibration.batch_size":
+                if "batch_size" in calibration:
+                    values[field] = calibration["batch_size"]
+                continue
+            source = q if group == "quant" else _plain(cfg[group])
+            if rest in source and source[rest] is not None or field in ("bits", "method"):
+                values[field] = source[rest]
+        # ``quant.options`` are extra keyword arguments of quantize_model: a field's name sets the
+        # field (``+quant.options.measure_windows=4``), the rest are the quantizer's options
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in [k for k in options if k in names]:
+            if key in values and key != "quant_options" and _hydra_set(q, key):
+                raise ValueError(f"{key} is set twice: quant.{key} and quant.options.{key}")
+            values[key] = options.pop(key)
+        return cls(**values)
+
+
+#: ``LowRAConfig`` field → the key of the composed Hydra config that sets it (one to one).
+HYDRA_KEYS: dict[str, str] = {
+    **{f: f"quant.{f}" for f in (
+        "bits", "method", "group_size", "double_quant", "candidates", "codebook", "codebook_iters", "weight_power",
+        "plan", "budget_scope", "budget_kind", "error", "fisher_codebooks", "measure_windows", "plan_options",
+        "loftq_iters", "init", "init_damp", "adapter_dtype")},
+    "calibration_batch_size": "quant.options.calibration.batch_size",
+    "quant_options": "quant.options",
+    "rank": "lora.rank",
+    "alpha": "lora.alpha",
+    "dropout": "lora.dropout",
+    "target_modules": "model.target_modules",
+    "skip_modules": "quant.keep_full_precision",
+}
+
+
+def config_from_arguments(config: LowRAConfig | Mapping[str, Any] | float | None,
+                          options: dict[str, Any]) -> tuple[LowRAConfig, dict[str, Any]]:
+    """``quantize_model``'s shortcut: its ``config`` argument and keyword options as one config.
+
+    ``config``: a ``LowRAConfig`` (keyword options then override fields, as
+    ``dataclasses.replace``), its ``to_dict()`` form, or the budget ``bits`` (the old positional
+    form).  ``use_plan=False`` means ``plan="uniform"``.  Keywords that are not fields are options
+    of the method's quantizer (``damp=`` for OPTQ): JSON values join ``quant_options``; others
+    (tensors such as ``hessian=``) are data of this call, returned separately, never stored.
+    Returns ``(config, runtime quantizer options)``.
+    """
+    options = dict(options)
+    names = {f.name for f in dataclasses.fields(LowRAConfig)}
+    if "use_plan" in options and not options.pop("use_plan"):
+        options["plan"] = "uniform"
+    fields = {k: options.pop(k) for k in list(options) if k in names}
+    extra_json = {k: v for k, v in options.items() if _json_safe(v)}
+    runtime = {k: v for k, v in options.items() if k not in extra_json}
+    if isinstance(config, LowRAConfig):
+        base = config
+    elif isinstance(config, Mapping):
+        base = LowRAConfig.from_dict(config)
+    elif config is None:
+        if "bits" not in fields:
+            raise ValueError("quantize_model needs a LowRAConfig (or the budget: quantize_model(model, bits, ...))")
+        base = None
+    else:
+        if "bits" in fields:
+            raise ValueError("quantize_model got the budget twice: positionally and as bits=")
+        fields["bits"] = config
+        base = None
+    if extra_json:
+        quant_options = dict(fields.get("quant_options", base.quant_options if base is not None else {}))
+        quant_options.update(extra_json)
+        fields["quant_options"] = quant_options
+    result = LowRAConfig(**fields) if base is None else dataclasses.replace(base, **fields)
+    return result, runtime
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _plain(node: Any) -> Any:
+    """An OmegaConf node as plain containers (resolved); anything else unchanged."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - the runner always has omegaconf
+        return node
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _hydra_set(q: Mapping[str, Any], key: str) -> bool:
+    return key in q and q[key] is not None
+
+
+def _integer(name: str, value: Any) -> int:
+    try:
+        ok = not isinstance(value, bool) and float(value) == int(value)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if name != "bits" and not math.isfinite(out):  # bits: NaN fails the budget range check, naming it
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def _names(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of module names, got {value!r}")
+    out = tuple(value)
+    if not all(isinstance(v, str) for v in out):
+        raise ValueError(f"{name} must be a list of module names (strings), got {value!r}")
+    return out
+
+
+def _json_safe(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_json_safe(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _json_safe(v) for k, v in value.items())
+    return False

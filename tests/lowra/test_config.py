@@ -1,0 +1,153 @@
+"""LowRAConfig (lowra/config.py): validation naming the field, strict JSON round trip, the
+keyword shortcut of quantize_model, and the config carried by reports and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowra
+from lowra.config import PLAN_OPTIONS, LowRAConfig, config_from_arguments
+from lowra.model import quantize_model
+
+FAST_PLAN = {"clusters": 8, "samples": 0, "time_limit": 20}
+
+
+def test_exported_and_round_trips_through_json():
+    assert lowra.LowRAConfig is LowRAConfig
+    cfg = LowRAConfig(bits=1.5, candidates=[1, 2, 3, 4], target_modules=["q_proj", "v_proj"], rank=8, alpha=16,
+                      plan_options={"clusters": 32, "solver_options": {"presolve": "off"}},
+                      adapter_dtype=torch.bfloat16)
+    assert cfg.candidates == (1, 2, 3, 4) and cfg.target_modules == ("q_proj", "v_proj")
+    assert cfg.adapter_dtype == "bfloat16" and isinstance(cfg.alpha, float)
+    d = cfg.to_dict()
+    assert d["quant_method"] == "lowra" and d["candidates"] == [1, 2, 3, 4]
+    back = LowRAConfig.from_dict(json.loads(json.dumps(d)))
+    assert back == cfg and back.to_dict() == d
+    assert LowRAConfig.from_dict({"bits": 2}) == LowRAConfig(bits=2.0)
+    regex = LowRAConfig(bits=2, target_modules=r".*\.q_proj")
+    assert LowRAConfig.from_dict(regex.to_dict()).target_modules == r".*\.q_proj"
+
+
+def test_from_dict_refuses_unknown_keys_and_other_methods():
+    d = LowRAConfig(bits=2).to_dict()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lora_rank', 'zzz'\]"):
+        LowRAConfig.from_dict({**d, "zzz": 1, "lora_rank": 4})
+    with pytest.raises(ValueError, match="quant_method must be 'lowra'.*'bitsandbytes'"):
+        LowRAConfig.from_dict({**d, "quant_method": "bitsandbytes"})
+    with pytest.raises(ValueError, match="'bits' is required"):
+        LowRAConfig.from_dict({"method": "nf"})
+    with pytest.raises(ValueError, match="needs a mapping"):
+        LowRAConfig.from_dict([("bits", 2)])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", 4.5, "bits: bit budget must lie in"),
+    ("bits", float("nan"), "bits: bit budget"),
+    ("bits", "two", "bits must be a number"),
+    ("method", "bogus", "unknown quantization method 'bogus'"),
+    ("group_size", 0, "group_size must be a positive integer"),
+    ("group_size", 2.5, "group_size must be an integer"),
+    ("candidates", (1, 5), "candidates must be distinct widths"),
+    ("candidates", (2, 2), "candidates must be distinct widths"),
+    ("codebook", "kmeans", "codebook must be 'learned' or 'nf'"),
+    ("plan", "greedy", "plan must be 'ilp' or 'uniform'"),
+    ("budget_scope", "layer", "budget_scope must be 'model' or 'matrix'"),
+    ("budget_kind", "stored", "quant.budget_kind must be"),
+    ("error", "l2", "quant.error must be one of"),
+    ("init", "svd", "quant.init must be one of"),
+    ("rank", -1, "rank must be a non-negative integer"),
+    ("alpha", 0, "alpha must be positive"),
+    ("dropout", 1.0, r"dropout must lie in \[0, 1\)"),
+    ("loftq_iters", -1, "loftq_iters must be a non-negative integer"),
+    ("double_quant", "yes", "double_quant must be true or false"),
+    ("skip_modules", "lm_head", "skip_modules must be a list of module names"),
+    ("adapter_dtype", "int8", "adapter_dtype must be one of"),
+    ("plan_options", {"scope": "matrix"}, r"plan_options: unknown option\(s\) \['scope'\]"),
+    ("quant_options", {"hessian": torch.eye(2)}, r"quant_options must hold JSON values.*\['hessian'\]"),
+    ("calibration_batch_size", 0, "calibration_batch_size must be a positive integer"),
+])
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LowRAConfig(**{"bits": 2.0, field: value})
+
+
+def test_cross_field_rules():
+    with pytest.raises(ValueError, match="fractional budget needs method='lowra'"):
+        LowRAConfig(bits=2.5, method="nf")
+    with pytest.raises(ValueError, match=r"plan='uniform'.*fractional"):
+        LowRAConfig(bits=1.5, plan="uniform")
+    with pytest.raises(ValueError, match="error table of LowRA's planner"):
+        LowRAConfig(bits=2, method="nf", error="fisher")
+    with pytest.raises(ValueError, match="fisher_codebooks=True needs error='fisher'"):
+        LowRAConfig(bits=2, fisher_codebooks=True)
+    with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
+        LowRAConfig(bits=2, plan="uniform", budget_kind="effective")
+    assert LowRAConfig(bits=6.5, budget_kind="effective").bits == 6.5  # stored bits: up to 16
+    assert LowRAConfig(bits=16, method="none").method == "none"  # plain LoRA: the budget is ignored
+
+
+def test_plan_options_are_exactly_the_free_options_of_assign_precision():
+    from lowra.precision import assign_precision
+
+    params = set(inspect.signature(assign_precision).parameters)
+    given_by_quantize_model = {"errors", "params", "budget", "candidates", "scope", "layer_sizes", "layer_ids",
+                               "bit_costs"}
+    assert set(PLAN_OPTIONS) == params - given_by_quantize_model
+
+
+def test_keyword_shortcut_builds_the_same_config():
+    cfg, runtime = config_from_arguments(2.0, {"method": "optq", "rank": 4, "damp": 0.02, "hessian": torch.eye(3)})
+    assert cfg == LowRAConfig(bits=2.0, method="optq", rank=4, quant_options={"damp": 0.02})
+    assert set(runtime) == {"hessian"}  # data of the call: used, never stored
+    assert config_from_arguments(None, {"bits": 3, "use_plan": False})[0].plan == "uniform"
+    base = LowRAConfig(bits=2, rank=8)
+    over, _ = config_from_arguments(base, {"rank": 2, "alpha": 4})
+    assert (over.rank, over.alpha, over.bits, base.rank) == (2, 4.0, 2.0, 8)
+    assert config_from_arguments(base.to_dict(), {})[0] == base
+    with pytest.raises(ValueError, match="budget twice"):
+        config_from_arguments(2.0, {"bits": 3})
+    with pytest.raises(ValueError, match="needs a LowRAConfig"):
+        config_from_arguments(None, {"rank": 4})
+    with pytest.raises(ValueError, match="rank must be a non-negative integer"):
+        config_from_arguments(base, {"rank": -2})
+
+
+def _toy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 64))
+
+
+def test_quantize_model_with_a_config_equals_the_keywords():
+    config = LowRAConfig(bits=1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN)
+    by_config, by_kw = _toy(), _toy()
+    rep = quantize_model(by_config, config, progress=False)
+    rep_kw = quantize_model(by_kw, 1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN,
+                            progress=False)
+    assert rep.config == rep_kw.config == config.to_dict()
+    assert by_config.lowra_config == config and rep.to_dict()["config"] == config.to_dict()
+    a, b = by_config.state_dict(), by_kw.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert dataclasses.replace(config, rank=3) != config
+
+
+def test_checkpoint_manifest_carries_the_config(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowra.checkpoint import load_quantized, read_manifest, save_quantized
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    config = LowRAConfig(bits=2, method="nf", rank=2, alpha=4, group_size=16)
+    quantize_model(model, config, progress=False)
+    save_quantized(model, tmp_path / "q")
+    manifest = read_manifest(tmp_path / "q")
+    assert manifest["lowra_config"] == config.to_dict() == manifest["report"]["config"]
+    assert load_quantized(tmp_path / "q").lowra_config == config
