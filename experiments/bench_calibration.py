@@ -6,7 +6,8 @@ builds them (Hydra config ``run`` with the given overrides, ``quant.options.cali
 is ``lowra.error_tables.calibration_statistics`` with what the chosen error table asks for.
 
 Memory is the process's resident set (``/proc/self/statm``) sampled every 10 ms by a thread
-during the pass, minus the resident set just before it (model loaded, windows built): it counts
+during the pass, minus the resident set just before it (model loaded and paged in by one no-grad
+forward — safetensors weights are memory-mapped until first touched —, windows built): it counts
 the Fisher/Gram accumulators, the gradients and the activations of one chunk. One case per
 interpreter, so earlier allocations do not hide in the allocator.
 
@@ -86,6 +87,8 @@ def measure(model_name: str, error: str, threads: int, samples: int | None = Non
     names = [n for n, _ in find_target_linears(model, list(cfg.model.target_modules))]
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
     target_bytes = sum(dict(model.named_modules())[n].weight.numel() * 4 for n in names)
+    with torch.no_grad():  # page the (memory-mapped) weights in: they are the model, not the pass's extra
+        model(input_ids=calib["calibration"][:1])
     before = _rss()
     t0 = time.perf_counter()
     with PeakRSS() as peak:
