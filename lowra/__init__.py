@@ -114,9 +114,13 @@ _HF_HOOK_MODULE = "transformers.quantizers.auto"
 
 
 def _register_hf() -> None:
-    from lowra.hf import register
+    """Import ``lowra.hf``, which registers itself as its last statement.
 
-    register()
+    When the hook fires while ``lowra.hf`` itself is being imported (it imports transformers'
+    quantizers), the import below returns the partial module and the registration runs when
+    ``lowra.hf`` completes.
+    """
+    import lowra.hf  # noqa: F401
 
 
 class _RegisterOnImport:

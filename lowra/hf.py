@@ -472,3 +472,6 @@ def register() -> None:
     if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LowRAHfQuantizer:
         auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         auto.register_quantizer(QUANT_METHOD)(LowRAHfQuantizer)
+
+
+register()  # importing lowra.hf is enough (lowra/__init__.py arranges it on ``import lowra``)
