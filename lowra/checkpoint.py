@@ -232,7 +232,9 @@ def save_quantized(
     if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         raise ValueError("save_quantized needs a Hugging Face model (a PreTrainedModel with .config)")
     report = report if report is not None else getattr(model, "lowra_report", None)
-    source = source_model if source_model is not None else _source_model(model)
+    previous = getattr(model.config, "quantization_config", None)  # set when loaded from a LowRA folder
+    loaded_from = _source_model(model)
+    source = source_model or getattr(previous, "source_model", None) or loaded_from
     state = hf_state_dict(model)
     layout = layer_layout(model, state)
     state = remove_tied_weights_from_state_dict(state, model)
@@ -258,15 +260,25 @@ def save_quantized(
             write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        elif source is not None and Path(source).is_dir():
-            for name in _TOKENIZER_FILES:
-                if (Path(source) / name).is_file():
-                    shutil.copyfile(Path(source) / name, tmp / name)
+        else:
+            _copy_tokenizer_files([source, loaded_from], tmp)
         if report is not None:
             write_text_atomic(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
         if any(m.rank for _, m in lowra_layers(model)):
             _write_peft_adapters(model, tmp / ADAPTER_DIR, source, None)
     return Path(directory)
+
+
+def _copy_tokenizer_files(candidates: list[str | None], target: Path) -> None:
+    """Copy the tokenizer files of the first local folder among ``candidates`` that has any."""
+    for folder in candidates:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        found = [Path(folder) / n for n in _TOKENIZER_FILES if (Path(folder) / n).is_file()]
+        for f in found:
+            shutil.copyfile(f, target / f.name)
+        if found:
+            return
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -398,6 +410,11 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str
         raise FileNotFoundError(f"no such directory: {directory}")
     path = directory / MANIFEST
     if not path.is_file():
+        from lowra.hf import is_lowra_hf_folder
+
+        if is_lowra_hf_folder(directory):
+            raise FormatError(f"{directory} is a LowRA checkpoint in the Hugging Face layout, which has no "
+                              f"{MANIFEST}: its options and layout are in config.json's quantization_config")
         raise FormatError(f"{directory} is not a LowRA checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())

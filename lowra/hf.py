@@ -304,10 +304,12 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
             if n > size - 8:
                 raise ValueError("header length beyond the end of the file")
             header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not a readable safetensors file (truncated or foreign?): {exc}") from None
-    header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        header.pop("__metadata__", None)
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (struct.error, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
+        raise FormatError(f"{path} is not a readable safetensors file (truncated or foreign?): {exc!r}") from None
     if size != 8 + n + end:
         raise FormatError(f"{path} has {size} bytes but its header describes {8 + n + end} (truncated or modified)")
     return header
@@ -397,8 +399,9 @@ class LowRAHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         device_map = kwargs.get("device_map")
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            raise ValueError("LowRA checkpoints do not support disk offloading (device_map contains 'disk')")
+        if isinstance(device_map, dict) and len({str(d) for d in device_map.values()}) > 1:
+            raise ValueError("LowRA checkpoints load onto one device (device_map='cpu', 'cuda', …), "
+                             f"not split over {sorted({str(d) for d in device_map.values()})}")
         if self.quantization_config.layout is None:
             raise FormatError("the LowRA quantization_config has no layout (not a saved LowRA checkpoint)")
 

@@ -161,20 +161,23 @@ def test_peft_copy_applies_on_the_dequantized_base(quantized, saved, tmp_path):
     torch.testing.assert_close(_logits(peft_model), _logits(model), rtol=1e-4, atol=1e-4)
 
 
-def test_dense_base_and_untied_mistral(tmp_path):
+def test_dense_base_bf16_and_untied_mistral(tmp_path):
+    """A dense (method="none") base, and a bf16 model: the rest of the model comes back in bf16."""
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     x = torch.randint(0, 128, (2, 12))
-    for method, bits in [("none", 16), ("nf", 2)]:
-        model = MistralForCausalLM(config).eval()
+    for method, bits, dtype in [("none", 16, torch.float32), ("nf", 2, torch.bfloat16)]:
+        # built in dtype as from_pretrained builds it (``.to(bf16)`` would also cast the rotary inv_freq)
+        model = MistralForCausalLM._from_config(config, dtype=dtype).eval()
         quantize_model(model, bits, method=method, rank=4, alpha=8, progress=False)
         _perturb_adapters(model)
         save_quantized(model, tmp_path / method)
         loaded = _from_pretrained(tmp_path / method)
         assert loaded.model.layers[0].mlp.up_proj.is_quantized == (method != "none")
+        assert loaded.lm_head.weight.dtype == dtype
         assert torch.equal(_logits(loaded, x), _logits(model, x))
 
 
@@ -243,6 +246,9 @@ def test_truncated_shard_and_non_safetensors_weights(saved, tmp_path):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 100])
     with pytest.raises(FormatError, match="model.safetensors has .* bytes .*truncated"):
+        _from_pretrained(path)
+    weights.write_bytes(b"\xff" * 8 + data[8:])  # a header length beyond the file
+    with pytest.raises(FormatError, match="not a readable safetensors file"):
         _from_pretrained(path)
     weights.write_bytes(data)
     weights.rename(path / "pytorch_model.bin")  # pickles are never read
