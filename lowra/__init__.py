@@ -159,7 +159,12 @@ def _install_hf_hook() -> None:
 
     if _HF_HOOK_MODULE in sys.modules:
         _register_hf()
-    elif importlib.util.find_spec("transformers") is not None:
+        return
+    try:
+        installed = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # a finder that refuses transformers (bare kernel images, tests)
+        installed = False
+    if installed:
         sys.meta_path.insert(0, _RegisterOnImport())
 
 
