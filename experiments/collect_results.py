@@ -144,7 +144,7 @@ def wikitext_eval(run_dirs: list[Path], fp_cache: dict[str, float]) -> None:
     streams: dict[str, Any] = {}
     for run_dir in run_dirs:
         out = run_dir / "wikitext2_eval.json"
-        if out.exists() or not (run_dir / "model" / "manifest.json").exists():
+        if out.exists() or not lowra.is_checkpoint(run_dir / "model"):
             continue
         cfg = OmegaConf.create(json.loads((run_dir / "results.json").read_text())["config"])
         key = str(cfg.model.pretrained)

@@ -203,7 +203,9 @@ def mark_failed(run_dir: Path, exc: BaseException, stage: str, state: RunState |
     """Write ``<run_dir>/failed.json``; remove half-made outputs when nothing can be resumed."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoint"
-    resumable = (ckpt / "quantized" / "manifest.json").exists() or (ckpt / "last.pt").exists()
+    from lowra.checkpoint import is_checkpoint
+
+    resumable = is_checkpoint(ckpt / "quantized") or (ckpt / "last.pt").exists()
     if not resumable:
         for name in (STATE_FILE, CONFIG_FILE, "quant_report.json"):
             (run_dir / name).unlink(missing_ok=True)

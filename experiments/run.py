@@ -309,7 +309,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, sweep: bool = 
         )
         atomic_write_json(run_dir / RESULTS_FILE, results)
         state.end_session()
-        if (run_dir / "model" / "manifest.json").exists():  # the saved model supersedes the resume copy
+        from lowra.checkpoint import is_checkpoint
+
+        if is_checkpoint(run_dir / "model"):  # the saved model supersedes the resume copy
             shutil.rmtree(ckpt_dir / "quantized", ignore_errors=True)
         logger.log_results(results)
         stages.update(1)
@@ -364,7 +366,7 @@ def _run_stages(
         rep = quantize_model(model, lowra_config(cfg), progress=progress and is_terminal(), **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
-        if save_quantized is not None:  # atomic (its manifest is written last): the resume point
+        if save_quantized is not None:  # atomic (written beside, then renamed into place): the resume point
             save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
     atomic_write_json(run_dir / "quant_report.json", report)
@@ -419,7 +421,7 @@ def _run_stages(
     stages.set_description(f"stages: {STAGES[5]}")
     if cfg.save_model and save_quantized is not None:
         save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
-                       source_model=model_location(cfg.model))
+                       source_model=model_location(cfg.model), tokenizer=tokenizer)
     memory = memory_report(model) if memory_report is not None else None
     return {
         "method": cfg.quant.name,

@@ -31,6 +31,7 @@ _EXPORTS = {
     "compute_absmax": "lowra.scales",
     "export_peft_adapters": "lowra.checkpoint",
     "find_target_linears": "lowra.model",
+    "is_checkpoint": "lowra.checkpoint",
     "get_quantizer": "lowra.quantizers",
     "learn_codebooks": "lowra.codebook",
     "load_quantized": "lowra.checkpoint",
@@ -87,6 +88,7 @@ __all__ = [
     "compute_absmax",
     "export_peft_adapters",
     "find_target_linears",
+    "is_checkpoint",
     "get_quantizer",
     "learn_codebooks",
     "load_quantized",
@@ -103,3 +105,69 @@ __all__ = [
     "register_quantizer",
     "save_quantized",
 ]
+
+
+# ---------------------------------------------------------------------------------- transformers
+# ``AutoModel*.from_pretrained`` of a LowRA folder needs ``quant_method="lowra"`` registered with
+# transformers (``lowra.hf.register``). Importing transformers costs seconds, so ``import lowra``
+# does not: it registers at once if transformers is already imported, and otherwise the moment
+# ``transformers.quantizers.auto`` (which every ``from_pretrained`` goes through) is first imported.
+_HF_HOOK_MODULE = "transformers.quantizers.auto"
+
+
+def _register_hf() -> None:
+    """Import ``lowra.hf``, which registers itself as its last statement.
+
+    When the hook fires while ``lowra.hf`` itself is being imported (it imports transformers'
+    quantizers), the import below returns the partial module and the registration runs when
+    ``lowra.hf`` completes.
+    """
+    import lowra.hf  # noqa: F401
+
+
+class _RegisterOnImport:
+    """A ``sys.meta_path`` finder that runs ``_register_hf`` right after transformers' quantizer registry loads."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _HF_HOOK_MODULE:
+            return None
+        import importlib.util
+        import sys
+
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # once; also keeps the lookup below from recursing
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            try:
+                _register_hf()
+            except Exception as exc:  # never break transformers' own import; say why LowRA folders won't load
+                import warnings
+
+                warnings.warn(f"lowra could not register quant_method='lowra' with transformers: {exc!r}",
+                              RuntimeWarning, stacklevel=2)
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def _install_hf_hook() -> None:
+    import importlib.util
+    import sys
+
+    if _HF_HOOK_MODULE in sys.modules:
+        _register_hf()
+        return
+    try:
+        installed = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):  # a finder that refuses transformers (bare kernel images, tests)
+        installed = False
+    if installed:
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+_install_hf_hook()

@@ -1,6 +1,17 @@
 """Save / load a quantized model with its adapters; merge into a plain HF model; PEFT export.
 
-Directory layout written by ``save_quantized(model, dir)``::
+``save_quantized(model, dir)`` writes a standard Hugging Face model folder (format version 2,
+``lowra.hf``): ``config.json`` with ``quantization_config`` (``quant_method: "lowra"``), safetensors
+shards, tokenizer, and the adapters in PEFT's format in ``dir/adapter/``. After ``import lowra``,
+``transformers.AutoModelForCausalLM.from_pretrained(dir)`` returns the quantized model (identical
+logits) and ``load_quantized(dir)`` does the same. The save is atomic: the folder is written
+under a temporary name beside ``dir`` and renamed into place (an older ``dir`` is removed last).
+
+``load_quantized`` also reads the earlier manifest layout (format version 1), which
+``save_quantized_legacy`` still writes (for tools and tests); a folder that is neither fails
+with a ``FormatError`` saying so.
+
+Legacy (version 1) directory layout written by ``save_quantized_legacy(model, dir)``::
 
     dir/manifest.json                    format, version, method, bits, source model, model class,
                                          per-layer shapes/metadata, file names + byte sizes + sha256, report
@@ -11,7 +22,7 @@ Directory layout written by ``save_quantized(model, dir)``::
     dir/rest.<token>.safetensors         every other tensor of model.state_dict() (embeddings,
                                          norms, lm_head, biases, dense bases), tied copies once
 
-Atomicity: a save writes its data files under a fresh token, fsyncs them, and only then replaces
+Atomicity (legacy): a save writes its data files under a fresh token, fsyncs them, and only then replaces
 ``manifest.json`` (``os.replace``, atomic on POSIX); files of the previous save are deleted after
 that. A crash at any moment therefore leaves a directory whose manifest names a complete save —
 the previous one or the new one. Loading checks the format name and version, that every file
@@ -32,6 +43,7 @@ adapters apply on top of the *dequantized* base (LoftQ initialized them against 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -57,16 +69,25 @@ from lowra.model import lowra_layers
 from lowra.nn import LowRALinear
 
 __all__ = [
+    "ADAPTER_DIR",
     "MANIFEST",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
     "export_peft_adapters",
+    "is_checkpoint",
     "load_quantized",
     "merge_to_hf",
+    "read_manifest",
     "save_quantized",
+    "save_quantized_legacy",
 ]
 
 MANIFEST = "manifest.json"
+ADAPTER_DIR = "adapter"  # PEFT copy of the adapters inside a saved folder (not at its root: see lowra.hf)
+REPORT_FILE = "lowra_report.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 MODEL_FORMAT = "lowra.model"
 MODEL_FORMAT_VERSION = 1
 _DATA_FILE = re.compile(r"^(config|quantized|adapters|rest)\.[0-9a-f]{12}\.(json|safetensors)$")
@@ -182,8 +203,99 @@ def save_quantized(
     directory: str | os.PathLike,
     report: Any | None = None,
     source_model: str | None = None,
+    tokenizer: Any | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Save a model quantized by ``quantize_model`` (codes, scales, codebooks, plan, adapters).
+    """Save a model quantized by ``quantize_model`` as a Hugging Face model folder (``lowra.hf``).
+
+    Writes ``config.json`` (with ``quantization_config``), ``generation_config.json``, the weights
+    (``model.safetensors``, or shards of at most ``max_shard_size`` with
+    ``model.safetensors.index.json``, as ``save_pretrained`` does), the tokenizer, the report
+    (``lowra_report.json``) and the adapters in PEFT's format (``adapter/``). The model is not modified.
+
+    Args:
+        report: a ``QuantizationReport`` (default ``model.lowra_report``): its options go into
+            ``quantization_config`` and it is written to ``lowra_report.json``.
+        source_model: id or path of the original model (default: the model's ``name_or_path``).
+        tokenizer: saved with ``save_pretrained``; ``None`` copies the tokenizer files of a local
+            ``source_model`` folder when there are any.
+        max_shard_size: bytes (int) or a size string such as ``"5GB"``.
+    Returns the directory. Atomic: written under a temporary name beside it, then renamed.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from lowra.hf import LowRAHfConfig, hf_state_dict, layer_layout, quantization_config_dict
+
+    if not lowra_layers(model):
+        raise ValueError("the model has no LowRALinear layers; run lowra.quantize_model first")
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        raise ValueError("save_quantized needs a Hugging Face model (a PreTrainedModel with .config)")
+    report = report if report is not None else getattr(model, "lowra_report", None)
+    previous = getattr(model.config, "quantization_config", None)  # set when loaded from a LowRA folder
+    loaded_from = _source_model(model)
+    source = source_model or getattr(previous, "source_model", None) or loaded_from
+    state = hf_state_dict(model)
+    layout = layer_layout(model, state)
+    state = remove_tied_weights_from_state_dict(state, model)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = LowRAHfConfig(
+        layout=layout, source_model=source, **quantization_config_dict(model, report)
+    )
+    config.architectures = [type(model).__name__]
+    config.dtype = str(_dense_dtype(model)).removeprefix("torch.")  # what from_pretrained builds the rest in
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    with _atomic_dir(directory) as tmp:
+        config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(tmp)
+        for filename, names in split.filename_to_tensors.items():
+            save_safetensors_atomic({k: state[k] for k in names}, tmp / filename, {"format": "pt"})
+        if split.is_sharded:
+            index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()), **split.metadata},
+                     "weight_map": split.tensor_to_filename}
+            write_text_atomic(tmp / "model.safetensors.index.json", json.dumps(index, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            _copy_tokenizer_files([source, loaded_from], tmp)
+        if report is not None:
+            write_text_atomic(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
+        if any(m.rank for _, m in lowra_layers(model)):
+            _write_peft_adapters(model, tmp / ADAPTER_DIR, source, None)
+    return Path(directory)
+
+
+def _copy_tokenizer_files(candidates: list[str | None], target: Path) -> None:
+    """Copy the tokenizer files of the first local folder among ``candidates`` that has any."""
+    for folder in candidates:
+        if folder is None or not Path(folder).is_dir():
+            continue
+        found = [Path(folder) / n for n in _TOKENIZER_FILES if (Path(folder) / n).is_file()]
+        for f in found:
+            shutil.copyfile(f, target / f.name)
+        if found:
+            return
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """True if ``directory`` holds a complete LowRA save (an HF folder or the legacy manifest layout)."""
+    from lowra.hf import is_lowra_hf_folder
+
+    return (Path(directory) / MANIFEST).is_file() or is_lowra_hf_folder(directory)
+
+
+# ---------------------------------------------------------------------------------- save (legacy)
+def save_quantized_legacy(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    report: Any | None = None,
+    source_model: str | None = None,
+) -> Path:
+    """Save in the version-1 manifest layout (see the module docstring); ``save_quantized`` writes HF folders.
 
     Args:
         report: a ``QuantizationReport`` (default ``model.lowra_report``) stored in the manifest.
@@ -308,6 +420,11 @@ def read_manifest(directory: str | os.PathLike, verify: bool = True) -> dict[str
         raise FileNotFoundError(f"no such directory: {directory}")
     path = directory / MANIFEST
     if not path.is_file():
+        from lowra.hf import is_lowra_hf_folder
+
+        if is_lowra_hf_folder(directory):
+            raise FormatError(f"{directory} is a LowRA checkpoint in the Hugging Face layout, which has no "
+                              f"{MANIFEST}: its options and layout are in config.json's quantization_config")
         raise FormatError(f"{directory} is not a LowRA checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
@@ -347,10 +464,50 @@ def load_quantized(
     model: nn.Module | None = None,
     verify: bool = True,
 ) -> nn.Module:
-    """Rebuild a model saved by ``save_quantized``, without re-quantizing anything.
+    """Rebuild a model saved by ``save_quantized`` (HF folder) or ``save_quantized_legacy``.
+
+    An HF folder is loaded with ``<architecture>.from_pretrained`` (``lowra.hf``'s quantizer:
+    shard headers, tensor dtypes/shapes, sha256 digests and finite tables are checked) and moved
+    to ``device``; ``model=`` applies to the legacy layout only. See ``_load_legacy`` for the
+    legacy arguments. Returns the model in eval mode, with only the adapters trainable.
+    Raises:
+        FormatError (a ValueError): neither layout, or a broken or modified checkpoint.
+    """
+    from lowra.hf import is_lowra_hf_folder, verification
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such directory: {directory}")
+    if (directory / MANIFEST).is_file():
+        return _load_legacy(directory, device, model, verify)
+    if not is_lowra_hf_folder(directory):
+        config = directory / "config.json"
+        what = ("a Hugging Face model folder whose config.json has no quantization_config with "
+                "quant_method 'lowra'" if config.is_file() else f"neither an HF folder nor a {MANIFEST} layout")
+        raise FormatError(f"{directory} is not a LowRA checkpoint ({what})")
+    if model is not None:
+        raise ValueError("load_quantized(model=...) applies to the legacy manifest layout only; "
+                         "an HF-format checkpoint builds its own model")
+    config = json.loads((directory / "config.json").read_text())
+    names = config.get("architectures") or []
+    if not names:
+        raise FormatError(f"{directory}/config.json names no architecture (\"architectures\")")
+    with verification(verify):
+        loaded = _model_class(names[0]).from_pretrained(str(directory))
+    loaded.to(device)
+    return loaded
+
+
+def _load_legacy(
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    model: nn.Module | None = None,
+    verify: bool = True,
+) -> nn.Module:
+    """Rebuild a model saved by ``save_quantized_legacy``, without re-quantizing anything.
 
     Args:
-        directory: a directory written by ``save_quantized``.
+        directory: a directory written by ``save_quantized_legacy``.
         device: where to put every tensor.
         model: optional HF model to load into (its target linears must have the saved shapes);
             by default the model is rebuilt from the saved config (parameters are never
@@ -534,7 +691,17 @@ def export_peft_adapters(
     Keys are ``base_model.model.<layer>.lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``.
     Ranks/alphas that differ between layers go to PEFT's ``rank_pattern`` / ``alpha_pattern``.
     The adapters belong on the dequantized base (see ``merge_to_hf(include_adapters=False)``).
+    Atomic: written into a temp dir that replaces ``directory``.
     """
+    with _atomic_dir(directory) as tmp:
+        _write_peft_adapters(model, tmp, base_model_name_or_path, task_type)
+    return Path(directory)
+
+
+def _write_peft_adapters(
+    model: nn.Module, directory: Path, base_model_name_or_path: str | None, task_type: str | None
+) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
     layers = [(n, m) for n, m in lowra_layers(model) if m.rank]
     if not layers:
         raise ValueError("the model has no LoRA adapters to export")
@@ -566,10 +733,10 @@ def export_peft_adapters(
     for name, m in layers:
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
-    with _atomic_dir(directory) as tmp:
-        save_safetensors_atomic(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return Path(directory)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(tensors, directory / "adapter_model.safetensors", {"format": "pt"})
+    write_text_atomic(directory / "adapter_config.json", json.dumps(config, indent=2))
 
 
 def _most_common(values: list) -> Any:

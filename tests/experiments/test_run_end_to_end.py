@@ -78,7 +78,7 @@ def test_end_to_end_results(cli_run):
     assert r["device"] == "cpu" and r["versions"]["torch"] == torch.__version__
     assert r["peak_memory_bytes"] > 0 and r["quantize_time_s"] > 0 and r["wall_time_s"] >= r["train_time_s"]
     assert sum(sum(h.values()) for h in r["bits_by_layer_type"].values()) == 5 * (64 + 32 + 32 + 64 + 172 + 172 + 64)
-    assert (cli_run / "quant_report.json").exists() and (cli_run / "model" / "manifest.json").exists()
+    assert (cli_run / "quant_report.json").exists() and (cli_run / "model" / "config.json").exists()
     assert list((cli_run / "wandb").glob("offline-run-*")), "W&B offline run files"
     assert not list(cli_run.glob("**/*.tmp")), "no temporary files are left behind"
     assert not (cli_run / "failed.json").exists() and (cli_run / "run_config.json").exists()

@@ -1,4 +1,5 @@
-"""save_quantized / load_quantized (bit-identical, atomic, clear errors), merge_to_hf, PEFT export."""
+"""The legacy manifest layout (save_quantized_legacy / load_quantized: bit-identical, atomic, clear errors),
+merge_to_hf, PEFT export. The HF-folder format of save_quantized is tested in test_hf.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import lowra.checkpoint as ckpt
 from experiments.eval_stories import load_model
-from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized
+from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.format import FormatError
 from lowra.model import lora_parameters, lowra_layers, quantize_model
 from lowra.nn import LowRALinear
@@ -43,7 +44,7 @@ def quantized():
 
 def test_save_load_bit_identical(quantized, tmp_path):
     model, report = quantized
-    save_quantized(model, tmp_path / "ck", source_model="stories260K")
+    save_quantized_legacy(model, tmp_path / "ck", source_model="stories260K")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert manifest["format"] == "lowra.model" and manifest["format_version"] == 1
     assert manifest["method"] == "lowra" and manifest["bits"] == 1.5 and manifest["source_model"] == "stories260K"
@@ -65,16 +66,16 @@ def test_save_load_bit_identical(quantized, tmp_path):
 
 def test_resave_replaces_old_files(quantized, tmp_path):
     model, _ = quantized
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     first = set(p.name for p in (tmp_path / "ck").iterdir())
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     second = set(p.name for p in (tmp_path / "ck").iterdir())
     assert len(first) == len(second) == 5 and first != second and "manifest.json" in second
 
 
 def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
     model, _ = quantized
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     before = _logits(model)
     names = set(p.name for p in (tmp_path / "ck").iterdir())
     changed = load_model()
@@ -90,7 +91,7 @@ def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt, "save_safetensors_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_quantized(changed, tmp_path / "ck")
+        save_quantized_legacy(changed, tmp_path / "ck")
     monkeypatch.undo()
     assert set(p.name for p in (tmp_path / "ck").iterdir()) == names  # partial files removed
     assert torch.equal(_logits(load_quantized(tmp_path / "ck")), before)
@@ -134,7 +135,7 @@ def test_method_none_and_mistral_roundtrip(tmp_path):
         quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,
                        plan_options={"clusters": 8, "samples": 0, "time_limit": 20}, progress=False)
         _perturb_adapters(model)
-        save_quantized(model, tmp_path / method)
+        save_quantized_legacy(model, tmp_path / method)
         assert torch.equal(_logits(load_quantized(tmp_path / method), x), _logits(model, x))
 
 
@@ -149,7 +150,7 @@ def test_foreign_truncated_and_wrong_shape(quantized, tmp_path):
     with pytest.raises(FormatError, match="not a LowRA checkpoint"):
         load_quantized(tmp_path)
 
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     other = load_model().config.to_dict()
     other.update(hidden_size=32, intermediate_size=86, head_dim=4)
@@ -174,8 +175,9 @@ def test_foreign_truncated_and_wrong_shape(quantized, tmp_path):
 
 
 def test_save_requires_quantized_model(tmp_path):
-    with pytest.raises(ValueError, match="quantize_model"):
-        save_quantized(load_model(), tmp_path / "x")
+    for save in (save_quantized, save_quantized_legacy):
+        with pytest.raises(ValueError, match="quantize_model"):
+            save(load_model(), tmp_path / "x")
 
 
 # ---------------------------------------------------------------------------------- integrity
@@ -190,7 +192,7 @@ def test_bytes_changed_at_the_same_size_are_refused_in_every_tensor_kind(quantiz
     from corrupt_testutils import flip_bytes, tensor_names
 
     model, _ = quantized
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
     assert set(manifest["file_sha256"]) == set(manifest["files"])
     seen = set()
@@ -221,7 +223,7 @@ def test_verify_false_skips_hashing_but_not_the_finite_check(quantized, tmp_path
     from corrupt_testutils import flip_bytes, tensor_names
 
     model, _ = quantized
-    save_quantized(model, tmp_path / "ck")
+    save_quantized_legacy(model, tmp_path / "ck")
     manifest = ckpt.read_manifest(tmp_path / "ck", verify=False)
     path = tmp_path / "ck" / manifest["files"]["quantized"]
     good = path.read_bytes()
@@ -243,7 +245,7 @@ def test_saved_files_respect_the_umask(quantized, tmp_path):
     model, _ = quantized
     old = os.umask(0o022)
     try:
-        save_quantized(model, tmp_path / "ck")
+        save_quantized_legacy(model, tmp_path / "ck")
         merge_to_hf(model, tmp_path / "merged")
     finally:
         os.umask(old)
