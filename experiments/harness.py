@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -256,6 +257,15 @@ class PreparedTasks:
     tasks: list[Any] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    """One ``lm_eval.tasks.TaskManager`` per (task directory, built-ins?) in a process: indexing the
+    ~15k built-in task YAMLs takes tens of seconds on a small CPU."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
 def prepare_tasks(names: Sequence[str], task_dir: str | os.PathLike | None) -> PreparedTasks:
     """Load every task (its dataset included) through one ``TaskManager``.
 
@@ -264,15 +274,12 @@ def prepare_tasks(names: Sequence[str], task_dir: str | os.PathLike | None) -> P
     name and :class:`HarnessUnavailableError` — listing every task that failed, with the reason —
     when a Hub dataset cannot be read (no network and not in the local ``datasets`` cache).
     """
-    from lm_eval.tasks import TaskManager
-
     from experiments.hub import no_network_reason
 
     builtin = [n for n in names if n not in LOCAL_TASKS]
     if any(n in LOCAL_TASKS for n in names) and task_dir is None:
         raise ValueError("local tasks need the directory written by write_local_tasks (task_dir)")
-    manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None,
-                          include_defaults=bool(builtin))
+    manager = task_manager(str(task_dir) if task_dir is not None else None, bool(builtin))
     reason = no_network_reason() if builtin else None
     loaded, unknown, failed = [], [], []
     with _datasets_offline(reason):
@@ -329,6 +336,11 @@ def run_lm_eval(
 
     ``limit``: the first ``limit`` documents of every task (for smoke runs; stored in the JSON).
     ``bootstrap_iters``: bootstrap resamples for the stderr of perplexity-type metrics (0: none).
+    Every task is scored with lm-eval's defaults (``HFLM`` adds the tokenizer's special tokens to a
+    context, so a Llama context starts with BOS) except ``loglikelihood_rolling`` tasks: lm-eval
+    0.4.13 puts its own prefix token (BOS) before the tokenized document AND keeps the tokenizer's
+    BOS in it, so that BOS would be scored as the first "word" (BOS predicted after BOS); those
+    tasks run with ``add_bos_token=False`` — one BOS, context only, as the model was trained.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -337,24 +349,30 @@ def run_lm_eval(
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be ≥ 1 documents, got {limit}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    rolling = [t for t in prepared.tasks if t.get_config("output_type") == "loglikelihood_rolling"]
+    others = [t for t in prepared.tasks if t.get_config("output_type") != "loglikelihood_rolling"]
+    results: dict[str, dict[str, Any]] = {}
     was_training = model.training
     model.eval()
     try:
-        out = simple_evaluate(
-            model=lm, tasks=prepared.tasks, task_manager=prepared.manager, num_fewshot=num_fewshot,
-            limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        )
+        for tasks, add_bos in ((others, None), (rolling, False)):
+            if not tasks:
+                continue
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=add_bos)
+            out = simple_evaluate(
+                model=lm, tasks=tasks, task_manager=prepared.manager, num_fewshot=num_fewshot,
+                limit=limit, bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed,
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            )
+            for name, res in out["results"].items():
+                row: dict[str, Any] = _metric_rows(res)
+                row["samples"] = int(out.get("n-samples", {}).get(name, {}).get("effective", 0)) or None
+                row["num_fewshot"] = out.get("n-shot", {}).get(name)
+                row["add_bos_token"] = add_bos
+                results[name] = row
     finally:
         model.train(was_training)
-    results: dict[str, dict[str, Any]] = {}
-    for name, res in out["results"].items():
-        row: dict[str, Any] = _metric_rows(res)
-        row["samples"] = int(out.get("n-samples", {}).get(name, {}).get("effective", 0)) or None
-        row["num_fewshot"] = out.get("n-shot", {}).get(name)
-        results[name] = row
-    return results
+    return {name: results[name] for name in prepared.names if name in results} | results
 
 
 # ---------------------------------------------------------------------------- WikiText-2 (GPTQ)
