@@ -85,7 +85,7 @@ def default_wikitext() -> tuple[Path, Path]:
     return corpora / "wikitext2_raw_test.txt", corpora / "wikitext2_test.tokens"
 
 
-class HarnessUnavailableError(RuntimeError):
+class HarnessUnavailableError(DataUnavailableError):
     """An lm-eval task that cannot be loaded (dataset hub unreachable, dataset not cached)."""
 
 
@@ -613,6 +613,80 @@ def results_table(results: dict[str, Any]) -> str:
 def default_output(info: dict[str, Any]) -> Path:
     bits = "fp" if info.get("bits_nominal") is None else f"b{info['bits_nominal']:.2f}"
     return REPO_ROOT / "results" / "eval" / f"harness_{info['name']}_{info.get('method')}_{bits}.json"
+
+
+# ------------------------------------------------------------------------------ runner (eval.harness)
+
+
+@dataclass
+class HarnessPlan:
+    """``eval.harness`` of the runner, validated, with its tasks loaded (before quantization/training)."""
+
+    tasks: list[str]
+    window: int | None
+    max_windows: int | None
+    limit: int | None
+    num_fewshot: int | None
+    batch_size: int
+    bootstrap_iters: int
+    prepared: PreparedTasks | None = None
+    local: dict[str, Any] | None = None
+
+
+def _opt_int(hcfg: Any, key: str, minimum: int, default: int | None = None) -> int | None:
+    value = hcfg.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"eval.harness.{key}={value!r} must be an integer ≥ {minimum} (or null)")
+    return int(value)
+
+
+def plan_harness(cfg: Any, model: torch.nn.Module, task_dir: str | os.PathLike) -> HarnessPlan | None:
+    """The runner's ``eval.harness`` (None when absent or ``enabled: false``), checked against the
+    loaded model and with its lm-eval tasks loaded — so that a bad window or an unreachable dataset
+    hub fails in the runner's first stage, not after fine-tuning. Local tasks go into ``task_dir``."""
+    hcfg = cfg.eval.get("harness")
+    if hcfg is None or not hcfg.get("enabled", False):
+        return None
+    if cfg.model.arch != "causal_lm":
+        raise ConfigError(f"eval.harness needs a causal LM; model={cfg.model.name} is {cfg.model.arch}")
+    tasks_spec = str(hcfg.get("tasks", "local"))
+    plan = HarnessPlan(
+        tasks=[] if tasks_spec.strip() == "none" else expand_tasks(tasks_spec),
+        window=_opt_int(hcfg, "window", 2), max_windows=_opt_int(hcfg, "max_windows", 1),
+        limit=_opt_int(hcfg, "limit", 1), num_fewshot=_opt_int(hcfg, "num_fewshot", 0),
+        batch_size=_opt_int(hcfg, "batch_size", 1, 8) or 8,
+        bootstrap_iters=_opt_int(hcfg, "bootstrap_iters", 0, 1000) or 0,
+    )
+    if plan.window is None and not plan.tasks:
+        raise ConfigError("eval.harness is enabled with tasks=none and window=null: nothing to evaluate")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if plan.window is not None and context is not None and plan.window > int(context):
+        raise ConfigError(f"eval.harness.window={plan.window} exceeds the model's context "
+                          f"(max_position_embeddings={context}); set eval.harness.window ≤ {context}")
+    if any(t in LOCAL_TASKS for t in plan.tasks):
+        plan.local = write_local_tasks(task_dir)
+    if plan.tasks:
+        try:
+            plan.prepared = prepare_tasks(plan.tasks, task_dir if plan.local else None)
+        except ValueError as exc:
+            raise ConfigError(f"eval.harness.tasks: {exc}") from exc
+    return plan
+
+
+def run_harness(
+    model: torch.nn.Module, tokenizer: Any, plan: HarnessPlan, info: dict[str, Any], out: str | os.PathLike,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``plan`` on the (fine-tuned) model, write ``out`` (atomic JSON), log the table."""
+    from lowra.atomic import write_text_atomic
+
+    results = evaluate_all(model, tokenizer, info, plan.prepared, plan.local, plan.window, plan.batch_size,
+                           plan.limit, plan.max_windows, plan.bootstrap_iters, plan.num_fewshot, progress=progress)
+    write_text_atomic(out, json.dumps(results, indent=1, default=str) + "\n")
+    log.info("lm-evaluation-harness (%s):\n%s", out, results_table(results))
+    return results
 
 
 # ------------------------------------------------------------------------------------------ main

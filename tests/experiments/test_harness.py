@@ -194,3 +194,44 @@ def test_cli_on_a_quantized_adapted_checkpoint(stories, tmp_path, capsys):
     assert res["wikitext2"]["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
     table = capsys.readouterr().out
     assert "wikitext2 (GPTQ, token-level, window 256, first 2 of" in table and CLOZE_TASK in table
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config_check import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="run", overrides=overrides)
+
+
+RUN_SMALL = ["+bits=2", "train.max_steps=2", "train.batch_size=2", "train.seq_len=64", "eval.max_tokens=512",
+             "eval.fp=false", "logger=none", "progress=false", "save_model=false"]
+
+
+def test_runner_eval_harness_rejects_a_window_beyond_the_context_before_quantizing(tmp_path, monkeypatch):
+    from experiments.config_check import ConfigError
+    from experiments.run import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _compose([*RUN_SMALL, "eval.harness.enabled=true"])  # window 2048 > stories260K's 512
+    with pytest.raises(ConfigError, match=r"eval.harness.window=2048 exceeds the model's context"):
+        run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "quant_report.json").exists()  # failed in the load stage
+
+
+@pytest.mark.slow
+def test_runner_eval_harness_after_fine_tuning(tmp_path, monkeypatch):
+    from experiments.run import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _compose([*RUN_SMALL, "eval.harness.enabled=true", "eval.harness.window=256", "eval.harness.max_windows=2",
+                    "eval.harness.limit=4", "eval.harness.bootstrap_iters=0", "eval.harness.batch_size=4"])
+    r = run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "harness.json").read_text())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["harness"] == r["harness"]
+    assert saved["model"]["stage"] == "fine-tuned" and saved["bits"]["bits_nominal"] == r["bits_nominal"]
+    assert r["harness"]["window"] == 256 and r["harness"]["wikitext2"]["windows"] == 2
+    assert set(r["harness"]["tasks"]) == set(LOCAL_TASKS)
+    assert all(r["harness"]["tasks"][t]["samples"] == 4 for t in LOCAL_TASKS)
+    assert (tmp_path / "run" / "lm_eval_tasks" / f"{CLOZE_TASK}.yaml").is_file()  # kept: lm_eval --include_path
