@@ -5,6 +5,9 @@ tokens of the held-out stream ``[N]``; windows of ``window`` tokens start every 
 tokens; each window scores only the tokens no earlier window has scored (with
 ``stride == window`` the windows are disjoint and the first token of each window is context
 only). ``ppl = exp(Σ NLL / Σ scored tokens)`` — token-weighted, not a mean of per-window ppl.
+
+``python -m experiments.evaluate …`` runs lm-evaluation-harness tasks and WikiText-2 perplexity in
+the GPTQ convention on a quantized + adapted model (:mod:`experiments.harness`).
 """
 
 from __future__ import annotations
@@ -170,3 +173,9 @@ def evaluate(
         num_beams=e.num_beams, batch_size=e.batch_size, device=device, progress=progress,
     )
     return rouge(preds, [t for _, t in pairs])
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI lives in experiments.harness
+    from experiments.harness import main
+
+    main()

@@ -48,6 +48,7 @@ from experiments import resume_guard
 from experiments.config_check import DATA_TABLES, BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.evaluate import evaluate
+from experiments.harness import plan_harness, run_harness
 from experiments.hub import hub_access
 from experiments.logging_utils import (
     RunLogger,
@@ -342,6 +343,7 @@ def _run_stages(
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")  # eval.harness: fails here, not after training
     if cfg.eval.fp and f"{prefix}_fp" not in state:
         state.set(**{f"{prefix}_fp": metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fp", progress))})
     if cfg.eval.fp:
@@ -415,6 +417,14 @@ def _run_stages(
     if steps_wanted:
         finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
     _log_metric(logger, f"{prefix}_finetuned", finetuned)
+    harness = None
+    if harness_plan is not None:  # lm-evaluation-harness + WikiText-2 (GPTQ) on the final model
+        info = {"name": str(cfg.model.name), "source": model_location(cfg.model), "method": str(cfg.quant.name),
+                "bits_target": float(cfg.quant.bits), "bits_nominal": report.get("bits_nominal"),
+                "bits_effective": report.get("bits_effective"),
+                "stage": "fine-tuned" if steps_wanted else "quantized (adapters at their init)"}
+        full = run_harness(model, tokenizer, harness_plan, info, run_dir / "harness.json", progress)
+        harness = {k: full[k] for k in ("window", "wikitext2", "tasks", "lm_eval")}
     stages.update(1)
 
     # ---- 6. save
@@ -456,6 +466,7 @@ def _run_stages(
                  "num_samples": cfg.eval.num_samples},
         "data_sources": data.sources,
         "memory": memory,
+        "harness": harness,
     }
 
 
