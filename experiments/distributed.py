@@ -259,7 +259,7 @@ def wrap_for_training(model: nn.Module, ctx: DistContext, shard_base: bool = Tru
     if shard_base:
         from lowra.sharded import make_bases_shardable
 
-        make_bases_shardable(model)
+        make_bases_shardable(model, ctx.world_size)
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in block_modules(model):
         fully_shard(block, mesh=mesh)
@@ -274,25 +274,57 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
-    """Inside: ``model`` with full (unsharded) parameters on every rank, e.g. to save it (FSDP2).
+    """Inside: ``model`` as a plain single-process model with full parameters (FSDP2), to save it.
 
-    Every FSDP2 unit is unsharded (a collective: all ranks must enter) and resharded on exit; the
-    sharded quantized bases are read back as plain ``QuantizedTensor`` by ``LowRALinear.qweight``.
+    A collective (every rank must enter, in the same order). Every FSDP2 unit is resharded first,
+    then each sharded parameter is replaced by its full tensor (``DTensor.full_tensor``; tied
+    parameters stay tied) and each ``ShardableLowRALinear`` by a plain ``LowRALinear`` holding the
+    gathered ``QuantizedTensor`` (``lowra.sharded.gather_quantized``); all is put back on exit.
+    ``save_quantized`` / ``memory_report`` inside therefore see exactly what one process would.
     A no-op for ``single`` and ``ddp`` (parameters are replicated there).
     """
     if ctx.strategy != "fsdp2":
         yield model
         return
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from lowra.nn import LowRALinear
+    from lowra.sharded import ShardableLowRALinear, gather_quantized
 
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
-        m.unshard()
+        m.reshard()  # the root keeps its parameters unsharded after forward: shard them again
+    classes = [(m, type(m)) for m in units]
+    swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
+    bases: list[tuple[nn.Module, nn.Parameter]] = []
+    full: dict[int, nn.Parameter] = {}
     try:
+        for module in model.modules():
+            if isinstance(module, ShardableLowRALinear):
+                p = module._parameters.pop("qweight_shards")
+                bases.append((module, p))
+                qt = gather_quantized(p)
+                module.__class__ = LowRALinear
+                module.__dict__["qweight"] = qt
+            for name, p in list(module._parameters.items()):
+                if isinstance(p, DTensor):
+                    if id(p) not in full:
+                        full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                    swaps.append((module, name, p))
+                    module._parameters[name] = full[id(p)]
+        for m, cls in classes:  # FSDPLlamaForCausalLM → LlamaForCausalLM (the class a save records)
+            m.__class__ = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
         yield model
     finally:
-        for m in units:
-            m.reshard()
+        for m, cls in classes:
+            m.__class__ = cls
+        for module, name, p in swaps:
+            module._parameters[name] = p
+        for module, p in bases:
+            module.__dict__.pop("qweight", None)
+            module.__class__ = ShardableLowRALinear
+            module._parameters["qweight_shards"] = p
 
 
 # ------------------------------------------------------------------------------------ checkpoints
