@@ -170,6 +170,20 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
     ctx.shutdown()
 
 
+def hang_worker(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """Rank 1 hangs (sleeps far past the timeout); rank 0 waits for it in a barrier and must fail
+    with the process group's timeout error instead of hanging."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from experiments.distributed import init_distributed
+
+    ctx = init_distributed("ddp", torch.device("cpu"), timeout_s=timeout_s)
+    if rank != 0:
+        time.sleep(20 * timeout_s)
+        return
+    ctx.barrier()
+
+
 def compare(workdir: Path, ref: str, other: str) -> dict[str, float]:
     """Largest relative loss difference, largest adapter and logit differences of two runs."""
     from safetensors.torch import load_file
