@@ -22,6 +22,10 @@ scheduler and RNG from ``<run_dir>/checkpoint/last.pt``. It refuses a configurat
 from the stored one in any result-changing key (``resume_override=true`` continues anyway), and a
 finished run is reported as finished (:mod:`experiments.resume_guard`).
 
+Several processes: ``torchrun --nproc_per_node=N -m experiments.run ... train.strategy=ddp|fsdp2``
+(:mod:`experiments.distributed`): every rank runs these stages; rank 0 alone logs and writes the
+run directory.
+
 Output: one readable summary at the end (:mod:`experiments.summary`; per-step losses only in
 ``results.json``); progress bars on a terminal, plain periodic lines otherwise
 (:mod:`experiments.progress`). A run that fails writes ``<run_dir>/failed.json`` (error, stage,
@@ -321,7 +325,7 @@ def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | No
     run_dir = own_dir  # where this rank's state.json / results.json / failed.json go
     state = RunState(run_dir, resume)
     state.start_session(ckpt_dir / "last.pt")
-    progress = bool(cfg.get("progress", True))
+    progress = bool(cfg.get("progress", True)) and dist_ctx.is_main  # one set of bars under torchrun
     if not is_terminal():
         quiet_library_bars()  # no redrawn bars from transformers/hub/datasets in log files
     name = f"{cfg.model.name}-{cfg.data.name}-{cfg.quant.name}-b{cfg.quant.bits:g}-r{cfg.lora.rank}-s{cfg.seed}"

@@ -133,9 +133,10 @@ def test_torchrun_runner_fsdp2(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", "-m", "experiments.run",
-           "quant=qlora", "+bits=4", "train.max_steps=4", "train.batch_size=4", "train.seq_len=64",
-           "train.checkpoint_every=2", "eval.max_tokens=1024", "eval.fp=false", "progress=false", "logger=none",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "experiments.run", "quant=qlora", "+bits=4", "train.max_steps=4", "train.batch_size=4",
+           "train.seq_len=64", "train.checkpoint_every=2", "eval.max_tokens=1024", "eval.fp=false",
+           "progress=false", "logger=none",
            "train.strategy=fsdp2", f"hydra.run.dir={run_dir}"]
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
