@@ -4,7 +4,7 @@ One quantized model (LowRA, ``--bits``, saved once with ``lowra.save_quantized``
 for ``--steps`` optimizer steps with the same GLOBAL batch by one process and by ``--world``
 processes (``torch.multiprocessing`` spawn, gloo on CPU) under ``ddp`` and ``fsdp2``. Every
 strategy is also interrupted after half the steps and resumed from its checkpoint in fresh model
-objects. Printed and written to ``results/bench/distributed_check.json``:
+objects (in the same processes). Printed and written to ``results/bench/distributed_check.json``:
 
 * the per-step losses and their largest relative difference to the single-process run, and the
   largest difference of the final adapters;
@@ -38,8 +38,12 @@ TRAIN = {
 PROBE_ROWS = 2
 
 
-def prepare(workdir: Path, bits: float = 2.0, seq_len: int = 64, loftq_iters: int = 1) -> Path:
-    """Quantize stories260K once (seeded) and save it with the packed training blocks into ``workdir``."""
+def prepare(workdir: Path, bits: float = 2.0, seq_len: int = 64, loftq_iters: int = 1,
+            overrides: tuple[str, ...] = ()) -> Path:
+    """Quantize stories260K once (seeded) and save it with the packed training blocks into ``workdir``.
+
+    ``overrides``: more runner config overrides (e.g. ``quant.error=sse``: no calibration pass).
+    """
     from hydra import compose, initialize_config_dir
     from safetensors.torch import save_file
 
@@ -50,7 +54,8 @@ def prepare(workdir: Path, bits: float = 2.0, seq_len: int = 64, loftq_iters: in
 
     workdir.mkdir(parents=True, exist_ok=True)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("run", overrides=[f"+bits={bits}", f"quant.loftq_iters={loftq_iters}", "logger=none"])
+        cfg = compose("run", overrides=[f"+bits={bits}", f"quant.loftq_iters={loftq_iters}", "logger=none",
+                                            *overrides])
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg.data, tokenizer, need_train=True)
     model = load_model(cfg.model, torch.device("cpu"))
@@ -72,8 +77,12 @@ def _free_port() -> int:
 
 def run_strategy(strategy: str, world: int, workdir: Path, train: dict[str, Any] | None = None,
                  interrupt_at: int | None = None) -> dict[str, Any]:
-    """Train with ``strategy`` on ``world`` processes (1: in this process); rank 0's record."""
-    tag = f"{strategy}-{world}" + (f"-int{interrupt_at}" if interrupt_at else "")
+    """Train with ``strategy`` on ``world`` processes (1: in this process); rank 0's record.
+
+    ``interrupt_at``: then also train again from scratch, stop after that many steps, and resume
+    from the checkpoint in new model objects (``resumed_losses`` in the record).
+    """
+    tag = f"{strategy}-{world}"
     args = (strategy, world, str(workdir), dict(train or TRAIN), interrupt_at, tag)
     if world == 1 and strategy == "single":
         _worker(0, *args, port=0)
@@ -125,27 +134,8 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
 
     dist_arg = ctx if ctx.distributed else None
     model, tm, base_bytes = fresh()
-    resumed_from = None
-    if interrupt_at:
-        class Stop(Exception):
-            pass
-
-        def stop(step: int) -> None:
-            if step == interrupt_at:
-                raise Stop
-
-        train_module.STEP_HOOKS.append(stop)
-        try:
-            train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt, progress=False, dist=dist_arg)
-        except Stop:
-            pass
-        finally:
-            train_module.STEP_HOOKS.remove(stop)
-        model, tm, base_bytes = fresh()  # new objects: only the checkpoint carries the state over
-        resumed_from = interrupt_at
     t0 = time.perf_counter()
-    res = train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt, progress=False,
-                             resume=bool(interrupt_at), dist=dist_arg)
+    res = train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt, progress=False, dist=dist_arg)
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         logits = model(input_ids=probe).logits.float()
@@ -159,12 +149,36 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
     with gathered(model, ctx):
         if ctx.is_main:
             save_quantized(model, str(work / f"saved-{tag}"))
+    resumed_losses = None
+    if interrupt_at:  # the same run, stopped after `interrupt_at` steps and resumed in new objects
+        class Stop(Exception):
+            pass
+
+        def stop(step: int) -> None:
+            if step == interrupt_at:
+                raise Stop
+
+        ckpt_int = work / f"ckpt-{tag}-int"
+        model, tm, _ = fresh()
+        train_module.STEP_HOOKS.append(stop)
+        try:
+            train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt_int, progress=False,
+                               dist=dist_arg)
+        except Stop:
+            pass
+        finally:
+            train_module.STEP_HOOKS.remove(stop)
+        model, tm, _ = fresh()  # only the checkpoint carries the state over
+        resumed = train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt_int, progress=False,
+                                     resume=True, dist=dist_arg)
+        assert resumed.resumed_from == interrupt_at
+        resumed_losses = resumed.losses
     if ctx.is_main:
         save_file({"logits": logits.contiguous(), **{f"adapter.{n}": t for n, t in adapters.items()}},
                   str(work / f"{tag}.safetensors"))
         (work / f"{tag}.json").write_text(json.dumps({
-            "strategy": strategy, "world_size": world, "losses": res.losses, "resumed_from": resumed_from,
-            "quantized_bytes_per_rank": bytes_per_rank, "train_s": train_s,
+            "strategy": strategy, "world_size": world, "losses": res.losses, "interrupt_at": interrupt_at,
+            "resumed_losses": resumed_losses, "quantized_bytes_per_rank": bytes_per_rank, "train_s": train_s,
         }))
     ctx.barrier()
     ctx.shutdown()
@@ -230,10 +244,9 @@ def main() -> None:
     for strategy in ("single", "ddp", "fsdp2"):
         world = 1 if strategy == "single" else args.world
         tag = f"{strategy}-{world}"
-        r = run_strategy(strategy, world, work, train)
-        resumed = run_strategy(strategy, world, work, train, interrupt_at=half)
+        r = run_strategy(strategy, world, work, train, interrupt_at=half)
         cmp = compare(work, "single-1", tag)
-        resume_rel = max(abs(x - y) / abs(x) for x, y in zip(r["losses"], resumed["losses"], strict=True))
+        resume_rel = max(abs(x - y) / abs(x) for x, y in zip(r["losses"], r["resumed_losses"], strict=True))
         reload = reload_logits(work, tag)
         per_rank = [b["resident"] for b in r["quantized_bytes_per_rank"]]
         report["strategies"][strategy] = {

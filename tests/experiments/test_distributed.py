@@ -66,12 +66,12 @@ def test_init_distributed_errors(monkeypatch):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """stories260K quantized once (LowRA 2 bits), then single / DDP / FSDP2 / FSDP2 resumed."""
+    """stories260K quantized once (LowRA 2 bits), then single / DDP / FSDP2 (+ FSDP2 interrupted, resumed)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = check.prepare(tmp_path_factory.mktemp("dist"), bits=2.0)
+    # the weight-SSE error table: the plan needs no calibration pass (the runner's default uses one)
+    work = check.prepare(tmp_path_factory.mktemp("dist"), bits=2.0, overrides=("quant.error=sse",))
     check.run_strategy("single", 1, work)
     check.run_strategy("ddp", WORLD, work)
-    check.run_strategy("fsdp2", WORLD, work)
     check.run_strategy("fsdp2", WORLD, work, interrupt_at=check.TRAIN["max_steps"] // 2)
     return work
 
@@ -104,10 +104,9 @@ def test_fsdp2_stores_half_the_quantized_base_per_rank(runs):
 
 @pytest.mark.slow
 def test_fsdp2_resume_continues_the_same_run(runs):
-    full = _record(runs, f"fsdp2-{WORLD}")
-    resumed = _record(runs, f"fsdp2-{WORLD}-int{check.TRAIN['max_steps'] // 2}")
-    assert resumed["resumed_from"] == check.TRAIN["max_steps"] // 2
-    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-6)
+    r = _record(runs, f"fsdp2-{WORLD}")
+    assert r["interrupt_at"] == check.TRAIN["max_steps"] // 2
+    assert r["resumed_losses"] == pytest.approx(r["losses"], rel=1e-6)
 
 
 @pytest.mark.slow
