@@ -46,6 +46,8 @@ FAILED_FILE = "failed.json"
 NEUTRAL_KEYS = (
     "resume", "resume_override", "progress", "save_model", "logger", "train.checkpoint_every",
     "eval.batch_size",
+    # the same global batch on 1 or N processes is the same run (up to float reduction order)
+    "train.strategy", "train.dist_timeout_s", "train.fsdp_shard_base",
     # `+bits=B` is read through quant.bits, which is compared
     "bits",
 )

@@ -22,6 +22,10 @@ scheduler and RNG from ``<run_dir>/checkpoint/last.pt``. It refuses a configurat
 from the stored one in any result-changing key (``resume_override=true`` continues anyway), and a
 finished run is reported as finished (:mod:`experiments.resume_guard`).
 
+Several processes: ``torchrun --nproc_per_node=N -m experiments.run ... train.strategy=ddp|fsdp2``
+(:mod:`experiments.distributed`): every rank runs these stages; rank 0 alone logs and writes the
+run directory.
+
 Output: one readable summary at the end (:mod:`experiments.summary`; per-step losses only in
 ``results.json``); progress bars on a terminal, plain periodic lines otherwise
 (:mod:`experiments.progress`). A run that fails writes ``<run_dir>/failed.json`` (error, stage,
@@ -47,6 +51,15 @@ from omegaconf import DictConfig, OmegaConf
 from experiments import resume_guard
 from experiments.config_check import DATA_TABLES, BudgetError, ConfigError, check_config, resolve_path
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
+from experiments.distributed import (
+    DistContext,
+    RankBatches,
+    check_same_on_all_ranks,
+    gathered,
+    init_distributed,
+    scratch_dir,
+    wrap_for_training,
+)
 from experiments.evaluate import evaluate
 from experiments.harness import plan_harness, run_harness
 from experiments.hub import hub_access
@@ -269,38 +282,62 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, sweep: bool = 
     """
     check_config(cfg, ignored_budget_ok=sweep)
     OmegaConf.resolve(cfg)
+    # torchrun (train.strategy=ddp|fsdp2): the process group first; rank 0 alone writes run outputs
+    dist_ctx = init_distributed(str(cfg.train.get("strategy", "single")), pick_device(str(cfg.device)),
+                                float(cfg.train.get("dist_timeout_s", 600)))
+    try:
+        if not dist_ctx.is_main:  # rank 0 prepares the run directory first (its barrier: _run_prepared)
+            dist_ctx.barrier()
+        with scratch_dir(dist_ctx, Path(run_dir)) as own_dir:
+            return _run_prepared(cfg, Path(run_dir), own_dir, group, dist_ctx)
+    finally:
+        dist_ctx.shutdown()
+
+
+def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | None, dist_ctx: DistContext,
+                  ) -> dict[str, Any]:
+    """``run`` after the process group exists; ``own_dir`` is where this rank writes its bookkeeping
+    (``run_dir`` on rank 0, a private scratch copy on the other ranks)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(cfg.resume)
     config = OmegaConf.to_container(cfg, resolve=True)
     finished = resume_guard.check_resume(run_dir, config, resume, bool(cfg.get("resume_override", False)))
     if finished is not None:  # resume=true on a finished run: report it, touch nothing
-        log.info("%s", run_summary(finished, run_dir / RESULTS_FILE,
-                                   title="already finished (resume=true: nothing to do)"))
+        if dist_ctx.is_main:
+            dist_ctx.barrier()
+            log.info("%s", run_summary(finished, run_dir / RESULTS_FILE,
+                                       title="already finished (resume=true: nothing to do)"))
         return finished
     ckpt_dir = run_dir / "checkpoint"
-    if not resume:
-        for stale in (run_dir / STATE_FILE, run_dir / RESULTS_FILE):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
-    resume_guard.store_config(run_dir, config)
+    if dist_ctx.is_main:
+        if not resume:
+            for stale in (run_dir / STATE_FILE, run_dir / RESULTS_FILE):
+                stale.unlink(missing_ok=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
+        resume_guard.store_config(run_dir, config)
+        dist_ctx.barrier()  # the other ranks wait for this (see run)
+    run_dir = own_dir  # where this rank's state.json / results.json / failed.json go
     state = RunState(run_dir, resume)
     state.start_session(ckpt_dir / "last.pt")
-    progress = bool(cfg.get("progress", True))
+    progress = bool(cfg.get("progress", True)) and dist_ctx.is_main  # one set of bars under torchrun
     if not is_terminal():
         quiet_library_bars()  # no redrawn bars from transformers/hub/datasets in log files
     name = f"{cfg.model.name}-{cfg.data.name}-{cfg.quant.name}-b{cfg.quant.bits:g}-r{cfg.lora.rank}-s{cfg.seed}"
-    logger: RunLogger = make_logger(cfg, run_dir, config, group, name)  # W&B starts at the first metric
+    # W&B starts at the first metric; rank 0 alone logs
+    logger: RunLogger = make_logger(cfg, run_dir, config, group, name) if dist_ctx.is_main else RunLogger()
     prefix = metric_prefix(cfg)
     stages = progress_bar(len(STAGES), "stages", progress, announce=True, position=0)
     failed = False
     try:
-        device = pick_device(str(cfg.device))
+        device = dist_ctx.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        results = _run_stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix)
+        results = _run_stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix, dist_ctx)
         results.update(
+            strategy=dist_ctx.strategy,
+            world_size=dist_ctx.world_size,
             peak_memory_bytes=peak_memory_bytes(device),
             wall_time_s=state.wall_time_s(),  # every session, a killed one up to its last checkpoint
             device=str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
@@ -330,8 +367,9 @@ def run(cfg: DictConfig, run_dir: Path, group: str | None = None, sweep: bool = 
 
 def _run_stages(
     cfg: DictConfig, run_dir: Path, ckpt_dir: Path, state: RunState, device: torch.device, progress: bool,
-    logger: RunLogger, stages: Any, prefix: str,
+    logger: RunLogger, stages: Any, prefix: str, dist_ctx: DistContext | None = None,
 ) -> dict[str, Any]:
+    dist_ctx = dist_ctx or DistContext("single", 0, 1, 0, device)
     quantize_model, save_quantized = lowra_api("quantize_model"), lowra_api("save_quantized")
     load_quantized, memory_report = lowra_api("load_quantized"), lowra_api("memory_report")
     steps_wanted = cfg.train.max_steps is None or int(cfg.train.max_steps) > 0
@@ -368,9 +406,11 @@ def _run_stages(
         rep = quantize_model(model, lowra_config(cfg), progress=progress and is_terminal(), **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
-        if save_quantized is not None:  # atomic (written beside, then renamed into place): the resume point
+        if save_quantized is not None and dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
             save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
+    if dist_ctx.distributed:  # every rank quantized (or loaded) the same model: checked, never assumed
+        check_same_on_all_ranks(dist_ctx, model)
     atomic_write_json(run_dir / "quant_report.json", report)
     logger.log_bit_allocation(
         {layer["name"]: {int(b): int(n) for b, n in layer.get("bits_histogram", {}).items()}
@@ -405,9 +445,13 @@ def _run_stages(
                 data.train, tokenizer, cfg.model.arch, int(cfg.train.batch_size), int(cfg.train.seed),
                 int(cfg.train.seq_len), int(cfg.data.target_length), cfg.data.prompt_template,
             )
+        train_model = wrap_for_training(model, dist_ctx, bool(cfg.train.get("fsdp_shard_base", True)))
+        if dist_ctx.distributed:
+            batches = RankBatches(batches, dist_ctx.rank, dist_ctx.world_size)
         result = train(
-            model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
-            resume=bool(cfg.resume), log_fn=logger.log, progress=progress, optimizer=optimizer,
+            train_model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
+            resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
+            optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
         )
     stages.update(1)
 
@@ -429,10 +473,12 @@ def _run_stages(
 
     # ---- 6. save
     stages.set_description(f"stages: {STAGES[5]}")
-    if cfg.save_model and save_quantized is not None:
-        save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
-                       source_model=model_location(cfg.model), tokenizer=tokenizer)
-    memory = memory_report(model) if memory_report is not None else None
+    with gathered(model, dist_ctx):  # FSDP2: full parameters on every rank (gather-on-save)
+        if cfg.save_model and save_quantized is not None and dist_ctx.is_main:
+            save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
+                           source_model=model_location(cfg.model), tokenizer=tokenizer)
+        memory = memory_report(model) if memory_report is not None else None
+        n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     return {
         "method": cfg.quant.name,
         "quant_method": cfg.quant.method,
@@ -460,7 +506,7 @@ def _run_stages(
         "rank": int(cfg.lora.rank),
         "alpha": float(cfg.lora.alpha),
         "seed": int(cfg.seed),
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model).values()),
+        "trainable_params": n_trainable,
         "bits_by_layer_type": bits_by_layer_type(report),
         "eval": {"max_tokens": cfg.eval.max_tokens, "window": cfg.eval.window, "stride": cfg.eval.stride,
                  "num_samples": cfg.eval.num_samples},

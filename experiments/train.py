@@ -12,6 +12,7 @@ history, elapsed time) are written atomically (temporary file + ``os.replace``) 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -233,6 +234,7 @@ def train(
     log_fn: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
     optimizer: str | None = None,
+    dist: Any = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -243,6 +245,10 @@ def train(
         log_fn: called with ``({"train/loss", "train/lr"}, step)`` every ``log_every`` steps.
         optimizer: the resolved optimizer name (``resolve_optimizer``); None: ``tcfg.optimizer``
             (``auto`` → adamw).
+        dist: an ``experiments.distributed.DistContext`` under torchrun (None: one process). Then
+            ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
+            the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
+            that rank 0 alone writes (every rank reads them back on resume).
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -257,10 +263,12 @@ def train(
     torch.manual_seed(int(tcfg.seed))
     state = load_checkpoint(ckpt_dir) if resume else None
     if state is not None:
+        from experiments import distributed as dist_mod
+
         with torch.no_grad():
             for name, p in named:
-                p.copy_(state["params"][name].to(p.device, p.dtype))
-        opt.load_state_dict(state["optimizer"])
+                p.copy_(dist_mod.shard_like(state["params"][name], p))
+        opt.load_state_dict(dist_mod.shard_optimizer_state(state["optimizer"], trainable))
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and state.get("rng_cuda") is not None:
@@ -269,17 +277,27 @@ def train(
     resumed_from = step
 
     def save() -> None:
+        from experiments import distributed as dist_mod
+
+        # gather-on-save: full tensors (a collective under FSDP2), written by rank 0 alone
+        params = {n: dist_mod.full_tensor(p) for n, p in named}
+        opt_state = dist_mod.full_optimizer_state(opt.state_dict())
+        if dist is not None and not dist.is_main:
+            dist.barrier()  # rank 0 has written when this returns
+            return
         atomic_torch_save(
             {
                 "step": step, "total": total,
-                "params": {n: p.detach().cpu() for n, p in named},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "params": params,
+                "optimizer": opt_state, "scheduler": sched.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "losses": losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
             },
             ckpt_dir / CHECKPOINT_NAME,
         )
+        if dist is not None:
+            dist.barrier()
 
     t0 = time.perf_counter()
     model.train()
@@ -290,9 +308,14 @@ def train(
         step_loss = 0.0
         for micro in range(accum):
             batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
-            loss = model(**batch).loss
-            (loss / accum).backward()
+            # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
+            no_sync = micro < accum - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if no_sync else contextlib.nullcontext():
+                loss = model(**batch).loss
+                (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
+        if dist is not None:
+            step_loss = dist.mean(step_loss)  # the loss of the global batch (equal shares per rank)
         if tcfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, float(tcfg.max_grad_norm))
         lr = opt.param_groups[0]["lr"]
