@@ -182,7 +182,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     opts = _options(args)
     rec: dict[str, Any] = {"mode": mode, "rss_after_imports_bytes": baseline, "peak_resettable": resettable}
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode == "stream":
         res = quantize_pretrained(args.checkpoint, out, dtype=torch.float32, **opts)
         rec["stages"] = res.stages
@@ -198,6 +198,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         del model
         rec["stages"] = peaks.to_dict()["stages"]
     rec["time_s"] = time.perf_counter() - t0
+    rec["cpu_s"] = time.process_time() - c0  # user + sys of this process: comparable on a loaded machine
     # per-stage peaks reset VmHWM: the run's peak is the largest stage peak
     rec["peak_rss_bytes"] = max([s["peak_rss_bytes"] for s in rec["stages"].values()] + [peak_rss()])
     rec["peak_above_imports_bytes"] = rec["peak_rss_bytes"] - baseline
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     }
     if "memory" in runs:
         checks["time_ratio"] = s["time_s"] / runs["memory"]["time_s"]
+        checks["cpu_time_ratio"] = s["cpu_s"] / runs["memory"]["cpu_s"]
         checks["time_ok"] = checks["time_ratio"] <= 1.25
         checks.update(same)
     import platform
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                   f"{100 * above / size:8.1f}%")
         above = rec["peak_above_imports_bytes"]
         print(f"{mode:8} {'TOTAL':16} {rec['time_s']:8.1f} {_mb(rec['peak_rss_bytes']):>12} {_mb(above):>17} "
-              f"{100 * above / size:8.1f}%")
+              f"{100 * above / size:8.1f}%   (CPU {rec['cpu_s']:.1f} s)")
     print("checks:", json.dumps(checks))
     from lowra.atomic import write_text_atomic
 

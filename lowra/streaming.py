@@ -71,6 +71,7 @@ from lowra.validation import check_budget, check_weight
 
 __all__ = [
     "PeakMemory",
+    "available_host_memory",
     "StreamResult",
     "checkpoint_bytes",
     "quantize_pretrained",
@@ -125,38 +126,63 @@ def reset_peak_rss() -> bool:
 class PeakMemory:
     """Peak host RSS and peak CUDA memory of named stages.
 
-    ``with peaks.stage("pass1"): ...`` records ``{time_s, rss_start_bytes, peak_rss_bytes,
-    peak_device_bytes}`` under ``peaks.stages["pass1"]``. Host peaks come from VmHWM, reset at the
-    start of each stage where the kernel allows it (``peak_resettable``; otherwise a stage's peak is
-    the process peak so far). Device peaks are ``torch.cuda.max_memory_allocated`` (None without CUDA).
+    ``with peaks.stage("pass1"): ...`` (or ``peaks.begin("pass1")`` … ``peaks.end()``) records
+    ``{time_s, rss_start_bytes, peak_rss_bytes, peak_device_bytes}`` under ``peaks.stages["pass1"]``
+    (a stage entered again accumulates its time and keeps its largest peak). Host peaks come from
+    VmHWM, reset at the start of each stage where the kernel allows it (``peak_resettable``;
+    otherwise a stage's peak is the process peak so far). The reset also lowers what
+    ``getrusage`` reports as the process peak, so ``process_peak_rss`` keeps the true maximum over
+    the process's life (including before the first stage). Device peaks are
+    ``torch.cuda.max_memory_allocated`` (None without CUDA).
     """
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
         self.peak_resettable = True
+        self.process_peak_rss = 0
+        self._open: tuple[str, float] | None = None
+
+    def begin(self, name: str) -> None:
+        """Start stage ``name`` (ends a stage still open)."""
+        if self._open is not None:
+            self.end()
+        self.process_peak_rss = max(self.process_peak_rss, peak_rss())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()
+        self.peak_resettable = reset_peak_rss() and self.peak_resettable
+        entry = self.stages.setdefault(name, {"time_s": 0.0, "rss_start_bytes": current_rss(), "peak_rss_bytes": 0,
+                                              "peak_device_bytes": None})
+        entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], entry["rss_start_bytes"])
+        self._open = (name, time.perf_counter())
+
+    def end(self) -> None:
+        """Close the open stage (no-op when none is open)."""
+        if self._open is None:
+            return
+        name, t0 = self._open
+        self._open = None
+        entry = self.stages[name]
+        entry["time_s"] += time.perf_counter() - t0
+        peak = peak_rss()
+        entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak)
+        self.process_peak_rss = max(self.process_peak_rss, peak)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            dev = int(torch.cuda.max_memory_allocated())
+            entry["peak_device_bytes"] = max(entry["peak_device_bytes"] or 0, dev)
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self.peak_resettable = reset_peak_rss() and self.peak_resettable
-        start = current_rss()
-        t0 = time.perf_counter()
+        self.begin(name)
         try:
             yield
         finally:
-            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-            entry = self.stages.setdefault(name, {"time_s": 0.0, "rss_start_bytes": start, "peak_rss_bytes": 0,
-                                                  "peak_device_bytes": None})
-            entry["time_s"] += time.perf_counter() - t0
-            entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], peak_rss())
-            if cuda:
-                dev = int(torch.cuda.max_memory_allocated())
-                entry["peak_device_bytes"] = max(entry["peak_device_bytes"] or 0, dev)
+            self.end()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peak_resettable": self.peak_resettable, "stages": {k: dict(v) for k, v in self.stages.items()}}
+        """JSON-able: ``{peak_resettable, process_peak_rss_bytes, stages: {name: {...}}}``."""
+        return {"peak_resettable": self.peak_resettable,
+                "process_peak_rss_bytes": max(self.process_peak_rss, peak_rss()),
+                "stages": {k: dict(v) for k, v in self.stages.items()}}
 
 
 # ---------------------------------------------------------------------------------- source
@@ -265,8 +291,8 @@ def _skeleton(directory: Path, arch: str, dtype: torch.dtype | None, trust_remot
     """The model built from its config with every tensor on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    if arch not in ("causal_lm", "seq2seq_lm"):
-        raise ValueError(f"arch must be 'causal_lm' or 'seq2seq_lm', got {arch!r}")
+    if arch not in ("causal_lm", "seq2seq"):
+        raise ValueError(f"arch must be 'causal_lm' or 'seq2seq', got {arch!r}")
     config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     cls = AutoModelForCausalLM if arch == "causal_lm" else AutoModelForSeq2SeqLM
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -528,7 +554,7 @@ def quantize_pretrained(
         dtype: dtype the weights are read in (as ``from_pretrained(dtype=...)``; None: as stored).
             The in-memory path quantizes ``linear.weight`` in the model's dtype, so match them.
         device: where each layer is quantized (``"cuda"``: one layer at a time on the GPU).
-        arch: ``"causal_lm"`` or ``"seq2seq_lm"`` (the Auto class the skeleton is built from).
+        arch: ``"causal_lm"`` or ``"seq2seq"`` (the Auto class the skeleton is built from).
         resume: continue an interrupted run found in ``<out_dir>.partial/`` (same source and
             options); False discards it.
         calibration: not supported (data-driven settings need the model in memory): must be None.
@@ -822,3 +848,15 @@ def _tied_keys(model: nn.Module) -> set[str]:
         else:
             seen[id(p)] = name
     return tied
+
+
+def available_host_memory() -> int:
+    """Bytes of host memory available to a new allocation (``MemAvailable``; total RAM where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
