@@ -204,6 +204,8 @@ def mark_failed(run_dir: Path, exc: BaseException, stage: str, state: RunState |
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoint"
     resumable = (ckpt / "quantized" / "manifest.json").exists() or (ckpt / "last.pt").exists()
+    # an interrupted streaming quantization (lowra.quantize_pretrained) resumes from its finished blocks
+    resumable = resumable or (ckpt / "quantized.partial" / "progress.json").exists()
     if not resumable:
         for name in (STATE_FILE, CONFIG_FILE, "quant_report.json"):
             (run_dir / name).unlink(missing_ok=True)

@@ -431,7 +431,7 @@ def _run_stages(
             res = lowra_api("quantize_pretrained")(model_location(cfg.model), quant_dir,
                                                    **stream_kwargs(cfg, progress and is_terminal(), device))
             state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
-                      quant_stream_stages=res.stages)
+                      quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
         model = load_quantized(str(quant_dir), device=str(device))
         if cfg.model.gradient_checkpointing:
@@ -511,6 +511,7 @@ def _run_stages(
         memory["stream"] = stream
         if state.get("quant_stream_stages") is not None:
             memory["stream_stages"] = state.get("quant_stream_stages")
+            memory["stream_resumed_blocks"] = state.get("quant_stream_resumed")
     return {
         "method": cfg.quant.name,
         "quant_method": cfg.quant.method,

@@ -7,6 +7,8 @@ peak memory in results.json.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -82,3 +84,27 @@ def test_streamed_run_matches_the_in_memory_run(tmp_path, monkeypatch):
     assert set(streamed["memory"]["stream_stages"]) == {"setup", "pass1_codebooks", "plan", "pass2_quantize",
                                                          "assemble_save"}
     assert not (tmp_path / "stream" / "checkpoint" / "quantized.partial").exists()
+
+
+def test_interrupted_streamed_run_resumes_its_blocks(tmp_path, monkeypatch):
+    from lowra import streaming
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = streaming.loftq_init_fn
+
+    def crash(w, fn, rank, alpha, iters, name, damp):
+        if name.startswith("model.layers.2."):
+            raise RuntimeError("simulated crash in pass 2")
+        return real(w, fn, rank, alpha, iters, name, damp)
+
+    monkeypatch.setattr(streaming, "loftq_init_fn", crash)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(_cfg([*FAST, "quant.stream=true", "train.max_steps=0"]), run_dir)
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert failed["resumable"] and failed["stage"] == "quantize"
+    assert (run_dir / "checkpoint" / "quantized.partial" / "progress.json").exists()
+    monkeypatch.setattr(streaming, "loftq_init_fn", real)
+    r = run(_cfg([*FAST, "quant.stream=true", "train.max_steps=0", "resume=true"]), run_dir)
+    assert r["memory"]["stream_resumed_blocks"] == {"pass1": 5, "pass2": 2}
+    assert r["ppl_quantized"] is not None and not (run_dir / "failed.json").exists()
