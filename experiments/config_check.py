@@ -38,6 +38,8 @@ OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
 LOGGERS = ("wandb", "none")
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCES = ("local", "hub")
+#: ``quant.stream``: quantize block by block from the checkpoint (lowra.quantize_pretrained)
+STREAM_MODES = ("auto", True, False)
 
 
 class ConfigError(ValueError):
@@ -119,6 +121,23 @@ def check_bits(quant: Any) -> float:
                 f"{float(quant.budget_min):g} ≤ bits ≤ {high:g} (set +bits=B)"
             )
     return bits
+
+
+def streamable(cfg: Any) -> str | None:
+    """None when ``lowra.quantize_pretrained`` can quantize this config, else why it cannot
+    (data-driven error tables, the calibrated init, OPTQ and the dense baseline need the model in memory)."""
+    q = cfg.quant
+    if q.method == "none":
+        return "quant.method=none keeps the dense base"
+    if q.method == "optq":
+        return "quant.method=optq needs calibration Hessians of the whole model"
+    if q.method == "lowra" and q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES:
+        return f"quant.error={q.error} needs calibration statistics of the whole model"
+    if q.method == "lowra" and bool(q.get("fisher_codebooks")):
+        return "quant.fisher_codebooks needs the Fisher diagonal of the whole model"
+    if q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0:
+        return "quant.init=calibrated needs input Hessians of the whole model"
+    return None
 
 
 def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
@@ -220,6 +239,12 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         LowRAConfig.from_hydra(cfg)
     except ValueError as exc:
         raise ConfigError(f"quant={q.name}: {exc}") from None
+    stream = q.get("stream", "auto")
+    if stream not in STREAM_MODES:
+        raise ConfigError(f"quant.stream={stream!r} is not one of ['auto', true, false]")
+    if stream is True and streamable(cfg) is not None:
+        raise ConfigError(f"quant.stream=true but {streamable(cfg)}; use quant.stream=false (or auto), or a data-free "
+                          "setting (quant.error=sse|relative, quant.init=loftq; e.g. quant=lowra_paper)")
 
     # train
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)

@@ -208,6 +208,8 @@ def mark_failed(run_dir: Path, exc: BaseException, stage: str, state: RunState |
     from lowra.checkpoint import is_checkpoint
 
     resumable = is_checkpoint(ckpt / "quantized") or (ckpt / "last.pt").exists()
+    # an interrupted streaming quantization (lowra.quantize_pretrained) resumes from its finished blocks
+    resumable = resumable or (ckpt / "quantized.partial" / "progress.json").exists()
     if not resumable:
         for name in (STATE_FILE, CONFIG_FILE, "quant_report.json"):
             (run_dir / name).unlink(missing_ok=True)

@@ -5,7 +5,10 @@ Stages (one progress bar each, plus a bar over the stages):
 1. **load** — validate the config (before anything heavy: :mod:`experiments.config_check`), load
    the tokenizer, the data (:mod:`experiments.data`) and the model; evaluate the full-precision
    model (``ppl_fp`` / ``rouge_fp``, skipped with ``eval.fp=false``).
-2. **quantize** — ``lowra.quantize_model`` (codebooks, precision plan, LoftQ) in place.
+2. **quantize** — ``lowra.quantize_model`` (codebooks, precision plan, LoftQ) in place; with
+   ``quant.stream=true`` (or ``auto`` when the full-precision model would not fit the device)
+   ``lowra.quantize_pretrained`` quantizes the checkpoint block by block instead (the model is never
+   loaded in full precision; ``ppl_fp`` is then not measured) and the result is loaded back.
 3. **evaluate before fine-tuning** — the quantized base alone (adapters disabled:
    ``ppl_quantized``) and with the LoftQ-initialized adapters (``ppl_loftq``; null when
    ``quant.loftq_iters=0`` since B = 0 then).
@@ -49,7 +52,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import resume_guard
-from experiments.config_check import DATA_TABLES, BudgetError, ConfigError, check_config, resolve_path
+from experiments.config_check import (
+    DATA_TABLES,
+    BudgetError,
+    ConfigError,
+    check_config,
+    resolve_path,
+    streamable,
+)
 from experiments.data import DataUnavailableError, LMData, load_data, pack_blocks
 from experiments.distributed import (
     DistContext,
@@ -207,6 +217,50 @@ def needs_calibration(cfg: Any) -> bool:
     return fisher or calibrated
 
 
+def use_streaming(cfg: Any, device: torch.device) -> bool:
+    """``quant.stream``: true/false as set; ``auto`` streams when the full-precision model (its
+    safetensors in ``model.dtype``) would not fit in 90 % of the device's free memory (host
+    MemAvailable on CPU) and the config is streamable (:func:`streamable`)."""
+    mode = cfg.quant.get("stream", "auto")
+    if mode is False or str(mode).lower() == "false":
+        return False
+    why = streamable(cfg)
+    if mode is True or str(mode).lower() == "true":
+        if why is not None:
+            raise ConfigError(f"quant.stream=true but {why}; use quant.stream=false (or auto)")
+        return True
+    if why is not None:
+        return False
+    from lowra.streaming import checkpoint_bytes, source_checkpoint
+
+    try:
+        with hub_access(str(cfg.model.source)):
+            need = checkpoint_bytes(source_checkpoint(model_location(cfg.model)), getattr(torch, cfg.model.dtype))
+    except (ValueError, OSError) as exc:  # no local safetensors (e.g. .bin only): load it the usual way
+        log.info("quant.stream=auto: cannot size the checkpoint (%s); loading it in memory", exc)
+        return False
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        from lowra.streaming import available_host_memory
+
+        free = available_host_memory()
+    stream = need > 0.9 * free
+    log.info("quant.stream=auto: the full-precision model needs %.2f GB, %.2f GB free on %s: %s",
+             need / 1e9, free / 1e9, device, "streaming quantization" if stream else "in memory")
+    return stream
+
+
+def stream_kwargs(cfg: Any, progress: bool, device: torch.device) -> dict[str, Any]:
+    """``quantize_kwargs`` for ``lowra.quantize_pretrained`` (+ dtype, device, arch)."""
+    kw = quantize_kwargs(cfg, progress)
+    if "keep_full_precision" in kw:
+        kw["skip_modules"] = kw.pop("keep_full_precision")
+    kw.update(dtype=str(cfg.model.dtype), device=str(device), arch=str(cfg.model.arch),
+              trust_remote_code=bool(cfg.model.trust_remote_code))
+    return kw
+
+
 def calibration_kwargs(cfg: Any, data: Any) -> dict[str, Any]:
     """Replace ``options.calibration`` by real windows of the fine-tuning stream.
 
@@ -335,10 +389,13 @@ def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | No
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         results = _run_stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix, dist_ctx)
+        peak = peak_memory_bytes(device)
+        if device.type != "cuda" and (results.get("memory") or {}).get("stages"):  # per-stage resets lower ru_maxrss
+            peak = max(peak, int(results["memory"]["stages"]["process_peak_rss_bytes"]))
         results.update(
             strategy=dist_ctx.strategy,
             world_size=dist_ctx.world_size,
-            peak_memory_bytes=peak_memory_bytes(device),
+            peak_memory_bytes=peak,
             wall_time_s=state.wall_time_s(),  # every session, a killed one up to its last checkpoint
             device=str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
             versions=versions(),
@@ -377,13 +434,26 @@ def _run_stages(
     stages.set_description(f"stages: {STAGES[0]}")
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg.data, tokenizer, need_train=steps_wanted or needs_calibration(cfg))
-    model = load_model(cfg.model, device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")  # eval.harness: fails here, not after training
+    from lowra.streaming import PeakMemory
+
+    peaks = PeakMemory()  # peak host RSS / device memory per stage → results["memory"]["stages"]
+    stream = use_streaming(cfg, device)
+    model = None
+    peaks.begin("load")
+    if stream:  # the full-precision model is never loaded: quantize_pretrained reads it block by block
+        if cfg.eval.fp and f"{prefix}_fp" not in state:
+            log.info("quant.stream: the full-precision model is not loaded, %s_fp is not measured", prefix)
+            state.set(**{f"{prefix}_fp": None})
+    else:
+        model = load_model(cfg.model, device)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    # eval.harness: fails here, not after training (streamed: the model's context is checked by lm-eval)
+    harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")
     if cfg.eval.fp and f"{prefix}_fp" not in state:
         state.set(**{f"{prefix}_fp": metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fp", progress))})
+    peaks.end()
     if cfg.eval.fp:
         _log_metric(logger, f"{prefix}_fp", state.get(f"{prefix}_fp"))
     stages.update(1)
@@ -392,7 +462,14 @@ def _run_stages(
     stages.set_description(f"stages: {STAGES[1]}")
     quant_dir = ckpt_dir / "quantized"
     torch.manual_seed(int(cfg.seed))
-    if "quantize_time_s" in state and quant_dir.exists() and load_quantized is not None:
+    peaks.begin("quantize")
+    if ("quantize_time_s" in state and quant_dir.exists() and load_quantized is not None) or stream:
+        if "quantize_time_s" not in state or not quant_dir.exists():  # stream: quantize to quant_dir first
+            t0 = time.perf_counter()
+            res = lowra_api("quantize_pretrained")(model_location(cfg.model), quant_dir,
+                                                   **stream_kwargs(cfg, progress and is_terminal(), device))
+            state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
+                      quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
         model = load_quantized(str(quant_dir), device=str(device))
         if cfg.model.gradient_checkpointing:
@@ -409,6 +486,7 @@ def _run_stages(
         if save_quantized is not None and dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
             save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
+    peaks.end()
     if dist_ctx.distributed:  # every rank quantized (or loaded) the same model: checked, never assumed
         check_same_on_all_ranks(dist_ctx, model)
     atomic_write_json(run_dir / "quant_report.json", report)
@@ -448,11 +526,13 @@ def _run_stages(
         train_model = wrap_for_training(model, dist_ctx, bool(cfg.train.get("fsdp_shard_base", True)))
         if dist_ctx.distributed:
             batches = RankBatches(batches, dist_ctx.rank, dist_ctx.world_size)
+        peaks.begin("fine-tune")
         result = train(
             train_model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
             resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
             optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
         )
+        peaks.end()
     stages.update(1)
 
     # ---- 5. evaluate
@@ -479,6 +559,12 @@ def _run_stages(
                            source_model=model_location(cfg.model), tokenizer=tokenizer)
         memory = memory_report(model) if memory_report is not None else None
         n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
+    if memory is not None:
+        memory["stages"] = peaks.to_dict()  # peak host RSS / device memory of load, quantize, fine-tune
+        memory["stream"] = stream
+        if state.get("quant_stream_stages") is not None:
+            memory["stream_stages"] = state.get("quant_stream_stages")
+            memory["stream_resumed_blocks"] = state.get("quant_stream_resumed")
     return {
         "method": cfg.quant.name,
         "quant_method": cfg.quant.method,

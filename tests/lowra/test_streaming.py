@@ -1,0 +1,213 @@
+"""Streaming quantization (``lowra.streaming.quantize_pretrained``) against the in-memory path.
+
+The real stories260K and a small sharded synthetic Llama are quantized both ways with the same
+options; the saved stream result must hold the same codes, codebooks, scales, plan and adapters,
+bit for bit, and give the same logits. An interrupted run resumes at block granularity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowra
+from experiments.bench_streaming import write_synthetic_llama
+from lowra import streaming
+from lowra.streaming import PeakMemory, checkpoint_bytes, quantize_pretrained
+
+ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
+STORIES = ASSETS / "models" / "stories260K"
+PLAN = {"clusters": 16, "samples": 0, "time_limit": 20}
+
+
+def _in_memory(path: Path, dtype: torch.dtype, **kw):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    torch.manual_seed(0)
+    report = lowra.quantize_model(model, progress=False, **kw)
+    return model, report
+
+
+def _streamed(path: Path, out: Path, dtype: torch.dtype, **kw):
+    torch.manual_seed(0)
+    result = quantize_pretrained(path, out, dtype=dtype, progress=False, **kw)
+    return lowra.load_quantized(out), result
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module, adapters: bool = True) -> None:
+    la, lb = dict(lowra.lowra_layers(a)), dict(lowra.lowra_layers(b))
+    assert la.keys() == lb.keys() and la
+    for name in la:
+        sa, sb = la[name].qweight.state_dict(), lb[name].qweight.state_dict()
+        assert sa.keys() == sb.keys(), name
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}/{k} differs"
+        assert torch.equal(la[name].qweight.bits_per_row, lb[name].qweight.bits_per_row)
+        if adapters and la[name].rank:
+            assert torch.equal(la[name].lora_A, lb[name].lora_A), name
+            assert torch.equal(la[name].lora_B, lb[name].lora_B), name
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """A 3-block Llama (GQA, untied lm_head) in fp32 shards of ≤ 64 kB (several shards per block)."""
+    path = tmp_path_factory.mktemp("synth")
+    facts = write_synthetic_llama(path, hidden=64, ffn=160, layers=3, vocab=128, heads=4, kv_heads=2, tied=False,
+                                  max_shard_bytes=64 << 10)
+    assert facts["shards"] > 3
+    return path
+
+
+def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
+    """The real tiny model at 1.5 bits (LowRA plan + LoftQ): identical codes, adapters and logits."""
+    if not STORIES.is_dir():
+        pytest.fail(f"real model missing: {STORIES} (set LOWRA_ASSETS)")
+    kw = dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=5, plan_options=PLAN)
+    ref, report = _in_memory(STORIES, torch.float32, **kw)
+    got, result = _streamed(STORIES, tmp_path / "q", torch.float32, **kw)
+    _assert_same(ref, got)
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
+    assert result.report.plan["objective"] == pytest.approx(report.plan["objective"])
+    assert result.report.bits_nominal == pytest.approx(report.bits_nominal)
+    assert [lr.name for lr in result.report.layers] == [lr.name for lr in report.layers]
+    assert set(result.stages) == {"setup", "pass1_codebooks", "plan", "pass2_quantize", "assemble_save"}
+    assert all(s["peak_rss_bytes"] > 0 for s in result.stages.values())
+    assert not (tmp_path / "q.partial").exists()  # the work directory is removed at the end
+    assert got.lowra_manifest["report"]["bits_target"] == 1.5
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3, candidates=(1, 2, 4), error="relative",
+         budget_kind="nominal", double_quant=True),
+    dict(bits=3.0, method="nf", rank=4, alpha=8.0, loftq_iters=0),
+    dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, plan="uniform", codebook_iters=3),
+], ids=["lowra-relative-dq", "nf3-lora-init", "lowra-uniform-plan"])
+def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
+    """Sharded source, bf16 compute dtype, untied lm_head kept dense; several methods/options."""
+    kw = {**kw, "plan_options": PLAN} if kw.get("method", "lowra") == "lowra" else kw
+    ref, _ = _in_memory(synth, torch.bfloat16, **kw)
+    got, _ = _streamed(synth, tmp_path / "q", torch.bfloat16, **kw)
+    _assert_same(ref, got)
+    assert got.lm_head.weight.dtype == torch.bfloat16 and torch.equal(got.lm_head.weight, ref.lm_head.weight)
+    x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
+
+
+def test_resume_after_interruption_at_block_granularity(synth, tmp_path, monkeypatch):
+    kw = dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3, plan_options=PLAN, dtype=torch.float32,
+              progress=False)
+    torch.manual_seed(0)
+    full = quantize_pretrained(synth, tmp_path / "full", **kw)
+    assert full.resumed == {"pass1": 0, "pass2": 0}
+
+    real = streaming.loftq_init_fn
+    calls = []
+
+    def crash_in_second_block(w, fn, rank, alpha, iters, name, damp):
+        calls.append(name)
+        if name.startswith("model.layers.1."):
+            raise KeyboardInterrupt("simulated crash")
+        return real(w, fn, rank, alpha, iters, name, damp)
+
+    monkeypatch.setattr(streaming, "loftq_init_fn", crash_in_second_block)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_pretrained(synth, tmp_path / "q", **kw)
+    partial = tmp_path / "q.partial"
+    progress = json.loads((partial / "progress.json").read_text())
+    assert progress["pass1"] == [0, 1, 2] and progress["plan"] is True and progress["pass2"] == [0]
+    assert not (tmp_path / "q").exists()
+
+    monkeypatch.setattr(streaming, "loftq_init_fn", real)
+    resumed = quantize_pretrained(synth, tmp_path / "q", **kw)
+    assert resumed.resumed == {"pass1": 3, "pass2": 1}
+    _assert_same(lowra.load_quantized(tmp_path / "full"), lowra.load_quantized(tmp_path / "q"), adapters=False)
+    assert not partial.exists()
+
+
+def test_resume_refuses_other_options_and_restarts_on_request(synth, tmp_path, monkeypatch):
+    kw = dict(rank=4, alpha=8.0, loftq_iters=0, codebook_iters=2, plan_options=PLAN, progress=False)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(streaming, "loftq_init_fn", crash)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_pretrained(synth, tmp_path / "q", bits=1.5, **kw)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other options"):
+        quantize_pretrained(synth, tmp_path / "q", bits=2.0, **kw)
+    result = quantize_pretrained(synth, tmp_path / "q", bits=2.0, resume=False, **kw)
+    assert result.resumed == {"pass1": 0, "pass2": 0}
+    assert lowra.load_quantized(tmp_path / "q").lowra_manifest["bits"] == 2.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(error="kfac"), "quant.error=kfac"),
+    (dict(error="fisher"), "quant.error=fisher"),
+    (dict(init="calibrated"), "quant.init=calibrated"),
+    (dict(method="none"), "nothing to stream-quantize"),
+    (dict(method="optq", bits=2.0), "needs calibration Hessians"),
+    (dict(calibration=torch.zeros(2, 8, dtype=torch.int64)), "calibration"),
+    (dict(method="nf", bits=1.5), "integer width"),
+    (dict(bits=5.0), "bit budget"),
+    (dict(dtype="float99"), "torch dtype"),
+])
+def test_unstreamable_or_bad_options_raise(synth, tmp_path, kw, match):
+    kw = {"bits": 1.5, **kw}
+    with pytest.raises(ValueError, match=match):
+        quantize_pretrained(synth, tmp_path / "q", progress=False, **kw)
+    assert not (tmp_path / "q").exists()
+
+
+def test_bad_sources_raise(tmp_path, synth):
+    with pytest.raises(ValueError, match="no safetensors"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "config.json").write_text((synth / "config.json").read_text())
+        quantize_pretrained(tmp_path / "empty", tmp_path / "q", bits=2.0, progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in synth.iterdir():
+        (broken / f.name).symlink_to(f)
+    index = json.loads((synth / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    (broken / "model.safetensors.index.json").unlink()
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="up_proj.weight"):
+        quantize_pretrained(broken, tmp_path / "q", bits=2.0, progress=False)
+
+
+def test_nan_weight_is_named(tmp_path):
+    path = tmp_path / "nan"
+    write_synthetic_llama(path, hidden=32, ffn=64, layers=2, vocab=64, heads=2, kv_heads=2)
+    from safetensors.torch import load_file, save_file
+
+    shard = next(path.glob("model-*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, shard)
+    with pytest.raises(ValueError, match="model.layers.1.self_attn.v_proj"):
+        quantize_pretrained(path, tmp_path / "q", bits=2.0, progress=False)
+
+
+def test_checkpoint_bytes_and_peak_memory(synth):
+    stored = checkpoint_bytes(synth)
+    assert stored == sum(f.stat().st_size for f in synth.glob("model-*.safetensors"))
+    n = streaming._Source(synth).numel()
+    assert checkpoint_bytes(synth, torch.bfloat16) == 2 * n
+    peaks = PeakMemory()
+    with peaks.stage("alloc"):
+        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
+        del x
+    st = peaks.stages["alloc"]
+    assert st["time_s"] >= 0 and st["peak_rss_bytes"] >= st["rss_start_bytes"]
+    if peaks.peak_resettable:
+        assert st["peak_rss_bytes"] - st["rss_start_bytes"] >= 60 << 20
