@@ -1,4 +1,4 @@
-"""Shared pieces of the LUT kernels (``kernels.lut_matmul`` GEMV, ``kernels.dequantize``).
+"""Shared pieces of the LUT kernels (``lowra_kernels.lut_matmul`` GEMV, ``lowra_kernels.dequantize``).
 
 A K step covers ``words`` packed int32 words of each of a block of rows, as a
 ``[rows, words, PW2]`` tile (``PW2``: codes per word padded to a power of two). ``lut_select``
@@ -15,7 +15,7 @@ import math
 import triton
 import triton.language as tl
 
-from kernels.layout import codes_per_word
+from lowra_kernels.layout import codes_per_word
 
 UNALIGNED_WORDS = 4  # words per row per K step when a word can straddle a group (3-bit)
 

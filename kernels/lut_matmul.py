@@ -1,7 +1,7 @@
 """LUT matmul with a quantized weight: ``y = x · deq(W)ᵀ`` and ``grad_x = grad_y · deq(W)``.
 
 ``W [out, in]`` is a ``lowra.format.QuantizedTensor`` (rows grouped by bit-width; see
-``kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
+``lowra_kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
 row count ``M``:
 
 * ``M ≤ GEMV_MAX_M`` (decode): ``_lut_gemv_kernel`` — a fused GEMV that reads each packed word
@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word
-from kernels.lut import gemv_k_step, lut_select
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word
+from lowra_kernels.lut import gemv_k_step, lut_select
 
 GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
 TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
@@ -68,7 +68,7 @@ def dequantize_transient(qweight: Any, dtype: torch.dtype) -> torch.Tensor:
     The output is ``torch.empty``: every row belongs to exactly one bit group (a validated
     ``QuantizedTensor``), so no fill pass is spent on it.
     """
-    from kernels.dequantize import dequantize_triton
+    from lowra_kernels.dequantize import dequantize_triton
 
     out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
     w = torch.empty(out_features, in_features, dtype=dtype, device=absmax.device)
@@ -197,7 +197,7 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
 def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
     """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
     a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
-    must stay uncapped. Both found by ``kernels.compile_check`` on sm_90."""
+    must stay uncapped. Both found by ``lowra_kernels.compile_check`` on sm_90."""
     cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
     if config.maxnreg == cap:
         return config
@@ -399,12 +399,12 @@ def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Te
     Not differentiable by itself: use ``LUTMatmulFunction.apply(x, qweight, backend)`` (or
     ``lut_linear``) inside autograd.
     """
-    from kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, x):
         return lut_matmul_triton(x, qweight)
     if use_cpu(backend, x):
-        from kernels.cpu_backend import lut_matmul_cpu
+        from lowra_kernels.cpu_backend import lut_matmul_cpu
 
         return lut_matmul_cpu(x, qweight)
     return lut_matmul_ref(x, qweight)
@@ -412,12 +412,12 @@ def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Te
 
 def lut_matmul_backward(grad_y: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
     """Dispatching backward ``grad_x = grad_y · deq(W)``: ``[..., out]`` → ``[..., in]``."""
-    from kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, grad_y):
         return lut_matmul_backward_triton(grad_y, qweight)
     if use_cpu(backend, grad_y):
-        from kernels.cpu_backend import lut_matmul_backward_cpu
+        from lowra_kernels.cpu_backend import lut_matmul_backward_cpu
 
         return lut_matmul_backward_cpu(grad_y, qweight)
     return lut_matmul_backward_ref(grad_y, qweight)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testutils import DEVICE, mixed_bits, random_qtensor, requires_triton
 
-from kernels.lut_matmul import (
+from lowra_kernels.lut_matmul import (
     LUTMatmulFunction,
     lut_linear,
     lut_matmul,
@@ -168,9 +168,9 @@ def test_gemv_sqnr_against_reference(bits, m):
 
 
 def test_gemv_helpers():
-    from kernels.lut import UNALIGNED_WORDS as GEMV_UNALIGNED_WORDS
-    from kernels.lut import gemv_k_step
-    from kernels.lut_matmul import gemv_block_m, m_bucket
+    from lowra_kernels.lut import UNALIGNED_WORDS as GEMV_UNALIGNED_WORDS
+    from lowra_kernels.lut import gemv_k_step
+    from lowra_kernels.lut_matmul import gemv_block_m, m_bucket
 
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 300)] == [1, 2, 4, 16, 32, 512]
     assert [gemv_block_m(m) for m in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
