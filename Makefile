@@ -32,7 +32,7 @@ assets: $(STAMP)
 	$(PY) -m experiments.assets
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lowra kernels experiments tests
+	$(VENV)/bin/ruff check lowra kernels experiments tests lowra_kernels.py
 
 sweep: $(STAMP)
 	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,lowra_paper,loftq train.max_steps=100 eval.max_tokens=8192
