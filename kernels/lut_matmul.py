@@ -249,6 +249,17 @@ def _lut_gemv_kernel(
     s4 = tl.arange(0, PW2)[None, None, None, :]
     shift = s4 * BITS
     n_words = tl.cdiv(K, PER_WORD)
+    # 3/4-bit: the codebook lookup is a gather from a per-step table in shared memory (below) when a
+    # K step spans at most two scale groups; 1/2-bit (and tiny groups) keep the register select tree.
+    GATHER: tl.constexpr = BITS >= 3 and (ALIGNED or GROUP >= WORDS * PER_WORD)
+    N_CODES: tl.constexpr = 1 << BITS
+    TABLE: tl.constexpr = N_CODES if ALIGNED else 2 * N_CODES  # entries per row: one or two groups
+    if GATHER:
+        e2 = tl.arange(0, TABLE)[None, :]  # [1, TABLE]: entry e of group e // N_CODES of the step
+        cb2 = tl.load(cb_ptr + i64[:, None] * stride_cbr + (e2 % N_CODES), mask=i_ok[:, None],
+                      other=0.0).to(tl.float32)  # [BLOCK_N, TABLE], loaded once
+        a2 = a_ptr + orig[:, None] * stride_ar
+        row_base = (tl.arange(0, BLOCK_N) * TABLE)[None, :, None, None]  # row's slice of the flat table
     acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS, PW2], dtype=tl.float32)
     for w0 in range(pid_k * WORDS, n_words, WORDS * SPLIT_K):
         w = w0 + w_in
@@ -258,7 +269,22 @@ def _lut_gemv_kernel(
         k_ok = k < K
         if not ALIGNED:
             k_ok = k_ok & (s4 < PER_WORD)
-        if ALIGNED:
+        if GATHER:
+            # table[row, h * N_CODES + c] = codebook[row, c] · scale[row, g0 + h] rounded to the activation
+            # dtype (h = 0 only when aligned): one product per row and entry per step, then each code is
+            # one shared-memory load (the flat 1-D gather spans all warps, so Triton stages it in smem)
+            g0 = (w0 * PER_WORD) // GROUP
+            g2 = g0 + e2 // N_CODES
+            sc = tl.load(a2 + g2 * stride_ac, mask=i_ok[:, None] & (g2 * GROUP < K), other=0.0)
+            tab = (cb2 * sc.to(tl.float32)).to(act).to(tl.float32)
+            if ALIGNED:
+                code = (word4 >> shift) & (N_CODES - 1)
+            else:  # padding lanes (s ≥ PER_WORD) read code 0 and are masked by k_ok
+                code = (word4 >> tl.where(s4 < PER_WORD, shift, 0)) & (N_CODES - 1)
+                code += tl.where(k // GROUP > g0, N_CODES, 0)
+            idx = tl.reshape(tl.broadcast_to(code + row_base, [1, BLOCK_N, WORDS, PW2]), [BLOCK_N * WORDS * PW2])
+            v = tl.reshape(tl.gather(tl.reshape(tab, [BLOCK_N * TABLE]), idx, 0), [1, BLOCK_N, WORDS, PW2])
+        elif ALIGNED:
             scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok4, other=0.0)
             v = lut_select(word4, shift, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, BITS - 1, True, act)
         else:
@@ -267,8 +293,11 @@ def _lut_gemv_kernel(
             v = (v * scale.to(tl.float32)).to(act).to(tl.float32)
         # x is loaded at the full tile shape (rows broadcast, L1 hits) so that the load fixes a
         # layout with each thread holding consecutive codes of one word (16-byte vectors).
-        x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
-        xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
+        if GATHER:  # x once per (activation row, code), converted once and broadcast over the rows
+            xt = tl.load(x_ptr + m4 * stride_xm + k, mask=(m4 < M) & k_ok, other=0.0)
+        else:
+            x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
+            xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
         acc += xt.to(tl.float32) * v
     part = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
     m2 = tl.arange(0, BLOCK_M)[:, None]
