@@ -290,7 +290,7 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
     """Static H100 estimate from the sm_90 SASS of the shipped configs (see the module docstring)."""
     from lowra_kernels.compile_check import _args, _configs
     from lowra_kernels.layout import codes_per_word, num_groups
-    from lowra_kernels.lut import gemv_k_step
+    from lowra_kernels.lut import gemv_k_step, gemv_step
 
     out_f, in_f = STATIC_SHAPE
     weights = out_f * in_f
@@ -301,14 +301,15 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
     rows = []
     for bits in bits_list:
         words, pw2, aligned = gemv_k_step(bits, 64)
-        valid = words * codes_per_word(bits)  # codes per row per K step
+        valid = words * codes_per_word(bits)  # codes per row per K step (dequantize)
+        gemv_valid = gemv_step(bits, 64)[0] * codes_per_word(bits)  # the GEMV's K step
         packed = out_f * -(-in_f // codes_per_word(bits)) * 4
         scales = out_f * num_groups(in_f, 64) * 2 + out_f * (2 ** bits) * 2 + out_f * 8
         # GEMV M = 1: instructions of the K loop per weight, best shipped config
         gemv = []
         for cfg in _configs("lut_gemv", _args("lut_gemv", bits, dtype, {"BLOCK_M": 1})):
             r = _compile_sass("lut_gemv", bits, dtype, {"BLOCK_M": 1}, cfg)
-            per_weight = r["sass"]["main_loop_instructions"] * cfg.num_warps / (cfg.kwargs["BLOCK_N"] * valid)
+            per_weight = r["sass"]["main_loop_instructions"] * cfg.num_warps / (cfg.kwargs["BLOCK_N"] * gemv_valid)
             gemv.append({"config": dict(cfg.kwargs), "num_warps": cfg.num_warps, "registers": r["registers"],
                          "loop_instructions": r["sass"]["main_loop_instructions"],
                          "warp_instructions_per_weight": round(per_weight, 4)})

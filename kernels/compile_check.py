@@ -108,10 +108,10 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
                     stride_cbr=1 << bits, stride_ar=groups, stride_ac=1, stride_or=IN_FEATURES, stride_oc=1,
                     BITS=bits, PER_WORD=per_word, PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=GROUP_SIZE)
     if name == "lut_gemv":
-        from lowra_kernels.lut import gemv_k_step
+        from lowra_kernels.lut import gemv_step
 
         block_m = extra["BLOCK_M"]
-        words, pw2, aligned = gemv_k_step(bits, GROUP_SIZE)
+        words, pw2, aligned = gemv_step(bits, GROUP_SIZE)
         return dict(x_ptr=e(1, dtype=t), q_ptr=e(1, dtype=i32), rows_ptr=e(1, dtype=i64), cb_ptr=e(1, dtype=f16),
                     a_ptr=e(1, dtype=f16), ws_ptr=e(1, dtype=f32), M=block_m, n_rows=rows, K=IN_FEATURES,
                     n_split=4, stride_xm=IN_FEATURES, stride_qr=n_words, stride_cbr=1 << bits, stride_ar=groups,

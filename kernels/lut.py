@@ -35,6 +35,36 @@ def gemv_k_step(bits: int, group_size: int) -> tuple[int, int, bool]:
     return UNALIGNED_WORDS, triton.next_power_of_2(per_word), False
 
 
+GATHER_MAX_GROUPS = 4  # scale groups one gathered GEMV step may touch (table of 4 · 2^b entries per row)
+GATHER_WORDS = (16, 8, 4)  # words per row per unaligned gathered GEMV step, largest that fits first
+
+
+def gather_groups(bits: int, words: int, aligned: bool, group_size: int) -> int:
+    """Table groups (a power of two ≤ ``GATHER_MAX_GROUPS``) of the GEMV's shared-memory lookup for
+    3/4-bit codes, or 0 when the step keeps the register select tree (1/2-bit, or a step spanning
+    more groups). Mirrors ``SPAN``/``NG``/``GATHER`` in ``lut_matmul._lut_gemv_kernel``."""
+    if bits < 3:
+        return 0
+    if aligned:
+        return 1
+    span = (words * codes_per_word(bits) - 1) // int(group_size) + 2  # ≥ groups a step can touch
+    return 0 if span > GATHER_MAX_GROUPS else (2 if span <= 2 else 4)
+
+
+def gemv_step(bits: int, group_size: int) -> tuple[int, int, bool]:
+    """``(words, padded codes per word, aligned)`` of one GEMV K step: ``gemv_k_step``, except that
+    an unaligned 3/4-bit step looked up by gather takes the most words (``GATHER_WORDS``) whose
+    codes touch at most ``GATHER_MAX_GROUPS`` scale groups — per-step costs (table, staging,
+    barriers) spread over more codes (3-bit, group 64: 16 words = 160 codes)."""
+    words, pw2, aligned = gemv_k_step(bits, group_size)
+    if aligned or bits < 3:
+        return words, pw2, aligned
+    for w in GATHER_WORDS:
+        if gather_groups(bits, w, aligned, group_size):
+            return w, pw2, aligned
+    return words, pw2, aligned
+
+
 @triton.jit
 def _lut_leaf(cb_row, scale, row_ok, J: tl.constexpr, SCALED: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """Codebook entry ``J`` of each row (fp32); pre-scaled and rounded to the activation dtype."""

@@ -131,7 +131,7 @@ def test_autotune_helper_keeps_one_config_when_interpreting():
 
 def test_gemv_config_pruning_respects_register_budget():
     from lowra_kernels.autotune import configs
-    from lowra_kernels.lut_matmul import GEMV_TILE_BUDGET, prune_gemv_configs
+    from lowra_kernels.lut_matmul import GEMV_GATHER_TILE_BUDGET, GEMV_TILE_BUDGET, prune_gemv_configs
 
     space = configs([{"BLOCK_N": 128, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}])
 
@@ -140,8 +140,9 @@ def test_gemv_config_pruning_respects_register_budget():
 
     assert kept(BITS=2, BLOCK_M=1) == [32]  # 128 * 64 over budget, 4 * 64 under a quarter of it
     assert kept(BITS=2, BLOCK_M=16) == [4]
-    assert GEMV_TILE_BUDGET[4] < GEMV_TILE_BUDGET[2]
-    assert kept(BITS=4, BLOCK_M=1) == [32]
+    assert GEMV_TILE_BUDGET[4] < GEMV_TILE_BUDGET[2] < GEMV_GATHER_TILE_BUDGET
+    assert kept(BITS=4, BLOCK_M=1, ALIGNED=False, GROUP=8) == [32]  # select tree (step spans > 4 groups)
+    assert kept(BITS=4, BLOCK_M=1, ALIGNED=True, GROUP=64) == [128, 32]  # gathered: no tree in registers
     assert len(prune_gemv_configs(space[:1], {}, BITS=2, BLOCK_M=16, WORDS=4, PW2=16)) == 1  # never empty
 
 
