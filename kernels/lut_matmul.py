@@ -5,9 +5,10 @@
 row count ``M``:
 
 * ``M ≤ GEMV_MAX_M`` (decode): ``_lut_gemv_kernel`` — a fused GEMV that reads each packed word
-  once, unpacks by constant shifts, looks codes up in a per-row codebook held in registers (select
-  tree; pre-scaled by the group absmax once per K step since ``group_size`` is a compile-time
-  constant), accumulates in a register tile reduced once after the K loop, and writes fp32 split-K
+  once, unpacks by constant shifts, looks codes up in a per-row codebook pre-scaled by the group absmax
+  once per K step (``group_size`` is a compile-time constant): at 1–2 bits a select tree over entries
+  held in registers, at 3–4 bits one shared-memory load per code from a per-step table (``tl.gather``);
+  accumulates in a register tile reduced once after the K loop, and writes fp32 split-K
   partials to a workspace that is summed in a fixed order (deterministic; no host sync, so decode
   can be captured in a CUDA graph). One launch per stored bit-width plus the partial sum.
 * ``GEMV_MAX_M < M < TRAIN_MIN_M``: ``_lut_mm_kernel`` — a fused tiled ``tl.dot`` GEMM that
@@ -251,9 +252,11 @@ def _lut_gemv_kernel(
     word): each row's ``WORDS`` int32 words are loaded once (contiguous: vector loads), codes come
     out by constant shifts, the codebook lookup is a select tree over entries loaded per row (and,
     when aligned, pre-multiplied by the row's group scale and rounded to the activation dtype once
-    per step, which equals rounding each product), and products accumulate in a 4-D fp32 tile that
-    is reduced once after the loop. Slices ``SPLIT_K ≤ s < n_split`` of ``ws`` are zeroed by the
-    ``pid_k = 0`` programs, so the caller sums a fixed ``n_split`` slices (deterministic).
+    per step, which equals rounding each product) — or, at 3/4 bits (``GATHER``), a gather from a
+    per-step table of the codebook times each scale group the step touches (``_gather_products``) —
+    and products accumulate in 4-D fp32 tiles that are reduced once after the loop. Slices
+    ``SPLIT_K ≤ s < n_split`` of ``ws`` are zeroed by the ``pid_k = 0`` programs, so the caller
+    sums a fixed ``n_split`` slices (deterministic).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
