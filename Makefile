@@ -32,7 +32,7 @@ assets: $(STAMP)
 	$(PY) -m experiments.assets
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lowra kernels experiments tests
+	$(VENV)/bin/ruff check lowra kernels experiments tests lowra_kernels.py
 
 sweep: $(STAMP)
 	$(PY) -m experiments.run -m +bits=1.15,1.5,2,3,4 quant=lowra,lowra_paper,loftq train.max_steps=100 eval.max_tokens=8192
@@ -48,7 +48,7 @@ bench: $(STAMP)
 # Every Triton kernel × autotune config × bits × dtype compiled for sm_90 and sm_80 (no GPU needed);
 # fails on a compile error, a spilling config or duplicate binaries; writes results/bench/kernels_sm90_static.json.
 kernels-compile: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check --arch 90 80
+	env -u TRITON_INTERPRET $(PY) -m lowra_kernels.compile_check --arch 90 80
 
 # Static H100 estimate from the sm_90 SASS (instructions per weight, bytes vs floor); no GPU needed.
 kernels-static: $(STAMP)

@@ -14,7 +14,7 @@ Each configuration generates ``--new-tokens`` tokens greedily (``model.generate`
 ``do_sample=False``) from an 8-token prompt; configurations run in interleaved rounds so that load
 from other processes hits all alike, and the table reports the median tokens/s over rounds and its
 ratio to fp32. ``--reference`` also times the 2-bit model on the PyTorch reference kernels
-(``backend="torch"``: the CPU path before ``kernels.cpu_backend``).
+(``backend="torch"``: the CPU path before ``lowra_kernels.cpu_backend``).
 
     .venv/bin/python -m experiments.bench_decode [--threads 1 2] [--bits 1.5 2 4] [--new-tokens 32]
 
@@ -67,11 +67,11 @@ def bits_per_row(out_features: int, bits: float, gen: torch.Generator) -> torch.
 
 def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, seed: int = 0) -> nn.Module:
     """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place)."""
-    from kernels.layout import words_per_row
     from lowra.format import BitGroup, QuantizedTensor
     from lowra.nn import LowRALinear
     from lowra.normalfloat import normal_float_table
     from lowra.scales import GroupScales, compute_absmax
+    from lowra_kernels.layout import words_per_row
 
     gen = torch.Generator().manual_seed(seed)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]

@@ -13,7 +13,7 @@ speedups).
   weight in the activation dtype; forward+backward (grad_x only, as for a frozen base) at
   M ≥ 512.
 * bitsandbytes NF4 dequantize where bitsandbytes and a GPU are present.
-* ``--cpu-ratios``: the CPU backend (``kernels.cpu_backend``) side by side with what the hardware
+* ``--cpu-ratios``: the CPU backend (``lowra_kernels.cpu_backend``) side by side with what the hardware
   does with a dense matrix of the same shape, at 1 and 2 threads (``--threads``): dequantize to
   fp32 vs the fp16→fp32 conversion of the same matrix (both into a fresh tensor, as a user calls
   them, and into a preallocated one: the kernel alone), and ``lut_matmul`` at M = 1 vs dense fp32
@@ -22,7 +22,7 @@ speedups).
 
 ``--static`` (no GPU needed) prints and writes a **static estimate** instead
 (``results/bench/kernels_static_estimate.json``): the kernels are compiled for sm_90 and their SASS
-counted (``kernels.compile_check``) to give, for a 4096×11008 layer, the bytes moved vs the HBM
+counted (``lowra_kernels.compile_check``) to give, for a 4096×11008 layer, the bytes moved vs the HBM
 floor, the warp-instructions per weight of the GEMV's K loop and of the dequantize kernel, and from
 those an H100 time bound ``max(bytes / 3.0 TB/s, warp-instructions / (528 schedulers × 1.755 GHz))``
 compared with bf16 (GEMV: the bf16 weight read; training: cuBLAS fwd + grad_x at 790 TFLOP/s).
@@ -162,8 +162,8 @@ def _fwd_bwd(fn: Callable, x: torch.Tensor, w: object, grad_y: torch.Tensor, *ex
 
 
 def run(args: argparse.Namespace) -> dict:
-    from kernels.dequantize import dequantize as dequantize_rows
-    from kernels.lut_matmul import LUTMatmulFunction, lut_matmul, weight_parts
+    from lowra_kernels.dequantize import dequantize as dequantize_rows
+    from lowra_kernels.lut_matmul import LUTMatmulFunction, lut_matmul, weight_parts
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     gpu = device.type == "cuda"
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
         path = "Triton kernels (bf16 activations)"
     else:
         name = platform.processor() or platform.machine()
-        path = "C++ CPU backend (kernels.cpu_backend, fp32 activations) — no GPU: Triton kernels NOT timed"
+        path = "C++ CPU backend (lowra_kernels.cpu_backend, fp32 activations) — no GPU: Triton kernels NOT timed"
     return {
         "device": name, "device_type": device.type, "path": path, "quick": bool(args.quick),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -276,7 +276,7 @@ STATIC_TRAIN_M = 2048
 
 
 def _compile_sass(kernel: str, bits: int, dtype: str, extra: dict, cfg: Any) -> dict:
-    from kernels.compile_check import compile_variant
+    from lowra_kernels.compile_check import compile_variant
 
     r = compile_variant({"kernel": kernel, "arch": 90, "bits": bits, "dtype": dtype, "extra": extra,
                          "config_index": 0, "config": dict(cfg.kwargs), "num_warps": cfg.num_warps,
@@ -288,9 +288,9 @@ def _compile_sass(kernel: str, bits: int, dtype: str, extra: dict, cfg: Any) -> 
 
 def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfloat16") -> dict:
     """Static H100 estimate from the sm_90 SASS of the shipped configs (see the module docstring)."""
-    from kernels.compile_check import _args, _configs
-    from kernels.layout import codes_per_word, num_groups
-    from kernels.lut import gemv_k_step
+    from lowra_kernels.compile_check import _args, _configs
+    from lowra_kernels.layout import codes_per_word, num_groups
+    from lowra_kernels.lut import gemv_k_step, gemv_step
 
     out_f, in_f = STATIC_SHAPE
     weights = out_f * in_f
@@ -301,14 +301,15 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
     rows = []
     for bits in bits_list:
         words, pw2, aligned = gemv_k_step(bits, 64)
-        valid = words * codes_per_word(bits)  # codes per row per K step
+        valid = words * codes_per_word(bits)  # codes per row per K step (dequantize)
+        gemv_valid = gemv_step(bits, 64)[0] * codes_per_word(bits)  # the GEMV's K step
         packed = out_f * -(-in_f // codes_per_word(bits)) * 4
         scales = out_f * num_groups(in_f, 64) * 2 + out_f * (2 ** bits) * 2 + out_f * 8
         # GEMV M = 1: instructions of the K loop per weight, best shipped config
         gemv = []
         for cfg in _configs("lut_gemv", _args("lut_gemv", bits, dtype, {"BLOCK_M": 1})):
             r = _compile_sass("lut_gemv", bits, dtype, {"BLOCK_M": 1}, cfg)
-            per_weight = r["sass"]["main_loop_instructions"] * cfg.num_warps / (cfg.kwargs["BLOCK_N"] * valid)
+            per_weight = r["sass"]["main_loop_instructions"] * cfg.num_warps / (cfg.kwargs["BLOCK_N"] * gemv_valid)
             gemv.append({"config": dict(cfg.kwargs), "num_warps": cfg.num_warps, "registers": r["registers"],
                          "loop_instructions": r["sass"]["main_loop_instructions"],
                          "warp_instructions_per_weight": round(per_weight, 4)})
@@ -364,9 +365,9 @@ def run_cpu_ratios(args: argparse.Namespace) -> dict:
     """Time the CPU backend against dense fp16→fp32 conversion and fp32 ``F.linear`` (module doc)."""
     import torch.nn.functional as F
 
-    from kernels import cpu_backend
-    from kernels.dequantize import dequantize as dequantize_rows
-    from kernels.lut_matmul import lut_matmul, weight_parts
+    from lowra_kernels import cpu_backend
+    from lowra_kernels.dequantize import dequantize as dequantize_rows
+    from lowra_kernels.lut_matmul import lut_matmul, weight_parts
 
     if not cpu_backend.available():
         raise RuntimeError(f"the CPU backend did not build: {cpu_backend.failure()}")
@@ -417,8 +418,8 @@ def run_cpu_ratios(args: argparse.Namespace) -> dict:
         torch.set_num_threads(threads_before)
     return {
         "device": platform.processor() or platform.machine(), "device_type": "cpu",
-        "path": "kernels.cpu_backend (C++ extension, AVX2)" if cpu_backend.extension().has_avx2()
-        else "kernels.cpu_backend (C++ extension, scalar build)",
+        "path": "lowra_kernels.cpu_backend (C++ extension, AVX2)" if cpu_backend.extension().has_avx2()
+        else "lowra_kernels.cpu_backend (C++ extension, scalar build)",
         "torch": torch.__version__, "cpu_count": os.cpu_count(), "threads": list(args.threads),
         "group_size": 64, "absmax": "fp16", "activation_dtype": "torch.float32",
         "timing": "perf_counter, 64 MiB cache flush before each rep, median",

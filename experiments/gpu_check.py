@@ -8,7 +8,7 @@ Each step runs as a subprocess under its own timeout and the JSON is rewritten a
 (device name, torch/triton versions, each step's command, exit code, time, and its result), so a
 hang or crash in one step still leaves the others' numbers. Steps:
 
-1. ``kernels.compile_check --arch 90`` on all cores: every shipped kernel config compiles with this
+1. ``lowra_kernels.compile_check --arch 90`` on all cores: every shipped kernel config compiles with this
    Triton (and its on-disk cache is warmed, so autotuning below mostly loads binaries);
 2. ``pytest -m gpu tests/kernels tests/lowra`` (if pytest is installed; otherwise recorded as not run);
 3. for each shape 4096×4096, 4096×11008, 11008×4096: ``experiments.bench_kernels`` with bit plans
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     static = args.out.with_name(f"{args.out.stem}_compile.json")
     report["steps"].append(_step("compile all kernel configs (sm_90)", [
-        sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--jobs", str(os.cpu_count() or 1),
+        sys.executable, "-m", "lowra_kernels.compile_check", "--arch", "90", "--jobs", str(os.cpu_count() or 1),
         "--out", str(static)], timeout=90))
     if static.exists():
         report["steps"][-1]["result"] = json.loads(static.read_text())["summary"]

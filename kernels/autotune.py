@@ -6,7 +6,7 @@ there — the first config of every kernel is therefore its small, interpreter-f
 GPU the full config space is searched once per distinct key (shape, bit-width, M bucket), and the
 winners are cached on disk per GPU and Triton version (``cache_results``, in Triton's cache
 directory), so a later process does not re-tune. Every shipped config compiles for sm_90/sm_80
-without spilling and to a distinct binary: ``python -m kernels.compile_check``.
+without spilling and to a distinct binary: ``python -m lowra_kernels.compile_check``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import triton
 
-from kernels.dispatch import interpreting
+from lowra_kernels.dispatch import interpreting
 
 
 def autotune(

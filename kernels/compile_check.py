@@ -10,7 +10,7 @@ bytes, shared memory) and a hash of its ``.text`` (the SASS) are recorded; optio
 (``--sass``) the SASS is disassembled (``nvdisasm``) and its instructions counted (total, in the
 innermost loop, local-memory spills ``LDL``/``STL``).
 
-``python -m kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] [--out PATH]``
+``python -m lowra_kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] [--out PATH]``
 writes JSON
 (default ``results/bench/kernels_sm90_static.json``) and exits non-zero on any compile failure,
 spilling variant or duplicate binary (two configs of one kernel/bits/dtype with identical SASS).
@@ -58,17 +58,17 @@ def _tools_dir() -> Path:
 def _kernel(name: str) -> Any:
     """The ``Autotuner`` object of kernel ``name`` (imported with the interpreter off)."""
     if name == "pack":
-        from kernels.pack import _pack_kernel as k
+        from lowra_kernels.pack import _pack_kernel as k
     elif name == "unpack":
-        from kernels.unpack import _unpack_kernel as k
+        from lowra_kernels.unpack import _unpack_kernel as k
     elif name == "quantize":
-        from kernels.quantize import _quantize_kernel as k
+        from lowra_kernels.quantize import _quantize_kernel as k
     elif name == "dequantize":
-        from kernels.dequantize import _dequantize_kernel as k
+        from lowra_kernels.dequantize import _dequantize_kernel as k
     elif name == "lut_gemv":
-        from kernels.lut_matmul import _lut_gemv_kernel as k
+        from lowra_kernels.lut_matmul import _lut_gemv_kernel as k
     elif name == "lut_mm":
-        from kernels.lut_matmul import _lut_mm_kernel as k
+        from lowra_kernels.lut_matmul import _lut_mm_kernel as k
     else:
         raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
     return k
@@ -78,7 +78,7 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
     """Representative launch arguments (CPU tensors stand in for device pointers) of one variant."""
     import torch
 
-    from kernels.layout import codes_per_word, num_groups, words_per_row
+    from lowra_kernels.layout import codes_per_word, num_groups, words_per_row
 
     t = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
     per_word = codes_per_word(bits)
@@ -100,7 +100,7 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
                     stride_wr=IN_FEATURES, stride_wc=1, stride_ar=groups, stride_ac=1, stride_tr=(1 << bits) - 1,
                     stride_qr=n_words, BITS=bits, PER_WORD=per_word)
     if name == "dequantize":
-        from kernels.lut import gemv_k_step
+        from lowra_kernels.lut import gemv_k_step
 
         words, pw2, aligned = gemv_k_step(bits, GROUP_SIZE)
         return dict(q_ptr=e(1, dtype=i32), rows_ptr=e(1, dtype=i64), cb_ptr=e(1, dtype=f16), a_ptr=e(1, dtype=f16),
@@ -108,17 +108,17 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
                     stride_cbr=1 << bits, stride_ar=groups, stride_ac=1, stride_or=IN_FEATURES, stride_oc=1,
                     BITS=bits, PER_WORD=per_word, PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=GROUP_SIZE)
     if name == "lut_gemv":
-        from kernels.lut import gemv_k_step
+        from lowra_kernels.lut import gemv_step
 
         block_m = extra["BLOCK_M"]
-        words, pw2, aligned = gemv_k_step(bits, GROUP_SIZE)
+        words, pw2, aligned = gemv_step(bits, GROUP_SIZE)
         return dict(x_ptr=e(1, dtype=t), q_ptr=e(1, dtype=i32), rows_ptr=e(1, dtype=i64), cb_ptr=e(1, dtype=f16),
                     a_ptr=e(1, dtype=f16), ws_ptr=e(1, dtype=f32), M=block_m, n_rows=rows, K=IN_FEATURES,
                     n_split=4, stride_xm=IN_FEATURES, stride_qr=n_words, stride_cbr=1 << bits, stride_ar=groups,
                     stride_ac=1, stride_ws_s=block_m * OUT_FEATURES, stride_ws_m=OUT_FEATURES, BITS=bits,
                     PER_WORD=per_word, PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=GROUP_SIZE, BLOCK_M=block_m)
     if name == "lut_mm":
-        from kernels.lut_matmul import _dot_precision, m_bucket
+        from lowra_kernels.lut_matmul import _dot_precision, m_bucket
 
         return dict(x_ptr=e(1, dtype=t), q_ptr=e(1, dtype=i32), rows_ptr=e(1, dtype=i64), cb_ptr=e(1, dtype=f16),
                     a_ptr=e(1, dtype=f16), y_ptr=e(1, dtype=t), M=GEMM_M - 1, M_BUCKET=m_bucket(GEMM_M), n_rows=rows,
@@ -133,7 +133,7 @@ def _axes(name: str) -> list[tuple[str, dict]]:
     if name in ("pack", "unpack"):
         return [("-", {})]
     if name == "lut_gemv":
-        from kernels.lut_matmul import GEMV_BLOCK_M
+        from lowra_kernels.lut_matmul import GEMV_BLOCK_M
 
         return [(d, {"BLOCK_M": bm}) for d in ACT_DTYPES for bm in GEMV_BLOCK_M]
     return [(d, {}) for d in ACT_DTYPES]
@@ -333,7 +333,8 @@ def run(archs: tuple[int, ...], jobs: int, sass: bool = False, kernels: tuple[st
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
+        raise RuntimeError(
+            "lowra_kernels.compile_check needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     todo = list(variants(archs, kernels, smoke_archs))
     t0 = time.perf_counter()
     if jobs > 1:

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from kernels.layout import codes_per_word
+from lowra_kernels.layout import codes_per_word
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
@@ -160,7 +160,7 @@ def dequantize_cpu(
     group_size: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """``kernels.dequantize.dequantize_ref`` on CPU, bit-exact (same arguments, writes ``out``)."""
+    """``lowra_kernels.dequantize.dequantize_ref`` on CPU, bit-exact (same arguments, writes ``out``)."""
     ext = _require()
     if codes.shape[0] == 0:
         return out

@@ -15,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word
-from kernels.lut import gemv_k_step, lut_select
-from kernels.unpack import unpack_ref
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word
+from lowra_kernels.lut import gemv_k_step, lut_select
+from lowra_kernels.unpack import unpack_ref
 
 
 def dequantize_ref(
@@ -83,7 +83,7 @@ def _dequantize_kernel(
     """out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // GROUP] (rounded once).
 
     ``STEPS`` K steps of ``[BLOCK_R, WORDS, PW2]`` codes per program: each word is loaded once and
-    unpacked by shifts; the lookup is the select tree of ``kernels.lut`` over codebook entries
+    unpacked by shifts; the lookup is the select tree of ``lowra_kernels.lut`` over codebook entries
     pre-multiplied by the row's group scale (aligned widths) — bit-exact with the reference.
     """
     pid_r = tl.program_id(0)
@@ -170,13 +170,13 @@ def dequantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dispatching launcher: Triton on CUDA (or when forced), the C++ CPU backend on CPU
-    (``kernels.cpu_backend``, bit-exact), the reference otherwise."""
-    from kernels.dispatch import use_cpu, use_triton
+    (``lowra_kernels.cpu_backend``, bit-exact), the reference otherwise."""
+    from lowra_kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, codes):
         return dequantize_triton(codes, rows, codebook, absmax, bits, group_size, out)
     if use_cpu(backend, codes):
-        from kernels.cpu_backend import dequantize_cpu
+        from lowra_kernels.cpu_backend import dequantize_cpu
 
         return dequantize_cpu(codes, rows, codebook, absmax, bits, group_size, out)
     return dequantize_ref(codes, rows, codebook, absmax, bits, group_size, out)

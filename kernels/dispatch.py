@@ -1,7 +1,7 @@
 """Choose between a Triton kernel and its PyTorch reference.
 
 ``backend="auto"`` runs Triton on CUDA tensors and, on CPU tensors, the C++ CPU backend
-(``kernels.cpu_backend``; dequantize and LUT matmul only — other ops run their reference) when it
+(``lowra_kernels.cpu_backend``; dequantize and LUT matmul only — other ops run their reference) when it
 builds, else the reference after one warning; ``"torch"`` always runs the reference; ``"cpu"``
 forces the CPU backend (an error if it cannot be built); ``"triton"`` forces the kernel (on a CPU
 tensor that only works under ``TRITON_INTERPRET=1``, which must be set before ``triton`` is
@@ -39,7 +39,7 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
 
 
 def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
-    """Whether to run the CPU backend (``kernels.cpu_backend``) for data living where ``tensor`` is.
+    """Whether to run the CPU backend (``lowra_kernels.cpu_backend``) for data living where ``tensor`` is.
 
     ``"auto"`` picks it for CPU tensors when the extension builds (a failed build warns once and
     the reference runs); ``"cpu"`` demands it.
@@ -51,7 +51,7 @@ def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
             raise ValueError(f"backend='cpu' takes CPU tensors, got a tensor on {tensor.device}")
         return True
     if backend == "auto" and tensor.device.type == "cpu":
-        from kernels.cpu_backend import available
+        from lowra_kernels.cpu_backend import available
 
         return available()
     return False

@@ -1,4 +1,4 @@
-"""Shared pieces of the LUT kernels (``kernels.lut_matmul`` GEMV, ``kernels.dequantize``).
+"""Shared pieces of the LUT kernels (``lowra_kernels.lut_matmul`` GEMV, ``lowra_kernels.dequantize``).
 
 A K step covers ``words`` packed int32 words of each of a block of rows, as a
 ``[rows, words, PW2]`` tile (``PW2``: codes per word padded to a power of two). ``lut_select``
@@ -15,7 +15,7 @@ import math
 import triton
 import triton.language as tl
 
-from kernels.layout import codes_per_word
+from lowra_kernels.layout import codes_per_word
 
 UNALIGNED_WORDS = 4  # words per row per K step when a word can straddle a group (3-bit)
 
@@ -33,6 +33,36 @@ def gemv_k_step(bits: int, group_size: int) -> tuple[int, int, bool]:
     if per_word & (per_word - 1) == 0 and chunk >= per_word:
         return chunk // per_word, per_word, True
     return UNALIGNED_WORDS, triton.next_power_of_2(per_word), False
+
+
+GATHER_MAX_GROUPS = 4  # scale groups one gathered GEMV step may touch (table of 4 · 2^b entries per row)
+GATHER_WORDS = (16, 8, 4)  # words per row per unaligned gathered GEMV step, largest that fits first
+
+
+def gather_groups(bits: int, words: int, aligned: bool, group_size: int) -> int:
+    """Table groups (a power of two ≤ ``GATHER_MAX_GROUPS``) of the GEMV's shared-memory lookup for
+    3/4-bit codes, or 0 when the step keeps the register select tree (1/2-bit, or a step spanning
+    more groups). Mirrors ``SPAN``/``NG``/``GATHER`` in ``lut_matmul._lut_gemv_kernel``."""
+    if bits < 3:
+        return 0
+    if aligned:
+        return 1
+    span = (words * codes_per_word(bits) - 1) // int(group_size) + 2  # ≥ groups a step can touch
+    return 0 if span > GATHER_MAX_GROUPS else (2 if span <= 2 else 4)
+
+
+def gemv_step(bits: int, group_size: int) -> tuple[int, int, bool]:
+    """``(words, padded codes per word, aligned)`` of one GEMV K step: ``gemv_k_step``, except that
+    an unaligned 3/4-bit step looked up by gather takes the most words (``GATHER_WORDS``) whose
+    codes touch at most ``GATHER_MAX_GROUPS`` scale groups — per-step costs (table, staging,
+    barriers) spread over more codes (3-bit, group 64: 16 words = 160 codes)."""
+    words, pw2, aligned = gemv_k_step(bits, group_size)
+    if aligned or bits < 3:
+        return words, pw2, aligned
+    for w in GATHER_WORDS:
+        if gather_groups(bits, w, aligned, group_size):
+            return w, pw2, aligned
+    return words, pw2, aligned
 
 
 @triton.jit

@@ -1,13 +1,14 @@
 """LUT matmul with a quantized weight: ``y = x · deq(W)ᵀ`` and ``grad_x = grad_y · deq(W)``.
 
 ``W [out, in]`` is a ``lowra.format.QuantizedTensor`` (rows grouped by bit-width; see
-``kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
+``lowra_kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
 row count ``M``:
 
 * ``M ≤ GEMV_MAX_M`` (decode): ``_lut_gemv_kernel`` — a fused GEMV that reads each packed word
-  once, unpacks by constant shifts, looks codes up in a per-row codebook held in registers (select
-  tree; pre-scaled by the group absmax once per K step since ``group_size`` is a compile-time
-  constant), accumulates in a register tile reduced once after the K loop, and writes fp32 split-K
+  once, unpacks by constant shifts, looks codes up in a per-row codebook pre-scaled by the group absmax
+  once per K step (``group_size`` is a compile-time constant): at 1–2 bits a select tree over entries
+  held in registers, at 3–4 bits one shared-memory load per code from a per-step table (``tl.gather``);
+  accumulates in a register tile reduced once after the K loop, and writes fp32 split-K
   partials to a workspace that is summed in a fixed order (deterministic; no host sync, so decode
   can be captured in a CUDA graph). One launch per stored bit-width plus the partial sum.
 * ``GEMV_MAX_M < M < TRAIN_MIN_M``: ``_lut_mm_kernel`` — a fused tiled ``tl.dot`` GEMM that
@@ -33,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word
-from kernels.lut import gemv_k_step, lut_select
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word
+from lowra_kernels.lut import gather_groups, gemv_step, lut_select
 
 GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
 TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
@@ -68,7 +69,7 @@ def dequantize_transient(qweight: Any, dtype: torch.dtype) -> torch.Tensor:
     The output is ``torch.empty``: every row belongs to exactly one bit group (a validated
     ``QuantizedTensor``), so no fill pass is spent on it.
     """
-    from kernels.dequantize import dequantize_triton
+    from lowra_kernels.dequantize import dequantize_triton
 
     out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
     w = torch.empty(out_features, in_features, dtype=dtype, device=absmax.device)
@@ -164,6 +165,8 @@ GEMV_BLOCK_M = (1, 4, 16)  # M buckets of the GEMV: M=1, 2-4, 5-16 (one binary e
 # fp32 products BLOCK_M * BLOCK_N * (codes per K step) of a GEMV tile: configs keep budget/4 .. budget
 # (larger tiles spill on sm_90, smaller ones under-use the block); 3/4-bit trees need more registers.
 GEMV_TILE_BUDGET = {1: 4096, 2: 4096, 3: 2048, 4: 2048}
+# 3/4-bit steps looked up by gather (``lut.gather_groups``) hold no select tree: larger tiles fit
+GEMV_GATHER_TILE_BUDGET = 8192
 
 
 def m_bucket(m: int) -> int:
@@ -186,7 +189,8 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
         return kwargs.get(name, named_args.get(name, default))
 
     bits = arg("BITS", 2)
-    budget = GEMV_TILE_BUDGET[bits]
+    gather = gather_groups(bits, arg("WORDS", 4), arg("ALIGNED", True), arg("GROUP", 64))
+    budget = GEMV_GATHER_TILE_BUDGET if gather else GEMV_TILE_BUDGET[bits]
     step = arg("WORDS", 4) * arg("PW2", 16)
     tile = {id(c): arg("BLOCK_M", 1) * c.kwargs["BLOCK_N"] * step for c in configs}
     keep = [c for c in configs if budget // 4 <= tile[id(c)] <= budget]
@@ -197,12 +201,31 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
 def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
     """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
     a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
-    must stay uncapped. Both found by ``kernels.compile_check`` on sm_90."""
+    must stay uncapped. Both found by ``lowra_kernels.compile_check`` on sm_90."""
     cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
     if config.maxnreg == cap:
         return config
     return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
                          maxnreg=cap)
+
+
+@triton.jit
+def _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab_flat, row_base,
+                     S0: tl.constexpr, SW: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+                     GROUP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr):
+    """``x[m, k] · table[row, code(k)]`` for the codes ``S0 ≤ s < S0 + SW`` of each word (``SW`` a power
+    of two): ``[BLOCK_M, BLOCK_N, WORDS, SW]``. 3-bit words (10 codes) run as 8 + 2, so no lane is padding."""
+    s = S0 + tl.arange(0, SW)[None, None, None, :]
+    k = w[None, None, :, None] * PER_WORD + s  # [1, 1, WORDS, SW]
+    k_ok = k < K
+    code = (word4 >> (s * BITS)) & ((1 << BITS) - 1)
+    if not ALIGNED:  # entries h·N_CODES.. of the row's table hold the step's group g0 + h
+        code += (k // GROUP - g0) * (1 << BITS)
+    idx = tl.reshape(tl.broadcast_to(code + row_base, [1, BLOCK_N, WORDS, SW]), [BLOCK_N * WORDS * SW])
+    v = tl.reshape(tl.gather(tab_flat, idx, 0), [1, BLOCK_N, WORDS, SW])
+    # x once per (activation row, code), converted once and broadcast over the weight rows
+    xt = tl.load(x_ptr + m4 * stride_xm + k, mask=(m4 < M) & k_ok, other=0.0)
+    return xt.to(tl.float32) * v
 
 
 @autotune(
@@ -229,9 +252,11 @@ def _lut_gemv_kernel(
     word): each row's ``WORDS`` int32 words are loaded once (contiguous: vector loads), codes come
     out by constant shifts, the codebook lookup is a select tree over entries loaded per row (and,
     when aligned, pre-multiplied by the row's group scale and rounded to the activation dtype once
-    per step, which equals rounding each product), and products accumulate in a 4-D fp32 tile that
-    is reduced once after the loop. Slices ``SPLIT_K ≤ s < n_split`` of ``ws`` are zeroed by the
-    ``pid_k = 0`` programs, so the caller sums a fixed ``n_split`` slices (deterministic).
+    per step, which equals rounding each product) — or, at 3/4 bits (``GATHER``), a gather from a
+    per-step table of the codebook times each scale group the step touches (``_gather_products``) —
+    and products accumulate in 4-D fp32 tiles that are reduced once after the loop. Slices
+    ``SPLIT_K ≤ s < n_split`` of ``ws`` are zeroed by the ``pid_k = 0`` programs, so the caller
+    sums a fixed ``n_split`` slices (deterministic).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -249,7 +274,25 @@ def _lut_gemv_kernel(
     s4 = tl.arange(0, PW2)[None, None, None, :]
     shift = s4 * BITS
     n_words = tl.cdiv(K, PER_WORD)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS, PW2], dtype=tl.float32)
+    # 3/4-bit: the codebook lookup is a gather from a per-step table in shared memory (below) when a
+    # K step spans at most four scale groups; 1/2-bit (and tiny groups) keep the register select tree.
+    SPAN: tl.constexpr = 1 if ALIGNED else (WORDS * PER_WORD - 1) // GROUP + 2  # ≥ groups one step touches
+    NG: tl.constexpr = 1 if SPAN == 1 else (2 if SPAN <= 2 else 4)  # table groups (a power of two)
+    GATHER: tl.constexpr = BITS >= 3 and SPAN <= 4
+    N_CODES: tl.constexpr = 1 << BITS
+    TABLE: tl.constexpr = N_CODES * NG  # entries per row: the codebook scaled by each group of the step
+    if GATHER:
+        e2 = tl.arange(0, TABLE)[None, :]  # [1, TABLE]: entry e of group e // N_CODES of the step
+        cb2 = tl.load(cb_ptr + i64[:, None] * stride_cbr + (e2 % N_CODES), mask=i_ok[:, None],
+                      other=0.0).to(tl.float32)  # [BLOCK_N, TABLE], loaded once
+        a2 = a_ptr + orig[:, None] * stride_ar
+        row_base = (tl.arange(0, BLOCK_N) * TABLE)[None, :, None, None]  # row's slice of the flat table
+    # gather: codes 0..SW1-1 of each word, then SW1..PER_WORD-1 (3-bit: 8 + 2; 4-bit: 8 + none)
+    SW1: tl.constexpr = PW2 if PW2 <= PER_WORD else PW2 // 2
+    SW2: tl.constexpr = PER_WORD - SW1 if GATHER else 0
+    SW2P: tl.constexpr = SW2 if SW2 > 0 else 1
+    acc = tl.zeros([BLOCK_M, BLOCK_N, WORDS, SW1 if GATHER else PW2], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N, WORDS, SW2P], dtype=tl.float32)
     for w0 in range(pid_k * WORDS, n_words, WORDS * SPLIT_K):
         w = w0 + w_in
         word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
@@ -258,19 +301,36 @@ def _lut_gemv_kernel(
         k_ok = k < K
         if not ALIGNED:
             k_ok = k_ok & (s4 < PER_WORD)
-        if ALIGNED:
-            scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok4, other=0.0)
-            v = lut_select(word4, shift, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, BITS - 1, True, act)
+        if GATHER:
+            # table[row, h * N_CODES + c] = codebook[row, c] · scale[row, g0 + h] rounded to the activation
+            # dtype (h < NG; 0 when aligned): one product per row and entry per step, then each code is
+            # one shared-memory load (the flat 1-D gather spans all warps, so Triton stages it in smem)
+            g0 = (w0 * PER_WORD) // GROUP
+            g2 = g0 + e2 // N_CODES
+            sc = tl.load(a2 + g2 * stride_ac, mask=i_ok[:, None] & (g2 * GROUP < K), other=0.0)
+            tab = tl.reshape((cb2 * sc.to(tl.float32)).to(act).to(tl.float32), [BLOCK_N * TABLE])
+            acc += _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab, row_base, 0, SW1, BITS,
+                                    PER_WORD, GROUP, ALIGNED, BLOCK_N, WORDS)
+            if SW2 > 0:
+                acc2 += _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab, row_base, SW1, SW2P,
+                                         BITS, PER_WORD, GROUP, ALIGNED, BLOCK_N, WORDS)
         else:
-            v = lut_select(word4, shift, cb_row, 1.0, row_ok4, 0, 1 << BITS, BITS - 1, False, act)
-            scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok4 & k_ok, other=0.0)
-            v = (v * scale.to(tl.float32)).to(act).to(tl.float32)
-        # x is loaded at the full tile shape (rows broadcast, L1 hits) so that the load fixes a
-        # layout with each thread holding consecutive codes of one word (16-byte vectors).
-        x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
-        xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
-        acc += xt.to(tl.float32) * v
+            if ALIGNED:
+                scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok4, other=0.0)
+                v = lut_select(word4, shift, cb_row, scale.to(tl.float32), row_ok4, 0, 1 << BITS, BITS - 1, True,
+                               act)
+            else:
+                v = lut_select(word4, shift, cb_row, 1.0, row_ok4, 0, 1 << BITS, BITS - 1, False, act)
+                scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok4 & k_ok, other=0.0)
+                v = (v * scale.to(tl.float32)).to(act).to(tl.float32)
+            # x is loaded at the full tile shape (rows broadcast, L1 hits) so that the load fixes a
+            # layout with each thread holding consecutive codes of one word (16-byte vectors).
+            x_ptrs = tl.broadcast_to(x_ptr + m4 * stride_xm + k, [BLOCK_M, BLOCK_N, WORDS, PW2])
+            xt = tl.load(x_ptrs, mask=(m4 < M) & k_ok, other=0.0)
+            acc += xt.to(tl.float32) * v
     part = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_M, BLOCK_N]
+    if GATHER and SW2 > 0:
+        part += tl.sum(tl.sum(acc2, axis=3), axis=2)
     m2 = tl.arange(0, BLOCK_M)[:, None]
     ptrs = ws_ptr + m2 * stride_ws_m + orig[None, :]
     mask = (m2 < M) & i_ok[None, :]
@@ -299,9 +359,10 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
         raise TypeError(f"the Triton LUT matmul runs fp32/fp16/bf16 activations, got {t.dtype}")
 
 
-def gemv_splits(bits: int, block_m: int, words: int, pw2: int) -> int:
+def gemv_splits(bits: int, block_m: int, words: int, pw2: int, aligned: bool = True, group: int = 64) -> int:
     """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count."""
-    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2)
+    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
+                              ALIGNED=aligned, GROUP=group)
     return max(c.kwargs["SPLIT_K"] for c in kept)
 
 
@@ -311,8 +372,8 @@ def _lut_gemv(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
     M = x2.shape[0]
     block_m = gemv_block_m(M)
     live = [g for g in groups if g.rows.numel() > 0]
-    steps = {g.bits: gemv_k_step(g.bits, group_size) for g in live}
-    n_split = max(gemv_splits(b, block_m, w, p) for b, (w, p, _) in steps.items())
+    steps = {g.bits: gemv_step(g.bits, group_size) for g in live}
+    n_split = max(gemv_splits(b, block_m, w, p, a, group_size) for b, (w, p, a) in steps.items())
     ws = torch.empty(n_split, M, out_features, dtype=torch.float32, device=x2.device)
     for g in live:
         n = g.rows.numel()
@@ -399,12 +460,12 @@ def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Te
     Not differentiable by itself: use ``LUTMatmulFunction.apply(x, qweight, backend)`` (or
     ``lut_linear``) inside autograd.
     """
-    from kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, x):
         return lut_matmul_triton(x, qweight)
     if use_cpu(backend, x):
-        from kernels.cpu_backend import lut_matmul_cpu
+        from lowra_kernels.cpu_backend import lut_matmul_cpu
 
         return lut_matmul_cpu(x, qweight)
     return lut_matmul_ref(x, qweight)
@@ -412,12 +473,12 @@ def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Te
 
 def lut_matmul_backward(grad_y: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
     """Dispatching backward ``grad_x = grad_y · deq(W)``: ``[..., out]`` → ``[..., in]``."""
-    from kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import use_cpu, use_triton
 
     if use_triton(backend, grad_y):
         return lut_matmul_backward_triton(grad_y, qweight)
     if use_cpu(backend, grad_y):
-        from kernels.cpu_backend import lut_matmul_backward_cpu
+        from lowra_kernels.cpu_backend import lut_matmul_backward_cpu
 
         return lut_matmul_backward_cpu(grad_y, qweight)
     return lut_matmul_backward_ref(grad_y, qweight)

@@ -1,4 +1,4 @@
-"""Pack ``b``-bit codes into int32 words along the input dimension (layout: ``kernels.layout``).
+"""Pack ``b``-bit codes into int32 words along the input dimension (layout: ``lowra_kernels.layout``).
 
 ``pack_ref`` is the pure-PyTorch reference (the CPU path and the test oracle); ``pack`` dispatches
 to the Triton kernel ``_pack_kernel`` on CUDA (or when forced with ``backend="triton"``).
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word, words_per_row
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word, words_per_row
 
 
 def pack_ref(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ def pack_triton(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, bits: int, backend: str = "auto") -> torch.Tensor:
     """Dispatching launcher: int32 words ``[rows, words]`` from codes ``[rows, in]``."""
-    from kernels.dispatch import use_triton
+    from lowra_kernels.dispatch import use_triton
 
     if use_triton(backend, codes):
         return pack_triton(codes, bits)

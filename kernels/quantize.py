@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word, words_per_row
-from kernels.pack import pack_ref
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word, words_per_row
+from lowra_kernels.pack import pack_ref
 
 
 def normalize_ref(weight: torch.Tensor, absmax: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -144,7 +144,7 @@ def quantize(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dispatching launcher: Triton on CUDA (or when forced), the reference otherwise."""
-    from kernels.dispatch import use_triton
+    from lowra_kernels.dispatch import use_triton
 
     if use_triton(backend, weight):
         return quantize_triton(weight, absmax, thresholds, bits, group_size)

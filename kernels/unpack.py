@@ -1,4 +1,4 @@
-"""Unpack int32 words back into ``b``-bit codes (layout: ``kernels.layout``).
+"""Unpack int32 words back into ``b``-bit codes (layout: ``lowra_kernels.layout``).
 
 ``unpack_ref`` is the pure-PyTorch reference (the CPU path and the test oracle); ``unpack``
 dispatches to the Triton kernel ``_unpack_kernel`` on CUDA (or when forced).
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.autotune import autotune, configs
-from kernels.layout import codes_per_word
+from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.layout import codes_per_word
 
 
 def _check_words(words: torch.Tensor, bits: int, in_features: int) -> int:
@@ -79,7 +79,7 @@ def unpack_triton(words: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 
 def unpack(words: torch.Tensor, bits: int, in_features: int, backend: str = "auto") -> torch.Tensor:
     """Dispatching launcher: int64 codes ``[rows, in_features]`` from int32 words ``[rows, words]``."""
-    from kernels.dispatch import use_triton
+    from lowra_kernels.dispatch import use_triton
 
     if use_triton(backend, words):
         return unpack_triton(words, bits, in_features)

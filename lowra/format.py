@@ -1,7 +1,7 @@
 """``QuantizedTensor``: a weight ``[out, in]`` stored at 1–4 bits per output row.
 
 Layout (see DESIGN.md §4): rows are grouped by bit-width. Each ``BitGroup`` holds the original
-indices of its rows, their codes packed along the input dim into int32 words (``kernels.layout``),
+indices of its rows, their codes packed along the input dim into int32 words (``lowra_kernels.layout``),
 and a codebook of ``2**b`` fp16 mapping values per row (or one row shared by all, as NormalFloat
 does). One ``GroupScales`` holds the absmax of every ``group_size`` inputs of every row, in the
 original row order (fp16, or double-quantized). A weight element is
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from kernels.dequantize import dequantize as dequantize_rows
-from kernels.layout import codes_per_word, num_groups, words_per_row
-from kernels.quantize import quantize as quantize_rows
 from lowra.atomic import atomic_path
 from lowra.scales import DQ_BLOCK, GroupScales, compute_absmax
 from lowra.validation import check_bits, check_group_size, check_weight
+from lowra_kernels.dequantize import dequantize as dequantize_rows
+from lowra_kernels.layout import codes_per_word, num_groups, words_per_row
+from lowra_kernels.quantize import quantize as quantize_rows
 
 FORMAT_NAME = "lowra.QuantizedTensor"
 FORMAT_VERSION = 1
@@ -178,10 +178,10 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ compute
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
         """The weight ``[out, in]`` in ``dtype``, rows in their original order."""
-        from kernels.dispatch import use_cpu
+        from lowra_kernels.dispatch import use_cpu
 
         if use_cpu(backend, self.groups[0].codes):  # C++ CPU backend: one pass, cached tables
-            from kernels.cpu_backend import dequantize_weight_cpu
+            from lowra_kernels.cpu_backend import dequantize_weight_cpu
 
             return dequantize_weight_cpu(self, dtype)
         absmax = self.scales.restore()

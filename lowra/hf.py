@@ -127,10 +127,15 @@ def quantization_config_dict(model: nn.Module, report: Any | None = None) -> dic
             candidates=list(report.candidates), init=report.init, budget_kind=report.budget_kind,
             error=report.error_table,
         )
-        return derived
-    previous = getattr(getattr(model, "config", None), "quantization_config", None)
-    if isinstance(previous, LowRAHfConfig):
-        return dict(previous.options)
+    else:
+        previous = getattr(getattr(model, "config", None), "quantization_config", None)
+        if isinstance(previous, LowRAHfConfig):
+            return dict(previous.options)
+    from lowra.checkpoint import _config_dict
+
+    # the whole LowRAConfig it was quantized with (lowra.LowRAConfig.from_dict restores it on load)
+    if (config := _config_dict(model, report)) is not None:
+        derived["lowra_config"] = config
     return derived
 
 
@@ -448,6 +453,14 @@ class LowRAHfQuantizer(HfQuantizer):
         for name, slot in [(n, m) for n, m in model.named_modules() if isinstance(m, _LowRASlot)]:
             _set_module(model, name, _rebuild(name, slot, verify))
         mark_only_lora_trainable(model)
+        saved = getattr(self.quantization_config, "options", {}).get("lowra_config")
+        if saved is not None:  # folders written before LowRAConfig have none
+            from lowra.config import LowRAConfig
+
+            try:
+                model.lowra_config = LowRAConfig.from_dict(saved)
+            except ValueError as exc:
+                raise ValueError(f"quantization_config.lowra_config is not a valid LowRAConfig: {exc}") from None
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,8 +6,8 @@ export to PEFT without transposes).
 
 The base is either a ``QuantizedTensor`` (1–4 bits per output row) or a frozen dense weight (the
 plain-LoRA baseline, ``method="none"``). Its matmul runs through ``QuantizedMatmul``, a custom
-autograd Function: forward runs ``kernels.lut_matmul`` (on CUDA the fused Triton LUT matmul that
-dequantizes tiles in registers; on CPU the C++ backend ``kernels.cpu_backend``: a fused GEMV for
+autograd Function: forward runs ``lowra_kernels.lut_matmul`` (on CUDA the fused Triton LUT matmul that
+dequantizes tiles in registers; on CPU the C++ backend ``lowra_kernels.cpu_backend``: a fused GEMV for
 M ≤ 16, a transient dequantized weight + BLAS above), backward runs
 its transposed counterpart and returns only the gradient w.r.t. the input. No gradient, optimizer state or
 persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
@@ -52,7 +52,7 @@ class QuantizedMatmul(torch.autograd.Function):
         ctx.base = base
         ctx.backend = backend
         if isinstance(base, QuantizedTensor):
-            from kernels.lut_matmul import lut_matmul
+            from lowra_kernels.lut_matmul import lut_matmul
 
             return lut_matmul(x, base, backend)
         return F.linear(x, base.to(x.dtype))
@@ -62,7 +62,7 @@ class QuantizedMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if isinstance(ctx.base, QuantizedTensor):
-                from kernels.lut_matmul import lut_matmul_backward
+                from lowra_kernels.lut_matmul import lut_matmul_backward
 
                 grad_x = lut_matmul_backward(grad_out.contiguous(), ctx.base, ctx.backend)
             else:

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.pack import pack
 from lowra.format import BitGroup, QuantizedTensor, midpoints
 from lowra.normalfloat import normal_float_table
 from lowra.quantizers import register_quantizer
@@ -46,6 +45,7 @@ from lowra.quantizers.base import Quantizer
 from lowra.quantizers.uniform import uniform_table
 from lowra.scales import GroupScales, compute_absmax
 from lowra.validation import check_bits, check_group_size, check_weight
+from lowra_kernels.pack import pack
 
 __all__ = ["OPTQQuantizer", "OPTQResult", "hessian_from_inputs", "optq_quantize", "output_error"]
 

@@ -1,7 +1,7 @@
 """Every Triton kernel × shipped autotune config × bit-width × dtype compiles for sm_90 (and sm_80).
 
 No GPU is needed: Triton's bundled ptxas builds the binaries for a ``GPUTarget``. The compile runs
-in a subprocess (``python -m kernels.compile_check``) because this session runs the interpreter
+in a subprocess (``python -m lowra_kernels.compile_check``) because this session runs the interpreter
 (``TRITON_INTERPRET=1`` replaces ``triton.jit``). sm_90 gets every config, sm_80 the first kept
 config of each (kernel, bits, dtype, M tile). Fails on any compile error, on any variant that
 spills registers to local memory, and on configs of one kernel that compile to identical SASS.
@@ -41,7 +41,7 @@ def test_every_kernel_config_compiles_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     jobs = str(max(1, min(8, os.cpu_count() or 1)))
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--smoke-arch", "80", "--jobs", jobs,
+        [sys.executable, "-m", "lowra_kernels.compile_check", "--arch", "90", "--smoke-arch", "80", "--jobs", jobs,
          "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )
@@ -66,7 +66,7 @@ def test_every_kernel_config_compiles_for_sm90_without_spills(tmp_path):
 
 
 def test_sass_analysis_counts_loop_body_and_spills():
-    from kernels.compile_check import analyze_sass
+    from lowra_kernels.compile_check import analyze_sass
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -88,7 +88,7 @@ def test_variant_space_has_no_n_rows_in_autotune_keys():
     """Autotune keys never hold the stored row count (it differs per bit group: re-tuning)."""
     code = (
         "import json\n"
-        "from kernels.compile_check import KERNELS, _kernel\n"
+        "from lowra_kernels.compile_check import KERNELS, _kernel\n"
         "print(json.dumps({n: list(_kernel(n).keys) for n in KERNELS}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

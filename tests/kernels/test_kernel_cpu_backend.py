@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``kernels.cpu_backend``) against the PyTorch references.
+"""The C++ CPU backend (``lowra_kernels.cpu_backend``) against the PyTorch references.
 
 dequantize and the M > 16 / non-fp32 matmuls are bit-exact with the references; the fused M ≤ 16
 fp32 products are compared with an fp64 product (their summation order differs from BLAS).
@@ -10,18 +10,18 @@ import pytest
 import torch
 from kernel_testutils import mixed_bits, random_qtensor
 
-import kernels.cpu_backend as cpu
-from kernels.dequantize import dequantize, dequantize_ref
-from kernels.dispatch import use_cpu
-from kernels.layout import num_groups
-from kernels.lut_matmul import (
+import lowra_kernels.cpu_backend as cpu
+from lowra_kernels.dequantize import dequantize, dequantize_ref
+from lowra_kernels.dispatch import use_cpu
+from lowra_kernels.layout import num_groups
+from lowra_kernels.lut_matmul import (
     lut_linear,
     lut_matmul,
     lut_matmul_backward,
     lut_matmul_backward_ref,
     lut_matmul_ref,
 )
-from kernels.pack import pack_ref
+from lowra_kernels.pack import pack_ref
 
 NAN = float("nan")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_testutils import DEVICE, mixed_bits, random_qtensor, requires_triton
 
-from kernels.dequantize import dequantize, dequantize_ref
-from kernels.layout import num_groups
-from kernels.pack import pack_ref
+from lowra_kernels.dequantize import dequantize, dequantize_ref
+from lowra_kernels.layout import num_groups
+from lowra_kernels.pack import pack_ref
 
 pytestmark = requires_triton
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testutils import DEVICE, mixed_bits, random_qtensor, requires_triton
 
-from kernels.lut_matmul import (
+from lowra_kernels.lut_matmul import (
     LUTMatmulFunction,
     lut_linear,
     lut_matmul,
@@ -168,9 +168,9 @@ def test_gemv_sqnr_against_reference(bits, m):
 
 
 def test_gemv_helpers():
-    from kernels.lut import UNALIGNED_WORDS as GEMV_UNALIGNED_WORDS
-    from kernels.lut import gemv_k_step
-    from kernels.lut_matmul import gemv_block_m, m_bucket
+    from lowra_kernels.lut import UNALIGNED_WORDS as GEMV_UNALIGNED_WORDS
+    from lowra_kernels.lut import gather_groups, gemv_k_step, gemv_step
+    from lowra_kernels.lut_matmul import gemv_block_m, m_bucket
 
     assert [m_bucket(m) for m in (1, 2, 3, 16, 17, 300)] == [1, 2, 4, 16, 32, 512]
     assert [gemv_block_m(m) for m in (1, 2, 4, 5, 16)] == [1, 4, 4, 16, 16]
@@ -181,3 +181,12 @@ def test_gemv_helpers():
     assert gemv_k_step(4, 4096) == (32, 8, True)  # steps stay inside one group (256 codes)
     assert gemv_k_step(3, 64) == (GEMV_UNALIGNED_WORDS, 16, False)  # 10 codes per word
     assert gemv_k_step(1, 16) == (GEMV_UNALIGNED_WORDS, 32, False)  # group smaller than a word
+    # the GEMV's own step: 3/4-bit unaligned steps looked up by gather take the most words whose
+    # codes touch at most 4 scale groups; aligned and 1/2-bit steps are gemv_k_step's
+    assert gemv_step(3, 64) == (16, 16, False) and gather_groups(3, 16, False, 64) == 4  # 160 codes
+    assert gemv_step(3, 128) == (16, 16, False) and gather_groups(3, 16, False, 128) == 4
+    assert gemv_step(3, 256) == (16, 16, False) and gather_groups(3, 16, False, 256) == 2
+    assert gemv_step(3, 16) == (4, 16, False) and gather_groups(3, 4, False, 16) == 4
+    assert gemv_step(3, 8) == (GEMV_UNALIGNED_WORDS, 16, False) and gather_groups(3, 4, False, 8) == 0
+    assert gemv_step(4, 64) == gemv_k_step(4, 64) and gather_groups(4, 8, True, 64) == 1
+    assert gemv_step(2, 64) == gemv_k_step(2, 64) and gather_groups(2, 4, True, 64) == 0

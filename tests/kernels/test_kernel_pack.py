@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_testutils import DEVICE, requires_triton
 
-from kernels.dispatch import interpreting
-from kernels.pack import pack, pack_ref
-from kernels.unpack import unpack, unpack_ref
+from lowra_kernels.dispatch import interpreting
+from lowra_kernels.pack import pack, pack_ref
+from lowra_kernels.unpack import unpack, unpack_ref
 
 pytestmark = requires_triton
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_testutils import DEVICE, mixed_bits, random_codebooks, requires_triton
 
-from kernels.quantize import quantize, quantize_ref
 from lowra.format import QuantizedTensor, midpoints
 from lowra.scales import GroupScales, compute_absmax
+from lowra_kernels.quantize import quantize, quantize_ref
 
 pytestmark = requires_triton
 

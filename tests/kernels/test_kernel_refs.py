@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from kernels.dequantize import dequantize, dequantize_ref
-from kernels.dispatch import interpreting, use_triton
-from kernels.layout import codes_per_word, num_groups, words_per_row
-from kernels.pack import pack, pack_ref
-from kernels.quantize import codes_ref, normalize_ref, quantize, quantize_ref
-from kernels.unpack import unpack, unpack_ref
+from lowra_kernels.dequantize import dequantize, dequantize_ref
+from lowra_kernels.dispatch import interpreting, use_triton
+from lowra_kernels.layout import codes_per_word, num_groups, words_per_row
+from lowra_kernels.pack import pack, pack_ref
+from lowra_kernels.quantize import codes_ref, normalize_ref, quantize, quantize_ref
+from lowra_kernels.unpack import unpack, unpack_ref
 
 
 def test_layout_helpers():
@@ -114,7 +114,7 @@ def test_dispatch_rules():
 def test_autotune_helper_keeps_one_config_when_interpreting():
     import triton
 
-    from kernels.autotune import autotune, configs
+    from lowra_kernels.autotune import autotune, configs
 
     space = configs([{"B": 16}, {"B": 32}], num_warps=(2, 4))
     assert len(space) == 4 and space[0].kwargs == {"B": 16} and space[0].num_warps == 2
@@ -130,8 +130,8 @@ def test_autotune_helper_keeps_one_config_when_interpreting():
 
 
 def test_gemv_config_pruning_respects_register_budget():
-    from kernels.autotune import configs
-    from kernels.lut_matmul import GEMV_TILE_BUDGET, prune_gemv_configs
+    from lowra_kernels.autotune import configs
+    from lowra_kernels.lut_matmul import GEMV_GATHER_TILE_BUDGET, GEMV_TILE_BUDGET, prune_gemv_configs
 
     space = configs([{"BLOCK_N": 128, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}])
 
@@ -140,14 +140,15 @@ def test_gemv_config_pruning_respects_register_budget():
 
     assert kept(BITS=2, BLOCK_M=1) == [32]  # 128 * 64 over budget, 4 * 64 under a quarter of it
     assert kept(BITS=2, BLOCK_M=16) == [4]
-    assert GEMV_TILE_BUDGET[4] < GEMV_TILE_BUDGET[2]
-    assert kept(BITS=4, BLOCK_M=1) == [32]
+    assert GEMV_TILE_BUDGET[4] < GEMV_TILE_BUDGET[2] < GEMV_GATHER_TILE_BUDGET
+    assert kept(BITS=4, BLOCK_M=1, ALIGNED=False, GROUP=8) == [32]  # select tree (step spans > 4 groups)
+    assert kept(BITS=4, BLOCK_M=1, ALIGNED=True, GROUP=64) == [128, 32]  # gathered: no tree in registers
     assert len(prune_gemv_configs(space[:1], {}, BITS=2, BLOCK_M=16, WORDS=4, PW2=16)) == 1  # never empty
 
 
 def test_dequantize_config_pruning():
-    from kernels.autotune import configs
-    from kernels.dequantize import DEQUANT_TILE_BUDGET, prune_dequantize_configs
+    from lowra_kernels.autotune import configs
+    from lowra_kernels.dequantize import DEQUANT_TILE_BUDGET, prune_dequantize_configs
 
     space = configs([{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 128, "STEPS": 1}])
     assert [c.kwargs["BLOCK_R"] for c in prune_dequantize_configs(space, {}, WORDS=4, PW2=16)] == [16]

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.unpack import unpack_ref
 from lowra.format import midpoints
 from lowra.loftq import loftq_init
 from lowra.normalfloat import normal_float_table
 from lowra.quantizers import quantize
 from lowra.scales import GroupScales, compute_absmax
+from lowra_kernels.unpack import unpack_ref
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("LOWRA_ASSETS", REPO.parent / "shared" / "assets"))

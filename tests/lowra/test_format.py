@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from kernels.layout import words_per_row
 from lowra import FormatError, QuantizedTensor, quantize
 from lowra.scales import GroupScales, compute_absmax
+from lowra_kernels.layout import words_per_row
 
 
 def _mixed_bits(out: int) -> torch.Tensor:

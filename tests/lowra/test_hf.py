@@ -104,6 +104,9 @@ def test_from_pretrained_gives_identical_logits(quantized, saved):
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, LowRALinear)
     assert isinstance(loaded.config.quantization_config, LowRAHfConfig) and loaded.is_quantized
     assert torch.equal(_logits(loaded), _logits(model))
+    # the LowRAConfig it was quantized with travels in quantization_config and comes back
+    assert loaded.config.quantization_config.options["lowra_config"] == model.lowra_config.to_dict()
+    assert loaded.lowra_config == model.lowra_config
     for (n, a), (m, b) in zip(lowra_layers(model), lowra_layers(loaded)):
         assert n == m and torch.equal(a.qweight.bits_per_row, b.qweight.bits_per_row)
         assert b.qweight.scales.double_quant and (a.rank, a.alpha) == (b.rank, b.alpha)

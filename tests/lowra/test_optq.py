@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.unpack import unpack_ref
 from lowra.calibration import calibration_windows, collect_hessians
 from lowra.quantizers import get_quantizer, quantize
 from lowra.quantizers.optq import hessian_from_inputs, optq_quantize, output_error
 from lowra.quantizers.uniform import uniform_table
+from lowra_kernels.unpack import unpack_ref
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("LOWRA_ASSETS", REPO.parent / "shared" / "assets"))
