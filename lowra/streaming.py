@@ -565,7 +565,8 @@ def quantize_pretrained(
             ``method="none"``), a source without safetensors, a target missing from the checkpoint,
             NaN/Inf weights, or any option ``quantize_model`` refuses.
     """
-    from lowra.model import _layer_quantizer, _solve_plan
+    from lowra.quantize_layers import layer_quantizer as _layer_quantizer
+    from lowra.stages import _solve_plan
 
     t_start = time.perf_counter()
     peaks = PeakMemory()
@@ -681,7 +682,7 @@ def quantize_pretrained(
                         raise
                     raise ValueError(f"quant.budget_kind=effective, bits={bits}: {exc}") from exc
                 layer_bits = dict(zip(names, per_layer))
-                from lowra.model import _jsonable
+                from lowra.report import _jsonable
 
                 report.plan = _jsonable(report.plan)
                 partial.write("plan", None, {n: b.to(torch.int8) for n, b in layer_bits.items()},
@@ -797,7 +798,7 @@ def _assemble(
     module_kw: dict[str, Any],
 ) -> None:
     """Fill the meta ``model``: LowRALinear layers from the pass-2 block files, the rest from the source."""
-    from lowra.model import _set_module
+    from lowra.layers import set_module as _set_module
 
     targets = set()
     for i, (_, block_names) in enumerate(blocks):
