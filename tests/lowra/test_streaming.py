@@ -80,7 +80,7 @@ def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
     assert set(result.stages) == {"setup", "pass1_codebooks", "plan", "pass2_quantize", "assemble_save"}
     assert all(s["peak_rss_bytes"] > 0 for s in result.stages.values())
     assert not (tmp_path / "q.partial").exists()  # the work directory is removed at the end
-    assert got.lowra_manifest["report"]["bits_target"] == 1.5
+    assert json.loads((tmp_path / "q" / "lowra_report.json").read_text())["bits_target"] == 1.5
 
 
 @pytest.mark.parametrize("kw", [
@@ -147,7 +147,7 @@ def test_resume_refuses_other_options_and_restarts_on_request(synth, tmp_path, m
         quantize_pretrained(synth, tmp_path / "q", bits=2.0, **kw)
     result = quantize_pretrained(synth, tmp_path / "q", bits=2.0, resume=False, **kw)
     assert result.resumed == {"pass1": 0, "pass2": 0}
-    assert lowra.load_quantized(tmp_path / "q").lowra_manifest["bits"] == 2.0
+    assert lowra.load_quantized(tmp_path / "q").config.quantization_config.options["bits"] == 2.0
 
 
 @pytest.mark.parametrize("kw, match", [
