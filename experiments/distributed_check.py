@@ -233,7 +233,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
-    if not (work / "model" / "manifest.json").exists():
+    from lowra.checkpoint import is_checkpoint
+
+    if not is_checkpoint(work / "model"):
         prepare(work, bits=args.bits)
     train = {**TRAIN, "max_steps": args.steps, "checkpoint_every": max(1, args.steps // 2)}
     half = args.steps // 2

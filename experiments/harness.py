@@ -471,14 +471,14 @@ def wikitext2_perplexity(
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A saved quantized + adapted model: the ONE place the evaluation reads checkpoints.
 
-    A ``lowra.save_quantized`` directory (``manifest.json``) goes through ``lowra.load_quantized``;
-    a Hugging Face model folder (``config.json``, e.g. an HF-native LowRA checkpoint once ``import
-    lowra`` registers its quantizer) through ``AutoModelForCausalLM.from_pretrained``.
+    A ``lowra.save_quantized`` directory (``lowra.is_checkpoint``: the HF-native folder or the older
+    manifest layout) goes through ``lowra.load_quantized``; any other Hugging Face model folder
+    (``config.json``) through ``AutoModelForCausalLM.from_pretrained``.
     """
     import lowra
 
     path = Path(directory)
-    if (path / "manifest.json").is_file():
+    if lowra.is_checkpoint(path):  # HF-native LowRA folders and the older manifest layout
         return lowra.load_quantized(str(path), device=str(device))
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM
@@ -503,11 +503,21 @@ def load_tokenizer_from(where: str) -> Any:
                              f"pass --tokenizer") from exc
 
 
+def _saved_options(model: torch.nn.Module) -> dict[str, Any]:
+    """What a loaded checkpoint records about itself: the legacy manifest, else the HF quantization_config."""
+    manifest = getattr(model, "lowra_manifest", None)
+    if manifest:
+        return manifest
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    options = dict(getattr(qc, "options", None) or {})
+    return {**options, "source_model": getattr(qc, "source_model", None)}
+
+
 def _checkpoint_tokenizer_location(path: Path, model: torch.nn.Module) -> str:
     """The checkpoint's own tokenizer files, else the source model recorded in it."""
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return str(path)
-    manifest = getattr(model, "lowra_manifest", None) or {}
+    manifest = _saved_options(model)
     where = manifest.get("source_model") or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not where:
         raise ValueError(f"{path}: no tokenizer in the checkpoint and no source model recorded; pass --tokenizer")
@@ -544,7 +554,7 @@ def load_for_eval(
         model = load_checkpoint(path, device)
         tok_from = tokenizer or _checkpoint_tokenizer_location(path, model)
         tok = load_tokenizer_from(tok_from)
-        manifest = getattr(model, "lowra_manifest", None) or {}
+        manifest = _saved_options(model)
         info = {"name": path.name if path.name != "model" else path.parent.name, "source": str(path.resolve()),
                 "tokenizer": tok_from, "method": manifest.get("method"), "bits_target": manifest.get("bits")}
         return model, tok, {**info, **bits_of(model)}

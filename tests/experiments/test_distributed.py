@@ -112,8 +112,8 @@ def test_fsdp2_resume_continues_the_same_run(runs):
 @pytest.mark.slow
 def test_fsdp2_checkpoint_loads_in_one_process_with_identical_logits(runs):
     assert check.reload_logits(runs, f"fsdp2-{WORLD}") == 0.0
-    manifest = json.loads((runs / f"saved-fsdp2-{WORLD}" / "manifest.json").read_text())
-    assert "FSDP" not in manifest["model_class"]
+    config = json.loads((runs / f"saved-fsdp2-{WORLD}" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]  # the plain model class, not an FSDP wrapper
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_torchrun_runner_fsdp2(tmp_path):
     r = json.loads((run_dir / "results.json").read_text())
     assert (r["strategy"], r["world_size"], r["train_steps"]) == ("fsdp2", WORLD, 4)
     assert r["ppl_finetuned"] < r["ppl_quantized"]
-    assert (run_dir / "model" / "manifest.json").exists() and (run_dir / "checkpoint" / "last.pt").exists()
+    assert (run_dir / "model" / "config.json").exists() and (run_dir / "checkpoint" / "last.pt").exists()
     # resume=true on the finished run: reported as finished by both ranks, nothing redone
     again = subprocess.run(cmd + ["resume=true"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
