@@ -390,11 +390,9 @@ def save_quantized_legacy(
 
 
 def _config_dict(model: nn.Module, report: Any | None) -> dict[str, Any] | None:
-    """``LowRAConfig.to_dict()`` of ``model.lowra_config`` (else the report's), None if unknown."""
-    config = getattr(model, "lowra_config", None)
-    if config is not None:
-        return config.to_dict()
-    return getattr(report, "config", None)
+    from lowra.hf import lowra_config_dict
+
+    return lowra_config_dict(model, report)
 
 
 def _method_of(layers: list[tuple[str, LowRALinear]]) -> str:

@@ -97,6 +97,14 @@ def _most_common(values: list) -> Any:
     return Counter(values).most_common(1)[0][0] if values else None
 
 
+def lowra_config_dict(model: nn.Module, report: Any | None) -> dict[str, Any] | None:
+    """``LowRAConfig.to_dict()`` of ``model.lowra_config`` (else the report's), None if unknown."""
+    config = getattr(model, "lowra_config", None)
+    if config is not None:
+        return config.to_dict()
+    return getattr(report, "config", None)
+
+
 def quantization_config_dict(model: nn.Module, report: Any | None = None) -> dict[str, Any]:
     """The quantization options of a quantized ``model`` as a JSON-able dict.
 
@@ -131,10 +139,8 @@ def quantization_config_dict(model: nn.Module, report: Any | None = None) -> dic
         previous = getattr(getattr(model, "config", None), "quantization_config", None)
         if isinstance(previous, LowRAHfConfig):
             return dict(previous.options)
-    from lowra.checkpoint import _config_dict
-
     # the whole LowRAConfig it was quantized with (lowra.LowRAConfig.from_dict restores it on load)
-    if (config := _config_dict(model, report)) is not None:
+    if (config := lowra_config_dict(model, report)) is not None:
         derived["lowra_config"] = config
     return derived
 
