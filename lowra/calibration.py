@@ -171,10 +171,7 @@ def collect_fisher(
     if device is None:
         device = next(model.parameters()).device
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    # Without the diagonal Fisher no weight gradient is needed: the graph is made to start at the
-    # embeddings' output instead, so backward computes activation gradients only (∂L/∂y for G)
-    # and never allocates an fp32 gradient per target weight.
-    target_ids = {id(m.weight) for _, m in targets} if diagonal else set()
+    target_ids = {id(m.weight) for _, m in targets}
     for p in model.parameters():
         p.requires_grad_(id(p) in target_ids)
     fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32, device="cpu") for n, m in targets} if diagonal else {}
@@ -220,12 +217,6 @@ def collect_fisher(
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in targets] if hessians or output_grads else []
-    if not diagonal:
-        if not output_grads:
-            raise ValueError("collect_fisher: diagonal=False and output_grads=False leaves nothing to "
-                             "back-propagate; use collect_hessians for input Grams alone")
-        handles.append(model.get_input_embeddings().register_forward_hook(
-            lambda _m, _a, out: out.requires_grad_() if isinstance(out, torch.Tensor) else out))
     was_training = model.training
     model.eval()
     chunks = 0
@@ -238,7 +229,7 @@ def collect_fisher(
             with torch.enable_grad():
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
-            for name, m in targets if diagonal else ():
+            for name, m in targets:
                 g = m.weight.grad
                 if g is None:
                     raise ValueError(f"quant.error=fisher: no gradient reached layer {name!r}")
@@ -266,11 +257,5 @@ def collect_fisher(
             sums[n] /= max(counts[n], 1)
         hess = {n: sums[alias.get(n, n)] for n, _ in targets}
     if output_grads:
-        for name, _ in targets:
-            if name not in gsums:
-                raise ValueError(f"quant.error=kfac: no output gradient reached layer {name!r}")
-            if not bool(torch.isfinite(gsums[name]).all()):
-                raise ValueError(f"quant.error=kfac: non-finite output gradient in layer {name!r}; "
-                                 "check the model and the calibration text")
         return fisher, hess, {n: (gsums[n] / max(gcounts[n], 1)).cpu() for n, _ in targets}
     return fisher, hess

@@ -16,7 +16,7 @@ from lowra.config import HYDRA_KEYS, INIT_FIELDS, LOWRA_ONLY, LowRAConfig, confi
 
 #: keys of conf/quant/*.yaml that are the runner's, not quantize_model's (a preset's name, the
 #: budgets it accepts, the recipe of the calibration windows).
-RUNNER_ONLY = {"name", "budget_min", "budget_max", "budget_choices", "options.calibration.samples",
+RUNNER_ONLY = {"name", "budget_min", "budget_max", "budget_choices", "stream", "options.calibration.samples",
                "options.calibration.seq_len", "options.calibration.seed"}
 
 

@@ -91,31 +91,6 @@ def test_collect_fisher_on_stories260k(windows):
     torch.testing.assert_close(f1[names[0]], model.get_submodule(names[0]).weight.grad ** 2)
 
 
-def test_kfac_statistics_without_weight_gradients(windows):
-    """diagonal=False back-propagates to activations only: the same G and H, no weight gradient."""
-    model = load_model()
-    names = ["model.layers.0.self_attn.v_proj", "model.layers.4.mlp.down_proj"]
-    full = collect_fisher(model, windows.split(4), names, hessians=True, output_grads=True)
-    seen = []
-    handles = [model.get_submodule(n).weight.register_post_accumulate_grad_hook(lambda p: seen.append(p))
-               for n in names]
-    lean = collect_fisher(model, windows.split(4), names, hessians=True, output_grads=True, diagonal=False)
-    for h in handles:
-        h.remove()
-    assert lean[0] == {} and not seen
-    for n in names:
-        torch.testing.assert_close(lean[1][n], full[1][n], rtol=0, atol=0)
-        torch.testing.assert_close(lean[2][n], full[2][n], rtol=1e-6, atol=0)
-        assert lean[2][n].shape == (model.get_submodule(n).out_features,) and (lean[2][n] > 0).all()
-    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
-    with pytest.raises(ValueError, match="nothing to back-propagate"):
-        collect_fisher(model, windows.split(4), names, diagonal=False)
-    with torch.no_grad():
-        model.get_submodule("model.embed_tokens").weight[windows[0, 0]] = float("inf")
-    with pytest.raises(ValueError, match=r"non-finite output gradient"):
-        collect_fisher(model, windows.split(4), names, hessians=True, output_grads=True, diagonal=False)
-
-
 def test_fisher_needs_data_and_finite_gradients(windows):
     model = load_model()
     with pytest.raises(ValueError, match="quant.error=fisher needs calibration data"):
