@@ -52,19 +52,11 @@ def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: S
                 {**s.quant_options, **s.layer_options.pop(name, {})},
                 importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
             )
-            spent = [0.0]
-
-            def timed(m: torch.Tensor, fn=quantize_fn, spent=spent) -> QuantizedTensor:
-                t = time.perf_counter()
-                out = fn(m)
-                spent[0] += time.perf_counter() - t
-                return out
-
-            t0 = time.perf_counter()
-            result = init_adapters(name, weight, timed, s,
-                                   calib.hessians.pop(name, None) if s.calibrated_init else None)
-            times["quantize_s"] += spent[0]
-            times["loftq_s"] += time.perf_counter() - t0 - spent[0]
+            hessian = calib.hessians.pop(name, None) if s.calibrated_init else None
+            result, quantize_s, loftq_s = timed_init(
+                quantize_fn, lambda fn, n=name, w=weight, h=hessian: init_adapters(n, w, fn, s, h))
+            times["quantize_s"] += quantize_s
+            times["loftq_s"] += loftq_s
             qt = result.qweight
             new = LowRALinear(
                 qt, bias=linear.bias.detach() if linear.bias is not None else None,
@@ -79,6 +71,28 @@ def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: S
         set_module(model, name, new)
         del linear, weight
     return layer_reports
+
+
+def timed_init(
+    quantize_fn: Callable[[torch.Tensor], QuantizedTensor],
+    init: Callable[[Callable[[torch.Tensor], QuantizedTensor]], Any],
+) -> tuple[Any, float, float]:
+    """``init(quantize_fn)`` (a LoftQ-style init calling the quantizer), timed apart.
+
+    Returns ``(result, seconds in quantize_fn, seconds in the rest of init)``.
+    """
+    spent = 0.0
+
+    def timed(m: torch.Tensor) -> QuantizedTensor:
+        nonlocal spent
+        t = time.perf_counter()
+        out = quantize_fn(m)
+        spent += time.perf_counter() - t
+        return out
+
+    t0 = time.perf_counter()
+    result = init(timed)
+    return result, spent, time.perf_counter() - t0 - spent
 
 
 def init_adapters(name: str, weight: torch.Tensor, quantize_fn: Callable[[torch.Tensor], QuantizedTensor],

@@ -566,6 +566,7 @@ def quantize_pretrained(
             NaN/Inf weights, or any option ``quantize_model`` refuses.
     """
     from lowra.quantize_layers import layer_quantizer as _layer_quantizer
+    from lowra.quantize_layers import timed_init
     from lowra.stages import _solve_plan
 
     t_start = time.perf_counter()
@@ -708,18 +709,11 @@ def quantize_pretrained(
                         method, layer_bits.get(name), codebooks.pop(name, None), bits, group_size, double_quant,
                         codebook_iters, weight_power, backend, w.device, dict(quant_options), importance=None,
                     )
-                    spent = [0.0]
-
-                    def timed(m: torch.Tensor, fn=quantize_fn, spent=spent) -> QuantizedTensor:
-                        t = time.perf_counter()
-                        out = fn(m)
-                        spent[0] += time.perf_counter() - t
-                        return out
-
-                    t0 = time.perf_counter()
-                    result = loftq_init_fn(w, timed, rank, alpha, loftq_iters, name, init_damp)
-                    meta["times"]["quantize_s"] += spent[0]
-                    meta["times"]["loftq_s"] += time.perf_counter() - t0 - spent[0]
+                    result, quantize_s, loftq_s = timed_init(
+                        quantize_fn,
+                        lambda fn, w=w, n=name: loftq_init_fn(w, fn, rank, alpha, loftq_iters, n, init_damp))
+                    meta["times"]["quantize_s"] += quantize_s
+                    meta["times"]["loftq_s"] += loftq_s
                     qt = result.qweight
                     # the module the in-memory path builds (its adapter dtype / casting, its RNG use)
                     new = LowRALinear(qt, lora_A=result.lora_A, lora_B=result.lora_B, **module_kw)
