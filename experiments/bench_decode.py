@@ -1,9 +1,10 @@
 """CPU greedy-decoding speed: a LowRA-quantized decoder vs the same model in fp32.
 
-The model is a Llama decoder of SmolLM2-135M's shape (30 layers, width 576, FFN 1536, 9 heads with
-3 KV heads, vocabulary 49,152, tied embeddings), randomly initialised (``--model synthetic-smollm2``,
-the default: the SmolLM2 asset is not prepared on every machine, and speed does not depend on the
-weights' values), or stories260K from the assets (``--model stories260K``). Every ``nn.Linear``
+The model is SmolLM2-135M-Instruct itself (``--model smollm2_135m``: the fp32 checkpoint that
+``make assets`` prepares; 30 layers, width 576, FFN 1536, 9 heads with 3 KV heads, vocabulary
+49,152, tied embeddings), a randomly initialised Llama decoder of the same shape
+(``--model synthetic-smollm2``, the default, for machines without the asset: speed does not depend
+on the weights' values), or stories260K from the assets (``--model stories260K``). Every ``nn.Linear``
 inside the decoder layers becomes a ``LowRALinear`` with a quantized base in the real storage
 format (per-row NormalFloat codebooks stored per row, group 64, fp16 absmax of the layer's weight;
 random packed codes, since speed does not depend on their values and a quantization pass over
@@ -46,8 +47,17 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
         from experiments.eval_stories import load_model
 
         return load_model()
+    if name == "smollm2_135m":
+        from transformers import AutoModelForCausalLM
+
+        from experiments.assets import missing_hint, model_dir
+
+        path = model_dir("SmolLM2-135M-Instruct")
+        if not path.is_dir():
+            raise FileNotFoundError(missing_hint(path) or f"no SmolLM2 checkpoint at {path}: run `make assets`")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if name != "synthetic-smollm2":
-        raise ValueError(f"model must be 'synthetic-smollm2' or 'stories260K', got {name!r}")
+        raise ValueError(f"model must be 'synthetic-smollm2', 'smollm2_135m' or 'stories260K', got {name!r}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -111,7 +121,8 @@ def tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="synthetic-smollm2", choices=["synthetic-smollm2", "stories260K"])
+    parser.add_argument("--model", default="synthetic-smollm2",
+                        choices=["synthetic-smollm2", "smollm2_135m", "stories260K"])
     parser.add_argument("--bits", type=float, nargs="+", default=[1.5, 2.0, 4.0])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -149,11 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(threads_before)
     result = {
-        "model": args.model, "model_shape": SMOLLM2_135M if args.model == "synthetic-smollm2" else "stories260K",
+        "model": args.model,
+        "model_shape": {k: getattr(configs["fp32"].config, k) for k in SMOLLM2_135M},
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 8,
         "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-        "quantized": "every nn.Linear in the decoder layers; embeddings, norms, tied LM head fp32",
+        "quantized": "every nn.Linear in the decoder layers (random packed codes, per-row NF codebooks, group 64); "
+                     "embeddings, norms, tied LM head fp32",
         "results": results,
     }
     out = Path(args.out)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,7 @@ class _Prepared:
     key: tuple
     absmax: torch.Tensor
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (bits, codes, rows, table)
+    args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
 
 
 _prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -218,6 +219,8 @@ def prepare(qweight: Any) -> _Prepared:
     ]
     scales = qweight.scales  # stored fp16 absmax used in place (no fp32 copy kept); restored if double-quantized
     prep = _Prepared(key, _scales(scales.restore() if scales.double_quant else scales.absmax), groups)
+    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, qweight.shape[1])
+                 for bits, codes, rows, table in groups]
     _prepared[qweight] = prep
     return prep
 
@@ -258,11 +261,51 @@ def lut_matmul_cpu(x: torch.Tensor, qweight: Any) -> torch.Tensor:
         prep = prepare(qweight)
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
-        for bits, codes, rows, table in prep.groups:
-            ext.gemv_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, in_features),
-                           x2.data_ptr(), m, y.data_ptr(), out_features)
+        for args in prep.args:
+            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features)
         return y.reshape(*lead, out_features)
     return x @ dequantize_weight_cpu(qweight, x.dtype).t()
+
+
+def lut_lora_gemv_cpu(x: torch.Tensor, qweight: Any, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode step of a quantized LoRA linear in one extension call: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
+
+    ``x [..., in]`` fp32 with at most ``GEMV_MAX_M`` rows; ``lora_A [r, in]``, ``lora_B [out, r]``
+    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None. No autograd: for inference
+    (``LowRALinear`` calls it under ``torch.no_grad``/``inference_mode``). fp32-accurate against
+    ``lut_lora_gemv_ref`` (summation order differs from BLAS), not bit-exact.
+    """
+    ext = _require()
+    out_features, in_features = qweight.shape
+    _check_activation(x, in_features, "x")
+    x2 = x.reshape(-1, in_features)
+    m = x2.shape[0]
+    if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
+        raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
+    y = lut_matmul_cpu(x2, qweight)
+    rank = 0 if lora_A is None else lora_A.shape[0]
+    if rank or bias is not None:
+        for name, t, shape in (("lora_A", lora_A, (rank, in_features)), ("lora_B", lora_B, (out_features, rank)),
+                               ("bias", bias, (out_features,))):
+            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
+                raise ValueError(f"{name} must be contiguous fp32 {shape}, got {t.dtype} {tuple(t.shape)}")
+        x2 = x2.contiguous()
+        ext.lora_add(x2.data_ptr(), m, in_features, lora_A.data_ptr() if rank else 0,
+                     lora_B.data_ptr() if rank else 0, rank, float(scaling),
+                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def lut_lora_gemv_ref(x: torch.Tensor, qweight: Any, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``lut_lora_gemv_cpu``: the same sum by the PyTorch reference matmul and ``F.linear``."""
+    from lowra_kernels.lut_matmul import lut_matmul_ref
+
+    y = lut_matmul_ref(x, qweight)
+    if lora_A is not None:
+        y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
+    return y if bias is None else y + bias
 
 
 def lut_matmul_backward_cpu(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:

@@ -212,6 +212,10 @@ class LowRALinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in ``x``'s dtype."""
+        if self._fused_decode(x):
+            from lowra_kernels.cpu_backend import lut_lora_gemv_cpu
+
+            return lut_lora_gemv_cpu(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.bias)
         out = QuantizedMatmul.apply(x, self.base, self.backend)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -220,6 +224,25 @@ class LowRALinear(nn.Module):
             h = self.lora_dropout(x.to(a.dtype))
             out = out + (F.linear(F.linear(h, a), self.lora_B) * self.scaling).to(out.dtype)
         return out
+
+    def _fused_decode(self, x: torch.Tensor) -> bool:
+        """Whether this call can run as one CPU-extension call (base GEMV + adapters + bias).
+
+        Inference only (no autograd graph is being built), a quantized base, fp32 activations,
+        adapters and bias on the CPU, at most 16 rows (the decode case), no active dropout.
+        """
+        if torch.is_grad_enabled() or self.qweight is None or x.dtype != torch.float32 or x.is_cuda:
+            return False
+        if self.backend not in ("auto", "cpu") or x.numel() > 16 * self.in_features or x.numel() == 0:
+            return False
+        if self.qweight.device.type != "cpu" or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            return False
+        for t in (self.lora_A, self.lora_B, self.bias):
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+                return False
+        from lowra_kernels.dispatch import use_cpu
+
+        return use_cpu(self.backend, x)
 
     def _apply(self, fn, recurse: bool = True):
         """Move the ``QuantizedTensor`` with the module (``.to(device)``, ``.cuda()``, ``.cpu()``).

@@ -196,3 +196,36 @@ def test_failed_build_warns_once_and_runs_the_reference(monkeypatch, tmp_path):
         assert torch.equal(q.dequantize(backend="auto"), q.dequantize(backend="torch"))
     with pytest.raises(RuntimeError, match="failed to build"):
         lut_matmul(x, q, backend="cpu")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, None])
+@pytest.mark.parametrize(("m", "rank", "bias"), [(1, 8, False), (1, 0, True), (5, 3, True), (16, 16, False)])
+def test_fused_lora_decode_matches_fp64(bits, m, rank, bias):
+    out_features, in_features = 70, 172
+    q = random_qtensor(out_features, in_features, bits if bits else mixed_bits(out_features), seed=rank)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(1, m, in_features, generator=gen)
+    a = torch.randn(rank, in_features, generator=gen) if rank else None
+    b = torch.randn(out_features, rank, generator=gen) if rank else None
+    c = torch.randn(out_features, generator=gen) if bias else None
+    y = cpu.lut_lora_gemv_cpu(x, q, a, b, 0.5, c)
+    assert y.shape == (1, m, out_features)
+    want = x.double() @ _fp64(q).t()
+    if rank:
+        want = want + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    if bias:
+        want = want + c.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5 * (in_features ** 0.5))
+    torch.testing.assert_close(y, cpu.lut_lora_gemv_ref(x, q, a, b, 0.5, c), rtol=1e-5, atol=1e-4)
+
+
+def test_fused_lora_decode_refuses_what_it_cannot_do():
+    q = random_qtensor(70, 172, 2)
+    with pytest.raises(ValueError, match="1..16 rows"):
+        cpu.lut_lora_gemv_cpu(torch.randn(17, 172), q, None, None, 1.0)
+    with pytest.raises(ValueError, match="fp32 x"):
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 172).half(), q, None, None, 1.0)
+    with pytest.raises(ValueError, match="lora_B must be contiguous fp32"):
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 172), q, torch.randn(4, 172), torch.randn(70, 5), 1.0)
+    with pytest.raises(ValueError, match="the weight expects 172"):
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 171), q, None, None, 1.0)
