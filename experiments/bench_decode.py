@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads_before)
     result = {
         "model": args.model,
-        "model_shape": {k: getattr(configs["fp32"].config, k) for k in SMOLLM2_135M},
+        "model_shape": {k: getattr(configs["fp32"].config, k, None) for k in SMOLLM2_135M},
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 8,
         "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
