@@ -56,8 +56,8 @@ smol_a() {  # before fine-tuning
   done
   for b in 2 3; do
     one smollm2 uniform_calibrated_b$b 0 $M $UNIFORM_CAL +bits=$b
-    one smollm2 loftq_nf_b$b 0 $M $LOFTQ_NF +bits=$b
   done
+  one smollm2 loftq_nf_b2 0 $M $LOFTQ_NF +bits=2  # LoftQ's NormalFloat comes at 2 and 4 bits only
 }
 
 smol_b() {  # a short fine-tune at 2 and 1.5 bits (rank 8, 100 steps of 4×256 tokens)
