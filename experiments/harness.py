@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lm_eval", "lm-eval", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from experiments.run import ModelUnavailableError, pick_device
+    from experiments.run_setup import ModelUnavailableError, pick_device
 
     try:
         return _main(args, pick_device)

@@ -113,7 +113,7 @@ def load_for_eval(
 
     from experiments.config_check import check_config
     from experiments.data import load_data
-    from experiments.run import (
+    from experiments.run_setup import (
         calibration_kwargs,
         load_model,
         load_tokenizer,
