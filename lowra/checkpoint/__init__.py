@@ -44,14 +44,7 @@ Modules: :mod:`~lowra.checkpoint.save` (both layouts), :mod:`~lowra.checkpoint.l
 :mod:`~lowra.checkpoint.export` (merge / PEFT) and :mod:`~lowra.checkpoint.common`.
 """
 
-from lowra.checkpoint.common import (
-    ADAPTER_DIR,
-    DEFAULT_MAX_SHARD_SIZE,
-    MANIFEST,
-    MODEL_FORMAT,
-    MODEL_FORMAT_VERSION,
-    REPORT_FILE,
-)
+from lowra.checkpoint.common import ADAPTER_DIR, MANIFEST, MODEL_FORMAT, MODEL_FORMAT_VERSION
 from lowra.checkpoint.export import export_peft_adapters, merge_to_hf
 from lowra.checkpoint.load import load_quantized
 from lowra.checkpoint.manifest import read_manifest
@@ -59,11 +52,9 @@ from lowra.checkpoint.save import is_checkpoint, save_quantized, save_quantized_
 
 __all__ = [
     "ADAPTER_DIR",
-    "DEFAULT_MAX_SHARD_SIZE",
     "MANIFEST",
     "MODEL_FORMAT",
     "MODEL_FORMAT_VERSION",
-    "REPORT_FILE",
     "export_peft_adapters",
     "is_checkpoint",
     "load_quantized",

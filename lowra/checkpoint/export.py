@@ -12,9 +12,7 @@ from torch import nn
 
 from lowra.atomic import write_text_atomic
 from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common, _source_model
-from lowra.format import (
-    save_safetensors_atomic,
-)
+from lowra.format import save_safetensors_atomic
 from lowra.layers import lowra_layers
 
 __all__ = ["export_peft_adapters", "merge_to_hf"]

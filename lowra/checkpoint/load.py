@@ -12,12 +12,8 @@ from torch import nn
 
 from lowra.checkpoint.common import MANIFEST, _config_class, _empty_model, _model_class
 from lowra.checkpoint.manifest import read_manifest
-from lowra.format import (
-    FormatError,
-    QuantizedTensor,
-    load_safetensors_checked,
-)
-from lowra.layers import lowra_layers
+from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked
+from lowra.layers import lowra_layers, saved_linear
 from lowra.nn import LowRALinear
 
 __all__ = ["load_quantized"]
@@ -105,18 +101,8 @@ def _load_legacy(
         raise ValueError("load_quantized needs a model with plain nn.Linear layers (this one is quantized)")
 
     for name, meta in manifest["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the checkpoint's layer {name!r} does not exist in this model") from None
-        if not isinstance(old, nn.Linear):
-            raise ValueError(f"the checkpoint's layer {name!r} is a {type(old).__name__} here, not nn.Linear")
         shape = tuple(meta["shape"])
-        if (old.out_features, old.in_features) != shape:
-            raise ValueError(
-                f"layer {name!r} has shape {(old.out_features, old.in_features)} in this model but "
-                f"{shape} in the checkpoint (another model size?)"
-            )
+        saved_linear(model, name, shape)
         bias = rest.pop(f"{name}.bias", None)
         if meta["base"] == "quantized":
             prefix = f"{name}/"

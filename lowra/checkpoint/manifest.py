@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lowra.checkpoint.common import MANIFEST, MODEL_FORMAT, MODEL_FORMAT_VERSION
-from lowra.format import (
-    FormatError,
-    file_sha256,
-)
+from lowra.format import FormatError, file_sha256
 
 __all__ = ["read_manifest"]
 

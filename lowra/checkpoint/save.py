@@ -38,10 +38,7 @@ from lowra.checkpoint.common import (
     _split_state,
 )
 from lowra.checkpoint.export import _write_peft_adapters
-from lowra.format import (
-    file_sha256,
-    save_safetensors_atomic,
-)
+from lowra.format import file_sha256, save_safetensors_atomic
 from lowra.layers import lowra_layers
 from lowra.nn import LowRALinear
 
