@@ -61,6 +61,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowra.format import FormatError, QuantizedTensor, tensor_sha256
+from lowra.layers import saved_linear
 from lowra.model import lowra_layers, mark_only_lora_trainable
 from lowra.nn import LowRALinear
 
@@ -425,15 +426,7 @@ class LowRAHfQuantizer(HfQuantizer):
         for f in checkpoint_files:
             stored.update(safetensors_header(f))
         for name, spec in layout.items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError:
-                raise FormatError(f"the checkpoint's layer {name!r} does not exist in this model") from None
-            if not isinstance(old, nn.Linear):
-                raise FormatError(f"the checkpoint's layer {name!r} is a {type(old).__name__} here, not nn.Linear")
-            if [old.out_features, old.in_features] != list(spec["shape"]):
-                raise FormatError(f"layer {name!r} has shape {[old.out_features, old.in_features]} in this model "
-                                  f"but {spec['shape']} in the checkpoint")
+            saved_linear(model, name, spec["shape"], FormatError)
             for suffix, t in spec["tensors"].items():
                 key = f"{name}.{suffix}"
                 if key not in stored:

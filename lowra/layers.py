@@ -21,6 +21,7 @@ __all__ = [
     "lora_parameters",
     "lowra_layers",
     "mark_only_lora_trainable",
+    "saved_linear",
     "set_module",
 ]
 
@@ -98,6 +99,23 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def saved_linear(model: nn.Module, name: str, shape: tuple[int, int] | list[int],
+                 error: type[ValueError] = ValueError) -> nn.Linear:
+    """The ``nn.Linear`` of ``model`` that a checkpoint's layer ``name`` (stored ``shape`` ``(out, in)``)
+    replaces on load: ``error`` (a ValueError class) when it is missing, not an ``nn.Linear``, or of
+    another shape."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise error(f"the checkpoint's layer {name!r} does not exist in this model") from None
+    if not isinstance(old, nn.Linear):
+        raise error(f"the checkpoint's layer {name!r} is a {type(old).__name__} here, not nn.Linear")
+    if [old.out_features, old.in_features] != list(shape):
+        raise error(f"layer {name!r} has shape {[old.out_features, old.in_features]} in this model but "
+                    f"{list(shape)} in the checkpoint (another model size?)")
+    return old
 
 
 def lowra_layers(model: nn.Module) -> list[tuple[str, LowRALinear]]:

@@ -7,39 +7,15 @@ import json
 
 import pytest
 import torch
+from checkpoint_testutils import X, logits, perturb_adapters
 
 import lowra.checkpoint as ckpt
+import lowra.checkpoint.save as ckpt_save
 from experiments.eval_stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.format import FormatError
-from lowra.model import lora_parameters, lowra_layers, quantize_model
+from lowra.model import lowra_layers, quantize_model
 from lowra.nn import LowRALinear
-
-X = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
-
-
-def _perturb_adapters(model, seed: int = 0) -> None:
-    """Pretend training happened: non-zero B everywhere, so adapters matter for the logits."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
-@torch.no_grad()
-def _logits(model, x=X):
-    model.eval()
-    return model(x).logits
-
-
-@pytest.fixture(scope="module")
-def quantized():
-    """stories260K at 1.5 bits (LowRA plan, LoftQ, double-quantized scales) with moved adapters."""
-    model = load_model()
-    report = quantize_model(model, 1.5, rank=2, alpha=16, double_quant=True, codebook_iters=5,
-                            plan_options={"clusters": 16, "samples": 0, "time_limit": 20}, progress=False)
-    _perturb_adapters(model)
-    return model, report
 
 
 def test_save_load_bit_identical(quantized, tmp_path):
@@ -51,7 +27,7 @@ def test_save_load_bit_identical(quantized, tmp_path):
     assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 172]
     assert manifest["report"]["bits_nominal"] == pytest.approx(report.bits_nominal)
     loaded = load_quantized(tmp_path / "ck")
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(logits(loaded), logits(model))
     for (n, a), (m, b) in zip(lowra_layers(model), lowra_layers(loaded)):
         assert n == m and torch.equal(a.qweight.bits_per_row, b.qweight.bits_per_row)
         assert b.qweight.scales.double_quant
@@ -61,7 +37,7 @@ def test_save_load_bit_identical(quantized, tmp_path):
     loaded(X, labels=X).loss.backward()
     # loading into an existing (unquantized) model of the same architecture works too
     into = load_quantized(tmp_path / "ck", model=load_model())
-    assert torch.equal(_logits(into), _logits(model))
+    assert torch.equal(logits(into), logits(model))
 
 
 def test_resave_replaces_old_files(quantized, tmp_path):
@@ -76,12 +52,12 @@ def test_resave_replaces_old_files(quantized, tmp_path):
 def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
     model, _ = quantized
     save_quantized_legacy(model, tmp_path / "ck")
-    before = _logits(model)
+    before = logits(model)
     names = set(p.name for p in (tmp_path / "ck").iterdir())
     changed = load_model()
     quantize_model(changed, 4, method="nf", rank=2, progress=False)
     calls = {"n": 0}
-    real = ckpt.save_safetensors_atomic
+    real = ckpt_save.save_safetensors_atomic
 
     def crash(*args, **kwargs):
         calls["n"] += 1
@@ -89,12 +65,12 @@ def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_safetensors_atomic", crash)
+    monkeypatch.setattr(ckpt_save, "save_safetensors_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         save_quantized_legacy(changed, tmp_path / "ck")
     monkeypatch.undo()
     assert set(p.name for p in (tmp_path / "ck").iterdir()) == names  # partial files removed
-    assert torch.equal(_logits(load_quantized(tmp_path / "ck")), before)
+    assert torch.equal(logits(load_quantized(tmp_path / "ck")), before)
 
 
 def test_merge_reloads_with_transformers(quantized, tmp_path):
@@ -104,7 +80,7 @@ def test_merge_reloads_with_transformers(quantized, tmp_path):
     merge_to_hf(model, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
-    torch.testing.assert_close(_logits(merged), _logits(model), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(merged), logits(model), rtol=1e-4, atol=1e-4)
     assert any(isinstance(m, LowRALinear) for m in model.modules())  # the quantized model is untouched
 
 
@@ -120,7 +96,7 @@ def test_peft_export_on_dequantized_base(quantized, tmp_path):
     merge_to_hf(model, tmp_path / "base", include_adapters=False)
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    torch.testing.assert_close(_logits(peft_model), _logits(model), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-4, atol=1e-4)
 
 
 def test_method_none_and_mistral_roundtrip(tmp_path):
@@ -134,9 +110,9 @@ def test_method_none_and_mistral_roundtrip(tmp_path):
         model = MistralForCausalLM(config).eval()
         quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,
                        plan_options={"clusters": 8, "samples": 0, "time_limit": 20}, progress=False)
-        _perturb_adapters(model)
+        perturb_adapters(model)
         save_quantized_legacy(model, tmp_path / method)
-        assert torch.equal(_logits(load_quantized(tmp_path / method), x), _logits(model, x))
+        assert torch.equal(logits(load_quantized(tmp_path / method), x), logits(model, x))
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -216,7 +192,7 @@ def test_bytes_changed_at_the_same_size_are_refused_in_every_tensor_kind(quantiz
     with pytest.raises(FormatError, match="sha256"):
         load_quantized(tmp_path / "ck")
     config.write_text(text)
-    assert torch.equal(_logits(load_quantized(tmp_path / "ck")), _logits(model))
+    assert torch.equal(logits(load_quantized(tmp_path / "ck")), logits(model))
 
 
 def test_verify_false_skips_hashing_but_not_the_finite_check(quantized, tmp_path):
@@ -229,7 +205,7 @@ def test_verify_false_skips_hashing_but_not_the_finite_check(quantized, tmp_path
     good = path.read_bytes()
     codes = next(n for n in tensor_names(path) if n.endswith("/b2.codes"))
     flip_bytes(path, codes)  # finite garbage: only the checksum sees it
-    assert not torch.equal(_logits(load_quantized(tmp_path / "ck", verify=False)), _logits(model))
+    assert not torch.equal(logits(load_quantized(tmp_path / "ck", verify=False)), logits(model))
     for suffix, match in [("/b1.codebook", "codebook"), ("/absmax.scale", "absmax.scale")]:
         path.write_bytes(good)
         name = next(n for n in tensor_names(path) if n.endswith(suffix))

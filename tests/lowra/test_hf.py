@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_testutils import X, logits, perturb_adapters
 from safetensors.torch import load_file, save_file
 
 import lowra.checkpoint as ckpt
+import lowra.checkpoint.save as ckpt_save
 from experiments.eval_stories import load_model, model_dir
 from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.format import FormatError
@@ -20,38 +22,13 @@ from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
 from lowra.model import lora_parameters, lowra_layers, quantize_model
 from lowra.nn import LowRALinear
 
-X = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
 LAYER = "model.layers.0.mlp.down_proj"
-
-
-def _perturb_adapters(model, seed: int = 0) -> None:
-    """Pretend training happened: non-zero B everywhere, so adapters matter for the logits."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lora_parameters(model):
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
-@torch.no_grad()
-def _logits(model, x=X):
-    model.eval()
-    return model(x).logits
 
 
 def _from_pretrained(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path))
-
-
-@pytest.fixture(scope="module")
-def quantized():
-    """stories260K (tied embeddings) at 1.5 bits (LowRA plan, LoftQ, double-quantized scales), moved adapters."""
-    model = load_model()
-    report = quantize_model(model, 1.5, rank=2, alpha=16, double_quant=True, codebook_iters=5,
-                            plan_options={"clusters": 16, "samples": 0, "time_limit": 20}, progress=False)
-    _perturb_adapters(model)
-    return model, report
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +75,12 @@ def test_folder_is_a_standard_hf_model_folder(quantized, saved):
     assert json.loads((saved / "lowra_report.json").read_text())["bits_nominal"] == pytest.approx(report.bits_nominal)
 
 
-def test_from_pretrained_gives_identical_logits(quantized, saved):
+def test_from_pretrained_gives_identicallogits(quantized, saved):
     model, _ = quantized
     loaded = _from_pretrained(saved)
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, LowRALinear)
     assert isinstance(loaded.config.quantization_config, LowRAHfConfig) and loaded.is_quantized
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(logits(loaded), logits(model))
     # the LowRAConfig it was quantized with travels in quantization_config and comes back
     assert loaded.config.quantization_config.options["lowra_config"] == model.lowra_config.to_dict()
     assert loaded.lowra_config == model.lowra_config
@@ -116,7 +93,7 @@ def test_from_pretrained_gives_identical_logits(quantized, saved):
     loaded(X, labels=X).loss.backward()
     assert all(p.grad is not None for p in lora_parameters(loaded))
     # lowra.load_quantized reads the same folder
-    assert torch.equal(_logits(load_quantized(saved)), _logits(model))
+    assert torch.equal(logits(load_quantized(saved)), logits(model))
 
 
 def test_save_pretrained_round_trips_with_new_adapters(quantized, saved, tmp_path):
@@ -124,20 +101,20 @@ def test_save_pretrained_round_trips_with_new_adapters(quantized, saved, tmp_pat
     loaded = _from_pretrained(saved)
     loaded.save_pretrained(str(tmp_path / "again"))
     again = _from_pretrained(tmp_path / "again")
-    assert torch.equal(_logits(again), _logits(model))
+    assert torch.equal(logits(again), logits(model))
     assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"] == \
         json.loads((saved / "config.json").read_text())["quantization_config"]
     # adapters changed after loading (training) are what the next save holds; layout digests follow
-    _perturb_adapters(loaded, seed=1)
-    expected = _logits(loaded)
+    perturb_adapters(loaded, seed=1)
+    expected = logits(loaded)
     loaded.save_pretrained(str(tmp_path / "trained"))
-    assert torch.equal(_logits(_from_pretrained(tmp_path / "trained")), expected)
-    assert not torch.equal(expected, _logits(model))
+    assert torch.equal(logits(_from_pretrained(tmp_path / "trained")), expected)
+    assert not torch.equal(expected, logits(model))
     # and save_quantized of a loaded model keeps the options of its quantization_config
     save_quantized(loaded, tmp_path / "resaved")
     q = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
     assert (q["bits"], q["loftq_iters"], q["method"]) == (1.5, 1, "lowra")
-    assert torch.equal(_logits(load_quantized(tmp_path / "resaved")), expected)
+    assert torch.equal(logits(load_quantized(tmp_path / "resaved")), expected)
 
 
 def test_sharded_save_writes_an_index(quantized, tmp_path):
@@ -148,7 +125,7 @@ def test_sharded_save_writes_an_index(quantized, tmp_path):
     index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     assert f"{LAYER}.b1_codes" in index["weight_map"] and index["metadata"]["total_size"] > 0
-    assert torch.equal(_logits(_from_pretrained(tmp_path / "ck")), _logits(model))
+    assert torch.equal(logits(_from_pretrained(tmp_path / "ck")), logits(model))
 
 
 def test_peft_copy_applies_on_the_dequantized_base(quantized, saved, tmp_path):
@@ -161,7 +138,7 @@ def test_peft_copy_applies_on_the_dequantized_base(quantized, saved, tmp_path):
     assert f"base_model.model.{LAYER}.lora_A.weight" in keys and f"base_model.model.{LAYER}.lora_B.weight" in keys
     merge_to_hf(model, tmp_path / "base", include_adapters=False)
     peft_model = PeftModel.from_pretrained(_from_pretrained(tmp_path / "base"), str(saved / "adapter")).eval()
-    torch.testing.assert_close(_logits(peft_model), _logits(model), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-4, atol=1e-4)
 
 
 def test_dense_base_bf16_and_untied_mistral(tmp_path):
@@ -176,12 +153,12 @@ def test_dense_base_bf16_and_untied_mistral(tmp_path):
         # built in dtype as from_pretrained builds it (``.to(bf16)`` would also cast the rotary inv_freq)
         model = MistralForCausalLM._from_config(config, dtype=dtype).eval()
         quantize_model(model, bits, method=method, rank=4, alpha=8, progress=False)
-        _perturb_adapters(model)
+        perturb_adapters(model)
         save_quantized(model, tmp_path / method)
         loaded = _from_pretrained(tmp_path / method)
         assert loaded.model.layers[0].mlp.up_proj.is_quantized == (method != "none")
         assert loaded.lm_head.weight.dtype == dtype
-        assert torch.equal(_logits(loaded, x), _logits(model, x))
+        assert torch.equal(logits(loaded, x), logits(model, x))
 
 
 def test_legacy_folders_still_load(quantized, tmp_path):
@@ -189,7 +166,7 @@ def test_legacy_folders_still_load(quantized, tmp_path):
     save_quantized_legacy(model, tmp_path / "old")
     assert (tmp_path / "old" / "manifest.json").exists()
     assert ckpt.is_checkpoint(tmp_path / "old")
-    assert torch.equal(_logits(load_quantized(tmp_path / "old")), _logits(model))
+    assert torch.equal(logits(load_quantized(tmp_path / "old")), logits(model))
 
 
 def test_save_is_atomic(quantized, saved, tmp_path, monkeypatch):
@@ -202,13 +179,13 @@ def test_save_is_atomic(quantized, saved, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(ckpt, "save_safetensors_atomic", crash)
+    monkeypatch.setattr(ckpt_save, "save_safetensors_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         save_quantized(changed, path)
     monkeypatch.undo()
     assert sorted(p.name for p in path.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
-    assert torch.equal(_logits(load_quantized(path)), _logits(model))
+    assert torch.equal(logits(load_quantized(path)), logits(model))
     save_quantized(changed, path)  # a completed save replaces the folder
     assert json.loads((path / "config.json").read_text())["quantization_config"]["method"] == "nf"
 
@@ -328,5 +305,5 @@ def test_from_pretrained_on_cuda(quantized, saved):
     assert layer.qweight.device.type == "cuda" and layer.lora_A.device.type == "cuda"
     x = X.cuda()
     on_gpu = load_quantized(saved, device="cuda")
-    assert torch.equal(_logits(loaded, x), _logits(on_gpu, x))
-    torch.testing.assert_close(_logits(loaded, x).cpu(), _logits(model), rtol=1e-3, atol=1e-3)
+    assert torch.equal(logits(loaded, x), logits(on_gpu, x))
+    torch.testing.assert_close(logits(loaded, x).cpu(), logits(model), rtol=1e-3, atol=1e-3)

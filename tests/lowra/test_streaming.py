@@ -93,8 +93,14 @@ def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
     """Sharded source, bf16 compute dtype, untied lm_head kept dense; several methods/options."""
     kw = {**kw, "plan_options": PLAN} if kw.get("method", "lowra") == "lowra" else kw
     ref, _ = _in_memory(synth, torch.bfloat16, **kw)
-    got, _ = _streamed(synth, tmp_path / "q", torch.bfloat16, **kw)
+    got, result = _streamed(synth, tmp_path / "q", torch.bfloat16, **kw)
     _assert_same(ref, got)
+    # the same LowRAConfig as the in-memory path: in config.json, the report and on the loaded model
+    expected = ref.lowra_config.to_dict()
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["lowra_config"] == expected
+    assert result.report.config == expected == json.loads((tmp_path / "q" / "lowra_report.json").read_text())["config"]
+    assert got.lowra_config == ref.lowra_config
     assert got.lm_head.weight.dtype == torch.bfloat16 and torch.equal(got.lm_head.weight, ref.lm_head.weight)
     x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

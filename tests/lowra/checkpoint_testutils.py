@@ -1,0 +1,26 @@
+"""Helpers of the checkpoint tests (test_checkpoint.py, test_hf.py): the input batch, adapter
+perturbation and logits. The shared quantized model is the ``quantized`` fixture of conftest.py."""
+
+from __future__ import annotations
+
+import torch
+
+from lowra.model import lora_parameters
+
+#: token ids ``[2, 40]`` of stories260K's vocabulary (512)
+X = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def perturb_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Pretend training happened: non-zero B everywhere, so adapters matter for the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor = X) -> torch.Tensor:
+    """The model's logits ``[batch, seq, vocab]`` in eval mode."""
+    model.eval()
+    return model(x).logits
