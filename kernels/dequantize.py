@@ -3,13 +3,17 @@
 ``out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // group_size]``. Rows are stored
 grouped by bit-width, so a full matrix is the union of one call per stored width.
 ``dequantize_ref`` is the pure-PyTorch reference (the CPU path and the test oracle);
-``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` (words loaded once, unpack by
-shifts, codebook select tree with group-scaled entries, scatter to the original rows, one pass) on
-CUDA or when forced. Both compute the product
-in fp32 and round once to the output dtype, so the kernel is bit-exact with the reference.
+``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` on CUDA or when forced: words
+loaded once and unpacked by constant shifts; at 1–2 bits a register select tree over group-scaled
+codebook entries, at 3–4 bits one shared-memory load per code from a per-step table of the codebook
+times the scale of each group the step touches (3-bit words as 8 + 2 codes, no padding lanes);
+scatter to the original rows, one pass. Both compute the product in fp32 and round once to the
+output dtype, so the kernel is bit-exact with the reference.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -100,12 +104,17 @@ def _gather_store(word3, w, g0, tab, row_base, o_row, row_ok3, in_features, stri
     tl.store(o_row + k * stride_oc, v, mask=row_ok3 & (k < in_features))
 
 
+# The shipped space; the first is the interpreter's. Pruned per step kind (``prune_dequantize_configs``):
+# 1/2 bits keep the first three, gathered 3/4 bits the last three.
+DEQUANT_CONFIGS = configs(
+    [{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 64, "STEPS": 1},
+     {"BLOCK_R": 32, "STEPS": 4}],
+    num_warps=(4,),
+)
+
+
 @autotune(
-    configs(
-        [{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 64, "STEPS": 1},
-         {"BLOCK_R": 32, "STEPS": 4}],
-        num_warps=(4,),
-    ),
+    DEQUANT_CONFIGS,
     key=["in_features", "BITS", "GROUP"],  # not n_rows: it differs per bit group
     prune_configs_by={"early_config_prune": prune_dequantize_configs},
 )
@@ -200,6 +209,15 @@ def dequantize_triton(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result)."""
+    return _launch(_dequantize_kernel, codes, rows, codebook, absmax, bits, group_size, out)
+
+
+def _launch(
+    kernel: Any, codes: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor, absmax: torch.Tensor,
+    bits: int, group_size: int, out: torch.Tensor, **meta: Any,
+) -> torch.Tensor:
+    """Validate and launch ``kernel``: the autotuned ``_dequantize_kernel``, or (tests) its body
+    ``_dequantize_kernel.fn`` with explicit ``meta`` (``BLOCK_R``, ``STEPS``) to run any shipped config."""
     n = codes.shape[0]
     if n == 0:
         return out
@@ -217,13 +235,13 @@ def dequantize_triton(
     words, pw2, aligned = dequant_step(bits, group_size)
     n_words = codes.shape[1]
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(n_words, words * meta["STEPS"]))
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_R"]), triton.cdiv(n_words, words * m["STEPS"]))
 
-    _dequantize_kernel[grid](
+    kernel[grid](
         codes, rows, codebook, absmax, out, n, in_features,
         codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=group_size,
+        BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=group_size, **meta,
     )
     return out
 
