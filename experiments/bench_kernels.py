@@ -340,8 +340,19 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
             "train_fwd_bwd_m2048": {"estimate_us": t_train * 1e6, "bf16_us": 2 * t_gemm * 1e6,
                                     "ratio_vs_bf16": t_train / (2 * t_gemm)},
         })
-    # mixed plans: one dequantize launch per stored width over its share of the rows, so the time is the
-    # row-weighted sum of the per-width estimates (launch latency not included)
+    mixes = static_mixes(rows, t_gemm)
+    return {"kind": "static estimate from sm_90 SASS instruction counts and H100 peak rates (not a measurement)",
+            "h100": H100, "shape": list(STATIC_SHAPE), "train_m": STATIC_TRAIN_M, "rows": rows, "mixes": mixes,
+            "targets": {"gemv_2bit_warp_instructions_per_weight": 0.35, "train_ratio_vs_bf16": 1.25}}
+
+
+def static_mixes(rows: list[dict], t_gemm: float) -> list[dict]:
+    """Dequantize and training estimates of the mixed ``PLANS`` whose widths are all in ``rows``.
+
+    A mixed weight is dequantized by one launch per stored width over that width's share of the
+    rows, so its time (and bytes floor) is the row-weighted sum of the per-width estimates (launch
+    latency not included); training is two dequantizes plus two GEMMs of ``t_gemm`` seconds each.
+    """
     by_bits = {r["bits"]: r for r in rows}
     mixes = []
     for name, plan in PLANS.items():
@@ -355,9 +366,7 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
                       "train_fwd_bwd_m2048": {"estimate_us": (2 * t_mix + 2 * t_gemm) * 1e6,
                                               "bf16_us": 2 * t_gemm * 1e6,
                                               "ratio_vs_bf16": (2 * t_mix + 2 * t_gemm) / (2 * t_gemm)}})
-    return {"kind": "static estimate from sm_90 SASS instruction counts and H100 peak rates (not a measurement)",
-            "h100": H100, "shape": list(STATIC_SHAPE), "train_m": STATIC_TRAIN_M, "rows": rows, "mixes": mixes,
-            "targets": {"gemv_2bit_warp_instructions_per_weight": 0.35, "train_ratio_vs_bf16": 1.25}}
+    return mixes
 
 
 def print_static(est: dict) -> None:
