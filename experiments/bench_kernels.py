@@ -26,6 +26,8 @@ counted (``lowra_kernels.compile_check``) to give, for a 4096×11008 layer, the 
 floor, the warp-instructions per weight of the GEMV's K loop and of the dequantize kernel, and from
 those an H100 time bound ``max(bytes / 3.0 TB/s, warp-instructions / (528 schedulers × 1.755 GHz))``
 compared with bf16 (GEMV: the bf16 weight read; training: cuBLAS fwd + grad_x at 790 TFLOP/s).
+Mixed plans (mix1.15, mix1.5, mix2.5) get the dequantize and training rows as the row-weighted sum
+of the per-width launches.
 It is an estimate from instruction counts and peak rates — it says whether a change moves toward
 the GPU targets, not what a GPU measures.
 
@@ -290,7 +292,7 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
     """Static H100 estimate from the sm_90 SASS of the shipped configs (see the module docstring)."""
     from lowra_kernels.compile_check import _args, _configs
     from lowra_kernels.layout import codes_per_word, num_groups
-    from lowra_kernels.lut import gemv_k_step, gemv_step
+    from lowra_kernels.lut import dequant_step, gemv_step
 
     out_f, in_f = STATIC_SHAPE
     weights = out_f * in_f
@@ -300,8 +302,7 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
     t_gemm = 2 * STATIC_TRAIN_M * weights / H100["bf16_flops"]
     rows = []
     for bits in bits_list:
-        words, pw2, aligned = gemv_k_step(bits, 64)
-        valid = words * codes_per_word(bits)  # codes per row per K step (dequantize)
+        valid = dequant_step(bits, 64)[0] * codes_per_word(bits)  # codes per row per K step (dequantize)
         gemv_valid = gemv_step(bits, 64)[0] * codes_per_word(bits)  # the GEMV's K step
         packed = out_f * -(-in_f // codes_per_word(bits)) * 4
         scales = out_f * num_groups(in_f, 64) * 2 + out_f * (2 ** bits) * 2 + out_f * 8
@@ -339,9 +340,33 @@ def static_estimate(bits_list: tuple[int, ...] = (1, 2, 3, 4), dtype: str = "bfl
             "train_fwd_bwd_m2048": {"estimate_us": t_train * 1e6, "bf16_us": 2 * t_gemm * 1e6,
                                     "ratio_vs_bf16": t_train / (2 * t_gemm)},
         })
+    mixes = static_mixes(rows, t_gemm)
     return {"kind": "static estimate from sm_90 SASS instruction counts and H100 peak rates (not a measurement)",
-            "h100": H100, "shape": list(STATIC_SHAPE), "train_m": STATIC_TRAIN_M, "rows": rows,
+            "h100": H100, "shape": list(STATIC_SHAPE), "train_m": STATIC_TRAIN_M, "rows": rows, "mixes": mixes,
             "targets": {"gemv_2bit_warp_instructions_per_weight": 0.35, "train_ratio_vs_bf16": 1.25}}
+
+
+def static_mixes(rows: list[dict], t_gemm: float) -> list[dict]:
+    """Dequantize and training estimates of the mixed ``PLANS`` whose widths are all in ``rows``.
+
+    A mixed weight is dequantized by one launch per stored width over that width's share of the
+    rows, so its time (and bytes floor) is the row-weighted sum of the per-width estimates (launch
+    latency not included); training is two dequantizes plus two GEMMs of ``t_gemm`` seconds each.
+    """
+    by_bits = {r["bits"]: r for r in rows}
+    mixes = []
+    for name, plan in PLANS.items():
+        if len(plan) < 2 or not set(plan) <= set(by_bits):
+            continue
+        t_mix = sum(frac * by_bits[b]["dequantize"]["estimate_us"] for b, frac in plan.items()) * 1e-6
+        floor = sum(frac * by_bits[b]["dequantize"]["bytes_floor_us"] for b, frac in plan.items()) * 1e-6
+        mixes.append({"plan": name, "row_fractions": {str(b): f for b, f in plan.items()},
+                      "dequantize": {"estimate_us": t_mix * 1e6, "bytes_floor_us": floor * 1e6,
+                                     "pct_of_hbm_peak": 100 * floor / t_mix},
+                      "train_fwd_bwd_m2048": {"estimate_us": (2 * t_mix + 2 * t_gemm) * 1e6,
+                                              "bf16_us": 2 * t_gemm * 1e6,
+                                              "ratio_vs_bf16": (2 * t_mix + 2 * t_gemm) / (2 * t_gemm)}})
+    return mixes
 
 
 def print_static(est: dict) -> None:
@@ -355,6 +380,10 @@ def print_static(est: dict) -> None:
               f"{d['best']['warp_instructions_per_weight']:>8.3f} {d['estimate_us']:>7.1f} "
               f"{d['pct_of_hbm_peak']:>5.0f} | "
               f"{t['ratio_vs_bf16']:>10.3f}")
+    for m in est.get("mixes", []):
+        d, t = m["dequantize"], m["train_fwd_bwd_m2048"]
+        print(f"{m['plan']:>7} (rows {m['row_fractions']}): deq est {d['estimate_us']:.1f} µs, "
+              f"{d['pct_of_hbm_peak']:.0f} % HBM | train/bf16 {t['ratio_vs_bf16']:.3f}")
 
 
 CPU_RATIO_SHAPES = ((2048, 2048), (4096, 11008))

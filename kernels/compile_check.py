@@ -100,9 +100,9 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
                     stride_wr=IN_FEATURES, stride_wc=1, stride_ar=groups, stride_ac=1, stride_tr=(1 << bits) - 1,
                     stride_qr=n_words, BITS=bits, PER_WORD=per_word)
     if name == "dequantize":
-        from lowra_kernels.lut import gemv_k_step
+        from lowra_kernels.lut import dequant_step
 
-        words, pw2, aligned = gemv_k_step(bits, GROUP_SIZE)
+        words, pw2, aligned = dequant_step(bits, GROUP_SIZE)
         return dict(q_ptr=e(1, dtype=i32), rows_ptr=e(1, dtype=i64), cb_ptr=e(1, dtype=f16), a_ptr=e(1, dtype=f16),
                     out_ptr=e(1, dtype=t), n_rows=rows, in_features=IN_FEATURES, stride_qr=n_words,
                     stride_cbr=1 << bits, stride_ar=groups, stride_ac=1, stride_or=IN_FEATURES, stride_oc=1,

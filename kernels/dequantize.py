@@ -3,13 +3,17 @@
 ``out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // group_size]``. Rows are stored
 grouped by bit-width, so a full matrix is the union of one call per stored width.
 ``dequantize_ref`` is the pure-PyTorch reference (the CPU path and the test oracle);
-``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` (words loaded once, unpack by
-shifts, codebook select tree with group-scaled entries, scatter to the original rows, one pass) on
-CUDA or when forced. Both compute the product
-in fp32 and round once to the output dtype, so the kernel is bit-exact with the reference.
+``dequantize`` dispatches to the Triton kernel ``_dequantize_kernel`` on CUDA or when forced: words
+loaded once and unpacked by constant shifts; at 1–2 bits a register select tree over group-scaled
+codebook entries, at 3–4 bits one shared-memory load per code from a per-step table of the codebook
+times the scale of each group the step touches (3-bit words as 8 + 2 codes, no padding lanes);
+scatter to the original rows, one pass. Both compute the product in fp32 and round once to the
+output dtype, so the kernel is bit-exact with the reference.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import triton
@@ -17,7 +21,7 @@ import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
 from lowra_kernels.layout import codes_per_word
-from lowra_kernels.lut import gemv_k_step, lut_select
+from lowra_kernels.lut import dequant_step, gather_groups, lut_select
 from lowra_kernels.unpack import unpack_ref
 
 
@@ -55,21 +59,62 @@ def dequantize_ref(
     return out
 
 
-DEQUANT_TILE_BUDGET = 4096  # max BLOCK_R * (codes per K step, padded) of one step: larger tiles spill
+DEQUANT_TILE_BUDGET = 4096  # max BLOCK_R * (codes per K step, padded) of a select-tree step: larger spill
+SELECT_MAX_STEPS = 2  # select-tree programs: more K steps add nothing once HBM-bound (1/2 bits)
+# codes per program (BLOCK_R * STEPS * WORDS * PER_WORD) of a gathered 3/4-bit program: below the
+# floor the per-step table build and barrier dominate, above the ceiling the 3-bit tile spills
+DEQUANT_GATHER_CODES = (4096, 20480)
 
 
 def prune_dequantize_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep dequantize configs whose ``[BLOCK_R, WORDS, PW2]`` step tile fits the budget (never empty)."""
-    step = kwargs.get("WORDS", named_args.get("WORDS", 4)) * kwargs.get("PW2", named_args.get("PW2", 16))
-    keep = [c for c in configs if c.kwargs["BLOCK_R"] * step <= DEQUANT_TILE_BUDGET]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_R"])]
+    """Keep the dequantize configs meant for this step kind (never empty).
+
+    Select-tree steps (1/2 bits, tiny groups): ``STEPS ≤ SELECT_MAX_STEPS`` and a
+    ``[BLOCK_R, WORDS, PW2]`` step within ``DEQUANT_TILE_BUDGET``. Gathered 3/4-bit steps
+    (``lut.gather_groups``): ``BLOCK_R * STEPS * WORDS * PER_WORD`` codes per program within
+    ``DEQUANT_GATHER_CODES`` (more codes per program spread the per-step table and barrier).
+    """
+    def arg(name: str, default: int) -> int:
+        return kwargs.get(name, named_args.get(name, default))
+
+    bits, words, pw2 = arg("BITS", 2), arg("WORDS", 4), arg("PW2", 16)
+    if gather_groups(bits, words, arg("ALIGNED", True), arg("GROUP", 64)):
+        codes = words * codes_per_word(bits)
+        lo, hi = DEQUANT_GATHER_CODES
+        keep = [c for c in configs if lo <= c.kwargs["BLOCK_R"] * c.kwargs["STEPS"] * codes <= hi]
+    else:
+        keep = [c for c in configs
+                if c.kwargs["STEPS"] <= SELECT_MAX_STEPS and c.kwargs["BLOCK_R"] * words * pw2 <= DEQUANT_TILE_BUDGET]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_R"] * c.kwargs["STEPS"])]
+
+
+@triton.jit
+def _gather_store(word3, w, g0, tab, row_base, o_row, row_ok3, in_features, stride_oc,
+                  S0: tl.constexpr, SW: tl.constexpr, BITS: tl.constexpr, PER_WORD: tl.constexpr,
+                  GROUP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr, WORDS: tl.constexpr):
+    """Store ``table[row, code(k)]`` for the codes ``S0 ≤ s < S0 + SW`` of each word (``SW`` a power of
+    two) of a ``[BLOCK_R, WORDS]`` word tile: 3-bit words (10 codes) run as 8 + 2, so no lane is padding."""
+    s = S0 + tl.arange(0, SW)[None, None, :]
+    k = w[None, :, None] * PER_WORD + s  # [1, WORDS, SW]
+    code = (word3 >> (s * BITS)) & ((1 << BITS) - 1)
+    if NG > 1:  # entries h·2^BITS.. of the row's table hold the step's group g0 + h
+        code += (k // GROUP - g0) * (1 << BITS)
+    idx = tl.reshape(tl.broadcast_to(code + row_base, [BLOCK_R, WORDS, SW]), [BLOCK_R * WORDS * SW])
+    v = tl.reshape(tl.gather(tab, idx, 0), [BLOCK_R, WORDS, SW])
+    tl.store(o_row + k * stride_oc, v, mask=row_ok3 & (k < in_features))
+
+
+# The shipped space; the first is the interpreter's. Pruned per step kind (``prune_dequantize_configs``):
+# 1/2 bits keep the first three, gathered 3/4 bits the last three.
+DEQUANT_CONFIGS = configs(
+    [{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 64, "STEPS": 1},
+     {"BLOCK_R": 32, "STEPS": 4}],
+    num_warps=(4,),
+)
 
 
 @autotune(
-    configs(
-        [{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 64, "STEPS": 1}],
-        num_warps=(4,),
-    ),
+    DEQUANT_CONFIGS,
     key=["in_features", "BITS", "GROUP"],  # not n_rows: it differs per bit group
     prune_configs_by={"early_config_prune": prune_dequantize_configs},
 )
@@ -82,9 +127,14 @@ def _dequantize_kernel(
 ):
     """out[rows[i], j] = codebook[i, code[i, j]] * absmax[rows[i], j // GROUP] (rounded once).
 
-    ``STEPS`` K steps of ``[BLOCK_R, WORDS, PW2]`` codes per program: each word is loaded once and
-    unpacked by shifts; the lookup is the select tree of ``lowra_kernels.lut`` over codebook entries
-    pre-multiplied by the row's group scale (aligned widths) — bit-exact with the reference.
+    ``STEPS`` K steps of ``[BLOCK_R, WORDS]`` packed words per program, each word loaded once and
+    unpacked by constant shifts. 1/2 bits (and 3/4 bits with groups too small for a table): the
+    lookup is the select tree of ``lowra_kernels.lut`` over codebook entries pre-multiplied by the
+    row's group scale (aligned widths) or scaled per code. 3/4 bits (``GATHER``): per step, a table
+    ``[BLOCK_R, NG · 2^BITS]`` of the row's codebook times the scale of each of the ≤ 4 groups the
+    step touches, rounded to the output dtype once — then each code is one shared-memory load of
+    its output value (``tl.gather``); 3-bit words run as 8 + 2 codes (no padding lanes).
+    Bit-exact with the reference: every value is the fp32 product rounded once.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -95,30 +145,58 @@ def _dequantize_kernel(
     i64 = i.to(tl.int64)
     q_row = q_ptr + i64[:, None] * stride_qr  # [BLOCK_R, 1]
     row_ok3 = i_ok[:, None, None]
-    cb_row = cb_ptr + i64[:, None, None] * stride_cbr  # [BLOCK_R, 1, 1]
-    a_row = a_ptr + orig[:, None, None] * stride_ar
     o_row = out_ptr + orig[:, None, None] * stride_or
-    s3 = tl.arange(0, PW2)[None, None, :]
-    shift = s3 * BITS
     n_words = tl.cdiv(in_features, PER_WORD)
-    for step in tl.static_range(STEPS):
-        w0 = (pid_c * STEPS + step) * WORDS
-        w = w0 + tl.arange(0, WORDS)
-        word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
-        word3 = word[:, :, None]
-        k = w[None, :, None] * PER_WORD + s3  # [1, WORDS, PW2]
-        k_ok = k < in_features
-        if not ALIGNED:
-            k_ok = k_ok & (s3 < PER_WORD)
-        if ALIGNED:
-            scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok3, other=0.0)
-            v = lut_select(word3, shift, cb_row, scale.to(tl.float32), row_ok3, 0, 1 << BITS, BITS - 1, True,
-                           out_ty)
-        else:
-            v = lut_select(word3, shift, cb_row, 1.0, row_ok3, 0, 1 << BITS, BITS - 1, False, out_ty)
-            scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok3 & k_ok, other=0.0)
-            v = v * scale.to(tl.float32)
-        tl.store(o_row + k * stride_oc, v.to(out_ty), mask=row_ok3 & k_ok)
+    SPAN: tl.constexpr = 1 if ALIGNED else (WORDS * PER_WORD - 1) // GROUP + 2  # ≥ groups one step touches
+    NG: tl.constexpr = 1 if SPAN == 1 else (2 if SPAN <= 2 else 4)  # table groups (a power of two)
+    GATHER: tl.constexpr = BITS >= 3 and SPAN <= 4
+    N_CODES: tl.constexpr = 1 << BITS
+    if GATHER:
+        TABLE: tl.constexpr = N_CODES * NG  # entries per row: the codebook scaled by each group of the step
+        e2 = tl.arange(0, TABLE)[None, :]  # [1, TABLE]: entry e of group e // N_CODES of the step
+        cb2 = tl.load(cb_ptr + i64[:, None] * stride_cbr + (e2 % N_CODES), mask=i_ok[:, None],
+                      other=0.0).to(tl.float32)  # [BLOCK_R, TABLE], loaded once
+        a2 = a_ptr + orig[:, None] * stride_ar
+        row_base = (tl.arange(0, BLOCK_R) * TABLE)[:, None, None]  # row's slice of the flat table
+        SW1: tl.constexpr = PW2 if PW2 <= PER_WORD else PW2 // 2  # 3-bit: codes 0..7, then 8..9
+        SW2: tl.constexpr = PER_WORD - SW1
+        for step in tl.static_range(STEPS):
+            w0 = (pid_c * STEPS + step) * WORDS
+            w = w0 + tl.arange(0, WORDS)
+            word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
+            word3 = word[:, :, None]
+            g0 = (w0 * PER_WORD) // GROUP
+            g2 = g0 + e2 // N_CODES
+            sc = tl.load(a2 + g2 * stride_ac, mask=i_ok[:, None] & (g2 * GROUP < in_features), other=0.0)
+            tab = tl.reshape((cb2 * sc.to(tl.float32)).to(out_ty), [BLOCK_R * TABLE])
+            _gather_store(word3, w, g0, tab, row_base, o_row, row_ok3, in_features, stride_oc, 0, SW1, BITS,
+                          PER_WORD, GROUP, NG, BLOCK_R, WORDS)
+            if SW2 > 0:
+                _gather_store(word3, w, g0, tab, row_base, o_row, row_ok3, in_features, stride_oc, SW1, SW2, BITS,
+                              PER_WORD, GROUP, NG, BLOCK_R, WORDS)
+    else:
+        cb_row = cb_ptr + i64[:, None, None] * stride_cbr  # [BLOCK_R, 1, 1]
+        a_row = a_ptr + orig[:, None, None] * stride_ar
+        s3 = tl.arange(0, PW2)[None, None, :]
+        shift = s3 * BITS
+        for step in tl.static_range(STEPS):
+            w0 = (pid_c * STEPS + step) * WORDS
+            w = w0 + tl.arange(0, WORDS)
+            word = tl.load(q_row + w[None, :], mask=i_ok[:, None] & (w < n_words)[None, :], other=0)
+            word3 = word[:, :, None]
+            k = w[None, :, None] * PER_WORD + s3  # [1, WORDS, PW2]
+            k_ok = k < in_features
+            if not ALIGNED:
+                k_ok = k_ok & (s3 < PER_WORD)
+            if ALIGNED:
+                scale = tl.load(a_row + ((w0 * PER_WORD) // GROUP) * stride_ac, mask=row_ok3, other=0.0)
+                v = lut_select(word3, shift, cb_row, scale.to(tl.float32), row_ok3, 0, N_CODES, BITS - 1, True,
+                               out_ty)
+            else:
+                v = lut_select(word3, shift, cb_row, 1.0, row_ok3, 0, N_CODES, BITS - 1, False, out_ty)
+                scale = tl.load(a_row + (k // GROUP) * stride_ac, mask=row_ok3 & k_ok, other=0.0)
+                v = v * scale.to(tl.float32)
+            tl.store(o_row + k * stride_oc, v.to(out_ty), mask=row_ok3 & k_ok)
 
 
 def dequantize_triton(
@@ -131,6 +209,15 @@ def dequantize_triton(
     out: torch.Tensor,
 ) -> torch.Tensor:
     """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result)."""
+    return _launch(_dequantize_kernel, codes, rows, codebook, absmax, bits, group_size, out)
+
+
+def _launch(
+    kernel: Any, codes: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor, absmax: torch.Tensor,
+    bits: int, group_size: int, out: torch.Tensor, **meta: Any,
+) -> torch.Tensor:
+    """Validate and launch ``kernel``: the autotuned ``_dequantize_kernel``, or (tests) its body
+    ``_dequantize_kernel.fn`` with explicit ``meta`` (``BLOCK_R``, ``STEPS``) to run any shipped config."""
     n = codes.shape[0]
     if n == 0:
         return out
@@ -145,16 +232,16 @@ def dequantize_triton(
         codebook = codebook.contiguous()
     stride_cbr = 0 if codebook.shape[0] == 1 else codebook.stride(0)
 
-    words, pw2, aligned = gemv_k_step(bits, group_size)
+    words, pw2, aligned = dequant_step(bits, group_size)
     n_words = codes.shape[1]
 
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(n_words, words * meta["STEPS"]))
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_R"]), triton.cdiv(n_words, words * m["STEPS"]))
 
-    _dequantize_kernel[grid](
+    kernel[grid](
         codes, rows, codebook, absmax, out, n, in_features,
         codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1), out.stride(0), out.stride(1),
-        BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=group_size,
+        BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned, GROUP=group_size, **meta,
     )
     return out
 

@@ -51,6 +51,23 @@ def gather_groups(bits: int, words: int, aligned: bool, group_size: int) -> int:
     return 0 if span > GATHER_MAX_GROUPS else (2 if span <= 2 else 4)
 
 
+DEQUANT_GATHER_WORDS = (16, 8, 4, 2, 1)  # words per row per unaligned gathered dequantize step
+
+
+def dequant_step(bits: int, group_size: int) -> tuple[int, int, bool]:
+    """``(words, padded codes per word, aligned)`` of one dequantize step: ``gemv_k_step``, except that
+    an unaligned 3/4-bit step (looked up by gather) takes the most words (``DEQUANT_GATHER_WORDS``)
+    whose codes touch at most ``GATHER_MAX_GROUPS`` scale groups (3-bit, group 64: 16 words =
+    160 codes, a 4-group table). Tiny groups that no step fits keep ``gemv_k_step`` (select tree)."""
+    words, pw2, aligned = gemv_k_step(bits, group_size)
+    if aligned or bits < 3:
+        return words, pw2, aligned
+    for w in DEQUANT_GATHER_WORDS:
+        if gather_groups(bits, w, aligned, group_size):
+            return w, pw2, aligned
+    return words, pw2, aligned
+
+
 def gemv_step(bits: int, group_size: int) -> tuple[int, int, bool]:
     """``(words, padded codes per word, aligned)`` of one GEMV K step: ``gemv_k_step``, except that
     an unaligned 3/4-bit step looked up by gather takes the most words (``GATHER_WORDS``) whose

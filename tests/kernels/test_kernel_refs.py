@@ -154,3 +154,13 @@ def test_dequantize_config_pruning():
     assert [c.kwargs["BLOCK_R"] for c in prune_dequantize_configs(space, {}, WORDS=4, PW2=16)] == [16]
     assert 128 * 64 > DEQUANT_TILE_BUDGET
     assert len(prune_dequantize_configs(space[1:], {}, WORDS=4, PW2=16)) == 1
+    # gathered 3/4-bit steps: codes per program within DEQUANT_GATHER_CODES (160 codes per 3-bit step)
+    from lowra_kernels.dequantize import DEQUANT_GATHER_CODES
+
+    space = configs([{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 32, "STEPS": 4},
+                     {"BLOCK_R": 64, "STEPS": 4}])
+    gathered = prune_dequantize_configs(space, {}, BITS=3, WORDS=16, PW2=16, ALIGNED=False, GROUP=64)
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in gathered] == [(32, 2), (32, 4)]
+    assert 16 * 160 < DEQUANT_GATHER_CODES[0] and 64 * 4 * 160 > DEQUANT_GATHER_CODES[1]
+    selected = prune_dequantize_configs(space, {}, BITS=2, WORDS=4, PW2=16, ALIGNED=True, GROUP=64)
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in selected] == [(16, 1), (32, 2)]
