@@ -54,32 +54,29 @@ def gather_groups(bits: int, words: int, aligned: bool, group_size: int) -> int:
 DEQUANT_GATHER_WORDS = (16, 8, 4, 2, 1)  # words per row per unaligned gathered dequantize step
 
 
-def dequant_step(bits: int, group_size: int) -> tuple[int, int, bool]:
-    """``(words, padded codes per word, aligned)`` of one dequantize step: ``gemv_k_step``, except that
-    an unaligned 3/4-bit step (looked up by gather) takes the most words (``DEQUANT_GATHER_WORDS``)
-    whose codes touch at most ``GATHER_MAX_GROUPS`` scale groups (3-bit, group 64: 16 words =
-    160 codes, a 4-group table). Tiny groups that no step fits keep ``gemv_k_step`` (select tree)."""
+def _gather_step(bits: int, group_size: int, candidates: tuple[int, ...]) -> tuple[int, int, bool]:
+    """``gemv_k_step``, except that an unaligned 3/4-bit step (looked up by gather) takes the first of
+    ``candidates`` (most words first) whose codes touch at most ``GATHER_MAX_GROUPS`` scale groups."""
     words, pw2, aligned = gemv_k_step(bits, group_size)
     if aligned or bits < 3:
         return words, pw2, aligned
-    for w in DEQUANT_GATHER_WORDS:
+    for w in candidates:
         if gather_groups(bits, w, aligned, group_size):
             return w, pw2, aligned
     return words, pw2, aligned
+
+
+def dequant_step(bits: int, group_size: int) -> tuple[int, int, bool]:
+    """``(words, padded codes per word, aligned)`` of one dequantize step (3-bit, group 64: 16 words =
+    160 codes, a 4-group table; words from ``DEQUANT_GATHER_WORDS``). Tiny groups that no step fits
+    keep ``gemv_k_step`` (select tree)."""
+    return _gather_step(bits, group_size, DEQUANT_GATHER_WORDS)
 
 
 def gemv_step(bits: int, group_size: int) -> tuple[int, int, bool]:
-    """``(words, padded codes per word, aligned)`` of one GEMV K step: ``gemv_k_step``, except that
-    an unaligned 3/4-bit step looked up by gather takes the most words (``GATHER_WORDS``) whose
-    codes touch at most ``GATHER_MAX_GROUPS`` scale groups — per-step costs (table, staging,
-    barriers) spread over more codes (3-bit, group 64: 16 words = 160 codes)."""
-    words, pw2, aligned = gemv_k_step(bits, group_size)
-    if aligned or bits < 3:
-        return words, pw2, aligned
-    for w in GATHER_WORDS:
-        if gather_groups(bits, w, aligned, group_size):
-            return w, pw2, aligned
-    return words, pw2, aligned
+    """``(words, padded codes per word, aligned)`` of one GEMV K step (words from ``GATHER_WORDS``):
+    per-step costs (table, staging, barriers) spread over more codes."""
+    return _gather_step(bits, group_size, GATHER_WORDS)
 
 
 @triton.jit
