@@ -24,3 +24,13 @@ def logits(model: torch.nn.Module, x: torch.Tensor = X) -> torch.Tensor:
     """The model's logits ``[batch, seq, vocab]`` in eval mode."""
     model.eval()
     return model(x).logits
+
+
+def tiny_mistral_config():
+    """An untied two-layer Mistral config (128 tokens, width 64) and a seeded batch ``[2, 12]`` of its ids."""
+    from transformers import MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return config, torch.randint(0, 128, (2, 12))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from checkpoint_testutils import X, logits, perturb_adapters
+from checkpoint_testutils import X, logits, perturb_adapters, tiny_mistral_config
 
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
@@ -100,12 +100,9 @@ def test_peft_export_on_dequantized_base(quantized, tmp_path):
 
 
 def test_method_none_and_mistral_roundtrip(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    x = torch.randint(0, 128, (2, 12))
+    config, x = tiny_mistral_config()
     for method, bits in [("none", 16), ("lowra", 2.5)]:
         model = MistralForCausalLM(config).eval()
         quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,

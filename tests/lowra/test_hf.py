@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_testutils import X, logits, perturb_adapters
+from checkpoint_testutils import X, logits, perturb_adapters, tiny_mistral_config
 from safetensors.torch import load_file, save_file
 
 import lowra.checkpoint as ckpt
@@ -143,12 +143,9 @@ def test_peft_copy_applies_on_the_dequantized_base(quantized, saved, tmp_path):
 
 def test_dense_base_bf16_and_untied_mistral(tmp_path):
     """A dense (method="none") base, and a bf16 model: the rest of the model comes back in bf16."""
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
-    torch.manual_seed(0)
-    config = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    x = torch.randint(0, 128, (2, 12))
+    config, x = tiny_mistral_config()
     for method, bits, dtype in [("none", 16, torch.float32), ("nf", 2, torch.bfloat16)]:
         # built in dtype as from_pretrained builds it (``.to(bf16)`` would also cast the rotary inv_freq)
         model = MistralForCausalLM._from_config(config, dtype=dtype).eval()
