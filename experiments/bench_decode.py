@@ -65,18 +65,19 @@ def build_model(name: str, seed: int = 0) -> nn.Module:
 
 
 def bits_per_row(out_features: int, bits: float, gen: torch.Generator) -> torch.Tensor:
-    """Integer widths per row averaging ``bits`` (1.5 → half 1-bit, half 2-bit, interleaved)."""
-    if bits in (1, 2, 3, 4):
-        return torch.full((out_features,), int(bits), dtype=torch.int64)
-    if bits != 1.5:
-        raise ValueError(f"bits must be 1, 2, 3, 4 or 1.5, got {bits}")
-    b = torch.ones(out_features, dtype=torch.int64)
-    b[: out_features // 2] = 2
+    """Integer widths per row averaging ``bits`` in [1, 4]: ``⌊bits⌋`` with the fraction of rows at
+    ``⌈bits⌉`` (1.5 → half 1-bit, half 2-bit; 1.15 → 15 % at 2 bits), interleaved at random."""
+    if not 1 <= bits <= 4:
+        raise ValueError(f"bits must lie in [1, 4], got {bits}")
+    lo = int(bits)
+    b = torch.full((out_features,), lo, dtype=torch.int64)
+    b[: int((bits - lo) * out_features + 1e-9)] = lo + 1  # 1e-9: (1.15 - 1) * 100 = 14.999…
     return b[torch.randperm(out_features, generator=gen)]
 
 
 def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, seed: int = 0) -> nn.Module:
-    """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place)."""
+    """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place), on the
+    linear's device (random codes drawn on the CPU from ``seed``, so every device gets the same model)."""
     from lowra.format import BitGroup, QuantizedTensor
     from lowra.nn import LowRALinear
     from lowra.normalfloat import normal_float_table
@@ -91,13 +92,14 @@ def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, see
         per_row = bits_per_row(out_features, bits, gen)
         groups = []
         for b in torch.unique(per_row).tolist():
-            rows = (per_row == b).nonzero().flatten().to(torch.int32)
+            rows = (per_row == b).nonzero().flatten().to(device=w.device, dtype=torch.int32)
             # speed does not depend on the codes' values: random packed words, not a quantization pass
             codes = torch.randint(-2**31, 2**31 - 1, (rows.numel(), words_per_row(in_features, b)),
-                                  generator=gen, dtype=torch.int64).to(torch.int32)
+                                  generator=gen, dtype=torch.int64).to(device=w.device, dtype=torch.int32)
             if b == 3:
                 codes &= (1 << 30) - 1  # 10 codes per word
-            table = normal_float_table(b).to(torch.float16).reshape(1, -1).expand(rows.numel(), -1).contiguous()
+            table = normal_float_table(b).to(w.device, torch.float16).reshape(1, -1).expand(rows.numel(), -1)
+            table = table.contiguous()
             groups.append(BitGroup(b, rows, codes, table))
         scales = GroupScales.store(compute_absmax(w, 64))
         qt = QuantizedTensor((out_features, in_features), 64, groups, scales)
