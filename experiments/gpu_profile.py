@@ -149,11 +149,68 @@ def dequant_configs(qt, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+def gemv_sweep(qt, m: int, dtype: torch.dtype, block_ns=(8, 16, 32, 64, 128), splits=(1, 2, 4, 8),
+               warps=(4, 8)) -> list[dict]:
+    """The GEMV kernel body at every ``BLOCK_N × SPLIT_K × num_warps`` (graph replay, µs): wider than the
+    shipped autotune space, to show where its best lies."""
+    from lowra_kernels import lut_matmul as lm
+    from lowra_kernels.layout import codes_per_word
+    from lowra_kernels.lut import gemv_step
+
+    out_features, in_features, group_size, groups, absmax = lm.weight_parts(qt)
+    g = groups[0]
+    words, pw2, aligned = gemv_step(g.bits, group_size)
+    x = torch.randn(m, in_features, device=absmax.device, dtype=dtype)
+    rows = []
+    for block_n in block_ns:
+        for split in splits:
+            for nw in warps:
+                ws = torch.empty(split, m, out_features, dtype=torch.float32, device=x.device)
+
+                def fn(block_n=block_n, split=split, nw=nw, ws=ws):
+                    lm._lut_gemv_kernel.fn[(triton_cdiv(g.rows.numel(), block_n), split)](
+                        x, g.codes, g.rows, g.codebook, absmax, ws, m, g.rows.numel(), in_features, split,
+                        x.stride(0), g.codes.stride(0), g.codebook.stride(0), absmax.stride(0), absmax.stride(1),
+                        ws.stride(0), ws.stride(1), BITS=g.bits, PER_WORD=codes_per_word(g.bits), PW2=pw2,
+                        WORDS=words, ALIGNED=aligned, GROUP=group_size, BLOCK_M=lm.gemv_block_m(m),
+                        BLOCK_N=block_n, SPLIT_K=split, num_warps=nw, num_stages=2)
+                us = graph_time(fn)
+                rows.append({"bits": g.bits, "m": m, "BLOCK_N": block_n, "SPLIT_K": split, "num_warps": nw,
+                             "graph_us": us})
+    best = min((r for r in rows if r["graph_us"]), key=lambda r: r["graph_us"], default=None)
+    print(f"  gemv sweep {g.bits}b M={m}: best {best}", flush=True)
+    return rows
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def crossover(qt, dtype: torch.dtype, ms=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> list[dict]:
+    """Per M: the GEMV (M ≤ 16), the fused tl.dot kernel and dequantize + cuBLAS (graph replay, µs)."""
+    from lowra_kernels import lut_matmul as lm
+
+    in_features = qt.shape[1]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, in_features, device=qt.device, dtype=dtype)
+        row = {"bits": qt.groups[0].bits, "m": m}
+        if m <= lm.GEMV_MAX_M:
+            row["gemv_us"] = graph_time(lambda x=x: lm._lut_gemv(x, qt))
+        row["fused_mm_us"] = graph_time(lambda x=x: lm._lut_mm(x, qt))
+        row["dequant_cublas_us"] = graph_time(lambda x=x: x @ lm.dequantize_transient(qt, dtype).t())
+        rows.append(row)
+        print(f"  crossover {row}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="4096x11008")
     parser.add_argument("--bits", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "gpu_profile.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: the GEMV over a wide config grid (M=1) and the M crossover of the three paths")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_profile needs a CUDA GPU")
@@ -164,6 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": [out_features, in_features],
               "dtype": str(dtype), "rows": []}
+    if args.sweep:
+        report.update(gemv_sweep=[], crossover=[])
+        for bits in args.bits:
+            qt = random_qweight(out_features, in_features, bits, dev)
+            report["crossover"] += crossover(qt, dtype)
+            write_text_atomic(args.out, json.dumps(report, indent=1))
+            report["gemv_sweep"] += gemv_sweep(qt, 1, dtype)
+            write_text_atomic(args.out, json.dumps(report, indent=1))
+        return report
     w = torch.randn(out_features, in_features, device=dev, dtype=dtype)
     for m in (1, 16):
         x = torch.randn(m, in_features, device=dev, dtype=dtype)
