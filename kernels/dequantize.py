@@ -60,10 +60,12 @@ def dequantize_ref(
 
 
 DEQUANT_TILE_BUDGET = 4096  # max BLOCK_R * (codes per K step, padded) of a select-tree step: larger spill
-SELECT_MAX_STEPS = 2  # select-tree programs: more K steps add nothing once HBM-bound (1/2 bits)
-# codes per program (BLOCK_R * STEPS * WORDS * PER_WORD) of a gathered 3/4-bit program: below the
-# floor the per-step table build and barrier dominate, above the ceiling the 3-bit tile spills
-DEQUANT_GATHER_CODES = (4096, 20480)
+SELECT_MAX_STEPS = 4  # select-tree programs (1/2 bits): H200, 4096×11008, 2 bits: 4 steps 35.8 µs vs 2 steps 39.3
+# codes per program (BLOCK_R * STEPS * WORDS * PER_WORD) of a gathered 3/4-bit program: above the
+# ceiling the 3-bit tile spills. The floor admits BLOCK_R=16, STEPS=1, the fastest on an H200
+# (4096×11008: 3 bits 107.6 µs vs 165 for the best config above the old floor of 4096; 4 bits 75 vs 93;
+# experiments.gpu_profile, results/bench/gpu_profile_h200.json)
+DEQUANT_GATHER_CODES = (1024, 20480)
 
 
 def prune_dequantize_configs(configs: list, named_args: dict, **kwargs) -> list:

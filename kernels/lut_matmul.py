@@ -2,7 +2,8 @@
 
 ``W [out, in]`` is a ``lowra.format.QuantizedTensor`` (rows grouped by bit-width; see
 ``lowra_kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
-row count ``M``:
+row count ``M`` (``forward_path``; on a GPU by measurement: the GEMV at M = 1, or up to 4 at 3-4
+bits, dequantize + cuBLAS above, never the fused GEMM, which measured slower everywhere):
 
 * ``M ≤ GEMV_MAX_M`` (decode): ``_lut_gemv_kernel`` — a fused GEMV that reads each packed word
   once, unpacks by constant shifts, looks codes up in a per-row codebook pre-scaled by the group absmax
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.dispatch import interpreting
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import gather_groups, gemv_step, lut_select
 
@@ -165,8 +167,10 @@ GEMV_BLOCK_M = (1, 4, 16)  # M buckets of the GEMV: M=1, 2-4, 5-16 (one binary e
 # fp32 products BLOCK_M * BLOCK_N * (codes per K step) of a GEMV tile: configs keep budget/4 .. budget
 # (larger tiles spill on sm_90, smaller ones under-use the block); 3/4-bit trees need more registers.
 GEMV_TILE_BUDGET = {1: 4096, 2: 4096, 3: 2048, 4: 2048}
-# 3/4-bit steps looked up by gather (``lut.gather_groups``) hold no select tree: larger tiles fit
+# 3/4-bit steps looked up by gather (``lut.gather_groups``) hold no select tree: larger tiles fit, and
+# small ones win (H200, 4096×11008, M=1: 4 bits BLOCK_N=8 × 64 codes 40.9 µs vs 60.0 for 32 × 64)
 GEMV_GATHER_TILE_BUDGET = 8192
+GEMV_GATHER_TILE_FLOOR = 512
 
 
 def m_bucket(m: int) -> int:
@@ -184,16 +188,18 @@ def gemv_block_m(m: int) -> int:
 
 def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
     """Keep GEMV configs whose ``[BLOCK_M, BLOCK_N, K step]`` fp32 tile is within
-    ``[budget / 4, budget]`` of ``GEMV_TILE_BUDGET[BITS]`` (never returns an empty list)."""
+    ``[budget / 4, budget]`` of ``GEMV_TILE_BUDGET[BITS]`` (select tree) or within
+    ``[GEMV_GATHER_TILE_FLOOR, GEMV_GATHER_TILE_BUDGET]`` (gathered 3/4 bits); never returns an empty list."""
     def arg(name: str, default: int) -> int:
         return kwargs.get(name, named_args.get(name, default))
 
     bits = arg("BITS", 2)
     gather = gather_groups(bits, arg("WORDS", 4), arg("ALIGNED", True), arg("GROUP", 64))
     budget = GEMV_GATHER_TILE_BUDGET if gather else GEMV_TILE_BUDGET[bits]
+    floor = GEMV_GATHER_TILE_FLOOR if gather else budget // 4
     step = arg("WORDS", 4) * arg("PW2", 16)
     tile = {id(c): arg("BLOCK_M", 1) * c.kwargs["BLOCK_N"] * step for c in configs}
-    keep = [c for c in configs if budget // 4 <= tile[id(c)] <= budget]
+    keep = [c for c in configs if floor <= tile[id(c)] <= budget]
     keep = keep or [min(configs, key=lambda c: (tile[id(c)], c.kwargs["SPLIT_K"]))]
     return [_with_register_cap(c, tile[id(c)], bits) for c in keep]
 
@@ -228,13 +234,21 @@ def _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab_flat, row_bas
     return xt.to(tl.float32) * v
 
 
+# The shipped GEMV space (first = the interpreter's), pruned per tile by ``prune_gemv_configs``.
+GEMV_CONFIGS = configs(
+    # the last three from a BLOCK_N × SPLIT_K × warps sweep on an H200 (experiments.gpu_profile --sweep,
+    # 4096×11008, M=1): 1-2 bits want SPLIT_K=8 (64×8: 17.7 / 23.5 µs vs 20.6 / 29.1 for the best of
+    # the first five), 4 bits 8×8 (40.9 µs vs 60.0)
+    [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
+     {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}, {"BLOCK_N": 64, "SPLIT_K": 8},
+     {"BLOCK_N": 8, "SPLIT_K": 8}, {"BLOCK_N": 16, "SPLIT_K": 4}],
+    num_warps=(4,),
+    num_stages=(2,),
+)
+
+
 @autotune(
-    configs(
-        [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
-         {"BLOCK_N": 64, "SPLIT_K": 2}, {"BLOCK_N": 4, "SPLIT_K": 4}],
-        num_warps=(4,),
-        num_stages=(2,),
-    ),
+    GEMV_CONFIGS,
     key=["K", "BITS", "GROUP", "BLOCK_M"],
     prune_configs_by={"early_config_prune": prune_gemv_configs},
 )
@@ -417,9 +431,32 @@ def _lut_mm(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
     return y
 
 
+# Largest M the GEMV serves on a GPU, per stored bit-width; above it dequantize + cuBLAS is faster.
+# H200, 4096×11008 and 11008×4096, bf16 (experiments.gpu_profile --sweep, graph-replay µs, 2 bits):
+# GEMV M=1 32.5 / M=2-4 93 vs dequantize + cuBLAS 67 at any M ≤ 32; at 3 bits M=4 90 vs 191. The fused
+# tl.dot kernel was slower than dequantize + cuBLAS at every M from 1 to 256 and every width (261-1289 µs
+# vs 59-207), so a GPU never takes it.
+GPU_GEMV_MAX_M = {1: 1, 2: 1, 3: 4, 4: 4}
+
+
+def forward_path(m: int, qweight: Any, on_gpu: bool) -> str:
+    """``"gemv"``, ``"fused_mm"`` or ``"dequant_blas"`` for ``m`` activation rows.
+
+    On a GPU the choice is the measured one (``GPU_GEMV_MAX_M``, the smallest over the stored widths;
+    never the fused GEMM). Elsewhere (the Triton interpreter, forced ``backend="triton"`` on a CPU) the
+    row-count regimes ``GEMV_MAX_M`` / ``TRAIN_MIN_M`` hold, so every kernel stays exercised by the tests.
+    """
+    if on_gpu:
+        widths = [g.bits for g in qweight.groups if g.rows.numel() > 0]
+        return "gemv" if m <= min((GPU_GEMV_MAX_M[b] for b in widths), default=1) else "dequant_blas"
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "fused_mm" if m < TRAIN_MIN_M else "dequant_blas"
+
+
 def lut_matmul_triton(x: torch.Tensor, qweight: Any) -> torch.Tensor:
-    """Triton forward ``x [..., in] → y [..., out]``: GEMV (M ≤ 16), fused GEMM, or dequantize + cuBLAS
-    (M ≥ ``TRAIN_MIN_M``)."""
+    """Triton forward ``x [..., in] → y [..., out]``: GEMV, fused GEMM, or dequantize + cuBLAS, as
+    ``forward_path`` chooses."""
     out_features, in_features, _, _, _ = weight_parts(qweight)
     _check_activation(x, in_features, "x")
     lead = x.shape[:-1]
@@ -429,9 +466,10 @@ def lut_matmul_triton(x: torch.Tensor, qweight: Any) -> torch.Tensor:
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, out_features)
-    if M <= GEMV_MAX_M:
+    path = forward_path(M, qweight, x2.is_cuda and not interpreting())
+    if path == "gemv":
         y = _lut_gemv(x2, qweight)
-    elif M < TRAIN_MIN_M:
+    elif path == "fused_mm":
         y = _lut_mm(x2, qweight)
     else:
         w = dequantize_transient(qweight, x.dtype)

@@ -88,7 +88,7 @@ def test_dequantize_every_shipped_config(bits):
     words, pw2, aligned = dequant_step(bits, 64)
     kept = prune_dequantize_configs(list(DEQUANT_CONFIGS), {}, BITS=bits, WORDS=words, PW2=pw2, ALIGNED=aligned,
                                     GROUP=64)
-    assert len(kept) == 3 and (bits < 3) == all(c.kwargs["STEPS"] <= 2 for c in kept)
+    assert len(kept) == len(DEQUANT_CONFIGS) == 4  # every width may take every shipped config (H200 sweep)
     out_features, in_features = 70, 200 + 17 * bits  # a partial last program along K and along rows
     codes, rows, cb, absmax = _group(67, out_features, in_features, bits, seed=11 + bits)
     want = torch.full((out_features, in_features), NAN, dtype=torch.float16, device=DEVICE)

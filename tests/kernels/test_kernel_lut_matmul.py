@@ -190,3 +190,33 @@ def test_gemv_helpers():
     assert gemv_step(3, 8) == (GEMV_UNALIGNED_WORDS, 16, False) and gather_groups(3, 4, False, 8) == 0
     assert gemv_step(4, 64) == gemv_k_step(4, 64) and gather_groups(4, 8, True, 64) == 1
     assert gemv_step(2, 64) == gemv_k_step(2, 64) and gather_groups(2, 4, True, 64) == 0
+
+
+@requires_triton
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_gemv_every_kept_config(bits):
+    """The interpreter autotunes over the first config only: run each GEMV config the compiled autotuner
+    keeps for this width at M = 1 (split-K up to 8, 8-64-row tiles) through the kernel body directly."""
+    from lowra_kernels import lut_matmul as lm
+    from lowra_kernels.layout import codes_per_word
+    from lowra_kernels.lut import gemv_step
+
+    q = random_qtensor(70, 1000, bits, seed=90 + bits)
+    _, in_features, group_size, groups, absmax = lm.weight_parts(q)
+    g = groups[0]
+    words, pw2, aligned = gemv_step(bits, group_size)
+    kept = lm.prune_gemv_configs(list(lm.GEMV_CONFIGS), {}, BITS=bits, BLOCK_M=1, WORDS=words, PW2=pw2,
+                                 ALIGNED=aligned, GROUP=group_size)
+    assert len(kept) >= 3
+    x = torch.randn(1, in_features, device=DEVICE)
+    want = x.double().cpu() @ _dense(q).t()
+    for cfg in kept:
+        split = cfg.kwargs["SPLIT_K"]
+        ws = torch.full((split + 1, 1, 70), float("nan"), device=DEVICE)  # one extra slice: zeroed by the kernel
+        n = g.rows.numel()
+        lm._lut_gemv_kernel.fn[(-(-n // cfg.kwargs["BLOCK_N"]), split)](
+            x, g.codes, g.rows, g.codebook, absmax, ws, 1, n, in_features, split + 1,
+            x.stride(0), g.codes.stride(0), g.codebook.stride(0), absmax.stride(0), absmax.stride(1),
+            ws.stride(0), ws.stride(1), BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words,
+            ALIGNED=aligned, GROUP=group_size, BLOCK_M=1, **cfg.kwargs)
+        assert _sqnr_db(ws.sum(0), want) >= 100.0, cfg.kwargs

@@ -160,7 +160,25 @@ def test_dequantize_config_pruning():
     space = configs([{"BLOCK_R": 16, "STEPS": 1}, {"BLOCK_R": 32, "STEPS": 2}, {"BLOCK_R": 32, "STEPS": 4},
                      {"BLOCK_R": 64, "STEPS": 4}])
     gathered = prune_dequantize_configs(space, {}, BITS=3, WORDS=16, PW2=16, ALIGNED=False, GROUP=64)
-    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in gathered] == [(32, 2), (32, 4)]
-    assert 16 * 160 < DEQUANT_GATHER_CODES[0] and 64 * 4 * 160 > DEQUANT_GATHER_CODES[1]
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in gathered] == [(16, 1), (32, 2), (32, 4)]
+    assert 4 * 160 < DEQUANT_GATHER_CODES[0] <= 16 * 160 and 64 * 4 * 160 > DEQUANT_GATHER_CODES[1]
     selected = prune_dequantize_configs(space, {}, BITS=2, WORDS=4, PW2=16, ALIGNED=True, GROUP=64)
-    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in selected] == [(16, 1), (32, 2)]
+    assert [(c.kwargs["BLOCK_R"], c.kwargs["STEPS"]) for c in selected] == [(16, 1), (32, 2), (32, 4), (64, 4)]
+
+
+def test_forward_path_on_gpu_follows_the_measured_crossover():
+    """A GPU takes the GEMV at M=1 (up to 4 at 3-4 bits) and dequantize + cuBLAS above, never the fused
+    GEMM; elsewhere the row-count regimes keep every kernel exercised."""
+    from types import SimpleNamespace
+
+    from lowra_kernels.lut_matmul import GEMV_MAX_M, TRAIN_MIN_M, forward_path
+
+    def weight(*widths):
+        return SimpleNamespace(groups=[SimpleNamespace(bits=b, rows=torch.arange(3)) for b in widths])
+
+    assert [forward_path(m, weight(2), True) for m in (1, 2, 16, 300)] == ["gemv"] + ["dequant_blas"] * 3
+    assert [forward_path(m, weight(3), True) for m in (4, 5)] == ["gemv", "dequant_blas"]
+    assert forward_path(2, weight(1, 4), True) == "dequant_blas"  # the narrowest stored width decides
+    assert forward_path(GEMV_MAX_M, weight(2), False) == "gemv"
+    assert forward_path(GEMV_MAX_M + 1, weight(2), False) == "fused_mm"
+    assert forward_path(TRAIN_MIN_M, weight(2), False) == "dequant_blas"
