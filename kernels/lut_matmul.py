@@ -29,6 +29,7 @@ the stored row count of a bit group — so one tuning serves every layer of a sh
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -373,8 +374,10 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
         raise TypeError(f"the Triton LUT matmul runs fp32/fp16/bf16 activations, got {t.dtype}")
 
 
+@functools.cache
 def gemv_splits(bits: int, block_m: int, words: int, pw2: int, aligned: bool = True, group: int = 64) -> int:
-    """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count."""
+    """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count
+    (cached: pruning builds ``triton.Config`` objects, host time on every decode call otherwise)."""
     kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
                               ALIGNED=aligned, GROUP=group)
     return max(c.kwargs["SPLIT_K"] for c in kept)
