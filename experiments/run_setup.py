@@ -21,7 +21,7 @@ from experiments.hub import hub_access
 log = logging.getLogger("experiments.run")
 
 #: ``quant.<key>`` read for ``quant.method=lowra`` only (``lowra.config.LOWRA_ONLY``).
-LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
+LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks")
 #: ``quant.<key>`` read for every quantizing method: the adapter init (``lowra.config.INIT_FIELDS``).
 INIT_KEYS = ("init", "init_damp")
 

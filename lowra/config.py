@@ -42,11 +42,12 @@ _CODEBOOKS = ("learned", "nf")
 _PLANS = ("ilp", "uniform")
 _SCOPES = ("model", "matrix")
 _BUDGET_KINDS = ("nominal", "effective")
+_INIT_CODEBOOKS = ("fixed", "relearn")
 _WIDTHS = (1, 2, 3, 4)
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: LowRA-only fields: the runner reads them from ``quant.*`` for ``quant.method=lowra`` only (the
 #: other presets list them as "unused").
-LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind")
+LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks")
 #: Adapter-init fields: read for every quantizing method (not for ``method=none``).
 INIT_FIELDS = ("init", "init_damp")
 
@@ -99,6 +100,10 @@ class LowRAConfig:
             the activation norm ``‖(W − deq(Q) − s·BA)X‖``, ``H = XᵀX`` from calibration;
             ``lowra.loftq.ActivationWhitening``); ``loftq_iters`` alternations either way.
         init_damp: relative damping of the input Gram for ``init="calibrated"``.
+        init_codebooks: ``"fixed"`` (the paper: each re-quantization of ``W − s·BA`` in the init's
+            alternations keeps the codebooks learned on ``W``) or ``"relearn"`` (each one relearns every
+            row's codebook on ``W − s·BA`` at the row's planned width; learned codebooks only; it acts
+            only from the second alternation, so ``loftq_iters ≥ 2``).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
             model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
         skip_modules: never quantized unless targeted explicitly (Hydra: ``keep_full_precision``).
@@ -128,6 +133,7 @@ class LowRAConfig:
     loftq_iters: int = 1
     init: str = "loftq"
     init_damp: float = 0.01
+    init_codebooks: str = "fixed"
     target_modules: str | tuple[str, ...] | None = None
     skip_modules: tuple[str, ...] = ("lm_head",)
     adapter_dtype: str | None = None
@@ -149,7 +155,7 @@ class LowRAConfig:
         for name in ("double_quant", "fisher_codebooks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("codebook", "plan", "budget_scope", "budget_kind", "error", "init"):
+        for name in ("codebook", "plan", "budget_scope", "budget_kind", "error", "init", "init_codebooks"):
             setattr(self, name, _string(name, getattr(self, name)))
         if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
             raise ValueError(f"candidates must be a sequence of bit-widths, got {self.candidates!r}")
@@ -187,6 +193,11 @@ class LowRAConfig:
         if self.error != "sse" and self.method != "lowra":
             raise ValueError(f"quant.error={self.error!r} is an error table of LowRA's planner; "
                              f"method {self.method!r} has none")
+        if self.init_codebooks not in _INIT_CODEBOOKS:
+            raise ValueError(f"quant.init_codebooks must be 'fixed' or 'relearn', got {self.init_codebooks!r}")
+        if self.init_codebooks == "relearn" and not (self.method == "lowra" and self.codebook == "learned"):
+            raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
+                             f"(got method={self.method!r}, codebook={self.codebook!r})")
         if self.fisher_codebooks and self.error != "fisher":
             raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
         if self.budget_kind not in _BUDGET_KINDS:
@@ -313,7 +324,7 @@ HYDRA_KEYS: dict[str, str] = {
     **{f: f"quant.{f}" for f in (
         "bits", "method", "group_size", "double_quant", "candidates", "codebook", "codebook_iters", "weight_power",
         "plan", "budget_scope", "budget_kind", "error", "fisher_codebooks", "measure_windows", "plan_options",
-        "loftq_iters", "init", "init_damp", "adapter_dtype")},
+        "loftq_iters", "init", "init_damp", "init_codebooks", "adapter_dtype")},
     "calibration_batch_size": "quant.options.calibration.batch_size",
     "quant_options": "quant.options",
     "rank": "lora.rank",

@@ -94,6 +94,7 @@ _LOWRA_ABLATIONS = {
     "codebook=nf": "NormalFloat tables instead of learned per-row codebooks",
     "plan=uniform": "every row at the integer budget instead of the precision plan",
     "loftq_iters=0": "standard LoRA init (no LoftQ)",
+    "init_codebooks=relearn": "the init's re-quantizations relearn each row's codebook on W - sBA (loftq_iters >= 2)",
     "weight_power=1|2": "Lloyd-Max element weight absmax**p",
     "candidates=[1,2,4]|[1,2,3,4]": "widths a channel may take",
     "group_size=G": "inputs per absmax group",

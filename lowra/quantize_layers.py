@@ -51,6 +51,7 @@ def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: S
                 s.double_quant, s.codebook_iters, s.weight_power, s.backend, weight.device,
                 {**s.quant_options, **s.layer_options.pop(name, {})},
                 importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
+                relearn=s.init_codebooks == "relearn",
             )
             hessian = calib.hessians.pop(name, None) if s.calibrated_init else None
             result, quantize_s, loftq_s = timed_init(
@@ -117,17 +118,34 @@ def layer_quantizer(
     device: torch.device,
     quant_options: dict[str, Any],
     importance: torch.Tensor | None = None,
+    relearn: bool = False,
 ) -> Callable[[torch.Tensor], QuantizedTensor]:
-    """The ``[out, in] → QuantizedTensor`` (quantize + pack) used by LoftQ for one layer (codebooks/bits fixed).
+    """The ``[out, in] → QuantizedTensor`` (quantize + pack) used by LoftQ for one layer (bits fixed).
 
     ``importance``: Fisher diagonal for LowRA without a plan and ``fisher_codebooks``.
+    ``relearn`` (LowRA with a plan, ``init_codebooks="relearn"``): the first call uses the planner's
+    codebooks (learned on ``W``), every later one — the init's re-quantizations of ``W − s·BA`` —
+    relearns each row's codebook on its argument at the row's planned width.
     """
     if method == "lowra" and bits_per_row is not None:
         bits_dev = bits_per_row.to(device)
-        tables = {b: codebooks[b].to(device) for b in torch.unique(bits_per_row).tolist()}
-        return lambda m: QuantizedTensor.from_codebooks(
-            m, bits_dev, tables, group_size, double_quant, method="lowra", backend=backend
-        )
+        widths = sorted(torch.unique(bits_per_row).tolist())
+        tables = {b: codebooks[b].to(device) for b in widths}
+        calls = [0]
+
+        def planned(m: torch.Tensor) -> QuantizedTensor:
+            calls[0] += 1
+            use = tables
+            if relearn and calls[0] > 1:
+                from lowra.codebook import learn_codebooks
+
+                learned = learn_codebooks(m, bits=tuple(widths), group_size=group_size, iters=codebook_iters,
+                                          weight_power=weight_power, double_quant=double_quant)
+                use = {b: learned.codebooks[b].to(device) for b in widths}
+            return QuantizedTensor.from_codebooks(m, bits_dev, use, group_size, double_quant, method="lowra",
+                                                  backend=backend)
+
+        return planned
     from lowra.quantizers import quantize
 
     int_bits = _integer_bits(bits, method)

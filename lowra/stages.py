@@ -92,6 +92,7 @@ class Settings:
     fisher_codebooks: bool
     init: str
     init_damp: float
+    init_codebooks: str
     budget_kind: str
     measure_windows: int
     quant_options: dict[str, Any]
@@ -162,7 +163,8 @@ def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bo
         weight_power=c.weight_power, plan_options=dict(c.plan_options),
         adapter_dtype=None if c.adapter_dtype is None else getattr(torch, c.adapter_dtype),
         backend=backend, progress=progress, calibration_batch_size=c.calibration_batch_size, error=c.error,
-        fisher_codebooks=c.fisher_codebooks, init=c.init, init_damp=c.init_damp, budget_kind=c.budget_kind,
+        fisher_codebooks=c.fisher_codebooks, init=c.init, init_damp=c.init_damp,
+        init_codebooks=c.init_codebooks, budget_kind=c.budget_kind,
         measure_windows=c.measure_windows, quant_options={**c.quant_options, **(quant_options or {})},
         layer_options={k: dict(v) for k, v in (layer_options or {}).items()}, needs_calibration=needs_calibration,
     )

@@ -132,6 +132,7 @@ def quantize_pretrained(
     fisher_codebooks: bool = False,
     init: str = "loftq",
     init_damp: float = 0.01,
+    init_codebooks: str = "fixed",
     budget_kind: str = "nominal",
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
@@ -181,7 +182,7 @@ def quantize_pretrained(
         budget_scope=budget_scope, use_plan=use_plan, skip_modules=tuple(skip_modules),
         codebook_iters=codebook_iters, weight_power=weight_power, plan_options=dict(plan_options or {}),
         adapter_dtype=adapter_dtype, codebook=codebook, plan=plan, error=error, fisher_codebooks=fisher_codebooks,
-        init=init, init_damp=init_damp, budget_kind=budget_kind, **quant_options,
+        init=init, init_damp=init_damp, init_codebooks=init_codebooks, budget_kind=budget_kind, **quant_options,
     ), backend=backend, progress=progress)
     out_dir = Path(out_dir)
 

@@ -171,7 +171,7 @@ def pass2_quantize(job: StreamJob, layer_bits: dict[str, torch.Tensor], codebook
                     quantize_fn = layer_quantizer(
                         s.method, layer_bits.get(name), codebooks.pop(name, None), s.bits, s.group_size,
                         s.double_quant, s.codebook_iters, s.weight_power, s.backend, w.device,
-                        dict(s.quant_options), importance=None,
+                        dict(s.quant_options), importance=None, relearn=s.init_codebooks == "relearn",
                     )
                     result, quantize_s, loftq_s = timed_init(
                         quantize_fn,

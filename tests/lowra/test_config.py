@@ -86,6 +86,10 @@ def test_cross_field_rules():
         LowRAConfig(bits=2, method="nf", error="fisher")
     with pytest.raises(ValueError, match="fisher_codebooks=True needs error='fisher'"):
         LowRAConfig(bits=2, fisher_codebooks=True)
+    with pytest.raises(ValueError, match="init_codebooks must be 'fixed' or 'relearn'"):
+        LowRAConfig(bits=2, init_codebooks="sometimes")
+    with pytest.raises(ValueError, match="init_codebooks=relearn needs method='lowra' with learned codebooks"):
+        LowRAConfig(bits=2, codebook="nf", init_codebooks="relearn")
     with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
         LowRAConfig(bits=2, plan="uniform", budget_kind="effective")
     assert LowRAConfig(bits=6.5, budget_kind="effective").bits == 6.5  # stored bits: up to 16

@@ -321,3 +321,25 @@ def test_three_bit_candidates():
     model = load_model()
     report = quantize_model(model, 2.5, rank=0, loftq_iters=0, candidates=(1, 2, 3, 4), **FAST)
     assert report.candidates == (1, 2, 3, 4) and report.bits_nominal <= 2.5 + 1e-9
+
+
+def test_init_codebooks_relearn_refits_the_requantized_rows():
+    """relearn: from the second alternation each row's codebook is learned on W - sBA (the plan's widths
+    kept); with one alternation it changes nothing."""
+    reports, layers = {}, {}
+    for mode, iters in (("fixed", 1), ("relearn", 1), ("fixed", 3), ("relearn", 3)):
+        model = load_model()
+        reports[mode, iters] = quantize_model(model, 1.5, rank=2, loftq_iters=iters, init_codebooks=mode, **FAST)
+        layers[mode, iters] = {n: m for n, m in model.named_modules() if isinstance(m, LowRALinear)}
+    one_fixed, one_relearn = layers["fixed", 1], layers["relearn", 1]
+    for name, layer in one_fixed.items():  # a single alternation never re-quantizes: identical models
+        assert torch.equal(layer.qweight.dequantize(torch.float32), one_relearn[name].qweight.dequantize(torch.float32))
+    fixed, relearn = layers["fixed", 3], layers["relearn", 3]
+    for name, layer in fixed.items():  # the plan's widths are kept either way
+        assert torch.equal(layer.qweight.bits_per_row, relearn[name].qweight.bits_per_row)
+    changed = [n for n in fixed if any(not torch.equal(a.codebook, b.codebook) for a, b in
+                                       zip(fixed[n].qweight.groups, relearn[n].qweight.groups))]
+    assert changed, "relearn kept every codebook"
+    assert reports["relearn", 3].config["init_codebooks"] == "relearn"
+    # the init keeps its best iterate, and the first is the same with or without relearning
+    assert reports["relearn", 3].total_sse <= reports["relearn", 1].total_sse * (1 + 1e-6)
