@@ -123,9 +123,10 @@ def layer_quantizer(
     """The ``[out, in] → QuantizedTensor`` (quantize + pack) used by LoftQ for one layer (bits fixed).
 
     ``importance``: Fisher diagonal for LowRA without a plan and ``fisher_codebooks``.
-    ``relearn`` (LowRA with a plan, ``init_codebooks="relearn"``): the first call uses the planner's
-    codebooks (learned on ``W``), every later one — the init's re-quantizations of ``W − s·BA`` —
-    relearns each row's codebook on its argument at the row's planned width.
+    ``relearn`` (LowRA, ``init_codebooks="relearn"``): the first call uses the codebooks learned on
+    ``W`` (the planner's, or this layer's at the integer budget without a plan), every later one — the
+    init's re-quantizations of ``W − s·BA`` — relearns each row's codebook on its argument at the
+    row's width.
     """
     if method == "lowra" and bits_per_row is not None:
         bits_dev = bits_per_row.to(device)
@@ -150,13 +151,14 @@ def layer_quantizer(
 
     int_bits = _integer_bits(bits, method)
     if method == "lowra":
-        # no plan: learn this layer's codebooks once, then keep them fixed through LoftQ
+        # no plan: learn this layer's codebooks once and keep them fixed through LoftQ (relearn: on
+        # every re-quantization too)
         from lowra.codebook import learn_codebooks
 
         state: dict[str, Any] = {}
 
         def fixed(m: torch.Tensor) -> QuantizedTensor:
-            if "tables" not in state:
+            if "tables" not in state or relearn:
                 learned = learn_codebooks(m, bits=(int_bits,), group_size=group_size, iters=codebook_iters,
                                           weight_power=weight_power, double_quant=double_quant,
                                           importance=importance, weigh_codebooks=importance is not None)

@@ -343,3 +343,10 @@ def test_init_codebooks_relearn_refits_the_requantized_rows():
     assert reports["relearn", 3].config["init_codebooks"] == "relearn"
     # the init keeps its best iterate, and the first is the same with or without relearning
     assert reports["relearn", 3].total_sse <= reports["relearn", 1].total_sse * (1 + 1e-6)
+    uniform = {}  # without a plan (every row at the integer budget) too
+    for mode in ("fixed", "relearn"):
+        model = load_model()
+        quantize_model(model, 2, rank=2, loftq_iters=3, plan="uniform", init_codebooks=mode, **FAST)
+        uniform[mode] = {n: m.qweight.groups[0].codebook for n, m in model.named_modules()
+                         if isinstance(m, LowRALinear)}
+    assert any(not torch.equal(uniform["fixed"][n], uniform["relearn"][n]) for n in uniform["fixed"])
