@@ -75,14 +75,28 @@ def bits_per_row(out_features: int, bits: float, gen: torch.Generator) -> torch.
     return b[torch.randperm(out_features, generator=gen)]
 
 
+def random_group(bits: int, rows: torch.Tensor, in_features: int, gen: torch.Generator):
+    """A ``BitGroup`` of ``rows`` (int32, on their device) at ``bits`` with random packed codes (drawn on
+    the CPU from ``gen``) and per-row NormalFloat codebooks: the real storage format, values that speed
+    does not depend on."""
+    from lowra.format import BitGroup
+    from lowra.normalfloat import normal_float_table
+    from lowra_kernels.layout import words_per_row
+
+    codes = torch.randint(-2**31, 2**31 - 1, (rows.numel(), words_per_row(in_features, bits)),
+                          generator=gen, dtype=torch.int64).to(device=rows.device, dtype=torch.int32)
+    if bits == 3:
+        codes &= (1 << 30) - 1  # 10 codes per word
+    table = normal_float_table(bits).to(rows.device, torch.float16).reshape(1, -1).expand(rows.numel(), -1)
+    return BitGroup(bits, rows, codes, table.contiguous())
+
+
 def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, seed: int = 0) -> nn.Module:
     """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place), on the
     linear's device (random codes drawn on the CPU from ``seed``, so every device gets the same model)."""
-    from lowra.format import BitGroup, QuantizedTensor
+    from lowra.format import QuantizedTensor
     from lowra.nn import LowRALinear
-    from lowra.normalfloat import normal_float_table
     from lowra.scales import GroupScales, compute_absmax
-    from lowra_kernels.layout import words_per_row
 
     gen = torch.Generator().manual_seed(seed)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
@@ -90,17 +104,8 @@ def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, see
         w = linear.weight.detach()
         out_features, in_features = w.shape
         per_row = bits_per_row(out_features, bits, gen)
-        groups = []
-        for b in torch.unique(per_row).tolist():
-            rows = (per_row == b).nonzero().flatten().to(device=w.device, dtype=torch.int32)
-            # speed does not depend on the codes' values: random packed words, not a quantization pass
-            codes = torch.randint(-2**31, 2**31 - 1, (rows.numel(), words_per_row(in_features, b)),
-                                  generator=gen, dtype=torch.int64).to(device=w.device, dtype=torch.int32)
-            if b == 3:
-                codes &= (1 << 30) - 1  # 10 codes per word
-            table = normal_float_table(b).to(w.device, torch.float16).reshape(1, -1).expand(rows.numel(), -1)
-            table = table.contiguous()
-            groups.append(BitGroup(b, rows, codes, table))
+        groups = [random_group(b, (per_row == b).nonzero().flatten().to(device=w.device, dtype=torch.int32),
+                               in_features, gen) for b in torch.unique(per_row).tolist()]
         scales = GroupScales.store(compute_absmax(w, 64))
         qt = QuantizedTensor((out_features, in_features), 64, groups, scales)
         parent_name, _, child = name.rpartition(".")

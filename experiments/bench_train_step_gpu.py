@@ -84,14 +84,8 @@ def lowra(model: nn.Module, bits: float, rank: int) -> tuple[nn.Module, list[nn.
     return model, params
 
 
-def time_steps(model: nn.Module, params: list[nn.Parameter], batch: torch.Tensor, warmup: int,
-               steps: int) -> dict:
-    """Median step time (ms, CUDA events) and peak memory over the timed steps (GiB); on a CPU (the
-    smoke test) wall-clock time and no memory figures."""
-    if not batch.is_cuda:
-        import time
-
-        return _time_steps_cpu(model, params, batch, warmup, steps, time.perf_counter)
+def _step_fn(model: nn.Module, params: list[nn.Parameter], batch: torch.Tensor):
+    """One training step (forward, backward, AdamW on the adapters) as a closure."""
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
 
@@ -101,8 +95,26 @@ def time_steps(model: nn.Module, params: list[nn.Parameter], batch: torch.Tensor
         loss.backward()
         opt.step()
 
+    return step
+
+
+def time_steps(model: nn.Module, params: list[nn.Parameter], batch: torch.Tensor, warmup: int,
+               steps: int) -> dict:
+    """Median step time (ms, CUDA events) and peak memory over the timed steps (GiB); on a CPU (the
+    smoke test) wall-clock time and no memory figures."""
+    step = _step_fn(model, params, batch)
     for _ in range(warmup):
         step()
+    if not batch.is_cuda:
+        import time
+
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"step_ms": statistics.median(times), "all_step_ms": times, "memory_at_rest_gib": None,
+                "peak_memory_gib": None}
     torch.cuda.synchronize()
     rest = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -116,22 +128,6 @@ def time_steps(model: nn.Module, params: list[nn.Parameter], batch: torch.Tensor
         times.append(start.elapsed_time(end))
     return {"step_ms": statistics.median(times), "all_step_ms": times,
             "memory_at_rest_gib": rest / 2**30, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-
-
-def _time_steps_cpu(model, params, batch, warmup, steps, clock) -> dict:
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    times = []
-    for i in range(warmup + steps):
-        t0 = clock()
-        loss = model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append((clock() - t0) * 1e3)
-    return {"step_ms": statistics.median(times), "all_step_ms": times, "memory_at_rest_gib": None,
-            "peak_memory_gib": None}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,20 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def random_qweight(out_features: int, in_features: int, bits: int, device: torch.device):
     """A ``QuantizedTensor`` of one width with random codes and per-row NF codebooks (real format)."""
-    from lowra.format import BitGroup, QuantizedTensor
-    from lowra.normalfloat import normal_float_table
+    from experiments.bench_decode import random_group
+    from lowra.format import QuantizedTensor
     from lowra.scales import GroupScales
-    from lowra_kernels.layout import words_per_row
 
     gen = torch.Generator().manual_seed(bits)
-    codes = torch.randint(-2**31, 2**31 - 1, (out_features, words_per_row(in_features, bits)), generator=gen,
-                          dtype=torch.int64).to(torch.int32)
-    if bits == 3:
-        codes &= (1 << 30) - 1
-    table = normal_float_table(bits).to(torch.float16).reshape(1, -1).expand(out_features, -1).contiguous()
-    rows = torch.arange(out_features, dtype=torch.int32)
+    group = random_group(bits, torch.arange(out_features, dtype=torch.int32), in_features, gen)
     absmax = torch.rand(out_features, in_features // 64, generator=gen) + 0.5
-    qt = QuantizedTensor((out_features, in_features), 64, [BitGroup(bits, rows, codes, table)],
+    qt = QuantizedTensor((out_features, in_features), 64, [group],
                          GroupScales.store(absmax))
     return qt.to(device)
 
@@ -153,6 +147,8 @@ def gemv_sweep(qt, m: int, dtype: torch.dtype, block_ns=(8, 16, 32, 64, 128), sp
                warps=(4, 8)) -> list[dict]:
     """The GEMV kernel body at every ``BLOCK_N × SPLIT_K × num_warps`` (graph replay, µs): wider than the
     shipped autotune space, to show where its best lies."""
+    import triton
+
     from lowra_kernels import lut_matmul as lm
     from lowra_kernels.layout import codes_per_word
     from lowra_kernels.lut import gemv_step
@@ -168,7 +164,7 @@ def gemv_sweep(qt, m: int, dtype: torch.dtype, block_ns=(8, 16, 32, 64, 128), sp
                 ws = torch.empty(split, m, out_features, dtype=torch.float32, device=x.device)
 
                 def fn(block_n=block_n, split=split, nw=nw, ws=ws):
-                    lm._lut_gemv_kernel.fn[(triton_cdiv(g.rows.numel(), block_n), split)](
+                    lm._lut_gemv_kernel.fn[(triton.cdiv(g.rows.numel(), block_n), split)](
                         x, g.codes, g.rows, g.codebook, absmax, ws, m, g.rows.numel(), in_features, split,
                         x.stride(0), g.codes.stride(0), g.codebook.stride(0), absmax.stride(0), absmax.stride(1),
                         ws.stride(0), ws.stride(1), BITS=g.bits, PER_WORD=codes_per_word(g.bits), PW2=pw2,
@@ -180,10 +176,6 @@ def gemv_sweep(qt, m: int, dtype: torch.dtype, block_ns=(8, 16, 32, 64, 128), sp
     best = min((r for r in rows if r["graph_us"]), key=lambda r: r["graph_us"], default=None)
     print(f"  gemv sweep {g.bits}b M={m}: best {best}", flush=True)
     return rows
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def crossover(qt, dtype: torch.dtype, ms=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> list[dict]:
