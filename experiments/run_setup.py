@@ -21,7 +21,8 @@ from experiments.hub import hub_access
 log = logging.getLogger("experiments.run")
 
 #: ``quant.<key>`` read for ``quant.method=lowra`` only (``lowra.config.LOWRA_ONLY``).
-LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks")
+LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
+              "low_bits_init")
 #: ``quant.<key>`` read for every quantizing method: the adapter init (``lowra.config.INIT_FIELDS``).
 INIT_KEYS = ("init", "init_damp")
 
@@ -142,7 +143,9 @@ def needs_calibration(cfg: Any) -> bool:
         return True
     fisher = q.method == "lowra" and (
         (q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES) or bool(q.get("fisher_codebooks")))
-    calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0
+    low = q.get("low_bits_init") if q.method == "lowra" else None
+    iters = max(int(q.loftq_iters), int(low["loftq_iters"]) if low else 0)
+    calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and iters > 0
     return fisher or calibrated
 
 

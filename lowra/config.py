@@ -47,7 +47,10 @@ _WIDTHS = (1, 2, 3, 4)
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: LowRA-only fields: the runner reads them from ``quant.*`` for ``quant.method=lowra`` only (the
 #: other presets list them as "unused").
-LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks")
+LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
+              "low_bits_init")
+#: The keys of ``LowRAConfig.low_bits_init``.
+LOW_BITS_INIT_KEYS = ("below", "loftq_iters", "init_codebooks")
 #: Adapter-init fields: read for every quantizing method (not for ``method=none``).
 INIT_FIELDS = ("init", "init_damp")
 
@@ -104,6 +107,11 @@ class LowRAConfig:
             alternations keeps the codebooks learned on ``W``) or ``"relearn"`` (each one relearns every
             row's codebook on ``W − s·BA`` at the row's planned width; learned codebooks only; it acts
             only from the second alternation, so ``loftq_iters ≥ 2``).
+        low_bits_init: None, or ``{"below": b, "loftq_iters": T, "init_codebooks": c}``: when the
+            plan's mean code width (parameter-weighted; the integer width without a plan) is below
+            ``b`` bits, the init runs with ``T`` alternations and codebooks ``c`` instead of
+            ``loftq_iters`` / ``init_codebooks`` (``method="lowra"``; measured in issue 12: more
+            alternations with relearned codebooks help below 2 bits, not at 2 bits).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
             model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
         skip_modules: never quantized unless targeted explicitly (Hydra: ``keep_full_precision``).
@@ -134,6 +142,7 @@ class LowRAConfig:
     init: str = "loftq"
     init_damp: float = 0.01
     init_codebooks: str = "fixed"
+    low_bits_init: dict[str, Any] | None = None
     target_modules: str | tuple[str, ...] | None = None
     skip_modules: tuple[str, ...] = ("lm_head",)
     adapter_dtype: str | None = None
@@ -168,6 +177,8 @@ class LowRAConfig:
             if name not in _DTYPES:
                 raise ValueError(f"adapter_dtype must be one of {_DTYPES} or None, got {self.adapter_dtype!r}")
             self.adapter_dtype = name
+        if self.low_bits_init is not None:
+            self.low_bits_init = _low_bits_init(self.low_bits_init)
         for name in ("plan_options", "quant_options"):
             value = {} if getattr(self, name) is None else getattr(self, name)
             if not isinstance(value, Mapping):
@@ -198,6 +209,18 @@ class LowRAConfig:
         if self.init_codebooks == "relearn" and not (self.method == "lowra" and self.codebook == "learned"):
             raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
                              f"(got method={self.method!r}, codebook={self.codebook!r})")
+        if self.low_bits_init is not None:
+            low = self.low_bits_init
+            if not 1.0 < low["below"] <= 4.0:
+                raise ValueError(f"quant.low_bits_init.below must lie in (1, 4] code bits, got {low['below']!r}")
+            if low["loftq_iters"] < 0:
+                raise ValueError(f"quant.low_bits_init.loftq_iters must be >= 0, got {low['loftq_iters']!r}")
+            if low["init_codebooks"] not in _INIT_CODEBOOKS:
+                raise ValueError("quant.low_bits_init.init_codebooks must be 'fixed' or 'relearn', got "
+                                 f"{low['init_codebooks']!r}")
+            if self.method != "lowra" or (low["init_codebooks"] == "relearn" and self.codebook != "learned"):
+                raise ValueError("quant.low_bits_init needs method='lowra' (and learned codebooks to relearn them); "
+                                 f"got method={self.method!r}, codebook={self.codebook!r}")
         if self.fisher_codebooks and self.error != "fisher":
             raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
         if self.budget_kind not in _BUDGET_KINDS:
@@ -324,7 +347,7 @@ HYDRA_KEYS: dict[str, str] = {
     **{f: f"quant.{f}" for f in (
         "bits", "method", "group_size", "double_quant", "candidates", "codebook", "codebook_iters", "weight_power",
         "plan", "budget_scope", "budget_kind", "error", "fisher_codebooks", "measure_windows", "plan_options",
-        "loftq_iters", "init", "init_damp", "init_codebooks", "adapter_dtype")},
+        "loftq_iters", "init", "init_damp", "init_codebooks", "low_bits_init", "adapter_dtype")},
     "calibration_batch_size": "quant.options.calibration.batch_size",
     "quant_options": "quant.options",
     "rank": "lora.rank",
@@ -416,6 +439,19 @@ def _string(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {value!r}")
     return value
+
+
+def _low_bits_init(value: Any) -> dict[str, Any]:
+    """``low_bits_init`` as a plain dict with exactly :data:`LOW_BITS_INIT_KEYS`, typed."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"quant.low_bits_init must be null or a mapping with keys {list(LOW_BITS_INIT_KEYS)}, "
+                         f"got {value!r}")
+    value = {str(k): v for k, v in value.items()}
+    if set(value) != set(LOW_BITS_INIT_KEYS):
+        raise ValueError(f"quant.low_bits_init needs exactly the keys {list(LOW_BITS_INIT_KEYS)}, got {sorted(value)}")
+    return {"below": _number("quant.low_bits_init.below", value["below"]),
+            "loftq_iters": _integer("quant.low_bits_init.loftq_iters", value["loftq_iters"]),
+            "init_codebooks": _string("quant.low_bits_init.init_codebooks", value["init_codebooks"])}
 
 
 def _names(name: str, value: Any) -> tuple[str, ...]:

@@ -30,9 +30,10 @@ class QuantizationReport:
 
     ``bits_nominal`` / ``bits_effective`` are weighted by parameter count over the quantized
     layers (code bits only / every stored byte). ``total_sse`` is ``Σ‖W − deq(Q) − s·BA‖²`` after
-    LoftQ and ``total_sse_quant`` the same without adapters. ``plan`` holds the planner's solve
-    info (objective, lower bound, gap, solve time, …) for ``method="lowra"``. ``config`` is the
-    ``LowRAConfig.to_dict()`` the model was quantized with.
+    LoftQ and ``total_sse_quant`` the same without adapters. ``loftq_iters`` / ``init_codebooks``
+    are what the init ran with (``low_bits_init``: the config's low-bit rule chose them). ``plan``
+    holds the planner's solve info (objective, lower bound, gap, solve time, …) for
+    ``method="lowra"``. ``config`` is the ``LowRAConfig.to_dict()`` the model was quantized with.
     """
 
     method: str
@@ -54,6 +55,8 @@ class QuantizationReport:
     error_table: str | None = None
     layer_loss_increase: dict[str, list[float]] = field(default_factory=dict)
     init: str = "loftq"
+    init_codebooks: str = "fixed"
+    low_bits_init: bool = False
     budget_kind: str = "nominal"
     config: dict[str, Any] | None = None
 

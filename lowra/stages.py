@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -93,6 +93,7 @@ class Settings:
     init: str
     init_damp: float
     init_codebooks: str
+    low_bits_init: dict[str, Any] | None
     budget_kind: str
     measure_windows: int
     quant_options: dict[str, Any]
@@ -106,7 +107,9 @@ class Settings:
 
     @property
     def calibrated_init(self) -> bool:
-        return self.init == "calibrated" and self.loftq_iters > 0
+        """The calibrated init may run (with ``loftq_iters`` or, on a low-bit plan, ``low_bits_init``'s)."""
+        low = self.low_bits_init["loftq_iters"] if self.low_bits_init and self.rank > 0 else 0
+        return self.init == "calibrated" and max(self.loftq_iters, low) > 0
 
     @property
     def table_needs_data(self) -> bool:
@@ -164,7 +167,8 @@ def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bo
         adapter_dtype=None if c.adapter_dtype is None else getattr(torch, c.adapter_dtype),
         backend=backend, progress=progress, calibration_batch_size=c.calibration_batch_size, error=c.error,
         fisher_codebooks=c.fisher_codebooks, init=c.init, init_damp=c.init_damp,
-        init_codebooks=c.init_codebooks, budget_kind=c.budget_kind,
+        init_codebooks=c.init_codebooks, low_bits_init=None if c.low_bits_init is None else dict(c.low_bits_init),
+        budget_kind=c.budget_kind,
         measure_windows=c.measure_windows, quant_options={**c.quant_options, **(quant_options or {})},
         layer_options={k: dict(v) for k, v in (layer_options or {}).items()}, needs_calibration=needs_calibration,
     )
@@ -415,6 +419,33 @@ def _solve_plan(
             RuntimeWarning, stacklevel=4,
         )
     return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], info
+
+
+def mean_code_bits(layer_bits: dict[str, torch.Tensor], in_features: dict[str, int], s: Settings) -> float:
+    """The plan's mean code width, weighted by parameters (``layer_bits``: bits ``[out]`` per layer,
+    ``in_features`` by layer); without a plan the integer width every row gets."""
+    if not layer_bits:
+        return float(s.bits)
+    total = sum(int(b.sum()) * in_features[n] for n, b in layer_bits.items())
+    return total / sum(b.numel() * in_features[n] for n, b in layer_bits.items())
+
+
+def init_for_bits(s: Settings, mean_bits: float, report: QuantizationReport) -> Settings:
+    """The settings the init runs with: ``low_bits_init``'s alternations and codebooks when the
+    plan's mean code width ``mean_bits`` is below its ``below`` (LowRA, rank > 0), else ``s``.
+
+    ``report.loftq_iters`` / ``init_codebooks`` say what ran and ``report.low_bits_init`` whether
+    the rule applied.
+    """
+    low = s.low_bits_init
+    applies = bool(low) and s.method == "lowra" and s.rank > 0 and mean_bits < low["below"] - 1e-9
+    if applies:
+        s = replace(s, loftq_iters=int(low["loftq_iters"]), init_codebooks=str(low["init_codebooks"]))
+    report.low_bits_init = applies
+    report.loftq_iters = int(s.loftq_iters)
+    report.init_codebooks = s.init_codebooks
+    report.init = s.init if s.loftq_iters > 0 else "lora"
+    return s
 
 
 # ------------------------------------------------------------------------------ 7. report

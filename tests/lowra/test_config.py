@@ -92,6 +92,19 @@ def test_cross_field_rules():
         LowRAConfig(bits=2, codebook="nf", init_codebooks="relearn")
     with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
         LowRAConfig(bits=2, plan="uniform", budget_kind="effective")
+    low = {"below": 2.0, "loftq_iters": 4, "init_codebooks": "relearn"}
+    assert LowRAConfig(bits=1.5, low_bits_init=low).low_bits_init == low
+    for bad, match in (({"below": 2.0}, "needs exactly the keys"),
+                       ({**low, "below": 1.0}, r"below must lie in \(1, 4\]"),
+                       ({**low, "loftq_iters": -1}, "loftq_iters must be >= 0"),
+                       ({**low, "init_codebooks": "often"}, "init_codebooks must be 'fixed' or 'relearn'"),
+                       (4, "must be null or a mapping")):
+        with pytest.raises(ValueError, match=f"quant.low_bits_init.*{match}|{match}"):
+            LowRAConfig(bits=1.5, low_bits_init=bad)
+    with pytest.raises(ValueError, match="low_bits_init needs method='lowra'"):
+        LowRAConfig(bits=2, method="nf", low_bits_init=low)
+    with pytest.raises(ValueError, match="low_bits_init needs method='lowra'"):
+        LowRAConfig(bits=2, codebook="nf", low_bits_init=low)
     assert LowRAConfig(bits=6.5, budget_kind="effective").bits == 6.5  # stored bits: up to 16
     assert LowRAConfig(bits=16, method="none").method == "none"  # plain LoRA: the budget is ignored
 

@@ -323,6 +323,29 @@ def test_three_bit_candidates():
     assert report.candidates == (1, 2, 3, 4) and report.bits_nominal <= 2.5 + 1e-9
 
 
+def test_low_bits_init_applies_below_its_threshold_only():
+    """low_bits_init: a plan averaging below ``below`` code bits gets its init (the same model as
+    those options set directly); at or above it, the config's own loftq_iters / init_codebooks."""
+    low = {"below": 2.0, "loftq_iters": 3, "init_codebooks": "relearn"}
+
+    def run(bits: float, **kw):
+        model = load_model()
+        report = quantize_model(model, bits, rank=2, **kw, **FAST)
+        return report, {n: m.qweight.dequantize(torch.float32) for n, m in model.named_modules()
+                        if isinstance(m, LowRALinear)}
+
+    ruled, ruled_w = run(1.5, loftq_iters=1, low_bits_init=low)
+    direct, direct_w = run(1.5, loftq_iters=3, init_codebooks="relearn")
+    assert ruled.low_bits_init and (ruled.loftq_iters, ruled.init_codebooks) == (3, "relearn")
+    assert all(torch.equal(ruled_w[n], direct_w[n]) for n in direct_w)
+    assert ruled.total_sse == pytest.approx(direct.total_sse, rel=1e-12)
+    assert ruled.config["low_bits_init"] == low and ruled.config["loftq_iters"] == 1
+    kept, _ = run(2.0, loftq_iters=1, low_bits_init=low)
+    assert not kept.low_bits_init and (kept.loftq_iters, kept.init_codebooks) == (1, "fixed")
+    uniform, _ = run(1, loftq_iters=1, plan="uniform", low_bits_init=low)  # no plan: the integer width
+    assert uniform.low_bits_init and uniform.loftq_iters == 3
+
+
 def test_init_codebooks_relearn_refits_the_requantized_rows():
     """relearn: from the second alternation each row's codebook is learned on W - sBA (the plan's widths
     kept); with one alternation it changes nothing."""

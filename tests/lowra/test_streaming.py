@@ -88,7 +88,9 @@ def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
          budget_kind="nominal", double_quant=True),
     dict(bits=3.0, method="nf", rank=4, alpha=8.0, loftq_iters=0),
     dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, plan="uniform", codebook_iters=3),
-], ids=["lowra-relative-dq", "nf3-lora-init", "lowra-uniform-plan"])
+    dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3,
+         low_bits_init={"below": 2.0, "loftq_iters": 2, "init_codebooks": "relearn"}),
+], ids=["lowra-relative-dq", "nf3-lora-init", "lowra-uniform-plan", "lowra-low-bits-init"])
 def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
     """Sharded source, bf16 compute dtype, untied lm_head kept dense; several methods/options."""
     kw = {**kw, "plan_options": PLAN} if kw.get("method", "lowra") == "lowra" else kw
@@ -101,6 +103,8 @@ def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
     assert config["lowra_config"] == expected
     assert result.report.config == expected == json.loads((tmp_path / "q" / "lowra_report.json").read_text())["config"]
     assert got.lowra_config == ref.lowra_config
+    assert result.report.loftq_iters == ref.lowra_report.loftq_iters
+    assert result.report.low_bits_init == ("low_bits_init" in kw)
     assert got.lm_head.weight.dtype == torch.bfloat16 and torch.equal(got.lm_head.weight, ref.lm_head.weight)
     x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
