@@ -65,7 +65,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
         for label, row in rows.items():
             runs = row["runs"]
             r0 = runs[0]
-            how = f"{r0.get('error_table') or '—'} · {r0.get('init')} · {r0.get('budget_kind', 'nominal')}"
+            how = f"{r0.get('error_table') or '—'} · {_init(r0)} · {r0.get('budget_kind', 'nominal')}"
             cells = [_stat([r.get(m) for r in runs]) for m in METRICS]
             lines.append(
                 f"| {label} | {how} | {statistics.fmean(r['bits_nominal'] for r in runs):.3f} | "
@@ -74,6 +74,18 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _init(res: dict[str, Any]) -> str:
+    """The adapter init of a run: ``calibrated``, with ``×T`` alternations and ``relearn`` when not 1 / fixed
+    (from the report; the run's config where an older results.json lacks them)."""
+    config = res.get("lowra_config") or {}
+    iters = res.get("loftq_iters", config.get("loftq_iters", 1))
+    codebooks = res.get("init_codebooks") or config.get("init_codebooks", "fixed")
+    out = str(res.get("init"))
+    if iters and iters != 1:
+        out += f" ×{iters}"
+    return out + (" relearn" if codebooks == "relearn" and iters and iters > 1 else "")
 
 
 def _family(label: str) -> str:

@@ -66,6 +66,8 @@ def stage_results(cfg: Any, prefix: str, report: dict[str, Any], state: RunState
         "bits_effective": report.get("bits_effective"),
         "error_table": report.get("error_table"),
         "init": report.get("init"),
+        "loftq_iters": report.get("loftq_iters"),  # what the init ran (quant.low_bits_init may change it)
+        "init_codebooks": report.get("init_codebooks"),
         "budget_kind": report.get("budget_kind", "nominal"),
         "lowra_config": lowra_config(cfg).to_dict(),  # every quantization + adapter option (LowRAConfig)
         f"{prefix}_fp": state.get(f"{prefix}_fp"),
