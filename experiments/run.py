@@ -257,6 +257,11 @@ def _run_stages(
     if dist_ctx.distributed:  # every rank quantized (or loaded) the same model: checked, never assumed
         check_same_on_all_ranks(dist_ctx, model)
     atomic_write_json(run_dir / "quant_report.json", report)
+    if report.get("low_bits_init"):
+        log.info("quant.low_bits_init: %.3f code bits per weight, below %g: the init ran %d alternations "
+                 "with %s codebooks (quant.low_bits_init=null keeps quant.loftq_iters / quant.init_codebooks)",
+                 report["bits_nominal"], cfg.quant.low_bits_init.below, report["loftq_iters"],
+                 report["init_codebooks"])
     logger.log_bit_allocation(
         {layer["name"]: {int(b): int(n) for b, n in layer.get("bits_histogram", {}).items()}
          for layer in report.get("layers", [])}
@@ -269,7 +274,7 @@ def _run_stages(
         with adapters_disabled(model):
             quantized = evaluate(model, tokenizer, data, cfg, device, "eval quantized", progress)
         loftq = None
-        if int(cfg.quant.loftq_iters) > 0:
+        if int(report.get("loftq_iters", cfg.quant.loftq_iters)) > 0:  # what ran (quant.low_bits_init may set it)
             loftq = evaluate(model, tokenizer, data, cfg, device, "eval loftq", progress)
         state.set(**{f"{prefix}_quantized": metric_value(quantized), f"{prefix}_loftq": metric_value(loftq)})
     for key in (f"{prefix}_quantized", f"{prefix}_loftq"):

@@ -108,8 +108,8 @@ class LowRAConfig:
             row's codebook on ``W − s·BA`` at the row's planned width; learned codebooks only; it acts
             only from the second alternation, so ``loftq_iters ≥ 2``).
         low_bits_init: None, or ``{"below": b, "loftq_iters": T, "init_codebooks": c}``: when the
-            plan's mean code width (parameter-weighted; the integer width without a plan) is below
-            ``b`` bits, the init runs with ``T`` alternations and codebooks ``c`` instead of
+            code-bit budget (``bits``; with ``budget_kind="effective"`` the plan's parameter-weighted
+            mean code width) is below ``b`` bits, the init runs with ``T`` alternations and codebooks ``c`` instead of
             ``loftq_iters`` / ``init_codebooks`` (``method="lowra"``; measured in issue 12: more
             alternations with relearned codebooks help below 2 bits, not at 2 bits).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the

@@ -422,9 +422,10 @@ def _solve_plan(
 
 
 def mean_code_bits(layer_bits: dict[str, torch.Tensor], in_features: dict[str, int], s: Settings) -> float:
-    """The plan's mean code width, weighted by parameters (``layer_bits``: bits ``[out]`` per layer,
-    ``in_features`` by layer); without a plan the integer width every row gets."""
-    if not layer_bits:
+    """The code-bit budget ``low_bits_init`` compares: ``bits`` for a nominal budget (the plan may
+    fall a hair below it) or without a plan; for ``budget_kind="effective"`` the plan's mean code
+    width, weighted by parameters (``layer_bits``: bits ``[out]`` per layer, ``in_features`` by layer)."""
+    if not layer_bits or s.budget_kind == "nominal":
         return float(s.bits)
     total = sum(int(b.sum()) * in_features[n] for n, b in layer_bits.items())
     return total / sum(b.numel() * in_features[n] for n, b in layer_bits.items())
@@ -432,13 +433,14 @@ def mean_code_bits(layer_bits: dict[str, torch.Tensor], in_features: dict[str, i
 
 def init_for_bits(s: Settings, mean_bits: float, report: QuantizationReport) -> Settings:
     """The settings the init runs with: ``low_bits_init``'s alternations and codebooks when the
-    plan's mean code width ``mean_bits`` is below its ``below`` (LowRA, rank > 0), else ``s``.
+    code-bit budget ``mean_bits`` (:func:`mean_code_bits`) is below its ``below`` (LowRA, rank > 0),
+    else ``s``.
 
     ``report.loftq_iters`` / ``init_codebooks`` say what ran and ``report.low_bits_init`` whether
     the rule applied.
     """
     low = s.low_bits_init
-    applies = bool(low) and s.method == "lowra" and s.rank > 0 and mean_bits < low["below"] - 1e-9
+    applies = bool(low) and s.method == "lowra" and s.rank > 0 and mean_bits < low["below"]
     if applies:
         s = replace(s, loftq_iters=int(low["loftq_iters"]), init_codebooks=str(low["init_codebooks"]))
     report.low_bits_init = applies

@@ -324,8 +324,8 @@ def test_three_bit_candidates():
 
 
 def test_low_bits_init_applies_below_its_threshold_only():
-    """low_bits_init: a plan averaging below ``below`` code bits gets its init (the same model as
-    those options set directly); at or above it, the config's own loftq_iters / init_codebooks."""
+    """low_bits_init: a code-bit budget below ``below`` gets its init (the same model as those options
+    set directly); at or above it, the config's own loftq_iters / init_codebooks."""
     low = {"below": 2.0, "loftq_iters": 3, "init_codebooks": "relearn"}
 
     def run(bits: float, **kw):
@@ -344,6 +344,8 @@ def test_low_bits_init_applies_below_its_threshold_only():
     assert not kept.low_bits_init and (kept.loftq_iters, kept.init_codebooks) == (1, "fixed")
     uniform, _ = run(1, loftq_iters=1, plan="uniform", low_bits_init=low)  # no plan: the integer width
     assert uniform.low_bits_init and uniform.loftq_iters == 3
+    stored, _ = run(2.9, loftq_iters=1, budget_kind="effective", low_bits_init=low)  # the plan's code bits
+    assert stored.bits_nominal < 2.0 and stored.low_bits_init and stored.loftq_iters == 3
 
 
 def test_init_codebooks_relearn_refits_the_requantized_rows():
