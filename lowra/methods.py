@@ -95,7 +95,7 @@ _LOWRA_ABLATIONS = {
     "plan=uniform": "every row at the integer budget instead of the precision plan",
     "loftq_iters=0": "standard LoRA init (no LoftQ)",
     "init_codebooks=relearn": "the init's re-quantizations relearn each row's codebook on W - sBA (loftq_iters >= 2)",
-    "low_bits_init=null|{below:b,loftq_iters:T,init_codebooks:c}": "the init of plans below b mean code bits",
+    "low_bits_init=null|{below:b,loftq_iters:T,init_codebooks:c}": "the init of budgets below b code bits",
     "weight_power=1|2": "Lloyd-Max element weight absmax**p",
     "candidates=[1,2,4]|[1,2,3,4]": "widths a channel may take",
     "group_size=G": "inputs per absmax group",
