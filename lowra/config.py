@@ -110,7 +110,8 @@ class LowRAConfig:
         low_bits_init: None, or ``{"below": b, "loftq_iters": T, "init_codebooks": c}``: when the
             code-bit budget (``bits``; with ``budget_kind="effective"`` the plan's parameter-weighted
             mean code width) is below ``b`` bits, the init runs with ``T`` alternations and codebooks ``c`` instead of
-            ``loftq_iters`` / ``init_codebooks`` (``method="lowra"``; measured in issue 12: more
+            ``loftq_iters`` / ``init_codebooks`` (``method="lowra"``; with ``codebook="nf"`` the
+            NormalFloat tables are not learned, so they stay fixed; measured in issue 12: more
             alternations with relearned codebooks help below 2 bits, not at 2 bits).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
             model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
@@ -218,9 +219,8 @@ class LowRAConfig:
             if low["init_codebooks"] not in _INIT_CODEBOOKS:
                 raise ValueError("quant.low_bits_init.init_codebooks must be 'fixed' or 'relearn', got "
                                  f"{low['init_codebooks']!r}")
-            if self.method != "lowra" or (low["init_codebooks"] == "relearn" and self.codebook != "learned"):
-                raise ValueError("quant.low_bits_init needs method='lowra' (and learned codebooks to relearn them); "
-                                 f"got method={self.method!r}, codebook={self.codebook!r}")
+            if self.method != "lowra":
+                raise ValueError(f"quant.low_bits_init needs method='lowra', got method={self.method!r}")
         if self.fisher_codebooks and self.error != "fisher":
             raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
         if self.budget_kind not in _BUDGET_KINDS:

@@ -442,7 +442,9 @@ def init_for_bits(s: Settings, mean_bits: float, report: QuantizationReport) -> 
     low = s.low_bits_init
     applies = bool(low) and s.method == "lowra" and s.rank > 0 and mean_bits < low["below"]
     if applies:
-        s = replace(s, loftq_iters=int(low["loftq_iters"]), init_codebooks=str(low["init_codebooks"]))
+        learned = s.config.codebook == "learned"  # NormalFloat tables (codebook="nf") are never relearned
+        s = replace(s, loftq_iters=int(low["loftq_iters"]),
+                    init_codebooks=str(low["init_codebooks"]) if learned else "fixed")
     report.low_bits_init = applies
     report.loftq_iters = int(s.loftq_iters)
     report.init_codebooks = s.init_codebooks

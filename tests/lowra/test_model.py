@@ -346,6 +346,8 @@ def test_low_bits_init_applies_below_its_threshold_only():
     assert uniform.low_bits_init and uniform.loftq_iters == 3
     stored, _ = run(2.9, loftq_iters=1, budget_kind="effective", low_bits_init=low)  # the plan's code bits
     assert stored.bits_nominal < 2.0 and stored.low_bits_init and stored.loftq_iters == 3
+    nf, _ = run(1.5, loftq_iters=1, codebook="nf", low_bits_init=low)  # NormalFloat tables are never relearned
+    assert nf.low_bits_init and (nf.loftq_iters, nf.init_codebooks) == (3, "fixed")
 
 
 def test_init_codebooks_relearn_refits_the_requantized_rows():
