@@ -17,14 +17,14 @@ import torch
 from experiments.config_check import DATA_TABLES, ConfigError, resolve_path, streamable
 from experiments.data import LMData
 from experiments.hub import hub_access
+from lowra.config import INIT_FIELDS, LOWRA_ONLY
 
 log = logging.getLogger("experiments.run")
 
-#: ``quant.<key>`` read for ``quant.method=lowra`` only (``lowra.config.LOWRA_ONLY``).
-LOWRA_KEYS = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
-              "low_bits_init")
-#: ``quant.<key>`` read for every quantizing method: the adapter init (``lowra.config.INIT_FIELDS``).
-INIT_KEYS = ("init", "init_damp")
+#: ``quant.<key>`` read for ``quant.method=lowra`` only.
+LOWRA_KEYS = LOWRA_ONLY
+#: ``quant.<key>`` read for every quantizing method: the adapter init.
+INIT_KEYS = INIT_FIELDS
 
 
 class ModelUnavailableError(RuntimeError):

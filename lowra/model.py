@@ -126,6 +126,6 @@ def quantize_model(
         tables = stages.error_tables(model, targets, s, calib, calibration, report)
         layer_bits = stages.plan_precision(targets, tables, s, report)
         codebooks = tables.codebooks
-    s = stages.init_for_bits(s, stages.mean_code_bits(layer_bits, {n: m.in_features for n, m in targets}, s), report)
+    s = stages.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
     layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
     return stages.finish_report(model, s, report, layers, t_start)

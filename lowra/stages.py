@@ -421,7 +421,7 @@ def _solve_plan(
     return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], info
 
 
-def mean_code_bits(layer_bits: dict[str, torch.Tensor], in_features: dict[str, int], s: Settings) -> float:
+def _code_bit_budget(s: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int]) -> float:
     """The code-bit budget ``low_bits_init`` compares: ``bits`` for a nominal budget (the plan may
     fall a hair below it) or without a plan; for ``budget_kind="effective"`` the plan's mean code
     width, weighted by parameters (``layer_bits``: bits ``[out]`` per layer, ``in_features`` by layer)."""
@@ -431,16 +431,18 @@ def mean_code_bits(layer_bits: dict[str, torch.Tensor], in_features: dict[str, i
     return total / sum(b.numel() * in_features[n] for n, b in layer_bits.items())
 
 
-def init_for_bits(s: Settings, mean_bits: float, report: QuantizationReport) -> Settings:
-    """The settings the init runs with: ``low_bits_init``'s alternations and codebooks when the
-    code-bit budget ``mean_bits`` (:func:`mean_code_bits`) is below its ``below`` (LowRA, rank > 0),
-    else ``s``.
+def init_for_plan(s: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int],
+                  report: QuantizationReport) -> Settings:
+    """The settings the init runs with, once the plan (``layer_bits``, empty without one) is known:
+    ``low_bits_init``'s alternations and codebooks when the code-bit budget is below its ``below``
+    (LowRA, rank > 0), else ``s``.
 
     ``report.loftq_iters`` / ``init_codebooks`` say what ran and ``report.low_bits_init`` whether
     the rule applied.
     """
     low = s.low_bits_init
-    applies = bool(low) and s.method == "lowra" and s.rank > 0 and mean_bits < low["below"]
+    applies = (bool(low) and s.method == "lowra" and s.rank > 0
+               and _code_bit_budget(s, layer_bits, in_features) < low["below"])
     if applies:
         learned = s.config.codebook == "learned"  # NormalFloat tables (codebook="nf") are never relearned
         s = replace(s, loftq_iters=int(low["loftq_iters"]),

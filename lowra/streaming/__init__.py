@@ -57,7 +57,7 @@ import torch
 
 from lowra.layers import DEFAULT_SKIP_MODULES, find_target_linears
 from lowra.report import QuantizationReport
-from lowra.stages import Calibration, init_for_bits, mean_code_bits, new_report
+from lowra.stages import Calibration, init_for_plan, new_report
 from lowra.streaming.assemble import _assemble
 from lowra.streaming.memory import PeakMemory, available_host_memory
 from lowra.streaming.memory import current_rss as current_rss
@@ -223,8 +223,7 @@ def quantize_pretrained(
         times["plan_s"] = peaks.stages["plan"]["time_s"]
 
     # ---- pass 2: quantize + LoftQ per layer, one block file at a time
-    job.s = s = init_for_bits(s, mean_code_bits(layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, s),
-                              report)
+    job.s = s = init_for_plan(s, layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, report)
     with peaks.stage("pass2_quantize"):
         layer_reports = pass2_quantize(job, layer_bits, codebooks, times, loftq_init_fn)
 
