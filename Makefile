@@ -8,17 +8,47 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv run test lint sweep bench assets clean kernels-compile kernels-static gpu-check
+.PHONY: venv lock test-latest run test lint sweep bench assets clean kernels-compile kernels-static gpu-check
 
-$(STAMP): setup.cfg pyproject.toml
+# The environment is installed from a committed lock (every package pinned with its sha256):
+# requirements/cpu.lock on the CPU machine (torch 2.13.0+cpu, found in /opt/wheels by pip's
+# find-links). A GPU user installs their CUDA torch first and runs `make venv LOCK=requirements/gpu.lock`
+# (the same pins without torch). `make lock` regenerates both; `make test-latest` tries the unpinned ranges.
+LOCK ?= requirements/cpu.lock
+$(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# A GPU user keeps the torch already in their environment; on a CPU machine pin the CPU wheel.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Regenerate the locks from setup.cfg's ranges with uv (pinned here; installed in a throw-away venv):
+# requirements/cpu.lock for this CPU machine (Python 3.11, torch 2.13.0+cpu from /opt/wheels) and
+# requirements/gpu.lock (the same pins without torch and triton, which come with the GPU user's CUDA stack).
+UV_VERSION := 0.13.9
+LOCK_TOOL := .venv-lock
+lock:
+	test -x $(LOCK_TOOL)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOL) && $(LOCK_TOOL)/bin/pip install -q uv==$(UV_VERSION))
+	UV_CACHE_DIR=$(LOCK_TOOL)/cache $(LOCK_TOOL)/bin/uv pip compile setup.cfg --extra dev -c requirements/cpu-torch.txt \
+		--find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --no-header -o requirements/cpu.lock
+	UV_CACHE_DIR=$(LOCK_TOOL)/cache $(LOCK_TOOL)/bin/uv pip compile setup.cfg --extra dev -c requirements/cpu-torch.txt \
+		--find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-package torch \
+		--no-emit-package triton --generate-hashes --no-header -o requirements/gpu.lock
+
+# The suite against the newest releases setup.cfg's ranges admit (not in CI): a throw-away venv in a
+# temporary folder, removed afterwards. LATEST_TORCH: the torch to test (on this CPU machine the local
+# CPU wheel; LATEST_TORCH=torch asks the registry for the newest, a CUDA build of several GB).
+LATEST_TORCH ?= torch==2.13.0
+test-latest:
+	set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	$(PYTHON) -m venv "$$dir/venv"; \
+	"$$dir/venv/bin/pip" install -q "$(LATEST_TORCH)"; \
+	"$$dir/venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[dev]"; \
+	"$$dir/venv/bin/pip" freeze --exclude-editable > "$$dir/freeze.txt"; \
+	grep -iE '^(torch|transformers|triton|numpy|peft|bitsandbytes|cvxpy|highspy)==' "$$dir/freeze.txt"; \
+	"$$dir/venv/bin/python" -m pytest -q
 
 run: $(STAMP)
 	$(PY) -m experiments.run

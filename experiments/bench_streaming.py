@@ -139,7 +139,7 @@ def _facts(directory: Path, index: dict[str, Any]) -> dict[str, Any]:
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(bits=args.bits, method="lowra", rank=args.rank, alpha=float(args.rank), loftq_iters=args.loftq_iters,
                 candidates=(1, 2, 4), codebook_iters=args.codebook_iters, error="sse", init="loftq",
-                progress=False, plan_options={"time_limit": 60})
+                progress=False, plan_options={"max_nodes": 1000})
 
 
 def _warm_up() -> None:

@@ -46,7 +46,7 @@ def _ours(method: str, bits: float, rank: int, alpha: float):
 
     model = load_model()
     quantize_model(model, bits, method=method, rank=rank, alpha=alpha, loftq_iters=1, progress=False,
-                   plan_options={"clusters": 16, "samples": 0, "time_limit": 30}, codebook_iters=10)
+                   plan_options={"clusters": 16, "samples": 0, "max_nodes": 200}, codebook_iters=10)
     return model, lora_parameters(model)
 
 

@@ -3,8 +3,9 @@
 On a CPU tensor, ``backend="auto"`` (or ``"cpu"``) runs these instead of the PyTorch references.
 They are a small C++ extension (``kernels/cpu_backend.cpp``) built on first use with the machine's
 C++ compiler (``torch.utils.cpp_extension.load``; AVX2/FMA when the CPU has it) and cached by torch
-under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``): the build (about a minute on 2 cores) is
-paid once per machine and source version, for every shape. Work is split with ``at::parallel_for``
+under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name keyed by the source's
+hash: the build (about a minute on 2 cores) is paid once per machine and source version, for every shape,
+whatever other checkouts share the cache. Work is split with ``at::parallel_for``
 over ``torch.get_num_threads()`` threads. Where no compiler works, one ``RuntimeWarning`` says so
 and the references run (slow, never silently).
 
@@ -33,6 +34,7 @@ unspecified); they are tested against an fp64 product at fp32 accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 import weakref
@@ -55,11 +57,20 @@ _failure = ""
 
 
 def _build_flags() -> tuple[str, list[str]]:
-    """Extension name and compiler flags (AVX2/FMA only where the CPU reports it)."""
+    """Extension name and compiler flags (AVX2/FMA only where the CPU reports it).
+
+    The name carries a hash of the source, the flags and the torch version: torch's extension cache
+    (``$TORCH_EXTENSIONS_DIR``) is shared by every checkout and installed wheel on the machine, and
+    keeps one build per name, so two checkouts with different sources under one name rebuilt each
+    other's extension on every run. Keyed by content, each source builds once per machine.
+    """
     capability = torch.backends.cpu.get_cpu_capability()
     simd = capability in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
-    return ("lowra_cpu_avx2" if simd else "lowra_cpu_generic"), flags
+    key = hashlib.sha256(_SOURCE.read_bytes())
+    key.update(" ".join(flags).encode())
+    key.update(torch.__version__.encode())
+    return f"lowra_cpu_{'avx2' if simd else 'generic'}_{key.hexdigest()[:16]}", flags
 
 
 def extension() -> Any | None:

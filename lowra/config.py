@@ -36,7 +36,7 @@ __all__ = ["HYDRA_KEYS", "LowRAConfig", "config_from_arguments"]
 QUANT_METHOD = "lowra"
 #: Options of ``lowra.precision.assign_precision`` that ``plan_options`` may set (the others are
 #: given by ``quantize_model``); checked against its signature by the tests.
-PLAN_OPTIONS = ("clusters", "seed", "samples", "time_limit", "mip_rel_gap", "threads", "solver_options",
+PLAN_OPTIONS = ("clusters", "seed", "samples", "time_limit", "mip_rel_gap", "max_nodes", "threads", "solver_options",
                 "kmeans_iters", "kmeans_sample", "stage2", "verbose")
 _CODEBOOKS = ("learned", "nf")
 _PLANS = ("ilp", "uniform")

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lowra.precision.bounds import _group_lp_bounds, _hull_segments
-from lowra.precision.highs import _solver_name
+from lowra.precision.highs import DEFAULT_MAX_NODES, _solver_name
 from lowra.precision.paths import _ClusterPaths
 from lowra.precision.plan import PrecisionPlan
 from lowra.precision.problem import _ArrayLike, _prepare
@@ -35,9 +35,10 @@ def assign_precision(
     layer_sizes: Sequence[int] | None = None,
     layer_ids: _ArrayLike | None = None,
     samples: int | None = None,
-    time_limit: float | None = 300.0,
+    time_limit: float | None = None,
     mip_rel_gap: float | None = 1e-4,
     threads: int | None = None,
+    max_nodes: int | None = DEFAULT_MAX_NODES,
     solver_options: dict[str, Any] | None = None,
     kmeans_iters: int = 30,
     kmeans_sample: int = 65_536,
@@ -64,12 +65,16 @@ def assign_precision(
             the paper's cluster-mean cost (see :mod:`lowra.precision.stage1`).  Default (``None``): 32
             for the model scope, 8 for the matrix scope (its clusters are split by matrix, so
             smaller, and stage 1 has ~100x more of them).
-        time_limit, mip_rel_gap, threads: passed to HiGHS (stage 1 and stage 2).  Defaults:
-            300 s and a 1e-4 relative MIP gap.  Proving the stage-1 optimum to 1e-6 can take
-            minutes on small models (77 s for stories260K's 3,000 channels at 1.15 bits) for no
-            measurable gain: at 1e-4 the same plans solve in ~1 s and stay within 0.02 % of
-            ``lower_bound``, which ``gap`` reports for every plan.  A stage 1 cut by the time
-            limit still yields a valid plan (repair), recorded in ``info``.
+        mip_rel_gap, max_nodes: when stage 1's branch and bound stops (relative gap 1e-4, or
+            ``max_nodes`` nodes, default 1,000): limits by work, so a plan is a function of its inputs
+            alone, the same on a slow, loaded or many-core machine. HiGHS runs on one thread with a fixed
+            seed (``threads`` other than 1 is refused: its search, and so the plan, would depend on the
+            thread count). A stage 1 stopped by ``max_nodes`` still yields a valid plan; ``info`` records
+            ``stage1_status`` ("node limit"), ``stage1_mip_gap`` and ``stage1_nodes``.  Measured on the
+            runner's K-FAC tables (``python -m experiments.bench_plan``): 50 stories260K cases and 4 SmolLM2
+            cases, ``results/bench/plan_cpu.json``.
+        time_limit: a wall-clock cap on every HiGHS solve, in seconds (default None: none). A plan cut
+            by the clock depends on the machine; use it only where the time matters more than that.
         solver_options: further HiGHS options (``{"presolve": "off", ...}``).
         kmeans_iters, kmeans_sample: Lloyd iterations and fitting subsample size.
         stage2: clusters with three or more widths in use are solved by successive shortest
@@ -107,7 +112,12 @@ def assign_precision(
         raise ValueError(f"samples must be >= 0, got {samples}")
     e, n, cand = p.e, p.n, p.cand
     C = e.shape[0]
-    opts: dict[str, Any] = {"verbose": verbose, "time_limit": time_limit, "threads": threads}
+    if threads not in (None, 1):
+        raise ValueError(f"threads={threads}: the precision plan runs HiGHS on one thread, so that the plan "
+                         "does not depend on the thread count; leave threads unset (or 1)")
+    if max_nodes is not None and int(max_nodes) < 1:
+        raise ValueError(f"max_nodes must be >= 1 (or None: no node limit), got {max_nodes}")
+    opts: dict[str, Any] = {"verbose": verbose, "time_limit": time_limit, "threads": 1}
     opts.update(solver_options or {})
     times: dict[str, float] = {}
     info: dict[str, Any] = {}
@@ -138,6 +148,7 @@ def assign_precision(
     s1_opts = dict(opts)
     if mip_rel_gap is not None:
         s1_opts["mip_rel_gap"] = mip_rel_gap
+    s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
     # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
     # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
     # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.

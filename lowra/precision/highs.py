@@ -1,8 +1,18 @@
-"""HiGHS through CVXPY: one place that starts the solver, silences its banner, passes options."""
+"""HiGHS: one place that starts the solver, silences its banner, passes options.
+
+``_solve`` runs a CVXPY problem (the LPs of stage 2 and the reference flat ILP); :func:`solve_mip` runs
+the stage-1 integer program directly through highspy, deterministically (one thread, fixed seed, a node
+limit instead of a clock) and with a MIP start.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
 
 
 def _solver_name() -> str:
@@ -53,15 +63,113 @@ def _solve(prob: Any, opts: dict[str, Any], highs: dict[str, Any] | None = None)
     if "HIGHS" not in cp.installed_solvers():
         raise RuntimeError("CVXPY does not see HiGHS: pip install highspy")
     kw = {k: v for k, v in opts.items() if v is not None}
-    if kw.get("threads") is not None:
-        # HiGHS fixes its thread pool on the first solve of the process; a different
-        # ``threads`` later fails unless the global scheduler is reset first.
-        import highspy
-
-        highspy.Highs.resetGlobalScheduler(True)
+    kw.pop("max_nodes", None)  # solve_mip's work limit; these LPs have no nodes
+    _use_scheduler(int(kw.get("threads") or 1))
+    kw["threads"] = int(kw.get("threads") or 1)
     if not kw.get("verbose"):
         kw.setdefault("output_flag", False)
         _silence_banner()
     if highs:
         kw["highs_options"] = dict(highs)
     prob.solve(solver=cp.HIGHS, **kw)
+
+
+@dataclass
+class MipResult:
+    """What :func:`solve_mip` found: ``x`` (None when no feasible point), the objective, HiGHS' model
+    status (``"optimal"`` when the gap tolerance was met), the final relative MIP gap, and the work done."""
+
+    x: np.ndarray | None
+    objective: float
+    status: str
+    mip_gap: float
+    nodes: int
+    lp_iterations: int
+
+
+#: Work, not time: a stage-1 program that has not met its gap after this many branch-and-bound nodes
+#: stops with its best plan (status "node limit"). The same inputs give the same plan on any machine.
+DEFAULT_MAX_NODES = 1_000
+
+#: Options that make HiGHS' search a function of its inputs alone (one thread, fixed seed, no clock).
+DETERMINISTIC = {"threads": 1, "parallel": "off", "random_seed": 0, "time_limit": float("inf")}
+
+
+def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.ndarray, col_lo: np.ndarray,
+              col_hi: np.ndarray, integer: np.ndarray, options: dict[str, Any],
+              start: np.ndarray | None = None) -> MipResult:
+    """``min c·x`` s.t. ``row_lo <= A x <= row_hi``, ``col_lo <= x <= col_hi``, ``x[integer]`` integral,
+    by HiGHS (highspy, no modelling layer), deterministically.
+
+    ``options``: HiGHS options; ``verbose`` turns the log on, ``max_nodes`` is ``mip_max_nodes``
+    (default :data:`DEFAULT_MAX_NODES`), ``time_limit`` a wall-clock limit (None: none; a plan cut by the
+    clock depends on the machine, so the planner sets none by default). ``threads`` other than 1 is
+    refused: on one thread with a fixed seed HiGHS' search depends on its inputs alone.
+    ``start``: a feasible point handed to HiGHS as its first incumbent (a MIP start).
+    """
+    import highspy
+
+    opts = {k: v for k, v in options.items() if v is not None}
+    verbose = bool(opts.pop("verbose", False))
+    threads = int(opts.pop("threads", None) or 1)
+    if threads != 1:
+        raise ValueError(f"threads={threads}: the stage-1 program runs HiGHS on one thread (deterministic)")
+    opts.setdefault("mip_max_nodes", opts.pop("max_nodes", DEFAULT_MAX_NODES))
+    opts.pop("max_nodes", None)
+    settings = {**DETERMINISTIC, **opts, "threads": threads}
+    if settings.get("time_limit") is None:
+        settings["time_limit"] = float("inf")
+    _silence_banner()
+    _use_scheduler(settings["threads"])
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", verbose)
+    for key, value in settings.items():
+        if h.setOptionValue(key, value) != highspy.HighsStatus.kOk:
+            raise ValueError(f"HiGHS rejected the option {key}={value!r}")
+    inf = highspy.kHighsInf
+    lp = highspy.HighsLp()
+    n = c.shape[0]
+    lp.num_col_, lp.num_row_ = n, A.shape[0]
+    lp.col_cost_ = np.asarray(c, dtype=np.float64)
+    lp.col_lower_ = np.where(np.isfinite(col_lo), col_lo, -inf).astype(np.float64)
+    lp.col_upper_ = np.where(np.isfinite(col_hi), col_hi, inf).astype(np.float64)
+    lp.row_lower_ = np.where(np.isfinite(row_lo), row_lo, -inf).astype(np.float64)
+    lp.row_upper_ = np.where(np.isfinite(row_hi), row_hi, inf).astype(np.float64)
+    csc = sp.csc_matrix(A)
+    csc.sort_indices()
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = csc.indptr.astype(np.int32)
+    lp.a_matrix_.index_ = csc.indices.astype(np.int32)
+    lp.a_matrix_.value_ = csc.data.astype(np.float64)
+    lp.integrality_ = [highspy.HighsVarType.kInteger if i else highspy.HighsVarType.kContinuous
+                       for i in np.asarray(integer, dtype=bool)]
+    h.passModel(lp)
+    if start is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = np.asarray(start, dtype=np.float64).tolist()
+        h.setSolution(sol)
+    h.run()
+    status = h.modelStatusToString(h.getModelStatus()).lower()
+    info = h.getInfo()
+    if status == "solution limit reached" and int(info.mip_node_count) >= int(settings["mip_max_nodes"]):
+        status = "node limit"
+    solution = h.getSolution()
+    has_x = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    x = np.asarray(solution.col_value, dtype=np.float64) if has_x else None
+    return MipResult(x=x, objective=float(info.objective_function_value) if has_x else math.inf, status=status,
+                     mip_gap=float(info.mip_gap), nodes=int(info.mip_node_count),
+                     lp_iterations=int(info.simplex_iteration_count))
+
+
+_SCHEDULER_THREADS: int | None = None
+
+
+def _use_scheduler(threads: int) -> None:
+    """HiGHS fixes its global thread pool at the first solve of a process, and a solve asking for another
+    ``threads`` fails; reset the pool whenever the count asked for changes."""
+    global _SCHEDULER_THREADS
+    if _SCHEDULER_THREADS != threads:
+        import highspy
+
+        highspy.Highs.resetGlobalScheduler(True)
+        _SCHEDULER_THREADS = threads

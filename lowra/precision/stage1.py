@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from lowra.precision.highs import _solve
+from lowra.precision.highs import MipResult, solve_mip
 from lowra.precision.problem import _Problem
 
 
@@ -216,6 +216,7 @@ def _stage1(p: _Problem, Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.nd
     gaps = [i["mip_gap"] for i in infos if "mip_gap" in i]
     if gaps:
         info["stage1_mip_gap"] = float(max(gaps))
+    info["stage1_nodes"] = int(sum(i.get("nodes", 0) for i in infos))
     return Yint, total, info
 
 
@@ -229,78 +230,93 @@ def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray
     """One stage-1 program over a set of whole budget groups (local indices): clusters
     ``Nk``, ``dwk [G, K-1]`` (cost of one channel at width ``j >= 1`` above the narrowest, in
     units ``u``), ``gk``; budget rows ``lo_u <= . <= cap_u`` per group.
-    Returns counts ``[G, K]``, the modelled SSE and the solver status."""
-    import cvxpy as cp
+    Returns counts ``[G, K]``, the modelled SSE and the solver status.
 
+    Columns ``[mu (P), s_plus (G K), s_minus (G K), z (G (K-1))]``, solved by :func:`solve_mip`
+    (HiGHS on one thread, a node limit, no clock) from a MIP start: the LP relaxation's counts
+    rounded down (always feasible: every budget coefficient is ``>= 0`` in ``z``) and completed by the
+    LP over ``mu, s`` at those counts, so branch and bound starts from a plan within one channel
+    per fractional cluster of the LP optimum.
+    """
     G, K = Nk.shape[0], cand.shape[0]
     ngrp = cap_u.shape[0]
     npts = F.shape[0]
     scale = max(float(F.max()), 1e-300)
-    mu = cp.Variable(npts, nonneg=True)
-    # Integer counts above the narrowest width, z [G, K-1]; the narrowest takes the rest.
-    # Every budget coefficient is then >= 0 and rounding z down stays feasible, so HiGHS'
-    # rounding heuristics find near-LP solutions at once.
-    z = cp.Variable(G * (K - 1), integer=True) if K > 1 else None
+    nz = G * (K - 1)
+    GK = G * K
+    ncol = npts + 2 * GK + nz
     A_sum = sp.csr_matrix((np.ones(npts), (pk, np.arange(npts))), shape=(G, npts))
     rows = (pk[:, None] * K + np.arange(K)[None, :]).ravel()
     cols = np.repeat(np.arange(npts), K)
-    A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(G * K, npts))
-    s_plus = cp.Variable(G * K, nonneg=True)
-    s_minus = cp.Variable(G * K, nonneg=True)
-    objective = cp.Minimize((F / scale) @ mu + (emax.ravel() / scale) @ s_plus
-                            - (emin.ravel() / scale) @ s_minus)
-    offset = np.zeros(G * K)
+    A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(GK, npts))
+    eye = sp.identity(GK, format="csr")
+    offset = np.zeros(GK)
     offset[np.arange(G) * K] = Nk
-    cons = [A_sum @ mu == 1]
-    if z is None:
-        cons.append(A_cnt @ mu + s_plus - s_minus == offset)
-        budget_rows: list[Any] = []
-        budget_lo: list[Any] = []
-        W = None
-    else:
-        kk = np.repeat(np.arange(G), K - 1)
-        jj = np.tile(np.arange(1, K), G)
-        T = sp.csr_matrix((np.concatenate([np.ones(kk.size), -np.ones(kk.size)]),
-                           (np.concatenate([kk * K + jj, kk * K]),
-                            np.concatenate([np.arange(kk.size)] * 2))), shape=(G * K, kk.size))
-        S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, kk.size))
-        W = sp.csr_matrix((dwk.ravel().astype(np.float64),
-                           (np.repeat(gk, K - 1), np.arange(kk.size))), shape=(ngrp, kk.size))
-        cons += [A_cnt @ mu + s_plus - s_minus == T @ z + offset, z >= 0, S @ z <= Nk]
-        budget_rows = [W @ z <= cap_u]
-        budget_lo = [W @ z >= lo_u]
-    prob = cp.Problem(objective, cons + budget_rows)
-    _solve(prob, opts)
-    info: dict[str, Any] = {"fill_row": "not needed"}
+    kk = np.repeat(np.arange(G), K - 1)
+    jj = np.tile(np.arange(1, K), G)
+    T = sp.csr_matrix((np.concatenate([np.ones(kk.size), -np.ones(kk.size)]),
+                       (np.concatenate([kk * K + jj, kk * K]), np.concatenate([np.arange(kk.size)] * 2))),
+                      shape=(GK, nz))
+    S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, nz))
+    W = sp.csr_matrix((dwk.ravel().astype(np.float64), (np.repeat(gk, K - 1), np.arange(kk.size))),
+                      shape=(ngrp, nz))
+    # rows: sum mu = 1 | counts: A_cnt mu + s+ - s- - T z = offset | S z <= N | budget
+    A = sp.vstack([
+        sp.hstack([A_sum, sp.csr_matrix((G, 2 * GK + nz))]),
+        sp.hstack([A_cnt, eye, -eye, -T]),
+        sp.hstack([sp.csr_matrix((G, npts + 2 * GK)), S]),
+        sp.hstack([sp.csr_matrix((ngrp, npts + 2 * GK)), W]),
+    ], format="csr")
+    row_lo = np.concatenate([np.ones(G), offset, np.full(G, -np.inf), np.full(ngrp, -np.inf)])
+    row_hi = np.concatenate([np.ones(G), offset, Nk.astype(np.float64), cap_u.astype(np.float64)])
+    c = np.concatenate([F / scale, emax.ravel() / scale, -emin.ravel() / scale, np.zeros(nz)])
+    col_lo = np.zeros(ncol)
+    col_hi = np.concatenate([np.full(npts + 2 * GK, np.inf), np.repeat(Nk, K - 1).astype(np.float64)])
+    integer = np.zeros(ncol, dtype=bool)
+    integer[npts + 2 * GK:] = True
+    zs = slice(npts + 2 * GK, ncol)
+    lp_opts = {k: v for k, v in opts.items() if k in ("verbose", "threads")}
 
-    def value() -> np.ndarray | None:
-        if z is None:
-            return np.asarray(Nk, dtype=np.float64)[:, None] if prob.value is not None else None
-        if z.value is None:
+    def solve(with_fill: bool) -> MipResult:
+        lo = row_lo.copy()
+        if with_fill:
+            lo[-ngrp:] = lo_u
+        start = None
+        if nz:
+            relaxed = solve_mip(c, A, lo, row_hi, col_lo, col_hi, np.zeros(ncol, dtype=bool), lp_opts)
+            if relaxed.x is not None:  # the LP's counts rounded down, mu and s re-solved at them
+                z0 = np.floor(relaxed.x[zs] + 1e-6)
+                fixed_lo, fixed_hi = col_lo.copy(), col_hi.copy()
+                fixed_lo[zs] = fixed_hi[zs] = z0
+                done = solve_mip(c, A, lo, row_hi, fixed_lo, fixed_hi, np.zeros(ncol, dtype=bool), lp_opts)
+                start = done.x
+        return solve_mip(c, A, lo, row_hi, col_lo, col_hi, integer, opts, start=start)
+
+    def counts(r: MipResult) -> np.ndarray | None:
+        if r.x is None:
             return None
-        zv = np.asarray(z.value).reshape(G, K - 1)
+        if K == 1:
+            return np.asarray(Nk, dtype=np.float64)[:, None]
+        zv = r.x[zs].reshape(G, K - 1)
         return np.concatenate([(Nk - zv.sum(1))[:, None], zv], 1)
 
-    Yf = value()
-    if Yf is not None and W is not None:
+    res = solve(False)
+    info: dict[str, Any] = {"fill_row": "not needed"}
+    Yf = counts(res)
+    if Yf is not None and K > 1:
         used = W @ np.rint(Yf[:, 1:]).ravel()
         if not (used >= lo_u - 1e-6).all():
-            prob = cp.Problem(objective, cons + budget_rows + budget_lo)
-            _solve(prob, opts)
+            res = solve(True)
             info["fill_row"] = "enforced"
-            Yf = value()
+            Yf = counts(res)
             if Yf is None:  # the window is unreachable for the solver: repair fills it
-                prob = cp.Problem(objective, cons + budget_rows)
-                _solve(prob, opts)
+                res = solve(False)
                 info["fill_row"] = "unreachable: repair"
-                Yf = value()
+                Yf = counts(res)
     if Yf is None:
-        raise RuntimeError(f"stage-1 integer program failed: {prob.status}")
-    info["status"] = prob.status
-    stats = getattr(prob.solver_stats, "extra_stats", None)
-    if stats is not None:
-        info["mip_gap"] = float(getattr(stats, "mip_gap", float("nan")))
-    return _round_counts(Yf, Nk), float(prob.value) * scale, info
+        raise RuntimeError(f"stage-1 integer program failed: {res.status}")
+    info.update(status=res.status, mip_gap=res.mip_gap, nodes=res.nodes, lp_iterations=res.lp_iterations)
+    return _round_counts(Yf, Nk), float(res.objective) * scale, info
 
 
 def _round_counts(Yf: np.ndarray, Nk: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -160,7 +159,6 @@ def test_unknown_group_option_lists_the_choices():
 
 def test_cli_bad_budget_fails_fast_with_the_key(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    t0 = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "experiments.run", "+bits=7", "logger=none", f"hydra.run.dir={tmp_path}/run"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
@@ -168,4 +166,6 @@ def test_cli_bad_budget_fails_fast_with_the_key(tmp_path):
     assert out.returncode != 0
     assert "quant.bits=7 is out of range for quant=lowra" in out.stderr + out.stdout
     assert not (tmp_path / "run" / "results.json").exists()
-    assert time.perf_counter() - t0 < 60  # no model was loaded, nothing was quantized
+    # no model was loaded, nothing was quantized: the run's log holds the refusal and nothing before it
+    logged = [line for line in (tmp_path / "run" / "run.log").read_text().splitlines() if line.strip()]
+    assert logged and all("quant.bits=7 is out of range" in line for line in logged), logged

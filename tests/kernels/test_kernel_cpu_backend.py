@@ -229,3 +229,15 @@ def test_fused_lora_decode_refuses_what_it_cannot_do():
         cpu.lut_lora_gemv_cpu(torch.randn(2, 172), q, torch.randn(4, 172), torch.randn(70, 5), 1.0)
     with pytest.raises(ValueError, match="the weight expects 172"):
         cpu.lut_lora_gemv_cpu(torch.randn(2, 171), q, None, None, 1.0)
+
+
+def test_extension_name_is_keyed_by_the_source(monkeypatch, tmp_path):
+    """Checkouts share torch's extension cache: a different source must build under a different name."""
+    name, flags = cpu._build_flags()
+    assert name.startswith("lowra_cpu_") and cpu._build_flags() == (name, flags)
+    other = tmp_path / "cpu_backend.cpp"
+    other.write_bytes(cpu._SOURCE.read_bytes() + b"\n// another checkout's version\n")
+    monkeypatch.setattr(cpu, "_SOURCE", other)
+    other_name, other_flags = cpu._build_flags()
+    assert other_flags == flags and other_name != name
+    assert other_name.rsplit("_", 1)[0] == name.rsplit("_", 1)[0]  # same family, another key

@@ -37,6 +37,23 @@ def _run(code: str, cwd: Path, *python_args: str, env: dict | None = None) -> su
                           capture_output=True, text=True, timeout=300)
 
 
+def _in_repository(path: str | Path) -> bool:
+    """Whether ``path`` is a file of this repository's own tree. A virtualenv inside the checkout
+    (``make venv`` puts ``.venv`` there) holds installed distributions, not the repository's code."""
+    where = Path(path).resolve()
+    if REPO not in where.parents:
+        return False
+    environments = {Path(p).resolve() for p in (sys.prefix, sys.exec_prefix, *site.getsitepackages())}
+    return not any(env == where or env in where.parents for env in environments) and "site-packages" not in where.parts
+
+
+def test_in_repository_knows_a_virtualenv_inside_the_checkout():
+    assert _in_repository(FOLDER / "layout.py")
+    assert _in_repository(REPO / "lowra_kernels.py")
+    assert not _in_repository(REPO / ".venv" / "lib" / "python3.11" / "site-packages" / "kernels" / "__init__.py")
+    assert not _in_repository(REPO.parent / "elsewhere.py")
+
+
 def _hf_kernels_version() -> str | None:
     try:
         return importlib.metadata.version("kernels")
@@ -127,7 +144,7 @@ def test_project_never_provides_a_regular_kernels_package():
         """, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     where = proc.stdout.strip().splitlines()[-1]
-    assert where in ("absent", "None") or REPO not in Path(where).resolve().parents, where
+    assert where in ("absent", "None") or not _in_repository(where), where
 
 
 @pytest.mark.skipif(_hf_kernels_version() is None,
@@ -142,7 +159,7 @@ def test_hf_kernels_and_lowra_kernels_coexist_from_the_repo_root():
         """, REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf_file = Path(proc.stdout.strip().splitlines()[-1])
-    assert REPO not in hf_file.parents, f"`kernels` resolved inside the repository: {hf_file}"
+    assert not _in_repository(hf_file), f"`kernels` resolved inside the repository: {hf_file}"
 
 
 @pytest.mark.skipif(_hf_kernels_version() is None,

@@ -15,6 +15,6 @@ def quantized():
     moved adapters: ``(model, report)``, built once per test module (test_checkpoint.py, test_hf.py)."""
     model = load_model()
     report = quantize_model(model, 1.5, rank=2, alpha=16, double_quant=True, codebook_iters=5,
-                            plan_options={"clusters": 16, "samples": 0, "time_limit": 20}, progress=False)
+                            plan_options={"clusters": 16, "samples": 0, "max_nodes": 200}, progress=False)
     perturb_adapters(model)
     return model, report

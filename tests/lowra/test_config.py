@@ -15,7 +15,7 @@ import lowra
 from lowra.config import PLAN_OPTIONS, LowRAConfig, config_from_arguments
 from lowra.model import quantize_model
 
-FAST_PLAN = {"clusters": 8, "samples": 0, "time_limit": 20}
+FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
 
 def test_exported_and_round_trips_through_json():

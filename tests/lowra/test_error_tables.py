@@ -13,7 +13,7 @@ from lowra.format import QuantizedTensor
 from lowra.loftq import ActivationWhitening, loftq_init
 from lowra.model import lowra_layers, quantize_model
 
-FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "time_limit": 20}, "progress": False}
+FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200}, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lowra.model import (
 )
 from lowra.nn import LowRALinear
 
-FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "time_limit": 20}, "progress": False}
+FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200}, "progress": False}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from lowra.config import LowRAConfig
 from lowra.model import quantize_model
 from lowra.quantize_layers import quantize_layers
 
-FAST_PLAN = {"clusters": 8, "samples": 0, "time_limit": 20}
+FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
 
 def _toy() -> nn.Module:

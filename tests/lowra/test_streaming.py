@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,11 @@ import torch
 import lowra
 from experiments.bench_streaming import write_synthetic_llama
 from lowra import streaming
-from lowra.streaming import PeakMemory, checkpoint_bytes, quantize_pretrained
+from lowra.streaming import checkpoint_bytes, quantize_pretrained
 
 ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
 STORIES = ASSETS / "models" / "stories260K"
-PLAN = {"clusters": 16, "samples": 0, "time_limit": 20}
+PLAN = {"clusters": 16, "samples": 0, "max_nodes": 200}
 
 
 def _in_memory(path: Path, dtype: torch.dtype, **kw):
@@ -213,11 +215,28 @@ def test_checkpoint_bytes_and_peak_memory(synth):
     assert stored == sum(f.stat().st_size for f in synth.glob("model-*.safetensors"))
     n = streaming._Source(synth).numel()
     assert checkpoint_bytes(synth, torch.bfloat16) == 2 * n
-    peaks = PeakMemory()
-    with peaks.stage("alloc"):
-        x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
-        del x
-    st = peaks.stages["alloc"]
+    # In a fresh child process: this process's peak and allocator pools are whatever earlier tests left.
+    child = subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-3000:]
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
+    st = peaks["stages"]["alloc"]
     assert st["time_s"] >= 0 and st["peak_rss_bytes"] >= st["rss_start_bytes"]
-    if peaks.peak_resettable:
+    assert peaks["process_peak_rss_bytes"] >= st["peak_rss_bytes"]
+    if peaks["peak_resettable"]:
         assert st["peak_rss_bytes"] - st["rss_start_bytes"] >= 60 << 20
+        assert peaks["stages"]["after"]["peak_rss_bytes"] - peaks["stages"]["after"]["rss_start_bytes"] < 60 << 20
+
+
+PEAK_CHILD = """
+import json
+import torch
+from lowra.streaming import PeakMemory
+peaks = PeakMemory()
+with peaks.stage("alloc"):
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB touched
+    del x
+with peaks.stage("after"):  # the reset forgets the previous stage's peak
+    y = torch.ones(1 << 20, dtype=torch.uint8)
+    del y
+print(json.dumps(peaks.to_dict()))
+"""
