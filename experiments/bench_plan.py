@@ -9,7 +9,7 @@
    the budget does not enter the table).
 2. **Solves.** Every budget of the model is planned from the stored table in a fresh interpreter pinned
    to one core (``taskset -c 0``, ``OMP_NUM_THREADS=1``), then again with two threads
-   (``OMP_NUM_THREADS=2``, ``assign_precision(threads=2)`` where the case asks for it): wall time per
+   (``OMP_NUM_THREADS=2``, two torch threads, both cores): wall time per
    stage, the stage-1 MIP gap and status, the gap to the LP lower bound and a sha256 of the plan. A plan
    that differs between the two thread counts is reported (and fails ``--check``).
 
@@ -91,14 +91,16 @@ def dump_table(model: str, seed: int) -> Path:
     return path
 
 
-def solve_one(path: Path, budget: float, threads: int | None) -> dict[str, Any]:
-    """One plan from a stored table, in this interpreter."""
+def solve_one(path: Path, budget: float, threads: int) -> dict[str, Any]:
+    """One plan from a stored table, in this interpreter, with ``threads`` torch/BLAS threads (HiGHS itself
+    always runs on one)."""
+    import torch
+
     from lowra.precision import assign_precision
 
+    torch.set_num_threads(threads)
     t = np.load(path)
     options = json.loads(str(t["plan_options"]))
-    if threads is not None:
-        options["threads"] = threads
     t0 = time.perf_counter()
     plan = assign_precision(t["errors"], t["params"], budget, candidates=tuple(int(c) for c in t["candidates"]),
                             scope=str(t["scope"]), layer_sizes=[int(s) for s in t["sizes"]], **options)
@@ -106,7 +108,9 @@ def solve_one(path: Path, budget: float, threads: int | None) -> dict[str, Any]:
     return {"seconds": round(seconds, 3), "times": {k: round(v, 3) for k, v in plan.times.items()},
             "gap": plan.gap, "objective": plan.objective, "average_bits": plan.average_bits,
             "stage1_status": plan.info.get("stage1_status"), "stage1_mip_gap": plan.info.get("stage1_mip_gap"),
-            "stage1_programs": plan.info.get("stage1_programs"), "stage1_solver": plan.info.get("stage1_solver"),
+            "stage1_programs": plan.info.get("stage1_programs"), "stage1_nodes": plan.info.get("stage1_nodes"),
+            "plan_source": plan.info.get("plan_source"),
+            "two_stage_gap": (plan.info["two_stage_objective"] - plan.lower_bound) / plan.lower_bound,
             "channels": int(t["errors"].shape[0]),
             "plan_sha256": hashlib.sha256(np.ascontiguousarray(plan.bits, dtype=np.int64).tobytes()).hexdigest()}
 
@@ -148,8 +152,8 @@ def main() -> None:
         return
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
-    print(f"{'model':<14}{'seed':>5}{'bits':>6}{'thr':>4}{'time s':>9}{'stage1 s':>9}{'mip gap':>10}"
-          f"{'gap to LP':>11}  plan", flush=True)
+    print(f"{'model':<14}{'seed':>5}{'bits':>6}{'thr':>4}{'time s':>9}{'stage1 s':>9}{'nodes':>7}{'mip gap':>10}"
+          f"{'2-stage gap':>12}{'gap to LP':>11}  {'source':<12} plan", flush=True)
     for model in args.models:
         seeds = args.seeds if args.seeds is not None else (list(range(10)) if model == "stories260k" else [0])
         for seed in seeds:
@@ -169,13 +173,14 @@ def main() -> None:
                     shas.add(r["plan_sha256"])
                     mip_gap = r["stage1_mip_gap"]
                     print(f"{model:<14}{seed:>5}{budget:>6g}{threads:>4}{r['seconds']:>9.2f}"
-                          f"{r['times'].get('stage1', float('nan')):>9.2f}"
-                          f"{(mip_gap if mip_gap is not None else float('nan')):>10.2e}{r['gap']:>11.2e}  "
-                          f"{r['plan_sha256'][:10]}", flush=True)
+                          f"{r['times'].get('stage1', float('nan')):>9.2f}{r['stage1_nodes']:>7}"
+                          f"{(mip_gap if mip_gap is not None else float('nan')):>10.2e}{r['two_stage_gap']:>12.2e}"
+                          f"{r['gap']:>11.2e}  {r['plan_source']:<12} {r['plan_sha256'][:10]}", flush=True)
                     if threads == 1 and r["seconds"] > TARGET_S:
                         failures.append(f"{model} s{seed} {budget}: {r['seconds']:.1f} s on one core")
-                    if mip_gap is not None and mip_gap > 1e-4:
-                        failures.append(f"{model} s{seed} {budget}: stage-1 MIP gap {mip_gap:.2e}")
+                    if threads == 1 and mip_gap is not None and mip_gap > 1e-4:
+                        failures.append(f"{model} s{seed} {budget}: stage-1 MIP gap {mip_gap:.2e} "
+                                        f"({r['stage1_status']}, {r['stage1_nodes']} nodes)")
                 if len(shas) > 1:
                     failures.append(f"{model} s{seed} {budget}: the plan differs between threads {args.threads}")
     if args.tables_only:

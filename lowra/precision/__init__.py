@@ -33,6 +33,9 @@ LowRA solves the problem in stages, one module each (read in this order):
   whose cost model samples each cluster's efficiency path (:mod:`~lowra.precision.paths`);
 * :mod:`~lowra.precision.stage2`: 2. the exact assignment of channels within each cluster;
 * :mod:`~lowra.precision.repair`: 3. the exact-integer budget check and local moves;
+* :mod:`~lowra.precision.rounding`: 4. a second plan, the LP optimum rounded down and filled; the
+  better of the two is returned (``info["plan_source"]``), so a plan is never further from the LP
+  bound than one channel's step, whatever the clusters miss;
 * :mod:`~lowra.precision.assign`: :func:`assign_precision`, which chains them, and
   :mod:`~lowra.precision.plan`: the :class:`PrecisionPlan` it returns.
 

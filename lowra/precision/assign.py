@@ -1,4 +1,5 @@
-"""The two-stage planner :func:`assign_precision`: bound, clusters, stage 1, stage 2, repair.
+"""The two-stage planner :func:`assign_precision`: bound, clusters, stage 1, stage 2, repair, and the
+LP optimum rounded down (the better of the two plans is returned).
 
 Each stage lives in its own module of :mod:`lowra.precision` (the package docstring has the
 whole method); this function only validates, times and chains them.
@@ -19,6 +20,7 @@ from lowra.precision.paths import _ClusterPaths
 from lowra.precision.plan import PrecisionPlan
 from lowra.precision.problem import _ArrayLike, _prepare
 from lowra.precision.repair import _repair
+from lowra.precision.rounding import _lp_rounding
 from lowra.precision.stage1 import _cluster, _stage1
 from lowra.precision.stage2 import _stage2
 
@@ -129,6 +131,11 @@ def assign_precision(
     lower_bound = float(lb_groups.sum())
     times["bound"] = time.perf_counter() - t0
 
+    # ---- the LP optimum rounded down (kept if it beats the two-stage plan) ----
+    t0 = time.perf_counter()
+    rounded = _lp_rounding(p, seg)
+    times["lp_rounding"] = time.perf_counter() - t0
+
     # ---- clusters ----
     t0 = time.perf_counter()
     lab = _cluster(p, int(clusters), int(seed), int(kmeans_iters), int(kmeans_sample))
@@ -149,6 +156,9 @@ def assign_precision(
     if mip_rel_gap is not None:
         s1_opts["mip_rel_gap"] = mip_rel_gap
     s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
+    # "optimal" means the relative gap: HiGHS' default absolute gap (1e-6) would also stop it, and the
+    # objective (scaled by the largest sample cost) can be small enough that this stops it early.
+    s1_opts.setdefault("mip_abs_gap", 0.0)
     # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
     # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
     # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
@@ -171,11 +181,21 @@ def assign_precision(
     t0 = time.perf_counter()
     jidx, moves, filled = _repair(p, jidx)
     info["repair_moves"] = moves
+    rows = np.arange(C)
+    rounded, _, rounded_filled = _repair(p, rounded)
+    two_stage_sse = float(e[rows, jidx].sum())
+    rounded_sse = float(e[rows, rounded].sum())
+    info["two_stage_objective"] = two_stage_sse
+    info["lp_rounding_objective"] = rounded_sse
+    info["plan_source"] = "two-stage"
+    if rounded_sse < two_stage_sse and (rounded_filled or not filled):
+        jidx, filled = rounded, rounded_filled
+        info["plan_source"] = "lp rounding"
     info["budget_filled"] = filled
     times["repair"] = time.perf_counter() - t0
 
     bits = cand[jidx].astype(np.int64)
-    objective = float(e[np.arange(C), jidx].sum())
+    objective = float(e[rows, jidx].sum())
     used = int((n * bits).sum())
     average = used / int(n.sum())
     average_cost = (int(p.w[np.arange(C), jidx].sum()) / int(n.sum())
