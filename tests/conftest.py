@@ -1,4 +1,4 @@
-"""Session-wide test setup: the Triton interpreter on CPU-only machines; ``gpu`` tests skipped.
+"""Session-wide test setup: hubs offline, the Triton interpreter on CPU-only machines; ``gpu`` tests skipped.
 
 The ``gpu`` marker is registered in setup.cfg (whose addopts deselect it: run ``pytest -m gpu`` on
 a CUDA machine); when selected without a GPU, such tests are skipped here.
@@ -9,8 +9,16 @@ first, and ``torch`` (used for the check) does not import triton.
 
 import os
 
-import pytest
-import torch
+# The suite never reaches a model or dataset hub (this machine reaches only package registries). Set
+# before anything imports huggingface_hub / datasets, which read these once at import: a test that
+# monkeypatches them later would otherwise wait on the network (71 s for one test when the caller's
+# shell had not exported them), so the suite's time depended on the caller's environment.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
