@@ -38,7 +38,8 @@ sits in ``adapter/``, for use on the dequantized base (``merge_to_hf(include_ada
 Loading is strict and safe: safetensors only; before any data is read every shard's header is
 parsed and its size checked (a truncated file fails, naming it), every LowRA tensor must exist
 with the dtype and shape of ``layout`` and no model tensor may be missing (errors name the
-tensor); after loading, each LowRA tensor's sha256 is checked against ``layout`` and codebooks
+tensor); after loading, each LowRA tensor's sha256 is checked against ``layout``, before loading every other stored
+tensor's bytes against ``dense`` (embeddings, norms, ``lm_head``), and codebooks
 and scales must be finite. Any of these raises ``lowra.FormatError`` (a ``ValueError``).
 """
 
@@ -80,7 +81,7 @@ __all__ = [
 
 QUANT_METHOD = "lowra"
 HF_FORMAT_VERSION = 2  # version 1 is lowra.checkpoint's manifest layout
-_RESERVED = ("quant_method", "format_version", "source_model", "layout")
+_RESERVED = ("quant_method", "format_version", "source_model", "layout", "dense")
 _ADAPTER_KEYS = ("lora_A", "lora_B")
 _DENSE_KEYS = ("dense_weight", "bias")
 _QT_SUFFIX = re.compile(r"^(b[1-4]_(rows|codes|codebook)|absmax(_codes|_scale|_offset)?)$")
@@ -192,6 +193,39 @@ def layer_layout(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
     return layout
 
 
+def dense_digests(state: dict[str, torch.Tensor], layout: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """sha256 of every tensor of ``state`` that no layer of ``layout`` describes (embeddings, norms,
+    ``lm_head``, dense layers): with the layout's own digests, every stored byte is covered."""
+    covered = {f"{name}.{suffix}" for name, spec in layout.items() for suffix in spec["tensors"]}
+    return {k: tensor_sha256(t) for k, t in state.items() if k not in covered}
+
+
+def verify_stored_digests(path: str | os.PathLike, header: dict[str, dict[str, Any]], digests: dict[str, str]) -> None:
+    """Hash the stored bytes of each tensor of one safetensors file (``header``: ``safetensors_header``)
+    that ``digests`` names, reading the file in 1 MiB pieces (no tensor is built); FormatError on a
+    mismatch, naming the tensor and the file."""
+    import hashlib
+
+    names = sorted((k for k in header if k in digests), key=lambda k: int(header[k]["data_offsets"][0]))
+    if not names:
+        return
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name in names:
+            start, end = (int(o) for o in header[name]["data_offsets"])
+            f.seek(8 + n + start)
+            h, left = hashlib.sha256(), end - start
+            while left > 0:
+                piece = f.read(min(left, 1 << 20))
+                if not piece:
+                    break
+                h.update(piece)
+                left -= len(piece)
+            if h.hexdigest() != digests[name]:
+                raise FormatError(f"tensor {name} in {Path(path).name} fails its sha256 check (the checkpoint was "
+                                  "corrupted or modified after it was saved)")
+
+
 # ---------------------------------------------------------------------------------- config
 def _check_layout(layout: Any) -> dict[str, dict[str, Any]]:
     """Validate a ``layout`` read from a config.json; FormatError naming the first bad entry."""
@@ -239,6 +273,8 @@ class LowRAHfConfig(QuantizationConfigMixin):
 
     Args:
         layout: ``{layer: LayerSpec}`` (``layer_layout``); what the quantizer rebuilds.
+        dense: ``{tensor name: sha256}`` of every other stored tensor (embeddings, norms, ``lm_head``, …;
+            ``dense_digests``), checked before loading; ``None`` in folders written before it existed.
         format_version: the folder layout version (this LowRA reads ``HF_FORMAT_VERSION``).
         source_model: id or path of the original full-precision model.
         **options: the quantization options (``quantization_config_dict``), kept as given.
@@ -253,6 +289,7 @@ class LowRAHfConfig(QuantizationConfigMixin):
         format_version: int = HF_FORMAT_VERSION,
         source_model: str | None = None,
         quant_method: str = QUANT_METHOD,
+        dense: dict[str, str] | None = None,
         **options: Any,
     ) -> None:
         if quant_method != QUANT_METHOD:
@@ -265,6 +302,10 @@ class LowRAHfConfig(QuantizationConfigMixin):
         self.source_model = source_model
         self.options = dict(options)
         self.layout = _check_layout(layout) if layout is not None else None
+        if dense is not None and not (isinstance(dense, dict) and all(
+                isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in dense.items())):
+            raise FormatError("quantization_config.dense must map tensor names to sha256 hex digests")
+        self.dense = dict(dense) if dense is not None else None
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
@@ -275,13 +316,15 @@ class LowRAHfConfig(QuantizationConfigMixin):
         return (config, kwargs) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"quant_method", "format_version", **options, "source_model", "layout"}`` (JSON-able)."""
+        """``{"quant_method", "format_version", **options, "source_model", "layout", "dense"}`` (JSON-able;
+        ``dense`` only where known)."""
         clash = set(self.options) & set(_RESERVED)
         if clash:
             raise ValueError(f"quantization options may not use the reserved names {sorted(clash)}")
         return {"quant_method": self.quant_method, "format_version": self.format_version,
                 **copy.deepcopy(self.options), "source_model": self.source_model,
-                "layout": copy.deepcopy(self.layout)}
+                "layout": copy.deepcopy(self.layout),
+                **({"dense": dict(self.dense)} if self.dense is not None else {})}
 
     def __iter__(self):
         yield from self.to_dict().items()
@@ -423,8 +466,12 @@ class LowRAHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise FormatError("a LowRA checkpoint loads from its safetensors files (none were found)")
         stored: dict[str, dict[str, Any]] = {}
+        dense = getattr(self.quantization_config, "dense", None)
         for f in checkpoint_files:
-            stored.update(safetensors_header(f))
+            header = safetensors_header(f)
+            if dense and _VERIFY.get():
+                verify_stored_digests(f, header, dense)
+            stored.update(header)
         for name, spec in layout.items():
             saved_linear(model, name, spec["shape"], FormatError)
             for suffix, t in spec["tensors"].items():
@@ -466,6 +513,10 @@ class LowRAHfQuantizer(HfQuantizer):
         """``save_pretrained``'s tensors: ``hf_state_dict``; the layout is refreshed (new adapter digests)."""
         state = hf_state_dict(model)
         self.quantization_config.layout = layer_layout(model, state)
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        stored = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained will write
+        self.quantization_config.dense = dense_digests(stored, self.quantization_config.layout)
         return state, {}
 
     def is_serializable(self) -> bool:

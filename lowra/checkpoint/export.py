@@ -3,6 +3,7 @@ dequantized base alone) and ``export_peft_adapters`` (PEFT's LoRA format)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -49,7 +50,11 @@ def merge_to_hf(
     """
     if not lowra_layers(model):
         raise ValueError("the model has no LowRALinear layers; nothing to merge")
-    config = model.config
+    config = copy.deepcopy(model.config)
+    if getattr(config, "quantization_config", None) is not None:
+        # a model loaded from a LowRA folder carries its quantization_config; the merged folder is a
+        # plain model, and with the config kept `from_pretrained` would look for the LowRA tensors
+        del config.quantization_config
     state = _plain_state(model, include_adapters, dtype)
     plain = _empty_model(type(model), config)
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)

@@ -72,7 +72,7 @@ def save_quantized(
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from lowra.hf import LowRAHfConfig, hf_state_dict, layer_layout, quantization_config_dict
+    from lowra.hf import LowRAHfConfig, dense_digests, hf_state_dict, layer_layout, quantization_config_dict
 
     if not lowra_layers(model):
         raise ValueError("the model has no LowRALinear layers; run lowra.quantize_model first")
@@ -87,7 +87,8 @@ def save_quantized(
     state = remove_tied_weights_from_state_dict(state, model)
     config = copy.deepcopy(model.config)
     config.quantization_config = LowRAHfConfig(
-        layout=layout, source_model=source, **quantization_config_dict(model, report)
+        layout=layout, dense=dense_digests(state, layout), source_model=source,
+        **quantization_config_dict(model, report),
     )
     config.architectures = [type(model).__name__]
     config.dtype = str(_dense_dtype(model)).removeprefix("torch.")  # what from_pretrained builds the rest in

@@ -84,6 +84,25 @@ def test_merge_reloads_with_transformers(quantized, tmp_path):
     assert any(isinstance(m, LowRALinear) for m in model.modules())  # the quantized model is untouched
 
 
+def test_merge_of_a_loaded_checkpoint_reloads(quantized, tmp_path):
+    """Issue 32: a model loaded from a LowRA folder carries its quantization_config; the merged folder
+    must not (it held plain weights but said quant_method=lowra, and from_pretrained refused it)."""
+    from transformers import AutoModelForCausalLM
+
+    model, report = quantized
+    save_quantized(model, tmp_path / "ck", report=report)
+    loaded = load_quantized(tmp_path / "ck")
+    assert getattr(loaded.config, "quantization_config", None) is not None
+    for include_adapters, name in ((True, "merged"), (False, "base")):
+        merge_to_hf(loaded, tmp_path / name, include_adapters=include_adapters)
+        assert "quantization_config" not in json.loads((tmp_path / name / "config.json").read_text())
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / name))
+        assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
+        if include_adapters:
+            torch.testing.assert_close(logits(plain), logits(model), rtol=1e-4, atol=1e-4)
+    assert getattr(loaded.config, "quantization_config", None) is not None  # the loaded model is untouched
+
+
 def test_peft_export_on_dequantized_base(quantized, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -254,6 +254,38 @@ def test_changed_bytes_fail_the_digest_and_nan_tables_fail_always(saved, tmp_pat
         _from_pretrained(path)
 
 
+def test_dense_tensors_are_covered_by_digests(saved, tmp_path):
+    """Embeddings, norms and every other non-LowRA tensor (issue 32: 4 bytes flipped inside
+    ``embed_tokens`` loaded silently): every stored tensor is in ``layout`` or ``dense``."""
+    from corrupt_testutils import tensor_names, tensor_span
+
+    config = json.loads((saved / "config.json").read_text())["quantization_config"]
+    layout = {f"{n}.{s}" for n, spec in config["layout"].items() for s in spec["tensors"]}
+    names = tensor_names(saved / "model.safetensors")
+    assert set(names) <= layout | set(config["dense"]) and not layout & set(config["dense"])
+    dense = [n for n in names if n in config["dense"]]
+    assert any("embed_tokens" in n for n in dense) and any("norm" in n for n in dense)
+    path = _copy(saved, tmp_path / "ck")
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    for name in dense:
+        begin, end = tensor_span(weights, name)
+        data = bytearray(good)
+        middle = (begin + end) // 2
+        data[middle] ^= 0x01  # one bit in the middle of the tensor, same size
+        weights.write_bytes(bytes(data))
+        with pytest.raises(FormatError, match=rf"tensor {name} in model\.safetensors fails its sha256 check"):
+            _from_pretrained(path)
+        with pytest.raises(FormatError, match=rf"tensor {name} .*fails its sha256 check"):
+            load_quantized(path)
+    weights.write_bytes(good)
+    with verification(False):  # verify=False skips the hashing, as for the LowRA tensors
+        data = bytearray(good)
+        data[(tensor_span(weights, dense[0])[0] + tensor_span(weights, dense[0])[1]) // 2] ^= 0x01
+        weights.write_bytes(bytes(data))
+        _from_pretrained(path)
+
+
 def test_layout_mismatches_name_the_tensor(saved, tmp_path):
     path = _copy(saved, tmp_path / "ck")
     good = _config(path)
