@@ -38,14 +38,14 @@ lock:
 		--no-emit-package triton --generate-hashes --no-header -o requirements/gpu.lock
 
 # The suite against the newest releases setup.cfg's ranges admit (not in CI): a throw-away venv in a
-# temporary folder, removed afterwards. LATEST_TORCH: the torch to test (on this CPU machine the local
-# CPU wheel; LATEST_TORCH=torch asks the registry for the newest, a CUDA build of several GB).
+# temporary folder, removed afterwards. LATEST_TORCH: a constraint on torch (default: the local CPU
+# wheel; LATEST_TORCH=torch admits the newest this machine offers, a CUDA build of several GB).
 LATEST_TORCH ?= torch==2.13.0
 test-latest:
 	set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
 	$(PYTHON) -m venv "$$dir/venv"; \
-	"$$dir/venv/bin/pip" install -q "$(LATEST_TORCH)"; \
-	"$$dir/venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[dev]"; \
+	echo "$(LATEST_TORCH)" > "$$dir/torch.txt"; \
+	"$$dir/venv/bin/pip" install -q -c "$$dir/torch.txt" --upgrade --upgrade-strategy eager -e ".[dev]"; \
 	"$$dir/venv/bin/pip" freeze --exclude-editable > "$$dir/freeze.txt"; \
 	grep -iE '^(torch|transformers|triton|numpy|peft|bitsandbytes|cvxpy|highspy)==' "$$dir/freeze.txt"; \
 	"$$dir/venv/bin/python" -m pytest -q

@@ -193,6 +193,23 @@ def layer_layout(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
     return layout
 
 
+def guard_name(layout: dict[str, dict[str, Any]]) -> str:
+    """The plain ``<layer>.weight`` name under which a LowRA folder stores ``guard_tensor()``."""
+    return f"{min(layout)}.weight"
+
+
+def guard_tensor() -> torch.Tensor:
+    """uint8 ``[1]``, stored under ``guard_name``: a shape no ``nn.Linear`` weight has. transformers without
+    LowRA skips the unknown ``quant_method`` and would return the model with its projections randomly
+    initialised (issue 32); this tensor makes it refuse the folder with a size-mismatch error instead.
+    With ``import lowra`` the quantizer reads it into the layer's stand-in and drops it."""
+    return torch.zeros(1, dtype=torch.uint8)
+
+
+def _is_guard(header_entry: dict[str, Any]) -> bool:
+    return header_entry.get("dtype") == "U8" and list(header_entry.get("shape", [])) == [1]
+
+
 def dense_digests(state: dict[str, torch.Tensor], layout: dict[str, dict[str, Any]]) -> dict[str, str]:
     """sha256 of every tensor of ``state`` that no layer of ``layout`` describes (embeddings, norms,
     ``lm_head``, dense layers): with the layout's own digests, every stored byte is covered."""
@@ -387,9 +404,11 @@ class _LowRASlot(nn.Module):
     quantizer then turns the slot into a ``LowRALinear`` (``_process_model_after_weight_loading``).
     """
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], guarded: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        if guarded:  # the folder's guard_tensor(), read here and dropped with the slot
+            self.register_buffer("weight", torch.empty(1, dtype=torch.uint8, device="meta"))
         for suffix, t in spec["tensors"].items():
             empty = torch.empty(t["shape"], dtype=_DTYPES[t["dtype"]], device="meta")
             if suffix in _ADAPTER_KEYS:
@@ -467,11 +486,16 @@ class LowRAHfQuantizer(HfQuantizer):
             raise FormatError("a LowRA checkpoint loads from its safetensors files (none were found)")
         stored: dict[str, dict[str, Any]] = {}
         dense = getattr(self.quantization_config, "dense", None)
+        guard = guard_name(layout) if layout else None
         for f in checkpoint_files:
             header = safetensors_header(f)
             if dense and _VERIFY.get():
                 verify_stored_digests(f, header, dense)
             stored.update(header)
+        for key in [k for k, h in stored.items() if k != guard and k.endswith(".weight") and _is_guard(h)]:
+            del stored[key]  # a guard where the layout has no layer: that layer's weight is what is missing
+        if guard not in stored or not _is_guard(stored[guard]):
+            guard = None  # folders written before the guard existed
         for name, spec in layout.items():
             saved_linear(model, name, spec["shape"], FormatError)
             for suffix, t in spec["tensors"].items():
@@ -482,7 +506,7 @@ class LowRAHfQuantizer(HfQuantizer):
                 if got.get("dtype") != t["dtype"] or list(got.get("shape", [])) != t["shape"]:
                     raise FormatError(f"tensor {key} is {got.get('dtype')} {got.get('shape')} in the checkpoint "
                                       f"but {t['dtype']} {t['shape']} in its layout")
-            _set_module(model, name, _LowRASlot(spec))
+            _set_module(model, name, _LowRASlot(spec, guarded=f"{name}.weight" == guard))
         expected = set(model.state_dict())
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         missing = sorted(expected - set(stored) - tied)
@@ -510,13 +534,16 @@ class LowRAHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """``save_pretrained``'s tensors: ``hf_state_dict``; the layout is refreshed (new adapter digests)."""
-        state = hf_state_dict(model)
-        self.quantization_config.layout = layer_layout(model, state)
+        """``save_pretrained``'s tensors: ``hf_state_dict`` and the guard; the layout (new adapter digests)
+        and the dense digests are refreshed."""
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-        stored = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained will write
-        self.quantization_config.dense = dense_digests(stored, self.quantization_config.layout)
+        state = hf_state_dict(model)
+        layout = layer_layout(model, state)
+        state[guard_name(layout)] = guard_tensor()
+        stored = remove_tied_weights_from_state_dict(dict(state), model)  # what save_pretrained writes
+        self.quantization_config.layout = layout
+        self.quantization_config.dense = dense_digests(stored, layout)
         return state, {}
 
     def is_serializable(self) -> bool:

@@ -72,7 +72,8 @@ def save_quantized(
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from lowra.hf import LowRAHfConfig, dense_digests, hf_state_dict, layer_layout, quantization_config_dict
+    from lowra.hf import (LowRAHfConfig, dense_digests, guard_name, guard_tensor, hf_state_dict, layer_layout,
+                          quantization_config_dict)
 
     if not lowra_layers(model):
         raise ValueError("the model has no LowRALinear layers; run lowra.quantize_model first")
@@ -85,6 +86,7 @@ def save_quantized(
     state = hf_state_dict(model)
     layout = layer_layout(model, state)
     state = remove_tied_weights_from_state_dict(state, model)
+    state[guard_name(layout)] = guard_tensor()  # plain transformers (no `import lowra`) refuses the folder
     config = copy.deepcopy(model.config)
     config.quantization_config = LowRAHfConfig(
         layout=layout, dense=dense_digests(state, layout), source_model=source,

@@ -209,6 +209,22 @@ def _write_config(path: Path, config: dict) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
+def test_plain_transformers_refuses_the_folder_without_import_lowra(saved):
+    """Issue 32: without LowRA, transformers skips the unknown quant_method; the folder's guard tensor
+    (uint8 [1] under a plain ``<layer>.weight`` name) makes it fail loudly instead of returning a model
+    whose projections are random."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom transformers import AutoModelForCausalLM\n"
+         f"AutoModelForCausalLM.from_pretrained({str(saved)!r})\nprint('LOADED')"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "LOADED" not in proc.stdout
+    assert "ignore_mismatched_sizes" in proc.stderr and "MISMATCH" in proc.stdout + proc.stderr
+    assert "Unknown quantization type, got lowra" in proc.stdout + proc.stderr
+    loaded = _from_pretrained(saved)  # with lowra imported (this process) the guard is read and dropped
+    assert not any(n.endswith(".weight") and isinstance(m, LowRALinear)
+                   for n, m in loaded.named_modules())
+
+
 def test_foreign_folders_are_refused(tmp_path):
     with pytest.raises(FormatError, match="not a LowRA checkpoint"):
         load_quantized(tmp_path)  # empty
