@@ -72,8 +72,15 @@ def save_quantized(
     from huggingface_hub import split_torch_state_dict_into_shards
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from lowra.hf import (LowRAHfConfig, dense_digests, guard_name, guard_tensor, hf_state_dict, layer_layout,
-                          quantization_config_dict)
+    from lowra.hf import (
+        LowRAHfConfig,
+        dense_digests,
+        guard_name,
+        guard_tensor,
+        hf_state_dict,
+        layer_layout,
+        quantization_config_dict,
+    )
 
     if not lowra_layers(model):
         raise ValueError("the model has no LowRALinear layers; run lowra.quantize_model first")
