@@ -63,6 +63,7 @@ def versions() -> dict[str, str | None]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = None
+    out["torch"] = torch.__version__  # with its build tag (+cpu, +cu130): the distribution's metadata may omit it
     out["cuda"] = torch.version.cuda
     out["git_commit"] = git_commit()
     return out
