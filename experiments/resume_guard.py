@@ -1,6 +1,8 @@
 """Resume bookkeeping of a run directory: the stored config, finished runs, wall time across kills.
 
-``resume=true`` continues a run only with the configuration it was started with. The first start
+``resume=true`` continues a run only with the configuration it was started with; without it, a
+directory that holds a started or finished run is refused (``RunDirectoryInUseError``, naming
+``resume=true``, a new ``hydra.run.dir`` and ``restart=true``), so a re-run never discards work unasked. The first start
 stores the resolved config in ``<run_dir>/run_config.json``; a resume compares every field that
 can change the results (everything except :data:`NEUTRAL_KEYS`: logging, progress display,
 checkpoint interval, evaluation batch size, whether the model is saved) and refuses a mismatch
@@ -44,7 +46,7 @@ RESULTS_FILE = "results.json"
 FAILED_FILE = "failed.json"
 #: Config keys (dotted; a key covers everything below it) that do not change any result.
 NEUTRAL_KEYS = (
-    "resume", "resume_override", "progress", "save_model", "logger", "train.checkpoint_every",
+    "resume", "resume_override", "restart", "progress", "save_model", "logger", "train.checkpoint_every",
     "eval.batch_size",
     # the same global batch on 1 or N processes is the same run (up to float reduction order)
     "train.strategy", "train.dist_timeout_s", "train.fsdp_shard_base",
@@ -55,6 +57,10 @@ NEUTRAL_KEYS = (
 
 class ResumeMismatchError(ConfigError):
     """``resume=true`` with a configuration that differs from the stored one in result-changing keys."""
+
+
+class RunDirectoryInUseError(ConfigError):
+    """A new run (no ``resume=true``) in a directory that holds a started or finished run, without ``restart=true``."""
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -152,7 +158,8 @@ class RunState:
         return sum((s["end"] if s.get("end") is not None else now) - s["start"] for s in self.data.get("sessions", []))
 
 
-def check_resume(run_dir: Path, config: dict[str, Any], resume: bool, override: bool) -> dict[str, Any] | None:
+def check_resume(run_dir: Path, config: dict[str, Any], resume: bool, override: bool,
+                 restart: bool = False) -> dict[str, Any] | None:
     """Compare ``config`` with the stored one before anything of the run directory is touched.
 
     Returns the stored results when the run is finished (``resume=true`` and ``results.json``
@@ -160,9 +167,20 @@ def check_resume(run_dir: Path, config: dict[str, Any], resume: bool, override: 
     Raises:
         ResumeMismatchError: ``resume=true``, a result-changing key differs from the stored config
             (or no config was stored although the directory holds a started run) and no override.
+        RunDirectoryInUseError: neither ``resume=true`` nor ``restart=true``, and the directory holds a
+            started or finished run (its state, results or checkpoints): starting over would discard
+            them, which is never done unasked.
     """
     run_dir = Path(run_dir)
     if not resume:
+        held = [p.name for p in (run_dir / STATE_FILE, run_dir / RESULTS_FILE, run_dir / "checkpoint", run_dir / "model")
+                if p.exists()]
+        if held and not restart:
+            what = "a finished run" if (run_dir / RESULTS_FILE).exists() else "a started run"
+            raise RunDirectoryInUseError(
+                f"{run_dir} holds {what} ({', '.join(held)}): add resume=true to continue it (a finished run is "
+                "reported, nothing is redone), use a new run directory (hydra.run.dir=…), or add restart=true to "
+                "discard it and start over")
         return None
     stored_path, state_path, results_path = run_dir / CONFIG_FILE, run_dir / STATE_FILE, run_dir / RESULTS_FILE
     if stored_path.exists():

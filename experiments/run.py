@@ -135,7 +135,8 @@ def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | No
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(cfg.resume)
     config = OmegaConf.to_container(cfg, resolve=True)
-    finished = resume_guard.check_resume(run_dir, config, resume, bool(cfg.get("resume_override", False)))
+    finished = resume_guard.check_resume(run_dir, config, resume, bool(cfg.get("resume_override", False)),
+                                         bool(cfg.get("restart", False)))
     if finished is not None:  # resume=true on a finished run: report it, touch nothing
         if dist_ctx.is_main:
             dist_ctx.barrier()

@@ -19,6 +19,7 @@ from experiments.config_check import CONF_DIR, REPO_ROOT, ConfigError, check_con
 from experiments.resume_guard import (
     CONFIG_FILE,
     ResumeMismatchError,
+    RunDirectoryInUseError,
     check_resume,
     config_diff,
     store_config,
@@ -83,7 +84,12 @@ def test_check_resume_refuses_lists_and_can_be_overridden(tmp_path, caplog):
     new = {"quant": {"bits": 4.0}, "seed": 0}
     with pytest.raises(ResumeMismatchError, match=r"quant\.bits: 2\.0 \(stored\) → 4\.0 \(now\).*resume_override=true"):
         check_resume(tmp_path, new, resume=True, override=False)
-    assert check_resume(tmp_path, new, resume=False, override=False) is None  # a fresh start is not a resume
+    # a fresh start in a directory holding a started run: refused unless restart=true (issue 32: a re-run
+    # discarded the killed run's checkpoints and record and said nothing)
+    with pytest.raises(RunDirectoryInUseError, match=r"holds a started run \(state\.json\).*resume=true.*"
+                       r"hydra\.run\.dir.*restart=true"):
+        check_resume(tmp_path, new, resume=False, override=False)
+    assert check_resume(tmp_path, new, resume=False, override=False, restart=True) is None
     with caplog.at_level(logging.WARNING):
         assert check_resume(tmp_path, new, resume=True, override=True) is None
     assert "quant.bits" in caplog.text
@@ -172,6 +178,11 @@ def test_wall_time_counts_the_session_killed_by_sigkill(tmp_path, monkeypatch):
     assert len(state["sessions"]) == 1 and state["sessions"][0]["end"] is None
     assert not (run_dir / "results.json").exists()
 
+    kept = sorted(p.name for p in (run_dir / "checkpoint").iterdir())
+    with pytest.raises(RunDirectoryInUseError, match="holds a started run"):  # the same command, no resume=true
+        run(_compose(overrides), run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == kept  # nothing discarded
+    assert len(json.loads((run_dir / "state.json").read_text())["sessions"]) == 1
     with pytest.raises(ResumeMismatchError, match=r"quant\.bits: 2(\.0)? \(stored\) → 3(\.0)? \(now\)"):
         run(_compose([*[o for o in overrides if o != "+bits=2"], "+bits=3", "resume=true"]), run_dir)
     t0 = time.time()
