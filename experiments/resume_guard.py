@@ -173,8 +173,7 @@ def check_resume(run_dir: Path, config: dict[str, Any], resume: bool, override: 
     """
     run_dir = Path(run_dir)
     if not resume:
-        held = [p.name for p in (run_dir / STATE_FILE, run_dir / RESULTS_FILE, run_dir / "checkpoint", run_dir / "model")
-                if p.exists()]
+        held = [name for name in (STATE_FILE, RESULTS_FILE, "checkpoint", "model") if (run_dir / name).exists()]
         if held and not restart:
             what = "a finished run" if (run_dir / RESULTS_FILE).exists() else "a started run"
             raise RunDirectoryInUseError(
