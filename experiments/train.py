@@ -323,8 +323,8 @@ def train(
         sched.step()
         step += 1
         losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")  # before update: its line shows this step's loss
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         if log_fn is not None and (step % int(tcfg.log_every) == 0 or step == total):
             log_fn({"train/loss": step_loss, "train/lr": lr}, step)
         if step % int(tcfg.checkpoint_every) == 0 or step == total:
