@@ -247,8 +247,8 @@ def _run_stages(
     else:
         t0 = time.perf_counter()
         data_kw = calibration_kwargs(cfg, data) if needs_calibration(cfg) else {}
-        # per-layer bars only on a terminal
-        rep = quantize_model(model, lowra_config(cfg), progress=progress and is_terminal(), **data_kw)
+        # per-stage progress: bars on a terminal, plain log lines otherwise (lowra.progress)
+        rep = quantize_model(model, lowra_config(cfg), progress=progress, **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
         if save_quantized is not None and dist_ctx.is_main:  # atomic (written beside, renamed): the resume point

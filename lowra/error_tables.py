@@ -128,16 +128,20 @@ def calibration_statistics(
     hessians: bool,
     output_grads: bool = False,
     wanted: str = "quant.error=fisher",
+    progress: bool = False,
 ) -> CalibrationStatistics:
     """One pass over the calibration windows: Fisher diagonals, input Hessians, output gradients.
 
     ``calibration``: int64 token windows ``[samples, seq_len]`` of the training stream, run in
     chunks of ``batch_size`` windows. Forward only when only Hessians are wanted, else forward and
     backward through the LM loss. ``wanted`` names the option that needs the data in errors.
+    ``progress``: report the chunks done (``lowra.progress``).
     """
     from lowra.calibration import calibration_batches, collect_fisher, collect_hessians
+    from lowra.progress import progress as with_progress
 
-    batches = calibration_batches(calibration, batch_size, wanted)
+    batches = with_progress(calibration_batches(calibration, batch_size, wanted), "calibration", progress,
+                            unit="chunk")
     if fisher or output_grads:
         out = collect_fisher(model, batches, list(names), hessians=hessians, output_grads=output_grads,
                              diagonal=fisher)

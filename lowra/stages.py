@@ -222,6 +222,7 @@ def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Setting
             hessians=s.calibrated_init or (s.table_needs_data and s.error == "kfac"),
             output_grads=s.table_needs_data and s.error == "kfac",
             wanted=f"quant.error={s.error}" if s.table_needs_data or s.fisher_needed else "quant.init=calibrated",
+            progress=s.progress,
         )
         out.fisher, out.hessians, out.output_grads = stats.fisher, stats.hessians, stats.output_grads
         out.seconds += time.perf_counter() - t0
@@ -288,11 +289,10 @@ def new_report(s: Settings, targets: list[tuple[str, nn.Linear]], calib: Calibra
 
 
 def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+    """Per-layer progress of a stage (``lowra.progress``: a bar on a terminal, log lines otherwise)."""
+    from lowra.progress import progress
 
-    return tqdm(iterable, desc=desc, total=total, unit="layer", leave=False)
+    return progress(iterable, desc, enabled, total=total, unit="layer")
 
 
 # -------------------------------------------------------------------------- 4. error tables
@@ -371,6 +371,11 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
     counts every stored bit.
     """
     t0 = time.perf_counter()
+    if s.progress:
+        from lowra.progress import log as progress_log
+
+        progress_log.info("plan: %d rows of %d layers at %g bits (%s budget)", sum(e.shape[0] for e in tables.errors),
+                          len(tables.errors), s.bits, s.budget_kind)
     try:
         per_layer, report.plan = _solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
                                              dict(s.plan_options),
@@ -382,6 +387,10 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
     layer_bits = {name: b for (name, _), b in zip(targets, per_layer)}
     tables.errors, tables.params = [], []
     report.times["plan_s"] = time.perf_counter() - t0
+    if s.progress:
+        progress_log.info("plan: %.1f s, %.3f bits, gap to the LP bound %.2e (%s)", report.times["plan_s"],
+                          report.plan.get("average_bits", float("nan")), report.plan.get("gap", float("nan")),
+                          report.plan.get("info", {}).get("plan_source", "?"))
     return layer_bits
 
 

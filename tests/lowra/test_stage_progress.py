@@ -1,0 +1,47 @@
+"""lowra.progress: plain log lines off a terminal, so no quantization stage is silent in a log file."""
+
+from __future__ import annotations
+
+import logging
+
+import lowra.progress as progress_mod
+from experiments.eval_stories import load_model
+from lowra.model import quantize_model
+
+
+def test_plain_lines_at_start_interval_and_end(monkeypatch, caplog):
+    monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
+    monkeypatch.setattr(progress_mod, "PLAIN_INTERVAL_S", 0.0)  # a line after every item
+    with caplog.at_level(logging.INFO, logger="lowra"):
+        assert list(progress_mod.progress(range(3), "codebooks", True)) == [0, 1, 2]
+    lines = [r.getMessage() for r in caplog.records if r.name == "lowra"]
+    assert lines[0] == "codebooks: 0/3 layers"
+    assert lines[1].startswith("codebooks: 1/3 layers · ") and "s left" in lines[1]
+    assert lines[-1].startswith("codebooks: 3/3 layers · ") and "left" not in lines[-1]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowra"):
+        assert list(progress_mod.progress(range(3), "codebooks", False)) == [0, 1, 2]  # off: silent
+    assert not [r for r in caplog.records if r.name == "lowra"]
+
+
+def test_quantize_model_reports_every_stage_in_a_log(monkeypatch, caplog):
+    """Off a terminal (a Hydra log, a batch job), each stage of quantize_model logs its progress."""
+    monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
+    model = load_model()
+    with caplog.at_level(logging.INFO, logger="lowra"):
+        quantize_model(model, 1.5, rank=2, codebook_iters=5, error="relative", init="loftq",
+                       plan_options={"clusters": 8, "samples": 0, "max_nodes": 50}, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lowra"]
+    for start in ("codebooks: 0/35 layers", "codebooks: 35/35 layers", "plan: 3000 rows of 35 layers at 1.5 bits",
+                  "plan: ", "quantize (lowra): 35/35 layers"):
+        assert any(line.startswith(start) for line in lines), (start, lines)
+    assert any("gap to the LP bound" in line for line in lines)
+
+
+def test_progress_false_is_silent(monkeypatch, caplog):
+    monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
+    model = load_model()
+    with caplog.at_level(logging.INFO, logger="lowra"):
+        quantize_model(model, 2.0, rank=0, codebook_iters=5, error="relative",
+                       plan_options={"clusters": 8, "samples": 0, "max_nodes": 50}, progress=False)
+    assert not [r for r in caplog.records if r.name == "lowra"]
