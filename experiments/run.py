@@ -135,8 +135,10 @@ def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | No
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = bool(cfg.resume)
     config = OmegaConf.to_container(cfg, resolve=True)
+    # rank 0 decides whether the directory may be used; the other ranks get here after it has (its barrier)
+    # and see the state it just wrote, which is this run's, not an old one
     finished = resume_guard.check_resume(run_dir, config, resume, bool(cfg.get("resume_override", False)),
-                                         bool(cfg.get("restart", False)))
+                                         bool(cfg.get("restart", False)) or not dist_ctx.is_main)
     if finished is not None:  # resume=true on a finished run: report it, touch nothing
         if dist_ctx.is_main:
             dist_ctx.barrier()
