@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lowra.atomic import write_text_atomic
-from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common, _source_model
+from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common
 from lowra.format import save_safetensors_atomic
 from lowra.layers import lowra_layers
 
@@ -78,16 +78,25 @@ def export_peft_adapters(
 
     Keys are ``base_model.model.<layer>.lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``.
     Ranks/alphas that differ between layers go to PEFT's ``rank_pattern`` / ``alpha_pattern``.
-    The adapters belong on the dequantized base (see ``merge_to_hf(include_adapters=False)``).
+    The adapters belong on the dequantized base (see ``merge_to_hf(include_adapters=False)``), so
+    ``base_model_name_or_path`` must name it (PEFT's convention loads that base): it is required; the
+    full-precision source model would silently give wrong logits.
     Atomic: written into a temp dir that replaces ``directory``.
+
+    Raises:
+        ValueError: no ``base_model_name_or_path``.
     """
+    if not base_model_name_or_path:
+        raise ValueError("export_peft_adapters needs base_model_name_or_path: the dequantized base the adapters fit "
+                         "(lowra.merge_to_hf(model, dir, include_adapters=False) writes it), not the full-precision "
+                         "source model, on which they give wrong logits")
     with _atomic_dir(directory) as tmp:
         _write_peft_adapters(model, tmp, base_model_name_or_path, task_type)
     return Path(directory)
 
 
 def _write_peft_adapters(
-    model: nn.Module, directory: Path, base_model_name_or_path: str | None, task_type: str | None
+    model: nn.Module, directory: Path, base_model_name_or_path: str, task_type: str | None
 ) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` into ``directory``."""
     layers = [(n, m) for n, m in lowra_layers(model) if m.rank]
@@ -102,7 +111,7 @@ def _write_peft_adapters(
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path or _source_model(model),
+        "base_model_name_or_path": base_model_name_or_path,
         "r": ranks,
         "lora_alpha": alphas,
         "lora_dropout": max(dropouts),

@@ -122,8 +122,30 @@ def save_quantized(
         if report is not None:
             write_text_atomic(tmp / REPORT_FILE, json.dumps(report.to_dict(), indent=1))
         if any(m.rank for _, m in lowra_layers(model)):
-            _write_peft_adapters(model, tmp / ADAPTER_DIR, source, None)
+            # The adapters fit the dequantized base, not the source model: PEFT's convention (load the base the
+            # config names, apply the adapter) must not silently pair them with `source`. It names this folder,
+            # which PEFT refuses loudly (LowRALinear is no nn.Linear; without `import lowra`, the guard tensor).
+            _write_peft_adapters(model, tmp / ADAPTER_DIR, str(Path(directory).resolve()), None)
+            write_text_atomic(tmp / ADAPTER_DIR / "README.md", _ADAPTER_README.format(source=source))
     return Path(directory)
+
+
+_ADAPTER_README = """# LoRA adapters of a LowRA checkpoint (PEFT format)
+
+These adapters were trained on the *dequantized* LowRA base, not on the full-precision model they
+were quantized from ({source}). Applied to that model they give wrong logits, so
+`adapter_config.json` names the LowRA folder itself, which PEFT refuses to wrap (loudly).
+Use them with PEFT on the dequantized base:
+
+    import lowra
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    lowra.merge_to_hf(lowra.load_quantized("<this folder>"), "<base>", include_adapters=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<base>"), "<this folder>/adapter")
+
+or load the LowRA folder directly (`import lowra` first): its model weights carry the adapters.
+"""
 
 
 def _copy_tokenizer_files(candidates: list[str | None], target: Path) -> None:

@@ -108,6 +108,8 @@ def test_peft_export_on_dequantized_base(quantized, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, _ = quantized
+    with pytest.raises(ValueError, match="base_model_name_or_path: the dequantized base"):
+        export_peft_adapters(model, tmp_path / "adapter")  # the source model would silently be wrong
     export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path="stories260K")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 16

@@ -141,6 +141,18 @@ def test_peft_copy_applies_on_the_dequantized_base(quantized, saved, tmp_path):
     torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-4, atol=1e-4)
 
 
+def test_peft_convention_never_pairs_the_adapters_with_the_source_model(saved):
+    """Issue 32: adapter_config.json named the fp32 source, on which the adapters give wrong logits; it
+    names the LowRA folder now, which PEFT's own loading refuses loudly (LowRALinear is no nn.Linear)."""
+    from peft import AutoPeftModelForCausalLM
+
+    config = json.loads((saved / "adapter" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == saved.resolve()
+    assert "dequantized" in (saved / "adapter" / "README.md").read_text()
+    with pytest.raises(ValueError, match="not supported"):
+        AutoPeftModelForCausalLM.from_pretrained(str(saved / "adapter"))
+
+
 def test_dense_base_bf16_and_untied_mistral(tmp_path):
     """A dense (method="none") base, and a bf16 model: the rest of the model comes back in bf16."""
     from transformers import MistralForCausalLM
