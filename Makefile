@@ -11,10 +11,10 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: venv lock test-latest run test lint sweep bench assets clean kernels-compile kernels-static gpu-check
 
 # The environment is installed from a committed lock (every package pinned with its sha256):
-# requirements/cpu.lock on the CPU machine (torch 2.13.0+cpu, found in /opt/wheels by pip's
+# requirements.txt on the CPU machine (torch 2.13.0+cpu, found in /opt/wheels by pip's
 # find-links). A GPU user installs their CUDA torch first and runs `make venv LOCK=requirements/gpu.lock`
-# (the same pins without torch). `make lock` regenerates both; `make test-latest` tries the unpinned ranges.
-LOCK ?= requirements/cpu.lock
+# (the same pins without torch and triton). `make lock` regenerates both; `make test-latest` tries the unpinned ranges.
+LOCK ?= requirements.txt
 $(STAMP): setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
@@ -24,18 +24,17 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 venv: $(STAMP)
 
 # Regenerate the locks from setup.cfg's ranges with uv (pinned here; installed in a throw-away venv):
-# requirements/cpu.lock for this CPU machine (Python 3.11, torch 2.13.0+cpu from /opt/wheels) and
+# requirements.txt for this CPU machine (Python 3.11, torch 2.13.0+cpu from /opt/wheels) and
 # requirements/gpu.lock (the same pins without torch and triton, which come with the GPU user's CUDA stack).
 UV_VERSION := 0.13.9
 LOCK_TOOL := .venv-lock
+UV_COMPILE = UV_CACHE_DIR=$(LOCK_TOOL)/cache $(LOCK_TOOL)/bin/uv pip compile setup.cfg --extra dev \
+	-c requirements/cpu-torch.txt --find-links /opt/wheels --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --generate-hashes --no-header
 lock:
 	test -x $(LOCK_TOOL)/bin/uv || ($(PYTHON) -m venv $(LOCK_TOOL) && $(LOCK_TOOL)/bin/pip install -q uv==$(UV_VERSION))
-	UV_CACHE_DIR=$(LOCK_TOOL)/cache $(LOCK_TOOL)/bin/uv pip compile setup.cfg --extra dev -c requirements/cpu-torch.txt \
-		--find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-		--generate-hashes --no-header -o requirements/cpu.lock
-	UV_CACHE_DIR=$(LOCK_TOOL)/cache $(LOCK_TOOL)/bin/uv pip compile setup.cfg --extra dev -c requirements/cpu-torch.txt \
-		--find-links /opt/wheels --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-package torch \
-		--no-emit-package triton --generate-hashes --no-header -o requirements/gpu.lock
+	$(UV_COMPILE) -o requirements.txt
+	$(UV_COMPILE) --no-emit-package torch --no-emit-package triton -o requirements/gpu.lock
 
 # The suite against the newest releases setup.cfg's ranges admit (not in CI): a throw-away venv in a
 # temporary folder, removed afterwards. LATEST_TORCH: a constraint on torch (default: the local CPU

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -120,7 +121,7 @@ def _child(path: Path, budget: float, threads: int) -> dict[str, Any]:
            "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "experiments.bench_plan", "--one", str(path), "--budget", str(budget),
            "--threads", str(threads)]
-    if threads == 1 and _has_taskset():
+    if threads == 1 and shutil.which("taskset"):
         cmd = ["taskset", "-c", "0", *cmd]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -129,17 +130,14 @@ def _child(path: Path, budget: float, threads: int) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def _has_taskset() -> bool:
-    return subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="runner seeds (default: 0-9 for stories260k, 0 for smollm2_135m)")
     ap.add_argument("--budgets", nargs="+", type=float, default=None, help="default: the model's BUDGETS")
-    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="solver thread counts compared")
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                    help="torch/BLAS thread counts compared (HiGHS always runs on one)")
     ap.add_argument("--tables-only", action="store_true", help="build the error tables and stop")
     ap.add_argument("--check", action="store_true", help="exit 1 on a plan that differs between thread counts, "
                     f"a case over {TARGET_S:g} s or a stage-1 MIP gap over 1e-4")
@@ -187,12 +185,9 @@ def main() -> None:
         return
     from importlib.metadata import version
 
-    import cvxpy
-    import highspy  # noqa: F401
-
     one = [r["seconds"] for r in rows if r["threads"] == 1]
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "python": platform.python_version(), "numpy": np.__version__, "cvxpy": cvxpy.__version__,
+                       "python": platform.python_version(), "numpy": np.__version__, "cvxpy": version("cvxpy"),
                        "highspy": version("highspy")},
            "date": time.strftime("%Y-%m-%d"), "target_s_one_core": TARGET_S,
            "max_s_one_core": max(one) if one else None, "failures": failures, "cases": rows}

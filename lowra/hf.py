@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import hashlib
 import json
 import os
 import re
@@ -221,8 +222,6 @@ def verify_stored_digests(path: str | os.PathLike, header: dict[str, dict[str, A
     """Hash the stored bytes of each tensor of one safetensors file (``header``: ``safetensors_header``)
     that ``digests`` names, reading the file in 1 MiB pieces (no tensor is built); FormatError on a
     mismatch, naming the tensor and the file."""
-    import hashlib
-
     names = sorted((k for k in header if k in digests), key=lambda k: int(header[k]["data_offsets"][0]))
     if not names:
         return

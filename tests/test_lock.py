@@ -1,6 +1,6 @@
 """The committed lock is complete, hashed, and what ``make venv`` installed.
 
-``requirements/cpu.lock`` (``make lock``: ``uv pip compile --generate-hashes`` of setup.cfg's ranges) must
+``requirements.txt`` (``make lock``: ``uv pip compile --generate-hashes`` of setup.cfg's ranges) must
 pin every requirement of setup.cfg (``install_requires`` and the ``dev`` extra) with at least one sha256;
 ``requirements/gpu.lock`` is the same pins without torch and triton. In the environment ``make venv``
 built (``.venv`` of this checkout, stamped ``.installed``), every locked package is installed at its
@@ -48,16 +48,16 @@ def _setup_requirements() -> list[str]:
 
 
 def test_cpu_lock_pins_every_requirement_with_hashes():
-    pins = _lock(LOCKS / "cpu.lock")
+    pins = _lock(REPO / "requirements.txt")
     missing = [r for r in _setup_requirements() if r not in pins]
-    assert not missing, f"setup.cfg requirements missing from requirements/cpu.lock (run `make lock`): {missing}"
+    assert not missing, f"setup.cfg requirements missing from requirements.txt (run `make lock`): {missing}"
     unhashed = [n for n, (_, hashes) in pins.items() if hashes == 0]
     assert not unhashed, f"locked without a sha256: {unhashed}"
     assert pins["torch"][0] == "2.13.0+cpu"  # the local CPU wheel; a plain `torch` is a CUDA build
 
 
 def test_gpu_lock_is_the_cpu_lock_without_torch_and_triton():
-    cpu = {n: v for n, (v, _) in _lock(LOCKS / "cpu.lock").items() if n not in ("torch", "triton")}
+    cpu = {n: v for n, (v, _) in _lock(REPO / "requirements.txt").items() if n not in ("torch", "triton")}
     gpu = {n: v for n, (v, _) in _lock(LOCKS / "gpu.lock").items()}
     assert gpu == cpu
 
@@ -67,11 +67,11 @@ def test_the_environment_is_the_lock():
     if Path(sys.prefix).resolve() != venv.resolve() or not (venv / ".installed").exists():
         pytest.skip("not the .venv that `make venv` built from the lock")
     wrong = {}
-    for name, (version, _) in _lock(LOCKS / "cpu.lock").items():
+    for name, (version, _) in _lock(REPO / "requirements.txt").items():
         try:
             have = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             have = None
         if have != version:
             wrong[name] = (version, have)
-    assert not wrong, f"installed versions differ from requirements/cpu.lock (locked, installed): {wrong}"
+    assert not wrong, f"installed versions differ from requirements.txt (locked, installed): {wrong}"

@@ -103,22 +103,18 @@ def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.nd
 
     ``options``: HiGHS options; ``verbose`` turns the log on, ``max_nodes`` is ``mip_max_nodes``
     (default :data:`DEFAULT_MAX_NODES`), ``time_limit`` a wall-clock limit (None: none; a plan cut by the
-    clock depends on the machine, so the planner sets none by default). ``threads`` other than 1 is
-    refused: on one thread with a fixed seed HiGHS' search depends on its inputs alone.
+    clock depends on the machine, so the planner sets none by default). HiGHS runs on one thread with a
+    fixed seed (:data:`DETERMINISTIC`), so its search depends on its inputs alone.
     ``start``: a feasible point handed to HiGHS as its first incumbent (a MIP start).
     """
     import highspy
 
     opts = {k: v for k, v in options.items() if v is not None}
     verbose = bool(opts.pop("verbose", False))
-    threads = int(opts.pop("threads", None) or 1)
-    if threads != 1:
-        raise ValueError(f"threads={threads}: the stage-1 program runs HiGHS on one thread (deterministic)")
+    if int(opts.pop("threads", 1)) != 1:
+        raise ValueError("the stage-1 program runs HiGHS on one thread (deterministic)")
     opts.setdefault("mip_max_nodes", opts.pop("max_nodes", DEFAULT_MAX_NODES))
-    opts.pop("max_nodes", None)
-    settings = {**DETERMINISTIC, **opts, "threads": threads}
-    if settings.get("time_limit") is None:
-        settings["time_limit"] = float("inf")
+    settings = {**DETERMINISTIC, **opts}
     _silence_banner()
     _use_scheduler(settings["threads"])
     h = highspy.Highs()
@@ -126,15 +122,11 @@ def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.nd
     for key, value in settings.items():
         if h.setOptionValue(key, value) != highspy.HighsStatus.kOk:
             raise ValueError(f"HiGHS rejected the option {key}={value!r}")
-    inf = highspy.kHighsInf
-    lp = highspy.HighsLp()
-    n = c.shape[0]
-    lp.num_col_, lp.num_row_ = n, A.shape[0]
+    lp = highspy.HighsLp()  # HiGHS' infinity is IEEE inf: unbounded sides pass through as they are
+    lp.num_col_, lp.num_row_ = c.shape[0], A.shape[0]
     lp.col_cost_ = np.asarray(c, dtype=np.float64)
-    lp.col_lower_ = np.where(np.isfinite(col_lo), col_lo, -inf).astype(np.float64)
-    lp.col_upper_ = np.where(np.isfinite(col_hi), col_hi, inf).astype(np.float64)
-    lp.row_lower_ = np.where(np.isfinite(row_lo), row_lo, -inf).astype(np.float64)
-    lp.row_upper_ = np.where(np.isfinite(row_hi), row_hi, inf).astype(np.float64)
+    lp.col_lower_, lp.col_upper_ = np.asarray(col_lo, np.float64), np.asarray(col_hi, np.float64)
+    lp.row_lower_, lp.row_upper_ = np.asarray(row_lo, np.float64), np.asarray(row_hi, np.float64)
     csc = sp.csc_matrix(A)
     csc.sort_indices()
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
