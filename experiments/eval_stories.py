@@ -8,7 +8,7 @@ prints a table.
     .venv/bin/python -m experiments.eval_stories                      # 1.15 1.5 2 3 4, rank 2
     .venv/bin/python -m experiments.eval_stories --bits 2 --rank 8 --steps 100
 
-Data (DESIGN.md "Experimental protocol"): held-out = the last 60k characters of
+Data (docs/design.md, "Experimental protocol"): held-out = the last 60k characters of
 ``corpora/tinystories_valid.txt`` (6,144 tokens in windows of 256); fine-tuning text = everything
 before it. The helpers below are shared with the tests.
 """

@@ -1,6 +1,6 @@
 """What fits where: LowRA fine-tuning memory of Llama 7B/13B/33B/70B, COMPUTED from the format.
 
-``python -m experiments.fit_table`` prints the README table (markdown) and writes
+``python -m experiments.fit_table`` prints the docs/streaming.md table (markdown) and writes
 ``results/bench/fit_table.json``. Nothing is measured: every number is computed.
 
 * **quantized base**: every projection of every block (q, k, v, o, gate, up, down) stored by

@@ -5,7 +5,7 @@
 ``LowRALinear`` (frozen quantized base + LoRA adapters) and returns a ``QuantizationReport``.
 Every option is a field of :class:`~lowra.config.LowRAConfig`.
 
-For ``method="lowra"`` it runs the LowRA pipeline (DESIGN.md §1–2) over the whole model:
+For ``method="lowra"`` it runs the LowRA pipeline (docs/design.md, "The pipeline") over the whole model:
 
 1. per target layer: ``learn_codebooks(W, bits=candidates)`` → per-row error table ``[out, K]``
    (only the small codebooks are kept, never a copy of W);

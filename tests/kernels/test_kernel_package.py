@@ -5,7 +5,7 @@ HF's ``kernels`` distribution (used by bitsandbytes and transformers) owns the t
 a namespace-package portion of ``kernels``, which ranks below an installed regular package) and is
 imported as ``lowra_kernels``: mapped by setup.cfg's ``package_dir`` when installed, and by the
 root module ``lowra_kernels.py`` (``__path__`` = the folder) when run from a checkout without an
-install (the GPU image). README "Package names" has the design.
+install (the GPU image). docs/design.md "Package names" has the design.
 
 Subprocesses: an import made in this process cannot be undone, and the repository root must be
 first on ``sys.path`` (``python -c`` from the root) as it is for ``python -m experiments.gpu_check``.

@@ -107,5 +107,5 @@ def test_real_model_lowra_beats_nf():
         for k, b in enumerate((1, 2, 4)):
             totals[1, k] += ((w.float() - quantize(w.float(), b, method="nf").dequantize()) ** 2).sum()
     ratio = totals[0] / totals[1]
-    # DESIGN.md calibration: ≈0.34 at 2 bits, ≈0.60 at 4 bits
+    # docs/design.md "Experimental protocol": ≈0.34 at 2 bits, ≈0.60 at 4 bits
     assert ratio[1] < 0.45 and ratio[2] < 0.75 and ratio[0] < 1.0

@@ -77,7 +77,7 @@ def test_quantize_at_115_bits_plan_budget_and_generation(splits):
 @pytest.mark.slow
 @pytest.mark.parametrize("bits, max_ppl", [(2.0, 1000.0), (4.0, 8.0)])
 def test_quantize_at_2_and_4_bits(bits, max_ppl, splits):
-    """NormalFloat 2-bit is ≈ 2,300 here (DESIGN.md: ≈ 5,800 without LoftQ)."""
+    """NormalFloat 2-bit is ≈ 2,300 here (docs/design.md "Experimental protocol": ≈ 5,800 without LoftQ)."""
     model = load_model()
     report = quantize_model(model, bits, rank=2, alpha=16, **FAST)
     _check_budget(model, report, bits)
