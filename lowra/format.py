@@ -1,7 +1,8 @@
 """``QuantizedTensor``: a weight ``[out, in]`` stored at 1–4 bits per output row.
 
-Layout (see docs/design.md, "The pipeline", row "format"): rows are grouped by bit-width. Each ``BitGroup`` holds the original
-indices of its rows, their codes packed along the input dim into int32 words (``lowra_kernels.layout``),
+Layout (see docs/design.md, "The pipeline", row "format"): rows are grouped by bit-width.
+Each ``BitGroup`` holds the original indices of its rows, their codes packed along the input dim
+into int32 words (``lowra_kernels.layout``),
 and a codebook of ``2**b`` fp16 mapping values per row (or one row shared by all, as NormalFloat
 does). One ``GroupScales`` holds the absmax of every ``group_size`` inputs of every row, in the
 original row order (fp16, or double-quantized). A weight element is

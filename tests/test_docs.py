@@ -91,7 +91,7 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     example = example.replace('"../shared/assets/models/stories260K"', repr(str(assets / "models" / "stories260K")))
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(example, "README.md", "exec"), scope)  # noqa: S102 - the README's own code, the point of the test
+    exec(compile(example, "README.md", "exec"), scope)  # the README's own code: the point of the test
     model, again, batch = scope["model"], scope["again"], scope["batch"]
     assert (tmp_path / "ck" / "config.json").is_file()
     with torch.no_grad():
