@@ -54,7 +54,8 @@ def header_sha256(path: str | os.PathLike) -> str:
             raise FormatError(f"{Path(path).name} is too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
         if n > os.path.getsize(path):
-            raise FormatError(f"{Path(path).name}: its safetensors header length is beyond the end of the file")
+            raise FormatError(f"{Path(path).name} is not a readable safetensors file (its header length is beyond "
+                              "the end of the file: truncated or corrupted)")
         return hashlib.sha256(raw + f.read(n)).hexdigest()
 
 
