@@ -474,7 +474,8 @@ def verify_folder(folder: str | os.PathLike, checkpoint_files: list[str] | None 
     if not (folder / CHECKSUMS).is_file():
         raise FormatError(f"{folder} has no {CHECKSUMS} (written by an older LowRA? a hub download fetches the "
                           "model files only: snapshot_download the whole repository); nothing proves its files "
-                          "are intact: lowra.hf.verification(False) (load_quantized(verify=False)) accepts it unchecked")
+                          "are intact: lowra.hf.verification(False) (load_quantized(verify=False)) accepts it "
+                          "unchecked")
     manifest = verify_checksums(folder, kinds=(QUANT_METHOD,))
     weights = sorted(n for n, e in manifest["files"].items() if "header_sha256" in e)
     for f in checkpoint_files or ():

@@ -276,7 +276,7 @@ def test_changed_bytes_fail_the_digest_and_nan_tables_fail_always(saved, tmp_pat
     good = weights.read_bytes()
     for suffix in ("b2_codes", "b1_codebook", "absmax_codes", "lora_A"):
         flip_bytes(weights, f"{LAYER}.{suffix}")
-        with pytest.raises(FormatError, match=rf"tensor {LAYER}\.{suffix} in model\.safetensors fails its sha256 check"):
+        with pytest.raises(FormatError, match=rf"tensor {LAYER}\.{suffix} in model\.safetensors fails its sha256"):
             _from_pretrained(path)
         weights.write_bytes(good)
     flip_bytes(weights, f"{LAYER}.b2_codes")  # finite garbage: only the digest sees it
@@ -327,7 +327,7 @@ def test_layout_mismatches_name_the_tensor(saved, tmp_path):
     changed = json.loads(json.dumps(good))
     changed["quantization_config"]["layout"][LAYER]["tensors"]["lora_A"]["shape"] = [3, 172]
     _write_config(path, changed)
-    with pytest.raises(FormatError, match=r"config\.json has .* bytes, lowra_checksums\.json says .*truncated or modified"):
+    with pytest.raises(FormatError, match=r"config\.json has .* bytes, lowra_checksums\.json says .*truncated"):
         _from_pretrained(path)
 
     def refused(config: dict, match: str) -> None:
