@@ -45,6 +45,7 @@ class PlainProgress:
         self.start_n = initial
         self.postfix = ""
         self.t0 = self.last_t = time.perf_counter()
+        self.t_first: float | None = None  # end of this session's first item (warm-up: kernels, caches)
         self.last_decile = self._decile()
         self.closed = False
 
@@ -65,6 +66,8 @@ class PlainProgress:
         if self.announce:  # stages: one line per set_description, not per update
             return
         now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first, self.n_first = now, self.n
         decile = self._decile()
         if decile > self.last_decile or now - self.last_t >= self.interval:
             self.last_decile, self.last_t = decile, now
@@ -72,11 +75,13 @@ class PlainProgress:
 
     def _line(self, now: float) -> None:
         elapsed = now - self.t0
-        done = self.n - self.start_n
         where = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
         eta = ""
+        # the rate of THIS session's items after its first (a resumed run starts at `initial`; its first
+        # step also pays the warm-up, e.g. compiling the CPU kernels: ~60 s on 2 cores)
+        done = self.n - self.n_first if self.t_first is not None else 0
         if self.total and done > 0 and self.n < self.total:
-            eta = f", ~{elapsed / done * (self.total - self.n):.0f} s left"
+            eta = f", ~{(now - self.t_first) / done * (self.total - self.n):.0f} s left"
         post = f" {self.postfix}" if self.postfix else ""
         log.info("%s: %s%s · %.1f s%s", self.desc, where, post, elapsed, eta)
 

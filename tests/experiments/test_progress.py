@@ -71,3 +71,18 @@ def test_training_off_a_terminal_writes_lines_not_bars(capsys, caplog, tmp_path)
     assert "\r" not in err and "\x1b[" not in err
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tune:")]
     assert len(lines) == 10 and lines[-1].startswith("fine-tune: 20/20 (100%)")
+
+
+def test_eta_after_a_resume_counts_only_this_sessions_steps(caplog, monkeypatch):
+    """Issue 32: resumed at step 100 of 200, a first step of 60 s (warm-up: kernels compiled) then
+    0.5 s per step: the ETA is the remaining steps at this session's steady rate, not ~6000 s."""
+    clock = iter([0.0] + [60.0 + 0.5 * i for i in range(200)])
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: next(clock))
+    caplog.set_level(logging.INFO, logger="experiments.progress")
+    bar = PlainProgress(200, "fine-tune", initial=100)
+    for _ in range(20):
+        bar.update(1)
+    lines = [r.getMessage() for r in caplog.records]
+    # the 60-s first step makes a line (30-s interval) without an ETA (it used to say ~5940 s left)
+    assert lines[0] == "fine-tune: 101/200 (50%) · 60.0 s", lines
+    assert lines[1] == "fine-tune: 120/200 (60%) · 69.5 s, ~40 s left", lines  # 80 steps × 0.5 s
