@@ -53,7 +53,6 @@ from experiments.harness_loading import bits_of, load_checkpoint, load_for_eval,
 from experiments.harness_tasks import (
     CLOZE_TASK,
     LOCAL_TASKS,
-    REPO_ROOT,
     ROLLING_TASK,
     TASK_ALIASES,
     ZERO_SHOT_TASKS,
@@ -122,6 +121,8 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    _quiet_model_instance_warning()
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -150,6 +151,20 @@ def run_lm_eval(
     finally:
         model.train(was_training)
     return {name: results[name] for name in prepared.names if name in results} | results
+
+class _DropInstanceWarning(logging.Filter):
+    """lm-eval warns ``pretrained model kwarg is not of type str`` whenever HFLM gets a model instance —
+    which is how this harness always calls it (the loaded quantized model); the warning says nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "model kwarg is not of type" not in record.getMessage()
+
+
+def _quiet_model_instance_warning() -> None:
+    logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, _DropInstanceWarning) for f in logger.filters):
+        logger.addFilter(_DropInstanceWarning())
+
 
 # ------------------------------------------------------------------------------------ reporting
 
@@ -182,9 +197,17 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def default_output(info: dict[str, Any]) -> Path:
+def output_name(info: dict[str, Any]) -> str:
+    """``harness_<model>_<method>_<bits>.json``: the model's name (not a run's timestamp folder), the method
+    and the nominal bits (``fp`` for a dense model)."""
     bits = "fp" if info.get("bits_nominal") is None else f"b{info['bits_nominal']:.2f}"
-    return REPO_ROOT / "results" / "eval" / f"harness_{info['name']}_{info.get('method')}_{bits}.json"
+    return f"harness_{info['name']}_{info.get('method')}_{bits}.json"
+
+
+def default_output(checkpoint: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Beside the checkpoint folder (``<run>/model`` → ``<run>/harness_…json``), never inside it (its
+    ``lowra_checksums.json`` lists its files) nor in the checkout."""
+    return Path(checkpoint).resolve().parent / output_name(info)
 
 
 # ------------------------------------------------------------------------------ runner (eval.harness)
@@ -339,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stories", help="TinyStories file for the local tasks (default: the shared corpus)")
     p.add_argument("--task-dir", help="write the local task YAML/JSONL here and keep them (default: a temp dir)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="results JSON (default: results/eval/harness_<model>_<method>_<bits>.json)")
+    p.add_argument("--output", "--out", dest="out",
+                   help="results JSON (default, with --checkpoint: harness_<model>_<method>_<bits>.json beside the "
+                        "checkpoint folder; required without it)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -352,20 +377,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from experiments.run_setup import ModelUnavailableError, pick_device
 
+    if args.out is None and args.checkpoint is None:
+        print("error: --output FILE is required without --checkpoint (the results go beside a checkpoint, "
+              "or where --output says)", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return _main(args, pick_device)
     except (ValueError, ConfigError, HarnessUnavailableError, DataUnavailableError, ModelUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except SystemExit as exc:  # a bad output directory (experiments.output_check): one line, exit code 1
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
 
 
 def _main(args: argparse.Namespace, pick_device: Any) -> dict[str, Any]:
-    from lowra.atomic import write_text_atomic
+    import lowra.atomic
+    from experiments.output_check import check_writable, output_error
 
     names = [] if args.tasks.strip() == "none" else expand_tasks(args.tasks)
     window = args.window or None
     if window is None and not names:
         raise ValueError("nothing to evaluate: --tasks none and --window 0")
+    # a read-only / full / impossible output directory fails here, before the model is loaded
+    check_writable(Path(args.out).parent if args.out else Path(args.checkpoint).resolve().parent, "the results")
     with contextlib.ExitStack() as stack:
         local = None
         task_dir = None
@@ -380,8 +417,14 @@ def _main(args: argparse.Namespace, pick_device: Any) -> dict[str, Any]:
         results = evaluate_all(model, tokenizer, info, prepared, local, window, args.batch_size, args.limit,
                                args.max_windows, args.bootstrap_iters, args.num_fewshot,
                                progress=not args.no_progress)
-    out = Path(args.out) if args.out else default_output(info)
-    write_text_atomic(out, json.dumps(results, indent=1, default=str) + "\n")
+    out = Path(args.out) if args.out else default_output(args.checkpoint, info)
+    try:
+        lowra.atomic.write_text_atomic(out, json.dumps(results, indent=1, default=str) + "\n")
+    except OSError as exc:  # e.g. the disk filled up during the evaluation
+        stop = output_error(exc, f"the results {out}")
+        if stop is None:
+            raise
+        raise stop from None
     print(results_table(results))
     print(f"\n(results: {out})")
     return results

@@ -104,7 +104,9 @@ def load_for_eval(
         tok_from = tokenizer or _checkpoint_tokenizer_location(path, model)
         tok = load_tokenizer_from(tok_from)
         manifest = _saved_options(model)
-        info = {"name": path.name if path.name != "model" else path.parent.name, "source": str(path.resolve()),
+        source = manifest.get("source_model")  # the model's name, not the run's timestamp folder
+        name = Path(str(source).rstrip("/")).name if source else (path.name if path.name != "model" else "model")
+        info = {"name": name, "source": str(path.resolve()),
                 "tokenizer": tok_from, "method": manifest.get("method"), "bits_target": manifest.get("bits")}
         return model, tok, {**info, **bits_of(model)}
 

@@ -68,6 +68,7 @@ from experiments.distributed import (
 from experiments.evaluate import evaluate
 from experiments.harness import plan_harness, run_harness
 from experiments.logging_utils import RunLogger, atomic_write_json, make_logger
+from experiments.output_check import output_error
 from experiments.progress import is_terminal, progress_bar, quiet_library_bars
 from experiments.resume_guard import RunState
 from experiments.run_results import _log_metric, finish_results, metric_prefix, metric_value, stage_results
@@ -378,6 +379,12 @@ def main() -> None:
         except (ConfigError, DataUnavailableError, ModelUnavailableError) as exc:
             log.error("%s", exc)
             raise SystemExit(f"error: {exc}") from None
+        except OSError as exc:  # a read-only or full output directory: failed.json (if it fits), one line
+            stop = output_error(exc, f"the run's outputs in {run_dir}")
+            if stop is None:
+                raise
+            log.error("%s", exc)
+            raise stop from None
         value = results.get(f"{metric_prefix(cfg)}_finetuned")
         return value if isinstance(value, float) else None
 

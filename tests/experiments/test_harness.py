@@ -8,6 +8,7 @@ repository's loop (``model(batch, labels=batch).loss`` per window, ``exp(mean)``
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -170,18 +171,24 @@ def test_hub_tasks_offline_fail_with_a_clear_message(monkeypatch, task_dir, caps
 
 
 @pytest.mark.slow
-def test_cli_on_a_quantized_adapted_checkpoint(stories, tmp_path, capsys):
-    """The CI check: a 2-bit LowRA stories260K with LoftQ adapters, saved, evaluated by the CLI."""
+def test_cli_on_a_quantized_adapted_checkpoint(stories, tmp_path, capsys, caplog):
+    """The CI check: a 2-bit LowRA stories260K with LoftQ adapters, saved, evaluated by the CLI; the JSON
+    goes beside the checkpoint, named by model, method and bits (issue 32), and lm-eval's warning about a
+    model instance is not shown."""
     import lowra
 
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
     rep = lowra.quantize_model(model, bits=2, rank=2, alpha=4)
     assert any(float(m.lora_B.detach().abs().sum()) > 0 for _, m in lowra.lowra_layers(model))  # adapted (LoftQ)
-    ckpt = lowra.save_quantized(model, tmp_path / "model", report=rep, source_model=str(STORIES))
-    out = tmp_path / "eval.json"
+    ckpt = lowra.save_quantized(model, tmp_path / "run" / "model", report=rep, source_model=str(STORIES))
+    caplog.set_level(logging.WARNING)
     main(["--checkpoint", str(ckpt), "--window", "256", "--max-windows", "2", "--limit", "8",
-          "--bootstrap-iters", "0", "--batch-size", "4", "--out", str(out), "--no-progress"])
+          "--bootstrap-iters", "0", "--batch-size", "4", "--no-progress"])
+    assert "not of type" not in caplog.text
+    out = tmp_path / "run" / f"harness_stories260K_lowra_b{rep.bits_nominal:.2f}.json"
     res = json.loads(out.read_text())
+    assert res["model"]["name"] == "stories260K"
+    lowra.verify_checksums(ckpt)  # nothing was written into the checkpoint
     assert res["model"]["method"] == "lowra" and res["bits"]["bits_target"] == 2
     assert res["bits"]["bits_nominal"] == pytest.approx(rep.bits_nominal)
     assert res["window"] == 256 and res["wikitext2"]["window"] == 256 and res["wikitext2"]["windows"] == 2
