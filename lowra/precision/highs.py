@@ -123,7 +123,7 @@ class GapReporter:
             return
         self.last = now
         out = event.data_out
-        gap = f"{out.mip_gap:.2e}" if math.isfinite(out.mip_gap) else "none yet (no incumbent)"
+        gap = f"{out.mip_gap:.2e}" if math.isfinite(out.mip_gap) else "inf (no bound or incumbent yet)"
         log.info("plan: ILP %d nodes, gap %s (best %.6g, bound %.6g) · %.1f s", int(out.mip_node_count), gap,
                  out.mip_primal_bound, out.mip_dual_bound, now - self.t0)
         self.lines += 1
