@@ -10,9 +10,9 @@ bytes, shared memory) and a hash of its ``.text`` (the SASS) are recorded; optio
 (``--sass``) the SASS is disassembled (``nvdisasm``) and its instructions counted (total, in the
 innermost loop, local-memory spills ``LDL``/``STL``).
 
-``python -m lowra_kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] [--out PATH]``
+``python -m lowra_kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] --out PATH``
 writes JSON
-(default ``results/bench/kernels_sm90_static.json``) and exits non-zero on any compile failure,
+(``make kernels-compile``: ``results/bench/kernels_sm90_static.json``) and exits non-zero on any compile failure,
 spilling variant or duplicate binary (two configs of one kernel/bits/dtype with identical SASS).
 Compilation is parallel (a process pool) and cached by Triton's own on-disk cache
 (``TRITON_CACHE_DIR``, default ``~/.triton/cache``): an unchanged kernel recompiles in
@@ -37,8 +37,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "results" / "bench" / "kernels_sm90_static.json"
 BITS = (1, 2, 3, 4)
 ACT_DTYPES = ("float32", "float16", "bfloat16")
 # Representative layer: out × in features (LLaMA-7B MLP down-projection's transpose), group 64.
@@ -378,13 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="*", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--sass", action="store_true", help="also disassemble and count SASS instructions")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where to write the JSON report (make kernels-compile: results/bench/...)")
     args = parser.parse_args(argv)
     report = run(tuple(args.arch), args.jobs, args.sass, tuple(args.kernels), tuple(args.smoke_arch))
-    from lowra.atomic import write_text_atomic
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(report, indent=1))
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, args.out)  # atomic: a reader never sees half a report
     s = report["summary"]
     print(f"{'kernel':>11} {'variants':>8} {'max regs':>8} {'max spill B':>11} {'max smem B':>10}")
     for name, k in s["per_kernel"].items():

@@ -15,7 +15,7 @@ reference dequantize took 105 ms, the same reference compiled by ``torch.compile
 because inductor lowers the per-row codebook lookup to a scalar gather and the row scatter to an
 ``index_put``. The extension keeps each row's ≤16-entry fp32 codebook in two AVX2 registers
 (``vpermps`` lookup), shifts 8 codes out of one packed word per instruction, and reaches the
-conversion's speed (``experiments/bench_kernels --cpu-ratios`` for the numbers).
+conversion's speed (``python -m experiments.bench.kernels --cpu-ratios`` for the numbers).
 
 Regimes (``GEMV_MAX_M`` = 16, fp32 activations):
 

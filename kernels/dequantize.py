@@ -64,7 +64,7 @@ SELECT_MAX_STEPS = 4  # select-tree programs (1/2 bits): H200, 4096×11008, 2 bi
 # codes per program (BLOCK_R * STEPS * WORDS * PER_WORD) of a gathered 3/4-bit program: above the
 # ceiling the 3-bit tile spills. The floor admits BLOCK_R=16, STEPS=1, the fastest on an H200
 # (4096×11008: 3 bits 107.6 µs vs 165 for the best config above the old floor of 4096; 4 bits 75 vs 93;
-# experiments.gpu_profile, results/bench/gpu_profile_h200.json)
+# experiments.bench.gpu_profile, results/bench/gpu_profile_h200.json)
 DEQUANT_GATHER_CODES = (1024, 20480)
 
 

@@ -237,7 +237,7 @@ def _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab_flat, row_bas
 
 # The shipped GEMV space (first = the interpreter's), pruned per tile by ``prune_gemv_configs``.
 GEMV_CONFIGS = configs(
-    # the last three from a BLOCK_N × SPLIT_K × warps sweep on an H200 (experiments.gpu_profile --sweep,
+    # the last three from a BLOCK_N × SPLIT_K × warps sweep on an H200 (experiments.bench.gpu_profile --sweep,
     # 4096×11008, M=1): 1-2 bits want SPLIT_K=8 (64×8: 17.7 / 23.5 µs vs 20.6 / 29.1 for the best of
     # the first five), 4 bits 8×8 (40.9 µs vs 60.0)
     [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
@@ -435,7 +435,7 @@ def _lut_mm(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
 
 
 # Largest M the GEMV serves on a GPU, per stored bit-width; above it dequantize + cuBLAS is faster.
-# H200, 4096×11008 and 11008×4096, bf16 (experiments.gpu_profile --sweep, graph-replay µs, 2 bits):
+# H200, 4096×11008 and 11008×4096, bf16 (experiments.bench.gpu_profile --sweep, graph-replay µs, 2 bits):
 # GEMV M=1 32.5 / M=2-4 93 vs dequantize + cuBLAS 67 at any M ≤ 32; at 3 bits M=4 90 vs 191. The fused
 # tl.dot kernel was slower than dequantize + cuBLAS at every M from 1 to 256 and every width (261-1289 µs
 # vs 59-207), so a GPU never takes it.

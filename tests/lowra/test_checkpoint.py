@@ -11,7 +11,7 @@ from checkpoint_testutils import X, logits, perturb_adapters, tiny_mistral_confi
 
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
-from experiments.eval_stories import load_model
+from experiments.eval.stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.format import FormatError
 from lowra.model import lowra_layers, quantize_model

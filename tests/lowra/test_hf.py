@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
-from experiments.eval_stories import load_model, model_dir
+from experiments.eval.stories import load_model, model_dir
 from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification

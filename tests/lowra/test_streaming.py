@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowra
-from experiments.bench_streaming import write_synthetic_llama
+from experiments.bench.streaming import write_synthetic_llama
 from lowra import streaming
 from lowra.streaming import checkpoint_bytes, quantize_pretrained
 
