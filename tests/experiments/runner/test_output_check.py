@@ -3,7 +3,6 @@ in one ``error:`` line and exit code 1 (before any work where it can be seen at 
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import lowra.atomic
 from experiments.eval.harness import default_output, main, output_name
 from experiments.runner.config_check import REPO_ROOT
 from experiments.runner.output_check import check_writable
@@ -28,10 +26,6 @@ def _unwritable() -> Path:
         return UNWRITABLE
     UNWRITABLE.rmdir()
     pytest.skip("/sys accepts new entries here: no unwritable directory to test with")
-
-
-def _full_disk(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device", str(args[0]) if args else None)
 
 
 def test_check_writable(tmp_path):
@@ -64,16 +58,15 @@ def test_evaluate_refuses_a_read_only_output_before_loading(capsys):
     assert exit_.value.code == 2 and "--output FILE is required" in capsys.readouterr().err
 
 
-def test_evaluate_on_a_disk_that_fills_up(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(lowra.atomic, "write_text_atomic", _full_disk)
-    with pytest.raises(SystemExit) as exit_:
-        main([*EVAL_SMALL, "--output", str(tmp_path / "eval.json")])
-    assert exit_.value.code == 1
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
-    assert err == [f"error: cannot write the results {tmp_path / 'eval.json'} ({tmp_path / 'eval.json'}): "
-                   "No space left on device"], err
-    assert not (tmp_path / "eval.json").exists()
+def test_evaluate_on_a_disk_that_fills_up(tmp_path):
+    """The results' write fails with ENOSPC after the evaluation (in a child process: the patch must not
+    outlive the test): one error line, exit code 1, no file."""
+    out = tmp_path / "eval.json"
+    proc = _child(_FULL_DISK.format(module="experiments.eval.evaluate"), [*EVAL_SMALL, "--output", str(out)])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: cannot write the results {out} ({out}): No space left on device"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_runner_refuses_a_read_only_run_directory():
@@ -87,26 +80,31 @@ def test_runner_refuses_a_read_only_run_directory():
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-_FULL_DISK_RUNNER = """
+_FULL_DISK = """
 import errno, runpy, sys
 import lowra.atomic
 
 def full(path, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-lowra.atomic.atomic_path = full  # every atomic write of the run fails as on a full disk
-sys.argv = ["experiments.run", *sys.argv[1:]]
-runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
+lowra.atomic.atomic_path = full  # every atomic write fails as on a full disk
+sys.argv = ["{module}", *sys.argv[1:]]
+runpy.run_module("{module}", run_name="__main__", alter_sys=True)
 """
+
+
+def _child(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_runner_on_a_disk_that_fills_up(tmp_path):
     """Every atomic write fails with ENOSPC (the run's first is its config or state): one error line, exit 1."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_RUNNER, f"hydra.run.dir={run_dir}", "logger=none",
-                           "progress=false", "+bits=2", "train.max_steps=2", "train.seq_len=64", "eval.max_tokens=256"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = _child(_FULL_DISK.format(module="experiments.run"), [
+        f"hydra.run.dir={run_dir}", "logger=none", "progress=false", "+bits=2", "train.max_steps=2",
+        "train.seq_len=64", "eval.max_tokens=256"])
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot write the run's outputs in {run_dir} ("), errors
