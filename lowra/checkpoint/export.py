@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowra.atomic import write_text_atomic
+from lowra.atomic import file_mode, write_text_atomic
 from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common
 from lowra.format import save_safetensors_atomic, tensor_sha256
 from lowra.integrity import write_checksums
@@ -68,6 +68,9 @@ def merge_to_hf(
         plain.generation_config = model.generation_config
     with _atomic_dir(directory) as tmp:
         plain.save_pretrained(tmp)
+        for f in tmp.iterdir():  # transformers writes the weights through a 0600 temp file
+            if f.is_file():
+                os.chmod(f, file_mode())
         if include_adapters:
             write_checksums(tmp, "merged")
         else:  # export_peft_adapters recognises the base of these adapters by the fingerprint

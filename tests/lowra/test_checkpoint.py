@@ -289,8 +289,9 @@ def test_saved_files_respect_the_umask(quantized, tmp_path):
     try:
         save_quantized_legacy(model, tmp_path / "ck")
         merge_to_hf(model, tmp_path / "merged")
+        export_peft_adapters(model, tmp_path / "peft", include_base=True)
     finally:
         os.umask(old)
-    for f in (tmp_path / "ck").iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    for f in [*(tmp_path / "ck").iterdir(), *(tmp_path / "merged").iterdir(), *(tmp_path / "peft").rglob("*")]:
+        assert stat.S_IMODE(f.stat().st_mode) == (0o755 if f.is_dir() else 0o644), f
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
