@@ -29,8 +29,9 @@ def load_quantized(
     """Rebuild a model saved by ``save_quantized`` (HF folder) or ``save_quantized_legacy``.
 
     An HF folder is loaded with ``<architecture>.from_pretrained`` (``lowra.hf``'s quantizer:
-    shard headers, tensor dtypes/shapes, sha256 digests and finite tables are checked) and moved
-    to ``device``; ``model=`` applies to the legacy layout only. See ``_load_legacy`` for the
+    shard headers, tensor dtypes/shapes and finite tables are checked) and moved to ``device``, after
+    ``lowra_checksums.json`` (every file) and every tensor's sha256 were checked (``verify``);
+    ``model=`` applies to the legacy layout only. See ``_load_legacy`` for the
     legacy arguments. Returns the model in eval mode, with only the adapters trainable.
     Raises:
         FormatError (a ValueError): neither layout, or a broken or modified checkpoint.
@@ -52,14 +53,11 @@ def load_quantized(
     if model is not None:
         raise ValueError("load_quantized(model=...) applies to the legacy manifest layout only; "
                          "an HF-format checkpoint builds its own model")
-    config = json.loads((directory / "config.json").read_text())
-    names = config.get("architectures") or []
-    if not names:
-        raise FormatError(f"{directory}/config.json names no architecture (\"architectures\")")
+    cls = _architecture(directory)
     if verify:  # every file and every tensor's bytes, before transformers builds anything
         verify_folder(directory)
     with verification(False):  # checked just above
-        loaded = _model_class(names[0]).from_pretrained(str(directory))
+        loaded = cls.from_pretrained(str(directory))
     loaded.to(device)
     return loaded
 
@@ -190,11 +188,15 @@ def load_merged(directory: str | os.PathLike, device: str | torch.device = "cpu"
         raise FileNotFoundError(f"no such directory: {directory}")
     if verify:
         verify_checksums(directory, kinds=("merged", "dequantized_base"))
-    config = json.loads((directory / "config.json").read_text())
-    names = config.get("architectures") or []
+    return _architecture(directory).from_pretrained(str(directory)).to(device).eval()
+
+
+def _architecture(directory: Path) -> type:
+    """The transformers class ``config.json``'s ``architectures`` names."""
+    names = json.loads((directory / "config.json").read_text()).get("architectures") or []
     if not names:
         raise FormatError(f"{directory}/config.json names no architecture (\"architectures\")")
-    return _model_class(names[0]).from_pretrained(str(directory)).to(device).eval()
+    return _model_class(names[0])
 
 
 def load_peft(directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
