@@ -69,6 +69,16 @@ def test_evaluate_on_a_disk_that_fills_up(tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_a_sweep_refuses_a_read_only_sweep_directory():
+    proc = _child("import runpy, sys; sys.argv = ['experiments.run', *sys.argv[1:]]; "
+                  "runpy.run_module('experiments.run', run_name='__main__', alter_sys=True)",
+                  ["-m", f"hydra.sweep.dir={_unwritable() / 'sweep'}", "logger=none", "+bits=2,3"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: cannot write the sweep (hydra.sweep.dir) in {UNWRITABLE / 'sweep'}: "), proc.stderr[-3000:]
+
+
 def test_runner_refuses_a_read_only_run_directory():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-m", "experiments.run", f"hydra.run.dir={_unwritable() / 'run'}",
