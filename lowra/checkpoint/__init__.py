@@ -37,7 +37,10 @@ logits after a reload are identical.
 ``merge_to_hf`` writes ``deq(base) + s·B·A`` as a plain HF model with ``save_pretrained`` (into a
 temp dir renamed into place); ``export_peft_adapters`` writes PEFT's LoRA format. The PEFT
 adapters apply on top of the *dequantized* base (LoftQ initialized them against it), which
-``merge_to_hf(model, dir, include_adapters=False)`` writes.
+``merge_to_hf(model, dir, include_adapters=False)`` writes (``export_peft_adapters(...,
+include_base=True)`` writes it beside the adapters and names it). Every folder written here carries
+``lowra_checksums.json`` (:mod:`lowra.integrity`), checked by ``load_quantized``, ``load_merged`` and
+``load_peft`` before anything loads (docs/design.md, "Format integrity").
 
 Modules: :mod:`~lowra.checkpoint.save` (both layouts), :mod:`~lowra.checkpoint.load`,
 :mod:`~lowra.checkpoint.manifest` (the legacy manifest's validation),

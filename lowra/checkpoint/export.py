@@ -48,8 +48,11 @@ def merge_to_hf(
     """Write ``deq(base) + s·B·A`` (or the dequantized base alone) as a plain HF model.
 
     The result is written with ``save_pretrained`` and reloads with
-    ``AutoModelForCausalLM.from_pretrained`` (or the seq2seq auto class for BART). The quantized
-    ``model`` is not modified. Atomic: written into a temp dir that replaces ``directory``.
+    ``AutoModelForCausalLM.from_pretrained`` (or the seq2seq auto class for BART); its
+    ``lowra_checksums.json`` (kind ``merged``, or ``dequantized_base`` with the model's
+    ``quantized_fingerprint``) is checked by ``lowra.load_merged`` (plain ``from_pretrained`` checks
+    nothing: ``python -m lowra.integrity DIR``). The quantized ``model`` is not modified. Atomic:
+    written into a temp dir that replaces ``directory``.
     """
     if not lowra_layers(model):
         raise ValueError("the model has no LowRALinear layers; nothing to merge")
