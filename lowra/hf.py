@@ -503,7 +503,7 @@ def _save_pretrained_with_checksums(self: nn.Module, save_directory: str | os.Pa
     from lowra.integrity import write_checksums
 
     result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    if kwargs.get("is_main_process", True):
+    if kwargs.get("is_main_process", args[0] if args else True):  # save_pretrained(dir, is_main_process, …)
         folder = Path(save_directory)
         index = folder / "model.safetensors.index.json"
         weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {
