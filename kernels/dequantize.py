@@ -23,6 +23,7 @@ from lowra_kernels.autotune import autotune, configs
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import dequant_step, gather_groups, lut_select
 from lowra_kernels.unpack import unpack_ref
+from lowra_kernels.weight import PackedWeight
 
 
 def dequantize_ref(
@@ -269,3 +270,26 @@ def dequantize(
 
         return dequantize_cpu(codes, rows, codebook, absmax, bits, group_size, out)
     return dequantize_ref(codes, rows, codebook, absmax, bits, group_size, out)
+
+
+def dequantize_weight(w: PackedWeight, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """The whole weight ``deq(W) [out, in]`` in ``dtype``, rows in their original order.
+
+    ``backend`` as in ``lowra_kernels.dispatch.resolve``; the CPU extension writes every row in one
+    pass over its cached tables, Triton and the reference run one call per stored width (the
+    reference on a NaN-filled output, so a row no group covers shows up).
+    """
+    from lowra_kernels.dispatch import resolve
+
+    kind = resolve(backend, w.absmax)
+    if kind == "cpu":
+        from lowra_kernels.cpu_backend import dequantize_weight_cpu
+
+        return dequantize_weight_cpu(w, dtype)
+    if kind == "triton":
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    else:
+        out = torch.full(w.shape, float("nan"), dtype=dtype, device=w.device)
+    for bits, codes, rows, codebook in w.groups():
+        dequantize(codes, rows, codebook, w.absmax, bits, w.group_size, out, kind)
+    return out
