@@ -233,9 +233,8 @@ def run(args: argparse.Namespace) -> dict:
                     fb_key = key + ("fwd+bwd",)
                     if fb_key not in dense_cache:
                         dense_cache[fb_key] = timer(partial(_fwd_bwd, torch.matmul, xg, dense_w.t(), gy))
-                    op_args = (pw.codes, pw.rows, pw.codebooks, pw.absmax, None, None, None, pw.bits, pw.group_size,
-                               pw.in_features, 1.0, backend)
-                    t_fb = timer(partial(_fwd_bwd, lut_linear, xg, *op_args[:1], gy, *op_args[1:]))
+                    tensors, meta = pw.op_args()
+                    t_fb = timer(partial(_fwd_bwd, lut_linear, xg, tensors, gy, None, None, None, meta, 1.0, backend))
                     entry.update({"dense_fwd_bwd_ms": dense_cache[fb_key] * 1e3, "lut_fwd_bwd_ms": t_fb * 1e3,
                                   "fwd_bwd_ratio": t_fb / dense_cache[fb_key]})
                 matmul[str(m)] = entry

@@ -34,10 +34,12 @@ unspecified); they are tested against an fp64 product at fp32 accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 
 from lowra_kernels.layout import codes_per_word
-from lowra_kernels.weight import PackedWeight
+from lowra_kernels.weight import PackedWeight, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
@@ -231,6 +233,7 @@ def prepare(w: PackedWeight) -> _Prepared:
     prep = _prepared.get(id(anchor))
     if prep is not None and prep.key == key and prep.anchor() is anchor:
         return prep
+    check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
     groups = [(b, codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b))
               for b, codes, rows, cb in w.groups()]
     slot = id(anchor)
@@ -284,32 +287,65 @@ def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                       scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode step of a quantized LoRA linear in one extension call: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
+    """Decode step of a quantized LoRA linear in one extension pass: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
 
     ``x [..., in]`` fp32 with at most ``GEMV_MAX_M`` rows; ``lora_A [r, in]``, ``lora_B [out, r]``
-    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None. No autograd: for inference
-    (``torch.ops.lowra.lut_linear`` runs it as its CPU forward; its backward is separate).
-    fp32-accurate against ``lut_lora_gemv_ref`` (summation order differs from BLAS), not bit-exact.
+    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None. No autograd here:
+    ``torch.ops.lowra.lut_linear`` runs it as its CPU forward (its backward is separate). Lean on
+    purpose (one GEMV call per stored width + one ``lora_add``, cached per-weight arguments): this is the
+    per-token host path. fp32-accurate against ``lut_lora_gemv_ref`` (summation order differs from
+    BLAS), not bit-exact.
     """
     ext = _require()
-    out_features, in_features = w.shape
+    out_features, in_features = w.out_features, w.in_features
     _check_activation(x, in_features, "x")
+    lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
         raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
-    y = lut_matmul_cpu(x2, w)
     rank = 0 if lora_A is None else lora_A.shape[0]
     if rank or bias is not None:
-        for name, t, shape in (("lora_A", lora_A, (rank, in_features)), ("lora_B", lora_B, (out_features, rank)),
-                               ("bias", bias, (out_features,))):
-            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
-                raise ValueError(f"{name} must be contiguous fp32 {shape}, got {t.dtype} {tuple(t.shape)}")
-        x2 = x2.contiguous()
-        ext.lora_add(x2.data_ptr(), m, in_features, lora_A.data_ptr() if rank else 0,
-                     lora_B.data_ptr() if rank else 0, rank, float(scaling),
-                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+        _check_epilogue(lora_A, lora_B, bias, rank, in_features, out_features)
+    x2 = x2.contiguous()
+    xp = x2.data_ptr()
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    yp = y.data_ptr()
+    for args in prepare(w).args:
+        ext.gemv_group(*args, xp, m, yp, out_features)
+    if rank or bias is not None:
+        ext.lora_add(xp, m, in_features, lora_A.data_ptr() if rank else 0, lora_B.data_ptr() if rank else 0, rank,
+                     float(scaling), bias.data_ptr() if bias is not None else 0, yp, out_features)
+    return y.view(*lead, out_features)
+
+
+def _check_epilogue(lora_A, lora_B, bias, rank: int, in_features: int, out_features: int) -> None:
+    for name, t, shape in (("lora_A", lora_A, (rank, in_features)), ("lora_B", lora_B, (out_features, rank)),
+                           ("bias", bias, (out_features,))):
+        if t is not None and (t.dtype != torch.float32 or t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous fp32 {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+class _NoLaunch:
+    """The extension's entry points as no-ops (``stubbed_launches``)."""
+
+    def dequant_group(self, *args: Any) -> None:
+        return None
+
+    gemv_group = gemv_t_group = lora_add = dequant_group
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Within the block the extension's kernels do nothing (outputs stay unwritten): the host-time
+    benchmark (``experiments.bench_host``) measures the Python path of a call without its work."""
+    global _ext, _state
+    saved = _ext, _state
+    _ext, _state = _NoLaunch(), "ready"
+    try:
+        yield
+    finally:
+        _ext, _state = saved
 
 
 def lut_lora_gemv_ref(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,

@@ -51,14 +51,22 @@ class PackedWeight(NamedTuple):
         """``[(bits, codes, rows, codebook), ...]`` in stored order."""
         return list(zip(self.bits, self.codes, self.rows, self.codebooks))
 
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The two arguments the ``lowra::*`` ops take for the weight: ``tensors = [codes…, rows…,
+        codebooks…, absmax]`` (one of each per stored width) and ``meta = [group_size, in_features,
+        bits…]``. Two schema arguments instead of seven: the dispatcher's per-call Python cost grows
+        with the number of schema arguments (``torch._library.utils.fill_defaults`` is quadratic)."""
+        return [*self.codes, *self.rows, *self.codebooks, self.absmax], [self.group_size, self.in_features, *self.bits]
 
-def packed_weight(codes, rows, codebooks, absmax: torch.Tensor, bits, group_size: int,
-                  in_features: int) -> PackedWeight:
-    """A ``PackedWeight`` from the flat arguments of the ``lowra::*`` ops, checked (``check_packed``)."""
-    w = PackedWeight(tuple(codes), tuple(rows), tuple(codebooks), absmax, tuple(int(b) for b in bits),
-                     int(group_size), int(in_features))
-    check_packed(w)
-    return w
+    @classmethod
+    def from_op_args(cls, tensors: list[torch.Tensor], meta: list[int]) -> PackedWeight:
+        """Inverse of ``op_args`` (checked for consistent lengths)."""
+        n = len(meta) - 2
+        if n < 1 or len(tensors) != 3 * n + 1:
+            raise ValueError(f"a packed weight of {n} widths takes 3·{n} + 1 tensors and 2 + {n} ints, got "
+                             f"{len(tensors)} tensors and meta {list(meta)}")
+        return cls(tuple(tensors[:n]), tuple(tensors[n:2 * n]), tuple(tensors[2 * n:3 * n]), tensors[3 * n],
+                   tuple(meta[2:]), meta[0], meta[1])
 
 
 def check_packed(w: PackedWeight) -> None:

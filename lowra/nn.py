@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lowra_kernels.lut_linear  # noqa: F401  (registers torch.ops.lowra.*)
+from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
 from lowra.format import QuantizedTensor
 
 __all__ = ["LowRALinear", "base_weight", "default_adapter_dtype"]
@@ -145,6 +145,7 @@ class LowRALinear(nn.Module):
     def qweight(self, value: QuantizedTensor | None) -> None:
         self._qweight = value
         self._packed = value.packed() if value is not None else None
+        self._op_weight = self._packed.op_args() if value is not None else None
 
     @property
     def base(self) -> QuantizedTensor | torch.Tensor:
@@ -200,17 +201,26 @@ class LowRALinear(nn.Module):
         if self._packed is None:
             out = F.linear(x, self.dense_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
-            w = self._packed
-            out = torch.ops.lowra.lut_linear(
-                x, w.codes, w.rows, w.codebooks, w.absmax, self.lora_A if fused else None,
-                self.lora_B if fused else None, self.bias, w.bits, w.group_size, w.in_features, self.scaling,
-                self.backend)
+            w, a, b = self._packed, self.lora_A if fused else None, self.lora_B if fused else None
+            if self._records_autograd(x, a) or torch.compiler.is_compiling():
+                tensors, meta = self._op_weight
+                out = torch.ops.lowra.lut_linear(x, tensors, a, b, self.bias, meta, self.scaling, self.backend)
+            else:  # the op's own implementation without the dispatcher's host time (nothing to record)
+                out = lut_linear_forward(x, w, a, b, self.bias, self.scaling, self.backend)
             if fused or not self.rank:
                 return out
         if self.rank:
             h = self.lora_dropout(x.to(self.lora_A.dtype))
             out = out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
         return out
+
+    def _records_autograd(self, x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
+        """Whether this call builds an autograd graph (grad mode on and an input that requires grad)."""
+        if not torch.is_grad_enabled():
+            return False
+        bias = self.bias
+        return x.requires_grad or (lora_A is not None and (lora_A.requires_grad or self.lora_B.requires_grad)) or (
+            bias is not None and bias.requires_grad)
 
     def _apply(self, fn, recurse: bool = True):
         """Move the ``QuantizedTensor`` with the module (``.to(device)``, ``.cuda()``, ``.cpu()``).

@@ -49,6 +49,5 @@ def linear_op(x: torch.Tensor, q, backend: str = "auto", lora_A: torch.Tensor | 
     """``torch.ops.lowra.lut_linear`` on a ``QuantizedTensor`` (its packed view), as ``LowRALinear`` calls it."""
     import lowra_kernels.lut_linear  # noqa: F401  (registers the op)
 
-    w = q.packed()
-    return torch.ops.lowra.lut_linear(x, w.codes, w.rows, w.codebooks, w.absmax, lora_A, lora_B, bias, w.bits,
-                                      w.group_size, w.in_features, scaling, backend)
+    tensors, meta = q.packed().op_args()
+    return torch.ops.lowra.lut_linear(x, tensors, lora_A, lora_B, bias, meta, scaling, backend)

@@ -21,9 +21,8 @@ def _args(q, dtype, adapters: bool, bias: bool, m: int = 3, grad: bool = True, b
     a = torch.randn(RANK, IN, generator=gen).requires_grad_(grad) if adapters else None
     b = torch.randn(OUT, RANK, generator=gen).requires_grad_(grad) if adapters else None
     c = torch.randn(OUT, generator=gen).to(dtype) if bias else None
-    w = q.packed()
-    return (x, list(w.codes), list(w.rows), list(w.codebooks), w.absmax, a, b, c, list(w.bits), w.group_size,
-            w.in_features, 0.5, backend)
+    tensors, meta = q.packed().op_args()
+    return x, tensors, a, b, c, meta, 0.5, backend
 
 
 FAST_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -48,8 +47,7 @@ def test_opcheck_without_adapters_or_bias(adapters, bias, m):
 
 def test_opcheck_companion_ops():
     q = random_qtensor(OUT, IN, mixed_bits(OUT), double_quant=True)
-    w = q.packed()
-    weight = (list(w.codes), list(w.rows), list(w.codebooks), w.absmax, list(w.bits), w.group_size, w.in_features)
+    weight = q.packed().op_args()
     gy = torch.randn(4, OUT, requires_grad=True)
     torch.library.opcheck(torch.ops.lowra.lut_grad_input.default, (gy, *weight, "auto"))
     for dtype in (torch.float32, torch.bfloat16):
@@ -76,7 +74,7 @@ def test_backends_agree_with_the_reference_and_base_gets_no_grad(m):
     for g in q.groups:
         g.codebook.requires_grad_(True)  # a frozen base: its gradient stays None
     args = _args(q, torch.float32, adapters=True, bias=True, m=m)
-    x, a, b, c = args[0], args[5], args[6], args[7]
+    x, a, b, c = args[0], args[2], args[3], args[4]
     y = torch.ops.lowra.lut_linear(*args[:-1], "cpu")
     want = lut_linear_ref(x, q.packed(), a, b, c, 0.5)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
@@ -95,10 +93,12 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="features"):
         torch.ops.lowra.lut_linear(args[0][..., :-1], *args[1:])
     with pytest.raises(ValueError, match="adapters"):
-        torch.ops.lowra.lut_linear(*args[:5], args[5][:, :-1], *args[6:])
+        torch.ops.lowra.lut_linear(*args[:2], args[2][:, :-1], *args[3:])
     with pytest.raises(ValueError, match="together"):
-        torch.ops.lowra.lut_linear(*args[:6], None, *args[7:])
+        torch.ops.lowra.lut_linear(*args[:3], None, *args[4:])
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.lowra.lut_linear(*args[:7], args[7][:-1], *args[8:])
+        torch.ops.lowra.lut_linear(*args[:4], args[4][:-1], *args[5:])
+    with pytest.raises(ValueError, match="widths"):
+        torch.ops.lowra.lut_linear(args[0], args[1][:-1], *args[2:])
     with pytest.raises(ValueError, match="backend"):
         torch.ops.lowra.lut_linear(*args[:-1], "fast")

@@ -136,11 +136,11 @@ def test_bad_adapter_shapes():
 
 def test_decode_runs_one_fused_cpu_call(monkeypatch):
     """A decode-sized fp32 call is one extension call (GEMV + adapters + bias), with or without grad."""
-    import lowra_kernels.cpu_backend as cpu
+    import lowra_kernels.lut_linear as op
 
     calls = []
-    fused = cpu.lut_lora_gemv_cpu
-    monkeypatch.setattr(cpu, "lut_lora_gemv_cpu", lambda *a: calls.append((a[0].shape, a[2] is not None)) or fused(*a))
+    fused = op.lut_lora_gemv_cpu
+    monkeypatch.setattr(op, "lut_lora_gemv_cpu", lambda *a: calls.append((a[0].shape, a[2] is not None)) or fused(*a))
     m = _module(dropout=0.1)
     x = torch.randn(1, 3, m.in_features)
     with torch.no_grad():
