@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
 from lowra.format import QuantizedTensor
+from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
 
 __all__ = ["LowRALinear", "base_weight", "default_adapter_dtype"]
 
