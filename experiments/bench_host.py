@@ -95,8 +95,9 @@ def candidates(layer: nn.Module, dense: nn.Module, plain: nn.Module, x: torch.Te
                 return module(t)
         return call
 
-    out = {"lowra eager": no_grad(layer, x), "F.linear+LoRA eager": no_grad(dense, x), "F.linear eager": no_grad(plain, x),
-           "lowra eager+grad": lambda: layer(xg), "F.linear+LoRA eager+grad": lambda: dense(xg)}
+    out = {"lowra eager": no_grad(layer, x), "F.linear+LoRA eager": no_grad(dense, x),
+           "F.linear eager": no_grad(plain, x), "lowra eager+grad": lambda: layer(xg),
+           "F.linear+LoRA eager+grad": lambda: dense(xg)}
     for name, module in compiled.items():
         out[f"{name} compiled"] = no_grad(module, x)
     return out
