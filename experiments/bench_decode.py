@@ -136,9 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", action="store_true", help="also time 2-bit on the reference kernels")
+    parser.add_argument("--gemv-grain", type=int, default=None,
+                        help="weights per thread of the CPU GEMV (lowra_kernels.cpu_backend.GEMV_GRAIN)")
     parser.add_argument("--out", default=str(REPO / "results" / "bench" / "decode_cpu.json"))
     args = parser.parse_args(argv)
 
+    if args.gemv_grain is not None:
+        import lowra_kernels.cpu_backend as cpu_backend
+
+        cpu_backend.GEMV_GRAIN = args.gemv_grain
     configs: dict[str, nn.Module] = {"fp32": build_model(args.model)}
     for bits in args.bits:
         configs[f"lowra {bits:g}b"] = quantize_decoder(build_model(args.model), bits, args.rank, "auto")
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_shape": {k: getattr(configs["fp32"].config, k, None) for k in SMOLLM2_135M},
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 8,
-        "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "rounds": args.rounds, "gemv_grain": args.gemv_grain, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "quantized": "every nn.Linear in the decoder layers (random packed codes, per-row NF codebooks, group 64); "
                      "embeddings, norms, tied LM head fp32",
         "results": results,

@@ -72,7 +72,8 @@ def lowra_layer(out_features: int, in_features: int, widths: tuple[int, ...], ra
     w = torch.randn(out_features, in_features, generator=gen)
     qt = QuantizedTensor((out_features, in_features), 64, groups, GroupScales.store(compute_absmax(w, 64)))
     layer = LowRALinear(qt, bias=torch.randn(out_features, generator=gen), rank=rank, alpha=2.0 * rank)
-    nn.init.normal_(layer.lora_B)
+    if rank:
+        nn.init.normal_(layer.lora_B)
     return layer
 
 

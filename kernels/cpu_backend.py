@@ -50,6 +50,12 @@ from lowra_kernels.layout import codes_per_word
 from lowra_kernels.weight import PackedWeight, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
+# Weights per thread of the forward GEMV before a further thread is used (read at each call; the
+# decode benchmark's --gemv-grain sets it). A parallel region costs a few µs while the pool's threads are
+# awake, but a whole scheduler time slice when they are not scheduled: under a load of 12 on the 2-core
+# machine, SmolLM2's four layer shapes at 2 bits took 0.61 ms per set at 1M (one thread each) and 38 ms at
+# 64K (two threads each) — so layers under 1M weights (all of SmolLM2's) stay on one thread by default.
+GEMV_GRAIN = 1 << 20
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
@@ -280,7 +286,7 @@ def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
         for args in prep.args:
-            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features)
+            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features, GEMV_GRAIN)
         return y.reshape(*lead, out_features)
     return x @ dequantize_weight_cpu(w, x.dtype).t()
 
@@ -312,7 +318,7 @@ def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | N
     y = torch.empty(m, out_features, dtype=torch.float32)
     yp = y.data_ptr()
     for args in prepare(w).args:
-        ext.gemv_group(*args, xp, m, yp, out_features)
+        ext.gemv_group(*args, xp, m, yp, out_features, GEMV_GRAIN)
     if rank or bias is not None:
         ext.lora_add(xp, m, in_features, lora_A.data_ptr() if rank else 0, lora_B.data_ptr() if rank else 0, rank,
                      float(scaling), bias.data_ptr() if bias is not None else 0, yp, out_features)
