@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_shape": {k: getattr(configs["fp32"].config, k, None) for k in SMOLLM2_135M},
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 8,
-        "rounds": args.rounds, "gemv_grain": args.gemv_grain, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "rounds": args.rounds, "gemv_grain": args.gemv_grain,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "quantized": "every nn.Linear in the decoder layers (random packed codes, per-row NF codebooks, group 64); "
                      "embeddings, norms, tied LM head fp32",
         "results": results,
