@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 
 from lowra_kernels.layout import codes_per_word
-from lowra_kernels.weight import PackedWeight, check_packed
+from lowra_kernels.weight import PackedWeight, WeightCache, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
 # Weights per thread of the forward GEMV before a further thread is used (read at each call; the
@@ -207,47 +206,27 @@ def dequantize_cpu(
 class _Prepared:
     """Contiguous codes, int64 rows, fp32 tables and fp16/fp32 absmax of one packed weight."""
 
-    key: tuple
-    anchor: Any  # weakref of the weight's first codes tensor (the cache entry dies with it)
     absmax: torch.Tensor
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (bits, codes, rows, table)
     args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
 
 
-_prepared: dict[int, _Prepared] = {}
+_prepared = WeightCache()
 
 
-def _key(w: PackedWeight) -> tuple:
-    """Identity and in-place version of every tensor the prepared tables derive from."""
-    parts: list = [w.group_size, w.in_features, id(w.absmax), w.absmax._version]
-    for b, codes, rows, cb in w.groups():
-        parts += [b, id(codes), codes._version, id(rows), rows._version, id(cb), cb._version]
-    return tuple(parts)
-
-
-def _forget(slot: int, ref: Any) -> None:
-    """Weakref callback: drop the entry of a weight whose codes were freed."""
-    entry = _prepared.get(slot)
-    if entry is not None and entry.anchor is ref:
-        del _prepared[slot]
+def _build(w: PackedWeight) -> _Prepared:
+    check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
+    groups = [(b, codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b))
+              for b, codes, rows, cb in w.groups()]
+    prep = _Prepared(_scales(w.absmax), groups)
+    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, w.group_size, w.in_features)
+                 for bits, codes, rows, table in groups]
+    return prep
 
 
 def prepare(w: PackedWeight) -> _Prepared:
     """The extension's view of ``w`` (cached while its tensors are alive and unchanged in place)."""
-    key = _key(w)
-    anchor = w.codes[0]
-    prep = _prepared.get(id(anchor))
-    if prep is not None and prep.key == key and prep.anchor() is anchor:
-        return prep
-    check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
-    groups = [(b, codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b))
-              for b, codes, rows, cb in w.groups()]
-    slot = id(anchor)
-    prep = _Prepared(key, weakref.ref(anchor, lambda ref: _forget(slot, ref)), _scales(w.absmax), groups)
-    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, w.group_size, w.in_features)
-                 for bits, codes, rows, table in groups]
-    _prepared[slot] = prep
-    return prep
+    return _prepared.get(w, "cpu", lambda: _build(w))
 
 
 def dequantize_weight_cpu(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

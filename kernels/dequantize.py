@@ -13,6 +13,8 @@ output dtype, so the kernel is bit-exact with the reference.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ import triton
 import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.config_table import config_meta, device_name, lookup
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import dequant_step, gather_groups, lut_select
 from lowra_kernels.unpack import unpack_ref
@@ -202,6 +205,24 @@ def _dequantize_kernel(
             tl.store(o_row + k * stride_oc, v.to(out_ty), mask=row_ok3 & k_ok)
 
 
+@functools.cache
+def dequant_config(device: str, bits: int, group: int, in_features: int) -> dict:
+    """Launch keywords of the dequantize kernel: the shipped table's config for this GPU model
+    (``lowra_kernels.config_table``), else the first config the pruning keeps (warned once per key: no
+    tuning at call time); the interpreter (``device`` ``""``) takes ``DEQUANT_CONFIGS[0]``."""
+    if not device:
+        return config_meta(DEQUANT_CONFIGS[0])
+    tuned = lookup(device, "dequantize", bits, group, in_features)
+    if tuned is not None:
+        return tuned
+    words, pw2, aligned = dequant_step(bits, group)
+    kept = prune_dequantize_configs(list(DEQUANT_CONFIGS), {}, BITS=bits, WORDS=words, PW2=pw2, ALIGNED=aligned,
+                                    GROUP=group)
+    warnings.warn(f"no tuned dequantize config for {device} ({bits} bits, group {group}, in {in_features}): using "
+                  f"{kept[0].kwargs}; `python -m lowra_kernels.tune` writes one", RuntimeWarning, stacklevel=2)
+    return config_meta(kept[0])
+
+
 def dequantize_triton(
     codes: torch.Tensor,
     rows: torch.Tensor,
@@ -211,8 +232,10 @@ def dequantize_triton(
     group_size: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result)."""
-    return _launch(_dequantize_kernel, codes, rows, codebook, absmax, bits, group_size, out)
+    """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result), with the config from
+    ``dequant_config`` (never autotuned per call)."""
+    meta = dequant_config(device_name(codes), bits, group_size, out.shape[1])
+    return _launch(_dequantize_kernel.fn, codes, rows, codebook, absmax, bits, group_size, out, **meta)
 
 
 def _launch(

@@ -30,6 +30,7 @@ the stored row count of a bit group — so one tuning serves every layer of a sh
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -37,10 +38,11 @@ import triton
 import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.config_table import config_meta, device_name, lookup
 from lowra_kernels.dispatch import interpreting
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import gather_groups, gemv_step, lut_select
-from lowra_kernels.weight import PackedWeight
+from lowra_kernels.weight import PackedWeight, WeightCache
 
 GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
 TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
@@ -356,37 +358,56 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
 
 
 @functools.cache
-def gemv_splits(bits: int, block_m: int, words: int, pw2: int, aligned: bool = True, group: int = 64) -> int:
-    """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count
-    (cached: pruning builds ``triton.Config`` objects, host time on every decode call otherwise)."""
-    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
+def gemv_config(device_name: str, bits: int, group: int, block_m: int, in_features: int) -> dict:
+    """Meta-parameters of the GEMV for one width: the shipped table's (``lowra_kernels.config_table``), or
+    the first config the autotuner's pruning keeps (warned once per key: no tuning at call time). The
+    interpreter (``device_name`` ``""``) takes ``GEMV_CONFIGS[0]``, as its autotuner does."""
+    if not device_name:
+        return config_meta(GEMV_CONFIGS[0])
+    tuned = lookup(device_name, "gemv", bits, group, in_features, block_m)
+    if tuned is not None:
+        return tuned
+    words, pw2, aligned = gemv_step(bits, group)
+    kept = prune_gemv_configs(list(GEMV_CONFIGS), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
                               ALIGNED=aligned, GROUP=group)
-    return max(c.kwargs["SPLIT_K"] for c in kept)
+    warnings.warn(f"no tuned GEMV config for {device_name} ({bits} bits, group {group}, M bucket {block_m}, "
+                  f"in {in_features}): using {kept[0].kwargs}; `python -m lowra_kernels.tune` writes one",
+                  RuntimeWarning, stacklevel=2)
+    return config_meta(kept[0])
+
+
+def _gemv_plan(w: PackedWeight, block_m: int, dev: str) -> tuple[int, list[tuple]]:
+    """The GEMV launches of one layer for an M bucket: ``(n_split, [(grid, tensors, ints, meta), …])`` —
+    resolved configs, grids and strides, built once (``_plans``) and replayed per call."""
+    configs = {b: gemv_config(dev, b, w.group_size, block_m, w.in_features) for b in w.bits}
+    n_split = max(c["SPLIT_K"] for c in configs.values())
+    launches = []
+    for bits, codes, rows, codebook in w.groups():
+        words, pw2, aligned = gemv_step(bits, w.group_size)
+        codes, codebook, stride_cbr = _group_args(codes, codebook)
+        cfg, n = configs[bits], rows.shape[0]
+        meta = dict(cfg, BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
+                    GROUP=w.group_size, BLOCK_M=block_m)
+        ints = (n, w.in_features, n_split, codes.stride(0), stride_cbr, w.absmax.stride(0), w.absmax.stride(1))
+        launches.append(((triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]), (codes, rows, codebook, w.absmax), ints,
+                         meta))
+    return n_split, launches
+
+
+_plans = WeightCache()
 
 
 def _lut_gemv(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """GEMV forward for ``x2 [M ≤ GEMV_MAX_M, in]`` (contiguous) → ``[M, out]`` in ``x2.dtype``."""
+    """GEMV forward for ``x2 [M ≤ GEMV_MAX_M, in]`` (contiguous) → ``[M, out]`` in ``x2.dtype``: replays the
+    layer's launch plan for this M bucket (built on first use)."""
     M = x2.shape[0]
     block_m = gemv_block_m(M)
-    steps = {b: gemv_step(b, w.group_size) for b in w.bits}
-    n_split = max(gemv_splits(b, block_m, wd, p, a, w.group_size) for b, (wd, p, a) in steps.items())
+    dev = device_name(x2)
+    n_split, launches = _plans.get(w, ("gemv", dev, x2.device, block_m), lambda: _gemv_plan(w, block_m, dev))
     ws = torch.empty(n_split, M, w.out_features, dtype=torch.float32, device=x2.device)
-    absmax = w.absmax
-    for bits, codes, rows, codebook in w.groups():
-        n = rows.shape[0]
-        words, pw2, aligned = steps[bits]
-        codes, codebook, stride_cbr = _group_args(codes, codebook)
-
-        def grid(meta, n=n):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        _lut_gemv_kernel[grid](
-            x2, codes, rows, codebook, absmax, ws, M, n, w.in_features, n_split,
-            x2.stride(0), codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1),
-            ws.stride(0), ws.stride(1),
-            BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
-            GROUP=w.group_size, BLOCK_M=block_m,
-        )
+    for grid, (codes, rows, codebook, absmax), (n, k, splits, s_qr, s_cbr, s_ar, s_ac), meta in launches:
+        _lut_gemv_kernel.fn[grid](x2, codes, rows, codebook, absmax, ws, M, n, k, splits, x2.stride(0), s_qr, s_cbr,
+                                  s_ar, s_ac, ws.stride(0), ws.stride(1), **meta)
     y = ws[0] if n_split == 1 else ws.sum(0)
     return y.to(x2.dtype)
 

@@ -17,11 +17,15 @@ Groups hold at least one row (empty groups are dropped by the library).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Hashable
+from typing import NamedTuple, TypeVar
 
 import torch
 
 from lowra_kernels.layout import SUPPORTED_BITS, words_per_row
+
+T = TypeVar("T")
 
 
 class PackedWeight(NamedTuple):
@@ -88,3 +92,40 @@ def check_packed(w: PackedWeight) -> None:
             raise ValueError(f"{b}-bit codes must be int32 {want}, got {codes.dtype} {tuple(codes.shape)}")
         if cb.dim() != 2 or cb.shape[1] != 1 << b or cb.shape[0] not in (1, rows.shape[0]):
             raise ValueError(f"{b}-bit codebook must be [{rows.shape[0]} or 1, {1 << b}], got {tuple(cb.shape)}")
+
+
+def weight_key(w: PackedWeight) -> tuple:
+    """Identity and in-place version of every tensor of ``w`` (a derived value is stale when it changes)."""
+    parts: list = [w.group_size, w.in_features, id(w.absmax), w.absmax._version]
+    for b, codes, rows, cb in w.groups():
+        parts += [b, id(codes), codes._version, id(rows), rows._version, id(cb), cb._version]
+    return tuple(parts)
+
+
+class WeightCache:
+    """Values derived from a ``PackedWeight`` (the CPU extension's tables, a layer's Triton launch plan),
+    built once per ``subkey`` (device, dtype, M bucket, …) and kept while the weight's tensors are alive
+    and unchanged in place; an entry dies with the weight's first codes tensor."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+
+    def get(self, w: PackedWeight, subkey: Hashable, build: Callable[[], T]) -> T:
+        anchor = w.codes[0]
+        slot, key = id(anchor), weight_key(w)
+        entry = self._entries.get(slot)
+        if entry is None or entry[0]() is not anchor or entry[1] != key:
+            entry = (weakref.ref(anchor, lambda ref: self._forget(slot, ref)), key, {})
+            self._entries[slot] = entry
+        values = entry[2]
+        if subkey not in values:
+            values[subkey] = build()
+        return values[subkey]
+
+    def _forget(self, slot: int, ref: weakref.ref) -> None:
+        entry = self._entries.get(slot)
+        if entry is not None and entry[0] is ref:
+            del self._entries[slot]
+
+    def __len__(self) -> int:
+        return len(self._entries)
