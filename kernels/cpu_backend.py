@@ -271,26 +271,27 @@ def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-                      scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+                      scaling: float, bias: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
     """Decode step of a quantized LoRA linear in one extension pass: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
 
     ``x [..., in]`` fp32 with at most ``GEMV_MAX_M`` rows; ``lora_A [r, in]``, ``lora_B [out, r]``
-    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None. No autograd here:
-    ``torch.ops.lowra.lut_linear`` runs it as its CPU forward (its backward is separate). Lean on
-    purpose (one GEMV call per stored width + one ``lora_add``, cached per-weight arguments): this is the
-    per-token host path. fp32-accurate against ``lut_lora_gemv_ref`` (summation order differs from
-    BLAS), not bit-exact.
+    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None, all contiguous. No autograd here:
+    ``torch.ops.lowra.lut_linear`` runs it as its CPU forward (its backward is separate), with
+    ``check=False`` as it has checked all of this already. Lean on purpose (one GEMV call per stored
+    width + one ``lora_add``, cached per-weight arguments): this is the per-token host path.
+    fp32-accurate against ``lut_lora_gemv_ref`` (summation order differs from BLAS), not bit-exact.
     """
     ext = _require()
     out_features, in_features = w.out_features, w.in_features
-    _check_activation(x, in_features, "x")
     lead = x.shape[:-1]
+    if check:
+        _check_activation(x, in_features, "x")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
-    if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
-        raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
     rank = 0 if lora_A is None else lora_A.shape[0]
-    if rank or bias is not None:
+    if check:
+        if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
+            raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
         _check_epilogue(lora_A, lora_B, bias, rank, in_features, out_features)
     x2 = x2.contiguous()
     xp = x2.data_ptr()

@@ -39,7 +39,7 @@ from lowra_kernels.weight import PackedWeight
 __all__ = ["dequantize_op", "lut_grad_input", "lut_linear", "lut_linear_forward", "lut_linear_ref"]
 
 
-def _adapter_ok(x: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> bool:
+def _has_adapter(lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> bool:
     """Whether an adapter is present; both or neither of ``A [r, in]`` / ``B [out, r]`` must be given."""
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must be given together (or both None)")
@@ -50,7 +50,7 @@ def _check_args(x: torch.Tensor, w: PackedWeight, lora_A, lora_B, bias) -> None:
     """Shape checks of the forward's arguments (a ``ValueError`` names the argument)."""
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.in_features}")
-    if _adapter_ok(x, lora_A, lora_B):
+    if _has_adapter(lora_A, lora_B):
         r = lora_A.shape[0]
         if lora_A.shape != (r, w.in_features) or lora_B.shape != (w.out_features, r):
             raise ValueError(f"adapters must be A [r, {w.in_features}] and B [{w.out_features}, r], got "
@@ -85,7 +85,7 @@ def lut_linear_forward(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | 
     kind = resolve(backend, x)
     if (kind == "cpu" and x.dtype == torch.float32 and 0 < x.numel() <= CPU_GEMV_MAX_M * w.in_features
             and all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (lora_A, lora_B, bias))):
-        return lut_lora_gemv_cpu(x, w, lora_A, lora_B, scaling, bias)  # one extension pass per layer
+        return lut_lora_gemv_cpu(x, w, lora_A, lora_B, scaling, bias, check=False)  # one extension pass per layer
     return _add_epilogue(lut_matmul(x, w, kind), x, lora_A, lora_B, bias, scaling)
 
 

@@ -140,7 +140,8 @@ def test_decode_runs_one_fused_cpu_call(monkeypatch):
 
     calls = []
     fused = op.lut_lora_gemv_cpu
-    monkeypatch.setattr(op, "lut_lora_gemv_cpu", lambda *a: calls.append((a[0].shape, a[2] is not None)) or fused(*a))
+    monkeypatch.setattr(op, "lut_lora_gemv_cpu",
+                        lambda *a, **k: calls.append((a[0].shape, a[2] is not None)) or fused(*a, **k))
     m = _module(dropout=0.1)
     x = torch.randn(1, 3, m.in_features)
     with torch.no_grad():
