@@ -23,8 +23,12 @@ The backward ``grad_x = grad_y · deq(W)`` always takes the transient-weight + c
 in the activation dtype transiently). The differentiable op is ``torch.ops.lowra.lut_linear``
 (``lowra_kernels.lut_linear``).
 
-Autotune keys are ``K``, the bit-width, ``group_size`` and the power-of-two bucket of ``M`` — never
-the stored row count of a bit group — so one tuning serves every layer of a shape.
+Launch path: the GEMV replays a per-layer launch plan (``_gemv_plan``: configs, grids, strides, built
+once per weight, device and M bucket) and the dequantize kernel a looked-up config; both configs come
+from the shipped per-GPU table (``lowra_kernels.config_table``, keyed by width, group size, M bucket and
+``in_features`` — never the stored row count of a bit group — so one tuning serves every layer of a
+shape), written by ``python -m lowra_kernels.tune``. The ``autotune`` decorators only declare the config
+spaces (for the tuner and ``compile_check``); they run solely for the fused GEMM, which a GPU never takes.
 """
 
 from __future__ import annotations
