@@ -142,3 +142,11 @@ def dequantize_v2_ref(g: V2Group, out: torch.Tensor) -> torch.Tensor:
     scale = g.scales.t().repeat_interleave(g.group_size, dim=1)[:, :g.in_features]
     out[g.rows.to(torch.long)] = (values * scale).to(out.dtype)
     return out
+
+
+def groups_to_v2(parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]], absmax: torch.Tensor,
+                 group_size: int, in_features: int) -> list[V2Group]:
+    """Every non-empty stored bit group ``(bits, codes, rows, codebook)`` of one weight in layout v2
+    (``absmax [out, groups]``: the stored or restored group absmax of every row)."""
+    return [to_v2(codes, rows, codebook, absmax, bits, group_size, in_features)
+            for bits, codes, rows, codebook in parts if rows.numel() > 0]
