@@ -124,7 +124,9 @@ class Sass:
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch: ``grid`` CTAs of ``warps`` warps, ``trips`` K-loop trips per CTA (the
-    longest), ``bytes`` moved, whether they stream from L2 (``resident``), and its ``Sass``."""
+    longest), ``bytes`` moved, whether they stream from L2 (``resident``), its ``Sass``, and how many
+    ways its shared-memory accesses conflict (``smem_ways``: the SASS cannot tell; the kernel's
+    table layout can)."""
 
     grid: int
     warps: int
@@ -132,6 +134,7 @@ class Launch:
     bytes: float
     resident: bool
     sass: Sass
+    smem_ways: float = 1.0  # bank-conflict ways of a shared-memory access (from the kernel's indexing)
 
 
 def occupancy(sass: Sass, warps: int, gpu: GPU) -> int:
@@ -153,7 +156,7 @@ def _static(launches: Sequence[Launch], gpu: GPU) -> dict[str, np.ndarray]:
         rows.append((
             ctas, la.grid / (ctas * gpu.sms), resident * la.warps,
             per_sm * la.warps * (la.trips * s.loop_instr + s.rest_instr),
-            per_sm * la.warps * (la.trips * s.loop_smem + s.rest_smem),
+            per_sm * la.warps * (la.trips * s.loop_smem + s.rest_smem) * la.smem_ways,
             math.ceil(per_sm / resident) * (la.trips * s.loop_bar + s.rest_bar),
             resident * la.warps * s.ldg_bytes * 32, min(gpu.sms, la.grid), la.bytes, float(la.resident)))
     a = np.array(rows, dtype=float).reshape(-1, 10)
@@ -202,15 +205,17 @@ def _constants(v: Sequence[float]) -> Constants:
     return Constants(**{f.name: float(x) for f, x in zip(fields(Constants), v)})
 
 
-def _fit_static(st: dict[str, np.ndarray], y: np.ndarray, gpu: GPU, starts: Sequence[Constants]) -> Constants:
+def _fit_static(st: dict[str, np.ndarray], y: np.ndarray, gpu: GPU, starts: Sequence[Constants],
+                weights: np.ndarray | None = None) -> Constants:
     from scipy.optimize import least_squares
 
+    sw = np.ones_like(y) if weights is None else np.sqrt(weights)
     names = [f.name for f in fields(Constants)]
     lo = np.array([BOUNDS[n][0] for n in names])
     hi = np.array([BOUNDS[n][1] for n in names])
 
     def resid(v: np.ndarray) -> np.ndarray:
-        return np.log(_terms(st, gpu, _constants(v))["us"]) - y
+        return (np.log(_terms(st, gpu, _constants(v))["us"]) - y) * sw
 
     best = None
     for s0 in starts:
@@ -225,22 +230,25 @@ START_POINTS = (Constants(), Constants(cpi=2.0, latency_ns=400.0, rho=0.0),
 
 
 def fit(launches: Sequence[Launch], measured_us: Sequence[float], gpu: GPU = H200,
-        starts: Sequence[Constants] = START_POINTS) -> Constants:
-    """Least squares on ``log(predicted / measured)`` within ``BOUNDS`` (scipy), best of ``starts``."""
-    return _fit_static(_static(launches, gpu), np.log(np.asarray(measured_us, dtype=float)), gpu, starts)
+        starts: Sequence[Constants] = START_POINTS, weights: Sequence[float] | None = None) -> Constants:
+    """Least squares on ``log(predicted / measured)`` (times ``weights``) within ``BOUNDS`` (scipy),
+    best of ``starts``."""
+    w = None if weights is None else np.asarray(weights, dtype=float)
+    return _fit_static(_static(launches, gpu), np.log(np.asarray(measured_us, dtype=float)), gpu, starts, w)
 
 
 def leave_one_out(launches: Sequence[Launch], measured_us: Sequence[float], gpu: GPU = H200,
-                  start: Constants | None = None) -> np.ndarray:
+                  start: Constants | None = None, weights: Sequence[float] | None = None) -> np.ndarray:
     """Prediction of each point by the model fitted to all the others (each refit starts from
     ``start``, by default the fit to all points, and from ``START_POINTS[0]``)."""
     st = _static(launches, gpu)
     y = np.log(np.asarray(measured_us, dtype=float))
-    start = start or fit(launches, measured_us, gpu)
+    w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=float)
+    start = start or fit(launches, measured_us, gpu, weights=weights)
     out = np.empty(len(launches))
     for i in range(len(launches)):
         keep = np.arange(len(launches)) != i
-        c = _fit_static({k: v[keep] for k, v in st.items()}, y[keep], gpu, (start, START_POINTS[0]))
+        c = _fit_static({k: v[keep] for k, v in st.items()}, y[keep], gpu, (start, START_POINTS[0]), w[keep])
         out[i] = _terms({k: v[i:i + 1] for k, v in st.items()}, gpu, c)["us"][0]
     return out
 
