@@ -158,7 +158,7 @@ def launch_v2(p: dict, feat: dict, resident: bool = False) -> Any:
 
     bits, cfg, n, k = p["bits"], p["config"], OUT_FEATURES, IN_FEATURES
     tiles, groups = math.ceil(k / TILE), num_groups(k, GROUP)
-    codes, scales, codebook = tiles * n * tile_words(bits) * 4, groups * n * 4, n * (1 << bits) * 2
+    codes, scales, codebook = tiles * n * tile_words(bits) * 4, groups * n * 2, n * (1 << bits) * 2
     if p["kernel"] == "gemv_v2":
         sass = Sass.from_stats(feat["registers"], feat["shared_bytes"], feat["sass"], has_loop=True)
         block_n, _, split, per = gemv_v2_launch_shape(n, tiles, bits)
@@ -253,9 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [p for p in points if point_key(p["kernel"], p["bits"], p["config"], p["num_warps"]) not in feats]
     if missing:
         raise SystemExit(f"{len(missing)} measured configs have no features; run with --features")
-    spilling = [p for p in points if feats[point_key(p["kernel"], p["bits"], p["config"], p["num_warps"])]["spill_bytes"]]
+    feat = {id(p): feats[point_key(p["kernel"], p["bits"], p["config"], p["num_warps"])] for p in points}
+    spilling = [p for p in points if feat[id(p)]["spill_bytes"]]
     points = [p for p in points if p not in spilling]  # not shippable (compile_check rejects them); not modelled
-    launches = [launch(p, feats[point_key(p["kernel"], p["bits"], p["config"], p["num_warps"])]) for p in points]
+    launches = [launch(p, feat[id(p)]) for p in points]
     report = evaluate(points, launches)
     report["excluded_spilling"] = spilling
     from lowra_kernels import perf_model as pm

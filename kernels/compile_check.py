@@ -150,7 +150,7 @@ def _args_v2(name: str, bits: int, t: Any, rows: int, extra: dict) -> dict[str, 
     e = torch.empty
     i32, i64, f16, f32 = torch.int32, torch.int64, torch.float16, torch.float32
     tiles = -(-IN_FEATURES // TILE)
-    common = dict(q_ptr=e(1, dtype=i32), cb_ptr=e(1, dtype=f16), s_ptr=e(1, dtype=f32), rows_ptr=e(1, dtype=i64),
+    common = dict(q_ptr=e(1, dtype=i32), cb_ptr=e(1, dtype=f16), s_ptr=e(1, dtype=f16), rows_ptr=e(1, dtype=i64),
                   n_rows=rows, K=IN_FEATURES, tiles=tiles, stride_qt=rows * tile_words(bits), stride_cbr=1 << bits,
                   stride_sg=rows, BITS=bits, GROUP=GROUP_SIZE, EVEN_K=IN_FEATURES % TILE == 0)
     if name == "gemv_v2":

@@ -58,7 +58,7 @@ def _dequantize_v2_kernel(
             for h in tl.static_range(GT):
                 g = (t * 128 + h * CPG) // GROUP
                 g_ok = (tl.zeros_like(r2) + g * GROUP) < K  # the last tile may reach past the last group
-                sc = tl.load(s_ptr + g * stride_sg + r2, mask=r_ok2 & g_ok, other=0.0)  # [BLOCK_R, 1]
+                sc = tl.load(s_ptr + g * stride_sg + r2, mask=r_ok2 & g_ok, other=0.0).to(tl.float32)  # [BLOCK_R, 1]
                 if BITS <= 2:  # leaves × scale rounded once (4 per row): selection commutes with rounding
                     word = chunk_words(q_tile, r, r_ok, h, BITS, WPG)
                     w = select(word, shift, (e0 * sc).to(out_ty)[:, :, None], (e1 * sc).to(out_ty)[:, :, None],

@@ -33,7 +33,7 @@ def gemv_v2_ref(x: torch.Tensor, g: V2Group, out_features: int) -> torch.Tensor:
     idx = unpack_tiles(g.codes, g.bits)[:, :g.in_features]
     table = g.codebook.to(torch.float32)
     values = table[0][idx] if table.shape[0] == 1 else torch.gather(table, 1, idx)
-    w = values * g.scales.t().repeat_interleave(g.group_size, dim=1)[:, :g.in_features]
+    w = values * g.scales.t().to(torch.float32).repeat_interleave(g.group_size, dim=1)[:, :g.in_features]
     y = torch.zeros(x.shape[0], out_features, dtype=torch.float32, device=x.device)
     y[:, g.rows.to(torch.long)] = x.to(torch.float32) @ w.t()
     return y
@@ -76,7 +76,7 @@ def _gemv_v2_kernel(
         for h in tl.static_range(GT):
             g = (t * 128 + h * CPG) // GROUP
             g_ok = (tl.zeros_like(r2) + g * GROUP) < K  # the last tile may reach past the last group
-            sc = tl.load(s_ptr + g * stride_sg + r2, mask=r_ok2 & g_ok, other=0.0)  # [BLOCK_N, 1]
+            sc = tl.load(s_ptr + g * stride_sg + r2, mask=r_ok2 & g_ok, other=0.0).to(tl.float32)  # [BLOCK_N, 1]
             if BITS <= 2:  # leaves × the chunk's group scale in fp32 (4 products per row, not one per code)
                 word = chunk_words(q_tile, r, r_ok, h, BITS, WPG)  # [BLOCK_N, WPG, 1]
                 v = select(word, shift, (e0 * sc)[:, :, None], (e1 * sc)[:, :, None], (e2 * sc)[:, :, None],

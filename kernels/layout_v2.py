@@ -13,12 +13,12 @@ word). At load time, one bit group of ``n`` rows is restructured (``to_v2``, pur
 * **3 bits as 2 + 1 bit planes**: a 3-bit tile is 8 words of the low two bits (16 codes a word) then
   4 words of the high bit (32 codes a word) — 3.0 stored bits per code instead of 3.2, every code
   position a constant shift;
-* **scales as ``[groups, n]``** (fp32, in the group's stored row order): the scales of one group
-  for consecutive rows are contiguous;
+* **scales as ``[groups, n]``** (the stored absmax dtype, in the group's row order): the scales of
+  one group for consecutive rows are contiguous;
 * the codebook stays ``[n or 1, 2^bits]`` and the original row index ``rows [n]``.
 
 Within a word, code ``j`` sits at bit ``j · b`` (least significant first), as on disk. Group sizes
-that divide 128 or are multiples of 128 are supported (a tile never splits a scale group unevenly).
+32, 64 and multiples of 128 are supported (a tile holds whole groups, or a group whole tiles).
 ``from_v2`` inverts ``to_v2`` (the round-trip test), ``dequantize_v2_ref`` is the v2 reference (equal
 to ``dequantize_ref`` bit for bit).
 """
@@ -44,14 +44,15 @@ def tile_words(bits: int) -> int:
 
 
 def check_group_size(group_size: int) -> None:
-    """The v2 layout needs ``group_size`` to divide ``TILE`` or be a multiple of it."""
-    if group_size <= 0 or (TILE % group_size and group_size % TILE):
-        raise ValueError(f"the v2 layout needs a group size dividing {TILE} or a multiple of it, got {group_size}")
+    """The v2 layout needs a ``group_size`` of 32 or 64 or a multiple of ``TILE`` (a tile holds whole
+    groups, or a group whole tiles; a group is at least one 32-code word of every width)."""
+    if group_size not in (32, 64) and (group_size <= 0 or group_size % TILE):
+        raise ValueError(f"the v2 layout needs a group size of 32, 64 or a multiple of {TILE}, got {group_size}")
 
 
 @dataclass
 class V2Group:
-    """One bit group in layout v2: ``codes [tiles, n, tile_words]`` int32, ``scales [groups, n]`` fp32,
+    """One bit group in layout v2: ``codes [tiles, n, tile_words]`` int32, ``scales [groups, n]`` (fp16),
     ``codebook [n or 1, 2^bits]``, ``rows [n]``; ``in_features`` and ``group_size`` as stored."""
 
     bits: int
@@ -120,7 +121,7 @@ def to_v2(codes: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor, absma
         raise ValueError(f"codes must be [n, words] with n = len(rows), got {tuple(codes.shape)} and {len(rows)} rows")
     full = _tile_codes(codes, bits, in_features)
     groups = num_groups(in_features, group_size)
-    scales = absmax[rows.to(torch.long)][:, :groups].to(torch.float32).t().contiguous()
+    scales = absmax[rows.to(torch.long)][:, :groups].t().contiguous()  # stored dtype: fp16 (or fp32 restored)
     return V2Group(bits=bits, codes=pack_tiles(full, bits), scales=scales, codebook=codebook.contiguous(),
                    rows=rows, in_features=in_features, group_size=group_size)
 
@@ -139,7 +140,7 @@ def dequantize_v2_ref(g: V2Group, out: torch.Tensor) -> torch.Tensor:
     idx = unpack_tiles(g.codes, g.bits)[:, :g.in_features]
     table = g.codebook.to(torch.float32)
     values = table[0][idx] if table.shape[0] == 1 else torch.gather(table, 1, idx)
-    scale = g.scales.t().repeat_interleave(g.group_size, dim=1)[:, :g.in_features]
+    scale = g.scales.t().to(torch.float32).repeat_interleave(g.group_size, dim=1)[:, :g.in_features]
     out[g.rows.to(torch.long)] = (values * scale).to(out.dtype)
     return out
 

@@ -62,14 +62,19 @@ def chunk_words(q_tile, r, r_ok, H: tl.constexpr, BITS: tl.constexpr, WPG: tl.co
 
 
 @triton.jit
+def leaf(cb_ptr, r, r_ok, stride_cbr, J: tl.constexpr):
+    """Codebook entry ``J`` ``[BLOCK, 1]`` (fp32) of rows ``r``."""
+    return tl.load(cb_ptr + r[:, None] * stride_cbr + J, mask=r_ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def leaves(cb_ptr, r, r_ok, stride_cbr, BITS: tl.constexpr):
-    """The four leaves ``[BLOCK, 1]`` (fp32) of rows ``r``'s 1–2-bit codebooks (entries past 2^BITS: 0)."""
-    base = cb_ptr + r[:, None] * stride_cbr
-    e0 = tl.load(base, mask=r_ok[:, None], other=0.0).to(tl.float32)
-    e1 = tl.load(base + 1, mask=r_ok[:, None], other=0.0).to(tl.float32)
+    """The four leaves ``[BLOCK, 1]`` (fp32) of rows ``r``'s 1–2-bit codebooks (1 bit: e2, e3 repeat e0, e1)."""
+    e0 = leaf(cb_ptr, r, r_ok, stride_cbr, 0)
+    e1 = leaf(cb_ptr, r, r_ok, stride_cbr, 1)
     if BITS > 1:
-        e2 = tl.load(base + 2, mask=r_ok[:, None], other=0.0).to(tl.float32)
-        e3 = tl.load(base + 3, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        e2 = leaf(cb_ptr, r, r_ok, stride_cbr, 2)
+        e3 = leaf(cb_ptr, r, r_ok, stride_cbr, 3)
     else:
         e2 = e0
         e3 = e1
