@@ -210,6 +210,24 @@ def v2_estimates(consts: Any, feats: dict[str, dict], loo_err: dict[str, float])
     return rows
 
 
+def v1_from_hbm(points: list[dict], launches: list, consts: Any) -> dict[str, dict]:
+    """The v1 GEMV's best measured config per width, predicted on an H100 with its codes streamed from
+    HBM (the sweep replayed one weight from L2): the baseline the v2 estimates compare with."""
+    from dataclasses import replace
+
+    from lowra_kernels import perf_model as pm
+
+    out = {}
+    for bits in (1, 2, 3, 4):
+        idx = [i for i, p in enumerate(points) if p["kernel"] == "lut_gemv" and p["bits"] == bits]
+        if idx:
+            best = min(idx, key=lambda i: points[i]["us"])
+            us = pm.predict(replace(launches[best], resident=False), pm.H100, consts)
+            out[f"{bits}b"] = {"config": points[best]["config"], "num_warps": points[best]["num_warps"],
+                               "h100_us": us, "x_linear_bf16": linear_bf16_us(pm.H100) / us}
+    return out
+
+
 def evaluate(points: list[dict], launches: list, gpu_name: str = "H200") -> dict:
     """Fit, leave-one-out, scores per kernel and width, H100 predictions."""
     from lowra_kernels import perf_model as pm
@@ -229,8 +247,8 @@ def evaluate(points: list[dict], launches: list, gpu_name: str = "H200") -> dict
     for name, idx in groups.items():
         s = pm.scores([loo[i] for i in idx], [meas[i] for i in idx])
         s["fit_median_rel_err"] = float(sorted(abs(fitted[i] - meas[i]) / meas[i] for i in idx)[len(idx) // 2])
-        s["accepted"] = bool(s["spearman"] >= ACCEPT["spearman"] and s["median_rel_err"] <= ACCEPT["median_rel_err"]
-                             and s["top_within_10pct"])
+        s["accepted"] = bool(s["spearman"] >= ACCEPT["spearman"] - 1e-9  # 4 points: exactly 0.8 in floats
+                             and s["median_rel_err"] <= ACCEPT["median_rel_err"] and s["top_within_10pct"])
         best = min(idx, key=lambda i: meas[i])
         s["best_config"] = {"config": points[best]["config"], "num_warps": points[best]["num_warps"]}
         s["best_h100_predicted_us"] = float(h100[best])
@@ -263,7 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
     loo_err = {k: v["median_rel_err"] for k, v in report["per_kernel_width"].items()}
-    report["v2_estimates"] = v2_estimates(pm.Constants(**report["constants"]), feats, loo_err)
+    consts = pm.Constants(**report["constants"])
+    report["v2_estimates"] = v2_estimates(consts, feats, loo_err)
+    report["v1_gemv_from_hbm_h100"] = v1_from_hbm(points, launches, consts)
     report["linear_bf16_us"] = {"h200_measured": H200_LINEAR_US, "h100_estimate": linear_bf16_us(pm.H100)}
     report.update(what="perf model fitted to H200 measurements; leave-one-out scores", accept=dict(
         ACCEPT, top_within_10pct=True), peaks={n: dict(vars(g), l2_gbps=g.l2_gbps) for n, g in pm.GPUS.items()},
@@ -286,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
         err = r["model_loo_median_rel_err"]
         print(f"  {r['kernel']:<14} {r['bits']}b {r['h100_us']:7.1f} µs  {extra}  (model median error "
               f"{'-' if err is None else f'{err:.0%}'})")
+    print("  v1 GEMV (best measured config) from HBM on an H100: " + ", ".join(
+        f"{b} {r['h100_us']:.1f} µs ({r['x_linear_bf16']:.2f}×)" for b, r in report["v1_gemv_from_hbm_h100"].items()))
     o = report["overall_loo"]
     print(f"all {o['n']} points, leave-one-out: Spearman {o['spearman']:.2f}, median error "
           f"{o['median_rel_err']:.1%}, max {o['max_rel_err']:.1%}; wrote {args.out}")

@@ -156,8 +156,8 @@ def _args_v2(name: str, bits: int, t: Any, rows: int, extra: dict) -> dict[str, 
     if name == "gemv_v2":
         from lowra_kernels.gemv_v2 import gemv_v2_launch_shape
 
-        per = gemv_v2_launch_shape(rows, tiles, bits)[3]
         block_m = extra["BLOCK_M"]
+        per = gemv_v2_launch_shape(rows, tiles, bits, block_m)[3]
         return dict(common, x_ptr=e(1, dtype=t), ws_ptr=e(1, dtype=f32), M=block_m, tiles_per_split=per,
                     stride_xm=IN_FEATURES, stride_ws_s=block_m * OUT_FEATURES, stride_ws_m=OUT_FEATURES,
                     BLOCK_M=block_m)
@@ -183,9 +183,9 @@ def _configs(name: str, args: dict) -> list:
         import triton
 
         if name == "gemv_v2":
-            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG
+            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, gemv_v2_block_n
 
-            block_n, warps = GEMV_V2_CONFIG[args["BITS"]]
+            block_n, warps = gemv_v2_block_n(args["BITS"], args["BLOCK_M"]), GEMV_V2_CONFIG[args["BITS"]][1]
             return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1)]
         from lowra_kernels.dequantize_v2 import DEQUANT_V2_CONFIG
 

@@ -23,8 +23,19 @@ from lowra_kernels.layout_v2 import TILE, V2Group, unpack_tiles
 from lowra_kernels.lut_v2 import chunk_codes, chunk_words, gather_lookup, gather_table, leaves, select
 
 GEMV_V2_MAX_M = 4
-# (BLOCK_N, num_warps) per bit-width: tiles of BLOCK_N · 128 codes (sm_90 SASS: ≤ 96 registers, no spills)
+# (BLOCK_N at M = 1, num_warps) per bit-width: tiles of BLOCK_N · 128 codes; M = 2 and 4 halve and
+# quarter BLOCK_N (at least 8) so that the fp32 tile stays ≤ 96 registers (sm_90 SASS, no spills)
 GEMV_V2_CONFIG = {1: (32, 4), 2: (32, 4), 3: (16, 4), 4: (16, 4)}
+
+
+def gemv_v2_block_m(m: int) -> int:
+    """The GEMV's M tile for ``m ≤ 4`` activation rows: 1, 2 or 4."""
+    return 1 if m <= 1 else (2 if m <= 2 else 4)
+
+
+def gemv_v2_block_n(bits: int, block_m: int) -> int:
+    """Rows per program: ``GEMV_V2_CONFIG``'s M = 1 value over the M tile, at least 8."""
+    return max(8, GEMV_V2_CONFIG[bits][0] // block_m)
 TARGET_PROGRAMS = 132 * 8  # split K until the grid holds about 8 programs per SM of an H100/H200
 
 
@@ -98,10 +109,10 @@ def _gemv_v2_kernel(
              mask=(m < M)[:, None] & r_ok[None, :])
 
 
-def gemv_v2_launch_shape(n_rows: int, tiles: int, bits: int) -> tuple[int, int, int, int]:
+def gemv_v2_launch_shape(n_rows: int, tiles: int, bits: int, block_m: int = 1) -> tuple[int, int, int, int]:
     """``(BLOCK_N, num_warps, SPLIT_K, tiles per split)`` of a launch: split K into contiguous tile
     ranges until the grid holds about ``TARGET_PROGRAMS`` programs."""
-    block_n, warps = GEMV_V2_CONFIG[bits]
+    block_n, warps = gemv_v2_block_n(bits, block_m), GEMV_V2_CONFIG[bits][1]
     row_blocks = triton.cdiv(n_rows, block_n)
     split = max(1, min(tiles, TARGET_PROGRAMS // max(row_blocks, 1)))
     per = triton.cdiv(tiles, split)
@@ -120,10 +131,10 @@ def gemv_v2(x: torch.Tensor, groups: list[V2Group], out_features: int) -> torch.
             raise ValueError(f"x has {x.shape[1]} features, the weight expects {g.in_features}")
     x = x.contiguous()
     M, K = x.shape
-    shapes = [gemv_v2_launch_shape(g.n_rows, g.tiles, g.bits) for g in groups]
+    block_m = gemv_v2_block_m(M)
+    shapes = [gemv_v2_launch_shape(g.n_rows, g.tiles, g.bits, block_m) for g in groups]
     n_split = max((s[2] for s in shapes), default=1)
     ws = torch.zeros(n_split, M, out_features, dtype=torch.float32, device=x.device)
-    block_m = 1 if M <= 1 else (2 if M <= 2 else 4)
     for g, (block_n, warps, split, per) in zip(groups, shapes):
         if g.n_rows == 0:
             continue
