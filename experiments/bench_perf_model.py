@@ -58,9 +58,10 @@ def variant(p: dict) -> dict:
     """The ``compile_check`` variant (sm_90, bf16) of a measured point."""
     extra = {"BLOCK_M": 1} if p["kernel"] in ("lut_gemv", "gemv_v2") else {}
     stages = 1 if p["kernel"].endswith("_v2") else 2
+    maxnreg = 96 if p["kernel"] == "gemv_v2" else None  # gemv_v2.GEMV_V2_MAXNREG
     return {"kernel": p["kernel"], "arch": 90, "bits": p["bits"], "dtype": "bfloat16", "extra": extra,
             "config_index": -1, "config": p["config"], "num_warps": p["num_warps"], "num_stages": stages,
-            "maxnreg": None}
+            "maxnreg": maxnreg}
 
 
 def v2_points() -> list[dict]:

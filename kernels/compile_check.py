@@ -183,10 +183,10 @@ def _configs(name: str, args: dict) -> list:
         import triton
 
         if name == "gemv_v2":
-            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, gemv_v2_block_n
+            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_n
 
             block_n, warps = gemv_v2_block_n(args["BITS"], args["BLOCK_M"]), GEMV_V2_CONFIG[args["BITS"]][1]
-            return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1)]
+            return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG)]
         from lowra_kernels.dequantize_v2 import DEQUANT_V2_CONFIG
 
         block_r, tiles, warps = DEQUANT_V2_CONFIG[args["BITS"]]

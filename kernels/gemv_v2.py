@@ -36,6 +36,7 @@ def gemv_v2_block_m(m: int) -> int:
 def gemv_v2_block_n(bits: int, block_m: int) -> int:
     """Rows per program: ``GEMV_V2_CONFIG``'s M = 1 value over the M tile, at least 8."""
     return max(8, GEMV_V2_CONFIG[bits][0] // block_m)
+GEMV_V2_MAXNREG = 96  # left alone, ptxas stops at 72 registers and spills 8 B (1 bit, M = 4, fp16/bf16, sm_90)
 TARGET_PROGRAMS = 132 * 8  # split K until the grid holds about 8 programs per SM of an H100/H200
 
 
@@ -143,7 +144,7 @@ def gemv_v2(x: torch.Tensor, groups: list[V2Group], out_features: int) -> torch.
             x, g.codes, g.codebook, g.scales, g.rows, ws, M, g.n_rows, K, g.tiles, per,
             x.stride(0), g.codes.stride(0), stride_cbr, g.scales.stride(0), ws.stride(0), ws.stride(1),
             BITS=g.bits, GROUP=g.group_size, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=K % TILE == 0,
-            num_warps=warps, num_stages=1,
+            num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG,
         )
     y = ws[0] if n_split == 1 else ws.sum(0)
     return y.to(x.dtype)

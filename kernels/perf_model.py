@@ -240,7 +240,7 @@ def fit(launches: Sequence[Launch], measured_us: Sequence[float], gpu: GPU = H20
 def leave_one_out(launches: Sequence[Launch], measured_us: Sequence[float], gpu: GPU = H200,
                   start: Constants | None = None, weights: Sequence[float] | None = None) -> np.ndarray:
     """Prediction of each point by the model fitted to all the others (each refit starts from
-    ``start``, by default the fit to all points, and from ``START_POINTS[0]``)."""
+    ``start``, by default the fit to all points)."""
     st = _static(launches, gpu)
     y = np.log(np.asarray(measured_us, dtype=float))
     w = np.ones_like(y) if weights is None else np.asarray(weights, dtype=float)
@@ -248,7 +248,7 @@ def leave_one_out(launches: Sequence[Launch], measured_us: Sequence[float], gpu:
     out = np.empty(len(launches))
     for i in range(len(launches)):
         keep = np.arange(len(launches)) != i
-        c = _fit_static({k: v[keep] for k, v in st.items()}, y[keep], gpu, (start, START_POINTS[0]), w[keep])
+        c = _fit_static({k: v[keep] for k, v in st.items()}, y[keep], gpu, (start,), w[keep])
         out[i] = _terms({k: v[i:i + 1] for k, v in st.items()}, gpu, c)["us"][0]
     return out
 

@@ -18,8 +18,8 @@ import pytest
 from test_kernel_compile import REPO, STATIC, requires_ptxas
 
 pytestmark = requires_ptxas
-# GEMV v2 K loop, warp-instructions per weight at M = 1 (sm_90, Triton 3.9, bf16), as compiled today
-RECORDED_GEMV_PER_WEIGHT = {1: 0.216, 2: 0.267, 3: 0.426, 4: 0.320}
+# GEMV v2 K loop, warp-instructions per weight at M = 1 (sm_90, Triton 3.9; the largest of fp32/fp16/bf16)
+RECORDED_GEMV_PER_WEIGHT = {1: 0.220, 2: 0.272, 3: 0.438, 4: 0.357}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_v2_gemv_no_barrier_in_k_loop(v2_sass):
     assert all(m["BAR"] == 0 and "STS" not in m for m in loops)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 29 target not met: 0.267 (2 bits) and 0.320 (4 bits) warp-instructions "
-                   "per weight against 0.10 and 0.15")
+@pytest.mark.xfail(strict=True, reason="issue 29 target not met: 0.272 (2 bits) and 0.322 (4 bits) warp-instructions "
+                   "per weight (bf16) against 0.10 and 0.15")
 def test_v2_gemv_instruction_targets(v2_sass):
     got = {r["bits"]: per_weight(r) for r in v2_sass
            if r["kernel"] == "gemv_v2" and r["extra"]["BLOCK_M"] == 1 and r["dtype"] == "bfloat16"}
