@@ -89,7 +89,9 @@ def build_features(points: list[dict], jobs: int, path: Path = FEATURES) -> dict
     from lowra_kernels.compile_check import compile_all
 
     todo = [variant(p) for p in points]
-    results = compile_all(todo, jobs, sass=True, cache=path)
+    from lowra_kernels.compile_check import DEFAULT_OUT
+
+    results = compile_all(todo, jobs, sass=True, cache=[path, DEFAULT_OUT])  # make kernels-compile's records too
     bad = [r for r in results if not r.get("ok")]
     if bad:
         raise RuntimeError(f"{len(bad)} measured configs failed to compile: {bad[0].get('error')}")

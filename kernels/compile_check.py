@@ -417,13 +417,16 @@ def input_hash(v: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def load_cache(path: Path | None, sass: bool) -> dict[str, dict]:
-    """Recorded results of an earlier report (``input_hash`` → row), successful compiles only; with
-    ``sass`` only rows that carry their SASS statistics."""
-    if path is None or not Path(path).exists():
-        return {}
-    rows = json.loads(Path(path).read_text()).get("results", [])
-    return {r["input_hash"]: r for r in rows if r.get("ok") and "input_hash" in r and (not sass or "sass" in r)}
+def load_cache(path: Path | list[Path] | None, sass: bool) -> dict[str, dict]:
+    """Recorded results of earlier reports (``input_hash`` → row; a list of reports: the first one that
+    has a hash wins), successful compiles only; with ``sass`` only rows that carry SASS statistics."""
+    out: dict[str, dict] = {}
+    for p in ([] if path is None else [path] if isinstance(path, (str, Path)) else path)[::-1]:
+        if Path(p).exists():
+            rows = json.loads(Path(p).read_text()).get("results", [])
+            out.update({r["input_hash"]: r for r in rows
+                        if r.get("ok") and "input_hash" in r and (not sass or "sass" in r)})
+    return out
 
 
 # ------------------------------------------------------------------------------------ run all
@@ -438,7 +441,7 @@ def duplicates(results: list[dict]) -> list[list[int]]:
     return [ids for ids in seen.values() if len(ids) > 1]
 
 
-def compile_all(todo: list[dict], jobs: int, sass: bool = False, cache: Path | None = None) -> list[dict]:
+def compile_all(todo: list[dict], jobs: int, sass: bool = False, cache: Path | list[Path] | None = None) -> list[dict]:
     """Compile ``todo`` (a process pool of ``jobs``), in order; a variant whose ``input_hash`` has a
     recorded result in ``cache`` (an earlier report) takes that result (``"cached": True``)."""
     hashes = [input_hash(v) for v in todo]
