@@ -193,10 +193,11 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
 
 
 def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
-    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
-    a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
-    must stay uncapped. Both found by ``lowra_kernels.compile_check`` on sm_90."""
-    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
+    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-80 registers and spills
+    a few bytes there (gathered 3-bit tiles of 4096 products on sm_80: 8 B at 80 registers, none at
+    96 under the cap); large tiles (and 3/4-bit select trees of 2048 products) need more than 128 and
+    must stay uncapped. Found by ``lowra_kernels.compile_check`` on sm_90 and sm_80."""
+    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) or (2048 < tile <= 4096 and bits >= 3) else None
     if config.maxnreg == cap:
         return config
     return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
