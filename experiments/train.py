@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from experiments.distill import DistillStats, distill_loss, distill_options
 from experiments.progress import progress_bar
 from lowra.atomic import atomic_path
 
@@ -221,6 +222,7 @@ class TrainResult:
     resumed_from: int
     losses: list[float] = field(default_factory=list)
     optimizer: str = "adamw"
+    distill: dict[str, Any] | None = None  # train.distill: weight, temperature, the teacher's costs
 
 
 def train(
@@ -235,6 +237,8 @@ def train(
     progress: bool = True,
     optimizer: str | None = None,
     dist: Any = None,
+    teacher: torch.nn.Module | None = None,
+    teacher_stats: DistillStats | None = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -249,6 +253,9 @@ def train(
             ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
             the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
             that rank 0 alone writes (every rank reads them back on resume).
+        teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.distill`); with
+            ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
+            Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -258,6 +265,10 @@ def train(
         optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
                                       None, device)
     opt = make_optimizer(optimizer, trainable, tcfg)
+    weight, temperature, chunk = distill_options(tcfg)
+    if weight > 0 and teacher is None:
+        raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")
+    stats = teacher_stats if teacher_stats is not None else DistillStats()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, tcfg.scheduler))
     step, losses, elapsed = 0, [], 0.0
     torch.manual_seed(int(tcfg.seed))
@@ -311,7 +322,10 @@ def train(
             # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
             no_sync = micro < accum - 1 and hasattr(model, "no_sync")
             with model.no_sync() if no_sync else contextlib.nullcontext():
-                loss = model(**batch).loss
+                if weight > 0:
+                    loss, _ = distill_loss(model, teacher, batch, weight, temperature, chunk, stats)
+                else:  # weight 0: exactly the model's own loss
+                    loss = model(**batch).loss
                 (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
         if dist is not None:
@@ -338,4 +352,6 @@ def train(
     return TrainResult(
         steps=step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=elapsed,
         resumed_from=resumed_from, losses=losses, optimizer=optimizer,
+        distill={"weight": weight, "temperature": temperature, "chunk_tokens": chunk, **stats.to_dict()}
+        if weight > 0 else None,
     )
