@@ -45,6 +45,8 @@ STUDIES: dict[str, dict[str, str]] = {
         "kd_w0.5_t1_b1.15": "quant=lowra +bits=1.15 train.distill.weight=0.5 train.distill.temperature=1.0",
         "kd_w1_t1_b1.15": "quant=lowra +bits=1.15 train.distill.weight=1.0 train.distill.temperature=1.0",
         "kd_w1_t2_b1.15": "quant=lowra +bits=1.15 train.distill.weight=1.0 train.distill.temperature=2.0",
+        "kd_w0.5_t2_b1.15": "quant=lowra +bits=1.15 train.distill.weight=0.5 train.distill.temperature=2.0",
+        "kd_w0.25_t1_b1.15": "quant=lowra +bits=1.15 train.distill.weight=0.25 train.distill.temperature=1.0",
     },
     "distill": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2)},
