@@ -186,8 +186,20 @@ def _bnb_usable(device: torch.device | str) -> bool:
     return True
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], tcfg: Any) -> torch.optim.Optimizer:
-    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only)."""
+def param_groups(params: list[torch.nn.Parameter], lrs: list[float] | None, lr: float) -> list[Any]:
+    """``params`` as they go to the optimizer: one list when every parameter takes ``lr``, else one
+    group per distinct learning rate (``lrs[i]`` is the rate of ``params[i]``), in first-seen order."""
+    if lrs is None or all(x == lr for x in lrs):
+        return params
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p, x in zip(params, lrs, strict=True):
+        groups.setdefault(float(x), []).append(p)
+    return [{"params": ps, "lr": x} for x, ps in groups.items()]
+
+
+def make_optimizer(name: str, params: list[Any], tcfg: Any) -> torch.optim.Optimizer:
+    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only); ``params``
+    is a list of parameters or of groups (``param_groups``)."""
     kw = dict(lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps), weight_decay=float(tcfg.weight_decay))
     if name == "adamw":
         return torch.optim.AdamW(params, **kw)
@@ -239,6 +251,7 @@ def train(
     dist: Any = None,
     teacher: torch.nn.Module | None = None,
     teacher_stats: DistillStats | None = None,
+    param_lrs: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -256,6 +269,8 @@ def train(
         teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.distill`); with
             ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
             Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
+        param_lrs: learning rates of named parameters that do not take ``tcfg.lr`` (e.g. trainable
+            codebooks, ``train.codebooks_lr``); the schedule multiplies every group alike.
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -264,7 +279,8 @@ def train(
     if optimizer is None:
         optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
                                       None, device)
-    opt = make_optimizer(optimizer, trainable, tcfg)
+    lrs = None if param_lrs is None else [float(param_lrs.get(n, tcfg.lr)) for n, _ in named]
+    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr)), tcfg)
     weight, temperature, chunk = distill_options(tcfg)
     if weight > 0 and teacher is None:
         raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")
