@@ -135,7 +135,7 @@ def run_one(out: Path, label: str, overrides: str, seed: int, samples: list[list
     return run_dir
 
 
-def run_study(study: str, seeds: list[int], jobs: int, out: Path) -> None:
+def run_study(study: str, seeds: list[int], jobs: int, out: Path, labels: list[str] | None = None) -> None:
     from experiments.config_check import resolve_path
 
     samples = fp_samples(out / "fp_samples.json", resolve_path("../shared/assets") / "models" / "stories260K")
@@ -148,7 +148,10 @@ def run_study(study: str, seeds: list[int], jobs: int, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(resolve_path("../shared/assets") / "models"
                                                          / "stories260K")).eval()
         atomic_write_json(fp, {"ppl_samples_fp": samples_ppl(model, samples)})
-    work = [(label, ov, s) for s in seeds for label, ov in STUDIES[study].items()]
+    unknown = set(labels or []) - set(STUDIES[study])
+    if unknown:
+        raise SystemExit(f"--labels: {sorted(unknown)} not in study {study!r} ({sorted(STUDIES[study])})")
+    work = [(label, ov, s) for s in seeds for label, ov in STUDIES[study].items() if not labels or label in labels]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_one, out, label, ov, s, samples) for label, ov, s in work]
         for f in futures:
@@ -257,10 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("study", choices=sorted(STUDIES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--labels", nargs="+", help="only these configurations of the study")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.action == "run":
-        run_study(args.study, args.seeds, args.jobs, args.out)
+        run_study(args.study, args.seeds, args.jobs, args.out, args.labels)
     print(write_tables(args.study, args.out))
 
 
