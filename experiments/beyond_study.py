@@ -60,6 +60,10 @@ STUDIES: dict[str, dict[str, str]] = {
         "loftq_b4": "quant=loftq +bits=4",
         "lowra_effective_b4.62": "quant=lowra quant.budget_kind=effective +bits=4.62",
         "lowra_effective_b4.74": "quant=lowra quant.budget_kind=effective +bits=4.74",
+        # shared NormalFloat tables instead of per-row codebooks (16 fp16 entries = 4 bits per weight on
+        # stories260K's 64-wide rows at 4 bits), the plan and init unchanged
+        "lowra_nf_effective_b4.62": "quant=lowra quant.codebook=nf quant.budget_kind=effective +bits=4.62",
+        "lowra_nf_effective_b4.74": "quant=lowra quant.codebook=nf quant.budget_kind=effective +bits=4.74",
     },
 }
 
