@@ -75,6 +75,23 @@ def _positive_int(key: str, value: Any, allow_zero: bool = False, allow_none: bo
         raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} integer")
 
 
+def _check_distill(t: Any, m: Any) -> None:
+    """``train.distill``: weight in [0, 1], temperature > 0, chunk_tokens ≥ 1; on (weight > 0) only
+    for a causal LM trained in one process (the chunked loss calls the decoder and LM head directly)."""
+    d = t.get("distill")
+    if not d:
+        return
+    weight = d.get("weight", 0.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= float(weight) <= 1.0:
+        raise ConfigError(f"train.distill.weight={weight!r} must be a number in [0, 1]")
+    _positive_float("train.distill.temperature", d.get("temperature", 1.0))
+    _positive_int("train.distill.chunk_tokens", d.get("chunk_tokens", 512))
+    if float(weight) > 0 and m.arch != "causal_lm":
+        raise ConfigError(f"train.distill.weight={weight} needs model.arch=causal_lm (got {m.arch})")
+    if float(weight) > 0 and t.get("strategy", "single") != "single":
+        raise ConfigError(f"train.distill.weight={weight} needs train.strategy=single (got {t.strategy})")
+
+
 def _positive_float(key: str, value: Any, allow_zero: bool = False) -> None:
     try:
         v = float(value)
@@ -263,6 +280,7 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     _positive_int("train.warmup_steps", t.warmup_steps, allow_zero=True, allow_none=True)
     if t.seq_len > m.max_length:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_length={m.max_length}")
+    _check_distill(t, m)
 
     # eval
     _positive_int("eval.window", e.window)
