@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from experiments.config_check import DATA_TABLES, ConfigError, resolve_path, streamable
+from experiments.config_check import ConfigError, resolve_path, streamable
 from experiments.data import LMData
 from experiments.hub import hub_access
 from lowra.config import INIT_FIELDS, LOWRA_ONLY
@@ -124,7 +124,8 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     config = lowra_config(cfg)
     kw: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     options = kw.pop("quant_options")
-    for key in (*(LOWRA_KEYS if config.method != "lowra" else ()), *(INIT_KEYS if config.method == "none" else ())):
+    method = config.method_object  # its own fields only; the init fields for quantizing methods only
+    for key in (*(k for k in LOWRA_KEYS if k not in method.fields), *(INIT_KEYS if not method.quantizes else ())):
         kw.pop(key)
     kw.update(options)
     kw["progress"] = progress
@@ -136,17 +137,10 @@ def needs_calibration(cfg: Any) -> bool:
     for a quantizer that needs them (OPTQ / ModuLoRA), LowRA's data-driven error tables
     (``quant.error=fisher|kfac|measured`` with a plan), Fisher-weighted codebooks and the calibrated
     adapter init (``quant.init=calibrated``) — the same rule as ``lowra.quantize_model``'s."""
-    q = cfg.quant
-    if not isinstance(q.options.get("calibration"), Mapping):
+    if not isinstance(cfg.quant.options.get("calibration"), Mapping):
         return False
-    if q.method == "optq":
-        return True
-    fisher = q.method == "lowra" and (
-        (q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES) or bool(q.get("fisher_codebooks")))
-    low = q.get("low_bits_init") if q.method == "lowra" else None
-    iters = max(int(q.loftq_iters), int(low["loftq_iters"]) if low else 0)
-    calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and iters > 0
-    return fisher or calibrated
+    config = lowra_config(cfg)
+    return config.method_object.needs(config).any
 
 
 def use_streaming(cfg: Any, device: torch.device) -> bool:

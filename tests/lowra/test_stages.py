@@ -35,7 +35,7 @@ def test_resolve_settings_derives_what_the_run_needs():
     assert _settings(codebook="nf").codebook_iters == 0  # the NormalFloat start of the Lloyd-Max fit
     assert _settings(rank=0).loftq_iters == 0
     f = _settings(error="fisher", init="calibrated")
-    assert f.fisher_needed and f.calibrated_init and f.stats_needed
+    assert f.needs.fisher and f.calibrated_init and f.stats_needed
     assert _settings(method="optq", bits=3.0).needs_calibration
     with pytest.raises(ValueError, match="codebook must be"):
         _settings(codebook="kmeans")

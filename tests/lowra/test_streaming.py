@@ -213,7 +213,7 @@ def test_nan_weight_is_named(tmp_path):
 def test_checkpoint_bytes_and_peak_memory(synth):
     stored = checkpoint_bytes(synth)
     assert stored == sum(f.stat().st_size for f in synth.glob("model-*.safetensors"))
-    n = streaming._Source(synth).numel()
+    n = streaming.ShardReader(synth).numel()
     assert checkpoint_bytes(synth, torch.bfloat16) == 2 * n
     # In a fresh child process: this process's peak and allocator pools are whatever earlier tests left.
     child = subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True, timeout=120)
