@@ -177,11 +177,13 @@ def use_streaming(cfg: Any, device: torch.device) -> bool:
     return stream
 
 
-def stream_kwargs(cfg: Any, progress: bool, device: torch.device) -> dict[str, Any]:
-    """``quantize_kwargs`` for ``lowra.quantize_pretrained`` (+ dtype, device, arch)."""
-    kw = quantize_kwargs(cfg, progress)
-    if "keep_full_precision" in kw:
-        kw["skip_modules"] = kw.pop("keep_full_precision")
+def stream_kwargs(cfg: Any, progress: bool, device: torch.device, data: Any = None) -> dict[str, Any]:
+    """Keyword arguments of ``lowra.quantize_pretrained(src, out, **kw)``: the same ``LowRAConfig``
+    and calibration windows as ``quantize_model`` gets (``data``: the run's ``LMData``), plus how the
+    checkpoint is read (dtype, device, arch, trust_remote_code)."""
+    kw: dict[str, Any] = {"config": lowra_config(cfg), "progress": progress}
+    if needs_calibration(cfg):
+        kw["calibration"] = calibration_kwargs(cfg, data)["calibration"]
     kw.update(dtype=str(cfg.model.dtype), device=str(device), arch=str(cfg.model.arch),
               trust_remote_code=bool(cfg.model.trust_remote_code))
     return kw

@@ -104,7 +104,7 @@ class StatStore:
         self.owned = directory is None
         self.path = Path(tempfile.mkdtemp(prefix="lowra-calib-")) if directory is None else Path(directory)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.cached: tuple[int, dict[str, torch.Tensor], dict[str, str]] | None = None
+        self.cached: tuple[int, dict[str, str]] | None = None  # (block, its aliases)
 
     def put(self, block: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
         from lowra.format import save_safetensors_atomic
@@ -119,18 +119,18 @@ class StatStore:
         return self.file(block).is_file()
 
     def get(self, block: int, key: str) -> torch.Tensor | None:
-        """Tensor ``key`` (``"<layer>/<kind>"``) of ``block``; one block's file is kept loaded."""
-        if self.cached is None or self.cached[0] != block:
-            self.cached = None
-            from safetensors import safe_open
-            from safetensors.torch import load_file
+        """Tensor ``key`` (``"<layer>/<kind>"``) of ``block``, read alone from the block's file (so a
+        layer's Gram is in memory only while that layer is worked on); None when absent."""
+        from safetensors import safe_open
 
-            with safe_open(str(self.file(block)), framework="pt") as f:
-                aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-            self.cached = (block, load_file(str(self.file(block))), aliases)
-        _, tensors, aliases = self.cached
-        layer, _, kind = key.partition("/")
-        return tensors.get(f"{aliases.get(layer, layer)}/{kind}") if kind == "hessian" else tensors.get(key)
+        with safe_open(str(self.file(block)), framework="pt") as f:
+            if self.cached is None or self.cached[0] != block:
+                self.cached = (block, json.loads((f.metadata() or {}).get("aliases", "{}")))
+            aliases = self.cached[1]
+            layer, _, kind = key.partition("/")
+            if kind == "hessian":
+                key = f"{aliases.get(layer, layer)}/{kind}"
+            return f.get_tensor(key) if key in f.keys() else None
 
     def spill(self, tag: str, chunk: int, t: torch.Tensor) -> None:
         t.detach().contiguous().cpu().view(torch.uint8).numpy().tofile(self.path / f"{tag}-{chunk:05d}.bin")
