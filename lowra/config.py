@@ -317,7 +317,9 @@ class LowRAConfig:
                     values[field] = calibration["batch_size"]
                 continue
             source = q if group == "quant" else _plain(cfg[group])
-            if rest in source and source[rest] is not None or field in ("bits", "method"):
+            # null keeps a field's default, except low_bits_init, where null means "no low-bit rule"
+            # (its default depends on the method)
+            if rest in source and (source[rest] is not None or field == "low_bits_init") or field in ("bits", "method"):
                 values[field] = source[rest]
         # ``quant.options`` are extra keyword arguments of quantize_model: a field's name sets the
         # field (``+quant.options.measure_windows=4``), the rest are the quantizer's options
