@@ -21,7 +21,7 @@ from lowra.weights import ShardSource
 def assemble_model(model: nn.Module, source: ShardSource, partial: PartialDir, blocks: list[tuple[str, list[str]]],
                    module_kw: dict[str, Any]) -> None:
     """Fill the meta ``model``: LowRALinear layers from the pass-2 block files, the rest from the source."""
-    from lowra.layers import set_module as _set_module
+    from lowra.layers import set_module
 
     src, dtype = source.reader, source.dtype
     targets = set()
@@ -38,7 +38,7 @@ def assemble_model(model: nn.Module, source: ShardSource, partial: PartialDir, b
             if lora_A is not None:
                 kw["adapter_dtype"] = lora_A.dtype
             new = LowRALinear(qt, bias=bias, lora_A=lora_A, lora_B=lora_B, **kw)
-            _set_module(model, name, new)
+            set_module(model, name, new)
             targets.add(name)
         del tensors
     # every other persistent tensor (embeddings, norms, lm_head, biases of other layers) from the source

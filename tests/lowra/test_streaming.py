@@ -71,6 +71,19 @@ def _windows(vocab: int, n: int = 8, seq_len: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(3))
 
 
+def _both_ways(path: Path, out: Path, dtype: torch.dtype, config: lowra.LowRAConfig, vocab: int):
+    """Quantize ``path`` in memory and streamed with ``config`` on the same windows; assert the same
+    codes, adapters and logits; ``(in-memory model, streamed model, report, StreamResult)``."""
+    calibration = _windows(vocab)
+    ref, report = _in_memory(path, dtype, config=config, calibration=calibration)
+    got, result = _streamed(path, out, dtype, config=config, calibration=calibration)
+    _assert_same(ref, got)
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
+    return ref, got, report, result
+
+
 @pytest.mark.parametrize("bits", [2.0, 1.5])
 def test_default_streams_and_matches_in_memory_on_stories(tmp_path, bits):
     """``LowRAConfig()`` (K-FAC plan over {1,2,3,4}, calibrated init; at 1.5 bits the low-bit init's 4
@@ -79,13 +92,7 @@ def test_default_streams_and_matches_in_memory_on_stories(tmp_path, bits):
     if not STORIES.is_dir():
         pytest.fail(f"real model missing: {STORIES} (set LOWRA_ASSETS)")
     config = lowra.LowRAConfig(bits=bits, rank=2, alpha=4.0, codebook_iters=5, plan_options=PLAN)
-    calibration = _windows(512)
-    ref, report = _in_memory(STORIES, torch.float32, config=config, calibration=calibration)
-    got, result = _streamed(STORIES, tmp_path / "q", torch.float32, config=config, calibration=calibration)
-    _assert_same(ref, got)
-    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(ref(x).logits, got(x).logits)
+    ref, got, report, result = _both_ways(STORIES, tmp_path / "q", torch.float32, config, vocab=512)
     assert result.report.plan["objective"] == report.plan["objective"]
     assert result.report.error_table == "kfac" and result.report.init == "calibrated"
     assert result.report.low_bits_init == (bits < 2)
@@ -100,13 +107,7 @@ def test_default_streams_and_matches_in_memory_on_sharded_llama(tmp_path, tied):
     write_synthetic_llama(path, hidden=64, ffn=160, layers=3, vocab=128, heads=4, kv_heads=2, tied=tied,
                           max_shard_bytes=64 << 10)
     config = lowra.LowRAConfig(rank=4, alpha=8.0, codebook_iters=3, plan_options=PLAN)
-    calibration = _windows(128)
-    ref, _ = _in_memory(path, torch.bfloat16, config=config, calibration=calibration)
-    got, result = _streamed(path, tmp_path / "q", torch.bfloat16, config=config, calibration=calibration)
-    _assert_same(ref, got)
-    x = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.equal(ref(x).logits, got(x).logits)
+    ref, got, _, _ = _both_ways(path, tmp_path / "q", torch.bfloat16, config, vocab=128)
     assert got.lowra_config == ref.lowra_config == config
 
 
