@@ -232,7 +232,7 @@ def _run_stages(
         if "quantize_time_s" not in state or not quant_dir.exists():  # stream: quantize to quant_dir first
             t0 = time.perf_counter()
             res = lowra_api("quantize_pretrained")(model_location(cfg.model), quant_dir,
-                                                   **stream_kwargs(cfg, progress and is_terminal(), device))
+                                                   **stream_kwargs(cfg, progress, device, data))
             state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
