@@ -324,7 +324,7 @@ class _NoLaunch:
 @contextlib.contextmanager
 def stubbed_launches() -> Iterator[None]:
     """Within the block the extension's kernels do nothing (outputs stay unwritten): the host-time
-    benchmark (``experiments.bench_host``) measures the Python path of a call without its work."""
+    benchmark (``experiments.bench.host``) measures the Python path of a call without its work."""
     global _ext, _state
     saved = _ext, _state
     _ext, _state = _NoLaunch(), "ready"

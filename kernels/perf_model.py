@@ -23,7 +23,7 @@ The constants (``Constants``: ``fixed_us``, ``eta_hbm``, ``eta_l2``, ``eta_issue
 (``results/bench/h200``: the GEMV sweep and the dequantize configs), by least squares on the log
 of predicted / measured time; ``leave_one_out`` refits without each point and predicts it, the
 honest error of the model. Another GPU (``H100``) is predicted by swapping the peaks (SMs, clock,
-HBM) and keeping the fitted efficiencies. ``experiments.bench_perf_model`` compiles the measured
+HBM) and keeping the fitted efficiencies. ``experiments.bench.perf_model`` compiles the measured
 configs (``Sass`` features, cached in ``results/bench/perf_model_features.json`` so a refit needs
 no compiler), fits, validates and prints the table.
 """

@@ -5,7 +5,7 @@
 
 On a GPU, for every shape (``OUTxIN``), width and GEMV M bucket, each candidate config (the shipped
 space ``GEMV_CONFIGS`` / ``DEQUANT_CONFIGS`` as the autotuner would prune it; ``--wide``: the
-``BLOCK_N × SPLIT_K × num_warps`` grid of ``experiments.gpu_profile --sweep``) runs on a random weight
+``BLOCK_N × SPLIT_K × num_warps`` grid of ``experiments.bench.gpu_profile --sweep``) runs on a random weight
 in the real format (speed does not depend on the values) and the fastest (``triton.testing.do_bench``,
 median µs) is written to ``kernels/configs/<gpu>.json`` (``lowra_kernels.config_table``), merged over
 the entries already there. ``--from-profile DIR`` builds the table from a saved profile instead
@@ -42,7 +42,7 @@ def merge(table: dict, kernel: str, entries: list[dict]) -> dict:
 
 
 def from_profile(directory: Path) -> dict:
-    """A table from ``experiments.gpu_profile`` outputs in ``directory`` (best graph-replay µs per key)."""
+    """A table from ``experiments.bench.gpu_profile`` outputs in ``directory`` (best graph-replay µs per key)."""
     sweep = json.loads((directory / "gpu_sweep.json").read_text())
     out_features, in_features = sweep["shape"]
     best: dict[tuple, dict] = {}

@@ -60,7 +60,7 @@ def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
 
 def load_teacher(model_cfg: Any, device: torch.device | str) -> tuple[torch.nn.Module, DistillStats]:
     """The full-precision model of ``model_cfg`` (the runner's loader), frozen, and what loading cost."""
-    from experiments.run_setup import load_model
+    from experiments.runner.setup import load_model
     from lowra.streaming import current_rss
 
     rss0, t0 = current_rss(), time.perf_counter()

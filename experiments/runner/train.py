@@ -266,7 +266,7 @@ def train(
             ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
             the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
             that rank 0 alone writes (every rank reads them back on resume).
-        teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.distill`); with
+        teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.runner.distill`); with
             ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
             Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
         param_lrs: learning rates of named parameters that do not take ``tcfg.lr`` (e.g. trainable

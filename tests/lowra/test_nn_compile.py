@@ -3,7 +3,7 @@
 The quantized layers are one ``torch.ops.lowra.lut_linear`` node each. The tests compile with
 ``backend="aot_eager"`` (Dynamo capture + AOT autograd, i.e. the op's fake and backward are traced,
 without inductor's C++ build, which costs minutes on the 2-core CI machine); inductor and SmolLM2 are
-measured by ``python -m experiments.bench_compile``.
+measured by ``python -m experiments.bench.compile``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
-from experiments.bench_decode import quantize_decoder
-from experiments.eval_stories import load_model
+from experiments.bench.decode import quantize_decoder
+from experiments.eval.stories import load_model
 from lowra.model import lora_parameters
 from lowra.nn import LowRALinear
 

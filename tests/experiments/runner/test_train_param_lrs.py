@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from omegaconf import OmegaConf
 
-from experiments.config_check import CONF_DIR
-from experiments.train import LMBatches, param_groups, train
+from experiments.runner.config_check import CONF_DIR
+from experiments.runner.train import LMBatches, param_groups, train
 
 
 class _LM(torch.nn.Module):

@@ -10,9 +10,9 @@ ids in ``<out>/fp_samples.json``), the same windows (256) and token weighting â€
 should reproduce if it matched its teacher. The saved model and the resume checkpoint are then
 deleted; ``results.json`` (with times and memory), the Hydra config and ``samples.json`` stay.
 
-    python -m experiments.beyond_study run distill --seeds 0 1 2 --jobs 2
-    python -m experiments.beyond_study run front --seeds 0
-    python -m experiments.beyond_study table distill      # <out>/table.json + table.md (+ front.png)
+    python -m experiments.studies.beyond run distill --seeds 0 1 2 --jobs 2
+    python -m experiments.studies.beyond run front --seeds 0
+    python -m experiments.studies.beyond table distill      # <out>/table.json + table.md (+ front.png)
 
 A run directory that holds ``samples.json`` is skipped, so an interrupted study resumes.
 """
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "results" / "beyond"
 SAMPLE_SEED, SAMPLE_STORIES, SAMPLE_TOKENS = 1234, 48, 256
 COMMON = ["logger=none", "progress=false", "eval.max_tokens=8192", "train.max_steps=100", "save_model=true"]
@@ -77,7 +77,7 @@ def fp_samples(path: Path, model_dir: Path) -> list[list[int]]:
         return json.loads(path.read_text())["samples"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.logging_utils import atomic_write_json
+    from experiments.runner.logging_utils import atomic_write_json
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -102,7 +102,7 @@ def fp_samples(path: Path, model_dir: Path) -> list[list[int]]:
 
 def samples_ppl(model: torch.nn.Module, samples: list[list[int]]) -> float:
     """Token-weighted perplexity on the concatenated samples (windows of 256, first 8,192 tokens)."""
-    from experiments.evaluate import perplexity
+    from experiments.eval.evaluate import perplexity
 
     stream = torch.tensor([t for s in samples for t in s], dtype=torch.long)
     return perplexity(model, stream, window=256, stride=256, max_tokens=8192, progress=False)["ppl"]
@@ -128,7 +128,7 @@ def run_one(out: Path, label: str, overrides: str, seed: int, samples: list[list
     from transformers import AutoModelForCausalLM
 
     import lowra  # noqa: F401  (registers the quantized checkpoint format with from_pretrained)
-    from experiments.logging_utils import atomic_write_json
+    from experiments.runner.logging_utils import atomic_write_json
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(str(run_dir / "model")).eval()
@@ -140,14 +140,14 @@ def run_one(out: Path, label: str, overrides: str, seed: int, samples: list[list
 
 
 def run_study(study: str, seeds: list[int], jobs: int, out: Path, labels: list[str] | None = None) -> None:
-    from experiments.config_check import resolve_path
+    from experiments.runner.config_check import resolve_path
 
     samples = fp_samples(out / "fp_samples.json", resolve_path("../shared/assets") / "models" / "stories260K")
     fp = out / "fp_samples_ppl.json"
     if not fp.exists():
         from transformers import AutoModelForCausalLM
 
-        from experiments.logging_utils import atomic_write_json
+        from experiments.runner.logging_utils import atomic_write_json
 
         model = AutoModelForCausalLM.from_pretrained(str(resolve_path("../shared/assets") / "models"
                                                          / "stories260K")).eval()
@@ -245,7 +245,7 @@ def plot(rows: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 
 def write_tables(study: str, out: Path) -> str:
-    from experiments.logging_utils import atomic_write_json
+    from experiments.runner.logging_utils import atomic_write_json
 
     rows = collect(out, study)
     fp_path = out / "fp_samples_ppl.json"

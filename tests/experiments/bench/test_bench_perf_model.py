@@ -1,4 +1,4 @@
-"""``experiments.bench_perf_model``: the fit from the committed H200 data and SASS features reproduces
+"""``experiments.bench.perf_model``: the fit from the committed H200 data and SASS features reproduces
 the committed ``results/bench/perf_model_fit.json`` and prints the table."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments import bench_perf_model as bpm
+from experiments.bench import perf_model as bpm
 
 
 def test_refit_reproduces_the_committed_scores(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Check: the streamed ``quantize_pretrained`` equals the in-memory ``quantize_model`` on a real model.
 
-``python -m experiments.check_stream_equal --model ~/.cache/lowra/models/SmolLM2-135M-Instruct --bits 2``
+``python -m experiments.bench.check_stream_equal --model ~/.cache/lowra/models/SmolLM2-135M-Instruct --bits 2``
 quantizes the model both ways with ``LowRAConfig(bits=...)`` (the default: block-wise calibration,
 K-FAC plan, calibrated init) on the same calibration windows of TinyStories text, saves both, and
 compares every stored tensor (codes, codebooks, scales, plan, adapters, dense tensors) bit for bit.
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXT = REPO.parent / "shared" / "assets" / "corpora" / "tinystories_valid.txt"
 
 

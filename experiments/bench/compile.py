@@ -1,7 +1,7 @@
 """A quantized model under ``torch.compile(fullgraph=True)`` on CPU: no graph break, eager's numbers.
 
 For each model (``stories260K``, ``smollm2_135m``: every decoder linear a ``LowRALinear`` at 2 bits with
-rank-8 adapters, ``experiments.bench_decode.quantize_decoder``), with inductor:
+rank-8 adapters, ``experiments.bench.decode.quantize_decoder``), with inductor:
 
 * forward (no grad, batch 1 × 64 tokens): compiled vs eager max |Δlogits| and time per call;
 * training step (``loss.backward`` + AdamW on the adapters, batch 2 × 64): ``--steps`` steps from the same
@@ -11,7 +11,7 @@ rank-8 adapters, ``experiments.bench_decode.quantize_decoder``), with inductor:
 ``fullgraph=True`` raises on any graph break, so a finished run is the no-graph-break check.
 Eager and compiled steps alternate (one of each per step), so machine load hits both alike.
 
-    .venv/bin/python -m experiments.bench_compile [--models stories260K smollm2_135m] [--steps 20]
+    .venv/bin/python -m experiments.bench.compile [--models stories260K smollm2_135m] [--steps 20]
 
 Writes ``results/bench/compile_cpu.json``. Targets (issue 27): compiled step ≤ eager step time, losses
 equal within 1e-5 relative over 20 steps.
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def quantized_model(name: str, bits: float, rank: int) -> torch.nn.Module:
     """The model with every decoder linear quantized (random codes, NF codebooks) and non-zero adapters."""
-    from experiments.bench_decode import build_model, quantize_decoder
+    from experiments.bench.decode import build_model, quantize_decoder
     from lowra.nn import LowRALinear
 
     torch.manual_seed(0)

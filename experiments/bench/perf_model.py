@@ -1,6 +1,6 @@
 """Fit and validate the kernel performance model (``lowra_kernels.perf_model``) on the H200 measurements.
 
-``python -m experiments.bench_perf_model [--features] [--jobs N]``
+``python -m experiments.bench.perf_model [--features] [--jobs N]``
 
 Data (``results/bench/h200``): the GEMV sweep (``gpu_sweep.json``: 4096×11008, bf16, M = 1,
 40 BLOCK_N × SPLIT_K × warps configs per width, graph replay of one weight — its codes stay in L2)
@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 H200_DIR = REPO / "results" / "bench" / "h200"
 FEATURES = REPO / "results" / "bench" / "perf_model_features.json"
 OUT = REPO / "results" / "bench" / "perf_model_fit.json"

@@ -1,4 +1,4 @@
-"""``python -m experiments.check_stream_equal``: streamed == in memory on a real model (stories260K here)."""
+"""``python -m experiments.bench.check_stream_equal``: streamed == in memory on a real model (stories260K here)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.check_stream_equal import main
+from experiments.bench.check_stream_equal import main
 
 ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
 

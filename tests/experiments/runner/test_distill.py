@@ -9,13 +9,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments import train as train_module
-from experiments.config_check import CONF_DIR, ConfigError, check_config
-from experiments.data import pack_blocks
-from experiments.distill import DistillStats, distill_loss, freeze
-from experiments.eval_stories import load_model, token_splits
-from experiments.run_setup import trainable_parameters
-from experiments.train import LMBatches, load_checkpoint, train
+from experiments.eval.stories import load_model, token_splits
+from experiments.runner import train as train_module
+from experiments.runner.config_check import CONF_DIR, ConfigError, check_config
+from experiments.runner.data import pack_blocks
+from experiments.runner.distill import DistillStats, distill_loss, freeze
+from experiments.runner.setup import trainable_parameters
+from experiments.runner.train import LMBatches, load_checkpoint, train
 from lowra.model import quantize_model
 
 

@@ -15,7 +15,7 @@ inductor, ``dynamic=False``, under ``torch.no_grad``).
 Candidates run in interleaved rounds (one thread), so load from other processes hits them alike;
 the table reports the median µs per call over rounds, and the ratio to ``F.linear`` + LoRA.
 
-    .venv/bin/python -m experiments.bench_host [--ms 1 16 2048] [--plans 1 2 4 mixed] [--no-compile]
+    .venv/bin/python -m experiments.bench.host [--ms 1 16 2048] [--plans 1 2 4 mixed] [--no-compile]
 
 Writes ``results/bench/host_cpu.json``. Targets (issue 27): eager ≤ 15 µs per call and ≤ 1.5×
 ``F.linear`` + LoRA's host time.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PLANS = {"1": (1,), "2": (2,), "4": (4,), "mixed": (1, 2, 4)}
 
 
@@ -61,7 +61,7 @@ class DenseLoRA(nn.Module):
 def lowra_layer(out_features: int, in_features: int, widths: tuple[int, ...], rank: int, seed: int = 0) -> nn.Module:
     """A ``LowRALinear`` with rows spread over ``widths`` (random codes, NF codebooks, group 64), a bias
     and rank-``rank`` adapters (B non-zero)."""
-    from experiments.bench_decode import random_group
+    from experiments.bench.decode import random_group
     from lowra.format import QuantizedTensor
     from lowra.nn import LowRALinear
     from lowra.scales import GroupScales, compute_absmax

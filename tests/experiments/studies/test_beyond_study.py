@@ -1,4 +1,4 @@
-"""experiments.beyond_study: its table reads the runner's results.json + samples.json of each seed."""
+"""experiments.studies.beyond: its table reads the runner's results.json + samples.json of each seed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import beyond_study
+from experiments.studies import beyond as beyond_study
 
 
 def _fake_run(out, label, seed, ppl, samples):

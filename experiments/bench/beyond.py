@@ -12,7 +12,7 @@ model was built, and its peak during 3 steps above the built state (``/proc/self
 reset after the build where the kernel allows). Writes
 ``results/bench/beyond_cpu.json`` and prints a table.
 
-    .venv/bin/python -m experiments.bench_beyond --bits 1.15
+    .venv/bin/python -m experiments.bench.beyond --bits 1.15
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("base", "distill")
 
 
@@ -37,12 +37,12 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
     """A ``step(index) -> loss`` closure for ``variant`` and what it holds."""
     from omegaconf import OmegaConf
 
-    from experiments.config_check import CONF_DIR
-    from experiments.data import pack_blocks
-    from experiments.distill import distill_loss, freeze
-    from experiments.eval_stories import load_model, token_splits
-    from experiments.run_setup import trainable_parameters
-    from experiments.train import LMBatches
+    from experiments.eval.stories import load_model, token_splits
+    from experiments.runner.config_check import CONF_DIR
+    from experiments.runner.data import pack_blocks
+    from experiments.runner.distill import distill_loss, freeze
+    from experiments.runner.setup import trainable_parameters
+    from experiments.runner.train import LMBatches
     from lowra.model import quantize_model
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 times[v].append(time.perf_counter() - t0)
     memory = {}
     for v in args.variants:
-        out = subprocess.run([sys.executable, "-m", "experiments.bench_beyond", "--bits", str(args.bits),
+        out = subprocess.run([sys.executable, "-m", "experiments.bench.beyond", "--bits", str(args.bits),
                               "--child", v], cwd=REPO, capture_output=True, text=True, check=True).stdout
         memory[v] = json.loads(out.strip().splitlines()[-1])
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"variant": v, "median_step_s": statistics.median(times[v]),
              "ratio_vs_first": statistics.median(times[v]) / base, "steps": len(times[v]), **memory[v]}
             for v in args.variants]
-    from experiments.logging_utils import atomic_write_json
+    from experiments.runner.logging_utils import atomic_write_json
 
     atomic_write_json(args.out, {"bits": args.bits, "threads": 1, "loadavg_after": load, "rows": rows,
                                  "machine": "shared 2-core CPU"})
