@@ -77,7 +77,7 @@ bench: $(STAMP)
 # Every Triton kernel × autotune config × bits × dtype compiled for sm_90 and sm_80 (no GPU needed);
 # fails on a compile error, a spilling config or duplicate binaries; writes results/bench/kernels_sm90_static.json.
 kernels-compile: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m lowra_kernels.compile_check --arch 90 80 --out results/bench/kernels_sm90_static.json
+	env -u TRITON_INTERPRET $(PY) -m lowra_kernels.compile_check --arch 90 80 --sass --out results/bench/kernels_sm90_static.json
 
 # Static H100 estimate from the sm_90 SASS (instructions per weight, bytes vs floor); no GPU needed.
 kernels-static: $(STAMP)

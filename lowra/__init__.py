@@ -23,6 +23,12 @@ _EXPORTS = {
     "LoftQResult": "lowra.loftq",
     "LowRAConfig": "lowra.config",
     "LowRALinear": "lowra.nn",
+    "PAPER": "lowra.config",
+    "ModelSource": "lowra.weights",
+    "ShardSource": "lowra.weights",
+    "WeightSource": "lowra.weights",
+    "method_of": "lowra.methods",
+    "sample_windows": "lowra.calibration",
     "PrecisionPlan": "lowra.precision",
     "QuantizationReport": "lowra.model",
     "QuantizedTensor": "lowra.format",
@@ -84,6 +90,8 @@ __all__ = [
     "LoftQResult",
     "LowRAConfig",
     "LowRALinear",
+    "ModelSource",
+    "PAPER",
     "PrecisionPlan",
     "QuantizationReport",
     "QuantizedTensor",
@@ -111,7 +119,11 @@ __all__ = [
     "quantize_pretrained",
     "read_manifest",
     "register_quantizer",
+    "sample_windows",
     "save_quantized",
+    "ShardSource",
+    "WeightSource",
+    "method_of",
 ]
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["calibration_batches", "calibration_windows", "collect_fisher", "collect_hessians"]
+__all__ = ["calibration_batches", "calibration_windows", "collect_fisher", "collect_hessians", "head_nll_sum",
+           "large_allocations_mapped", "plain_head", "sample_windows"]
 
 
 def calibration_windows(stream: torch.Tensor, n_samples: int = 256, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
@@ -43,6 +44,41 @@ def calibration_windows(stream: torch.Tensor, n_samples: int = 256, seq_len: int
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+#: ``sample_windows``' defaults: the runner's calibration recipe (conf/quant/lowra.yaml: 64 × 256 tokens).
+SAMPLE_WINDOWS, SAMPLE_SEQ_LEN = 64, 256
+
+
+@torch.no_grad()
+def sample_windows(model: nn.Module, n_samples: int = SAMPLE_WINDOWS, seq_len: int = SAMPLE_SEQ_LEN, seed: int = 0,
+                   batch_size: int = 16) -> torch.Tensor:
+    """Calibration windows ``[n_samples, seq_len]`` (int64) sampled from the full-precision model itself.
+
+    The library's default when a config needs calibration text and none is given (as LLM-QAT's
+    data-free calibration: the model's own samples follow its training distribution): each window
+    starts at the model's BOS token and continues by plain multinomial sampling (temperature 1,
+    no top-k/top-p, end-of-sequence suppressed so every window is full), seeded (the global RNG is
+    left as it was). Raises ValueError for a model without ``config.bos_token_id`` or ``generate``.
+    """
+    config = getattr(model, "config", None)
+    bos = getattr(config, "bos_token_id", None)
+    if bos is None or not hasattr(model, "generate"):
+        raise ValueError(f"{type(model).__name__} has no BOS token / generate(): pass calibration= (int64 token "
+                         "windows [samples, seq_len], e.g. lowra.calibration.calibration_windows of some text)")
+    device = next(model.parameters()).device
+    eos = getattr(config, "eos_token_id", None)
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        for start in range(0, n_samples, batch_size):
+            n = min(batch_size, n_samples - start)
+            ids = torch.full((n, 1), int(bos), dtype=torch.long, device=device)
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                                 pad_token_id=eos if isinstance(eos, int) else bos, eos_token_id=eos)
+            out.append(seq[:, :seq_len].cpu())
+    return torch.cat(out).to(torch.int64)
 
 
 def calibration_batches(calibration: Any, batch_size: int, wanted: str) -> tuple[torch.Tensor, ...]:
@@ -249,7 +285,7 @@ def collect_fisher(
     was_training = model.training
     model.eval()
     try:
-        with _checkpointed(_decoder_layers(model)), _large_allocations_mapped():
+        with _checkpointed(_decoder_layers(model)), large_allocations_mapped():
             for batch in batches:
                 ids = torch.as_tensor(batch).to(device)
                 if ids.dim() == 1:
@@ -307,7 +343,7 @@ def collect_fisher(
 
 
 @contextmanager
-def _large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
     """Inside: glibc serves blocks ≥ ``threshold`` bytes by mmap, so a freed activation goes back to
     the OS instead of pinning heap pages between long-lived blocks (measured on SmolLM2: the
     pass's peak resident set minus its live tensors fell from ~0.6 GB to ~0.2 GB). Afterwards the
@@ -383,7 +419,7 @@ def _checkpoint_call(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> 
 _SCALED_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """``(decoder, lm_head)`` when ``logits = lm_head(decoder(ids).last_hidden_state)`` exactly."""
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
@@ -406,7 +442,7 @@ def _causal_lm_loss(model: nn.Module, ids: torch.Tensor, head_tokens: int, leaf_
     input embeddings a leaf that requires grad, so activations carry gradients while no parameter
     does.
     """
-    parts = _plain_head(model)
+    parts = plain_head(model)
     embed = model.get_input_embeddings() if leaf_inputs else None
     handle = None
     if embed is not None:
@@ -426,9 +462,9 @@ def _causal_lm_loss(model: nn.Module, ids: torch.Tensor, head_tokens: int, leaf_
     for start in range(0, labels.numel(), head_tokens):
         piece = slice(start, start + head_tokens)
         total = total + torch.utils.checkpoint.checkpoint(
-            _head_nll_sum, head, hidden[piece], labels[piece], use_reentrant=False)
+            head_nll_sum, head, hidden[piece], labels[piece], use_reentrant=False)
     return total / labels.numel()
 
 
-def _head_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def head_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")

@@ -24,13 +24,17 @@ their defaults and can be added on the command line (``+quant.budget_scope=matri
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HYDRA_KEYS", "LowRAConfig", "config_from_arguments"]
+from lowra.methods import INIT_FIELDS as METHOD_INIT_FIELDS
+from lowra.methods import LOWRA_FIELDS, METHOD_DEFAULT, Method, method_of
+
+__all__ = ["HYDRA_KEYS", "PAPER", "LowRAConfig", "config_from_arguments"]
 
 #: ``LowRAConfig.to_dict()["quant_method"]``: the name of this quantization scheme in HF configs.
 QUANT_METHOD = "lowra"
@@ -47,12 +51,14 @@ _WIDTHS = (1, 2, 3, 4)
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: LowRA-only fields: the runner reads them from ``quant.*`` for ``quant.method=lowra`` only (the
 #: other presets list them as "unused").
-LOWRA_ONLY = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
-              "low_bits_init")
+LOWRA_ONLY = LOWRA_FIELDS
+#: The paper's preset (conf/quant/lowra_paper.yaml) as ``LowRAConfig`` fields: data-free weight-SSE plan
+#: over {1, 2, 4} bits, LoftQ init — ``LowRAConfig(bits=2, **PAPER)``.
+PAPER = {"candidates": (1, 2, 4), "error": "sse", "init": "loftq", "low_bits_init": None}
 #: The keys of ``LowRAConfig.low_bits_init``.
 LOW_BITS_INIT_KEYS = ("below", "loftq_iters", "init_codebooks")
 #: Adapter-init fields: read for every quantizing method (not for ``method=none``).
-INIT_FIELDS = ("init", "init_damp")
+INIT_FIELDS = METHOD_INIT_FIELDS
 
 
 @dataclasses.dataclass
@@ -119,31 +125,31 @@ class LowRAConfig:
         adapter_dtype: dtype name of A/B (``"bfloat16"``, ...); None: fp32 on CPU, bf16 on GPU.
     """
 
-    bits: float
+    bits: float = 2.0
     method: str = "lowra"
     group_size: int = 64
     double_quant: bool = False
-    candidates: tuple[int, ...] = (1, 2, 4)
+    candidates: tuple[int, ...] = METHOD_DEFAULT  # type: ignore[assignment]
     codebook: str = "learned"
     codebook_iters: int = 20
     weight_power: float = 2.0
     plan: str = "ilp"
     budget_scope: str = "model"
     budget_kind: str = "nominal"
-    error: str = "sse"
+    error: str = METHOD_DEFAULT  # type: ignore[assignment]
     fisher_codebooks: bool = False
     measure_windows: int = 16
-    calibration_batch_size: int = 16
+    calibration_batch_size: int = 4
     plan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     quant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
     loftq_iters: int = 1
-    init: str = "loftq"
+    init: str = METHOD_DEFAULT  # type: ignore[assignment]
     init_damp: float = 0.01
     init_codebooks: str = "fixed"
-    low_bits_init: dict[str, Any] | None = None
+    low_bits_init: dict[str, Any] | None = METHOD_DEFAULT  # type: ignore[assignment]
     target_modules: str | tuple[str, ...] | None = None
     skip_modules: tuple[str, ...] = ("lm_head",)
     adapter_dtype: str | None = None
@@ -154,8 +160,12 @@ class LowRAConfig:
 
     # ------------------------------------------------------------------------- validation
     def _normalise_types(self) -> None:
-        """Plain Python types (so ``to_dict`` is JSON-safe and equal configs compare equal)."""
+        """Plain Python types (so ``to_dict`` is JSON-safe and equal configs compare equal); fields
+        left at ``METHOD_DEFAULT`` take the method's default (``lowra.methods.Method.defaults``)."""
         self.method = _string("method", self.method)
+        for name, value in method_of(self.method).defaults.items():
+            if getattr(self, name) is METHOD_DEFAULT:
+                setattr(self, name, copy.deepcopy(value))
         self.bits = _number("bits", self.bits)
         for name in ("group_size", "codebook_iters", "measure_windows", "calibration_batch_size", "rank",
                      "loftq_iters"):
@@ -202,14 +212,8 @@ class LowRAConfig:
             raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {self.error!r}")
         if self.init not in INITS:
             raise ValueError(f"quant.init must be one of {INITS}, got {self.init!r}")
-        if self.error != "sse" and self.method != "lowra":
-            raise ValueError(f"quant.error={self.error!r} is an error table of LowRA's planner; "
-                             f"method {self.method!r} has none")
         if self.init_codebooks not in _INIT_CODEBOOKS:
             raise ValueError(f"quant.init_codebooks must be 'fixed' or 'relearn', got {self.init_codebooks!r}")
-        if self.init_codebooks == "relearn" and not (self.method == "lowra" and self.codebook == "learned"):
-            raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
-                             f"(got method={self.method!r}, codebook={self.codebook!r})")
         if self.low_bits_init is not None:
             low = self.low_bits_init
             if not 1.0 < low["below"] <= 4.0:
@@ -219,34 +223,10 @@ class LowRAConfig:
             if low["init_codebooks"] not in _INIT_CODEBOOKS:
                 raise ValueError("quant.low_bits_init.init_codebooks must be 'fixed' or 'relearn', got "
                                  f"{low['init_codebooks']!r}")
-            if self.method != "lowra":
-                raise ValueError(f"quant.low_bits_init needs method='lowra', got method={self.method!r}")
-        if self.fisher_codebooks and self.error != "fisher":
-            raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
         if self.budget_kind not in _BUDGET_KINDS:
             raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {self.budget_kind!r}")
-        with_plan = self.method == "lowra" and self.plan == "ilp"
-        if self.budget_kind == "effective" and not with_plan:
-            raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
-                             "other methods store one fixed width and report their effective bits as they are")
         if self.budget_scope not in _SCOPES:
             raise ValueError(f"budget_scope must be 'model' or 'matrix', got {self.budget_scope!r}")
-        if self.method != "none":
-            high = 16.0 if self.budget_kind == "effective" else 4.0
-            if not 1.0 <= self.bits <= high:
-                raise ValueError(f"bits: bit budget must lie in [1.0, {high}], got {self.bits!r}")
-            if self.method == "lowra" and self.plan == "uniform" and self.bits != round(self.bits):
-                raise ValueError(
-                    f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
-                    f"budget bits={self.bits:g}; use plan='ilp' (the precision plan) or an integer budget")
-            if self.method != "lowra" and self.budget_kind == "nominal" and self.bits != round(self.bits):
-                raise ValueError(
-                    f"method {self.method!r} quantizes every row at one integer width, got bits={self.bits:g}; a "
-                    "fractional budget needs method='lowra' (per-row precision plan)")
-        if self.method not in ("lowra", "none"):
-            from lowra.quantizers import get_quantizer
-
-            get_quantizer(self.method)  # an unknown method: ValueError listing the registered ones
         if not self.candidates or any(b not in _WIDTHS for b in self.candidates) or \
                 len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct widths from {_WIDTHS}, got {self.candidates!r}")
@@ -270,6 +250,12 @@ class LowRAConfig:
         if unknown:
             raise ValueError(f"plan_options: unknown option(s) {unknown} of assign_precision; allowed: "
                              f"{list(PLAN_OPTIONS)}")
+        self.method_object.check(self)  # the method's own fields and the budget (lowra.methods)
+
+    @property
+    def method_object(self) -> Method:
+        """The :class:`~lowra.methods.Method` of ``method`` (what it plans, needs and quantizes with)."""
+        return method_of(self.method)
 
     # ------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -318,8 +304,9 @@ class LowRAConfig:
         options = dict(q.get("options") or {})
         calibration = options.pop("calibration", None) or {}
         values: dict[str, Any] = {}
+        own = method_of(method)  # the fields only it reads; the init fields for quantizing methods only
         for field, key in HYDRA_KEYS.items():
-            if field in LOWRA_ONLY and method != "lowra" or field in INIT_FIELDS and method == "none":
+            if field in LOWRA_ONLY and field not in own.fields or field in INIT_FIELDS and not own.quantizes:
                 continue
             group, _, rest = key.partition(".")
             if group == "quant" and rest == "options":
@@ -330,7 +317,9 @@ class LowRAConfig:
                     values[field] = calibration["batch_size"]
                 continue
             source = q if group == "quant" else _plain(cfg[group])
-            if rest in source and source[rest] is not None or field in ("bits", "method"):
+            # null keeps a field's default, except low_bits_init, where null means "no low-bit rule"
+            # (its default depends on the method)
+            if rest in source and (source[rest] is not None or field == "low_bits_init") or field in ("bits", "method"):
                 values[field] = source[rest]
         # ``quant.options`` are extra keyword arguments of quantize_model: a field's name sets the
         # field (``+quant.options.measure_windows=4``), the rest are the quantizer's options
@@ -381,9 +370,7 @@ def config_from_arguments(config: LowRAConfig | Mapping[str, Any] | float | None
     elif isinstance(config, Mapping):
         base = LowRAConfig.from_dict(config)
     elif config is None:
-        if "bits" not in fields:
-            raise ValueError("quantize_model needs a LowRAConfig (or the budget: quantize_model(model, bits, ...))")
-        base = None
+        base = None  # LowRAConfig(): the runner's default (quant=lowra), with the fields given
     else:
         if "bits" in fields:
             raise ValueError("quantize_model got the budget twice: positionally and as bits=")

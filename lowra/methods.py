@@ -1,42 +1,368 @@
-"""The runner-facing methods of issue 7: LoRA, QLoRA, LoftQ, ModuLoRA (OPTQ) and LowRA.
+"""Quantization methods as objects, and the runner's presets of them.
 
-Every method runs through the same format (``QuantizedTensor``), kernels, ``LowRALinear``,
-training loop and evaluation; a ``MethodSpec`` says only what differs: the quantizer behind
-``lowra.quantize_model(method=...)``, the budgets it accepts, the adapter init, the absmax storage
-and the optimizer. ``conf/quant/<name>.yaml`` mirrors these specs for the Hydra runner
-(``quant=<name>``); ``check_budget`` is the one place that refuses an unsupported budget.
+A :class:`Method` (one per ``LowRAConfig.method``: ``lowra``, ``nf``, ``uniform``, ``optq``, any
+other registered quantizer, and ``none``) says in ONE place everything that differs between
+methods, and every stage, the streaming path, ``LowRAConfig`` and the runner's checks ask it:
 
-| method   | quantizer | budgets (code bits)  | init                 | double quant | optimizer (CUDA / CPU)   |
-|----------|-----------|----------------------|----------------------|--------------|--------------------------|
-| lora     | none      | ignored (16-bit base)| standard (B = 0)     | —            | adamw                    |
-| qlora    | nf        | {4}                  | standard (B = 0)     | yes (8-bit)  | paged_adamw_8bit / adamw |
-| loftq    | nf        | {2, 4}               | LoftQ, T = 1         | no           | adamw                    |
-| modulora | optq      | {2, 3, 4}            | standard (B = 0)     | no           | adamw                    |
-| lowra    | lowra     | any in [1, 4]        | LoftQ, T = 1         | no           | adamw                    |
+- its own config fields (:attr:`Method.fields`: the ``LowRAConfig`` fields only it reads; the
+  runner reads them from ``quant.*`` for this method only) and their checks
+  (:meth:`Method.check`, called by ``LowRAConfig.__post_init__``);
+- the budgets it accepts (:meth:`Method.check_bits`: THE place ``bits`` is validated);
+- its layer quantizer (:meth:`Method.layer_quantizer`: ``[out, in] → QuantizedTensor``, through
+  the quantizer registry ``lowra.quantizers`` for every method, LowRA included);
+- whether it plans precision (:meth:`Method.plans`), what calibration statistics it needs
+  (:meth:`Method.needs` → :class:`CalibrationNeeds`), its default adapter init.
+
+As torchao's ``quantize_`` maps a config type to its handler, ``method_of(name)`` maps
+``LowRAConfig.method`` to its object; a new quantizer registered with
+``lowra.quantizers.register_quantizer`` is a method at once (:class:`QuantizerMethod`).
+
+The runner-facing presets (``conf/quant/<name>.yaml``) are :data:`METHODS` (issue 7: LoRA, QLoRA,
+LoftQ, ModuLoRA (OPTQ), LowRA and its paper preset): a :class:`MethodSpec` names the method and
+what the preset fixes (budgets, init, absmax storage, optimizer).
+
+| preset      | method | budgets (code bits)  | init                 | double quant | optimizer (CUDA / CPU)   |
+|-------------|--------|----------------------|----------------------|--------------|--------------------------|
+| lora        | none   | ignored (16-bit base)| standard (B = 0)     | —            | adamw                    |
+| qlora       | nf     | {4}                  | standard (B = 0)     | yes (8-bit)  | paged_adamw_8bit / adamw |
+| loftq       | nf     | {2, 4}               | LoftQ, T = 1         | no           | adamw                    |
+| modulora    | optq   | {2, 3, 4}            | standard (B = 0)     | no           | adamw                    |
+| lowra       | lowra  | any in [1, 4]        | calibrated, T = 1    | no           | adamw                    |
+| lowra_paper | lowra  | any in [1, 4]        | LoftQ, T = 1         | no           | adamw                    |
 
 Notes: QLoRA's NF4 uses blocks of 64 and double-quantizes the absmax to 8 bits in blocks of 256
 (``lowra.scales``); its paged 8-bit AdamW needs bitsandbytes on CUDA, so on a CPU the run uses
 plain AdamW and records that (``optimizer_for``). LoftQ's published code supports NF4 (PEFT) and
-NF2 (the LoftQ repository); ModuLoRA's OPTQ needs calibration Hessians
-(``lowra.calibration.collect_hessians``, run by ``lowra.quantize_model(calibration=...)`` on the
-full-precision model) and quantizes every matrix at one width.
-
-LowRA's ablations are ``lowra.quantize_model`` options exposed as ``quant.<key>=`` overrides of
-``conf/quant/lowra.yaml`` (the keys of ``MethodSpec.ablations``).
+NF2 (the LoftQ repository); ModuLoRA's OPTQ needs calibration Hessians (collected by
+``lowra.quantize_model(calibration=...)`` on the full-precision model) and quantizes every matrix
+at one width. LowRA's ablations are ``quant.<key>=`` overrides of ``conf/quant/lowra.yaml`` (the
+keys of ``MethodSpec.ablations``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["METHODS", "MethodSpec", "check_budget", "get_method", "optimizer_for"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from lowra.config import LowRAConfig
+    from lowra.format import QuantizedTensor
+
+__all__ = [
+    "METHODS", "METHOD_DEFAULT", "CalibrationNeeds", "LowRAMethod", "Method", "MethodSpec", "NoQuantization",
+    "QuantizerMethod", "get_method", "method_names", "method_of", "optimizer_for", "unstreamable",
+]
 
 STANDARD_INIT = "standard"
 LOFTQ_INIT = "loftq"
 CALIBRATED_INIT = "calibrated"
+#: ``LowRAConfig`` fields of the adapter init: read for every quantizing method, unused by ``none``.
+INIT_FIELDS = ("init", "init_damp")
+class _MethodDefault:
+    """The default of a ``LowRAConfig`` field that depends on the method (``Method.defaults``)."""
+
+    def __repr__(self) -> str:
+        return "METHOD_DEFAULT"
 
 
+#: A ``LowRAConfig`` field left at this takes its method's default (:attr:`Method.defaults`).
+METHOD_DEFAULT: Any = _MethodDefault()
+#: The error tables that read calibration text (``lowra.error_tables.DATA_TABLES``).
+DATA_TABLES = ("fisher", "kfac", "measured")
+
+
+# ------------------------------------------------------------------------------ calibration needs
+@dataclass(frozen=True)
+class CalibrationNeeds:
+    """What a config needs from calibration text, per target layer.
+
+    ``fisher``: diagonal empirical Fisher ``[out, in]`` (``error=fisher|measured``,
+    ``fisher_codebooks``); ``hessians``: input Grams ``[in, in]`` (``error=kfac``, the calibrated
+    init); ``output_grads``: K-FAC output factors ``[out]`` (``error=kfac``); ``layer_hessians``:
+    the quantizer's own ``hessian=`` per layer (OPTQ); ``init``: the calibrated init reads the
+    Grams (so they live until the layer is quantized); ``in_memory``: the whole model must be in
+    memory (``error=measured`` runs it once per layer and width); ``why``: the option that asks.
+    """
+
+    fisher: bool = False
+    hessians: bool = False
+    output_grads: bool = False
+    layer_hessians: bool = False
+    init: bool = False
+    in_memory: bool = False
+    why: str = ""
+
+    @property
+    def any(self) -> bool:
+        return self.fisher or self.hessians or self.output_grads or self.layer_hessians
+
+    @property
+    def gradients(self) -> bool:
+        """The statistics need the loss gradient (a backward pass), not only a forward."""
+        return self.fisher or self.output_grads
+
+
+# ------------------------------------------------------------------------------------ methods
+class Method:
+    """One ``LowRAConfig.method``: what the stages ask of it (see the module docstring)."""
+
+    name: str = ""
+    #: ``LowRAConfig`` fields only this method reads (others ignore them; the runner reads them for it only)
+    fields: tuple[str, ...] = ()
+    #: the adapter init when a preset does not say (``LowRAConfig.init``)
+    default_init: str = LOFTQ_INIT
+    #: the base is quantized (False: a dense frozen base, plain LoRA)
+    quantizes: bool = True
+    #: ``LowRAConfig`` fields whose default depends on the method (left at ``METHOD_DEFAULT``)
+    defaults: dict[str, Any] = {"candidates": (1, 2, 4), "error": "sse", "init": LOFTQ_INIT, "low_bits_init": None}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # ---- budgets and checks
+    def check_bits(self, config: LowRAConfig) -> None:
+        """THE check of ``config.bits``: a finite budget in [1, 4] code bits (``budget_kind="effective"``:
+        up to 16 stored bits, for methods that plan); an integer unless the method plans precision."""
+        bits = config.bits
+        if not self.quantizes:
+            return
+        high = 16.0 if config.budget_kind == "effective" else 4.0
+        if not (math.isfinite(bits) and 1.0 <= bits <= high):
+            raise ValueError(f"bits: bit budget must lie in [1.0, {high}], got {bits!r}")
+        if not self.plans(config) and config.budget_kind == "nominal" and bits != round(bits):
+            raise ValueError(self._fractional_message(config))
+
+    def _fractional_message(self, config: LowRAConfig) -> str:
+        return (f"method {self.name!r} quantizes every row at one integer width, got bits={config.bits:g}; a "
+                "fractional budget needs method='lowra' (per-row precision plan)")
+
+    def check(self, config: LowRAConfig) -> None:
+        """Method-specific checks of a config whose common fields are valid (ValueError naming the field)."""
+        self.check_bits(config)
+        if config.budget_kind == "effective" and not self.plans(config):
+            raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
+                             "other methods store one fixed width and report their effective bits as they are")
+        for name, default, why in _LOWRA_FIELD_DEFAULTS:
+            if name not in self.fields and getattr(config, name) != default:
+                raise ValueError(why.format(method=self.name, value=getattr(config, name)))
+
+    # ---- what the stages ask
+    def plans(self, config: LowRAConfig) -> bool:
+        """Stages 4-5 (codebooks + error tables, one precision plan) run."""
+        return False
+
+    def integer_bits(self, config: LowRAConfig) -> int:
+        """The one width every row is stored at (methods without a plan)."""
+        return int(round(config.bits))
+
+    def candidates(self, config: LowRAConfig) -> tuple[int, ...]:
+        return tuple(config.candidates)
+
+    def needs(self, config: LowRAConfig) -> CalibrationNeeds:
+        """Calibration statistics this config needs: the calibrated adapter init's Grams here."""
+        if not self.quantizes:
+            return CalibrationNeeds()
+        low = config.low_bits_init["loftq_iters"] if config.low_bits_init and config.rank > 0 else 0
+        iters = config.loftq_iters if config.rank > 0 else 0
+        init = config.init == CALIBRATED_INIT and max(iters, low) > 0
+        return CalibrationNeeds(hessians=init, init=init, why="quant.init=calibrated" if init else "")
+
+    def layer_quantizer(self, config: LowRAConfig, *, bits_per_row: torch.Tensor | None,
+                        codebooks: dict[int, torch.Tensor] | None, device: torch.device, backend: str,
+                        options: dict[str, Any], importance: torch.Tensor | None = None,
+                        relearn: bool = False) -> Callable[[torch.Tensor], QuantizedTensor]:
+        """The layer's ``[out, in] → QuantizedTensor`` (quantize + pack) the adapter init calls, widths fixed."""
+        raise NotImplementedError(f"method {self.name!r} does not quantize")
+
+
+class NoQuantization(Method):
+    """``method="none"``: a frozen dense base and the standard LoRA init (the LoRA baseline)."""
+
+    name = "none"
+    quantizes = False
+    default_init = STANDARD_INIT
+
+
+class QuantizerMethod(Method):
+    """A registered quantizer (``lowra.quantizers``: ``nf``, ``uniform``, ``optq``, ...) at one width."""
+
+    def __init__(self, name: str) -> None:
+        from lowra.quantizers import get_quantizer
+
+        self.name = name
+        self.quantizer = get_quantizer(name)  # an unknown name: ValueError listing the registered ones
+
+    def needs(self, config: LowRAConfig) -> CalibrationNeeds:
+        base = super().needs(config)
+        if not getattr(self.quantizer, "needs_calibration", False):
+            return base
+        return CalibrationNeeds(hessians=base.hessians, init=base.init, layer_hessians=True,
+                                why=f"method {self.name!r}")
+
+    def check(self, config: LowRAConfig) -> None:
+        super().check(config)
+        if config.budget_kind == "nominal":
+            width = self.integer_bits(config)
+            accepted = tuple(getattr(self.quantizer, "accepted_bits", (1, 2, 3, 4)))
+            if width not in accepted:
+                raise ValueError(f"bits: method {self.name!r} supports {accepted} bits, got {config.bits:g}")
+
+    def layer_quantizer(self, config: LowRAConfig, *, bits_per_row: torch.Tensor | None,
+                        codebooks: dict[int, torch.Tensor] | None, device: torch.device, backend: str,
+                        options: dict[str, Any], importance: torch.Tensor | None = None,
+                        relearn: bool = False) -> Callable[[torch.Tensor], QuantizedTensor]:
+        width, quantizer = self.integer_bits(config), self.quantizer
+        group_size, double_quant = config.group_size, config.double_quant
+        return lambda m: quantizer.quantize(m, width, group_size, double_quant, backend=backend, **options)
+
+
+class LowRAMethod(Method):
+    """``method="lowra"``: learned per-row codebooks, an error table and one precision plan.
+
+    Its own fields (:data:`LOWRA_FIELDS`): ``codebook``, ``plan``, ``weight_power``, ``error``,
+    ``fisher_codebooks``, ``budget_kind``, ``init_codebooks``, ``low_bits_init``.
+    """
+
+    name = "lowra"
+    fields = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
+              "low_bits_init")
+    default_init = CALIBRATED_INIT
+    #: the runner's ``quant=lowra`` (issue 12's measured default): candidates {1, 2, 3, 4}, the K-FAC
+    #: table, the calibrated init; below 2 code bits 4 alternations that relearn the codebooks
+    defaults = {"candidates": (1, 2, 3, 4), "error": "kfac", "init": CALIBRATED_INIT,
+                "low_bits_init": {"below": 2.0, "loftq_iters": 4, "init_codebooks": "relearn"}}
+
+    def plans(self, config: LowRAConfig) -> bool:
+        return config.plan == "ilp"
+
+    def _fractional_message(self, config: LowRAConfig) -> str:
+        return (f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
+                f"budget bits={config.bits:g}; use plan='ilp' (the precision plan) or an integer budget")
+
+    def check(self, config: LowRAConfig) -> None:
+        super().check(config)
+        if config.init_codebooks == "relearn" and config.codebook != "learned":
+            raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
+                             f"(got method={self.name!r}, codebook={config.codebook!r})")
+        if config.fisher_codebooks and config.error != "fisher":
+            raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
+
+    def candidates(self, config: LowRAConfig) -> tuple[int, ...]:
+        """The config's candidates; without a plan the integer budget joins them (its codebooks are learned)."""
+        candidates = tuple(config.candidates)
+        if not self.plans(config) and config.budget_kind == "nominal":
+            width = self.integer_bits(config)
+            if width not in candidates:
+                candidates = tuple(sorted({*candidates, width}))
+        return candidates
+
+    def needs(self, config: LowRAConfig) -> CalibrationNeeds:
+        base = super().needs(config)
+        table = config.error if self.plans(config) and config.error in DATA_TABLES else None
+        fisher = table in ("fisher", "measured") or config.fisher_codebooks
+        kfac = table == "kfac"
+        why = f"quant.error={config.error}" if table or fisher else base.why
+        return CalibrationNeeds(fisher=fisher, hessians=base.hessians or kfac, output_grads=kfac,
+                                init=base.init, in_memory=table == "measured", why=why)
+
+    def layer_quantizer(self, config: LowRAConfig, *, bits_per_row: torch.Tensor | None,
+                        codebooks: dict[int, torch.Tensor] | None, device: torch.device, backend: str,
+                        options: dict[str, Any], importance: torch.Tensor | None = None,
+                        relearn: bool = False) -> Callable[[torch.Tensor], QuantizedTensor]:
+        """Through the registry's ``lowra`` quantizer: the plan's widths and codebooks fixed (``relearn``:
+        each call after the first relearns every row's codebook on its argument, at the row's width);
+        without a plan one integer width, the codebooks learned on the first call (Fisher-weighted
+        with ``importance``) and kept."""
+        import torch
+
+        from lowra.codebook import learn_codebooks
+        from lowra.quantizers import get_quantizer
+
+        quantizer = get_quantizer(self.name)
+        group_size, double_quant = config.group_size, config.double_quant
+        iters = 0 if config.codebook == "nf" else config.codebook_iters
+        learn = dict(group_size=group_size, iters=iters, weight_power=config.weight_power, double_quant=double_quant)
+        if bits_per_row is None:
+            width = self.integer_bits(config)
+            widths: tuple[int, ...] = (width,)
+            tables: dict[int, torch.Tensor] | None = None
+            weigh = dict(importance=importance, weigh_codebooks=importance is not None)
+        else:
+            widths = tuple(sorted(torch.unique(bits_per_row).tolist()))
+            tables = {b: codebooks[b].to(device) for b in widths}
+            weigh = {}
+        planned = None if bits_per_row is None else bits_per_row.to(device)
+
+        def rows(m: torch.Tensor) -> torch.Tensor:
+            if planned is not None:
+                return planned
+            return torch.full((m.shape[0],), widths[0], dtype=torch.int64, device=m.device)
+
+        calls = [0]
+
+        def quantize(m: torch.Tensor) -> QuantizedTensor:
+            nonlocal tables
+            calls[0] += 1
+            if tables is None or (relearn and calls[0] > 1):
+                learned = learn_codebooks(m, bits=widths, **learn, **weigh)
+                tables = {b: learned.codebooks[b].to(device) for b in widths}
+            return quantizer.quantize(m, rows(m), group_size, double_quant, backend=backend, codebooks=tables)
+
+        return quantize
+
+
+#: ``LowRAConfig`` fields that only LowRA reads, their defaults and the message of a method that has none.
+_LOWRA_FIELD_DEFAULTS = (
+    ("error", "sse", "quant.error={value!r} is an error table of LowRA's planner; method {method!r} has none"),
+    ("init_codebooks", "fixed", "quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
+                                "(got method={method!r})"),
+    ("low_bits_init", None, "quant.low_bits_init needs method='lowra', got method={method!r}"),
+)
+#: LowRA's own fields (the runner reads ``quant.<field>`` for ``quant.method=lowra`` only).
+LOWRA_FIELDS = LowRAMethod.fields
+_BUILTIN: dict[str, Method] = {"none": NoQuantization(), "lowra": LowRAMethod()}
+
+
+def unstreamable(config: LowRAConfig) -> str | None:
+    """None when ``lowra.quantize_pretrained`` can run ``config``, else why not: a dense base has
+    nothing to stream, ``error=measured`` needs the whole model (statistics are collected block by
+    block, :mod:`lowra.blockwise`, so every other config streams)."""
+    method = config.method_object
+    if not method.quantizes:
+        return (f"method={method.name!r} keeps the dense bases: there is nothing to stream-quantize; load the "
+                "model with from_pretrained and use lowra.quantize_model")
+    if method.needs(config).in_memory:
+        return (f"quant.error={config.error} measures the loss of the whole model once per layer and width; use "
+                "lowra.quantize_model on the loaded model")
+    return None
+
+
+def method_of(name: str) -> Method:
+    """The :class:`Method` of ``LowRAConfig.method`` ``name`` (``none``, ``lowra`` or a registered quantizer).
+
+    Raises ValueError naming the registered methods for an unknown name.
+    """
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    from lowra.quantizers import QUANTIZERS
+
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown quantization method {name!r}; choose one of {method_names()}")
+    return QuantizerMethod(name)
+
+
+def method_names() -> list[str]:
+    """Every ``LowRAConfig.method``: ``none``, ``lowra`` and the registered quantizers, sorted."""
+    from lowra.quantizers import QUANTIZERS
+
+    return sorted({*_BUILTIN, *QUANTIZERS})
+
+
+# ------------------------------------------------------------------------------------ presets
 @dataclass(frozen=True)
 class MethodSpec:
     """One runner-facing method.
@@ -72,6 +398,11 @@ class MethodSpec:
     nominal_bits: float | None = None
     reference: str = ""
     ablations: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def method(self) -> Method:
+        """The :class:`Method` this preset runs (``LowRAConfig.method = quantizer``)."""
+        return method_of(self.quantizer)
 
     @property
     def ignores_budget(self) -> bool:
@@ -149,36 +480,6 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
-
-
-def check_budget(method: str, bits: float | int | None) -> float | int | None:
-    """Validate a bit budget for ``method``.
-
-    Returns the budget in the form the quantizer takes: an int for the one-width methods (qlora,
-    loftq, modulora), a float for lowra, None for lora (the budget is ignored).
-
-    Raises:
-        ValueError: naming the method and its accepted budgets, e.g.
-            ``"method 'loftq' accepts {2, 4} bits, got 3"``.
-    """
-    spec = get_method(method)
-    if spec.ignores_budget:
-        return None
-    try:
-        value = float(bits)
-    except (TypeError, ValueError):
-        raise ValueError(f"method {method!r} needs a numeric bit budget ({spec.accepted()}), got {bits!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"method {method!r} accepts {spec.accepted()}, got {bits!r}")
-    if spec.budget_choices is not None:
-        for b in spec.budget_choices:
-            if math.isclose(value, b, abs_tol=1e-9):
-                return int(b)
-        raise ValueError(f"method {method!r} accepts {spec.accepted()}, got {bits!r}")
-    low, high = spec.budget_range
-    if not low - 1e-9 <= value <= high + 1e-9:
-        raise ValueError(f"method {method!r} accepts {spec.accepted()}, got {bits!r}")
-    return value
 
 
 def optimizer_for(method: str, device: str = "cpu", bnb_available: bool | None = None) -> str:

@@ -21,10 +21,11 @@ from lowra.format import QuantizedTensor
 from lowra.layers import set_module
 from lowra.loftq import LoftQResult, loftq_init
 from lowra.nn import LowRALinear
+from lowra.progress import progress as layer_progress
 from lowra.report import LayerReport, QuantizationReport
-from lowra.stages import METHOD_NONE, Calibration, Settings, _integer_bits, _progress
+from lowra.stages import Calibration, Settings
 
-__all__ = ["init_adapters", "layer_quantizer", "quantize_layers"]
+__all__ = ["init_adapters", "layer_quantizer", "module_kwargs", "quantize_layer", "quantize_layers"]
 
 
 def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Settings,
@@ -36,42 +37,48 @@ def quantize_layers(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: S
     dense base and the standard LoRA init.  Times go to ``report.times`` (quantizer calls inside
     LoftQ count as ``quantize_s``, the rest as ``loftq_s``).
     """
-    times = report.times
-    module_kw = dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, adapter_dtype=s.adapter_dtype, backend=s.backend)
     layer_reports = []
-    for name, linear in _progress(targets, f"quantize ({s.method})", s.progress):
-        weight = linear.weight.detach()
-        if s.method == METHOD_NONE:
-            new = LowRALinear.from_linear(linear, **module_kw)
-            layer_reports.append(LayerReport(name, tuple(weight.shape), {}, new.nominal_bits,
+    for name, linear in layer_progress(targets, f"quantize ({s.method})", s.progress):
+        if not s.method_object.quantizes:
+            new = LowRALinear.from_linear(linear, **module_kwargs(s))
+            layer_reports.append(LayerReport(name, tuple(linear.weight.shape), {}, new.nominal_bits,
                                              new.effective_bits, 0.0, 0.0))
         else:
-            quantize_fn = layer_quantizer(
-                s.method, layer_bits.get(name), codebooks.pop(name, None), s.bits, s.group_size,
-                s.double_quant, s.codebook_iters, s.weight_power, s.backend, weight.device,
-                {**s.quant_options, **s.layer_options.pop(name, {})},
-                importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
-                relearn=s.init_codebooks == "relearn",
-            )
-            hessian = calib.hessians.pop(name, None) if s.calibrated_init else None
-            result, quantize_s, loftq_s = timed_init(
-                quantize_fn, lambda fn, n=name, w=weight, h=hessian: init_adapters(n, w, fn, s, h))
-            times["quantize_s"] += quantize_s
-            times["loftq_s"] += loftq_s
-            qt = result.qweight
-            new = LowRALinear(
-                qt, bias=linear.bias.detach() if linear.bias is not None else None,
-                lora_A=result.lora_A, lora_B=result.lora_B, **module_kw,
-            )
-            hist = Counter(qt.bits_per_row.tolist())
-            layer_reports.append(LayerReport(
-                name, tuple(weight.shape), {int(k): int(v) for k, v in sorted(hist.items())},
-                qt.nominal_bits, qt.effective_bits, result.sse_quant, result.sse, result.best_iter,
-            ))
+            bias = linear.bias.detach() if linear.bias is not None else None
+            new, layer_report = quantize_layer(name, linear.weight.detach(), bias, s, layer_bits.get(name),
+                                               codebooks.pop(name, None), calib, report.times)
+            layer_reports.append(layer_report)
         new.train(linear.training)
         set_module(model, name, new)
-        del linear, weight
+        del linear
     return layer_reports
+
+
+def module_kwargs(s: Settings) -> dict[str, Any]:
+    """``LowRALinear`` keyword arguments of every adapted layer."""
+    return dict(rank=s.rank, alpha=s.alpha, dropout=s.dropout, adapter_dtype=s.adapter_dtype, backend=s.backend)
+
+
+def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, s: Settings,
+                   bits_per_row: torch.Tensor | None, codebooks: dict[int, torch.Tensor] | None, calib: Calibration,
+                   times: dict[str, float]) -> tuple[LowRALinear, LayerReport]:
+    """One layer of stage 6, in memory and streamed alike: quantize + pack ``weight [out, in]`` (the
+    plan's widths and codebooks, or the method's one width), init the adapters (LoftQ or the
+    calibrated init with the layer's input Gram) and build its ``LowRALinear``; quantizer and init
+    seconds are added to ``times["quantize_s"]`` / ``times["loftq_s"]``."""
+    quantize_fn = layer_quantizer(s, name, bits_per_row, codebooks, weight.device,
+                                  importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
+                                  hessian=calib.hessians.get(name) if s.needs.layer_hessians else None)
+    hessian = calib.hessians.pop(name, None) if s.calibrated_init else None
+    result, quantize_s, loftq_s = timed_init(quantize_fn, lambda fn: init_adapters(name, weight, fn, s, hessian))
+    times["quantize_s"] += quantize_s
+    times["loftq_s"] += loftq_s
+    qt = result.qweight
+    new = LowRALinear(qt, bias=bias, lora_A=result.lora_A, lora_B=result.lora_B, **module_kwargs(s))
+    hist = Counter(qt.bits_per_row.tolist())
+    layer_report = LayerReport(name, tuple(weight.shape), {int(k): int(v) for k, v in sorted(hist.items())},
+                               qt.nominal_bits, qt.effective_bits, result.sse_quant, result.sse, result.best_iter)
+    return new, layer_report
 
 
 def timed_init(
@@ -105,67 +112,21 @@ def init_adapters(name: str, weight: torch.Tensor, quantize_fn: Callable[[torch.
                       hessian=hessian, damp=s.init_damp)
 
 
-def layer_quantizer(
-    method: str,
-    bits_per_row: torch.Tensor | None,
-    codebooks: dict[int, torch.Tensor] | None,
-    bits: float,
-    group_size: int,
-    double_quant: bool,
-    codebook_iters: int,
-    weight_power: float,
-    backend: str,
-    device: torch.device,
-    quant_options: dict[str, Any],
-    importance: torch.Tensor | None = None,
-    relearn: bool = False,
-) -> Callable[[torch.Tensor], QuantizedTensor]:
-    """The ``[out, in] → QuantizedTensor`` (quantize + pack) used by LoftQ for one layer (bits fixed).
-
-    ``importance``: Fisher diagonal for LowRA without a plan and ``fisher_codebooks``.
-    ``relearn`` (LowRA, ``init_codebooks="relearn"``): the first call uses the codebooks learned on
-    ``W`` (the planner's, or this layer's at the integer budget without a plan), every later one — the
-    init's re-quantizations of ``W − s·BA`` — relearns each row's codebook on its argument at the
-    row's width.
-    """
-    if method == "lowra" and bits_per_row is not None:
-        bits_dev = bits_per_row.to(device)
-        widths = sorted(torch.unique(bits_per_row).tolist())
-        tables = {b: codebooks[b].to(device) for b in widths}
-        calls = [0]
-
-        def planned(m: torch.Tensor) -> QuantizedTensor:
-            calls[0] += 1
-            use = tables
-            if relearn and calls[0] > 1:
-                from lowra.codebook import learn_codebooks
-
-                learned = learn_codebooks(m, bits=tuple(widths), group_size=group_size, iters=codebook_iters,
-                                          weight_power=weight_power, double_quant=double_quant)
-                use = {b: learned.codebooks[b].to(device) for b in widths}
-            return QuantizedTensor.from_codebooks(m, bits_dev, use, group_size, double_quant, method="lowra",
-                                                  backend=backend)
-
-        return planned
-    from lowra.quantizers import quantize
-
-    int_bits = _integer_bits(bits, method)
-    if method == "lowra":
-        # no plan: learn this layer's codebooks once and keep them fixed through LoftQ (relearn: on
-        # every re-quantization too)
-        from lowra.codebook import learn_codebooks
-
-        state: dict[str, Any] = {}
-
-        def fixed(m: torch.Tensor) -> QuantizedTensor:
-            if "tables" not in state or relearn:
-                learned = learn_codebooks(m, bits=(int_bits,), group_size=group_size, iters=codebook_iters,
-                                          weight_power=weight_power, double_quant=double_quant,
-                                          importance=importance, weigh_codebooks=importance is not None)
-                state["tables"] = learned.codebooks
-            return QuantizedTensor.from_codebooks(m, int_bits, state["tables"], group_size, double_quant,
-                                                  method="lowra", backend=backend)
-
-        return fixed
-    return lambda m: quantize(m, int_bits, method=method, group_size=group_size, double_quant=double_quant,
-                              backend=backend, **quant_options)
+def layer_quantizer(s: Settings, name: str, bits_per_row: torch.Tensor | None,
+                    codebooks: dict[int, torch.Tensor] | None, device: torch.device,
+                    importance: torch.Tensor | None = None,
+                    hessian: torch.Tensor | None = None) -> Callable[[torch.Tensor], QuantizedTensor]:
+    """The ``[out, in] → QuantizedTensor`` (quantize + pack) the adapter init uses for layer ``name``:
+    the method's (:meth:`lowra.methods.Method.layer_quantizer`), with the plan's widths and
+    codebooks (``bits_per_row``/``codebooks``; None without a plan), the call's quantizer options
+    merged with the layer's (``s.layer_options[name]``, consumed), ``importance`` (Fisher
+    diagonal, LowRA without a plan and ``fisher_codebooks``) and, for a quantizer that takes
+    calibration Hessians (OPTQ), the layer's input Gram ``hessian`` unless its options hold one."""
+    options = {**s.quant_options, **s.layer_options.pop(name, {})}
+    if s.needs.layer_hessians and options.get("hessian") is None and options.get("inputs") is None:
+        if hessian is None:
+            raise ValueError(f"method {s.method!r} needs calibration Hessians: layer {name!r} has none")
+        options["hessian"] = hessian
+    return s.method_object.layer_quantizer(
+        s.config, bits_per_row=bits_per_row, codebooks=codebooks, device=device, backend=s.backend,
+        options=options, importance=importance, relearn=s.init_codebooks == "relearn")

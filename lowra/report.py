@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LayerReport", "QuantizationReport"]
+__all__ = ["LayerReport", "QuantizationReport", "jsonable"]
 
 
 @dataclass
@@ -67,15 +67,15 @@ class QuantizationReport:
         for layer in d["layers"]:
             layer["shape"] = list(layer["shape"])
             layer["bits_histogram"] = {str(k): v for k, v in layer["bits_histogram"].items()}
-        d["plan"] = _jsonable(self.plan)
+        d["plan"] = jsonable(self.plan)
         return d
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist() if value.numel() > 1 else value.item()
     if isinstance(value, (str, int, float, bool)) or value is None:

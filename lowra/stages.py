@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,12 +34,19 @@ from torch import nn
 from lowra.config import LowRAConfig
 from lowra.format import QuantizedTensor
 from lowra.layers import find_target_linears, mark_only_lora_trainable
+from lowra.methods import CalibrationNeeds, Method
 from lowra.report import LayerReport, QuantizationReport
 from lowra.validation import check_weight
+from lowra.weights import ModelSource, WeightSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lowra.blockwise import BlockLayout, StatStore
 
 __all__ = [
-    "METHOD_NONE",
     "Calibration",
+    "LayerStats",
+    "calibration_from_store",
+    "default_calibration",
     "ErrorTables",
     "Settings",
     "calibrate",
@@ -49,92 +56,67 @@ __all__ = [
     "new_report",
     "plan_precision",
     "resolve_settings",
+    "solve_plan",
 ]
-
-#: ``method`` of the plain-LoRA baseline: no quantization, a frozen dense base.
-METHOD_NONE = "none"
-
 
 # ------------------------------------------------------------------------------ 1. settings
 @dataclass
 class Settings:
-    """Every option of one ``quantize_model`` call, resolved from its ``LowRAConfig`` (``config``).
+    """One ``quantize_model`` call: its ``LowRAConfig`` (read, never copied: ``s.bits`` is
+    ``s.config.bits``), its :class:`~lowra.methods.Method`, the call's runtime arguments and the
+    few values resolved from them.
 
-    Resolved: ``candidates`` include an integer budget stored without a plan; ``codebook_iters``
-    is 0 for ``codebook="nf"`` (the NormalFloat start); ``loftq_iters`` is 0 at rank 0;
-    ``use_plan`` is False for ``plan="uniform"``; ``needs_calibration``: the method's quantizer
-    needs input Hessians (OPTQ); ``adapter_dtype`` is a ``torch.dtype``.  ``quant_options`` /
-    ``layer_options`` may hold tensors (a layer's ``hessian=``): data of this call, not configuration.
+    Resolved: ``candidates`` (an integer budget stored without a plan joins them);
+    ``codebook_iters`` (0 for ``codebook="nf"``: the NormalFloat start); ``loftq_iters`` (0 at
+    rank 0; ``init_for_plan`` may raise it for a low-bit plan) and ``init_codebooks``;
+    ``adapter_dtype`` as a ``torch.dtype``; ``needs``: the calibration statistics the method asks
+    for.  ``quant_options`` / ``layer_options`` may hold tensors (a layer's ``hessian=``): data of
+    this call, not configuration.
     """
 
     config: LowRAConfig
-    method: str
-    bits: float
-    rank: int
-    alpha: float
-    dropout: float
-    target_modules: str | list[str] | tuple[str, ...] | None
-    skip_modules: tuple[str, ...] | list[str]
-    loftq_iters: int
-    group_size: int
-    double_quant: bool
-    candidates: tuple[int, ...]
-    budget_scope: str
-    use_plan: bool
-    codebook_iters: int
-    weight_power: float
-    plan_options: dict[str, Any]
-    adapter_dtype: torch.dtype | None
+    method_object: Method
     backend: str
     progress: bool
-    calibration_batch_size: int
-    error: str
-    fisher_codebooks: bool
-    init: str
-    init_damp: float
+    candidates: tuple[int, ...]
+    codebook_iters: int
+    loftq_iters: int
     init_codebooks: str
-    low_bits_init: dict[str, Any] | None
-    budget_kind: str
-    measure_windows: int
-    quant_options: dict[str, Any]
-    layer_options: dict[str, dict[str, Any]]
-    needs_calibration: bool = False
+    adapter_dtype: torch.dtype | None
+    needs: CalibrationNeeds
+    quant_options: dict[str, Any] = field(default_factory=dict)
+    layer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other setting is the config's field of that name."""
+        if name.startswith("__") or name == "config":
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    @property
+    def use_plan(self) -> bool:
+        return self.config.plan == "ilp"
 
     @property
     def with_plan(self) -> bool:
-        """LowRA with a precision plan: stages 4-5 run."""
-        return self.method == "lowra" and self.use_plan
+        """The method plans precision: stages 4-5 run."""
+        return self.method_object.plans(self.config)
 
     @property
     def calibrated_init(self) -> bool:
-        """The calibrated init may run (with ``loftq_iters`` or, on a low-bit plan, ``low_bits_init``'s)."""
-        low = self.low_bits_init["loftq_iters"] if self.low_bits_init and self.rank > 0 else 0
-        return self.init == "calibrated" and max(self.loftq_iters, low) > 0
+        """The calibrated init may run (its input Grams are kept until the layer is quantized)."""
+        return self.needs.init
 
     @property
-    def table_needs_data(self) -> bool:
-        from lowra.error_tables import DATA_TABLES
-
-        return self.with_plan and self.error in DATA_TABLES
-
-    @property
-    def fisher_needed(self) -> bool:
-        return self.method == "lowra" and (
-            (self.table_needs_data and self.error in ("fisher", "measured")) or self.fisher_codebooks)
+    def needs_calibration(self) -> bool:
+        """The method's quantizer takes per-layer input Hessians (OPTQ)."""
+        return self.needs.layer_hessians
 
     @property
     def stats_needed(self) -> bool:
         """Stage 3 collects statistics for LowRA's tables or the calibrated init."""
-        return self.method != METHOD_NONE and (self.table_needs_data or self.calibrated_init or self.fisher_needed)
-
-
-def _integer_bits(bits: float, method: str) -> int:
-    if float(bits) != round(float(bits)):
-        raise ValueError(
-            f"method {method!r} quantizes every row at one integer width, got bits={bits}; a "
-            "fractional budget needs method='lowra' (per-row precision plan)"
-        )
-    return int(round(float(bits)))
+        n = self.needs
+        return n.fisher or n.hessians or n.output_grads
 
 
 def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bool = True,
@@ -145,32 +127,14 @@ def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bo
     ``quant_options``: the call's non-JSON quantizer options (tensors), merged over
     ``config.quant_options``; ``layer_options`` are copied (stage 3 adds OPTQ Hessians to them).
     """
-    c = config
-    use_plan = c.plan == "ilp"
-    codebook_iters = 0 if c.method == "lowra" and c.codebook == "nf" else c.codebook_iters
-    candidates = tuple(c.candidates)
-    if c.method != METHOD_NONE and c.budget_kind == "nominal" and (c.method != "lowra" or not use_plan):
-        int_bits = _integer_bits(c.bits, c.method)
-        if c.method == "lowra" and int_bits not in candidates:
-            candidates = tuple(sorted({*candidates, int_bits}))
-    needs_calibration = False
-    if c.method not in ("lowra", METHOD_NONE):
-        from lowra.quantizers import get_quantizer
-
-        needs_calibration = bool(getattr(get_quantizer(c.method), "needs_calibration", False))
+    c, method = config, config.method_object
     return Settings(
-        config=c, method=c.method, bits=c.bits, rank=c.rank, alpha=c.alpha, dropout=c.dropout,
-        target_modules=c.target_modules, skip_modules=c.skip_modules,
-        loftq_iters=0 if c.rank == 0 else c.loftq_iters, group_size=c.group_size, double_quant=c.double_quant,
-        candidates=candidates, budget_scope=c.budget_scope, use_plan=use_plan, codebook_iters=codebook_iters,
-        weight_power=c.weight_power, plan_options=dict(c.plan_options),
-        adapter_dtype=None if c.adapter_dtype is None else getattr(torch, c.adapter_dtype),
-        backend=backend, progress=progress, calibration_batch_size=c.calibration_batch_size, error=c.error,
-        fisher_codebooks=c.fisher_codebooks, init=c.init, init_damp=c.init_damp,
-        init_codebooks=c.init_codebooks, low_bits_init=None if c.low_bits_init is None else dict(c.low_bits_init),
-        budget_kind=c.budget_kind,
-        measure_windows=c.measure_windows, quant_options={**c.quant_options, **(quant_options or {})},
-        layer_options={k: dict(v) for k, v in (layer_options or {}).items()}, needs_calibration=needs_calibration,
+        config=c, method_object=method, backend=backend, progress=progress, candidates=method.candidates(c),
+        codebook_iters=0 if c.codebook == "nf" else c.codebook_iters,
+        loftq_iters=0 if c.rank == 0 else c.loftq_iters, init_codebooks=c.init_codebooks,
+        adapter_dtype=None if c.adapter_dtype is None else getattr(torch, c.adapter_dtype), needs=method.needs(c),
+        quant_options={**c.quant_options, **(quant_options or {})},
+        layer_options={k: dict(v) for k, v in (layer_options or {}).items()},
     )
 
 
@@ -188,86 +152,149 @@ def find_targets(model: nn.Module, s: Settings) -> list[tuple[str, nn.Linear]]:
 
 
 # --------------------------------------------------------------------------- 3. calibration
+class LayerStats:
+    """One kind of calibration statistic by layer name (``"hessian"``, ``"output_grad"``, ``"fisher"``),
+    read from the block files of a :class:`~lowra.blockwise.StatStore` (one block's file loaded at
+    a time), or held in ``values`` (the whole-model pass of a model without decoder blocks)."""
+
+    def __init__(self, kind: str, store: StatStore | None = None, block_of: dict[str, int] | None = None,
+                 values: dict[str, torch.Tensor] | None = None) -> None:
+        self.kind, self.store, self.block_of = kind, store, block_of or {}
+        self.values = values if values is not None or store is not None else {}
+
+    def get(self, name: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.values is not None:
+            return self.values.get(name, default)
+        block = self.block_of.get(name)
+        found = None if block is None else self.store.get(block, f"{name}/{self.kind}")
+        return default if found is None else found
+
+    def pop(self, name: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The statistic (from a held dict it is removed: its memory goes with the layer)."""
+        if self.values is not None:
+            return self.values.pop(name, default)
+        return self.get(name, default)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        found = self.get(name)
+        if found is None:
+            raise KeyError(f"no {self.kind} statistic for layer {name!r}")
+        return found
+
+    def __bool__(self) -> bool:
+        return bool(self.values) if self.values is not None else bool(self.block_of)
+
+
 @dataclass
 class Calibration:
-    """Stage 3's output, by layer name: Fisher diagonals ``[out, in]``, input Hessians / Grams
-    ``[in, in]``, K-FAC output-gradient factors ``[out, out]`` (each empty when not needed), and
-    the seconds spent (``ran``: a calibration pass happened, reported as ``calibration_s``).
-    OPTQ's Hessians go into ``Settings.layer_options[name]["hessian"]`` instead."""
+    """Stage 3's output, by layer name: Fisher diagonals ``[out, in]``, input Grams ``[in, in]``
+    (the calibrated init's, K-FAC's and OPTQ's ``hessian=``), K-FAC output-gradient factors ``[out]``
+    (:class:`LayerStats`, empty when not needed); ``blockwise``: they were collected block by block
+    (:func:`lowra.blockwise.blockwise_statistics`) into ``store``'s files; the seconds spent
+    (``ran``: a calibration pass happened, reported as ``calibration_s``)."""
 
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
-    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
-    output_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher: LayerStats = field(default_factory=lambda: LayerStats("fisher"))
+    hessians: LayerStats = field(default_factory=lambda: LayerStats("hessian"))
+    output_grads: LayerStats = field(default_factory=lambda: LayerStats("output_grad"))
+    store: StatStore | None = None
+    blockwise: bool = False
     seconds: float = 0.0
     ran: bool = False
 
+    def close(self) -> None:
+        """Remove the statistics' files (a temporary store)."""
+        if self.store is not None:
+            self.store.close()
+
 
 def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Settings,
-              calibration: torch.Tensor | None) -> Calibration:
-    """Stage 3: run the calibration windows through the still full-precision model, if anything needs them."""
-    out = Calibration()
-    if s.needs_calibration:
-        t0 = time.perf_counter()
-        _add_calibration_hessians(model, targets, s.method, calibration, s.calibration_batch_size,
-                                  s.layer_options, s.quant_options)
-        out.seconds = time.perf_counter() - t0
-        out.ran = True
-    if s.stats_needed:
-        from lowra.error_tables import calibration_statistics
+              calibration: torch.Tensor | None, source: WeightSource | None = None,
+              store: StatStore | None = None) -> Calibration:
+    """Stage 3: the calibration windows through the still full-precision model, if anything needs them.
 
-        t0 = time.perf_counter()
-        stats = calibration_statistics(
-            model, [n for n, _ in targets], calibration, s.calibration_batch_size,
-            fisher=s.fisher_needed,
-            hessians=s.calibrated_init or (s.table_needs_data and s.error == "kfac"),
-            output_grads=s.table_needs_data and s.error == "kfac",
-            wanted=f"quant.error={s.error}" if s.table_needs_data or s.fisher_needed else "quant.init=calibrated",
-            progress=s.progress,
-        )
-        out.fisher, out.hessians, out.output_grads = stats.fisher, stats.hessians, stats.output_grads
-        out.seconds += time.perf_counter() - t0
-        out.ran = True
-    elif calibration is not None and s.method != METHOD_NONE and not s.needs_calibration:
-        warnings.warn(f"method {s.method!r} does not use calibration data; `calibration=` is ignored",
-                      RuntimeWarning, stacklevel=3)
+    Block by block (:mod:`lowra.blockwise`, one block's weights and statistics at a time, the
+    statistics in ``store``'s files: a temporary directory by default) for decoders whose blocks
+    are found; a model without decoder blocks (e.g. a plain ``nn.Sequential``) in memory only, by
+    the whole-model pass.  Layers whose quantizer options already hold ``hessian``/``inputs`` keep them.
+    """
+    from lowra.blockwise import StatStore, block_layout, blockwise_statistics
+
+    needs = s.needs
+    if not needs.any:
+        if calibration is not None and s.method_object.quantizes:
+            warnings.warn(f"method {s.method!r} does not use calibration data; `calibration=` is ignored",
+                          RuntimeWarning, stacklevel=3)
+        return Calibration()
+    if needs.layer_hessians and not needs.hessians and _has_data(s.quant_options):
+        return Calibration()
+    names = [n for n, _ in targets]
+    t0 = time.perf_counter()
+    source = source or ModelSource(model)
+    try:
+        block_layout(model, names)
+    except ValueError as exc:
+        if not isinstance(source, ModelSource):
+            raise ValueError(f"{needs.why} needs calibration statistics: {exc}") from None
+        out = _whole_model_statistics(model, names, s, calibration)
+    else:
+        store = store or StatStore()
+        try:
+            layout = blockwise_statistics(source, names, calibration, s.calibration_batch_size, needs, store,
+                                          s.progress)
+        except BaseException:
+            store.close()
+            raise
+        out = calibration_from_store(store, layout)
+    out.seconds, out.ran = time.perf_counter() - t0, True
     return out
 
 
-def _add_calibration_hessians(
-    model: nn.Module,
-    targets: list[tuple[str, nn.Linear]],
-    method: str,
-    calibration: torch.Tensor | None,
-    batch_size: int,
-    layer_options: dict[str, dict[str, Any]],
-    quant_options: dict[str, Any],
-) -> None:
-    """Put each target's input Hessian into ``layer_options[name]["hessian"]`` (in place).
+def calibration_from_store(store: StatStore, layout: BlockLayout) -> Calibration:
+    """The :class:`Calibration` of block-wise statistics in ``store`` (block ``i``: ``layout.targets[i]``)."""
+    block_of = {n: i for i, block in enumerate(layout.targets) for n in block}
+    stats = [LayerStats(kind, store, block_of) for kind in ("fisher", "hessian", "output_grad")]
+    return Calibration(*stats, store=store, blockwise=True, ran=True)
 
-    Runs ``collect_hessians`` on the still full-precision model (no layer swapped yet). Layers
-    that already have ``hessian``/``inputs`` (per layer or in ``quant_options``) keep them.
-    """
-    def has_data(opts: dict[str, Any]) -> bool:
-        return opts.get("hessian") is not None or opts.get("inputs") is not None
 
-    if has_data(quant_options):
-        return
-    missing = [n for n, _ in targets if not has_data(layer_options.get(n, {}))]
-    if not missing:
-        return
-    from lowra.calibration import calibration_batches, collect_hessians
+def default_calibration(model: nn.Module, s: Settings) -> torch.Tensor:
+    """The calibration windows of a call that needs them and gave none: 64 windows of 256 tokens
+    sampled from the full-precision model itself (:func:`lowra.calibration.sample_windows`, seed 0),
+    logged; the runner always passes windows of its training text instead."""
+    from lowra.calibration import SAMPLE_SEQ_LEN, SAMPLE_WINDOWS, sample_windows
+    from lowra.progress import log
 
-    batches = calibration_batches(calibration, batch_size, f"method {method!r}")
-    hessians = collect_hessians(model, batches, missing)
-    for name in missing:
-        layer_options.setdefault(name, {})["hessian"] = hessians.pop(name)
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or SAMPLE_SEQ_LEN
+    seq_len = min(SAMPLE_SEQ_LEN, int(max_len))
+    log.info("%s needs calibration text and none was given: sampling %d windows of %d tokens from the model "
+             "(pass calibration= to use real text)", s.needs.why, SAMPLE_WINDOWS, seq_len)
+    try:
+        return sample_windows(model, SAMPLE_WINDOWS, seq_len, seed=0)
+    except ValueError as exc:
+        raise ValueError(f"{s.needs.why} needs calibration data: {exc}") from None
+
+
+def _has_data(opts: dict[str, Any]) -> bool:
+    return opts.get("hessian") is not None or opts.get("inputs") is not None
+
+
+def _whole_model_statistics(model: nn.Module, names: list[str], s: Settings,
+                            calibration: torch.Tensor | None) -> Calibration:
+    """The statistics of a model without decoder blocks: one pass through the whole model in memory."""
+    from lowra.error_tables import calibration_statistics
+
+    needs = s.needs
+    stats = calibration_statistics(model, names, calibration, s.calibration_batch_size, fisher=needs.fisher,
+                                   hessians=needs.hessians or needs.layer_hessians,
+                                   output_grads=needs.output_grads, wanted=needs.why, progress=s.progress)
+    return Calibration(LayerStats("fisher", values=stats.fisher), LayerStats("hessian", values=stats.hessians),
+                       LayerStats("output_grad", values=stats.output_grads))
 
 
 def new_report(s: Settings, targets: list[tuple[str, nn.Linear]], calib: Calibration) -> QuantizationReport:
     """The report the stages fill: the settings, and ``times`` with one entry per stage."""
     report = QuantizationReport(
         method=s.method,
-        bits_target=None if s.method == METHOD_NONE else float(s.bits),
+        bits_target=float(s.bits) if s.method_object.quantizes else None,
         bits_nominal=0.0,
         bits_effective=0.0,
         rank=int(s.rank),
@@ -313,33 +340,15 @@ def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Sett
     """Stage 4: per layer, ``learn_codebooks(W, bits=candidates)`` and its row error table
     (``quant.error``: weight SSE, Fisher, relative, K-FAC; ``measured`` scales Fisher shares by
     each layer's measured loss increase).  Times go to ``report.times``."""
-    from lowra.codebook import learn_codebooks
-    from lowra.error_tables import kfac_row_errors, row_error_table
-    from lowra.format import row_storage_bits
-
     t0 = time.perf_counter()
     errors, params, costs = [], [], []
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
-    candidates, group_size, double_quant = s.candidates, s.group_size, s.double_quant
     for name, linear in _progress(targets, "codebooks", s.progress):
-        importance = calib.fisher.pop(name, None)
-        result = learn_codebooks(
-            linear.weight.detach(), bits=candidates, group_size=group_size, iters=s.codebook_iters,
-            weight_power=s.weight_power, double_quant=double_quant, importance=importance,
-            weigh_codebooks=s.fisher_codebooks,
-        )
-        codebooks[name] = {b: c.cpu() for b, c in result.codebooks.items()}
-        if s.error == "kfac":
-            h = calib.hessians[name] if s.calibrated_init else calib.hessians.pop(name)
-            errors.append(kfac_row_errors(linear.weight.detach(), result.codebooks, candidates, group_size,
-                                          double_quant, calib.output_grads.pop(name), h))
-        elif s.error == "measured":
-            errors.append(result.error.cpu())  # Fisher row errors: the shares, scaled below
-        else:
-            errors.append(row_error_table(s.error, result.error, linear.weight.detach()).cpu())
+        codebooks[name], error = layer_table(name, linear.weight.detach(), s, calib)
+        errors.append(error)
         params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
-        row_cost = [row_storage_bits(linear.in_features, b, group_size, double_quant) for b in candidates]
-        costs.append(torch.tensor(row_cost, dtype=torch.int64).expand(linear.out_features, -1))
+        costs.append(row_costs(linear.out_features, linear.in_features, s))
+    group_size, double_quant, candidates = s.group_size, s.double_quant, s.candidates
     report.times["codebooks_s"] = time.perf_counter() - t0
     if s.error == "measured":
         from lowra.error_tables import measure_layer_losses, measured_row_table
@@ -361,6 +370,39 @@ def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Sett
     return ErrorTables(errors, params, costs, codebooks)
 
 
+def layer_table(name: str, weight: torch.Tensor, s: Settings,
+                calib: Calibration) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One layer of stage 4 (in memory and streamed alike): ``learn_codebooks(W, bits=candidates)``
+    (Fisher-weighted with ``fisher_codebooks``) → ``({bits: codebook [out, 2**bits]} on CPU, the
+    row error table [out, K])``; for ``error="measured"`` the table is the Fisher row errors (the
+    shares :func:`error_tables` scales by the measured loss increases)."""
+    from lowra.codebook import learn_codebooks
+    from lowra.error_tables import kfac_row_errors, row_error_table
+
+    importance = calib.fisher.pop(name, None)
+    result = learn_codebooks(weight, bits=s.candidates, group_size=s.group_size, iters=s.codebook_iters,
+                             weight_power=s.weight_power, double_quant=s.double_quant, importance=importance,
+                             weigh_codebooks=s.fisher_codebooks)
+    codebooks = {b: c.cpu() for b, c in result.codebooks.items()}
+    if s.error == "kfac":
+        h = calib.hessians[name] if s.calibrated_init else calib.hessians.pop(name)
+        error = kfac_row_errors(weight, result.codebooks, s.candidates, s.group_size, s.double_quant,
+                                calib.output_grads.pop(name), h)
+    elif s.error == "measured":
+        error = result.error.cpu()
+    else:
+        error = row_error_table(s.error, result.error, weight).cpu()
+    return codebooks, error
+
+
+def row_costs(out_features: int, in_features: int, s: Settings) -> torch.Tensor:
+    """Stored bits ``[out, K]`` of each row of a layer at each candidate width (``budget_kind="effective"``)."""
+    from lowra.format import row_storage_bits
+
+    row = [row_storage_bits(in_features, b, s.group_size, s.double_quant) for b in s.candidates]
+    return torch.tensor(row, dtype=torch.int64).expand(out_features, -1)
+
+
 # -------------------------------------------------------------------------------- 5. plan
 def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s: Settings,
                    report: QuantizationReport) -> dict[str, torch.Tensor]:
@@ -377,7 +419,7 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
         progress_log.info("plan: %d rows of %d layers at %g bits (%s budget)", sum(e.shape[0] for e in tables.errors),
                           len(tables.errors), s.bits, s.budget_kind)
     try:
-        per_layer, report.plan = _solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
+        per_layer, report.plan = solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
                                              dict(s.plan_options),
                                              tables.costs if s.budget_kind == "effective" else None)
     except ValueError as exc:
@@ -394,7 +436,7 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
     return layer_bits
 
 
-def _solve_plan(
+def solve_plan(
     errors: list[torch.Tensor],
     params: list[torch.Tensor],
     budget: float,
@@ -450,7 +492,7 @@ def init_for_plan(s: Settings, layer_bits: dict[str, torch.Tensor], in_features:
     the rule applied.
     """
     low = s.low_bits_init
-    applies = (bool(low) and s.method == "lowra" and s.rank > 0
+    applies = (bool(low) and s.rank > 0
                and _code_bit_budget(s, layer_bits, in_features) < low["below"])
     if applies:
         learned = s.config.codebook == "learned"  # NormalFloat tables (codebook="nf") are never relearned

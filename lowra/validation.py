@@ -31,14 +31,6 @@ def check_bits(bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> int:
     return int(bits)
 
 
-def check_budget(budget: float, low: float = 1.0, high: float = 4.0) -> float:
-    """An average bit budget must be a finite number in [low, high]."""
-    value = float(budget)
-    if not (low <= value <= high):
-        raise ValueError(f"bit budget must lie in [{low}, {high}], got {budget!r}")
-    return value
-
-
 def check_group_size(group_size: int) -> int:
     """A group size must be a positive integer."""
     if isinstance(group_size, bool) or int(group_size) != group_size or int(group_size) < 1:

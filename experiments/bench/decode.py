@@ -19,7 +19,12 @@ ratio to fp32. ``--reference`` also times the 2-bit model on the PyTorch referen
 
     .venv/bin/python -m experiments.bench.decode [--threads 1 2] [--bits 1.5 2 4] [--new-tokens 32]
 
-Writes ``results/bench/decode_cpu.json``. Target (issue 15): 2-bit ≥ fp32 tokens/s.
+``--compile`` adds fp32 and 2-bit LowRA with a static KV cache and ``torch.compile(model.forward,
+fullgraph=True)`` (the first, warm-up generation compiles). ``--gemv-grain`` sets the weights per thread
+of the CPU GEMV (``lowra_kernels.cpu_backend.GEMV_GRAIN``).
+
+Writes ``results/bench/decode_cpu.json``. Targets: 2-bit ≥ fp32 tokens/s (issue 15); compiled 2-bit ≥ 2×
+fp32 eager and ≥ 1× fp32 compiled tokens/s at 1 and 2 threads (issue 27).
 """
 
 from __future__ import annotations
@@ -114,6 +119,13 @@ def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, see
     return model
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    """``model`` generating with a static KV cache and a forward compiled whole (inductor, no graph break)."""
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    model.generation_config.cache_implementation = "static"
+    return model
+
+
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Greedy generation speed (prompt prefill included) in new tokens per second."""
     with torch.inference_mode():
@@ -136,14 +148,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference", action="store_true", help="also time 2-bit on the reference kernels")
+    parser.add_argument("--compile", action="store_true",
+                        help="also fp32 and 2-bit LowRA with a compiled forward (inductor) and a static KV cache")
+    parser.add_argument("--gemv-grain", type=int, default=None,
+                        help="weights per thread of the CPU GEMV (lowra_kernels.cpu_backend.GEMV_GRAIN)")
     parser.add_argument("--out", default=str(REPO / "results" / "bench" / "decode_cpu.json"))
     args = parser.parse_args(argv)
 
+    if args.gemv_grain is not None:
+        import lowra_kernels.cpu_backend as cpu_backend
+
+        cpu_backend.GEMV_GRAIN = args.gemv_grain
     configs: dict[str, nn.Module] = {"fp32": build_model(args.model)}
     for bits in args.bits:
         configs[f"lowra {bits:g}b"] = quantize_decoder(build_model(args.model), bits, args.rank, "auto")
     if args.reference:
         configs["lowra 2b (reference kernels)"] = quantize_decoder(build_model(args.model), 2.0, args.rank, "torch")
+    if args.compile:
+        configs["fp32 compiled"] = compiled(build_model(args.model))
+        configs["lowra 2b compiled"] = compiled(quantize_decoder(build_model(args.model), 2.0, args.rank, "auto"))
     vocab = configs["fp32"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     threads_before = torch.get_num_threads()
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model_shape": {k: getattr(configs["fp32"].config, k, None) for k in SMOLLM2_135M},
         "device": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "rank": args.rank, "new_tokens": args.new_tokens, "prompt_tokens": 8,
-        "rounds": args.rounds, "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        "rounds": args.rounds, "gemv_grain": args.gemv_grain,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
         "quantized": "every nn.Linear in the decoder layers (random packed codes, per-row NF codebooks, group 64); "
                      "embeddings, norms, tied LM head fp32",
         "results": results,

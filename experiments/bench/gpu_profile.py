@@ -120,10 +120,9 @@ def measure(name: str, fn) -> dict:
 def dequant_configs(qt, dtype: torch.dtype) -> list[dict]:
     """Every shipped dequantize config on this weight (graph replay of the bare kernel)."""
     from lowra_kernels import dequantize as dq
-    from lowra_kernels.lut_matmul import weight_parts
 
     g = qt.groups[0]
-    absmax = weight_parts(qt)[4]
+    absmax = qt.packed().absmax
     out = torch.empty(qt.shape, dtype=dtype, device=g.codes.device)
     rows = []
     for cfg in dq.DEQUANT_CONFIGS:
@@ -153,8 +152,9 @@ def gemv_sweep(qt, m: int, dtype: torch.dtype, block_ns=(8, 16, 32, 64, 128), sp
     from lowra_kernels.layout import codes_per_word
     from lowra_kernels.lut import gemv_step
 
-    out_features, in_features, group_size, groups, absmax = lm.weight_parts(qt)
-    g = groups[0]
+    pw = qt.packed()
+    out_features, in_features, group_size, absmax = pw.out_features, pw.in_features, pw.group_size, pw.absmax
+    g = qt.groups[0]
     words, pw2, aligned = gemv_step(g.bits, group_size)
     x = torch.randn(m, in_features, device=absmax.device, dtype=dtype)
     rows = []
@@ -183,14 +183,15 @@ def crossover(qt, dtype: torch.dtype, ms=(1, 2, 4, 8, 16, 32, 64, 128, 256)) -> 
     from lowra_kernels import lut_matmul as lm
 
     in_features = qt.shape[1]
+    pw = qt.packed()
     rows = []
     for m in ms:
         x = torch.randn(m, in_features, device=qt.device, dtype=dtype)
         row = {"bits": qt.groups[0].bits, "m": m}
         if m <= lm.GEMV_MAX_M:
-            row["gemv_us"] = graph_time(lambda x=x: lm._lut_gemv(x, qt))
-        row["fused_mm_us"] = graph_time(lambda x=x: lm._lut_mm(x, qt))
-        row["dequant_cublas_us"] = graph_time(lambda x=x: x @ lm.dequantize_transient(qt, dtype).t())
+            row["gemv_us"] = graph_time(lambda x=x: lm._lut_gemv(x, pw))
+        row["fused_mm_us"] = graph_time(lambda x=x: lm._lut_mm(x, pw))
+        row["dequant_cublas_us"] = graph_time(lambda x=x: x @ lm.dequantize_transient(pw, dtype).t())
         rows.append(row)
         print(f"  crossover {row}", flush=True)
     return rows
@@ -229,13 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                               lambda x=x: torch.nn.functional.linear(x, w))})
     for bits in args.bits:
         qt = random_qweight(out_features, in_features, bits, dev)
-        report["rows"].append({"bits": bits, **measure(f"dequantize {bits}b", lambda qt=qt: dequantize_transient(qt,
-                                                                                                          dtype))})
+        pw = qt.packed()
+        report["rows"].append({"bits": bits, **measure(f"dequantize {bits}b",
+                                                       lambda pw=pw: dequantize_transient(pw, dtype))})
         report["rows"][-1]["configs"] = dequant_configs(qt, dtype)
         for m in (1, 16):
             x = torch.randn(m, in_features, device=dev, dtype=dtype)
             report["rows"].append({"bits": bits, "m": m, **measure(f"lut_matmul {bits}b M={m}",
-                                                                    lambda x=x, qt=qt: lut_matmul(x, qt))})
+                                                                    lambda x=x, pw=pw: lut_matmul(x, pw))})
         write_text_atomic(args.out, json.dumps(report, indent=1))
     print(f"wrote {args.out}")
     return report

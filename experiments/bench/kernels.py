@@ -165,7 +165,8 @@ def _fwd_bwd(fn: Callable, x: torch.Tensor, w: object, grad_y: torch.Tensor, *ex
 
 def run(args: argparse.Namespace) -> dict:
     from lowra_kernels.dequantize import dequantize as dequantize_rows
-    from lowra_kernels.lut_matmul import LUTMatmulFunction, lut_matmul, weight_parts
+    from lowra_kernels.lut_linear import lut_linear
+    from lowra_kernels.lut_matmul import lut_matmul
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     gpu = device.type == "cuda"
@@ -195,12 +196,12 @@ def run(args: argparse.Namespace) -> dict:
         dense_w = torch.randn(out_features, in_features, device=device).to(act_dtype)
         for plan_name in plans:
             qt = make_qtensor(out_features, in_features, PLANS[plan_name], device)
-            _, _, group_size, groups, absmax = weight_parts(qt)
+            pw = qt.packed()
             out = torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device)
 
-            def deq(out=out, groups=groups, absmax=absmax, group_size=group_size, backend=backend):
-                for g in groups:
-                    dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, backend)
+            def deq(out=out, pw=pw, backend=backend):
+                for bits, codes, rows_, codebook in pw.groups():
+                    dequantize_rows(codes, rows_, codebook, pw.absmax, bits, pw.group_size, out, backend)
 
             t_deq = timer(deq)
             moved = stored_bytes(qt) + out.nbytes
@@ -211,9 +212,8 @@ def run(args: argparse.Namespace) -> dict:
                 "dequant_gbps": moved / t_deq / 1e9, "dequant_pct_peak": 100 * moved / t_deq / 1e9 / peak,
             }
             if True:  # the reference beside the fast path (Triton on GPU, C++ on CPU)
-                def deq_ref(out=out, groups=groups, absmax=absmax, group_size=group_size):
-                    for g in groups:
-                        dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, "torch")
+                def deq_ref(out=out, pw=pw):
+                    deq(out, pw, "torch")
 
                 row["dequant_ref_ms"] = timer(deq_ref) * 1e3
                 row["dequant_speedup_vs_ref"] = row["dequant_ref_ms"] / row["dequant_ms"]
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> dict:
                 if key not in dense_cache:
                     dense_cache[key] = timer(partial(torch.matmul, x, dense_w.t()))
                 t_dense = dense_cache[key]
-                t_lut = timer(partial(lut_matmul, x, qt, backend))
+                t_lut = timer(partial(lut_matmul, x, pw, backend))
                 entry = {"dense_ms": t_dense * 1e3, "lut_ms": t_lut * 1e3, "speedup": t_dense / t_lut}
                 if m >= 512:
                     xg = x.clone().requires_grad_(True)
@@ -233,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
                     fb_key = key + ("fwd+bwd",)
                     if fb_key not in dense_cache:
                         dense_cache[fb_key] = timer(partial(_fwd_bwd, torch.matmul, xg, dense_w.t(), gy))
-                    t_fb = timer(partial(_fwd_bwd, LUTMatmulFunction.apply, xg, qt, gy, backend))
+                    tensors, meta = pw.op_args()
+                    t_fb = timer(partial(_fwd_bwd, lut_linear, xg, tensors, gy, None, None, None, meta, 1.0, backend))
                     entry.update({"dense_fwd_bwd_ms": dense_cache[fb_key] * 1e3, "lut_fwd_bwd_ms": t_fb * 1e3,
                                   "fwd_bwd_ratio": t_fb / dense_cache[fb_key]})
                 matmul[str(m)] = entry
@@ -396,7 +397,7 @@ def run_cpu_ratios(args: argparse.Namespace) -> dict:
 
     from lowra_kernels import cpu_backend
     from lowra_kernels.dequantize import dequantize as dequantize_rows
-    from lowra_kernels.lut_matmul import lut_matmul, weight_parts
+    from lowra_kernels.lut_matmul import lut_matmul
 
     if not cpu_backend.available():
         raise RuntimeError(f"the CPU backend did not build: {cpu_backend.failure()}")
@@ -421,11 +422,11 @@ def run_cpu_ratios(args: argparse.Namespace) -> dict:
                 t_linear = timer(partial(F.linear, x, w32))
                 for plan in plans:
                     qt = qts[((out_features, in_features), plan)]
-                    _, _, group_size, groups, absmax = weight_parts(qt)
+                    pw = qt.packed()
 
-                    def deq_pre(backend, out=out, groups=groups, absmax=absmax, group_size=group_size):
-                        for g in groups:
-                            dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, out, backend)
+                    def deq_pre(backend, out=out, pw=pw):
+                        for bits, codes, rows_, codebook in pw.groups():
+                            dequantize_rows(codes, rows_, codebook, pw.absmax, bits, pw.group_size, out, backend)
 
                     row = {"threads": threads, "shape": [out_features, in_features], "plan": plan,
                            "nominal_bits": round(qt.nominal_bits, 4),
@@ -433,13 +434,13 @@ def run_cpu_ratios(args: argparse.Namespace) -> dict:
                            "dense_linear_m1_ms": t_linear * 1e3,
                            "dequant_ms": timer(partial(qt.dequantize, torch.float32, "cpu")) * 1e3,
                            "dequant_prealloc_ms": timer(partial(deq_pre, "cpu")) * 1e3,
-                           "lut_m1_ms": timer(partial(lut_matmul, x, qt, "cpu")) * 1e3}
+                           "lut_m1_ms": timer(partial(lut_matmul, x, pw, "cpu")) * 1e3}
                     row["dequant_ratio"] = row["dequant_ms"] / row["fp16_to_fp32_ms"]
                     row["dequant_prealloc_ratio"] = row["dequant_prealloc_ms"] / row["fp16_to_fp32_prealloc_ms"]
                     row["lut_m1_ratio"] = row["lut_m1_ms"] / row["dense_linear_m1_ms"]
                     if out_features * in_features <= 2048 * 2048 and not args.no_ref:
                         row["dequant_ref_ms"] = timer(partial(deq_pre, "torch"), warmup=1) * 1e3
-                        row["lut_m1_ref_ms"] = timer(partial(lut_matmul, x, qt, "torch"), warmup=1) * 1e3
+                        row["lut_m1_ref_ms"] = timer(partial(lut_matmul, x, pw, "torch"), warmup=1) * 1e3
                     rows.append(row)
                     print(format_cpu_ratio_row(row), flush=True)
                 del w16, w32, out

@@ -73,15 +73,15 @@ def dump_table(model: str, seed: int) -> Path:
                         scope=scope, plan_options=json.dumps(plan_options))
         raise _PlanInputs
 
-    original = stages._solve_plan
-    stages._solve_plan = capture
+    original = stages.solve_plan
+    stages.solve_plan = capture
     torch.manual_seed(seed)
     try:
         quantize_model(net, lowra_config(cfg), progress=False, **calibration_kwargs(cfg, data))
     except _PlanInputs:
         pass
     finally:
-        stages._solve_plan = original
+        stages.solve_plan = original
     if not captured:
         raise RuntimeError(f"{model} seed {seed}: quantize_model finished without planning")
     path = table_path(model, seed)

@@ -4,16 +4,18 @@
 (random weights; default hidden 2048, FFN 5632, 8 layers, 16 heads, tied 32k vocabulary, fp32
 safetensors shards of ≤ 512 MB) under ``/tmp``, then runs, each in a fresh interpreter:
 
-* ``stream``: ``quantize_pretrained(checkpoint, out)`` — peak host RSS above the footprint after
-  imports (and a warm-up that loads the CPU kernels and the planner's solver), time, per-stage
+* ``stream``: ``quantize_pretrained(checkpoint, out, config, calibration=...)`` — peak host RSS above
+  the footprint after imports (and a warm-up that loads the CPU kernels and the planner's solver), time, per-stage
   breakdown; then it loads the result with ``load_quantized`` and runs a forward (finite logits?).
 * ``memory``: ``from_pretrained`` + ``quantize_model`` + ``save_quantized`` with the same options —
   the same peak/time measurement.
 
 Finally both saved checkpoints are compared tensor by tensor (codes, codebooks, scales, plan).
 Prints a table and writes ``results/bench/streaming.json``. Threads are pinned to one
-(``OMP_NUM_THREADS=1``). The defaults keep the run short on a loaded 2-core machine
-(``--codebook-iters 3 --loftq-iters 0``); both paths run the same options.
+(``OMP_NUM_THREADS=1``). The config is ``LowRAConfig()`` at 2 bits (``--preset default``: K-FAC
+table, calibrated init, with 64 seeded random token windows of 256 — the runner's calibration shape;
+the weights are random, so no text means more) or the paper preset (``--preset paper``, data-free);
+``--codebook-iters 3`` keeps the run short on a loaded 2-core machine; both paths run the same options.
 
 The check (issue 19): peak host memory above the post-import footprint ≤ 35 % of the checkpoint's
 size, finite logits after reload, streaming time ≤ 1.25 × the in-memory path.
@@ -137,9 +139,30 @@ def _facts(directory: Path, index: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- workers
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(bits=args.bits, method="lowra", rank=args.rank, alpha=float(args.rank), loftq_iters=args.loftq_iters,
-                candidates=(1, 2, 4), codebook_iters=args.codebook_iters, error="sse", init="loftq",
-                progress=False, plan_options={"max_nodes": 1000})
+    """The ``LowRAConfig`` fields both paths run with: ``--preset default`` is ``LowRAConfig()`` (K-FAC
+    table, calibrated init: calibration windows needed), ``paper`` the paper preset (data-free)."""
+    fields = dict(bits=args.bits, rank=args.rank, alpha=float(args.rank), loftq_iters=args.loftq_iters,
+                  codebook_iters=args.codebook_iters, plan_options={"max_nodes": 1000})
+    if args.preset == "paper":
+        from lowra.config import PAPER
+
+        fields.update(PAPER)
+    return fields
+
+
+def _calibration(args: argparse.Namespace, vocab: int) -> Any:
+    """Seeded random token windows ``[calib_samples, calib_seq_len]`` (the synthetic model has random
+    weights: no text is more meaningful; the shapes are the runner's recipe, 64 × 256), or None when
+    the preset needs none."""
+    import torch
+
+    from lowra.config import LowRAConfig
+
+    config = LowRAConfig(**_options(args))
+    if not config.method_object.needs(config).any:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (args.calib_samples, args.calib_seq_len), generator=gen)
 
 
 def _warm_up() -> None:
@@ -179,12 +202,15 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     baseline = current_rss()
     resettable = reset_peak_rss()
     out = Path(args.work) / f"out_{mode}"
-    opts = _options(args)
+    config = lowra.LowRAConfig(**_options(args))
+    vocab = json.loads((Path(args.checkpoint) / "config.json").read_text())["vocab_size"]
+    calibration = _calibration(args, vocab)
     rec: dict[str, Any] = {"mode": mode, "rss_after_imports_bytes": baseline, "peak_resettable": resettable}
     torch.manual_seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
     if mode == "stream":
-        res = quantize_pretrained(args.checkpoint, out, dtype=torch.float32, **opts)
+        res = quantize_pretrained(args.checkpoint, out, config, calibration=calibration, dtype=torch.float32,
+                                  progress=args.progress)
         rec["stages"] = res.stages
         rec["resumed"] = res.resumed
     else:
@@ -192,7 +218,7 @@ def worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         with peaks.stage("load"):
             model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
         with peaks.stage("quantize_model"):
-            report = lowra.quantize_model(model, **opts)
+            report = lowra.quantize_model(model, config, calibration=calibration, progress=args.progress)
         with peaks.stage("save"):
             lowra.save_quantized(model, out, report=report, source_model=str(args.checkpoint))
         del model
@@ -240,7 +266,9 @@ def _run_worker(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "experiments.bench.streaming", "--worker", mode, "--checkpoint", str(args.checkpoint),
            "--work", str(args.work), "--bits", str(args.bits), "--rank", str(args.rank),
            "--codebook-iters", str(args.codebook_iters), "--loftq-iters", str(args.loftq_iters),
-           "--worker-out", str(out)]
+           "--preset", args.preset, "--calib-samples", str(args.calib_samples),
+           "--calib-seq-len", str(args.calib_seq_len), "--worker-out", str(out)]
+    cmd += ["--progress"] if args.progress else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -262,10 +290,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=16)
     p.add_argument("--untied", action="store_true", help="separate lm_head (default: tied embeddings)")
-    p.add_argument("--bits", type=float, default=1.5)
+    p.add_argument("--preset", choices=("default", "paper"), default="default",
+                   help="default: LowRAConfig() (K-FAC + calibrated init, calibration windows); paper: data-free")
+    p.add_argument("--bits", type=float, default=2.0)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--codebook-iters", type=int, default=3)
-    p.add_argument("--loftq-iters", type=int, default=0)
+    p.add_argument("--loftq-iters", type=int, default=1)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=256)
+    p.add_argument("--progress", action="store_true", help="progress lines of the stages (to stderr)")
     p.add_argument("--skip-memory", action="store_true", help="skip the in-memory comparison run")
     p.add_argument("--json", type=Path, default=REPO / "results" / "bench" / "streaming.json")
     p.add_argument("--worker", choices=("stream", "memory"), help=argparse.SUPPRESS)
@@ -307,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     result = {
         "checkpoint": facts,
-        "options": {k: v for k, v in _options(args).items() if k != "progress"},
+        "options": {**_options(args), "preset": args.preset,
+                    "calibration": None if _calibration(args, 2) is None else [args.calib_samples, args.calib_seq_len]},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": 1,
                     "loadavg_end": list(os.getloadavg())},
         "runs": runs,

@@ -133,7 +133,9 @@ def load_for_eval(
     model = load_model(cfg.model, device)
     info: dict[str, Any] = {"name": str(cfg.model.name), "source": model_location(cfg.model),
                             "tokenizer": tokenizer or model_location(cfg.model), "overrides": list(overrides)}
-    if fp or cfg.quant.method == "none" and int(cfg.quant.loftq_iters) == 0:
+    from lowra.methods import method_of
+
+    if fp or not method_of(str(cfg.quant.method)).quantizes and int(cfg.quant.loftq_iters) == 0:
         return model, tok, {**info, "method": "fp" if fp else str(cfg.quant.name), "bits_target": None,
                             "bits_nominal": None, "bits_effective": None}
     kwargs = quantize_kwargs(cfg, progress=False)

@@ -22,13 +22,11 @@ CONF_DIR = REPO_ROOT / "conf"
 MODEL_ARCHS = ("causal_lm", "seq2seq")
 DATA_TASKS = ("lm", "summarization")
 DATA_LOADERS = ("story_file", "hub_text", "hub_summarization")
-QUANT_METHODS = ("lowra", "nf", "uniform", "optq", "none")
 CANDIDATE_BITS = (1, 2, 3, 4)
 CODEBOOKS = ("learned", "nf")
 PLANS = ("ilp", "uniform")
 #: lowra.error_tables.ERROR_TABLES (kept torch-free here)
 ERROR_TABLES = ("sse", "fisher", "relative", "kfac", "measured")
-DATA_TABLES = ("fisher", "kfac", "measured")  # lowra.error_tables.DATA_TABLES: read calibration text
 INITS = ("loftq", "calibrated")
 BUDGET_KINDS = ("nominal", "effective")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -73,6 +71,23 @@ def _positive_int(key: str, value: Any, allow_zero: bool = False, allow_none: bo
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} integer")
+
+
+def _check_distill(t: Any, m: Any) -> None:
+    """``train.distill``: weight in [0, 1], temperature > 0, chunk_tokens ≥ 1; on (weight > 0) only
+    for a causal LM trained in one process (the chunked loss calls the decoder and LM head directly)."""
+    d = t.get("distill")
+    if not d:
+        return
+    weight = d.get("weight", 0.0)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= float(weight) <= 1.0:
+        raise ConfigError(f"train.distill.weight={weight!r} must be a number in [0, 1]")
+    _positive_float("train.distill.temperature", d.get("temperature", 1.0))
+    _positive_int("train.distill.chunk_tokens", d.get("chunk_tokens", 512))
+    if float(weight) > 0 and m.arch != "causal_lm":
+        raise ConfigError(f"train.distill.weight={weight} needs model.arch=causal_lm (got {m.arch})")
+    if float(weight) > 0 and t.get("strategy", "single") != "single":
+        raise ConfigError(f"train.distill.weight={weight} needs train.strategy=single (got {t.strategy})")
 
 
 def _positive_float(key: str, value: Any, allow_zero: bool = False) -> None:
@@ -124,20 +139,12 @@ def check_bits(quant: Any) -> float:
 
 
 def streamable(cfg: Any) -> str | None:
-    """None when ``lowra.quantize_pretrained`` can quantize this config, else why it cannot
-    (data-driven error tables, the calibrated init, OPTQ and the dense baseline need the model in memory)."""
-    q = cfg.quant
-    if q.method == "none":
-        return "quant.method=none keeps the dense base"
-    if q.method == "optq":
-        return "quant.method=optq needs calibration Hessians of the whole model"
-    if q.method == "lowra" and q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES:
-        return f"quant.error={q.error} needs calibration statistics of the whole model"
-    if q.method == "lowra" and bool(q.get("fisher_codebooks")):
-        return "quant.fisher_codebooks needs the Fisher diagonal of the whole model"
-    if q.get("init", "loftq") == "calibrated" and int(q.loftq_iters) > 0:
-        return "quant.init=calibrated needs input Hessians of the whole model"
-    return None
+    """None when ``lowra.quantize_pretrained`` can quantize this config, else why it cannot — asked of
+    the method (``lowra.methods.unstreamable``: the dense baseline, or calibration statistics)."""
+    from lowra.config import LowRAConfig
+    from lowra.methods import unstreamable
+
+    return unstreamable(LowRAConfig.from_hydra(cfg))
 
 
 def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
@@ -190,10 +197,13 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         raise ConfigError(f"data={d.name}: summarization needs data.source_field and data.target_field")
 
     # quant
-    _choice("quant.method", q.method, QUANT_METHODS)
+    from lowra.methods import method_names, method_of
+
+    _choice("quant.method", q.method, method_names())
+    method = method_of(str(q.method))
     check_bits(q)
     requested = cfg.get("bits")
-    if q.method == "none" and requested is not None and not ignored_budget_ok:
+    if not method.quantizes and requested is not None and not ignored_budget_ok:
         try:
             same = math.isclose(float(requested), float(q.bits))
         except (TypeError, ValueError):
@@ -215,30 +225,23 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         _choice("quant.init", q.init, INITS)
     if q.get("budget_kind") is not None:
         _choice("quant.budget_kind", q.budget_kind, BUDGET_KINDS)
-    if (q.get("error") in DATA_TABLES and q.method == "lowra"
-            and not isinstance(q.options.get("calibration"), Mapping)):
-        raise ConfigError(f"quant.error={q.error} needs calibration text: set quant.options.calibration "
-                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
-    if (q.get("init") == "calibrated" and q.method != "none" and int(q.loftq_iters) > 0
-            and not isinstance(q.options.get("calibration"), Mapping)):
-        raise ConfigError("quant.init=calibrated needs calibration text: set quant.options.calibration "
-                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
     if q.get("weight_power") is not None:
         _positive_float("quant.weight_power", q.weight_power, allow_zero=True)
-    if q.method == "lowra" and q.get("plan") == "uniform" and not float(q.bits).is_integer():
-        raise BudgetError(
-            f"quant.plan=uniform stores every row at one integer width, got quant.bits={float(q.bits):g}: "
-            "use an integer +bits= or quant.plan=ilp"
-        )
     _positive_int("quant.group_size", q.group_size)
     _positive_int("quant.loftq_iters", q.loftq_iters, allow_zero=True)
     # every quant / lora option together, as quantize_model will get it (lowra.LowRAConfig.from_hydra)
     from lowra.config import LowRAConfig
 
     try:
-        LowRAConfig.from_hydra(cfg)
+        config = LowRAConfig.from_hydra(cfg)
     except ValueError as exc:
+        if "integer width" in str(exc):  # a fractional budget for a one-width setting: a sweep skips the job
+            raise BudgetError(f"quant={q.name}: {exc}") from None
         raise ConfigError(f"quant={q.name}: {exc}") from None
+    needs = method.needs(config)
+    if needs.any and not isinstance(q.options.get("calibration"), Mapping):
+        raise ConfigError(f"{needs.why} needs calibration text: set quant.options.calibration "
+                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
     stream = q.get("stream", "auto")
     if stream not in STREAM_MODES:
         raise ConfigError(f"quant.stream={stream!r} is not one of ['auto', true, false]")
@@ -263,6 +266,7 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     _positive_int("train.warmup_steps", t.warmup_steps, allow_zero=True, allow_none=True)
     if t.seq_len > m.max_length:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_length={m.max_length}")
+    _check_distill(t, m)
 
     # eval
     _positive_int("eval.window", e.window)

@@ -81,6 +81,7 @@ def stage_results(cfg: Any, prefix: str, report: dict[str, Any], state: RunState
         "resumed_from_step": result.resumed_from,
         "quantize_time_s": state.get("quantize_time_s"),
         "train_time_s": result.time_s,
+        "distill": result.distill,  # train.distill: weight, temperature, the teacher's load/forward costs
         "rank": int(cfg.lora.rank),
         "alpha": float(cfg.lora.alpha),
         "seed": int(cfg.seed),

@@ -58,6 +58,7 @@ from experiments.eval.harness import plan_harness, run_harness
 from experiments.runner import resume as resume_guard
 from experiments.runner.config_check import CONF_DIR, BudgetError, ConfigError, check_config, resolve_path
 from experiments.runner.data import DataUnavailableError, LMData, load_data, pack_blocks
+from experiments.runner.distill import distill_options, load_teacher
 from experiments.runner.distributed import (
     DistContext,
     RankBatches,
@@ -231,7 +232,7 @@ def _run_stages(
         if "quantize_time_s" not in state or not quant_dir.exists():  # stream: quantize to quant_dir first
             t0 = time.perf_counter()
             res = lowra_api("quantize_pretrained")(model_location(cfg.model), quant_dir,
-                                                   **stream_kwargs(cfg, progress and is_terminal(), device))
+                                                   **stream_kwargs(cfg, progress, device, data))
             state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
@@ -295,12 +296,16 @@ def _run_stages(
         train_model = wrap_for_training(model, dist_ctx, bool(cfg.train.get("fsdp_shard_base", True)))
         if dist_ctx.distributed:
             batches = RankBatches(batches, dist_ctx.rank, dist_ctx.world_size)
-        peaks.begin("fine-tune")
+        peaks.begin("fine-tune")  # the teacher of train.distill is loaded inside: its memory counts here
+        teacher, teacher_stats = (load_teacher(cfg.model, device) if distill_options(cfg.train)[0] > 0
+                                  else (None, None))
         result = train(
             train_model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
             resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
             optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
+            teacher=teacher, teacher_stats=teacher_stats,
         )
+        del teacher
         peaks.end()
     stages.update(1)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from experiments.runner.config_check import DATA_TABLES, ConfigError, resolve_path, streamable
+from experiments.runner.config_check import ConfigError, resolve_path, streamable
 from experiments.runner.data import LMData
 from experiments.runner.hub import hub_access
 from lowra.config import INIT_FIELDS, LOWRA_ONLY
@@ -124,7 +124,8 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     config = lowra_config(cfg)
     kw: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     options = kw.pop("quant_options")
-    for key in (*(LOWRA_KEYS if config.method != "lowra" else ()), *(INIT_KEYS if config.method == "none" else ())):
+    method = config.method_object  # its own fields only; the init fields for quantizing methods only
+    for key in (*(k for k in LOWRA_KEYS if k not in method.fields), *(INIT_KEYS if not method.quantizes else ())):
         kw.pop(key)
     kw.update(options)
     kw["progress"] = progress
@@ -136,17 +137,10 @@ def needs_calibration(cfg: Any) -> bool:
     for a quantizer that needs them (OPTQ / ModuLoRA), LowRA's data-driven error tables
     (``quant.error=fisher|kfac|measured`` with a plan), Fisher-weighted codebooks and the calibrated
     adapter init (``quant.init=calibrated``) — the same rule as ``lowra.quantize_model``'s."""
-    q = cfg.quant
-    if not isinstance(q.options.get("calibration"), Mapping):
+    if not isinstance(cfg.quant.options.get("calibration"), Mapping):
         return False
-    if q.method == "optq":
-        return True
-    fisher = q.method == "lowra" and (
-        (q.get("plan", "ilp") == "ilp" and q.get("error", "sse") in DATA_TABLES) or bool(q.get("fisher_codebooks")))
-    low = q.get("low_bits_init") if q.method == "lowra" else None
-    iters = max(int(q.loftq_iters), int(low["loftq_iters"]) if low else 0)
-    calibrated = q.method != "none" and q.get("init", "loftq") == "calibrated" and iters > 0
-    return fisher or calibrated
+    config = lowra_config(cfg)
+    return config.method_object.needs(config).any
 
 
 def use_streaming(cfg: Any, device: torch.device) -> bool:
@@ -183,11 +177,13 @@ def use_streaming(cfg: Any, device: torch.device) -> bool:
     return stream
 
 
-def stream_kwargs(cfg: Any, progress: bool, device: torch.device) -> dict[str, Any]:
-    """``quantize_kwargs`` for ``lowra.quantize_pretrained`` (+ dtype, device, arch)."""
-    kw = quantize_kwargs(cfg, progress)
-    if "keep_full_precision" in kw:
-        kw["skip_modules"] = kw.pop("keep_full_precision")
+def stream_kwargs(cfg: Any, progress: bool, device: torch.device, data: Any = None) -> dict[str, Any]:
+    """Keyword arguments of ``lowra.quantize_pretrained(src, out, **kw)``: the same ``LowRAConfig``
+    and calibration windows as ``quantize_model`` gets (``data``: the run's ``LMData``), plus how the
+    checkpoint is read (dtype, device, arch, trust_remote_code)."""
+    kw: dict[str, Any] = {"config": lowra_config(cfg), "progress": progress}
+    if needs_calibration(cfg):
+        kw["calibration"] = calibration_kwargs(cfg, data)["calibration"]
     kw.update(dtype=str(cfg.model.dtype), device=str(device), arch=str(cfg.model.arch),
               trust_remote_code=bool(cfg.model.trust_remote_code))
     return kw

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from experiments.runner.distill import DistillStats, distill_loss, distill_options
 from experiments.runner.progress import progress_bar
 from lowra.atomic import atomic_path
 
@@ -185,8 +186,20 @@ def _bnb_usable(device: torch.device | str) -> bool:
     return True
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], tcfg: Any) -> torch.optim.Optimizer:
-    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only)."""
+def param_groups(params: list[torch.nn.Parameter], lrs: list[float] | None, lr: float) -> list[Any]:
+    """``params`` as they go to the optimizer: one list when every parameter takes ``lr``, else one
+    group per distinct learning rate (``lrs[i]`` is the rate of ``params[i]``), in first-seen order."""
+    if lrs is None or all(x == lr for x in lrs):
+        return params
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p, x in zip(params, lrs, strict=True):
+        groups.setdefault(float(x), []).append(p)
+    return [{"params": ps, "lr": x} for x, ps in groups.items()]
+
+
+def make_optimizer(name: str, params: list[Any], tcfg: Any) -> torch.optim.Optimizer:
+    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only); ``params``
+    is a list of parameters or of groups (``param_groups``)."""
     kw = dict(lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps), weight_decay=float(tcfg.weight_decay))
     if name == "adamw":
         return torch.optim.AdamW(params, **kw)
@@ -221,6 +234,7 @@ class TrainResult:
     resumed_from: int
     losses: list[float] = field(default_factory=list)
     optimizer: str = "adamw"
+    distill: dict[str, Any] | None = None  # train.distill: weight, temperature, the teacher's costs
 
 
 def train(
@@ -235,6 +249,9 @@ def train(
     progress: bool = True,
     optimizer: str | None = None,
     dist: Any = None,
+    teacher: torch.nn.Module | None = None,
+    teacher_stats: DistillStats | None = None,
+    param_lrs: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -249,6 +266,11 @@ def train(
             ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
             the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
             that rank 0 alone writes (every rank reads them back on resume).
+        teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.runner.distill`); with
+            ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
+            Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
+        param_lrs: learning rates of named parameters that do not take ``tcfg.lr`` (e.g. trainable
+            codebooks, ``train.codebooks_lr``); the schedule multiplies every group alike.
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -257,7 +279,12 @@ def train(
     if optimizer is None:
         optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
                                       None, device)
-    opt = make_optimizer(optimizer, trainable, tcfg)
+    lrs = None if param_lrs is None else [float(param_lrs.get(n, tcfg.lr)) for n, _ in named]
+    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr)), tcfg)
+    weight, temperature, chunk = distill_options(tcfg)
+    if weight > 0 and teacher is None:
+        raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")
+    stats = teacher_stats if teacher_stats is not None else DistillStats()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, tcfg.scheduler))
     step, losses, elapsed = 0, [], 0.0
     torch.manual_seed(int(tcfg.seed))
@@ -311,7 +338,10 @@ def train(
             # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
             no_sync = micro < accum - 1 and hasattr(model, "no_sync")
             with model.no_sync() if no_sync else contextlib.nullcontext():
-                loss = model(**batch).loss
+                if weight > 0:
+                    loss, _ = distill_loss(model, teacher, batch, weight, temperature, chunk, stats)
+                else:  # weight 0: exactly the model's own loss
+                    loss = model(**batch).loss
                 (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
         if dist is not None:
@@ -338,4 +368,6 @@ def train(
     return TrainResult(
         steps=step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=elapsed,
         resumed_from=resumed_from, losses=losses, optimizer=optimizer,
+        distill={"weight": weight, "temperature": temperature, "chunk_tokens": chunk, **stats.to_dict()}
+        if weight > 0 else None,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from lowra.codebook import CodebookResult, learn_codebooks
@@ -11,8 +13,9 @@ from lowra.quantizers.base import Quantizer
 class LearnedCodebookQuantizer(Quantizer):
     """Per-row learned codebooks; rows may have different widths.
 
-    Options: ``codebooks`` (a ``CodebookResult`` of this weight to reuse, e.g. from the error
-    table pass, so nothing is learned twice), ``iters``, ``tol``, ``weight_power``.
+    Options: ``codebooks`` (a ``CodebookResult`` of this weight, or its ``{bits: [out, 2**bits]}``
+    tables, to reuse, e.g. from the error table pass or a precision plan, so nothing is learned
+    twice), ``iters``, ``tol``, ``weight_power``.
     """
 
     name = "lowra"
@@ -23,17 +26,18 @@ class LearnedCodebookQuantizer(Quantizer):
         bits_per_row: torch.Tensor,
         group_size: int,
         double_quant: bool,
-        codebooks: CodebookResult | None = None,
+        codebooks: CodebookResult | Mapping[int, torch.Tensor] | None = None,
         **learn_options,
     ) -> dict[int, torch.Tensor]:
         used = torch.unique(bits_per_row).tolist()
         if codebooks is not None:
-            missing = [b for b in used if b not in codebooks.codebooks]
+            given = codebooks if isinstance(codebooks, Mapping) else codebooks.codebooks
+            missing = [b for b in used if b not in given]
             if missing:
-                raise ValueError(f"the given codebooks have no {missing}-bit tables (have {codebooks.bits})")
-            if codebooks.codebooks[used[0]].shape[0] != weight.shape[0]:
+                raise ValueError(f"the given codebooks have no {missing}-bit tables (have {sorted(given)})")
+            if given[used[0]].shape[0] != weight.shape[0]:
                 raise ValueError("the given codebooks were learned for a weight with another row count")
-            return {b: codebooks.codebooks[b] for b in used}
+            return {b: given[b] for b in used}
         tables = {}
         for b in used:
             rows = (bits_per_row == b).nonzero().flatten()

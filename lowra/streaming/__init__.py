@@ -9,7 +9,7 @@ tensor at a time, and works through the transformer blocks in module order:
 1. **pass 1** (``method="lowra"`` with a plan): per target layer ``learn_codebooks`` → its codebooks
    and its error table ``[out, K]`` (``lowra.error_tables.row_error_table``); each block's results
    are written to the partial directory as they finish;
-2. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.stages._solve_plan``,
+2. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.stages.solve_plan``,
    the in-memory path's own call);
 3. **pass 2**: per layer the quantizer with the fixed plan and codebooks, LoftQ
    (``lowra.loftq.loftq_init``) and the ``LowRALinear`` that holds the codes and adapters; each
@@ -46,27 +46,32 @@ through ``/proc/self/clear_refs``) and peak CUDA memory; ``StreamResult.stages``
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lowra.layers import DEFAULT_SKIP_MODULES, find_target_linears
+from lowra.config import LowRAConfig, config_from_arguments
+from lowra.layers import find_target_linears
+from lowra.quantize_layers import module_kwargs
 from lowra.report import QuantizationReport
-from lowra.stages import Calibration, init_for_plan, new_report
-from lowra.streaming.assemble import _assemble
+from lowra.stages import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
+from lowra.streaming.assemble import assemble_model
 from lowra.streaming.memory import PeakMemory, available_host_memory
 from lowra.streaming.memory import current_rss as current_rss
 from lowra.streaming.memory import peak_rss as peak_rss
 from lowra.streaming.memory import reset_peak_rss as reset_peak_rss
-from lowra.streaming.options import _UNSTREAMABLE, fingerprint, stream_settings
-from lowra.streaming.partial import PARTIAL_SUFFIX, _Partial
+from lowra.streaming.options import fingerprint, stream_settings
+from lowra.streaming.partial import PARTIAL_SUFFIX, PartialDir
 from lowra.streaming.passes import StreamJob, pass1_codebooks, pass2_quantize, plan_rows
-from lowra.streaming.source import _blocks, _skeleton, _Source, _source_key, checkpoint_bytes, source_checkpoint
+from lowra.streaming.source import ShardReader, checkpoint_bytes, group_blocks, skeleton, source_checkpoint
+from lowra.weights import ShardSource
 
 __all__ = [
     "PeakMemory",
@@ -106,41 +111,15 @@ class StreamResult:
 def quantize_pretrained(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    bits: float,
-    method: str = "lowra",
-    rank: int = 16,
-    alpha: float = 16.0,
-    target_modules: str | list[str] | tuple[str, ...] | None = None,
-    loftq_iters: int = 1,
-    group_size: int = 64,
+    config: LowRAConfig | Mapping[str, Any] | float | None = None,
     *,
-    dropout: float = 0.0,
-    double_quant: bool = False,
-    candidates: tuple[int, ...] = (1, 2, 4),
-    budget_scope: str = "model",
-    use_plan: bool = True,
-    skip_modules: tuple[str, ...] | list[str] = DEFAULT_SKIP_MODULES,
-    codebook_iters: int = 20,
-    weight_power: float = 2.0,
-    plan_options: dict[str, Any] | None = None,
-    adapter_dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    codebook: str = "learned",
-    plan: str = "ilp",
-    error: str = "sse",
-    fisher_codebooks: bool = False,
-    init: str = "loftq",
-    init_damp: float = 0.01,
-    init_codebooks: str = "fixed",
-    budget_kind: str = "nominal",
+    calibration: torch.Tensor | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     arch: str = "causal_lm",
-    trust_remote_code: bool = False,
     resume: bool = True,
-    calibration: Any = None,
-    **quant_options: Any,
+    progress: bool = True,
+    **options: Any,
 ) -> StreamResult:
     """Quantize the checkpoint in ``model_dir`` into ``out_dir`` without loading the full model.
 
@@ -149,65 +128,44 @@ def quantize_pretrained(
             an index), or a Hub id (resolved through the local cache, see ``source_checkpoint``).
         out_dir: where the quantized model is saved (``lowra.save_quantized``; read it back with
             ``lowra.load_quantized``). ``<out_dir>.partial/`` holds the work of an unfinished run.
-        bits, method, rank, alpha, target_modules, loftq_iters, group_size, and every keyword up to
-            ``budget_kind``: as ``lowra.quantize_model`` (same defaults, same meaning); the quantized
-            codes are identical to that path's for the same model and options.
+        config: the same as ``lowra.quantize_model``'s: a ``LowRAConfig`` (None: ``LowRAConfig()``,
+            the runner's default), its ``to_dict()`` form or the budget ``bits``; ``options`` are
+            its fields (over ``config``) or the quantizer's options, as ``quantize_model(**options)``
+            takes them, plus ``backend`` (kernels) and ``trust_remote_code`` (building the skeleton).
+            The codes, plan and adapters are identical to that path's for the same model and config.
+        calibration: int64 token windows ``[samples, seq_len]`` for what needs data (K-FAC / Fisher
+            tables, the calibrated init, OPTQ), run through the model block by block
+            (:mod:`lowra.blockwise`).
         dtype: dtype the weights are read in (as ``from_pretrained(dtype=...)``; None: as stored).
             The in-memory path quantizes ``linear.weight`` in the model's dtype, so match them.
-        device: where each layer is quantized (``"cuda"``: one layer at a time on the GPU).
+        device: where each block is calibrated and each layer quantized (``"cuda"``: one at a time on the GPU).
         arch: ``"causal_lm"`` or ``"seq2seq"`` (the Auto class the skeleton is built from).
-        resume: continue an interrupted run found in ``<out_dir>.partial/`` (same source and
-            options); False discards it.
-        calibration: not supported (data-driven settings need the model in memory): must be None.
+        resume: continue an interrupted run found in ``<out_dir>.partial/`` (same source, options and
+            calibration windows); False discards it.
     Returns:
         A ``StreamResult`` (report, per-stage time and peak memory, resumed block counts).
     Raises:
-        ValueError: an unstreamable setting (data-driven error table, calibrated init, OPTQ,
-            ``method="none"``), a source without safetensors, a target missing from the checkpoint,
-            NaN/Inf weights, or any option ``quantize_model`` refuses.
+        ValueError: an unstreamable setting (``method="none"``, ``error="measured"``, a model
+            without decoder blocks when statistics are needed), a source without safetensors, a
+            target missing from the checkpoint, NaN/Inf weights, or any option ``quantize_model`` refuses.
     """
     t_start = time.perf_counter()
     peaks = PeakMemory()
-    if calibration is not None:
-        raise ValueError(f"quantize_pretrained does not use calibration data: {_UNSTREAMABLE}")
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    backend = str(options.pop("backend", "auto"))
+    trust_remote_code = bool(options.pop("trust_remote_code", False))
+    dtype = _dtype(dtype)
     device = torch.device(device)
-    # the LowRAConfig of quantize_model's keyword form: the same validation, the same resolved settings
-    s = stream_settings(dict(
-        bits=bits, method=method, rank=rank, alpha=alpha, target_modules=target_modules, loftq_iters=loftq_iters,
-        group_size=group_size, dropout=dropout, double_quant=double_quant, candidates=candidates,
-        budget_scope=budget_scope, use_plan=use_plan, skip_modules=tuple(skip_modules),
-        codebook_iters=codebook_iters, weight_power=weight_power, plan_options=dict(plan_options or {}),
-        adapter_dtype=adapter_dtype, codebook=codebook, plan=plan, error=error, fisher_codebooks=fisher_codebooks,
-        init=init, init_damp=init_damp, init_codebooks=init_codebooks, budget_kind=budget_kind, **quant_options,
-    ), backend=backend, progress=progress)
+    config, runtime = config_from_arguments(config, options)
+    s = stream_settings(config, runtime, backend=backend, progress=progress)
     out_dir = Path(out_dir)
-
     with peaks.stage("setup"):
-        directory = source_checkpoint(model_dir)
-        src = _Source(directory)
-        source_bytes = sum((directory / n).stat().st_size for n in src.files())
-        model = _skeleton(directory, arch, dtype, trust_remote_code)
-        targets = find_target_linears(model, s.target_modules, s.skip_modules)
-        names = [n for n, _ in targets]
-        for n, m in targets:
-            if s.rank > min(m.out_features, m.in_features):
-                raise ValueError(f"layer {n!r} {(m.out_features, m.in_features)} is too small for rank {s.rank}")
-        has_bias = {n: m.bias is not None for n, m in targets}
-        job = StreamJob(
-            s=s, src=src, dtype=dtype, device=device, names=names,
-            shapes={n: (m.out_features, m.in_features) for n, m in targets}, has_bias=has_bias,
-            weight_keys={n: _source_key(model, src, f"{n}.weight") for n in names},
-            bias_keys={n: _source_key(model, src, f"{n}.bias") for n in names if has_bias[n]},
-            blocks=_blocks(names),
-            partial=_Partial(out_dir.parent / (out_dir.name + PARTIAL_SUFFIX),
-                             fingerprint(s, {"dtype": dtype, "arch": arch, "backend": backend}, src, names), resume),
-            resumed={"pass1": 0, "pass2": 0},
-        )
-    report = new_report(s, targets, Calibration())
+        job, model, targets, source_bytes = _setup(model_dir, out_dir, s, calibration, dtype, device, arch,
+                                                   trust_remote_code, resume, backend)
+    calib = Calibration()
+    if s.needs.any:
+        with peaks.stage("calibration"):
+            calib = _calibrate(job, model, targets, calibration)
+    report = new_report(s, targets, calib)
     times = report.times
 
     # ---- pass 1: codebooks + error tables, block by block; the plan on the whole model's table
@@ -215,30 +173,22 @@ def quantize_pretrained(
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
     if s.with_plan:
         with peaks.stage("pass1_codebooks"):
-            codebooks, errors = pass1_codebooks(job)
+            codebooks, errors = pass1_codebooks(job, calib)
         times["codebooks_s"] = peaks.stages["pass1_codebooks"]["time_s"]
         with peaks.stage("plan"):
             layer_bits = plan_rows(job, errors, report)
             del errors
         times["plan_s"] = peaks.stages["plan"]["time_s"]
 
-    # ---- pass 2: quantize + LoftQ per layer, one block file at a time
+    # ---- pass 2: quantize + adapter init per layer, one block file at a time
     job.s = s = init_for_plan(s, layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, report)
     with peaks.stage("pass2_quantize"):
-        layer_reports = pass2_quantize(job, layer_bits, codebooks, times, loftq_init_fn)
-
-    reports = [layer_reports[n] for n in names]
-    total = report.num_params
-    sizes = [lr.shape[0] * lr.shape[1] for lr in reports]
-    report.layers = reports
-    report.bits_nominal = sum(lr.nominal_bits * n for lr, n in zip(reports, sizes)) / total
-    report.bits_effective = sum(lr.effective_bits * n for lr, n in zip(reports, sizes)) / total
-    report.total_sse_quant = sum(lr.sse_quant for lr in reports)
-    report.total_sse = sum(lr.sse_loftq for lr in reports)
+        layer_reports = pass2_quantize(job, layer_bits, codebooks, calib, times)
+    _layer_totals(report, [layer_reports[n] for n in job.names])
 
     # ---- assemble the quantized model and save it through the public format
     with peaks.stage("assemble_save"):
-        _assemble(model, src, job.partial, job.blocks, has_bias, job.bias_keys, dtype, job.module_kw)
+        assemble_model(model, job.source, job.partial, job.blocks, module_kwargs(s))
         times["total_s"] = time.perf_counter() - t_start
         model.lowra_report = report
         model.lowra_config = s.config
@@ -252,9 +202,65 @@ def quantize_pretrained(
                         source_bytes=source_bytes, peak_resettable=peaks.peak_resettable)
 
 
-def loftq_init_fn(w: torch.Tensor, quantize_fn: Any, rank: int, alpha: float, iters: int, name: str,
-                  damp: float) -> Any:
-    """``lowra.loftq.loftq_init`` as the in-memory path calls it (plain LoftQ, no Hessian)."""
-    from lowra.loftq import loftq_init
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype (e.g. 'bfloat16'), got {dtype!r}")
+        return getattr(torch, dtype)
+    return dtype
 
-    return loftq_init(w, quantize_fn, rank, alpha, iters=iters, name=f"layer {name!r}", hessian=None, damp=damp)
+
+def _setup(model_dir: Any, out_dir: Path, s: Settings, calibration: Any, dtype: torch.dtype | None,
+           device: torch.device, arch: str, trust_remote_code: bool, resume: bool,
+           backend: str) -> tuple[StreamJob, torch.nn.Module, list[tuple[str, torch.nn.Module]], int]:
+    """The skeleton, its targets (checked against the rank), the weight source and the partial directory."""
+    directory = source_checkpoint(model_dir)
+    reader = ShardReader(directory)
+    source_bytes = sum((directory / n).stat().st_size for n in reader.files())
+    model = skeleton(directory, arch, dtype, trust_remote_code)
+    targets = find_target_linears(model, s.target_modules, s.skip_modules)
+    names = [n for n, _ in targets]
+    for n, m in targets:
+        if s.rank > min(m.out_features, m.in_features):
+            raise ValueError(f"layer {n!r} {(m.out_features, m.in_features)} is too small for rank {s.rank}")
+    extra = {"dtype": dtype, "arch": arch, "backend": backend, "calibration": _digest(calibration)}
+    partial = PartialDir(out_dir.parent / (out_dir.name + PARTIAL_SUFFIX), fingerprint(s, extra, reader, names),
+                         resume)
+    job = StreamJob(s=s, source=ShardSource(model, reader, dtype, device), names=names,
+                    shapes={n: (m.out_features, m.in_features) for n, m in targets}, blocks=group_blocks(names),
+                    partial=partial, resumed={"pass1": 0, "pass2": 0, "calibration": 0})
+    return job, model, targets, source_bytes
+
+
+def _digest(calibration: Any) -> str | None:
+    if calibration is None:
+        return None
+    t = torch.as_tensor(calibration).contiguous()
+    return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest() + str(tuple(t.shape))
+
+
+def _calibrate(job: StreamJob, model: torch.nn.Module, targets: list[tuple[str, torch.nn.Module]],
+               calibration: Any) -> Calibration:
+    """Block-wise calibration into the partial directory (``calibration/``, kept until the run ends;
+    a resumed run whose calibration had finished reuses it)."""
+    from lowra.blockwise import StatStore, block_layout
+
+    store = StatStore(job.partial.path / "calibration")
+    if job.partial.state.get("calibration"):
+        layout = block_layout(model, job.names)
+        if all(store.has(i) for i in range(len(layout.layers))):
+            job.resumed["calibration"] = 1
+            return calibration_from_store(store, layout)
+    calib = calibrate(model, targets, job.s, calibration, source=job.source, store=store)
+    job.partial.mark("calibration")
+    return calib
+
+
+def _layer_totals(report: QuantizationReport, reports: list[Any]) -> None:
+    total = report.num_params
+    sizes = [lr.shape[0] * lr.shape[1] for lr in reports]
+    report.layers = reports
+    report.bits_nominal = sum(lr.nominal_bits * n for lr, n in zip(reports, sizes)) / total
+    report.bits_effective = sum(lr.effective_bits * n for lr, n in zip(reports, sizes)) / total
+    report.total_sse_quant = sum(lr.sse_quant for lr in reports)
+    report.total_sse = sum(lr.sse_loftq for lr in reports)

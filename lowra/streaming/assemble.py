@@ -8,29 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowra.format import QuantizedTensor
 from lowra.layers import mark_only_lora_trainable
 from lowra.nn import LowRALinear
-from lowra.streaming.partial import _Partial
-from lowra.streaming.source import _Source, _source_key
+from lowra.streaming.partial import PartialDir
+from lowra.streaming.source import source_key
+from lowra.weights import ShardSource
 
 
-def _assemble(
-    model: nn.Module,
-    src: _Source,
-    partial: _Partial,
-    blocks: list[tuple[str, list[str]]],
-    has_bias: dict[str, bool],
-    bias_keys: dict[str, str],
-    dtype: torch.dtype | None,
-    module_kw: dict[str, Any],
-) -> None:
+def assemble_model(model: nn.Module, source: ShardSource, partial: PartialDir, blocks: list[tuple[str, list[str]]],
+                   module_kw: dict[str, Any]) -> None:
     """Fill the meta ``model``: LowRALinear layers from the pass-2 block files, the rest from the source."""
-    from lowra.layers import set_module as _set_module
+    from lowra.layers import set_module
 
+    src, dtype = source.reader, source.dtype
     targets = set()
     for i, (_, block_names) in enumerate(blocks):
         tensors, meta = partial.read("pass2", i)
@@ -39,12 +32,13 @@ def _assemble(
             qstate = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             qt = QuantizedTensor.from_state_dict(qstate, meta["layers"][name]["quantized"])
             lora_A, lora_B = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
-            bias = src.load(bias_keys[name], dtype) if has_bias[name] else None
+            bias = source.bias(name)
+            bias = None if bias is None else bias.cpu()
             kw = dict(module_kw)
             if lora_A is not None:
                 kw["adapter_dtype"] = lora_A.dtype
             new = LowRALinear(qt, bias=bias, lora_A=lora_A, lora_B=lora_B, **kw)
-            _set_module(model, name, new)
+            set_module(model, name, new)
             targets.add(name)
         del tensors
     # every other persistent tensor (embeddings, norms, lm_head, biases of other layers) from the source
@@ -54,7 +48,7 @@ def _assemble(
     rest = {}
     for key in wanted:
         try:
-            rest[key] = src.load(_source_key(model, src, key), dtype)
+            rest[key] = src.load(source_key(model, src, key), dtype)
         except ValueError:
             if key not in tied:
                 raise

@@ -24,7 +24,7 @@ PARTIAL_SUFFIX = ".partial"
 PROGRESS = "progress.json"
 
 
-class _Partial:
+class PartialDir:
     """``<out_dir>.partial/``: block files + ``progress.json`` (finished blocks per pass)."""
 
     def __init__(self, path: Path, fingerprint: str, resume: bool) -> None:
@@ -53,6 +53,11 @@ class _Partial:
     def _save(self) -> None:
         write_text_atomic(self.path / PROGRESS, json.dumps(self.state, indent=1))
 
+    def mark(self, stage: str) -> None:
+        """Record that a whole stage (e.g. ``"calibration"``, whose files it wrote itself) finished."""
+        self.state[stage] = True
+        self._save()
+
     def done(self, stage: str, index: int) -> bool:
         return index in self.state[stage] and self.file(stage, index).is_file()
 
@@ -75,7 +80,7 @@ class _Partial:
         return tensors, json.loads(header["lowra_stream"])
 
 
-def _read_header(path: Path) -> dict[str, Any]:
+def read_header(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:

@@ -1,8 +1,8 @@
 """The source of streaming quantization: a safetensors checkpoint read one tensor at a time.
 
-``_Source`` maps every tensor name to its shard (one file or an index of shards) and loads one
-tensor as a private CPU copy (the shard is mapped only while it is read); ``_skeleton`` builds the
-model from its config on the meta device; ``_blocks`` groups the target layers by transformer block
+``ShardReader`` maps every tensor name to its shard (one file or an index of shards) and loads one
+tensor as a private CPU copy (the shard is mapped only while it is read); ``skeleton`` builds the
+model from its config on the meta device; ``group_blocks`` groups the target layers by transformer block
 (the unit of work and of resume).
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_bytes", "source_checkpoint"]
+__all__ = ["ShardReader", "checkpoint_bytes", "group_blocks", "skeleton", "source_checkpoint", "source_key"]
 
 _INDEX = "model.safetensors.index.json"
 
 
-class _Source:
+class ShardReader:
     """A safetensors checkpoint (one file or an index of shards) read one tensor at a time."""
 
     def __init__(self, directory: Path) -> None:
@@ -116,14 +116,14 @@ def checkpoint_bytes(model: str | os.PathLike, dtype: torch.dtype | None = None)
     What loading the model would take (the runner's ``quant.stream=auto`` compares it with the device).
     """
     directory = source_checkpoint(model)
-    src = _Source(directory)
+    src = ShardReader(directory)
     if dtype is None:
         return sum((directory / n).stat().st_size for n in src.files())
     return src.numel() * torch.empty((), dtype=dtype).element_size()
 
 
 # ---------------------------------------------------------------------------------- skeleton
-def _skeleton(directory: Path, arch: str, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
+def skeleton(directory: Path, arch: str, dtype: torch.dtype | None, trust_remote_code: bool) -> nn.Module:
     """The model built from its config with every tensor on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -140,17 +140,17 @@ def _skeleton(directory: Path, arch: str, dtype: torch.dtype | None, trust_remot
     return model
 
 
-def _block_of(name: str) -> str:
+def block_of(name: str) -> str:
     """The transformer block holding a layer: its name up to the first numeric component."""
     m = re.match(r"^(.*?\.\d+)(\.|$)", name)
     return m.group(1) if m else name
 
 
-def _blocks(names: list[str]) -> list[tuple[str, list[str]]]:
+def group_blocks(names: list[str]) -> list[tuple[str, list[str]]]:
     """Consecutive target names grouped by block, in module order."""
     out: list[tuple[str, list[str]]] = []
     for n in names:
-        b = _block_of(n)
+        b = block_of(n)
         if out and out[-1][0] == b:
             out[-1][1].append(n)
         else:
@@ -158,7 +158,7 @@ def _blocks(names: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _source_key(model: nn.Module, src: _Source, key: str) -> str:
+def source_key(model: nn.Module, src: ShardReader, key: str) -> str:
     """The checkpoint's name of the model's tensor ``key`` (with or without the base-model prefix)."""
     if key in src.key_file:
         return key

@@ -29,6 +29,7 @@ from experiments.assets import (
     model_dir,
     prepare,
 )
+from lowra.config import PAPER
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,7 +143,7 @@ def test_smollm2_loads_and_two_quantized_layers_run(smollm2):
     with torch.no_grad():
         ref = model.model(input_ids=ids).last_hidden_state
     report = quantize_model(model, bits=2.0, method="lowra", rank=8, alpha=16.0, target_modules=TARGETS,
-                            loftq_iters=1, progress=False)
+                            loftq_iters=1, progress=False, **PAPER)
     assert len(report.layers) == 14 and abs(report.bits_nominal - 2.0) < 0.05
     with torch.no_grad():
         out = model.model(input_ids=ids).last_hidden_state

@@ -13,6 +13,7 @@ import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
 from experiments.eval.stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
+from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.model import lowra_layers, quantize_model
 from lowra.nn import LowRALinear
@@ -174,7 +175,7 @@ def test_method_none_and_mistral_roundtrip(tmp_path):
     config, x = tiny_mistral_config()
     for method, bits in [("none", 16), ("lowra", 2.5)]:
         model = MistralForCausalLM(config).eval()
-        quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3,
+        quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3, **PAPER,
                        plan_options={"clusters": 8, "samples": 0, "max_nodes": 200}, progress=False)
         perturb_adapters(model)
         save_quantized_legacy(model, tmp_path / method)

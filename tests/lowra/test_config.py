@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lowra
-from lowra.config import PLAN_OPTIONS, LowRAConfig, config_from_arguments
+from lowra.config import PAPER, PLAN_OPTIONS, LowRAConfig, config_from_arguments
 from lowra.model import quantize_model
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
@@ -128,8 +128,7 @@ def test_keyword_shortcut_builds_the_same_config():
     assert config_from_arguments(base.to_dict(), {})[0] == base
     with pytest.raises(ValueError, match="budget twice"):
         config_from_arguments(2.0, {"bits": 3})
-    with pytest.raises(ValueError, match="needs a LowRAConfig"):
-        config_from_arguments(None, {"rank": 4})
+    assert config_from_arguments(None, {"rank": 4})[0] == LowRAConfig(rank=4)  # over the runner's default
     with pytest.raises(ValueError, match="rank must be a non-negative integer"):
         config_from_arguments(base, {"rank": -2})
 
@@ -140,10 +139,11 @@ def _toy() -> nn.Module:
 
 
 def test_quantize_model_with_a_config_equals_the_keywords():
-    config = LowRAConfig(bits=1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN)
+    config = LowRAConfig(bits=1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER)
     by_config, by_kw = _toy(), _toy()
     rep = quantize_model(by_config, config, progress=False)
     rep_kw = quantize_model(by_kw, 1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN,
+                            **PAPER,
                             progress=False)
     assert rep.config == rep_kw.config == config.to_dict()
     assert by_config.lowra_config == config and rep.to_dict()["config"] == config.to_dict()

@@ -8,6 +8,7 @@ import torch
 from experiments.eval.stories import load_model, token_splits
 from lowra.calibration import calibration_windows, collect_fisher, collect_hessians
 from lowra.codebook import learn_codebooks
+from lowra.config import PAPER
 from lowra.error_tables import calibration_statistics, measure_layer_losses, measured_row_table, row_error_table
 from lowra.format import QuantizedTensor
 from lowra.loftq import ActivationWhitening, loftq_init
@@ -93,10 +94,11 @@ def test_collect_fisher_on_stories260k(windows):
 
 def test_fisher_needs_data_and_finite_gradients(windows):
     model = load_model()
-    with pytest.raises(ValueError, match="quant.error=fisher needs calibration data"):
-        quantize_model(model, 2, error="fisher", rank=2, alpha=4, **FAST)
+    toy = torch.nn.Sequential(torch.nn.Linear(64, 64))  # no BOS / generate(): no default calibration
+    with pytest.raises(ValueError, match="quant.error=fisher needs calibration data.*pass calibration="):
+        quantize_model(toy, 2, error="fisher", rank=2, alpha=4, target_modules=["0"], **FAST)
     with pytest.raises(ValueError, match="quant.init=calibrated needs calibration data"):
-        quantize_model(model, 2, init="calibrated", rank=2, alpha=4, **FAST)
+        quantize_model(toy, 2, error="sse", init="calibrated", rank=2, alpha=4, target_modules=["0"], **FAST)
     with pytest.raises(ValueError, match="quant.error must be one of"):
         quantize_model(model, 2, error="hessian", rank=2, alpha=4, **FAST)
     with pytest.raises(ValueError, match="error table of LowRA's planner"):
@@ -198,7 +200,7 @@ def test_effective_budget_counts_every_stored_bit():
 
     model = load_model()
     rep = quantize_model(model, 2.7, budget_kind="effective", rank=2, alpha=4, loftq_iters=0,
-                         candidates=(1, 2, 3, 4), **FAST)
+                         **{**PAPER, "candidates": (1, 2, 3, 4)}, **FAST)
     assert rep.budget_kind == "effective"
     assert 2.65 <= rep.bits_effective <= 2.7 + 1e-9 and rep.bits_nominal < 2.0
     layer = lowra_layers(model)[0][1]
@@ -208,4 +210,4 @@ def test_effective_budget_counts_every_stored_bit():
     with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
         quantize_model(load_model(), 2, method="nf", budget_kind="effective", **FAST)
     with pytest.raises(ValueError, match="quant.budget_kind=effective, bits=1.5"):
-        quantize_model(load_model(), 1.5, budget_kind="effective", rank=2, alpha=4, loftq_iters=0, **FAST)
+        quantize_model(load_model(), 1.5, budget_kind="effective", rank=2, alpha=4, loftq_iters=0, **PAPER, **FAST)

@@ -17,6 +17,7 @@ import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
 from experiments.eval.stories import load_model, model_dir
 from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
+from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
 from lowra.model import lora_parameters, lowra_layers, quantize_model
@@ -161,7 +162,7 @@ def test_dense_base_bf16_and_untied_mistral(tmp_path):
     for method, bits, dtype in [("none", 16, torch.float32), ("nf", 2, torch.bfloat16)]:
         # built in dtype as from_pretrained builds it (``.to(bf16)`` would also cast the rotary inv_freq)
         model = MistralForCausalLM._from_config(config, dtype=dtype).eval()
-        quantize_model(model, bits, method=method, rank=4, alpha=8, progress=False)
+        quantize_model(model, bits, method=method, rank=4, alpha=8, progress=False, **PAPER)
         perturb_adapters(model)
         save_quantized(model, tmp_path / method)
         loaded = _from_pretrained(tmp_path / method)

@@ -63,7 +63,9 @@ def test_model_reexports_the_layer_helpers():
 
 
 def _is_main_guard(test: ast.expr) -> bool:
-    """``__name__ == "__main__"``."""
+    """``__name__ == "__main__"`` or ``TYPE_CHECKING`` (imports that never run with the module)."""
+    if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+        return True
     return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
             and len(test.comparators) == 1 and isinstance(test.comparators[0], ast.Constant)
             and test.comparators[0].value == "__main__")

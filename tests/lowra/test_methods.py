@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lowra.methods import METHODS, check_budget, get_method, optimizer_for
+from lowra.methods import METHODS, get_method, method_of, optimizer_for
 from lowra.quantizers import QUANTIZERS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +23,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 # ----------------------------------------------------------------------------- budgets
+def _preset(name: str, bits) -> object:
+    q = OmegaConf.load(REPO / "conf" / "quant" / f"{name}.yaml")
+    q.bits = bits
+    return q
+
+
 @pytest.mark.parametrize(("method", "ok", "bad"), [
     ("qlora", [4, 4.0], [2, 3, 1.5, 8]),
     ("loftq", [2, 4], [1, 3, 2.5]),
@@ -30,24 +36,50 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
     ("lowra", [1, 1.15, 2.25, 4], [0.9, 4.5, float("nan")]),
 ])
 def test_budgets_accepted_and_refused(method: str, ok: list, bad: list) -> None:
+    """The runner's budget check of a preset (its yaml: budget_choices / budget_min..max) and the
+    method's own check (``Method.check_bits`` through ``LowRAConfig``) agree."""
+    from experiments.runner.config_check import BudgetError, check_bits
+    from lowra.config import LowRAConfig
+
     spec = get_method(method)
     for b in ok:
-        got = check_budget(method, b)
-        assert got == b and isinstance(got, float if method == "lowra" else int)
+        assert check_bits(_preset(method, b)) == float(b)
+        assert LowRAConfig(bits=b, method=spec.quantizer, error="sse", init="loftq").bits == float(b)
     for b in bad:
-        with pytest.raises(ValueError) as info:
-            check_budget(method, b)
-        msg = str(info.value)
-        assert repr(method) in msg and spec.accepted() in msg
+        with pytest.raises(BudgetError, match=f"quant={method}"):
+            check_bits(_preset(method, b))
 
 
 def test_lora_ignores_the_budget_and_unknown_methods_are_named() -> None:
-    assert check_budget("lora", 2) is None and check_budget("lora", None) is None
+    from lowra.config import LowRAConfig
+
+    assert LowRAConfig(bits=16, method="none").bits == 16.0  # the dense base ignores the budget
     assert "16" in get_method("lora").accepted()
     with pytest.raises(ValueError, match="unknown method 'gptq'.*modulora"):
-        check_budget("gptq", 4)
-    with pytest.raises(ValueError, match="numeric"):
-        check_budget("qlora", "four")
+        get_method("gptq")
+    with pytest.raises(ValueError, match="unknown quantization method 'gptq'"):
+        method_of("gptq")
+    with pytest.raises(ValueError, match="bits must be a number"):
+        LowRAConfig(bits="four", method="nf")
+
+
+def test_methods_answer_what_the_stages_ask() -> None:
+    """Each method object says whether it plans, what calibration it needs, its quantizer's budgets."""
+    from lowra.config import LowRAConfig
+
+    default = LowRAConfig(bits=2.0, error="kfac", init="calibrated")
+    needs = default.method_object.needs(default)
+    assert default.method_object.plans(default) and needs.hessians and needs.output_grads and needs.init
+    assert not needs.fisher and needs.gradients and needs.why == "quant.error=kfac"
+    paper = LowRAConfig(bits=2.0, error="sse", init="loftq")
+    assert not paper.method_object.needs(paper).any
+    optq = LowRAConfig(bits=3.0, method="optq")
+    assert not optq.method_object.plans(optq) and optq.method_object.needs(optq).layer_hessians
+    assert not method_of("none").quantizes and method_of("nf").quantizes
+    with pytest.raises(ValueError, match="supports"):
+        LowRAConfig(bits=1.0, method="optq")  # OPTQ's accepted_bits are (2, 3, 4)
+    uniform = LowRAConfig(bits=3.0, plan="uniform", candidates=(1, 2))
+    assert uniform.method_object.candidates(uniform) == (1, 2, 3)  # the integer budget joins them
 
 
 def test_optimizer_hint() -> None:
@@ -74,7 +106,7 @@ def test_specs_match_the_quantizers_and_the_hydra_options() -> None:
         assert q["group_size"] == spec.group_size
         if spec.budget_choices is not None:
             assert [int(b) for b in q["budget_choices"]] == list(spec.budget_choices)
-            assert check_budget(name, q["bits"]) is not None  # the default budget is accepted
+            assert float(q["bits"]) in [float(b) for b in q["budget_choices"]]  # the default budget is accepted
         elif spec.budget_range is not None:
             assert (q["budget_min"], q["budget_max"]) == spec.budget_range and not q["budget_choices"]
     assert get_method("qlora").double_quant and get_method("modulora").needs_calibration
@@ -107,7 +139,7 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     from lowra.model import quantize_model
 
     spec = get_method(name)
-    bits = check_budget(name, bits)
+    bits = None if spec.ignores_budget else bits
     common = dict(rank=rank, alpha=alpha, target_modules=TARGETS, group_size=spec.group_size,
                   double_quant=spec.double_quant, loftq_iters=spec.loftq_iters, progress=False)
     if not spec.needs_calibration:

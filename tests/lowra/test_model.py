@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from experiments.eval.stories import finetune, load_model, perplexity, token_splits
+from lowra.config import PAPER
 from lowra.memory import memory_report
 from lowra.model import (
     QuantizationReport,
@@ -20,7 +21,9 @@ from lowra.model import (
 )
 from lowra.nn import LowRALinear
 
-FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200}, "progress": False}
+#: the paper preset (data-free: these tests quantize without calibration text), few iterations, a quick plan
+FAST = {**PAPER, "codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200},
+        "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_4_bit_lowra_is_close_to_fp32(splits):
 @pytest.mark.parametrize("method", ["nf", "uniform"])
 def test_integer_methods_through_the_same_api(method, splits):
     model = load_model()
-    report = quantize_model(model, 4, method=method, rank=2, alpha=16, progress=False)
+    report = quantize_model(model, 4, method=method, rank=2, alpha=16, progress=False, **PAPER)
     assert report.bits_nominal == 4.0 and report.method == method
     assert all(m.qweight.method == method for _, m in lowra_layers(model))
     assert perplexity(model, splits[1]) < 9.0
@@ -280,9 +283,13 @@ def test_optq_with_calibration_uses_each_layers_hessian(calibration):
 
 
 def test_optq_without_calibration_names_the_argument():
-    model = load_model()
+    """Without ``calibration=`` the library samples windows from the model (``lowra.sample_windows``);
+    a model that cannot generate (no BOS token, no ``generate``) gets a ValueError naming the argument."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
     with pytest.raises(ValueError, match=r"'optq'.*calibration="):
-        quantize_model(model, 3, method="optq", rank=2, alpha=4, loftq_iters=0, progress=False)
+        quantize_model(model, 3, method="optq", rank=2, alpha=4, loftq_iters=0, target_modules=["0", "2"],
+                       progress=False)
     assert not lowra_layers(model)  # nothing was swapped
 
 
@@ -319,7 +326,7 @@ def test_uniform_plan_ablation():
 
 def test_three_bit_candidates():
     model = load_model()
-    report = quantize_model(model, 2.5, rank=0, loftq_iters=0, candidates=(1, 2, 3, 4), **FAST)
+    report = quantize_model(model, 2.5, rank=0, loftq_iters=0, **{**FAST, "candidates": (1, 2, 3, 4)})
     assert report.candidates == (1, 2, 3, 4) and report.bits_nominal <= 2.5 + 1e-9
 
 
@@ -330,7 +337,7 @@ def test_low_bits_init_applies_below_its_threshold_only():
 
     def run(bits: float, **kw):
         model = load_model()
-        report = quantize_model(model, bits, rank=2, **kw, **FAST)
+        report = quantize_model(model, bits, rank=2, **{**FAST, **kw})
         return report, {n: m.qweight.dequantize(torch.float32) for n, m in model.named_modules()
                         if isinstance(m, LowRALinear)}
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lowra import stages
-from lowra.config import LowRAConfig
+from lowra.config import PAPER, LowRAConfig
 from lowra.model import quantize_model
 from lowra.quantize_layers import quantize_layers
 
@@ -22,7 +22,7 @@ def _toy() -> nn.Module:
 
 
 def _settings(**over):
-    kw = dict(bits=2.0, rank=2, alpha=4.0, group_size=16, codebook_iters=5, plan_options=FAST_PLAN)
+    kw = dict(bits=2.0, rank=2, alpha=4.0, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER)
     kw.update(over)
     return stages.resolve_settings(LowRAConfig(**kw), progress=False)
 
@@ -35,7 +35,7 @@ def test_resolve_settings_derives_what_the_run_needs():
     assert _settings(codebook="nf").codebook_iters == 0  # the NormalFloat start of the Lloyd-Max fit
     assert _settings(rank=0).loftq_iters == 0
     f = _settings(error="fisher", init="calibrated")
-    assert f.fisher_needed and f.calibrated_init and f.stats_needed
+    assert f.needs.fisher and f.calibrated_init and f.stats_needed
     assert _settings(method="optq", bits=3.0).needs_calibration
     with pytest.raises(ValueError, match="codebook must be"):
         _settings(codebook="kmeans")
@@ -52,7 +52,7 @@ def test_resolve_settings_derives_what_the_run_needs():
 def test_stages_by_hand_equal_quantize_model():
     """Chaining the stages by hand gives quantize_model's model bit for bit (it only chains them)."""
     ref = _toy()
-    rep = quantize_model(ref, 1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN,
+    rep = quantize_model(ref, 1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER,
                          progress=False)
     model = _toy()
     s = _settings(bits=1.5)

@@ -1,8 +1,9 @@
 """Streaming quantization (``lowra.streaming.quantize_pretrained``) against the in-memory path.
 
 The real stories260K and a small sharded synthetic Llama are quantized both ways with the same
-options; the saved stream result must hold the same codes, codebooks, scales, plan and adapters,
-bit for bit, and give the same logits. An interrupted run resumes at block granularity.
+config — the default ``LowRAConfig()`` (K-FAC table and calibrated init from block-wise calibration)
+and data-free ones; the saved stream result must hold the same codes, codebooks, scales, plan and
+adapters, bit for bit, and give the same logits. An interrupted run resumes at block granularity.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import lowra
 from experiments.bench.streaming import write_synthetic_llama
 from lowra import streaming
+from lowra.config import PAPER
 from lowra.streaming import checkpoint_bytes, quantize_pretrained
 
 ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
@@ -65,11 +67,55 @@ def synth(tmp_path_factory) -> Path:
     return path
 
 
-def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
-    """The real tiny model at 1.5 bits (LowRA plan + LoftQ): identical codes, adapters and logits."""
+def _windows(vocab: int, n: int = 8, seq_len: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(3))
+
+
+def _both_ways(path: Path, out: Path, dtype: torch.dtype, config: lowra.LowRAConfig, vocab: int):
+    """Quantize ``path`` in memory and streamed with ``config`` on the same windows; assert the same
+    codes, adapters and logits; ``(in-memory model, streamed model, report, StreamResult)``."""
+    calibration = _windows(vocab)
+    ref, report = _in_memory(path, dtype, config=config, calibration=calibration)
+    got, result = _streamed(path, out, dtype, config=config, calibration=calibration)
+    _assert_same(ref, got)
+    x = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
+    return ref, got, report, result
+
+
+@pytest.mark.parametrize("bits", [2.0, 1.5])
+def test_default_streams_and_matches_in_memory_on_stories(tmp_path, bits):
+    """``LowRAConfig()`` (K-FAC plan over {1,2,3,4}, calibrated init; at 1.5 bits the low-bit init's 4
+    relearning alternations) streamed from stories260K: the block-wise statistics are the in-memory
+    ones, so codes, plan, adapters and logits are identical bit for bit."""
     if not STORIES.is_dir():
         pytest.fail(f"real model missing: {STORIES} (set LOWRA_ASSETS)")
-    kw = dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=5, plan_options=PLAN)
+    config = lowra.LowRAConfig(bits=bits, rank=2, alpha=4.0, codebook_iters=5, plan_options=PLAN)
+    ref, got, report, result = _both_ways(STORIES, tmp_path / "q", torch.float32, config, vocab=512)
+    assert result.report.plan["objective"] == report.plan["objective"]
+    assert result.report.error_table == "kfac" and result.report.init == "calibrated"
+    assert result.report.low_bits_init == (bits < 2)
+    assert "calibration" in result.stages and result.report.times["calibration_s"] > 0
+    assert not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_default_streams_and_matches_in_memory_on_sharded_llama(tmp_path, tied):
+    """The default on a sharded synthetic Llama (GQA; tied or untied head), bf16: bit for bit."""
+    path = tmp_path / "src"
+    write_synthetic_llama(path, hidden=64, ffn=160, layers=3, vocab=128, heads=4, kv_heads=2, tied=tied,
+                          max_shard_bytes=64 << 10)
+    config = lowra.LowRAConfig(rank=4, alpha=8.0, codebook_iters=3, plan_options=PLAN)
+    ref, got, _, _ = _both_ways(path, tmp_path / "q", torch.bfloat16, config, vocab=128)
+    assert got.lowra_config == ref.lowra_config == config
+
+
+def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
+    """The real tiny model at 1.5 bits (the paper preset: SSE plan + LoftQ): identical codes, adapters and logits."""
+    if not STORIES.is_dir():
+        pytest.fail(f"real model missing: {STORIES} (set LOWRA_ASSETS)")
+    kw = dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=5, plan_options=PLAN, **PAPER)
     ref, report = _in_memory(STORIES, torch.float32, **kw)
     got, result = _streamed(STORIES, tmp_path / "q", torch.float32, **kw)
     _assert_same(ref, got)
@@ -87,10 +133,10 @@ def test_stories_matches_quantize_model_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("kw", [
     dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3, candidates=(1, 2, 4), error="relative",
-         budget_kind="nominal", double_quant=True),
+         init="loftq", budget_kind="nominal", double_quant=True),
     dict(bits=3.0, method="nf", rank=4, alpha=8.0, loftq_iters=0),
-    dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, plan="uniform", codebook_iters=3),
-    dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3,
+    dict(bits=2.0, rank=4, alpha=8.0, loftq_iters=1, plan="uniform", codebook_iters=3, error="sse", init="loftq"),
+    dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3, error="sse", init="loftq",
          low_bits_init={"below": 2.0, "loftq_iters": 2, "init_codebooks": "relearn"}),
 ], ids=["lowra-relative-dq", "nf3-lora-init", "lowra-uniform-plan", "lowra-low-bits-init"])
 def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
@@ -114,61 +160,68 @@ def test_synthetic_sharded_llama_matches_bit_for_bit(synth, tmp_path, kw):
 
 
 def test_resume_after_interruption_at_block_granularity(synth, tmp_path, monkeypatch):
+    """The default config: an interrupted run resumes its calibration, pass-1 and pass-2 blocks."""
     kw = dict(bits=1.5, rank=4, alpha=8.0, loftq_iters=1, codebook_iters=3, plan_options=PLAN, dtype=torch.float32,
-              progress=False)
+              progress=False, calibration=_windows(128))
     torch.manual_seed(0)
     full = quantize_pretrained(synth, tmp_path / "full", **kw)
-    assert full.resumed == {"pass1": 0, "pass2": 0}
+    assert full.resumed == {"pass1": 0, "pass2": 0, "calibration": 0}
 
-    real = streaming.loftq_init_fn
+    from lowra.streaming import passes
+
+    real = passes.quantize_layer
     calls = []
 
-    def crash_in_second_block(w, fn, rank, alpha, iters, name, damp):
+    def crash_in_second_block(name, *args, **kwargs):
         calls.append(name)
         if name.startswith("model.layers.1."):
             raise KeyboardInterrupt("simulated crash")
-        return real(w, fn, rank, alpha, iters, name, damp)
+        return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(streaming, "loftq_init_fn", crash_in_second_block)
+    monkeypatch.setattr(passes, "quantize_layer", crash_in_second_block)
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
         quantize_pretrained(synth, tmp_path / "q", **kw)
     partial = tmp_path / "q.partial"
     progress = json.loads((partial / "progress.json").read_text())
     assert progress["pass1"] == [0, 1, 2] and progress["plan"] is True and progress["pass2"] == [0]
+    assert progress["calibration"] is True
     assert not (tmp_path / "q").exists()
 
-    monkeypatch.setattr(streaming, "loftq_init_fn", real)
+    monkeypatch.setattr(passes, "quantize_layer", real)
     resumed = quantize_pretrained(synth, tmp_path / "q", **kw)
-    assert resumed.resumed == {"pass1": 3, "pass2": 1}
+    assert resumed.resumed == {"pass1": 3, "pass2": 1, "calibration": 1}
     _assert_same(lowra.load_quantized(tmp_path / "full"), lowra.load_quantized(tmp_path / "q"), adapters=False)
     assert not partial.exists()
 
 
 def test_resume_refuses_other_options_and_restarts_on_request(synth, tmp_path, monkeypatch):
-    kw = dict(rank=4, alpha=8.0, loftq_iters=0, codebook_iters=2, plan_options=PLAN, progress=False)
+    kw = dict(rank=4, alpha=8.0, loftq_iters=0, codebook_iters=2, plan_options=PLAN, progress=False, **PAPER)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(streaming, "loftq_init_fn", crash)
+    from lowra.streaming import passes
+
+    monkeypatch.setattr(passes, "quantize_layer", crash)
     with pytest.raises(KeyboardInterrupt):
         quantize_pretrained(synth, tmp_path / "q", bits=1.5, **kw)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="other options"):
         quantize_pretrained(synth, tmp_path / "q", bits=2.0, **kw)
     result = quantize_pretrained(synth, tmp_path / "q", bits=2.0, resume=False, **kw)
-    assert result.resumed == {"pass1": 0, "pass2": 0}
+    assert result.resumed == {"pass1": 0, "pass2": 0, "calibration": 0}
     assert lowra.load_quantized(tmp_path / "q").config.quantization_config.options["bits"] == 2.0
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(error="kfac"), "quant.error=kfac"),
-    (dict(error="fisher"), "quant.error=fisher"),
-    (dict(init="calibrated"), "quant.init=calibrated"),
+    (dict(error="kfac"), "quant.error=kfac needs calibration data: pass `calibration=`"),
+    (dict(error="fisher"), "quant.error=fisher needs calibration data"),
+    (dict(error="sse"), "quant.init=calibrated needs calibration data"),
+    (dict(error="measured"), "measures the loss of the whole model"),
     (dict(method="none"), "nothing to stream-quantize"),
-    (dict(method="optq", bits=2.0), "needs calibration Hessians"),
-    (dict(calibration=torch.zeros(2, 8, dtype=torch.int64)), "calibration"),
+    (dict(method="optq", bits=2.0), "'optq' needs calibration data"),
+    (dict(calibration=torch.zeros(2, 8)), "integer token windows"),
     (dict(method="nf", bits=1.5), "integer width"),
     (dict(bits=5.0), "bit budget"),
     (dict(dtype="float99"), "torch dtype"),
@@ -184,7 +237,7 @@ def test_bad_sources_raise(tmp_path, synth):
     with pytest.raises(ValueError, match="no safetensors"):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "config.json").write_text((synth / "config.json").read_text())
-        quantize_pretrained(tmp_path / "empty", tmp_path / "q", bits=2.0, progress=False)
+        quantize_pretrained(tmp_path / "empty", tmp_path / "q", bits=2.0, progress=False, **PAPER)
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in synth.iterdir():
@@ -194,7 +247,7 @@ def test_bad_sources_raise(tmp_path, synth):
     (broken / "model.safetensors.index.json").unlink()
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="up_proj.weight"):
-        quantize_pretrained(broken, tmp_path / "q", bits=2.0, progress=False)
+        quantize_pretrained(broken, tmp_path / "q", bits=2.0, progress=False, **PAPER)
 
 
 def test_nan_weight_is_named(tmp_path):
@@ -207,13 +260,13 @@ def test_nan_weight_is_named(tmp_path):
     tensors["model.layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
     save_file(tensors, shard)
     with pytest.raises(ValueError, match="model.layers.1.self_attn.v_proj"):
-        quantize_pretrained(path, tmp_path / "q", bits=2.0, progress=False)
+        quantize_pretrained(path, tmp_path / "q", bits=2.0, progress=False, **PAPER)
 
 
 def test_checkpoint_bytes_and_peak_memory(synth):
     stored = checkpoint_bytes(synth)
     assert stored == sum(f.stat().st_size for f in synth.glob("model-*.safetensors"))
-    n = streaming._Source(synth).numel()
+    n = streaming.ShardReader(synth).numel()
     assert checkpoint_bytes(synth, torch.bfloat16) == 2 * n
     # In a fresh child process: this process's peak and allocator pools are whatever earlier tests left.
     child = subprocess.run([sys.executable, "-c", PEAK_CHILD], capture_output=True, text=True, timeout=120)

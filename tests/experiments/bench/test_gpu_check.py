@@ -25,7 +25,7 @@ import experiments.bench.gpu_check, experiments.bench.kernels, lowra_kernels.lut
 from lowra.format import QuantizedTensor
 w = torch.randn(8, 40)
 q = QuantizedTensor.from_codebooks(w, torch.full((8,), 2), {{2: torch.linspace(-1, 1, 4).expand(8, 4)}}, group_size=32)
-y = lowra_kernels.lut_matmul.lut_matmul(torch.randn(3, 40), q)
+y = lowra_kernels.lut_matmul.lut_matmul(torch.randn(3, 40), q.packed())
 assert y.shape == (3, 8)
 print("ok")
 """

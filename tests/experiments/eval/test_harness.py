@@ -178,7 +178,7 @@ def test_cli_on_a_quantized_adapted_checkpoint(stories, tmp_path, capsys, caplog
     import lowra
 
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
-    rep = lowra.quantize_model(model, bits=2, rank=2, alpha=4)
+    rep = lowra.quantize_model(model, bits=2, rank=2, alpha=4, **lowra.PAPER)
     assert any(float(m.lora_B.detach().abs().sum()) > 0 for _, m in lowra.lowra_layers(model))  # adapted (LoftQ)
     ckpt = lowra.save_quantized(model, tmp_path / "run" / "model", report=rep, source_model=str(STORIES))
     caplog.set_level(logging.WARNING)

@@ -76,7 +76,7 @@ def test_bad_ablation_values_fail_early():
         check_config(_compose(["quant.codebook=kmeans"]))
     with pytest.raises(ConfigError, match="quant.plan"):
         check_config(_compose(["quant.plan=greedy"]))
-    with pytest.raises(BudgetError, match="plan=uniform"):
+    with pytest.raises(BudgetError, match="plan='uniform'"):
         check_config(_compose(["quant.plan=uniform", "+bits=1.5"]))
 
 
