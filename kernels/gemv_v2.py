@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from lowra_kernels.dispatch import interpreting
 from lowra_kernels.layout_v2 import TILE, V2Group, unpack_tiles
-from lowra_kernels.lut_v2 import chunk_codes, chunk_words, gather_lookup, gather_table, leaves, select
+from lowra_kernels.lut_v2 import chunk_codes, chunk_words, gather_lookup, gather_table, leaves, opaque, select
 
 GEMV_V2_MAX_M = 4
 # (BLOCK_N at M = 1, num_warps) per bit-width: tiles of BLOCK_N · 128 codes; M = 2 and 4 halve and
@@ -56,7 +57,7 @@ def _gemv_v2_kernel(
     x_ptr, q_ptr, cb_ptr, s_ptr, rows_ptr, ws_ptr, M, n_rows, K, tiles, tiles_per_split,
     stride_xm, stride_qt, stride_cbr, stride_sg, stride_ws_s, stride_ws_m,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, OPAQUE: tl.constexpr,
 ):
     """ws[pid_k, m, rows[i]] = Σ over this program's K tiles of x[m, k] · deq(W)[i, k].
 
@@ -91,8 +92,8 @@ def _gemv_v2_kernel(
             sc = tl.load(s_ptr + g * stride_sg + r2, mask=r_ok2 & g_ok, other=0.0).to(tl.float32)  # [BLOCK_N, 1]
             if BITS <= 2:  # leaves × the chunk's group scale in fp32 (4 products per row, not one per code)
                 word = chunk_words(q_tile, r, r_ok, h, BITS, WPG)  # [BLOCK_N, WPG, 1]
-                v = select(word, shift, (e0 * sc)[:, :, None], (e1 * sc)[:, :, None], (e2 * sc)[:, :, None],
-                           (e3 * sc)[:, :, None], BITS)
+                v = select(word, shift, opaque(e0 * sc, OPAQUE)[:, :, None], opaque(e1 * sc, OPAQUE)[:, :, None],
+                           opaque(e2 * sc, OPAQUE)[:, :, None], opaque(e3 * sc, OPAQUE)[:, :, None], BITS)
             else:
                 codes = chunk_codes(q_tile, r, r_ok, h, BITS, WPG, CPW)  # [BLOCK_N, WPG, CPW]
                 v = gather_lookup(table, codes, BLOCK_N, WPG, CPW) * sc[:, :, None]
@@ -144,6 +145,7 @@ def gemv_v2(x: torch.Tensor, groups: list[V2Group], out_features: int) -> torch.
             x, g.codes, g.codebook, g.scales, g.rows, ws, M, g.n_rows, K, g.tiles, per,
             x.stride(0), g.codes.stride(0), stride_cbr, g.scales.stride(0), ws.stride(0), ws.stride(1),
             BITS=g.bits, GROUP=g.group_size, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=K % TILE == 0,
+            OPAQUE=not interpreting(),
             num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG,
         )
     y = ws[0] if n_split == 1 else ws.sum(0)

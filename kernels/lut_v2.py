@@ -62,6 +62,16 @@ def chunk_words(q_tile, r, r_ok, H: tl.constexpr, BITS: tl.constexpr, WPG: tl.co
 
 
 @triton.jit
+def opaque(v, OPAQUE: tl.constexpr):
+    """``v`` (fp32) through an inline-asm move the compiler cannot see through (``OPAQUE``; the
+    interpreter has no inline asm): keeps a select over pre-scaled leaves a select, instead of LLVM
+    turning ``select(c, a·s, b·s)`` into ``select(c, a, b)·s`` — one multiply per code."""
+    if OPAQUE:
+        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    return v
+
+
+@triton.jit
 def leaf(cb_ptr, r, r_ok, stride_cbr, J: tl.constexpr):
     """Codebook entry ``J`` ``[BLOCK, 1]`` (fp32) of rows ``r``."""
     return tl.load(cb_ptr + r[:, None] * stride_cbr + J, mask=r_ok[:, None], other=0.0).to(tl.float32)
