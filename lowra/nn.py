@@ -11,6 +11,9 @@ layer keeps ``QuantizedTensor.packed()``, built once per weight and device), run
 kernels on CUDA and the C++ extension on CPU (one call per layer for decode-sized fp32 input), and its
 registered backward returns gradients for the input and the adapters only. No gradient, optimizer
 state or persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
+``train_base_tables`` (``train.codebooks`` / ``train.scales``) makes the codebooks and/or group scales
+fp32 parameters too: the op reads them (rounded to their stored fp16) and its backward gives them
+``lowra_kernels.codebook_grad``'s segment sums; the packed codes stay frozen.
 Being an op with a fake implementation, it is captured whole by ``torch.compile(fullgraph=True)``
 and CUDA graphs; it is also correct under gradient checkpointing (forward is simply recomputed) and
 under ``torch.no_grad`` (nothing is saved). With active LoRA dropout the adapter branch runs outside
