@@ -12,8 +12,9 @@ implementation, so ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA 
 as single nodes:
 
 * ``lowra::lut_linear`` — the forward above. Autograd (``register_autograd``): gradients for
-  ``x``, ``A``, ``B`` and a bias that requires grad; the quantized base gets none (codebooks are
-  a tensor input whose gradient is ``None`` today, the slot a trainable-codebook backward fills).
+  ``x``, ``A``, ``B``, a bias that requires grad, and the codebooks / absmax when they require grad
+  (trainable codebooks and scales: ``lowra_kernels.codebook_grad``, chunked, never ``∂L/∂W`` whole);
+  the integer codes and row indices get none.
   Only ``x`` and the adapters are saved; ``deq(W)`` is never kept between forward and backward.
 * ``lowra::lut_grad_input`` — ``grad_y · deq(W)`` (the base's part of ``grad_x``; its own
   backward is ``lut_linear`` without adapters, so double backward works).
@@ -145,9 +146,38 @@ def _setup_lut_linear(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, lora_A, lora_B, *weight)  # the stored tensors themselves, never deq(W)
 
 
+def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
+                need: list[bool], backend: str) -> list[torch.Tensor | None]:
+    """Gradients of the weight's tensors ``[codes…, rows…, codebooks…, absmax]``: the codebooks and the
+    absmax that require grad get ``lowra_kernels.codebook_grad`` (a segment sum per row, ``∂L/∂W`` never
+    built for the whole layer), the integer codes and row indices ``None``. Returned in fp32 (autograd
+    casts them to the tensors' dtypes)."""
+    from lowra_kernels.codebook_grad import codebook_grad
+
+    n = len(meta) - 2
+    grads: list[torch.Tensor | None] = [None] * len(weight)
+    need_cb, need_a = need[2 * n:3 * n], need[3 * n]
+    if not (any(need_cb) or need_a):
+        return grads
+    go, xx = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+    absmax = weight[3 * n]
+    g_absmax = torch.zeros(absmax.shape, dtype=torch.float32, device=absmax.device) if need_a else None
+    for j in range(n):
+        if not (need_cb[j] or need_a):
+            continue
+        codes, rows, cb = weight[j], weight[n + j], weight[2 * n + j]
+        g_cb, g_a = codebook_grad(go, xx, codes, rows, cb, absmax, meta[2 + j], meta[0], need_a, backend)
+        if need_cb[j]:
+            grads[2 * n + j] = g_cb
+        if g_a is not None:
+            g_absmax[rows.long()] = g_a.float()
+    grads[3 * n] = g_absmax
+    return grads
+
+
 def _backward_lut_linear(ctx, grad_y: torch.Tensor):
-    """Gradients of ``x``, ``A``, ``B`` and ``bias``; ``None`` for every tensor of the frozen base (the
-    codebooks among them: the slot a trainable-codebook gradient fills)."""
+    """Gradients of ``x``, ``A``, ``B``, ``bias`` and of the base's codebooks / absmax where they require
+    grad (trainable codebooks and scales, ``_base_grads``); ``None`` for the codes and row indices."""
     x, lora_A, lora_B, *weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x = grad_a = grad_b = grad_bias = None
@@ -166,7 +196,8 @@ def _backward_lut_linear(ctx, grad_y: torch.Tensor):
             grad_b = g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
     if ctx.has_bias and need[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return grad_x, [None] * len(weight), grad_a, grad_b, grad_bias, None, None, None
+    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend)
+    return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 
 lut_linear.register_autograd(_backward_lut_linear, setup_context=_setup_lut_linear)

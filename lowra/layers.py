@@ -23,6 +23,7 @@ __all__ = [
     "mark_only_lora_trainable",
     "saved_linear",
     "set_module",
+    "train_base_tables",
 ]
 
 #: Default LoRA targets by ``config.model_type`` (QLoRA/LoftQ: every projection of every block).
@@ -140,3 +141,14 @@ def mark_only_lora_trainable(model: nn.Module) -> int:
     for p in params:
         p.requires_grad_(True)
     return sum(p.numel() for p in params)
+
+
+def train_base_tables(model: nn.Module, codebooks: bool = False, scales: bool = False) -> dict[str, nn.Parameter]:
+    """Make every quantized layer's codebooks and/or group scales trainable
+    (``LowRALinear.train_base_tables``); returns the new parameters by their ``named_parameters`` name
+    (e.g. ``….q_proj.trainable_codebooks.0``, ``….q_proj.trainable_absmax``). Codes stay frozen."""
+    new: dict[str, nn.Parameter] = {}
+    for name, m in lowra_layers(model):
+        made = {id(p) for p in m.train_base_tables(codebooks, scales)}
+        new.update({f"{name}.{k}": p for k, p in m.named_parameters() if id(p) in made})
+    return new

@@ -11,6 +11,9 @@ layer keeps ``QuantizedTensor.packed()``, built once per weight and device), run
 kernels on CUDA and the C++ extension on CPU (one call per layer for decode-sized fp32 input), and its
 registered backward returns gradients for the input and the adapters only. No gradient, optimizer
 state or persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
+``train_base_tables`` (``train.codebooks`` / ``train.scales``) makes the codebooks and/or group scales
+fp32 parameters too: the op reads them (rounded to their stored fp16) and its backward gives them
+``lowra_kernels.codebook_grad``'s segment sums; the packed codes stay frozen.
 Being an op with a fake implementation, it is captured whole by ``torch.compile(fullgraph=True)``
 and CUDA graphs; it is also correct under gradient checkpointing (forward is simply recomputed) and
 under ``torch.no_grad`` (nothing is saved). With active LoRA dropout the adapter branch runs outside
@@ -27,6 +30,7 @@ from torch import nn
 
 from lowra.format import QuantizedTensor
 from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
+from lowra_kernels.weight import PackedWeight
 
 __all__ = ["LowRALinear", "base_weight", "default_adapter_dtype"]
 
@@ -138,7 +142,12 @@ class LowRALinear(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def qweight(self) -> QuantizedTensor | None:
-        """The quantized base (``None`` for a dense base). Setting it rebuilds the kernels' view."""
+        """The quantized base (``None`` for a dense base). Setting it rebuilds the kernels' view.
+
+        With trainable codebooks / scales (``train_base_tables``) its stored fp16 tables are first
+        brought up to date with the parameters' values (so saving, merging and export see them)."""
+        if getattr(self, "_synced", None) is not None:
+            self._sync_base_tables()
         return self._qweight
 
     @qweight.setter
@@ -193,6 +202,69 @@ class LowRALinear(nn.Module):
     def device(self) -> torch.device:
         return self.qweight.device if self.qweight is not None else self.dense_weight.device
 
+    # ------------------------------------------------------------------ trainable base tables
+    def train_base_tables(self, codebooks: bool = False, scales: bool = False) -> list[nn.Parameter]:
+        """Make the quantized base's codebooks (one ``[n_j or 1, 2**b_j]`` per stored width) and/or its
+        group absmax ``[out, groups]`` trainable: fp32 parameters ``trainable_codebooks.j`` /
+        ``trainable_absmax`` initialised from the stored values, read by the op (rounded to the stored
+        dtype) and given gradients by its backward; the packed codes stay frozen. They are not in
+        ``state_dict()`` (the checkpoint keeps its format): the stored tables take their values
+        (``qweight``). Returns the new parameters; a dense base or nothing asked returns ``[]``."""
+        if self._qweight is None or not (codebooks or scales):
+            return []
+        if scales and self._qweight.scales.double_quant:
+            raise ValueError("trainable scales need fp16-stored absmax (quant.double_quant=false): double-quantized "
+                             "scales are 8-bit codes")
+        if getattr(self, "_synced", None) is not None:
+            raise ValueError("the base tables of this layer are already trainable")
+        w = self._packed
+        new: list[nn.Parameter] = []
+        if codebooks:
+            self.trainable_codebooks = nn.ParameterList([nn.Parameter(cb.detach().float()) for cb in w.codebooks])
+            new += list(self.trainable_codebooks)
+        if scales:
+            self.trainable_absmax = nn.Parameter(w.absmax.detach().float())
+            new.append(self.trainable_absmax)
+        self.register_state_dict_post_hook(_drop_base_tables)
+        self.register_load_state_dict_post_hook(_allow_missing_base_tables)
+        self._synced = self._table_versions()
+        return new
+
+    def _base_table_params(self) -> list[tuple[int, nn.Parameter]]:
+        """``(slot in op_args' tensors, parameter)`` of every trainable table (empty when frozen)."""
+        if getattr(self, "_synced", None) is None:
+            return []
+        n = len(self._packed.bits)
+        out = [(2 * n + j, p) for j, p in enumerate(getattr(self, "trainable_codebooks", None) or [])]
+        if getattr(self, "trainable_absmax", None) is not None:
+            out.append((3 * n, self.trainable_absmax))
+        return out
+
+    def _table_versions(self) -> tuple:
+        return tuple((id(p), p._version) for _, p in self._base_table_params())
+
+    def _sync_base_tables(self) -> None:
+        """Copy the parameters' values (rounded to the stored dtype) into the stored tables if changed."""
+        versions = self._table_versions()
+        if versions == self._synced:
+            return
+        stored = self._op_weight[0]
+        with torch.no_grad():
+            for slot, p in self._base_table_params():
+                stored[slot].copy_(p.detach().to(stored[slot].dtype))
+        self._synced = versions
+
+    def _op_tensors(self) -> list[torch.Tensor]:
+        """``op_args``' tensors, with the trainable tables' parameters (cast to the stored dtype) in place."""
+        tensors = self._op_weight[0]
+        params = self._base_table_params()
+        if not params:
+            return tensors
+        tensors = list(tensors)
+        for slot, p in params:
+            tensors[slot] = p.to(tensors[slot].dtype)
+        return tensors
+
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in ``x``'s dtype."""
@@ -202,10 +274,12 @@ class LowRALinear(nn.Module):
             out = F.linear(x, self.dense_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         else:
             w, a, b = self._packed, self.lora_A if fused else None, self.lora_B if fused else None
+            tensors, meta = self._op_tensors(), self._op_weight[1]
             if self._records_autograd(x, a) or torch.compiler.is_compiling():
-                tensors, meta = self._op_weight
                 out = torch.ops.lowra.lut_linear(x, tensors, a, b, self.bias, meta, self.scaling, self.backend)
             else:  # the op's own implementation without the dispatcher's host time (nothing to record)
+                if tensors is not self._op_weight[0]:
+                    w = PackedWeight.from_op_args(tensors, meta)
                 out = lut_linear_forward(x, w, a, b, self.bias, self.scaling, self.backend)
             if fused or not self.rank:
                 return out
@@ -219,6 +293,8 @@ class LowRALinear(nn.Module):
         if not torch.is_grad_enabled():
             return False
         bias = self.bias
+        if any(p.requires_grad for _, p in self._base_table_params()):
+            return True
         return x.requires_grad or (lora_A is not None and (lora_A.requires_grad or self.lora_B.requires_grad)) or (
             bias is not None and bias.requires_grad)
 
@@ -248,3 +324,20 @@ class LowRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, {base}, rank={self.rank}, "
             f"alpha={self.alpha:g}, bias={self.bias is not None}"
         )
+
+
+_TABLE_KEYS = ("trainable_codebooks.", "trainable_absmax")
+
+
+def _drop_base_tables(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: trainable base tables live in the stored ``QuantizedTensor``, not here."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(_TABLE_KEYS)]:
+        del state_dict[key]
+
+
+def _allow_missing_base_tables(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the trainable tables are never in a state dict (``_drop_base_tables``)."""
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.rsplit(".", 2)[-2:-1] == ["trainable_codebooks"] or
+                k.endswith("trainable_absmax")]:
+        missing.remove(key)

@@ -1,7 +1,9 @@
 """Step time and peak memory of the training options of issue 31, side by side on stories260K.
 
 Variants (``--variants``): ``base`` (the adapters only, the runner's default loss), ``distill``
-(``train.distill.weight=0.5``, the fp teacher loaded beside the student). Each is one optimizer
+(``train.distill.weight=0.5``, the fp teacher loaded beside the student), ``codebooks``
+(``train.codebooks=trainable``) and ``codebooks_scales`` (``train.scales=trainable`` too; their
+learning rates ``train.codebook_lr`` / ``train.scale_lr``, no decay). Each is one optimizer
 step of the runner's recipe (batch 4 × 256 tokens, AdamW) on stories260K quantized at ``--bits``.
 
 Time: the variants run interleaved in one process (``--rounds`` rounds of ``--steps`` steps each,
@@ -13,6 +15,8 @@ reset after the build where the kernel allows). Writes
 ``results/bench/beyond_cpu.json`` and prints a table.
 
     .venv/bin/python -m experiments.bench.beyond --bits 1.15
+    .venv/bin/python -m experiments.bench.beyond --bits 1.15 --variants base codebooks codebooks_scales \
+        --out results/bench/trainable_tables_cpu.json
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-VARIANTS = ("base", "distill")
+VARIANTS = ("base", "distill", "codebooks", "codebooks_scales")
 
 
 def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, Any]]:
@@ -41,8 +45,8 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
     from experiments.runner.config_check import CONF_DIR
     from experiments.runner.data import pack_blocks
     from experiments.runner.distill import distill_loss, freeze
-    from experiments.runner.setup import trainable_parameters
-    from experiments.runner.train import LMBatches
+    from experiments.runner.setup import train_base_tables, trainable_parameters
+    from experiments.runner.train import LMBatches, param_groups
     from lowra.model import quantize_model
 
     torch.manual_seed(0)
@@ -50,8 +54,13 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
     quantize_model(model, bits, rank=2, alpha=4, plan_options={"clusters": 16, "samples": 0, "max_nodes": 200},
                    progress=False)
     tcfg = OmegaConf.load(CONF_DIR / "train" / "default.yaml")
-    params = list(trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=float(tcfg.lr))
+    tcfg.codebooks = "trainable" if variant.startswith("codebooks") else "frozen"
+    tcfg.scales = "trainable" if variant == "codebooks_scales" else "frozen"
+    lrs, no_decay = train_base_tables(model, tcfg)
+    named = trainable_parameters(model)
+    params = list(named.values())
+    opt = torch.optim.AdamW(param_groups(params, [lrs.get(n, float(tcfg.lr)) for n in named], float(tcfg.lr),
+                                         [n in no_decay for n in named]), lr=float(tcfg.lr))
     batches = LMBatches(pack_blocks(token_splits()[0], 256), 4, 0)
     teacher = freeze(load_model()) if variant == "distill" else None
     model.train()
@@ -84,8 +93,9 @@ def child(bits: float, variant: str) -> dict[str, Any]:
     resettable = reset_peak_rss()
     for i in range(3):
         step(i)
-    return {"variant": variant, "build_rss_bytes": built - before, "train_peak_over_built_bytes": peak_rss() - built,
-            "peak_resettable": resettable, **info}
+    peak = peak_rss()
+    return {"variant": variant, "build_rss_bytes": built - before, "train_peak_over_built_bytes": peak - built,
+            "train_peak_over_start_bytes": peak - before, "peak_resettable": resettable, **info}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,19 +128,23 @@ def main(argv: list[str] | None = None) -> None:
         memory[v] = json.loads(out.strip().splitlines()[-1])
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
     base = statistics.median(times[args.variants[0]])
+    peak0 = memory[args.variants[0]]["train_peak_over_start_bytes"]
     rows = [{"variant": v, "median_step_s": statistics.median(times[v]),
-             "ratio_vs_first": statistics.median(times[v]) / base, "steps": len(times[v]), **memory[v]}
+             "ratio_vs_first": statistics.median(times[v]) / base, "steps": len(times[v]), **memory[v],
+             "peak_ratio_vs_first": memory[v]["train_peak_over_start_bytes"] / peak0}
             for v in args.variants]
     from experiments.runner.logging_utils import atomic_write_json
 
     atomic_write_json(args.out, {"bits": args.bits, "threads": 1, "loadavg_after": load, "rows": rows,
                                  "machine": "shared 2-core CPU"})
     print(f"stories260K at {args.bits} bits, 1 thread, load {load}")
-    print("| variant | median step s | × first | build RSS MB | training peak over built MB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| variant | median step s | × first | build RSS MB | training peak over built MB | peak over start MB "
+          "| peak × first |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['variant']} | {r['median_step_s']:.3f} | {r['ratio_vs_first']:.2f} | "
-              f"{r['build_rss_bytes'] / 2**20:.1f} | {r['train_peak_over_built_bytes'] / 2**20:.1f} |")
+              f"{r['build_rss_bytes'] / 2**20:.1f} | {r['train_peak_over_built_bytes'] / 2**20:.1f} | "
+              f"{r['train_peak_over_start_bytes'] / 2**20:.1f} | {r['peak_ratio_vs_first']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ ERROR_TABLES = ("sse", "fisher", "relative", "kfac", "measured")
 INITS = ("loftq", "calibrated")
 BUDGET_KINDS = ("nominal", "effective")
 SCHEDULERS = ("cosine", "linear", "constant")
+#: ``train.codebooks`` / ``train.scales``: the quantized base's codebooks / group scales frozen or trained
+BASE_TABLES = ("frozen", "trainable")
 #: ``auto``: the method's optimizer (``lowra.methods.optimizer_for``: paged 8-bit AdamW for QLoRA on
 #: CUDA, else AdamW); ``paged_adamw_8bit`` falls back to AdamW without CUDA/bitsandbytes.
 OPTIMIZERS = ("auto", "adamw", "paged_adamw_8bit")
@@ -88,6 +90,21 @@ def _check_distill(t: Any, m: Any) -> None:
         raise ConfigError(f"train.distill.weight={weight} needs model.arch=causal_lm (got {m.arch})")
     if float(weight) > 0 and t.get("strategy", "single") != "single":
         raise ConfigError(f"train.distill.weight={weight} needs train.strategy=single (got {t.strategy})")
+
+
+def _check_base_tables(t: Any, q: Any) -> None:
+    """``train.codebooks`` / ``train.scales``: frozen | trainable, each with a positive learning rate;
+    trainable scales need fp16-stored absmax (not double-quantized), and the tables train in one process
+    or under DDP (FSDP2 would shard the per-layer tables)."""
+    for key, lr_key in (("codebooks", "codebook_lr"), ("scales", "scale_lr")):
+        _choice(f"train.{key}", t.get(key, "frozen"), BASE_TABLES)
+        if t.get(key, "frozen") == "trainable":
+            _positive_float(f"train.{lr_key}", t.get(lr_key))
+            if t.get("strategy", "single") == "fsdp2":
+                raise ConfigError(f"train.{key}=trainable needs train.strategy=single or ddp (got fsdp2)")
+    if t.get("scales", "frozen") == "trainable" and q.get("double_quant", False):
+        raise ConfigError("train.scales=trainable needs quant.double_quant=false (double-quantized scales are "
+                          "8-bit codes)")
 
 
 def _positive_float(key: str, value: Any, allow_zero: bool = False) -> None:
@@ -267,6 +284,7 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     if t.seq_len > m.max_length:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_length={m.max_length}")
     _check_distill(t, m)
+    _check_base_tables(t, q)
 
     # eval
     _positive_int("eval.window", e.window)

@@ -85,6 +85,7 @@ from experiments.runner.setup import (
     needs_calibration,
     pick_device,
     stream_kwargs,
+    train_base_tables,
     trainable_parameters,
     use_streaming,
 )
@@ -293,6 +294,7 @@ def _run_stages(
                 data.train, tokenizer, cfg.model.arch, int(cfg.train.batch_size), int(cfg.train.seed),
                 int(cfg.train.seq_len), int(cfg.data.target_length), cfg.data.prompt_template,
             )
+        param_lrs, no_decay = train_base_tables(model, cfg.train)  # train.codebooks / train.scales
         train_model = wrap_for_training(model, dist_ctx, bool(cfg.train.get("fsdp_shard_base", True)))
         if dist_ctx.distributed:
             batches = RankBatches(batches, dist_ctx.rank, dist_ctx.world_size)
@@ -303,7 +305,7 @@ def _run_stages(
             train_model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
             resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
             optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
-            teacher=teacher, teacher_stats=teacher_stats,
+            teacher=teacher, teacher_stats=teacher_stats, param_lrs=param_lrs, no_decay=no_decay,
         )
         del teacher
         peaks.end()

@@ -206,8 +206,27 @@ def calibration_kwargs(cfg: Any, data: Any) -> dict[str, Any]:
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The adapters (``requires_grad``) by name; the frozen base is left out."""
+    """The parameters that require grad, by name: the adapters, and the base's codebooks / scales when
+    ``train.codebooks`` / ``train.scales`` made them trainable (``train_base_tables``); the codes and
+    the rest of the frozen base are left out."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_base_tables(model: torch.nn.Module, tcfg: Any) -> tuple[dict[str, float], frozenset[str]]:
+    """``train.codebooks`` / ``train.scales`` = trainable: make the quantized layers' codebooks / group
+    scales parameters (``lowra.layers.train_base_tables``; codes stay frozen). Returns ``(param_lrs,
+    no_decay)`` for ``train``: each new parameter's learning rate (``train.codebook_lr`` /
+    ``train.scale_lr``) and their names (trained without weight decay). Both empty when frozen."""
+    from lowra.layers import train_base_tables as make_trainable
+
+    codebooks = tcfg.get("codebooks", "frozen") == "trainable"
+    scales = tcfg.get("scales", "frozen") == "trainable"
+    new = make_trainable(model, codebooks=codebooks, scales=scales)
+    lrs = {n: float(tcfg.scale_lr if n.endswith("trainable_absmax") else tcfg.codebook_lr) for n in new}
+    if new:
+        log.info("train: %d codebook/scale tensors trainable (%d values)", len(new),
+                 sum(p.numel() for p in new.values()))
+    return lrs, frozenset(new)
 
 
 def lowra_api(name: str) -> Any:

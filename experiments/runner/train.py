@@ -186,15 +186,19 @@ def _bnb_usable(device: torch.device | str) -> bool:
     return True
 
 
-def param_groups(params: list[torch.nn.Parameter], lrs: list[float] | None, lr: float) -> list[Any]:
-    """``params`` as they go to the optimizer: one list when every parameter takes ``lr``, else one
-    group per distinct learning rate (``lrs[i]`` is the rate of ``params[i]``), in first-seen order."""
-    if lrs is None or all(x == lr for x in lrs):
+def param_groups(params: list[torch.nn.Parameter], lrs: list[float] | None, lr: float,
+                 no_decay: list[bool] | None = None) -> list[Any]:
+    """``params`` as they go to the optimizer: one list when every parameter takes ``lr`` (and the
+    weight decay), else one group per distinct (learning rate, decay) in first-seen order: ``lrs[i]`` is
+    the rate of ``params[i]``; ``no_decay[i]`` puts it in a group with ``weight_decay=0``."""
+    if (lrs is None or all(x == lr for x in lrs)) and not any(no_decay or ()):
         return params
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for p, x in zip(params, lrs, strict=True):
-        groups.setdefault(float(x), []).append(p)
-    return [{"params": ps, "lr": x} for x, ps in groups.items()]
+    lrs = lrs if lrs is not None else [lr] * len(params)
+    flags = no_decay if no_decay is not None else [False] * len(params)
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for p, x, nd in zip(params, lrs, flags, strict=True):
+        groups.setdefault((float(x), bool(nd)), []).append(p)
+    return [{"params": ps, "lr": x, **({"weight_decay": 0.0} if nd else {})} for (x, nd), ps in groups.items()]
 
 
 def make_optimizer(name: str, params: list[Any], tcfg: Any) -> torch.optim.Optimizer:
@@ -252,6 +256,7 @@ def train(
     teacher: torch.nn.Module | None = None,
     teacher_stats: DistillStats | None = None,
     param_lrs: dict[str, float] | None = None,
+    no_decay: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -270,7 +275,9 @@ def train(
             ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
             Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
         param_lrs: learning rates of named parameters that do not take ``tcfg.lr`` (e.g. trainable
-            codebooks, ``train.codebooks_lr``); the schedule multiplies every group alike.
+            codebooks, ``train.codebook_lr``); the schedule multiplies every group alike.
+        no_decay: names of parameters trained without weight decay (the trainable codebooks / scales:
+            decay would pull the quantization levels to zero).
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -280,7 +287,8 @@ def train(
         optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
                                       None, device)
     lrs = None if param_lrs is None else [float(param_lrs.get(n, tcfg.lr)) for n, _ in named]
-    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr)), tcfg)
+    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr), [n in no_decay for n, _ in named]),
+                         tcfg)
     weight, temperature, chunk = distill_options(tcfg)
     if weight > 0 and teacher is None:
         raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")

@@ -69,10 +69,8 @@ def test_gradcheck_float64_reference():
 
 
 @pytest.mark.parametrize("m", [1, 5, 16, 40])
-def test_backends_agree_with_the_reference_and_base_gets_no_grad(m):
+def test_backends_agree_with_the_reference_and_frozen_base_gets_no_grad(m):
     q = _weight("mixed", seed=3)
-    for g in q.groups:
-        g.codebook.requires_grad_(True)  # a frozen base: its gradient stays None
     args = _args(q, torch.float32, adapters=True, bias=True, m=m)
     x, a, b, c = args[0], args[2], args[3], args[4]
     y = torch.ops.lowra.lut_linear(*args[:-1], "cpu")
@@ -84,7 +82,51 @@ def test_backends_agree_with_the_reference_and_base_gets_no_grad(m):
     for got, ref in zip(grads, want_grads):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
     y.backward(gy)
-    assert all(g.codebook.grad is None for g in q.groups)
+    assert all(g.codebook.grad is None for g in q.groups)  # not requiring grad: frozen, nothing computed
+
+
+def _dense(tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    """``deq(W)`` in fp64 built differentiably from the codebooks and absmax (the autograd reference)."""
+    from lowra_kernels.unpack import unpack_ref
+
+    n, gs, k = len(meta) - 2, meta[0], meta[1]
+    absmax = tensors[3 * n].double().repeat_interleave(gs, dim=1)[:, :k]
+    w = torch.zeros(absmax.shape, dtype=torch.float64)
+    for j in range(n):
+        codes, rows, cb = tensors[j], tensors[n + j].long(), tensors[2 * n + j].double()
+        idx = unpack_ref(codes, meta[2 + j], k)
+        vals = cb[0][idx] if cb.shape[0] == 1 else torch.gather(cb, 1, idx)
+        w = w.index_put((rows,), vals * absmax[rows])
+    return w
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_codebook_and_absmax_grads_match_autograd_of_the_dense_weight(shared):
+    """Trainable codebooks / scales: the op's backward (``codebook_grad``) equals autograd through
+    ``x · deq(W)ᵀ`` built from the tables in fp64."""
+    q = random_qtensor(OUT, IN, mixed_bits(OUT), seed=4, shared=shared, group_size=32)
+    tensors, meta = q.packed().op_args()
+    n = len(meta) - 2
+    tables = [t.detach().float().requires_grad_(True) for t in tensors[2 * n:]]
+    op_tensors = [*tensors[:2 * n], *(t.half() for t in tables[:-1]), tables[-1].to(tensors[-1].dtype)]
+    x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(1))
+    gy = torch.randn(2, 5, OUT, generator=torch.Generator().manual_seed(2))
+    y = torch.ops.lowra.lut_linear(x, op_tensors, None, None, None, meta, 1.0, "auto")
+    got = torch.autograd.grad(y, tables, gy)
+    ref_tables = [t.detach().half().double().requires_grad_(True) for t in tables]
+    dense = _dense([*tensors[:2 * n], *ref_tables], meta)
+    want = torch.autograd.grad((x.double() @ dense.T), ref_tables, gy.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-3, atol=2e-3)
+
+
+def test_opcheck_with_trainable_codebooks_and_absmax():
+    q = _weight("mixed", seed=5)
+    x, tensors, a, b, c, meta, s, backend = _args(q, torch.float32, adapters=True, bias=True)
+    n = len(meta) - 2
+    tensors = [*tensors[:2 * n], *(t.detach().clone().requires_grad_(True) for t in tensors[2 * n:])]
+    torch.library.opcheck(torch.ops.lowra.lut_linear.default, (x, tensors, a, b, c, meta, s, backend),
+                          test_utils=ALL_CHECKS)
 
 
 def test_bad_arguments_name_the_problem():
