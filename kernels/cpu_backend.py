@@ -204,10 +204,14 @@ def dequantize_cpu(
 # ------------------------------------------------------------------------------ per-weight tables
 @dataclass
 class _Prepared:
-    """Contiguous codes, int64 rows, fp32 tables and fp16/fp32 absmax of one packed weight."""
+    """The extension's arguments for one packed weight (raw pointers) and the tensors they point into.
 
-    absmax: torch.Tensor
-    groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (bits, codes, rows, table)
+    ``keep`` holds every pointed-to tensor except the weight's first codes tensor: that one is the cache
+    entry's weakly held anchor (``WeightCache``), so a freed weight's entry and tables go with it; the
+    entry is never used after the anchor dies, so its pointer never dangles.
+    """
+
+    keep: list[torch.Tensor]  # contiguous codes (but the anchor), int64 rows, fp32 tables, absmax
     args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
 
 
@@ -216,11 +220,12 @@ _prepared = WeightCache()
 
 def _build(w: PackedWeight) -> _Prepared:
     check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
-    groups = [(b, codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b))
-              for b, codes, rows, cb in w.groups()]
-    prep = _Prepared(_scales(w.absmax), groups)
-    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, w.group_size, w.in_features)
-                 for bits, codes, rows, table in groups]
+    absmax = _scales(w.absmax)
+    prep = _Prepared([absmax])
+    for b, codes, rows, cb in w.groups():
+        codes, rows, table = codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b)
+        prep.keep += [t for t in (codes, rows, table) if t is not w.codes[0]]
+        prep.args.append(_group_args(codes, rows, table, absmax, b, w.group_size, w.in_features))
     return prep
 
 

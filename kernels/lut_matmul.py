@@ -382,8 +382,9 @@ def gemv_config(device_name: str, bits: int, group: int, block_m: int, in_featur
 
 
 def _gemv_plan(w: PackedWeight, block_m: int, dev: str) -> tuple[int, list[tuple]]:
-    """The GEMV launches of one layer for an M bucket: ``(n_split, [(grid, tensors, ints, meta), …])`` —
-    resolved configs, grids and strides, built once (``_plans``) and replayed per call."""
+    """The GEMV launches of one layer for an M bucket: ``(n_split, [(grid, ints, meta), …])`` per stored
+    width — resolved configs, grids and strides, built once (``_plans``) and replayed per call. Ints only:
+    the cache holds no tensor of the weight, so a freed weight's plans go with it."""
     configs = {b: gemv_config(dev, b, w.group_size, block_m, w.in_features) for b in w.bits}
     n_split = max(c["SPLIT_K"] for c in configs.values())
     launches = []
@@ -394,8 +395,7 @@ def _gemv_plan(w: PackedWeight, block_m: int, dev: str) -> tuple[int, list[tuple
         meta = dict(cfg, BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
                     GROUP=w.group_size, BLOCK_M=block_m)
         ints = (n, w.in_features, n_split, codes.stride(0), stride_cbr, w.absmax.stride(0), w.absmax.stride(1))
-        launches.append(((triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]), (codes, rows, codebook, w.absmax), ints,
-                         meta))
+        launches.append(((triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]), ints, meta))
     return n_split, launches
 
 
@@ -410,9 +410,11 @@ def _lut_gemv(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     dev = device_name(x2)
     n_split, launches = _plans.get(w, ("gemv", dev, x2.device, block_m), lambda: _gemv_plan(w, block_m, dev))
     ws = torch.empty(n_split, M, w.out_features, dtype=torch.float32, device=x2.device)
-    for grid, (codes, rows, codebook, absmax), (n, k, splits, s_qr, s_cbr, s_ar, s_ac), meta in launches:
-        _lut_gemv_kernel.fn[grid](x2, codes, rows, codebook, absmax, ws, M, n, k, splits, x2.stride(0), s_qr, s_cbr,
-                                  s_ar, s_ac, ws.stride(0), ws.stride(1), **meta)
+    for (grid, (n, k, splits, s_qr, s_cbr, s_ar, s_ac), meta), (_, codes, rows, codebook) in zip(launches,
+                                                                                               w.groups()):
+        codes, codebook, _ = _group_args(codes, codebook)
+        _lut_gemv_kernel.fn[grid](x2, codes, rows, codebook, w.absmax, ws, M, n, k, splits, x2.stride(0), s_qr,
+                                  s_cbr, s_ar, s_ac, ws.stride(0), ws.stride(1), **meta)
     y = ws[0] if n_split == 1 else ws.sum(0)
     return y.to(x2.dtype)
 

@@ -66,3 +66,20 @@ def test_gemv_plan_is_built_once_per_bucket_and_follows_in_place_edits():
     assert not torch.equal(y1, y2)
     torch.testing.assert_close(y2.cpu(), lut_matmul.lut_matmul_ref(x.cpu(), q.to("cpu").packed()), rtol=1e-4,
                                atol=1e-4)
+
+
+def test_caches_let_a_freed_weight_go():
+    """The CPU tables and the launch plans hold the weight's first codes tensor weakly: deleting the weight
+    drops its entries (a model's memory is freed with the model)."""
+    import gc
+
+    import lowra_kernels.cpu_backend as cpu
+
+    q = random_qtensor(20, 64, mixed_bits(20))
+    w = q.to("cpu").packed()
+    before = len(cpu._prepared)
+    lut_matmul.lut_matmul(torch.randn(1, 64), w, "cpu")
+    assert len(cpu._prepared) == before + 1
+    del q, w
+    gc.collect()
+    assert len(cpu._prepared) == before
