@@ -71,23 +71,23 @@ reproduce: $(STAMP)
 	PY=$(PY) bash results/reproduce.sh results/runs
 
 bench: $(STAMP)
-	$(PY) -m experiments.bench_pipeline
-	$(PY) -m experiments.bench_kernels
+	$(PY) -m experiments.bench.pipeline
+	$(PY) -m experiments.bench.kernels
 
 # Every Triton kernel × autotune config × bits × dtype compiled for sm_90 and sm_80 (no GPU needed);
 # fails on a compile error, a spilling config or duplicate binaries; writes results/bench/kernels_sm90_static.json.
 kernels-compile: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m lowra_kernels.compile_check --arch 90 80
+	env -u TRITON_INTERPRET $(PY) -m lowra_kernels.compile_check --arch 90 80 --sass --out results/bench/kernels_sm90_static.json
 
 # Static H100 estimate from the sm_90 SASS (instructions per weight, bytes vs floor); no GPU needed.
 kernels-static: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m experiments.bench_kernels --static
+	env -u TRITON_INTERPRET $(PY) -m experiments.bench.kernels --static
 
 # On a machine with an NVIDIA GPU: tests + dequant/GEMV/training timings in <= 8 min, JSON after each step.
 # No venv is created (the GPU image reaches no registry): the .venv's python if present, else $(PYTHON).
 GPU_PY := $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
 gpu-check:
-	$(GPU_PY) -m experiments.gpu_check
+	$(GPU_PY) -m experiments.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -373,40 +373,6 @@ def prepare(name: str = SMOLLM2_135M.name, cache: Path | None = None, force: boo
         return out
 
 
-# ----------------------------------------------------------------------------------------- evaluation
-
-
-def evaluate_fp32(path: Path, max_tokens: int | None = None, window: int = 512) -> dict[str, Any]:
-    """fp32 perplexity of the prepared model over disjoint ``window``-token windows on the shared
-    TinyStories file (each story as BOS + story, as ``data=tinystories`` tokenizes it) and the
-    WikiText-2 raw test file (lines joined with "\\n\\n" after one BOS, as ``data=wikitext2``'s
-    offline fallback), plus 48 greedy tokens after "Once upon a time"."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from experiments.data import split_stories, tokenize_stream
-    from experiments.evaluate import perplexity
-
-    assets = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2] / "shared" / "assets")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    stories = split_stories((assets / "corpora" / "tinystories_valid.txt").read_text())
-    wiki = [ln for ln in (assets / "corpora" / "wikitext2_raw_test.txt").read_text().splitlines() if ln.strip()]
-    streams = {"tinystories": tokenize_stream(tok, stories, None, False),
-               "wikitext2": tokenize_stream(tok, wiki, "\n\n", False)}
-    result: dict[str, Any] = {}
-    with torch.no_grad():
-        for key, stream in streams.items():
-            t0 = time.perf_counter()
-            r = perplexity(model, stream, window=window, stride=window, max_tokens=max_tokens, batch_size=4,
-                           desc=key, progress=sys.stderr.isatty())
-            result[key] = {**r, "seconds": round(time.perf_counter() - t0, 1)}
-        ids = tok("Once upon a time", return_tensors="pt").input_ids
-        gen = model.generate(ids, max_new_tokens=48, do_sample=False)
-    result["greedy"] = tok.decode(gen[0], skip_special_tokens=True)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", default=sorted(ASSETS),
@@ -414,8 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache directory (default $LOWRA_CACHE or ~/.cache/lowra)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is already verified")
-    parser.add_argument("--evaluate", action="store_true", help="also measure fp32 perplexity and greedy text")
-    parser.add_argument("--max-tokens", type=int, default=None, help="--evaluate: tokens per corpus (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in args.names:
@@ -425,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(path)
-        if args.evaluate:
-            print(json.dumps(evaluate_fp32(path, max_tokens=args.max_tokens), indent=2))
     return 0
 
 

@@ -10,9 +10,9 @@ bytes, shared memory) and a hash of its ``.text`` (the SASS) are recorded; optio
 (``--sass``) the SASS is disassembled (``nvdisasm``) and its instructions counted (total, in the
 innermost loop, local-memory spills ``LDL``/``STL``).
 
-``python -m lowra_kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] [--out PATH]``
+``python -m lowra_kernels.compile_check [--arch 90 80] [--smoke-arch 80] [--jobs N] [--sass] --out PATH``
 writes JSON
-(default ``results/bench/kernels_sm90_static.json``) and exits non-zero on any compile failure,
+(``make kernels-compile``: ``results/bench/kernels_sm90_static.json``) and exits non-zero on any compile failure,
 spilling variant or duplicate binary (two configs of one kernel/bits/dtype with identical SASS).
 Compilation is parallel (a process pool) and cached by Triton's own on-disk cache
 (``TRITON_CACHE_DIR``, default ``~/.triton/cache``): an unchanged kernel recompiles in
@@ -37,15 +37,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "results" / "bench" / "kernels_sm90_static.json"
 BITS = (1, 2, 3, 4)
 ACT_DTYPES = ("float32", "float16", "bfloat16")
 # Representative layer: out × in features (LLaMA-7B MLP down-projection's transpose), group 64.
 OUT_FEATURES, IN_FEATURES, GROUP_SIZE = 4096, 11008, 64
 GEMM_M = 64  # a fused-GEMM activation row count (16 < M < TRAIN_MIN_M)
 
-KERNELS = ("pack", "unpack", "quantize", "dequantize", "lut_gemv", "lut_mm")
+KERNELS = ("pack", "unpack", "quantize", "dequantize", "lut_gemv", "lut_mm", "gemv_v2", "dequantize_v2")
+V2_KERNELS = ("gemv_v2", "dequantize_v2")  # plain triton.jit kernels with one config per bit-width
 
 
 def _tools_dir() -> Path:
@@ -69,9 +68,19 @@ def _kernel(name: str) -> Any:
         from lowra_kernels.lut_matmul import _lut_gemv_kernel as k
     elif name == "lut_mm":
         from lowra_kernels.lut_matmul import _lut_mm_kernel as k
+    elif name == "gemv_v2":
+        from lowra_kernels.gemv_v2 import _gemv_v2_kernel as k
+    elif name == "dequantize_v2":
+        from lowra_kernels.dequantize_v2 import _dequantize_v2_kernel as k
     else:
         raise ValueError(f"unknown kernel {name!r}; expected one of {KERNELS}")
     return k
+
+
+def _jit(name: str) -> Any:
+    """The ``triton.jit`` function of kernel ``name`` (under its autotuner, if any)."""
+    k = _kernel(name)
+    return k.fn if hasattr(k, "configs") else k
 
 
 def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
@@ -125,7 +134,32 @@ def _args(name: str, bits: int, dtype: str, extra: dict) -> dict[str, Any]:
                     K=IN_FEATURES, group_size=GROUP_SIZE, stride_xm=IN_FEATURES, stride_xk=1, stride_qr=n_words,
                     stride_cbr=1 << bits, stride_ar=groups, stride_ac=1, stride_ym=OUT_FEATURES, stride_yn=1,
                     BITS=bits, PER_WORD=per_word, DOT_PREC=_dot_precision(t))
+    if name in V2_KERNELS:
+        return _args_v2(name, bits, t, rows, extra)
     raise ValueError(f"unknown kernel {name!r}")
+
+
+def _args_v2(name: str, bits: int, t: Any, rows: int, extra: dict) -> dict[str, Any]:
+    """Representative launch arguments of the v2 kernels (layout v2: ``[tiles, rows, tile words]``)."""
+    import torch
+
+    from lowra_kernels.layout_v2 import TILE, tile_words
+
+    e = torch.empty
+    i32, i64, f16, f32 = torch.int32, torch.int64, torch.float16, torch.float32
+    tiles = -(-IN_FEATURES // TILE)
+    common = dict(q_ptr=e(1, dtype=i32), cb_ptr=e(1, dtype=f16), s_ptr=e(1, dtype=f16), rows_ptr=e(1, dtype=i64),
+                  n_rows=rows, K=IN_FEATURES, tiles=tiles, stride_qt=rows * tile_words(bits), stride_cbr=1 << bits,
+                  stride_sg=rows, BITS=bits, GROUP=GROUP_SIZE, EVEN_K=IN_FEATURES % TILE == 0)
+    if name == "gemv_v2":
+        from lowra_kernels.gemv_v2 import gemv_v2_launch_shape
+
+        block_m = extra["BLOCK_M"]
+        per = gemv_v2_launch_shape(rows, tiles, bits, block_m)[3]
+        return dict(common, x_ptr=e(1, dtype=t), ws_ptr=e(1, dtype=f32), M=block_m, tiles_per_split=per,
+                    stride_xm=IN_FEATURES, stride_ws_s=block_m * OUT_FEATURES, stride_ws_m=OUT_FEATURES,
+                    BLOCK_M=block_m)
+    return dict(common, out_ptr=e(1, dtype=t), stride_or=IN_FEATURES)
 
 
 def _axes(name: str) -> list[tuple[str, dict]]:
@@ -136,11 +170,25 @@ def _axes(name: str) -> list[tuple[str, dict]]:
         from lowra_kernels.lut_matmul import GEMV_BLOCK_M
 
         return [(d, {"BLOCK_M": bm}) for d in ACT_DTYPES for bm in GEMV_BLOCK_M]
+    if name == "gemv_v2":
+        return [(d, {"BLOCK_M": bm}) for d in ACT_DTYPES for bm in (1, 2, 4)]
     return [(d, {}) for d in ACT_DTYPES]
 
 
 def _configs(name: str, args: dict) -> list:
     """The shipped autotune configs of a kernel, pruned as its autotuner prunes them for ``args``."""
+    if name in V2_KERNELS:
+        import triton
+
+        if name == "gemv_v2":
+            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_n
+
+            block_n, warps = gemv_v2_block_n(args["BITS"], args["BLOCK_M"]), GEMV_V2_CONFIG[args["BITS"]][1]
+            return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG)]
+        from lowra_kernels.dequantize_v2 import DEQUANT_V2_CONFIG
+
+        block_r, tiles, warps = DEQUANT_V2_CONFIG[args["BITS"]]
+        return [triton.Config({"BLOCK_R": block_r, "TILES": tiles}, num_warps=warps, num_stages=1)]
     k = _kernel(name)
     space = list(k.configs)
     prune = getattr(k, "early_config_prune", None)
@@ -262,7 +310,37 @@ def analyze_sass(text: str) -> dict[str, Any]:
         "loops": loops,
         "main_loop_instructions": sum(1 for x in body if x[1] != "NOP"),
         "main_loop_mix": mix([x for x in body if x[1] != "NOP"]),
+        "main_loop_mem": memory_ops(body),
+        "kernel_mem": memory_ops(real),
     }
+
+
+_MEM_OPS = ("LDG", "STG", "LDS", "STS", "LDSM", "LDGSTS", "ATOMG", "RED", "LDL", "STL")
+
+
+def memory_width(op: str) -> int:
+    """Bytes per lane of a SASS memory opcode (``LDG.E.128`` 16, ``.64`` 8, ``.U16``/``.S16`` 2,
+    ``.U8``/``.S8`` 1, otherwise 4)."""
+    parts = op.split(".")[1:]
+    for suffix, width in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if suffix in parts:
+            return width
+    return 4
+
+
+def memory_ops(seq: list[tuple[int, str, str]]) -> dict[str, Any]:
+    """Memory instructions of a SASS sequence: per class (``LDG``, ``STS``, ...) a map
+    bytes-per-lane → count, and the barrier count (``BAR``)."""
+    out: dict[str, Any] = {"BAR": 0}
+    for _, op, _ in seq:
+        base = op.split(".")[0]
+        if base == "BAR":
+            out["BAR"] += 1
+        elif base in _MEM_OPS:
+            widths = out.setdefault(base, {})
+            w = str(memory_width(op))
+            widths[w] = widths.get(w, 0) + 1
+    return out
 
 
 def compile_variant(v: dict, sass: bool = False) -> dict:
@@ -275,7 +353,7 @@ def compile_variant(v: dict, sass: bool = False) -> dict:
     t0 = time.perf_counter()
     cpu0 = _cpu_seconds()
     try:
-        fn = _kernel(v["kernel"]).fn
+        fn = _jit(v["kernel"])
         args = dict(_args(v["kernel"], v["bits"], v["dtype"], v["extra"]), **v["config"])
         signature, constexprs, attrs = _specialize(fn, args)
         kernel = triton_compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", v["arch"], 32),
@@ -315,6 +393,40 @@ def _worker(job: tuple[dict, bool]) -> dict:
     return compile_variant(*job)
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-able stand-in of a launch argument (tensors by dtype: only their dtype specializes,
+    besides the 16-byte alignment every representative tensor has)."""
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"tensor:{value.dtype}"
+    return value
+
+
+def input_hash(v: dict) -> str:
+    """A hash of everything a variant's binary depends on: the kernel's source with its ``triton.jit``
+    dependencies and referenced globals (Triton's own ``JITFunction.cache_key``), the specialized
+    launch arguments, the config, the target and the Triton version (its bundled ptxas). Equal hashes
+    mean an identical compile, so a recorded result may stand in for it (``run(..., cache=...)``)."""
+    import triton
+
+    fn = _jit(v["kernel"])
+    args = {k: _plain(a) for k, a in _args(v["kernel"], v["bits"], v["dtype"], v["extra"]).items()}
+    key = {"triton": triton.__version__, "source": fn.cache_key, "args": args,
+           **{k: v.get(k) for k in ("arch", "config", "num_warps", "num_stages", "maxnreg")}}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def load_cache(path: Path | list[Path] | None, sass: bool) -> dict[str, dict]:
+    """Recorded results of earlier reports (``input_hash`` → row; a list of reports: the first one that
+    has a hash wins), successful compiles only; with ``sass`` only rows that carry SASS statistics."""
+    out: dict[str, dict] = {}
+    for p in ([] if path is None else [path] if isinstance(path, (str, Path)) else path)[::-1]:
+        if Path(p).exists():
+            rows = json.loads(Path(p).read_text()).get("results", [])
+            out.update({r["input_hash"]: r for r in rows
+                        if r.get("ok") and "input_hash" in r and (not sass or "sass" in r)})
+    return out
+
+
 # ------------------------------------------------------------------------------------ run all
 def duplicates(results: list[dict]) -> list[list[int]]:
     """Groups (result indices) of configs of one kernel/arch/bits/dtype/extra with identical SASS."""
@@ -327,9 +439,51 @@ def duplicates(results: list[dict]) -> list[list[int]]:
     return [ids for ids in seen.values() if len(ids) > 1]
 
 
+def compile_all(todo: list[dict], jobs: int, sass: bool = False, cache: Path | list[Path] | None = None) -> list[dict]:
+    """Compile ``todo`` (a process pool of ``jobs``), in order; a variant whose ``input_hash`` has a
+    recorded result in ``cache`` (an earlier report) takes that result (``"cached": True``)."""
+    hashes = [input_hash(v) for v in todo]
+    known = load_cache(cache, sass)
+    miss = [i for i, h in enumerate(hashes) if h not in known]
+    if jobs > 1 and len(miss) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            done = list(pool.map(_worker, [(todo[i], sass) for i in miss], chunksize=1))
+    else:
+        done = [compile_variant(todo[i], sass) for i in miss]
+    fresh = dict(zip(miss, done))
+    results = []
+    for i, (v, h) in enumerate(zip(todo, hashes)):
+        r = fresh[i] if i in fresh else dict(known[h], **v, cached=True, compile_s=0.0, cpu_s=0.0)
+        r["input_hash"] = h
+        results.append(r)
+    return results
+
+
+VERIFIED = ("registers", "spill_bytes", "shared_bytes", "sass_sha1")
+
+
+def verify_cached(results: list[dict], n: int, jobs: int) -> list[dict]:
+    """Recompile ``n`` of the cached results (evenly spread) and return those whose registers, spills,
+    shared memory or SASS hash differ from the record (a stale or edited cache, or a changed toolchain)."""
+    cached = [r for r in results if r.get("cached")]
+    sample = cached[::max(1, len(cached) // n)][:n] if n > 0 else []
+    todo = [{k: r[k] for k in ("kernel", "arch", "bits", "dtype", "extra", "config_index", "config", "num_warps",
+                               "num_stages", "maxnreg")} for r in sample]
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            fresh = list(pool.map(_worker, [(v, False) for v in todo], chunksize=1))
+    else:
+        fresh = [compile_variant(v) for v in todo]
+    for r in sample:
+        r["cache_verified"] = True
+    return [dict(f, recorded={k: r.get(k) for k in VERIFIED}) for r, f in zip(sample, fresh)
+            if not f.get("ok") or any(f.get(k) != r.get(k) for k in VERIFIED)]
+
+
 def run(archs: tuple[int, ...], jobs: int, sass: bool = False, kernels: tuple[str, ...] = KERNELS,
-        smoke_archs: tuple[int, ...] = ()) -> dict:
-    """Compile every variant (a process pool of ``jobs``); return the summary + per-variant rows."""
+        smoke_archs: tuple[int, ...] = (), cache: Path | None = None, verify: int = 0) -> dict:
+    """Compile every variant (a process pool of ``jobs``; results recorded in ``cache`` with the same
+    ``input_hash`` reused); return the summary + per-variant rows."""
     import triton
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -337,11 +491,8 @@ def run(archs: tuple[int, ...], jobs: int, sass: bool = False, kernels: tuple[st
             "lowra_kernels.compile_check needs TRITON_INTERPRET unset (the interpreter replaces triton.jit)")
     todo = list(variants(archs, kernels, smoke_archs))
     t0 = time.perf_counter()
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_worker, [(v, sass) for v in todo], chunksize=1))
-    else:
-        results = [compile_variant(v, sass) for v in todo]
+    results = compile_all(todo, jobs, sass, cache)
+    mismatches = verify_cached(results, verify, jobs)
     wall = time.perf_counter() - t0
     dups = duplicates(results)
     failed = [r for r in results if not r["ok"]]
@@ -351,6 +502,9 @@ def run(archs: tuple[int, ...], jobs: int, sass: bool = False, kernels: tuple[st
         "kernels": list(kernels), "variants": len(results),
         "compile_failures": len(failed), "spilling_variants": len(spilling),
         "duplicate_binary_groups": len(dups), "wall_s": round(wall, 1), "jobs": jobs,
+        "compiled": sum(1 for r in results if not r.get("cached")),
+        "from_cache": sum(1 for r in results if r.get("cached")),
+        "cache_verified": sum(1 for r in results if r.get("cache_verified")), "cache_mismatches": len(mismatches),
         "cpu_s": round(sum(r["cpu_s"] for r in results), 1),
         "representative_layer": {"out": OUT_FEATURES, "in": IN_FEATURES, "group_size": GROUP_SIZE,
                                  "gemm_m": GEMM_M},
@@ -365,9 +519,9 @@ def run(archs: tuple[int, ...], jobs: int, sass: bool = False, kernels: tuple[st
                 "max_spill_bytes": max(r["spill_bytes"] for r in rs),
                 "max_shared_bytes": max(r["shared_bytes"] for r in rs),
             }
-    return {"summary": summary, "duplicates": [[results[i]["config_index"] for i in g] + [
-        {k: results[g[0]][k] for k in ("kernel", "arch", "bits", "dtype", "extra")}] for g in dups],
-            "results": results}
+    dup_rows = [[results[i]["config_index"] for i in g] + [
+        {k: results[g[0]][k] for k in ("kernel", "arch", "bits", "dtype", "extra")}] for g in dups]
+    return {"summary": summary, "cache_mismatches": mismatches, "duplicates": dup_rows, "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,13 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="*", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--sass", action="store_true", help="also disassemble and count SASS instructions")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where to write the JSON report (make kernels-compile: results/bench/...)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="an earlier report whose results stand in for variants of equal input_hash "
+                             "(source, arguments, config, target, Triton version)")
+    parser.add_argument("--verify", type=int, default=0,
+                        help="recompile this many of the cached variants and fail if any differs from its record")
     args = parser.parse_args(argv)
-    report = run(tuple(args.arch), args.jobs, args.sass, tuple(args.kernels), tuple(args.smoke_arch))
-    from lowra.atomic import write_text_atomic
-
+    report = run(tuple(args.arch), args.jobs, args.sass, tuple(args.kernels), tuple(args.smoke_arch), args.cache,
+                 args.verify)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps(report, indent=1))
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, args.out)  # atomic: a reader never sees half a report
     s = report["summary"]
     print(f"{'kernel':>11} {'variants':>8} {'max regs':>8} {'max spill B':>11} {'max smem B':>10}")
     for name, k in s["per_kernel"].items():
@@ -396,12 +557,17 @@ def main(argv: list[str] | None = None) -> int:
         elif r["spill_bytes"]:
             print(f"SPILLS {r['spill_bytes']} B: {r['kernel']} sm_{r['arch']} bits={r['bits']} {r['dtype']} "
                   f"{r['extra']} {r['config']} warps={r['num_warps']} stages={r['num_stages']}")
+    for r in report["cache_mismatches"]:
+        print(f"CACHE MISMATCH {r['kernel']} sm_{r['arch']} bits={r['bits']} {r['dtype']} {r['config']}: "
+              f"recorded {r['recorded']}, compiled {({k: r.get(k) for k in VERIFIED})}")
     for d in report["duplicates"]:
         print(f"DUPLICATE binaries (config indices {d[:-1]}): {d[-1]}")
     print(f"{s['variants']} variants (triton {s['triton']}, sm_{'/sm_'.join(map(str, s['archs']))}): "
           f"{s['compile_failures']} failed, {s['spilling_variants']} spill, {s['duplicate_binary_groups']} "
-          f"duplicate groups; {s['wall_s']} s with {s['jobs']} jobs; wrote {args.out}")
-    return 1 if (s["compile_failures"] or s["spilling_variants"] or s["duplicate_binary_groups"]) else 0
+          f"duplicate groups; {s['compiled']} compiled, {s['from_cache']} from the cache; {s['wall_s']} s with "
+          f"{s['jobs']} jobs; wrote {args.out}")
+    return 1 if (s["compile_failures"] or s["spilling_variants"] or s["duplicate_binary_groups"]
+                 or s["cache_mismatches"]) else 0
 
 
 if __name__ == "__main__":

@@ -39,9 +39,8 @@ namespace {
 
 constexpr int64_t kChunk = 512;   // inputs per L1-resident block (multiple of 8 and of 40)
 constexpr int64_t kTable = 16;    // table row: the 2**b values repeated (see codes8)
-// Weights per thread before a second thread is used: a parallel region costs a few us on an idle
-// machine and up to a scheduler time slice on an oversubscribed one, so small layers (decode on a
-// 576-wide model: 0.3-0.9M weights) stay on one thread, as BLAS keeps a small GEMV on one.
+// Weights per thread before a second thread is used (the backward GEMV; the forward GEMV's grain is
+// an argument, GEMV_GRAIN in kernels/cpu_backend.py).
 constexpr int64_t kGemvGrain = int64_t(1) << 20;
 constexpr int64_t kDequantGrain = int64_t(1) << 18;
 
@@ -287,9 +286,9 @@ void dequant_impl(const Group& g, uintptr_t out, int64_t dtype, int64_t s0, int6
 
 // y[m, rows[i]] = sum_k x[m, k] * W[i, k]  (x fp32 [M, K] contiguous, y fp32 [M, out] contiguous)
 template <int BITS>
-void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_features) {
+void gemv_impl(const Group& g, const float* x, int64_t M, float* y, int64_t out_features, int64_t grain_weights) {
   const int64_t K = g.in_features;
-  const int64_t grain = std::max<int64_t>(1, kGemvGrain / std::max<int64_t>(K, 1));
+  const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
   at::parallel_for(0, g.n, grain, [&](int64_t b, int64_t e) {
     alignas(32) float buf[kChunk];
     float acc[16];
@@ -349,7 +348,9 @@ template <int B> struct DequantF {
   }
 };
 template <int B> struct GemvF {
-  static void run(const Group& g, const float* x, int64_t M, float* y, int64_t o) { gemv_impl<B>(g, x, M, y, o); }
+  static void run(const Group& g, const float* x, int64_t M, float* y, int64_t o, int64_t grain) {
+    gemv_impl<B>(g, x, M, y, o, grain);
+  }
 };
 template <int B> struct GemvTF {
   static void run(const Group& g, const float* gy, int64_t M, int64_t o, float* gx) { gemv_t_impl<B>(g, gy, M, o, gx); }
@@ -372,12 +373,13 @@ void dequant_group(LOWRA_GROUP_ARGS, uintptr_t out, int64_t dtype, int64_t s0, i
   by_bits<DequantF>(bits, LOWRA_GROUP, out, dtype, s0, s1);
 }
 
-// x fp32 [M, in_features] contiguous (M <= 16), y fp32 [M, out_features] contiguous.
-void gemv_group(LOWRA_GROUP_ARGS, uintptr_t x, int64_t M, uintptr_t y, int64_t out_features) {
+// x fp32 [M, in_features] contiguous (M <= 16), y fp32 [M, out_features] contiguous; rows are split over
+// threads in blocks of at least `grain` weights.
+void gemv_group(LOWRA_GROUP_ARGS, uintptr_t x, int64_t M, uintptr_t y, int64_t out_features, int64_t grain) {
   if (n == 0 || M == 0) return;
   if (M > 16) throw std::invalid_argument("the fused GEMV takes M <= 16 rows");
   by_bits<GemvF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y),
-                 out_features);
+                 out_features, grain);
 }
 
 // gy fp32 [M, out_features] contiguous, gx fp32 [M, in_features] contiguous (accumulated into).

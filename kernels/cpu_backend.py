@@ -15,7 +15,7 @@ reference dequantize took 105 ms, the same reference compiled by ``torch.compile
 because inductor lowers the per-row codebook lookup to a scalar gather and the row scatter to an
 ``index_put``. The extension keeps each row's ≤16-entry fp32 codebook in two AVX2 registers
 (``vpermps`` lookup), shifts 8 codes out of one packed word per instruction, and reaches the
-conversion's speed (``experiments/bench_kernels --cpu-ratios`` for the numbers).
+conversion's speed (``python -m experiments.bench.kernels --cpu-ratios`` for the numbers).
 
 Regimes (``GEMV_MAX_M`` = 16, fp32 activations):
 
@@ -34,10 +34,11 @@ unspecified); they are tested against an fp64 product at fp32 accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import warnings
-import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,15 @@ from typing import Any
 import torch
 
 from lowra_kernels.layout import codes_per_word
+from lowra_kernels.weight import PackedWeight, WeightCache, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
+# Weights per thread of the forward GEMV before a further thread is used (read at each call; the
+# decode benchmark's --gemv-grain sets it). A parallel region costs a few µs while the pool's threads are
+# awake, but a whole scheduler time slice when they are not scheduled: under a load of 12 on the 2-core
+# machine, SmolLM2's four layer shapes at 2 bits took 0.61 ms per set at 1M (one thread each) and 38 ms at
+# 64K (two threads each) — so layers under 1M weights (all of SmolLM2's) stay on one thread by default.
+GEMV_GRAIN = 1 << 20
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
@@ -196,56 +204,40 @@ def dequantize_cpu(
 # ------------------------------------------------------------------------------ per-weight tables
 @dataclass
 class _Prepared:
-    """Contiguous codes, int64 rows, fp32 tables and fp16/fp32 absmax of one QuantizedTensor."""
+    """Contiguous codes, int64 rows, fp32 tables and fp16/fp32 absmax of one packed weight."""
 
-    key: tuple
     absmax: torch.Tensor
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (bits, codes, rows, table)
     args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
 
 
-_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_prepared = WeightCache()
 
 
-def _key(qweight: Any) -> tuple:
-    """Identity and in-place version of every tensor the prepared tables derive from."""
-    parts: list = [qweight.group_size]
-    for t in qweight.scales.tensors().values():
-        parts += [id(t), t._version]
-    for g in qweight.groups:
-        parts += [g.bits, id(g.codes), g.codes._version, id(g.rows), g.rows._version,
-                  id(g.codebook), g.codebook._version]
-    return tuple(parts)
-
-
-def prepare(qweight: Any) -> _Prepared:
-    """The extension's view of ``qweight`` (cached while its tensors are unchanged)."""
-    key = _key(qweight)
-    prep = _prepared.get(qweight)
-    if prep is not None and prep.key == key:
-        return prep
-    groups = [
-        (g.bits, g.codes.contiguous(), g.rows.to(torch.int64).contiguous(), _table(g.codebook, g.bits))
-        for g in qweight.groups if g.rows.numel() > 0
-    ]
-    scales = qweight.scales  # stored fp16 absmax used in place (no fp32 copy kept); restored if double-quantized
-    prep = _Prepared(key, _scales(scales.restore() if scales.double_quant else scales.absmax), groups)
-    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, qweight.shape[1])
+def _build(w: PackedWeight) -> _Prepared:
+    check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
+    groups = [(b, codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b))
+              for b, codes, rows, cb in w.groups()]
+    prep = _Prepared(_scales(w.absmax), groups)
+    prep.args = [_group_args(codes, rows, table, prep.absmax, bits, w.group_size, w.in_features)
                  for bits, codes, rows, table in groups]
-    _prepared[qweight] = prep
     return prep
 
 
-def dequantize_weight_cpu(qweight: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``deq(W) [out, in]`` in ``dtype`` (bit-exact with ``QuantizedTensor.dequantize``)."""
+def prepare(w: PackedWeight) -> _Prepared:
+    """The extension's view of ``w`` (cached while its tensors are alive and unchanged in place)."""
+    return _prepared.get(w, "cpu", lambda: _build(w))
+
+
+def dequantize_weight_cpu(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``deq(W) [out, in]`` in ``dtype`` (bit-exact with the reference ``dequantize_weight``)."""
     ext = _require()
-    prep = prepare(qweight)
+    prep = prepare(w)
     if dtype not in _DTYPE_CODE:
-        return dequantize_weight_cpu(qweight, torch.float32).to(dtype)  # rounded once, as the reference
-    out = torch.empty(qweight.shape, dtype=dtype)
-    for bits, codes, rows, table in prep.groups:
-        ext.dequant_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, out.shape[1]),
-                          out.data_ptr(), _DTYPE_CODE[dtype], out.stride(0), out.stride(1))
+        return dequantize_weight_cpu(w, torch.float32).to(dtype)  # rounded once, as the reference
+    out = torch.empty(w.shape, dtype=dtype)
+    for args in prep.args:
+        ext.dequant_group(*args, out.data_ptr(), _DTYPE_CODE[dtype], out.stride(0), out.stride(1))
     return out
 
 
@@ -258,10 +250,10 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
         raise ValueError(f"the CPU backend takes CPU tensors, {what} is on {t.device}")
 
 
-def lut_matmul_cpu(x: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """``x [..., in] @ deq(W)ᵀ → [..., out]`` in ``x.dtype`` (fused GEMV for fp32 M ≤ 16)."""
     ext = _require()
-    out_features, in_features = qweight.shape
+    out_features, in_features = w.shape
     _check_activation(x, in_features, "x")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
@@ -269,60 +261,94 @@ def lut_matmul_cpu(x: torch.Tensor, qweight: Any) -> torch.Tensor:
     if m == 0:
         return x.new_empty(*lead, out_features)
     if m <= GEMV_MAX_M and x.dtype == torch.float32:
-        prep = prepare(qweight)
+        prep = prepare(w)
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
         for args in prep.args:
-            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features)
+            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features, GEMV_GRAIN)
         return y.reshape(*lead, out_features)
-    return x @ dequantize_weight_cpu(qweight, x.dtype).t()
+    return x @ dequantize_weight_cpu(w, x.dtype).t()
 
 
-def lut_lora_gemv_cpu(x: torch.Tensor, qweight: Any, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
-                      scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode step of a quantized LoRA linear in one extension call: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
+def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      scaling: float, bias: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """Decode step of a quantized LoRA linear in one extension pass: ``x deq(W)ᵀ + s (x Aᵀ) Bᵀ + bias``.
 
     ``x [..., in]`` fp32 with at most ``GEMV_MAX_M`` rows; ``lora_A [r, in]``, ``lora_B [out, r]``
-    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None. No autograd: for inference
-    (``LowRALinear`` calls it under ``torch.no_grad``/``inference_mode``). fp32-accurate against
-    ``lut_lora_gemv_ref`` (summation order differs from BLAS), not bit-exact.
+    fp32 (or both None: no adapter); ``bias [out]`` fp32 or None, all contiguous. No autograd here:
+    ``torch.ops.lowra.lut_linear`` runs it as its CPU forward (its backward is separate), with
+    ``check=False`` as it has checked all of this already. Lean on purpose (one GEMV call per stored
+    width + one ``lora_add``, cached per-weight arguments): this is the per-token host path.
+    fp32-accurate against ``lut_lora_gemv_ref`` (summation order differs from BLAS), not bit-exact.
     """
     ext = _require()
-    out_features, in_features = qweight.shape
-    _check_activation(x, in_features, "x")
+    out_features, in_features = w.out_features, w.in_features
+    lead = x.shape[:-1]
+    if check:
+        _check_activation(x, in_features, "x")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
-    if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
-        raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
-    y = lut_matmul_cpu(x2, qweight)
     rank = 0 if lora_A is None else lora_A.shape[0]
+    if check:
+        if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
+            raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
+        _check_epilogue(lora_A, lora_B, bias, rank, in_features, out_features)
+    x2 = x2.contiguous()
+    xp = x2.data_ptr()
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    yp = y.data_ptr()
+    for args in prepare(w).args:
+        ext.gemv_group(*args, xp, m, yp, out_features, GEMV_GRAIN)
     if rank or bias is not None:
-        for name, t, shape in (("lora_A", lora_A, (rank, in_features)), ("lora_B", lora_B, (out_features, rank)),
-                               ("bias", bias, (out_features,))):
-            if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()):
-                raise ValueError(f"{name} must be contiguous fp32 {shape}, got {t.dtype} {tuple(t.shape)}")
-        x2 = x2.contiguous()
-        ext.lora_add(x2.data_ptr(), m, in_features, lora_A.data_ptr() if rank else 0,
-                     lora_B.data_ptr() if rank else 0, rank, float(scaling),
-                     bias.data_ptr() if bias is not None else 0, y.data_ptr(), out_features)
-    return y.reshape(*x.shape[:-1], out_features)
+        ext.lora_add(xp, m, in_features, lora_A.data_ptr() if rank else 0, lora_B.data_ptr() if rank else 0, rank,
+                     float(scaling), bias.data_ptr() if bias is not None else 0, yp, out_features)
+    return y.view(*lead, out_features)
 
 
-def lut_lora_gemv_ref(x: torch.Tensor, qweight: Any, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+def _check_epilogue(lora_A, lora_B, bias, rank: int, in_features: int, out_features: int) -> None:
+    for name, t, shape in (("lora_A", lora_A, (rank, in_features)), ("lora_B", lora_B, (out_features, rank)),
+                           ("bias", bias, (out_features,))):
+        if t is not None and (t.dtype != torch.float32 or t.shape != shape or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous fp32 {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+class _NoLaunch:
+    """The extension's entry points as no-ops (``stubbed_launches``)."""
+
+    def dequant_group(self, *args: Any) -> None:
+        return None
+
+    gemv_group = gemv_t_group = lora_add = dequant_group
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[None]:
+    """Within the block the extension's kernels do nothing (outputs stay unwritten): the host-time
+    benchmark (``experiments.bench.host``) measures the Python path of a call without its work."""
+    global _ext, _state
+    saved = _ext, _state
+    _ext, _state = _NoLaunch(), "ready"
+    try:
+        yield
+    finally:
+        _ext, _state = saved
+
+
+def lut_lora_gemv_ref(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
                       scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``lut_lora_gemv_cpu``: the same sum by the PyTorch reference matmul and ``F.linear``."""
     from lowra_kernels.lut_matmul import lut_matmul_ref
 
-    y = lut_matmul_ref(x, qweight)
+    y = lut_matmul_ref(x, w)
     if lora_A is not None:
         y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B) * scaling
     return y if bias is None else y + bias
 
 
-def lut_matmul_backward_cpu(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_backward_cpu(grad_y: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """``grad_y [..., out] @ deq(W) → [..., in]`` in ``grad_y.dtype`` (fused for fp32 M ≤ 16)."""
     ext = _require()
-    out_features, in_features = qweight.shape
+    out_features, in_features = w.shape
     _check_activation(grad_y, out_features, "grad_y")
     lead = grad_y.shape[:-1]
     gy = grad_y.reshape(-1, out_features)
@@ -330,11 +356,10 @@ def lut_matmul_backward_cpu(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
     if m == 0:
         return grad_y.new_zeros(*lead, in_features)
     if m <= GEMV_MAX_M and grad_y.dtype == torch.float32:
-        prep = prepare(qweight)
+        prep = prepare(w)
         gy = gy.contiguous()
         gx = torch.zeros(m, in_features, dtype=torch.float32)
-        for bits, codes, rows, table in prep.groups:
-            ext.gemv_t_group(*_group_args(codes, rows, table, prep.absmax, bits, qweight.group_size, in_features),
-                             gy.data_ptr(), m, out_features, gx.data_ptr())
+        for args in prep.args:
+            ext.gemv_t_group(*args, gy.data_ptr(), m, out_features, gx.data_ptr())
         return gx.reshape(*lead, in_features)
-    return grad_y @ dequantize_weight_cpu(qweight, grad_y.dtype)
+    return grad_y @ dequantize_weight_cpu(w, grad_y.dtype)

@@ -13,6 +13,8 @@ output dtype, so the kernel is bit-exact with the reference.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import torch
@@ -20,9 +22,11 @@ import triton
 import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.config_table import config_meta, device_name, lookup
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import dequant_step, gather_groups, lut_select
 from lowra_kernels.unpack import unpack_ref
+from lowra_kernels.weight import PackedWeight
 
 
 def dequantize_ref(
@@ -64,7 +68,7 @@ SELECT_MAX_STEPS = 4  # select-tree programs (1/2 bits): H200, 4096×11008, 2 bi
 # codes per program (BLOCK_R * STEPS * WORDS * PER_WORD) of a gathered 3/4-bit program: above the
 # ceiling the 3-bit tile spills. The floor admits BLOCK_R=16, STEPS=1, the fastest on an H200
 # (4096×11008: 3 bits 107.6 µs vs 165 for the best config above the old floor of 4096; 4 bits 75 vs 93;
-# experiments.gpu_profile, results/bench/gpu_profile_h200.json)
+# experiments.bench.gpu_profile, results/bench/gpu_profile_h200.json)
 DEQUANT_GATHER_CODES = (1024, 20480)
 
 
@@ -201,6 +205,24 @@ def _dequantize_kernel(
             tl.store(o_row + k * stride_oc, v.to(out_ty), mask=row_ok3 & k_ok)
 
 
+@functools.cache
+def dequant_config(device: str, bits: int, group: int, in_features: int) -> dict:
+    """Launch keywords of the dequantize kernel: the shipped table's config for this GPU model
+    (``lowra_kernels.config_table``), else the first config the pruning keeps (warned once per key: no
+    tuning at call time); the interpreter (``device`` ``""``) takes ``DEQUANT_CONFIGS[0]``."""
+    if not device:
+        return config_meta(DEQUANT_CONFIGS[0])
+    tuned = lookup(device, "dequantize", bits, group, in_features)
+    if tuned is not None:
+        return tuned
+    words, pw2, aligned = dequant_step(bits, group)
+    kept = prune_dequantize_configs(list(DEQUANT_CONFIGS), {}, BITS=bits, WORDS=words, PW2=pw2, ALIGNED=aligned,
+                                    GROUP=group)
+    warnings.warn(f"no tuned dequantize config for {device} ({bits} bits, group {group}, in {in_features}): using "
+                  f"{kept[0].kwargs}; `python -m lowra_kernels.tune` writes one", RuntimeWarning, stacklevel=2)
+    return config_meta(kept[0])
+
+
 def dequantize_triton(
     codes: torch.Tensor,
     rows: torch.Tensor,
@@ -210,8 +232,10 @@ def dequantize_triton(
     group_size: int,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result)."""
-    return _launch(_dequantize_kernel, codes, rows, codebook, absmax, bits, group_size, out)
+    """Triton launcher of ``dequantize_ref`` (same arguments, bit-exact result), with the config from
+    ``dequant_config`` (never autotuned per call)."""
+    meta = dequant_config(device_name(codes), bits, group_size, out.shape[1])
+    return _launch(_dequantize_kernel.fn, codes, rows, codebook, absmax, bits, group_size, out, **meta)
 
 
 def _launch(
@@ -269,3 +293,26 @@ def dequantize(
 
         return dequantize_cpu(codes, rows, codebook, absmax, bits, group_size, out)
     return dequantize_ref(codes, rows, codebook, absmax, bits, group_size, out)
+
+
+def dequantize_weight(w: PackedWeight, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
+    """The whole weight ``deq(W) [out, in]`` in ``dtype``, rows in their original order.
+
+    ``backend`` as in ``lowra_kernels.dispatch.resolve``; the CPU extension writes every row in one
+    pass over its cached tables, Triton and the reference run one call per stored width (the
+    reference on a NaN-filled output, so a row no group covers shows up).
+    """
+    from lowra_kernels.dispatch import resolve
+
+    kind = resolve(backend, w.absmax)
+    if kind == "cpu":
+        from lowra_kernels.cpu_backend import dequantize_weight_cpu
+
+        return dequantize_weight_cpu(w, dtype)
+    if kind == "triton":
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    else:
+        out = torch.full(w.shape, float("nan"), dtype=dtype, device=w.device)
+    for bits, codes, rows, codebook in w.groups():
+        dequantize(codes, rows, codebook, w.absmax, bits, w.group_size, out, kind)
+    return out

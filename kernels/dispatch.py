@@ -55,3 +55,14 @@ def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
 
         return available()
     return False
+
+
+def resolve(backend: str, tensor: torch.Tensor) -> str:
+    """The implementation that runs for data living where ``tensor`` is: ``"triton"``, ``"cpu"``
+    (the C++ extension) or ``"torch"`` (the PyTorch reference). Every backend choice of the ops goes
+    through here (``use_triton`` first, then ``use_cpu``)."""
+    if use_triton(backend, tensor):
+        return "triton"
+    if use_cpu(backend, tensor):
+        return "cpu"
+    return "torch"

@@ -1,7 +1,7 @@
 """LUT matmul with a quantized weight: ``y = x · deq(W)ᵀ`` and ``grad_x = grad_y · deq(W)``.
 
-``W [out, in]`` is a ``lowra.format.QuantizedTensor`` (rows grouped by bit-width; see
-``lowra_kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
+``W [out, in]`` is a ``lowra_kernels.weight.PackedWeight`` (tensors only: rows grouped by
+bit-width; see ``lowra_kernels.dequantize`` for the element formula). Three Triton paths, chosen by the activation
 row count ``M`` (``forward_path``; on a GPU by measurement: the GEMV at M = 1, or up to 4 at 3-4
 bits, dequantize + cuBLAS above, never the fused GEMM, which measured slower everywhere):
 
@@ -20,16 +20,21 @@ bits, dequantize + cuBLAS above, never the fused GEMM, which measured slower eve
 
 The backward ``grad_x = grad_y · deq(W)`` always takes the transient-weight + cuBLAS path.
 ``lut_matmul_ref`` / ``lut_matmul_backward_ref`` are the references (they materialize ``deq(W)``
-in the activation dtype transiently). ``LUTMatmulFunction`` is the autograd op: gradient for ``x``
-only, the dequantized weight is never kept between calls.
+in the activation dtype transiently). The differentiable op is ``torch.ops.lowra.lut_linear``
+(``lowra_kernels.lut_linear``).
 
-Autotune keys are ``K``, the bit-width, ``group_size`` and the power-of-two bucket of ``M`` — never
-the stored row count of a bit group — so one tuning serves every layer of a shape.
+Launch path: the GEMV replays a per-layer launch plan (``_gemv_plan``: configs, grids, strides, built
+once per weight, device and M bucket) and the dequantize kernel a looked-up config; both configs come
+from the shipped per-GPU table (``lowra_kernels.config_table``, keyed by width, group size, M bucket and
+``in_features`` — never the stored row count of a bit group — so one tuning serves every layer of a
+shape), written by ``python -m lowra_kernels.tune``. The ``autotune`` decorators only declare the config
+spaces (for the tuner and ``compile_check``); they run solely for the fused GEMM, which a GPU never takes.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -37,62 +42,44 @@ import triton
 import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
+from lowra_kernels.config_table import config_meta, device_name, lookup
 from lowra_kernels.dispatch import interpreting
 from lowra_kernels.layout import codes_per_word
 from lowra_kernels.lut import gather_groups, gemv_step, lut_select
+from lowra_kernels.weight import PackedWeight, WeightCache
 
 GEMV_MAX_M = 16  # forward rows M up to this run the GEMV kernel
 TRAIN_MIN_M = 256  # forward rows M from this run dequantize-to-transient + cuBLAS
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def weight_parts(qweight: Any) -> tuple[int, int, int, list, torch.Tensor]:
-    """``(out, in, group_size, groups, absmax)`` of a ``QuantizedTensor`` (duck-typed).
-
-    ``groups`` are objects with ``bits``, ``rows``, ``codes``, ``codebook``; ``absmax`` is the
-    stored fp16 ``[out, groups]`` tensor (or the fp32 restore of a double-quantized one).
-    """
-    scales = qweight.scales
-    if getattr(scales, "double_quant", False) or getattr(scales, "absmax", None) is None:
-        absmax = scales.restore()
-    else:
-        absmax = scales.absmax
-    out_features, in_features = qweight.shape
-    return int(out_features), int(in_features), int(qweight.group_size), list(qweight.groups), absmax
-
-
-def _dequant_weight(qweight: Any, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """``deq(W) [out, in]`` in ``dtype`` (fp32 product rounded once, like the kernels)."""
-    return qweight.dequantize(dtype=dtype, backend=backend)
-
-
-def dequantize_transient(qweight: Any, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_transient(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """``deq(W) [out, in]`` in ``dtype`` by the Triton dequantize kernel (one launch per bit group).
 
     The output is ``torch.empty``: every row belongs to exactly one bit group (a validated
-    ``QuantizedTensor``), so no fill pass is spent on it.
+    weight), so no fill pass is spent on it.
     """
     from lowra_kernels.dequantize import dequantize_triton
 
-    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
-    w = torch.empty(out_features, in_features, dtype=dtype, device=absmax.device)
-    for g in groups:
-        if g.rows.numel():
-            dequantize_triton(g.codes, g.rows, g.codebook, absmax, g.bits, group_size, w)
-    return w
+    out = torch.empty(w.out_features, w.in_features, dtype=dtype, device=w.device)
+    for bits, codes, rows, codebook in w.groups():
+        dequantize_triton(codes, rows, codebook, w.absmax, bits, w.group_size, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- refs
-def lut_matmul_ref(x: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_ref(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Reference forward: ``x [..., in] @ deq(W)ᵀ → [..., out]`` in ``x.dtype``."""
-    w = _dequant_weight(qweight, x.dtype, "torch")
-    return x @ w.t()
+    from lowra_kernels.dequantize import dequantize_weight
+
+    return x @ dequantize_weight(w, x.dtype, "torch").t()
 
 
-def lut_matmul_backward_ref(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_backward_ref(grad_y: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Reference backward: ``grad_y [..., out] @ deq(W) → [..., in]`` in ``grad_y.dtype``."""
-    w = _dequant_weight(qweight, grad_y.dtype, "torch")
-    return grad_y @ w
+    from lowra_kernels.dequantize import dequantize_weight
+
+    return grad_y @ dequantize_weight(w, grad_y.dtype, "torch")
 
 
 # ---------------------------------------------------------------------------------------- GEMM (16 < M < 256)
@@ -206,10 +193,11 @@ def prune_gemv_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
 
 
 def _with_register_cap(config: Any, tile: int, bits: int) -> Any:
-    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-72 registers and spills
-    a few bytes there; large tiles (and 3/4-bit ones from 2048 products) need more than 128 and
-    must stay uncapped. Both found by ``lowra_kernels.compile_check`` on sm_90."""
-    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) else None
+    """Small GEMV tiles get ``maxnreg=128``: left alone, ptxas settles on 64-80 registers and spills
+    a few bytes there (gathered 3-bit tiles of 4096 products on sm_80: 8 B at 80 registers, none at
+    96 under the cap); large tiles (and 3/4-bit select trees of 2048 products) need more than 128 and
+    must stay uncapped. Found by ``lowra_kernels.compile_check`` on sm_90 and sm_80."""
+    cap = 128 if tile <= 1024 or (tile <= 2048 and bits <= 2) or (2048 < tile <= 4096 and bits >= 3) else None
     if config.maxnreg == cap:
         return config
     return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages,
@@ -237,7 +225,7 @@ def _gather_products(x_ptr, m4, stride_xm, M, K, word4, w, g0, tab_flat, row_bas
 
 # The shipped GEMV space (first = the interpreter's), pruned per tile by ``prune_gemv_configs``.
 GEMV_CONFIGS = configs(
-    # the last three from a BLOCK_N × SPLIT_K × warps sweep on an H200 (experiments.gpu_profile --sweep,
+    # the last three from a BLOCK_N × SPLIT_K × warps sweep on an H200 (experiments.bench.gpu_profile --sweep,
     # 4096×11008, M=1): 1-2 bits want SPLIT_K=8 (64×8: 17.7 / 23.5 µs vs 20.6 / 29.1 for the best of
     # the first five), 4 bits 8×8 (40.9 µs vs 60.0)
     [{"BLOCK_N": 8, "SPLIT_K": 2}, {"BLOCK_N": 32, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 4},
@@ -356,11 +344,11 @@ def _lut_gemv_kernel(
 
 
 # ---------------------------------------------------------------------------------------- launchers
-def _group_args(g: Any, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    codes = g.codes if g.codes.stride(-1) == 1 else g.codes.contiguous()
-    codebook = g.codebook if g.codebook.stride(-1) == 1 else g.codebook.contiguous()
+def _group_args(codes: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+    codebook = codebook if codebook.stride(-1) == 1 else codebook.contiguous()
     stride_cbr = 0 if codebook.shape[0] == 1 else codebook.stride(0)
-    return codes, g.rows, codebook, stride_cbr
+    return codes, codebook, stride_cbr
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -375,74 +363,90 @@ def _check_activation(t: torch.Tensor, features: int, what: str) -> None:
 
 
 @functools.cache
-def gemv_splits(bits: int, block_m: int, words: int, pw2: int, aligned: bool = True, group: int = 64) -> int:
-    """Largest ``SPLIT_K`` among the GEMV configs kept for this tile: the workspace's slice count
-    (cached: pruning builds ``triton.Config`` objects, host time on every decode call otherwise)."""
-    kept = prune_gemv_configs(list(_lut_gemv_kernel.configs), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
+def gemv_config(device_name: str, bits: int, group: int, block_m: int, in_features: int) -> dict:
+    """Meta-parameters of the GEMV for one width: the shipped table's (``lowra_kernels.config_table``), or
+    the first config the autotuner's pruning keeps (warned once per key: no tuning at call time). The
+    interpreter (``device_name`` ``""``) takes ``GEMV_CONFIGS[0]``, as its autotuner does."""
+    if not device_name:
+        return config_meta(GEMV_CONFIGS[0])
+    tuned = lookup(device_name, "gemv", bits, group, in_features, block_m)
+    if tuned is not None:
+        return tuned
+    words, pw2, aligned = gemv_step(bits, group)
+    kept = prune_gemv_configs(list(GEMV_CONFIGS), {}, BITS=bits, BLOCK_M=block_m, WORDS=words, PW2=pw2,
                               ALIGNED=aligned, GROUP=group)
-    return max(c.kwargs["SPLIT_K"] for c in kept)
+    warnings.warn(f"no tuned GEMV config for {device_name} ({bits} bits, group {group}, M bucket {block_m}, "
+                  f"in {in_features}): using {kept[0].kwargs}; `python -m lowra_kernels.tune` writes one",
+                  RuntimeWarning, stacklevel=2)
+    return config_meta(kept[0])
 
 
-def _lut_gemv(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
-    """GEMV forward for ``x2 [M ≤ GEMV_MAX_M, in]`` (contiguous) → ``[M, out]`` in ``x2.dtype``."""
-    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
+def _gemv_plan(w: PackedWeight, block_m: int, dev: str) -> tuple[int, list[tuple]]:
+    """The GEMV launches of one layer for an M bucket: ``(n_split, [(grid, tensors, ints, meta), …])`` —
+    resolved configs, grids and strides, built once (``_plans``) and replayed per call."""
+    configs = {b: gemv_config(dev, b, w.group_size, block_m, w.in_features) for b in w.bits}
+    n_split = max(c["SPLIT_K"] for c in configs.values())
+    launches = []
+    for bits, codes, rows, codebook in w.groups():
+        words, pw2, aligned = gemv_step(bits, w.group_size)
+        codes, codebook, stride_cbr = _group_args(codes, codebook)
+        cfg, n = configs[bits], rows.shape[0]
+        meta = dict(cfg, BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
+                    GROUP=w.group_size, BLOCK_M=block_m)
+        ints = (n, w.in_features, n_split, codes.stride(0), stride_cbr, w.absmax.stride(0), w.absmax.stride(1))
+        launches.append(((triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"]), (codes, rows, codebook, w.absmax), ints,
+                         meta))
+    return n_split, launches
+
+
+_plans = WeightCache()
+
+
+def _lut_gemv(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """GEMV forward for ``x2 [M ≤ GEMV_MAX_M, in]`` (contiguous) → ``[M, out]`` in ``x2.dtype``: replays the
+    layer's launch plan for this M bucket (built on first use)."""
     M = x2.shape[0]
     block_m = gemv_block_m(M)
-    live = [g for g in groups if g.rows.numel() > 0]
-    steps = {g.bits: gemv_step(g.bits, group_size) for g in live}
-    n_split = max(gemv_splits(b, block_m, w, p, a, group_size) for b, (w, p, a) in steps.items())
-    ws = torch.empty(n_split, M, out_features, dtype=torch.float32, device=x2.device)
-    for g in live:
-        n = g.rows.numel()
-        words, pw2, aligned = steps[g.bits]
-        codes, rows, codebook, stride_cbr = _group_args(g, absmax)
-
-        def grid(meta, n=n):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-
-        _lut_gemv_kernel[grid](
-            x2, codes, rows, codebook, absmax, ws, M, n, in_features, n_split,
-            x2.stride(0), codes.stride(0), stride_cbr, absmax.stride(0), absmax.stride(1),
-            ws.stride(0), ws.stride(1),
-            BITS=g.bits, PER_WORD=codes_per_word(g.bits), PW2=pw2, WORDS=words, ALIGNED=aligned,
-            GROUP=group_size, BLOCK_M=block_m,
-        )
+    dev = device_name(x2)
+    n_split, launches = _plans.get(w, ("gemv", dev, x2.device, block_m), lambda: _gemv_plan(w, block_m, dev))
+    ws = torch.empty(n_split, M, w.out_features, dtype=torch.float32, device=x2.device)
+    for grid, (codes, rows, codebook, absmax), (n, k, splits, s_qr, s_cbr, s_ar, s_ac), meta in launches:
+        _lut_gemv_kernel.fn[grid](x2, codes, rows, codebook, absmax, ws, M, n, k, splits, x2.stride(0), s_qr, s_cbr,
+                                  s_ar, s_ac, ws.stride(0), ws.stride(1), **meta)
     y = ws[0] if n_split == 1 else ws.sum(0)
     return y.to(x2.dtype)
 
 
-def _lut_mm(x2: torch.Tensor, qweight: Any) -> torch.Tensor:
+def _lut_mm(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Fused tiled forward for ``x2 [M, in]`` → ``[M, out]`` in ``x2.dtype`` (tl.dot)."""
-    out_features, in_features, group_size, groups, absmax = weight_parts(qweight)
     M = x2.shape[0]
-    y = torch.empty(M, out_features, dtype=x2.dtype, device=x2.device)
-    for g in groups:
-        n = g.rows.numel()
-        if n == 0:
-            continue
-        codes, rows, codebook, stride_cbr = _group_args(g, absmax)
+    y = torch.empty(M, w.out_features, dtype=x2.dtype, device=x2.device)
+    absmax = w.absmax
+    for bits, codes, rows, codebook in w.groups():
+        n = rows.shape[0]
+        codes, codebook, stride_cbr = _group_args(codes, codebook)
 
         def grid(meta, n=n):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         _lut_mm_kernel[grid](
-            x2, codes, rows, codebook, absmax, y, M, m_bucket(M), n, in_features, group_size,
+            x2, codes, rows, codebook, absmax, y, M, m_bucket(M), n, w.in_features, w.group_size,
             x2.stride(0), x2.stride(1), codes.stride(0), stride_cbr, absmax.stride(0),
             absmax.stride(1), y.stride(0), y.stride(1),
-            BITS=g.bits, PER_WORD=codes_per_word(g.bits), DOT_PREC=_dot_precision(x2.dtype),
+            BITS=bits, PER_WORD=codes_per_word(bits), DOT_PREC=_dot_precision(x2.dtype),
         )
     return y
 
 
 # Largest M the GEMV serves on a GPU, per stored bit-width; above it dequantize + cuBLAS is faster.
-# H200, 4096×11008 and 11008×4096, bf16 (experiments.gpu_profile --sweep, graph-replay µs, 2 bits):
+# H200, 4096×11008 and 11008×4096, bf16 (experiments.bench.gpu_profile --sweep, graph-replay µs, 2 bits):
 # GEMV M=1 32.5 / M=2-4 93 vs dequantize + cuBLAS 67 at any M ≤ 32; at 3 bits M=4 90 vs 191. The fused
 # tl.dot kernel was slower than dequantize + cuBLAS at every M from 1 to 256 and every width (261-1289 µs
 # vs 59-207), so a GPU never takes it.
 GPU_GEMV_MAX_M = {1: 1, 2: 1, 3: 4, 4: 4}
 
 
-def forward_path(m: int, qweight: Any, on_gpu: bool) -> str:
+def forward_path(m: int, w: PackedWeight, on_gpu: bool) -> str:
     """``"gemv"``, ``"fused_mm"`` or ``"dequant_blas"`` for ``m`` activation rows.
 
     On a GPU the choice is the measured one (``GPU_GEMV_MAX_M``, the smallest over the stored widths;
@@ -450,102 +454,75 @@ def forward_path(m: int, qweight: Any, on_gpu: bool) -> str:
     row-count regimes ``GEMV_MAX_M`` / ``TRAIN_MIN_M`` hold, so every kernel stays exercised by the tests.
     """
     if on_gpu:
-        widths = [g.bits for g in qweight.groups if g.rows.numel() > 0]
-        return "gemv" if m <= min((GPU_GEMV_MAX_M[b] for b in widths), default=1) else "dequant_blas"
+        return "gemv" if m <= min((GPU_GEMV_MAX_M[b] for b in w.bits), default=1) else "dequant_blas"
     if m <= GEMV_MAX_M:
         return "gemv"
     return "fused_mm" if m < TRAIN_MIN_M else "dequant_blas"
 
 
-def lut_matmul_triton(x: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_triton(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Triton forward ``x [..., in] → y [..., out]``: GEMV, fused GEMM, or dequantize + cuBLAS, as
     ``forward_path`` chooses."""
-    out_features, in_features, _, _, _ = weight_parts(qweight)
-    _check_activation(x, in_features, "x")
+    _check_activation(x, w.in_features, "x")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(-1, w.in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     if M == 0:
-        return x.new_empty(*lead, out_features)
-    path = forward_path(M, qweight, x2.is_cuda and not interpreting())
+        return x.new_empty(*lead, w.out_features)
+    path = forward_path(M, w, x2.is_cuda and not interpreting())
     if path == "gemv":
-        y = _lut_gemv(x2, qweight)
+        y = _lut_gemv(x2, w)
     elif path == "fused_mm":
-        y = _lut_mm(x2, qweight)
+        y = _lut_mm(x2, w)
     else:
-        w = dequantize_transient(qweight, x.dtype)
-        y = x2 @ w.t()
-        del w
-    return y.reshape(*lead, out_features)
+        wt = dequantize_transient(w, x.dtype)
+        y = x2 @ wt.t()
+        del wt
+    return y.reshape(*lead, w.out_features)
 
 
-def lut_matmul_backward_triton(grad_y: torch.Tensor, qweight: Any) -> torch.Tensor:
+def lut_matmul_backward_triton(grad_y: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Triton backward ``grad_y [..., out] → grad_x [..., in]``: transient ``deq(W)`` + cuBLAS."""
-    out_features, in_features, _, _, _ = weight_parts(qweight)
-    _check_activation(grad_y, out_features, "grad_y")
+    _check_activation(grad_y, w.out_features, "grad_y")
     lead = grad_y.shape[:-1]
-    gy = grad_y.reshape(-1, out_features)
+    gy = grad_y.reshape(-1, w.out_features)
     if gy.shape[0] == 0:
-        return grad_y.new_zeros(*lead, in_features)
-    w = dequantize_transient(qweight, grad_y.dtype)
-    gx = gy @ w
-    del w
-    return gx.reshape(*lead, in_features)
+        return grad_y.new_zeros(*lead, w.in_features)
+    wt = dequantize_transient(w, grad_y.dtype)
+    gx = gy @ wt
+    del wt
+    return gx.reshape(*lead, w.in_features)
 
 
-def lut_matmul(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
+def lut_matmul(x: torch.Tensor, w: PackedWeight, backend: str = "auto") -> torch.Tensor:
     """Dispatching forward ``y = x · deq(W)ᵀ``: ``x [..., in]`` → ``[..., out]`` in ``x.dtype``.
 
-    Not differentiable by itself: use ``LUTMatmulFunction.apply(x, qweight, backend)`` (or
-    ``lut_linear``) inside autograd.
+    Not differentiable by itself: ``torch.ops.lowra.lut_linear`` (``lowra_kernels.lut_linear``) is
+    the differentiable op.
     """
-    from lowra_kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import resolve
 
-    if use_triton(backend, x):
-        return lut_matmul_triton(x, qweight)
-    if use_cpu(backend, x):
+    kind = resolve(backend, x)
+    if kind == "triton":
+        return lut_matmul_triton(x, w)
+    if kind == "cpu":
         from lowra_kernels.cpu_backend import lut_matmul_cpu
 
-        return lut_matmul_cpu(x, qweight)
-    return lut_matmul_ref(x, qweight)
+        return lut_matmul_cpu(x, w)
+    return lut_matmul_ref(x, w)
 
 
-def lut_matmul_backward(grad_y: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
+def lut_matmul_backward(grad_y: torch.Tensor, w: PackedWeight, backend: str = "auto") -> torch.Tensor:
     """Dispatching backward ``grad_x = grad_y · deq(W)``: ``[..., out]`` → ``[..., in]``."""
-    from lowra_kernels.dispatch import use_cpu, use_triton
+    from lowra_kernels.dispatch import resolve
 
-    if use_triton(backend, grad_y):
-        return lut_matmul_backward_triton(grad_y, qweight)
-    if use_cpu(backend, grad_y):
+    kind = resolve(backend, grad_y)
+    if kind == "triton":
+        return lut_matmul_backward_triton(grad_y, w)
+    if kind == "cpu":
         from lowra_kernels.cpu_backend import lut_matmul_backward_cpu
 
-        return lut_matmul_backward_cpu(grad_y, qweight)
-    return lut_matmul_backward_ref(grad_y, qweight)
-
-
-class LUTMatmulFunction(torch.autograd.Function):
-    """``y = x · deq(W)ᵀ`` with a frozen quantized ``W``: gradient for ``x`` only.
-
-    Only a reference to the (already stored) quantized weight is kept for backward; ``deq(W)`` is
-    recomputed transiently in backward and never kept between calls.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
-        ctx.qweight = qweight
-        ctx.backend = backend
-        return lut_matmul(x, qweight, backend)
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = lut_matmul_backward(grad_y.contiguous(), ctx.qweight, ctx.backend)
-        return grad_x, None, None
-
-
-def lut_linear(x: torch.Tensor, qweight: Any, backend: str = "auto") -> torch.Tensor:
-    """Differentiable ``x · deq(W)ᵀ`` (``LUTMatmulFunction.apply``)."""
-    return LUTMatmulFunction.apply(x, qweight, backend)
+        return lut_matmul_backward_cpu(grad_y, w)
+    return lut_matmul_backward_ref(grad_y, w)

@@ -31,9 +31,10 @@ import torch
 from lowra.atomic import atomic_path
 from lowra.scales import DQ_BLOCK, GroupScales, compute_absmax
 from lowra.validation import check_bits, check_group_size, check_weight
-from lowra_kernels.dequantize import dequantize as dequantize_rows
+from lowra_kernels.dequantize import dequantize_weight
 from lowra_kernels.layout import codes_per_word, num_groups, words_per_row
 from lowra_kernels.quantize import quantize as quantize_rows
+from lowra_kernels.weight import PackedWeight
 
 FORMAT_NAME = "lowra.QuantizedTensor"
 FORMAT_VERSION = 1
@@ -179,17 +180,18 @@ class QuantizedTensor:
     # ------------------------------------------------------------------ compute
     def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> torch.Tensor:
         """The weight ``[out, in]`` in ``dtype``, rows in their original order."""
-        from lowra_kernels.dispatch import use_cpu
+        return dequantize_weight(self.packed(), dtype, backend)
 
-        if use_cpu(backend, self.groups[0].codes):  # C++ CPU backend: one pass, cached tables
-            from lowra_kernels.cpu_backend import dequantize_weight_cpu
-
-            return dequantize_weight_cpu(self, dtype)
-        absmax = self.scales.restore()
-        out = torch.full(self.shape, float("nan"), dtype=dtype, device=self.device)
-        for g in self.groups:
-            dequantize_rows(g.codes, g.rows, g.codebook, absmax, g.bits, self.group_size, out, backend)
-        return out
+    def packed(self) -> PackedWeight:
+        """The kernels' tensor-only view (``lowra_kernels.weight.PackedWeight``): the stored tensors
+        themselves (no copies; empty bit groups dropped), the absmax as stored in fp16, or restored
+        to fp32 once when double-quantized (a new tensor per call: callers keep the view)."""
+        live = [g for g in self.groups if g.rows.numel() > 0]
+        scales = self.scales
+        absmax = scales.restore() if scales.double_quant else scales.absmax
+        return PackedWeight(tuple(g.codes for g in live), tuple(g.rows for g in live),
+                            tuple(g.codebook for g in live), absmax, tuple(g.bits for g in live),
+                            self.group_size, self.in_features)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         groups = [

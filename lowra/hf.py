@@ -40,7 +40,10 @@ parsed and its size checked (a truncated file fails, naming it), every LowRA ten
 with the dtype and shape of ``layout`` and no model tensor may be missing (errors name the
 tensor); after loading, each LowRA tensor's sha256 is checked against ``layout``, before loading every other stored
 tensor's bytes against ``dense`` (embeddings, norms, ``lm_head``), and codebooks
-and scales must be finite. Any of these raises ``lowra.FormatError`` (a ``ValueError``).
+and scales must be finite; before all of it, ``lowra_checksums.json`` (``lowra.integrity``) is
+checked: every other file of the folder (``config.json`` included) and each shard's header. Any of
+these raises ``lowra.FormatError`` (a ``ValueError``) naming the tensor or the file. A loaded
+model's ``save_pretrained`` writes ``lowra_checksums.json`` too.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import json
 import os
 import re
 import struct
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -424,16 +428,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _rebuild(name: str, slot: _LowRASlot, verify: bool) -> LowRALinear:
-    """The ``LowRALinear`` of a filled slot, with its digests, structure and finiteness checked."""
+def _rebuild(name: str, slot: _LowRASlot) -> LowRALinear:
+    """The ``LowRALinear`` of a filled slot, its structure and finiteness checked (the digests of its stored
+    bytes were checked before loading: ``verify_folder``)."""
     spec = slot.spec
     tensors = {s: getattr(slot, s) for s in spec["tensors"]}
     for s, t in tensors.items():
         if t is None or t.device.type == "meta":
             raise FormatError(f"tensor {name}.{s} was not loaded from the checkpoint")
-        if verify and tensor_sha256(t) != spec["tensors"][s]["sha256"]:
-            raise FormatError(f"tensor {name}.{s} fails its sha256 check (the checkpoint was corrupted or "
-                              "modified after it was saved)")
     if spec["quantized"] is not None:
         parts = {_qt_key(s): t for s, t in tensors.items() if _QT_SUFFIX.match(s)}
         try:
@@ -456,6 +458,58 @@ def _rebuild(name: str, slot: _LowRASlot, verify: bool) -> LowRALinear:
         )
     except ValueError as exc:
         raise FormatError(f"layer {name!r}: {exc}") from None
+
+
+def verify_folder(folder: str | os.PathLike, checkpoint_files: list[str] | None = None) -> None:
+    """Check a LowRA folder before any tensor loads: ``lowra_checksums.json`` (every file, ``config.json``
+    included, and each weight shard's header), then every stored tensor's bytes against the digests of
+    ``config.json`` (``layout`` and ``dense``). FormatError naming the file or the tensor.
+
+    Args:
+        checkpoint_files: the shards transformers is about to read; each must be a listed weight file.
+    """
+    from lowra.integrity import CHECKSUMS, verify_checksums
+
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        raise FormatError(f"{folder} has no {CHECKSUMS} (written by an older LowRA? a hub download fetches the "
+                          "model files only: snapshot_download the whole repository); nothing proves its files "
+                          "are intact: lowra.hf.verification(False) (load_quantized(verify=False)) accepts it "
+                          "unchecked")
+    manifest = verify_checksums(folder, kinds=(QUANT_METHOD,))
+    weights = sorted(n for n, e in manifest["files"].items() if "header_sha256" in e)
+    for f in checkpoint_files or ():
+        if Path(f).parent != folder or Path(f).name not in weights:
+            raise FormatError(f"{Path(f).name} is not a weight file listed in {folder / CHECKSUMS}")
+    try:  # config.json's bytes were just checked: these are the digests written with the tensors
+        q = json.loads((folder / "config.json").read_text())["quantization_config"]
+        digests = {f"{name}.{suffix}": t["sha256"] for name, spec in q["layout"].items()
+                   for suffix, t in spec["tensors"].items()}
+        digests.update(q["dense"])
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise FormatError(f"{folder}/config.json lacks the tensors' digests (quantization_config.layout / dense): "
+                          f"{exc!r}") from None
+    for name in weights:
+        header = safetensors_header(folder / name)
+        verify_stored_digests(folder / name, header, digests)
+        unhashed = sorted(set(header) - set(digests))
+        if unhashed:
+            raise FormatError(f"tensors {unhashed[:5]} of {name} have no digest in config.json")
+
+
+def _save_pretrained_with_checksums(self: nn.Module, save_directory: str | os.PathLike, *args: Any,
+                                    **kwargs: Any) -> Any:
+    """``PreTrainedModel.save_pretrained``, then the folder's ``lowra_checksums.json`` (on the main process)."""
+    from lowra.integrity import write_checksums
+
+    result = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        folder = Path(save_directory)
+        index = folder / "model.safetensors.index.json"
+        weights = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else {
+            "model.safetensors"}
+        write_checksums(folder, QUANT_METHOD, header_only=tuple(sorted(weights)))
+    return result
 
 
 class LowRAHfQuantizer(HfQuantizer):
@@ -483,14 +537,12 @@ class LowRAHfQuantizer(HfQuantizer):
         layout = self.quantization_config.layout
         if not checkpoint_files:
             raise FormatError("a LowRA checkpoint loads from its safetensors files (none were found)")
+        if _VERIFY.get():
+            verify_folder(Path(checkpoint_files[0]).parent, checkpoint_files)
         stored: dict[str, dict[str, Any]] = {}
-        dense = getattr(self.quantization_config, "dense", None)
         guard = guard_name(layout) if layout else None
         for f in checkpoint_files:
-            header = safetensors_header(f)
-            if dense and _VERIFY.get():
-                verify_stored_digests(f, header, dense)
-            stored.update(header)
+            stored.update(safetensors_header(f))
         for key in [k for k, h in stored.items() if k != guard and k.endswith(".weight") and _is_guard(h)]:
             del stored[key]  # a guard where the layout has no layer: that layer's weight is what is missing
         if guard not in stored or not _is_guard(stored[guard]):
@@ -518,10 +570,11 @@ class LowRAHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        verify = _VERIFY.get()
         for name, slot in [(n, m) for n, m in model.named_modules() if isinstance(m, _LowRASlot)]:
-            _set_module(model, name, _rebuild(name, slot, verify))
+            _set_module(model, name, _rebuild(name, slot))
         mark_only_lora_trainable(model)
+        # its save_pretrained writes a LowRA folder, which needs its lowra_checksums.json to load
+        model.save_pretrained = types.MethodType(_save_pretrained_with_checksums, model)
         saved = getattr(self.quantization_config, "options", {}).get("lowra_config")
         if saved is not None:  # folders written before LowRAConfig have none
             from lowra.config import LowRAConfig

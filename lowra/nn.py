@@ -5,14 +5,16 @@ scale ``s = alpha / r`` (PEFT's ``lora_A.weight`` / ``lora_B.weight`` convention
 export to PEFT without transposes).
 
 The base is either a ``QuantizedTensor`` (1–4 bits per output row) or a frozen dense weight (the
-plain-LoRA baseline, ``method="none"``). Its matmul runs through ``QuantizedMatmul``, a custom
-autograd Function: forward runs ``lowra_kernels.lut_matmul`` (on CUDA the fused Triton LUT matmul that
-dequantizes tiles in registers; on CPU the C++ backend ``lowra_kernels.cpu_backend``: a fused GEMV for
-M ≤ 16, a transient dequantized weight + BLAS above), backward runs
-its transposed counterpart and returns only the gradient w.r.t. the input. No gradient, optimizer state or
-persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
-This also makes the module correct under gradient checkpointing (forward is simply recomputed) and
-under ``torch.no_grad`` (nothing is saved).
+plain-LoRA baseline, ``method="none"``). A quantized layer's whole forward is one custom op,
+``torch.ops.lowra.lut_linear`` (``lowra_kernels.lut_linear``): it takes the weight as tensors (the
+layer keeps ``QuantizedTensor.packed()``, built once per weight and device), runs the fused Triton LUT
+kernels on CUDA and the C++ extension on CPU (one call per layer for decode-sized fp32 input), and its
+registered backward returns gradients for the input and the adapters only. No gradient, optimizer
+state or persistent copy of the base weight ever exists, so memory is codes + adapters + activations.
+Being an op with a fake implementation, it is captured whole by ``torch.compile(fullgraph=True)``
+and CUDA graphs; it is also correct under gradient checkpointing (forward is simply recomputed) and
+under ``torch.no_grad`` (nothing is saved). With active LoRA dropout the adapter branch runs outside
+the op on the dropped-out input.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowra.format import QuantizedTensor
+from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
 
-__all__ = ["LowRALinear", "QuantizedMatmul", "base_weight", "default_adapter_dtype"]
+__all__ = ["LowRALinear", "base_weight", "default_adapter_dtype"]
 
 
 def default_adapter_dtype(device: torch.device | str) -> torch.dtype:
@@ -38,36 +41,6 @@ def base_weight(base: QuantizedTensor | torch.Tensor, dtype: torch.dtype, backen
     if isinstance(base, QuantizedTensor):
         return base.dequantize(dtype=dtype, backend=backend)
     return base.to(dtype)
-
-
-class QuantizedMatmul(torch.autograd.Function):
-    """``x [..., in] @ W[out, in]ᵀ`` for a frozen base ``W``; backward returns grad-input only.
-
-    The base (``QuantizedTensor`` or dense tensor) is passed as a plain Python object, so autograd
-    never tracks it; the dequantized weight is a temporary of forward and of backward, never saved.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: QuantizedTensor | torch.Tensor, backend: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.base = base
-        ctx.backend = backend
-        if isinstance(base, QuantizedTensor):
-            from lowra_kernels.lut_matmul import lut_matmul
-
-            return lut_matmul(x, base, backend)
-        return F.linear(x, base.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if isinstance(ctx.base, QuantizedTensor):
-                from lowra_kernels.lut_matmul import lut_matmul_backward
-
-                grad_x = lut_matmul_backward(grad_out.contiguous(), ctx.base, ctx.backend)
-            else:
-                grad_x = grad_out @ ctx.base.to(grad_out.dtype)
-        return grad_x, None, None
 
 
 class LowRALinear(nn.Module):
@@ -101,7 +74,7 @@ class LowRALinear(nn.Module):
         if isinstance(base, QuantizedTensor):
             out_features, in_features = base.shape
             device = base.device
-            self.qweight: QuantizedTensor | None = base
+            self.qweight = base
             self.register_buffer("dense_weight", None)
         elif isinstance(base, torch.Tensor) and base.dim() == 2:
             out_features, in_features = base.shape
@@ -164,6 +137,17 @@ class LowRALinear(nn.Module):
 
     # ------------------------------------------------------------------ properties
     @property
+    def qweight(self) -> QuantizedTensor | None:
+        """The quantized base (``None`` for a dense base). Setting it rebuilds the kernels' view."""
+        return self._qweight
+
+    @qweight.setter
+    def qweight(self, value: QuantizedTensor | None) -> None:
+        self._qweight = value
+        self._packed = value.packed() if value is not None else None
+        self._op_weight = self._packed.op_args() if value is not None else None
+
+    @property
     def base(self) -> QuantizedTensor | torch.Tensor:
         """The frozen base: a ``QuantizedTensor`` or the dense weight buffer."""
         return self.qweight if self.qweight is not None else self.dense_weight
@@ -212,37 +196,31 @@ class LowRALinear(nn.Module):
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` → ``[..., out]`` in ``x``'s dtype."""
-        if self._fused_decode(x):
-            from lowra_kernels.cpu_backend import lut_lora_gemv_cpu
-
-            return lut_lora_gemv_cpu(x, self.qweight, self.lora_A, self.lora_B, self.scaling, self.bias)
-        out = QuantizedMatmul.apply(x, self.base, self.backend)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        fused = self.rank and not dropout
+        if self._packed is None:
+            out = F.linear(x, self.dense_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        else:
+            w, a, b = self._packed, self.lora_A if fused else None, self.lora_B if fused else None
+            if self._records_autograd(x, a) or torch.compiler.is_compiling():
+                tensors, meta = self._op_weight
+                out = torch.ops.lowra.lut_linear(x, tensors, a, b, self.bias, meta, self.scaling, self.backend)
+            else:  # the op's own implementation without the dispatcher's host time (nothing to record)
+                out = lut_linear_forward(x, w, a, b, self.bias, self.scaling, self.backend)
+            if fused or not self.rank:
+                return out
         if self.rank:
-            a = self.lora_A
-            h = self.lora_dropout(x.to(a.dtype))
-            out = out + (F.linear(F.linear(h, a), self.lora_B) * self.scaling).to(out.dtype)
+            h = self.lora_dropout(x.to(self.lora_A.dtype))
+            out = out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
         return out
 
-    def _fused_decode(self, x: torch.Tensor) -> bool:
-        """Whether this call can run as one CPU-extension call (base GEMV + adapters + bias).
-
-        Inference only (no autograd graph is being built), a quantized base, fp32 activations,
-        adapters and bias on the CPU, at most 16 rows (the decode case), no active dropout.
-        """
-        if torch.is_grad_enabled() or self.qweight is None or x.dtype != torch.float32 or x.is_cuda:
+    def _records_autograd(self, x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
+        """Whether this call builds an autograd graph (grad mode on and an input that requires grad)."""
+        if not torch.is_grad_enabled():
             return False
-        if self.backend not in ("auto", "cpu") or x.numel() > 16 * self.in_features or x.numel() == 0:
-            return False
-        if self.qweight.device.type != "cpu" or (self.training and isinstance(self.lora_dropout, nn.Dropout)):
-            return False
-        for t in (self.lora_A, self.lora_B, self.bias):
-            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-                return False
-        from lowra_kernels.dispatch import use_cpu
-
-        return use_cpu(self.backend, x)
+        bias = self.bias
+        return x.requires_grad or (lora_A is not None and (lora_A.requires_grad or self.lora_B.requires_grad)) or (
+            bias is not None and bias.requires_grad)
 
     def _apply(self, fn, recurse: bool = True):
         """Move the ``QuantizedTensor`` with the module (``.to(device)``, ``.cuda()``, ``.cpu()``).

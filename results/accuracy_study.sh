@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy study of issue 12 (README "Results: accuracy"): every run behind the tables, one
-# runner call each, then `python -m experiments.accuracy_table`. Two chains run in parallel
+# runner call each, then `python -m experiments.studies.accuracy_table`. Two chains run in parallel
 # (2 CPU cores, one torch thread each). Usage: bash results/accuracy_study.sh [stories|smollm2|init|all]
 #   stories260K (~1-5 min a run): 2 bits, 1.5 and 1.15 bits, and a 2.7-bit effective budget, 3 seeds.
 #   SmolLM2-135M (`make assets` first; ~15-20 min a run before fine-tuning, 40-60 min with it):
@@ -119,5 +119,5 @@ case $what in
   all) (stories_a; smol_a; init_stories) & (stories_b; smol_b; init_smollm2); wait ;;
 esac
 for d in $DIRS; do
-  ls $OUT/$d/*/results.json > /dev/null 2>&1 && $PY -m experiments.accuracy_table $OUT/$d
+  ls $OUT/$d/*/results.json > /dev/null 2>&1 && $PY -m experiments.studies.accuracy_table $OUT/$d
 done

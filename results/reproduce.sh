@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every run behind README "Results" (stories260K sweep + ablations + seeds), the
-# MiniLM weights-only study, and the tables / plots (experiments/collect_results.py).
+# MiniLM weights-only study, and the tables / plots (experiments/studies/collect_results.py).
 # The LowRA runs here use quant=lowra_paper (the paper preset, which was quant=lowra when these tables
 # were made); the measured default quant=lowra is compared in results/accuracy_study.sh.
 # Two chains run in parallel (2 CPU cores); each job uses one torch thread.
@@ -66,5 +66,5 @@ if [ $# -ge 2 ]; then "$2"; exit; fi  # one step only: chain_a | chain_a1 | chai
 chain_a & A=$!
 { chain_b; chain_c; } & B=$!
 wait $A $B
-$PY -m experiments.weights_study
-$PY -m experiments.collect_results --runs "$RUNS"
+$PY -m experiments.studies.weights
+$PY -m experiments.studies.collect_results --runs "$RUNS"

@@ -45,8 +45,8 @@ Modules: :mod:`~lowra.checkpoint.save` (both layouts), :mod:`~lowra.checkpoint.l
 """
 
 from lowra.checkpoint.common import ADAPTER_DIR, MANIFEST, MODEL_FORMAT, MODEL_FORMAT_VERSION
-from lowra.checkpoint.export import export_peft_adapters, merge_to_hf
-from lowra.checkpoint.load import load_quantized
+from lowra.checkpoint.export import export_peft_adapters, merge_to_hf, quantized_fingerprint
+from lowra.checkpoint.load import load_merged, load_peft, load_quantized
 from lowra.checkpoint.manifest import read_manifest
 from lowra.checkpoint.save import is_checkpoint, save_quantized, save_quantized_legacy
 
@@ -57,8 +57,11 @@ __all__ = [
     "MODEL_FORMAT_VERSION",
     "export_peft_adapters",
     "is_checkpoint",
+    "load_merged",
+    "load_peft",
     "load_quantized",
     "merge_to_hf",
+    "quantized_fingerprint",
     "read_manifest",
     "save_quantized",
     "save_quantized_legacy",

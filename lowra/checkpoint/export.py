@@ -4,19 +4,22 @@ dequantized base alone) and ``export_peft_adapters`` (PEFT's LoRA format)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowra.atomic import write_text_atomic
+from lowra.atomic import file_mode, write_text_atomic
 from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common
-from lowra.format import save_safetensors_atomic
+from lowra.format import save_safetensors_atomic, tensor_sha256
+from lowra.integrity import write_checksums
 from lowra.layers import lowra_layers
 
-__all__ = ["export_peft_adapters", "merge_to_hf"]
+__all__ = ["export_peft_adapters", "merge_to_hf", "quantized_fingerprint"]
 
 
 def _plain_state(model: nn.Module, include_adapters: bool, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -65,7 +68,30 @@ def merge_to_hf(
         plain.generation_config = model.generation_config
     with _atomic_dir(directory) as tmp:
         plain.save_pretrained(tmp)
+        for f in tmp.iterdir():  # transformers writes the weights through a 0600 temp file
+            if f.is_file():
+                os.chmod(f, file_mode())
+        if include_adapters:
+            write_checksums(tmp, "merged")
+        else:  # export_peft_adapters recognises the base of these adapters by the fingerprint
+            write_checksums(tmp, "dequantized_base", fingerprint=quantized_fingerprint(model))
     return Path(directory)
+
+
+def quantized_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names and digests of every stored tensor of a quantized model but its adapters.
+
+    Two models share it exactly when their dequantized bases are the same; a dequantized base folder
+    records it (``lowra_checksums.json``) so that ``export_peft_adapters`` can tell that a named base
+    is the one its adapters fit.
+    """
+    from lowra.hf import hf_state_dict
+
+    h = hashlib.sha256()
+    for key, t in sorted(hf_state_dict(model).items()):
+        if not key.endswith((".lora_A", ".lora_B")):
+            h.update(f"{key}:{tensor_sha256(t)};".encode())
+    return h.hexdigest()
 
 
 def export_peft_adapters(
@@ -73,26 +99,66 @@ def export_peft_adapters(
     directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    include_base: bool = False,
 ) -> Path:
     """Write the adapters in PEFT's LoRA format (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Keys are ``base_model.model.<layer>.lora_A.weight`` ``[r, in]`` / ``lora_B.weight`` ``[out, r]``.
     Ranks/alphas that differ between layers go to PEFT's ``rank_pattern`` / ``alpha_pattern``.
-    The adapters belong on the dequantized base (see ``merge_to_hf(include_adapters=False)``), so
-    ``base_model_name_or_path`` must name it (PEFT's convention loads that base): it is required; the
-    full-precision source model would silently give wrong logits.
-    Atomic: written into a temp dir that replaces ``directory``.
+    The adapters fit the *dequantized* base, so ``adapter_config.json``'s ``base_model_name_or_path``
+    (what PEFT's own loading, ``AutoPeftModelForCausalLM.from_pretrained(directory)``, loads them on)
+    must name it:
+
+    * ``include_base=True`` writes it beside the adapters, in ``directory/base`` (``merge_to_hf(...,
+      include_adapters=False)``: a full dense copy of the model, e.g. 2 bytes per weight in fp16 —
+      13.5 GB for a 7B model; 1.0 MB for stories260K in fp32), and names its absolute path;
+    * else ``base_model_name_or_path`` is required. A dequantized base folder of this model (its
+      ``lowra_checksums.json`` fingerprint matches) is accepted silently; any other name is written
+      with a ``UserWarning`` (nothing proves it is the right base; the fp32 source model is wrong).
+
+    The folder gets ``lowra_checksums.json`` (``lowra.load_peft`` checks it; plain PEFT does not:
+    ``python -m lowra.integrity DIR`` first). Atomic: written into a temp dir that replaces ``directory``.
 
     Raises:
-        ValueError: no ``base_model_name_or_path``.
+        ValueError: neither ``include_base`` nor ``base_model_name_or_path``, or both; a dequantized
+            base folder of another model.
     """
-    if not base_model_name_or_path:
-        raise ValueError("export_peft_adapters needs base_model_name_or_path: the dequantized base the adapters fit "
-                         "(lowra.merge_to_hf(model, dir, include_adapters=False) writes it), not the full-precision "
-                         "source model, on which they give wrong logits")
+    if include_base and base_model_name_or_path:
+        raise ValueError("export_peft_adapters: give include_base=True or base_model_name_or_path, not both")
+    if not include_base:
+        if not base_model_name_or_path:
+            raise ValueError("export_peft_adapters needs base_model_name_or_path: the dequantized base the adapters "
+                             "fit (lowra.merge_to_hf(model, dir, include_adapters=False) writes it), not the "
+                             "full-precision source model, on which they give wrong logits; or include_base=True "
+                             "to write that base beside the adapters")
+        _check_named_base(model, base_model_name_or_path)
+    directory = Path(directory)
     with _atomic_dir(directory) as tmp:
-        _write_peft_adapters(model, tmp, base_model_name_or_path, task_type)
-    return Path(directory)
+        base = base_model_name_or_path
+        if include_base:
+            merge_to_hf(model, tmp / "base", include_adapters=False)
+            base = str((directory / "base").resolve())
+        _write_peft_adapters(model, tmp, base, task_type)
+        write_checksums(tmp, "peft_adapter")
+    return directory
+
+
+def _check_named_base(model: nn.Module, base: str) -> None:
+    """Warn (or refuse a dequantized base of another model) unless ``base`` is this model's dequantized base."""
+    from lowra.integrity import CHECKSUMS, read_checksums
+
+    path = Path(base)
+    if (path / CHECKSUMS).is_file():
+        manifest = read_checksums(path)
+        if manifest["kind"] == "dequantized_base":
+            if manifest.get("fingerprint") != quantized_fingerprint(model):
+                raise ValueError(f"{base} is the dequantized base of another quantized model (its fingerprint "
+                                 "differs): these adapters would give wrong logits on it")
+            return
+    warnings.warn(f"export_peft_adapters: cannot check that {base!r} is the dequantized base these adapters fit "
+                  "(it is no dequantized-base folder written by lowra.merge_to_hf(..., include_adapters=False)); "
+                  "PEFT on any other base — the full-precision source model included — gives wrong logits. "
+                  "include_base=True writes the right base beside the adapters", UserWarning, stacklevel=3)
 
 
 def _write_peft_adapters(

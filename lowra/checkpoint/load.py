@@ -13,10 +13,11 @@ from torch import nn
 from lowra.checkpoint.common import MANIFEST, _config_class, _empty_model, _model_class
 from lowra.checkpoint.manifest import read_manifest
 from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked
+from lowra.integrity import CHECKSUMS, verify_checksums
 from lowra.layers import lowra_layers, saved_linear
 from lowra.nn import LowRALinear
 
-__all__ = ["load_quantized"]
+__all__ = ["load_merged", "load_peft", "load_quantized"]
 
 
 def load_quantized(
@@ -28,19 +29,22 @@ def load_quantized(
     """Rebuild a model saved by ``save_quantized`` (HF folder) or ``save_quantized_legacy``.
 
     An HF folder is loaded with ``<architecture>.from_pretrained`` (``lowra.hf``'s quantizer:
-    shard headers, tensor dtypes/shapes, sha256 digests and finite tables are checked) and moved
-    to ``device``; ``model=`` applies to the legacy layout only. See ``_load_legacy`` for the
+    shard headers, tensor dtypes/shapes and finite tables are checked) and moved to ``device``, after
+    ``lowra_checksums.json`` (every file) and every tensor's sha256 were checked (``verify``);
+    ``model=`` applies to the legacy layout only. See ``_load_legacy`` for the
     legacy arguments. Returns the model in eval mode, with only the adapters trainable.
     Raises:
         FormatError (a ValueError): neither layout, or a broken or modified checkpoint.
     """
-    from lowra.hf import is_lowra_hf_folder, verification
+    from lowra.hf import is_lowra_hf_folder, verification, verify_folder
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no such directory: {directory}")
     if (directory / MANIFEST).is_file():
         return _load_legacy(directory, device, model, verify)
+    if verify and (directory / CHECKSUMS).is_file():  # first: a changed config.json is refused naming it
+        verify_checksums(directory)
     if not is_lowra_hf_folder(directory):
         config = directory / "config.json"
         what = ("a Hugging Face model folder whose config.json has no quantization_config with "
@@ -49,12 +53,11 @@ def load_quantized(
     if model is not None:
         raise ValueError("load_quantized(model=...) applies to the legacy manifest layout only; "
                          "an HF-format checkpoint builds its own model")
-    config = json.loads((directory / "config.json").read_text())
-    names = config.get("architectures") or []
-    if not names:
-        raise FormatError(f"{directory}/config.json names no architecture (\"architectures\")")
-    with verification(verify):
-        loaded = _model_class(names[0]).from_pretrained(str(directory))
+    cls = _architecture(directory)
+    if verify:  # every file and every tensor's bytes, before transformers builds anything
+        verify_folder(directory)
+    with verification(False):  # checked just above
+        loaded = cls.from_pretrained(str(directory))
     loaded.to(device)
     return loaded
 
@@ -170,3 +173,59 @@ def _is_param(model: nn.Module, key: str) -> bool:
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     return leaf in module._parameters
+
+
+def load_merged(directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """A folder written by ``merge_to_hf`` (merged, or the dequantized base), its checksums checked first.
+
+    ``lowra_checksums.json`` lists every file with its sha256 (``lowra.integrity``); plain
+    ``from_pretrained`` reads the same folder without that check. ``verify=False`` skips it.
+    Raises:
+        FormatError: no or a broken manifest, a file changed, or not a merged folder.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no such directory: {directory}")
+    if verify:
+        verify_checksums(directory, kinds=("merged", "dequantized_base"))
+    return _architecture(directory).from_pretrained(str(directory)).to(device).eval()
+
+
+def _architecture(directory: Path) -> type:
+    """The transformers class ``config.json``'s ``architectures`` names."""
+    names = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if not names:
+        raise FormatError(f"{directory}/config.json names no architecture (\"architectures\")")
+    return _model_class(names[0])
+
+
+def load_peft(directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """An adapter folder written by ``export_peft_adapters`` on the base its ``adapter_config.json`` names.
+
+    The adapter folder's checksums (its ``base/`` too, with ``include_base=True``) are checked first,
+    and a named base folder with its own ``lowra_checksums.json`` is loaded with ``load_merged``;
+    then PEFT applies the adapters (``PeftModel.from_pretrained``). Returns the PEFT model in eval mode.
+    Raises:
+        FormatError: a broken folder; a base that is no dequantized LowRA base is loaded with a warning
+            by ``from_pretrained`` (nothing proves it fits).
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if verify:
+        verify_checksums(directory, kinds=("peft_adapter",))
+    try:
+        base_name = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{directory}/adapter_config.json names no base_model_name_or_path: {exc!r}") from None
+    if (Path(base_name) / CHECKSUMS).is_file():
+        base = load_merged(base_name, device, verify)
+    else:
+        import warnings
+
+        from transformers import AutoModelForCausalLM
+
+        warnings.warn(f"load_peft: {base_name!r} is no dequantized base written by LowRA; nothing proves that the "
+                      "adapters fit it", UserWarning, stacklevel=2)
+        base = AutoModelForCausalLM.from_pretrained(base_name).to(device)
+    return PeftModel.from_pretrained(base, str(directory)).to(device).eval()

@@ -39,6 +39,7 @@ from lowra.checkpoint.common import (
 )
 from lowra.checkpoint.export import _write_peft_adapters
 from lowra.format import file_sha256, save_safetensors_atomic
+from lowra.integrity import write_checksums
 from lowra.layers import lowra_layers
 from lowra.nn import LowRALinear
 
@@ -127,6 +128,9 @@ def save_quantized(
             # which PEFT refuses loudly (LowRALinear is no nn.Linear; without `import lowra`, the guard tensor).
             _write_peft_adapters(model, tmp / ADAPTER_DIR, str(Path(directory).resolve()), None)
             write_text_atomic(tmp / ADAPTER_DIR / "README.md", _ADAPTER_README.format(source=source))
+            write_checksums(tmp / ADAPTER_DIR, "peft_adapter")
+        # every file listed; the weight shards by their header (each tensor has its digest in config.json)
+        write_checksums(tmp, "lowra", header_only=tuple(split.filename_to_tensors))
     return Path(directory)
 
 
@@ -135,14 +139,12 @@ _ADAPTER_README = """# LoRA adapters of a LowRA checkpoint (PEFT format)
 These adapters were trained on the *dequantized* LowRA base, not on the full-precision model they
 were quantized from ({source}). Applied to that model they give wrong logits, so
 `adapter_config.json` names the LowRA folder itself, which PEFT refuses to wrap (loudly).
-Use them with PEFT on the dequantized base:
+For a copy that PEFT's own loading gets right, export the adapters with the dequantized base beside
+them (a full dense copy of the model):
 
     import lowra
-    from transformers import AutoModelForCausalLM
-    from peft import PeftModel
-
-    lowra.merge_to_hf(lowra.load_quantized("<this folder>"), "<base>", include_adapters=False)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<base>"), "<this folder>/adapter")
+    lowra.export_peft_adapters(lowra.load_quantized("<this folder>"), "<out>", include_base=True)
+    # then: peft.AutoPeftModelForCausalLM.from_pretrained("<out>"), or lowra.load_peft("<out>") (checksums checked)
 
 or load the LowRA folder directly (`import lowra` first): its model weights carry the adapters.
 """

@@ -52,12 +52,8 @@ read as the decimal the user wrote (``Fraction(str(B))``), so ``average_bits <= 
 
 from lowra.precision.assign import assign_precision
 from lowra.precision.baselines import exact_assignment, greedy_assignment, uniform_assignment
-from lowra.precision.bounds import _hull_segments, lp_lower_bound
-from lowra.precision.paths import _ClusterPaths
+from lowra.precision.bounds import lp_lower_bound
 from lowra.precision.plan import PrecisionPlan
-from lowra.precision.problem import _prepare
-from lowra.precision.repair import _repair
-from lowra.precision.stage2 import _stage2
 from lowra.precision.synthetic import llama_layer_shapes, synthetic_error_table
 
 __all__ = [
@@ -70,7 +66,3 @@ __all__ = [
     "synthetic_error_table",
     "llama_layer_shapes",
 ]
-
-# Internals the tests exercise stage by stage (``from lowra.precision import _prepare`` etc.
-# keeps working); each also lives in its stage's module.
-_INTERNALS = (_ClusterPaths, _hull_segments, _prepare, _repair, _stage2)

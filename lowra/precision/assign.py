@@ -73,7 +73,7 @@ def assign_precision(
             seed (``threads`` other than 1 is refused: its search, and so the plan, would depend on the
             thread count). A stage 1 stopped by ``max_nodes`` still yields a valid plan; ``info`` records
             ``stage1_status`` ("node limit"), ``stage1_mip_gap`` and ``stage1_nodes``.  Measured on the
-            runner's K-FAC tables (``python -m experiments.bench_plan``): 50 stories260K cases and 4 SmolLM2
+            runner's K-FAC tables (``python -m experiments.bench.plan``): 50 stories260K cases and 4 SmolLM2
             cases, ``results/bench/plan_cpu.json``.
         time_limit: a wall-clock cap on every HiGHS solve, in seconds (default None: none). A plan cut
             by the clock depends on the machine; use it only where the time matters more than that.

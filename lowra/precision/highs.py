@@ -7,7 +7,9 @@ limit instead of a clock) and with a MIP start.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +97,41 @@ DEFAULT_MAX_NODES = 1_000
 DETERMINISTIC = {"threads": 1, "parallel": "off", "random_seed": 0, "time_limit": float("inf")}
 
 
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    from lowra.progress import log
+
+    return log.isEnabledFor(logging.INFO)
+
+
+class GapReporter:
+    """HiGHS MIP callback: a ``plan: ILP …`` line on the ``lowra`` logger at most every
+    ``lowra.progress.PLAIN_INTERVAL_S`` seconds (10) with the nodes explored, the relative gap and the
+    bounds. It only reads HiGHS' state (it never sets ``user_interrupt``), so the search and the plan
+    are what they are without it; the clock decides when a line is written, nothing else."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.lines = 0
+
+    def __call__(self, event: Any) -> None:
+        from lowra.progress import PLAIN_INTERVAL_S, log
+
+        now = time.perf_counter()
+        if now - self.last < PLAIN_INTERVAL_S:
+            return
+        self.last = now
+        out = event.data_out
+        gap = f"{out.mip_gap:.2e}" if math.isfinite(out.mip_gap) else "inf (no bound or incumbent yet)"
+        log.info("plan: ILP %d nodes, gap %s (best %.6g, bound %.6g) · %.1f s", int(out.mip_node_count), gap,
+                 out.mip_primal_bound, out.mip_dual_bound, now - self.t0)
+        self.lines += 1
+
+
 def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.ndarray, col_lo: np.ndarray,
               col_hi: np.ndarray, integer: np.ndarray, options: dict[str, Any],
-              start: np.ndarray | None = None) -> MipResult:
+              start: np.ndarray | None = None, progress: bool | None = None) -> MipResult:
     """``min c·x`` s.t. ``row_lo <= A x <= row_hi``, ``col_lo <= x <= col_hi``, ``x[integer]`` integral,
     by HiGHS (highspy, no modelling layer), deterministically.
 
@@ -106,6 +140,8 @@ def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.nd
     clock depends on the machine, so the planner sets none by default). HiGHS runs on one thread with a
     fixed seed (:data:`DETERMINISTIC`), so its search depends on its inputs alone.
     ``start``: a feasible point handed to HiGHS as its first incumbent (a MIP start).
+    ``progress``: log the search's gap as it goes (:class:`GapReporter`); ``None``: when the ``lowra``
+    logger is enabled for INFO (the runner, or any program that configures INFO logging).
     """
     import highspy
 
@@ -140,6 +176,8 @@ def solve_mip(c: np.ndarray, A: sp.csr_matrix, row_lo: np.ndarray, row_hi: np.nd
         sol = highspy.HighsSolution()
         sol.col_value = np.asarray(start, dtype=np.float64).tolist()
         h.setSolution(sol)
+    if bool(np.any(integer)) and _progress_enabled(progress):
+        h.cbMipInterrupt.subscribe(GapReporter())  # reads the search's state; sets nothing
     h.run()
     status = h.modelStatusToString(h.getModelStatus()).lower()
     info = h.getInfo()

@@ -7,7 +7,7 @@
    Its excess over the bound is at most the error of the one segment cut, so on large models it lies
    within ~1e-6 of the bound; the two-stage plan's error model (clusters, sampled paths) can be far
    looser: on SmolLM2's K-FAC table at 3 bits it stayed 4 % above the bound, where this plan is 1e-6
-   above it (``python -m experiments.bench_plan``).  :func:`assign_precision` keeps the better of the two
+   above it (``python -m experiments.bench.plan``).  :func:`assign_precision` keeps the better of the two
    (ties: the two-stage plan) and says which in ``info["plan_source"]``.
 """
 

@@ -114,7 +114,7 @@ def smollm2() -> Path:
 def test_smollm2_loads_and_two_quantized_layers_run(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from experiments.data import split_stories, tokenize_stream
+    from experiments.runner.data import split_stories, tokenize_stream
     from lowra import quantize_model
 
     manifest = json.loads((smollm2 / MANIFEST).read_text())

@@ -42,3 +42,12 @@ def random_qtensor(out_features: int, in_features: int, bits: torch.Tensor | int
         w, bits, random_codebooks(out_features, seed=seed + 1, shared=shared),
         group_size=group_size, double_quant=double_quant, backend="torch",
     ).to(DEVICE)
+
+
+def linear_op(x: torch.Tensor, q, backend: str = "auto", lora_A: torch.Tensor | None = None,
+              lora_B: torch.Tensor | None = None, bias: torch.Tensor | None = None, scaling: float = 1.0):
+    """``torch.ops.lowra.lut_linear`` on a ``QuantizedTensor`` (its packed view), as ``LowRALinear`` calls it."""
+    import lowra_kernels.lut_linear  # noqa: F401  (registers the op)
+
+    tensors, meta = q.packed().op_args()
+    return torch.ops.lowra.lut_linear(x, tensors, lora_A, lora_B, bias, meta, scaling, backend)

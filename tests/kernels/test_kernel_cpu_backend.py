@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
-from kernel_testutils import mixed_bits, random_qtensor
+from kernel_testutils import linear_op, mixed_bits, random_qtensor
 
 import lowra_kernels.cpu_backend as cpu
 from lowra_kernels.dequantize import dequantize, dequantize_ref
 from lowra_kernels.dispatch import use_cpu
 from lowra_kernels.layout import num_groups
 from lowra_kernels.lut_matmul import (
-    lut_linear,
     lut_matmul,
     lut_matmul_backward,
     lut_matmul_backward_ref,
@@ -77,7 +76,7 @@ def test_mixed_widths_dequantize_auto_is_bit_exact(shape, double_quant):
     q = random_qtensor(*shape, mixed_bits(shape[0]), double_quant=double_quant)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(q.dequantize(dtype, backend="auto"), q.dequantize(dtype, backend="torch"))
-        assert torch.equal(cpu.dequantize_weight_cpu(q, dtype), q.dequantize(dtype, backend="torch"))
+        assert torch.equal(cpu.dequantize_weight_cpu(q.packed(), dtype), q.dequantize(dtype, backend="torch"))
 
 
 def _fp64(q):
@@ -92,14 +91,14 @@ def test_fused_small_m_matches_fp64(bits, shape, m, group_size):
     w = _fp64(q)
     x = torch.randn(m, shape[1])
     gy = torch.randn(m, shape[0])
-    y = lut_matmul(x, q, backend="cpu")
-    gx = lut_matmul_backward(gy, q, backend="cpu")
+    y = lut_matmul(x, q.packed(), backend="cpu")
+    gx = lut_matmul_backward(gy, q.packed(), backend="cpu")
     want_y, want_gx = x.double() @ w.t(), gy.double() @ w
     # fp32 accumulation over K terms: error well under 1e-5 of the magnitude scale
     torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=2e-5 * (shape[1] ** 0.5))
     torch.testing.assert_close(gx.double(), want_gx, rtol=1e-5, atol=2e-5 * (shape[0] ** 0.5))
-    torch.testing.assert_close(y, lut_matmul_ref(x, q), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(gx, lut_matmul_backward_ref(gy, q), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y, lut_matmul_ref(x, q.packed()), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, lut_matmul_backward_ref(gy, q.packed()), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -108,14 +107,14 @@ def test_large_m_is_bit_exact(dtype, m):
     q = random_qtensor(70, 333, mixed_bits(70))
     x = torch.randn(2, m // 2 + 1, 333).to(dtype)
     gy = torch.randn(2, m // 2 + 1, 70).to(dtype)
-    assert torch.equal(lut_matmul(x, q, backend="cpu"), lut_matmul_ref(x, q))
-    assert torch.equal(lut_matmul_backward(gy, q, backend="cpu"), lut_matmul_backward_ref(gy, q))
+    assert torch.equal(lut_matmul(x, q.packed(), backend="cpu"), lut_matmul_ref(x, q.packed()))
+    assert torch.equal(lut_matmul_backward(gy, q.packed(), backend="cpu"), lut_matmul_backward_ref(gy, q.packed()))
 
 
 def test_small_m_half_precision_is_bit_exact():
     q = random_qtensor(70, 172, mixed_bits(70))
     x = torch.randn(3, 172).to(torch.bfloat16)
-    assert torch.equal(lut_matmul(x, q, backend="cpu"), lut_matmul_ref(x, q))
+    assert torch.equal(lut_matmul(x, q.packed(), backend="cpu"), lut_matmul_ref(x, q.packed()))
 
 
 def test_autograd_and_lead_dims():
@@ -123,7 +122,7 @@ def test_autograd_and_lead_dims():
     w = q.dequantize(torch.float32, backend="torch")
     for shape in ((1, 1, 200), (2, 5, 200), (4, 30, 200)):
         x = torch.randn(*shape, requires_grad=True)
-        y = lut_linear(x, q, backend="auto")
+        y = linear_op(x, q, "auto")
         assert y.shape == (*shape[:-1], 48)
         gy = torch.randn_like(y)
         y.backward(gy)
@@ -139,7 +138,8 @@ def test_same_result_for_any_thread_count():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append((lut_matmul(x, q, backend="cpu"), lut_matmul_backward(gy, q, backend="cpu"),
+            w = q.packed()
+            results.append((lut_matmul(x, w, backend="cpu"), lut_matmul_backward(gy, w, backend="cpu"),
                             q.dequantize(backend="cpu")))
     finally:
         torch.set_num_threads(threads)
@@ -150,21 +150,22 @@ def test_same_result_for_any_thread_count():
 def test_prepared_tables_follow_in_place_edits():
     q = random_qtensor(20, 64, 2)
     x = torch.randn(1, 64)
-    before = lut_matmul(x, q, backend="cpu")
+    w = q.packed()
+    before = lut_matmul(x, w, backend="cpu")
     q.groups[0].codebook.mul_(2)
-    after = lut_matmul(x, q, backend="cpu")
+    after = lut_matmul(x, w, backend="cpu")
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(after, lut_matmul_ref(x, q), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, lut_matmul_ref(x, q.packed()), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise():
     q = random_qtensor(20, 64, 2)
     with pytest.raises(ValueError, match="features"):
-        lut_matmul(torch.randn(2, 63), q, backend="cpu")
+        lut_matmul(torch.randn(2, 63), q.packed(), backend="cpu")
     with pytest.raises(ValueError, match="features"):
-        lut_matmul_backward(torch.randn(2, 21), q, backend="cpu")
+        lut_matmul_backward(torch.randn(2, 21), q.packed(), backend="cpu")
     with pytest.raises(ValueError, match="float"):
-        lut_matmul(torch.ones(2, 64, dtype=torch.int64), q, backend="cpu")
+        lut_matmul(torch.ones(2, 64, dtype=torch.int64), q.packed(), backend="cpu")
     codes, rows, cb, absmax = _group(5, 5, 100, 2, 0)
     out = torch.empty(5, 100)
     with pytest.raises(ValueError, match="cannot hold"):
@@ -189,13 +190,13 @@ def test_failed_build_warns_once_and_runs_the_reference(monkeypatch, tmp_path):
     q = random_qtensor(20, 64, mixed_bits(20))
     x = torch.randn(1, 64)
     with pytest.warns(RuntimeWarning, match="could not be built"):
-        y = lut_matmul(x, q, backend="auto")
-    assert torch.equal(y, lut_matmul_ref(x, q))
+        y = lut_matmul(x, q.packed(), backend="auto")
+    assert torch.equal(y, lut_matmul_ref(x, q.packed()))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         assert torch.equal(q.dequantize(backend="auto"), q.dequantize(backend="torch"))
     with pytest.raises(RuntimeError, match="failed to build"):
-        lut_matmul(x, q, backend="cpu")
+        lut_matmul(x, q.packed(), backend="cpu")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, None])
@@ -208,7 +209,7 @@ def test_fused_lora_decode_matches_fp64(bits, m, rank, bias):
     a = torch.randn(rank, in_features, generator=gen) if rank else None
     b = torch.randn(out_features, rank, generator=gen) if rank else None
     c = torch.randn(out_features, generator=gen) if bias else None
-    y = cpu.lut_lora_gemv_cpu(x, q, a, b, 0.5, c)
+    y = cpu.lut_lora_gemv_cpu(x, q.packed(), a, b, 0.5, c)
     assert y.shape == (1, m, out_features)
     want = x.double() @ _fp64(q).t()
     if rank:
@@ -216,19 +217,19 @@ def test_fused_lora_decode_matches_fp64(bits, m, rank, bias):
     if bias:
         want = want + c.double()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=2e-5 * (in_features ** 0.5))
-    torch.testing.assert_close(y, cpu.lut_lora_gemv_ref(x, q, a, b, 0.5, c), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y, cpu.lut_lora_gemv_ref(x, q.packed(), a, b, 0.5, c), rtol=1e-5, atol=1e-4)
 
 
 def test_fused_lora_decode_refuses_what_it_cannot_do():
     q = random_qtensor(70, 172, 2)
     with pytest.raises(ValueError, match="1..16 rows"):
-        cpu.lut_lora_gemv_cpu(torch.randn(17, 172), q, None, None, 1.0)
+        cpu.lut_lora_gemv_cpu(torch.randn(17, 172), q.packed(), None, None, 1.0)
     with pytest.raises(ValueError, match="fp32 x"):
-        cpu.lut_lora_gemv_cpu(torch.randn(2, 172).half(), q, None, None, 1.0)
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 172).half(), q.packed(), None, None, 1.0)
     with pytest.raises(ValueError, match="lora_B must be contiguous fp32"):
-        cpu.lut_lora_gemv_cpu(torch.randn(2, 172), q, torch.randn(4, 172), torch.randn(70, 5), 1.0)
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 172), q.packed(), torch.randn(4, 172), torch.randn(70, 5), 1.0)
     with pytest.raises(ValueError, match="the weight expects 172"):
-        cpu.lut_lora_gemv_cpu(torch.randn(2, 171), q, None, None, 1.0)
+        cpu.lut_lora_gemv_cpu(torch.randn(2, 171), q.packed(), None, None, 1.0)
 
 
 def test_extension_name_is_keyed_by_the_source(monkeypatch, tmp_path):

@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from kernel_testutils import DEVICE, mixed_bits, random_qtensor, requires_triton
+from kernel_testutils import DEVICE, linear_op, mixed_bits, random_qtensor, requires_triton
 
 from lowra_kernels.lut_matmul import (
-    LUTMatmulFunction,
-    lut_linear,
     lut_matmul,
     lut_matmul_backward,
     lut_matmul_backward_ref,
@@ -35,22 +33,24 @@ def test_reference_forward_backward_match_dense():
     q = random_qtensor(40, 172, mixed_bits(40), seed=1).to("cpu")
     x = torch.randn(3, 5, 172, dtype=torch.float64)
     w = _dense(q)
-    torch.testing.assert_close(lut_matmul_ref(x, q), x @ w.t())
+    torch.testing.assert_close(lut_matmul_ref(x, q.packed()), x @ w.t())
     gy = torch.randn(3, 5, 40, dtype=torch.float64)
-    torch.testing.assert_close(lut_matmul_backward_ref(gy, q), gy @ w)
+    torch.testing.assert_close(lut_matmul_backward_ref(gy, q.packed()), gy @ w)
 
 
 def test_gradcheck_reference_float64():
     q = random_qtensor(12, 70, mixed_bits(12, (1, 2, 4)), seed=2).to("cpu")
     x = torch.randn(4, 70, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: LUTMatmulFunction.apply(t, q, "torch"), (x,))
+    assert torch.autograd.gradcheck(lambda t: linear_op(t, q, "torch"), (x,))
 
 
 def test_autograd_reference_matches_dense_and_keeps_no_weight():
     q = random_qtensor(24, 100, mixed_bits(24), seed=3).to("cpu")
     x = torch.randn(6, 100, requires_grad=True)
-    y = lut_linear(x, q, backend="torch")
-    assert y.grad_fn.saved_tensors == ()  # deq(W) is not kept for backward
+    y = linear_op(x, q, "torch")
+    # deq(W) is not kept for backward: only x and the stored codes, rows, codebooks and absmax
+    saved = {tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None}
+    assert (24, 100) not in saved and (100, 24) not in saved
     gy = torch.randn_like(y)
     y.backward(gy)
     w = _dense(q, torch.float32)
@@ -65,7 +65,7 @@ def test_autograd_reference_matches_dense_and_keeps_no_weight():
 def test_forward_mixed(dtype, m):
     q = random_qtensor(70, 172, mixed_bits(70), seed=10 + m)
     x = torch.randn(m, 172).to(dtype).to(DEVICE)
-    y = lut_matmul(x, q, backend="triton")
+    y = lut_matmul(x, q.packed(), backend="triton")
     assert y.dtype == dtype and y.shape == (m, 70)
     _check(y, x.cpu().double() @ _dense(q, torch.float64).to(dtype).double().t(), dtype)
 
@@ -76,7 +76,7 @@ def test_forward_mixed(dtype, m):
 def test_backward_mixed(dtype, m):
     q = random_qtensor(70, 172, mixed_bits(70), seed=20 + m)
     gy = torch.randn(m, 70).to(dtype).to(DEVICE)
-    gx = lut_matmul_backward(gy, q, backend="triton")
+    gx = lut_matmul_backward(gy, q.packed(), backend="triton")
     assert gx.dtype == dtype and gx.shape == (m, 172)
     _check(gx, gy.cpu().double() @ _dense(q, torch.float64).to(dtype).double(), dtype)
 
@@ -87,10 +87,10 @@ def test_backward_mixed(dtype, m):
 def test_single_width_shared_codebook_double_quant(bits, m):
     q = random_qtensor(37, 130, bits, seed=bits, shared=True, double_quant=True)
     x = torch.randn(2, m, 130, device=DEVICE)  # 3-D activations
-    y = lut_matmul(x, q, backend="triton")
+    y = lut_matmul(x, q.packed(), backend="triton")
     w = _dense(q)
     _check(y, x.cpu().double() @ w.t(), torch.float32)
-    gx = lut_matmul_backward(torch.ones_like(y), q, backend="triton")
+    gx = lut_matmul_backward(torch.ones_like(y), q.packed(), backend="triton")
     _check(gx, torch.ones(2, m, 37, dtype=torch.float64) @ w, torch.float32)
 
 
@@ -99,7 +99,7 @@ def test_single_width_shared_codebook_double_quant(bits, m):
 def test_autograd_function_triton(m):
     q = random_qtensor(48, 172, mixed_bits(48, (1, 2, 4)), seed=30 + m)
     x = torch.randn(m, 172, device=DEVICE, requires_grad=True)
-    y = LUTMatmulFunction.apply(x, q, "triton")
+    y = linear_op(x, q, "triton")
     gy = torch.randn_like(y)
     y.backward(gy)
     w = _dense(q)
@@ -111,11 +111,11 @@ def test_autograd_function_triton(m):
 def test_output_fully_written_and_empty_batch():
     q = random_qtensor(70, 172, mixed_bits(70, (2, 4)), seed=40)
     for m in (1, 17):
-        y = lut_matmul(torch.randn(m, 172, device=DEVICE), q, backend="triton")
+        y = lut_matmul(torch.randn(m, 172, device=DEVICE), q.packed(), backend="triton")
         assert torch.isfinite(y).all()
-    assert lut_matmul(torch.randn(0, 172, device=DEVICE), q, backend="triton").shape == (0, 70)
+    assert lut_matmul(torch.randn(0, 172, device=DEVICE), q.packed(), backend="triton").shape == (0, 70)
     with pytest.raises(ValueError):
-        lut_matmul(torch.randn(2, 171, device=DEVICE), q, backend="triton")
+        lut_matmul(torch.randn(2, 171, device=DEVICE), q.packed(), backend="triton")
 
 
 # ------------------------------------------------------------------------- GPU only
@@ -126,11 +126,11 @@ def test_gpu_bf16_fp16_forward_backward(m, dtype):
     q = random_qtensor(1024, 2048 + 172, mixed_bits(1024, (1, 2, 4)), seed=50)
     w = _dense(q).to(dtype).double()
     x = torch.randn(m, 2048 + 172, device="cuda", dtype=dtype)
-    _check(lut_matmul(x, q, "triton"), x.cpu().double() @ w.t(), dtype)
+    _check(lut_matmul(x, q.packed(), "triton"), x.cpu().double() @ w.t(), dtype)
     gy = torch.randn(m, 1024, device="cuda", dtype=dtype)
-    _check(lut_matmul_backward(gy, q, "triton"), gy.cpu().double() @ w, dtype)
+    _check(lut_matmul_backward(gy, q.packed(), "triton"), gy.cpu().double() @ w, dtype)
     xg = x.clone().requires_grad_(True)
-    LUTMatmulFunction.apply(xg, q, "auto").backward(gy)
+    linear_op(xg, q, "auto").backward(gy)
     _check(xg.grad, gy.cpu().double() @ w, dtype)
 
 
@@ -151,7 +151,7 @@ def test_gemv_one_hot_rows_are_bit_exact_dequantized_columns(dtype, group_size):
     x = torch.zeros(len(ks), 300, dtype=dtype)
     x[torch.arange(len(ks)), torch.tensor(ks)] = 1
     for m in (1, len(ks)):  # the M = 1 tile and the M ≤ 16 tile
-        y = lut_matmul(x[:m].to(DEVICE), q, backend="triton").cpu()
+        y = lut_matmul(x[:m].to(DEVICE), q.packed(), backend="triton").cpu()
         assert torch.equal(y, want[:, ks[:m]].t()), (m, group_size)
 
 
@@ -162,7 +162,7 @@ def test_gemv_sqnr_against_reference(bits, m):
     """Random x: the GEMV's fp32 sums agree with the reference to ≥ 100 dB (fp32 rounding only)."""
     q = random_qtensor(70, 1000, bits, seed=70 + bits + m)
     x = torch.randn(m, 1000)
-    got = lut_matmul(x.to(DEVICE), q, backend="triton")
+    got = lut_matmul(x.to(DEVICE), q.packed(), backend="triton")
     want = x.double() @ _dense(q).t()
     assert _sqnr_db(got, want) >= 100.0
 
@@ -202,8 +202,9 @@ def test_gemv_every_kept_config(bits):
     from lowra_kernels.lut import gemv_step
 
     q = random_qtensor(70, 1000, bits, seed=90 + bits)
-    _, in_features, group_size, groups, absmax = lm.weight_parts(q)
-    g = groups[0]
+    w = q.packed()
+    in_features, group_size, absmax = w.in_features, w.group_size, w.absmax
+    g = w.groups()[0]
     words, pw2, aligned = gemv_step(bits, group_size)
     kept = lm.prune_gemv_configs(list(lm.GEMV_CONFIGS), {}, BITS=bits, BLOCK_M=1, WORDS=words, PW2=pw2,
                                  ALIGNED=aligned, GROUP=group_size)
@@ -213,10 +214,11 @@ def test_gemv_every_kept_config(bits):
     for cfg in kept:
         split = cfg.kwargs["SPLIT_K"]
         ws = torch.full((split + 1, 1, 70), float("nan"), device=DEVICE)  # one extra slice: zeroed by the kernel
-        n = g.rows.numel()
+        _, codes, rows, codebook = g
+        n = rows.numel()
         lm._lut_gemv_kernel.fn[(-(-n // cfg.kwargs["BLOCK_N"]), split)](
-            x, g.codes, g.rows, g.codebook, absmax, ws, 1, n, in_features, split + 1,
-            x.stride(0), g.codes.stride(0), g.codebook.stride(0), absmax.stride(0), absmax.stride(1),
+            x, codes, rows, codebook, absmax, ws, 1, n, in_features, split + 1,
+            x.stride(0), codes.stride(0), codebook.stride(0), absmax.stride(0), absmax.stride(1),
             ws.stride(0), ws.stride(1), BITS=bits, PER_WORD=codes_per_word(bits), PW2=pw2, WORDS=words,
             ALIGNED=aligned, GROUP=group_size, BLOCK_M=1, **cfg.kwargs)
         assert _sqnr_db(ws.sum(0), want) >= 100.0, cfg.kwargs

@@ -8,7 +8,7 @@ root module ``lowra_kernels.py`` (``__path__`` = the folder) when run from a che
 install (the GPU image). docs/design.md "Package names" has the design.
 
 Subprocesses: an import made in this process cannot be undone, and the repository root must be
-first on ``sys.path`` (``python -c`` from the root) as it is for ``python -m experiments.gpu_check``.
+first on ``sys.path`` (``python -c`` from the root) as it is for ``python -m experiments.bench.gpu_check``.
 """
 
 from __future__ import annotations

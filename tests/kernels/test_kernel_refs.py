@@ -174,7 +174,7 @@ def test_forward_path_on_gpu_follows_the_measured_crossover():
     from lowra_kernels.lut_matmul import GEMV_MAX_M, TRAIN_MIN_M, forward_path
 
     def weight(*widths):
-        return SimpleNamespace(groups=[SimpleNamespace(bits=b, rows=torch.arange(3)) for b in widths])
+        return SimpleNamespace(bits=widths)
 
     assert [forward_path(m, weight(2), True) for m in (1, 2, 16, 300)] == ["gemv"] + ["dequant_blas"] * 3
     assert [forward_path(m, weight(3), True) for m in (4, 5)] == ["gemv", "dequant_blas"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from checkpoint_testutils import perturb_adapters
 
-from experiments.eval_stories import load_model
+from experiments.eval.stories import load_model
 from lowra.config import PAPER
 from lowra.model import quantize_model
 

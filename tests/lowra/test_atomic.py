@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from experiments.logging_utils import atomic_write_json
+from experiments.runner.logging_utils import atomic_write_json
 from lowra.atomic import atomic_path, current_umask, write_text_atomic
 from lowra.quantizers import quantize
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.eval_stories import load_model, token_splits
+from experiments.eval.stories import load_model, token_splits
 from lowra.calibration import _decoder_layers, calibration_windows, collect_fisher
 
 

@@ -11,7 +11,7 @@ from checkpoint_testutils import X, logits, perturb_adapters, tiny_mistral_confi
 
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
-from experiments.eval_stories import load_model
+from experiments.eval.stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.config import PAPER
 from lowra.format import FormatError
@@ -111,7 +111,8 @@ def test_peft_export_on_dequantized_base(quantized, tmp_path):
     model, _ = quantized
     with pytest.raises(ValueError, match="base_model_name_or_path: the dequantized base"):
         export_peft_adapters(model, tmp_path / "adapter")  # the source model would silently be wrong
-    export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path="stories260K")
+    with pytest.warns(UserWarning, match="cannot check that 'stories260K' is the dequantized base"):
+        export_peft_adapters(model, tmp_path / "adapter", base_model_name_or_path="stories260K")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 16
     assert "down_proj" in config["target_modules"]
@@ -119,6 +120,53 @@ def test_peft_export_on_dequantized_base(quantized, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     torch.testing.assert_close(logits(peft_model), logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_peft_own_loading_of_the_export_gives_the_lowra_logits(quantized, tmp_path):
+    """Issue 32, item 3: PEFT's convention — load the base adapter_config.json names, apply the adapters —
+    gives the LowRA model's logits (1e-4) with include_base=True, from an in-memory model and from a
+    loaded checkpoint; lowra.load_peft does the same with the checksums checked."""
+    import warnings
+
+    from peft import AutoPeftModelForCausalLM
+
+    from lowra.checkpoint import load_peft
+
+    model, report = quantized
+    save_quantized(model, tmp_path / "ck", report=report)
+    for source, name in ((model, "peft"), (load_quantized(tmp_path / "ck"), "peft-loaded")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the right base: no warning
+            export_peft_adapters(source, tmp_path / name, include_base=True)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str((tmp_path / name / "base").resolve())
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()
+        diff = (logits(peft_model) - logits(model)).abs().max().item()
+        assert diff <= 1e-4, diff
+        torch.testing.assert_close(logits(load_peft(tmp_path / name)), logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_export_checks_a_named_base(quantized, tmp_path):
+    """A dequantized base of this model is accepted silently, one of another model is refused, anything
+    else is written with a loud warning; include_base and a name together are refused."""
+    import warnings
+
+    model, _ = quantized
+    merge_to_hf(model, tmp_path / "base", include_adapters=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft_adapters(model, tmp_path / "a", base_model_name_or_path=str(tmp_path / "base"))
+    other = load_model()
+    quantize_model(other, 2.0, rank=2, alpha=16, plan="uniform", loftq_iters=0, codebook_iters=1, progress=False)
+    merge_to_hf(other, tmp_path / "other-base", include_adapters=False)
+    with pytest.raises(ValueError, match="dequantized base of another quantized model"):
+        export_peft_adapters(model, tmp_path / "b", base_model_name_or_path=str(tmp_path / "other-base"))
+    merge_to_hf(model, tmp_path / "merged")  # merged with the adapters: not the base they fit
+    with pytest.warns(UserWarning, match="gives wrong logits"):
+        export_peft_adapters(model, tmp_path / "c", base_model_name_or_path=str(tmp_path / "merged"))
+    with pytest.raises(ValueError, match="not both"):
+        export_peft_adapters(model, tmp_path / "d", base_model_name_or_path="x", include_base=True)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
 
 
 def test_method_none_and_mistral_roundtrip(tmp_path):
@@ -242,8 +290,9 @@ def test_saved_files_respect_the_umask(quantized, tmp_path):
     try:
         save_quantized_legacy(model, tmp_path / "ck")
         merge_to_hf(model, tmp_path / "merged")
+        export_peft_adapters(model, tmp_path / "peft", include_base=True)
     finally:
         os.umask(old)
-    for f in (tmp_path / "ck").iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    for f in [*(tmp_path / "ck").iterdir(), *(tmp_path / "merged").iterdir(), *(tmp_path / "peft").rglob("*")]:
+        assert stat.S_IMODE(f.stat().st_mode) == (0o755 if f.is_dir() else 0o644), f
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755

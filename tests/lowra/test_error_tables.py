@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from experiments.eval_stories import load_model, token_splits
+from experiments.eval.stories import load_model, token_splits
 from lowra.calibration import calibration_windows, collect_fisher, collect_hessians
 from lowra.codebook import learn_codebooks
 from lowra.config import PAPER

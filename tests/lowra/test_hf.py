@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
-from experiments.eval_stories import load_model, model_dir
+from experiments.eval.stories import load_model, model_dir
 from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.config import PAPER
 from lowra.format import FormatError
@@ -52,7 +52,7 @@ def test_folder_is_a_standard_hf_model_folder(quantized, saved):
     model, report = quantized
     names = {p.name for p in saved.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "lowra_report.json", "adapter"} == names
+            "tokenizer_config.json", "lowra_report.json", "adapter", "lowra_checksums.json"} == names
     assert "adapter_config.json" not in names  # at the root it would make from_pretrained apply PEFT
     config = json.loads((saved / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
@@ -251,14 +251,21 @@ def test_truncated_shard_and_non_safetensors_weights(saved, tmp_path):
     weights = path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 100])
-    with pytest.raises(FormatError, match="model.safetensors has .* bytes .*truncated"):
+    with pytest.raises(FormatError, match="model.safetensors has .* bytes, lowra_checksums.json says .*truncated"):
+        _from_pretrained(path)
+    with pytest.raises(FormatError, match="model.safetensors has .* bytes but its header describes .*truncated"), \
+            verification(False):  # the structural checks hold without the checksums too
         _from_pretrained(path)
     weights.write_bytes(b"\xff" * 8 + data[8:])  # a header length beyond the file
     with pytest.raises(FormatError, match="not a readable safetensors file"):
         _from_pretrained(path)
+    with pytest.raises(FormatError, match="not a readable safetensors file"), verification(False):
+        _from_pretrained(path)
     weights.write_bytes(data)
     weights.rename(path / "pytorch_model.bin")  # pickles are never read
-    with pytest.raises(FormatError, match="safetensors files only"):
+    with pytest.raises(FormatError, match="model.safetensors is missing"):
+        _from_pretrained(path)
+    with pytest.raises(FormatError, match="safetensors files only"), verification(False):
         _from_pretrained(path)
 
 
@@ -270,7 +277,7 @@ def test_changed_bytes_fail_the_digest_and_nan_tables_fail_always(saved, tmp_pat
     good = weights.read_bytes()
     for suffix in ("b2_codes", "b1_codebook", "absmax_codes", "lora_A"):
         flip_bytes(weights, f"{LAYER}.{suffix}")
-        with pytest.raises(FormatError, match=rf"tensor {LAYER}\.{suffix} fails its sha256 check"):
+        with pytest.raises(FormatError, match=rf"tensor {LAYER}\.{suffix} in model\.safetensors fails its sha256"):
             _from_pretrained(path)
         weights.write_bytes(good)
     flip_bytes(weights, f"{LAYER}.b2_codes")  # finite garbage: only the digest sees it
@@ -318,11 +325,18 @@ def test_dense_tensors_are_covered_by_digests(saved, tmp_path):
 def test_layout_mismatches_name_the_tensor(saved, tmp_path):
     path = _copy(saved, tmp_path / "ck")
     good = _config(path)
+    changed = json.loads(json.dumps(good))
+    changed["quantization_config"]["layout"][LAYER]["tensors"]["lora_A"]["shape"] = [3, 172]
+    _write_config(path, changed)
+    with pytest.raises(FormatError, match=r"config\.json has .* bytes, lowra_checksums\.json says .*truncated"):
+        _from_pretrained(path)
 
     def refused(config: dict, match: str) -> None:
         _write_config(path, config)
-        with pytest.raises(FormatError, match=match):
-            _from_pretrained(path)
+        with pytest.raises(FormatError):
+            _from_pretrained(path)  # the checksums (or the config's own checks) see it first
+        with pytest.raises(FormatError, match=match), verification(False):
+            _from_pretrained(path)  # and without them, the layout checks name the tensor
 
     bad = json.loads(json.dumps(good))
     bad["quantization_config"]["layout"][LAYER]["tensors"]["b2_codes"]["dtype"] = "I64"
@@ -349,7 +363,7 @@ def test_layout_mismatches_name_the_tensor(saved, tmp_path):
     stored = load_file(str(path / "model.safetensors"))
     del stored[f"{LAYER}.b1_rows"]
     save_file(stored, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(FormatError, match=rf"tensor {LAYER}\.b1_rows is missing"):
+    with pytest.raises(FormatError, match=rf"tensor {LAYER}\.b1_rows is missing"), verification(False):
         _from_pretrained(path)
 
 

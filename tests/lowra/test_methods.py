@@ -38,7 +38,7 @@ def _preset(name: str, bits) -> object:
 def test_budgets_accepted_and_refused(method: str, ok: list, bad: list) -> None:
     """The runner's budget check of a preset (its yaml: budget_choices / budget_min..max) and the
     method's own check (``Method.check_bits`` through ``LowRAConfig``) agree."""
-    from experiments.config_check import BudgetError, check_bits
+    from experiments.runner.config_check import BudgetError, check_bits
     from lowra.config import LowRAConfig
 
     spec = get_method(method)

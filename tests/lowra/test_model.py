@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.eval_stories import finetune, load_model, perplexity, token_splits
+from experiments.eval.stories import finetune, load_model, perplexity, token_splits
 from lowra.config import PAPER
 from lowra.memory import memory_report
 from lowra.model import (

@@ -134,23 +134,26 @@ def test_bad_adapter_shapes():
         LowRALinear(qt, rank=2, lora_A=torch.zeros(3, qt.in_features))
 
 
-def test_inference_decode_runs_one_fused_cpu_call(monkeypatch):
-    import lowra_kernels.cpu_backend as cpu
+def test_decode_runs_one_fused_cpu_call(monkeypatch):
+    """A decode-sized fp32 call is one extension call (GEMV + adapters + bias), with or without grad."""
+    import lowra_kernels.lut_linear as op
 
     calls = []
-    fused = cpu.lut_lora_gemv_cpu
-    monkeypatch.setattr(cpu, "lut_lora_gemv_cpu", lambda *a: calls.append(a[0].shape) or fused(*a))
+    fused = op.lut_lora_gemv_cpu
+    monkeypatch.setattr(op, "lut_lora_gemv_cpu",
+                        lambda *a, **k: calls.append((a[0].shape, a[2] is not None)) or fused(*a, **k))
     m = _module(dropout=0.1)
     x = torch.randn(1, 3, m.in_features)
     with torch.no_grad():
         m.train()
-        y_train = m(x)  # active dropout: the unfused path
+        y_train = m(x)  # active dropout: the adapters run outside the op
         m.eval()
         y = m(x)
-        m(torch.randn(2, 9, m.in_features))  # 18 rows > 16: unfused
-    assert calls == [(1, 3, m.in_features)]
+        m(torch.randn(2, 9, m.in_features))  # 18 rows > 16: dequantize + BLAS
+    assert calls == [((1, 3, m.in_features), False), ((1, 3, m.in_features), True)]
     assert y.shape == (1, 3, m.out_features) and not y.requires_grad
     torch.testing.assert_close(y.double(), _reference(m, x), rtol=1e-4, atol=1e-4)
     assert not torch.equal(y_train, y)
-    m(x)  # grad enabled: autograd path
-    assert len(calls) == 1
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()  # grad enabled: the same fused forward, the op's backward
+    assert len(calls) == 3 and xg.grad is not None and m.lora_A.grad is not None

@@ -1,7 +1,7 @@
 """``ShardedQuantizedWeight``: the FSDP2 op sequence and all-gather extension, in one process.
 
 The multi-process FSDP2 runs (real all-gathers over gloo) are in
-``tests/experiments/test_distributed.py``; here each step FSDP2 takes is replayed by hand:
+``tests/experiments/runner/test_distributed.py``; here each step FSDP2 takes is replayed by hand:
 ``torch.chunk`` → ``new_zeros`` → ``narrow(...).copy_`` → ``fsdp_pre_all_gather`` → (all-gather =
 concatenation of every rank's inputs) → ``fsdp_post_all_gather`` → ``as_strided`` → forward.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import lowra.progress as progress_mod
-from experiments.eval_stories import load_model
+from experiments.eval.stories import load_model
 from lowra.model import quantize_model
 
 

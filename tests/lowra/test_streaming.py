@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lowra
-from experiments.bench_streaming import write_synthetic_llama
+from experiments.bench.streaming import write_synthetic_llama
 from lowra import streaming
 from lowra.config import PAPER
 from lowra.streaming import checkpoint_bytes, quantize_pretrained

@@ -3,7 +3,7 @@
 What must hold: the budget is never exceeded and is used up to max(n_c)/sum(n_c); the plan is
 within 0.5 % of the exact flat ILP (HiGHS) on small instances; bad inputs raise ValueError
 naming the problem.  The stages have their own tests beside this file (bounds, stage 2,
-repair, baselines).  Timings are the benchmark's business (experiments/bench_pipeline.py), not
+repair, baselines).  Timings are the benchmark's business (experiments/bench/pipeline.py), not
 asserted here.
 """
 
@@ -302,18 +302,18 @@ def test_gap_to_lp_bound_at_scale() -> None:
 
 
 def test_package_reexports_every_name_it_had() -> None:
-    """``lowra.precision`` was one module; every name imported from it anywhere in the repo
-    (lowra/, experiments/, tests/) still imports from the package, and is the stage's object."""
+    """``lowra.precision`` exports its public names, each the stage module's object (the stages'
+    private helpers are imported from their own modules, never re-exported)."""
     import lowra.precision as P
-    from lowra.precision import assign, baselines, bounds, paths, plan, problem, repair, stage2, synthetic
+    from lowra.precision import assign, baselines, bounds, plan, synthetic
 
     assert set(P.__all__) == {"PrecisionPlan", "assign_precision", "lp_lower_bound", "exact_assignment",
                               "greedy_assignment", "uniform_assignment", "synthetic_error_table",
                               "llama_layer_shapes"}
     homes = {"PrecisionPlan": plan, "assign_precision": assign, "lp_lower_bound": bounds,
              "exact_assignment": baselines, "greedy_assignment": baselines, "uniform_assignment": baselines,
-             "synthetic_error_table": synthetic, "llama_layer_shapes": synthetic,
-             "_ClusterPaths": paths, "_hull_segments": bounds, "_prepare": problem, "_repair": repair,
-             "_stage2": stage2}
+             "synthetic_error_table": synthetic, "llama_layer_shapes": synthetic}
     for name, module in homes.items():
         assert getattr(P, name) is getattr(module, name), name
+    assert not [n for n in vars(P) if n.startswith("_") and not n.startswith("__")
+                and not isinstance(getattr(P, n), type(P))]

@@ -1,7 +1,7 @@
 """A plan is a function of its inputs alone: not of the thread count, not of the machine's speed.
 
 The table is a real one: the K-FAC error table the runner computes for stories260K with ``seed=6``
-(``python -m experiments.bench_plan --models stories260k --seeds 6 --tables-only``, then saved as
+(``python -m experiments.bench.plan --models stories260k --seeds 6 --tables-only``, then saved as
 ``data/stories260k_kfac_seed6.npz``: errors ``[3000, 4]``, params, layer sizes, candidates 1-4). At
 1.15 bits its stage-1 program is the hardest of the 50 stories260K cases (issue 26: 69 s on an idle
 core and a different plan with 2 threads, under the old 300 s clock limit); here the node limit is

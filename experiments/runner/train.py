@@ -1,0 +1,373 @@
+"""Fine-tuning loop for the LoRA adapters: AdamW (or paged 8-bit AdamW), warm-up + decay, accumulation, resumable.
+
+Only the parameters passed in are trained (the adapters; the quantized base is frozen).
+Data order is a pure function of ``(seed, epoch)``, so a run resumed from a checkpoint at
+optimizer step ``s`` sees exactly the micro-batches an uninterrupted run would have seen after
+``s``. Checkpoints (``<dir>/last.pt``: trained tensors, optimizer, scheduler, RNG states, loss
+history, elapsed time) are written atomically (temporary file + ``os.replace``) every
+``checkpoint_every`` steps and at the end.
+
+``train_loss_final`` is the mean training loss of the last ``log_every`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.runner.distill import DistillStats, distill_loss, distill_options
+from experiments.runner.progress import progress_bar
+from lowra.atomic import atomic_path
+
+CHECKPOINT_NAME = "last.pt"
+
+# Called as hook(step) after every optimizer step (after any checkpoint of that step). Tests
+# append a hook that raises to simulate an interrupted run.
+STEP_HOOKS: list[Callable[[int], None]] = []
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+class LMBatches:
+    """Packed language-modelling blocks ``[n_blocks, seq_len]`` served as micro-batches.
+
+    Micro-batch ``k`` of epoch ``e`` holds the blocks ``perm_e[k·B:(k+1)·B]`` where ``perm_e`` is a
+    permutation drawn from ``torch.Generator().manual_seed(seed · 1_000_003 + e)``; the last
+    incomplete micro-batch of an epoch is dropped.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int) -> None:
+        if blocks.shape[0] < batch_size:
+            raise ValueError(f"{blocks.shape[0]} training blocks < train.batch_size={batch_size}")
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def per_epoch(self) -> int:
+        return self.blocks.shape[0] // self.batch_size
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.blocks.shape[0], generator=g))
+        return self._perm[1]
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``index`` counted from the start of training."""
+        epoch, k = divmod(index, self.per_epoch)
+        rows = self._order(epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+        ids = self.blocks[rows]
+        return {"input_ids": ids, "labels": ids}
+
+
+class PairBatches:
+    """(source, target) summarization pairs tokenized on the fly (same ordering rule)."""
+
+    def __init__(
+        self, pairs: list[tuple[str, str]], tokenizer: Any, arch: str, batch_size: int, seed: int,
+        source_length: int, target_length: int, prompt_template: str | None,
+    ) -> None:
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} training pairs < train.batch_size={batch_size}")
+        self.pairs, self.tok, self.arch = pairs, tokenizer, arch
+        self.batch_size, self.seed = batch_size, seed
+        self.source_length, self.target_length, self.template = source_length, target_length, prompt_template
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.pairs) // self.batch_size
+
+    def get(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, k = divmod(index, self.per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        rows = torch.randperm(len(self.pairs), generator=g)[k * self.batch_size : (k + 1) * self.batch_size]
+        chunk = [self.pairs[int(i)] for i in rows]
+        return self.collate(chunk)
+
+    def collate(self, chunk: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        """Padded ``input_ids``/``attention_mask`` ``[B, T]`` and ``labels`` (-100 = ignored)."""
+        sources, targets = [s for s, _ in chunk], [t for _, t in chunk]
+        if self.arch == "seq2seq":
+            enc = self.tok(sources, truncation=True, max_length=self.source_length, padding=True, return_tensors="pt")
+            lab = self.tok(text_target=targets, truncation=True, max_length=self.target_length,
+                           padding=True, return_tensors="pt")["input_ids"]
+            lab[lab == self.tok.pad_token_id] = -100
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": lab}
+        rows, labels = [], []
+        for s, t in chunk:
+            prompt = self.tok((self.template or "{source}").format(source=s), add_special_tokens=False)["input_ids"]
+            target = self.tok(t, add_special_tokens=False)["input_ids"][: self.target_length - 1]
+            target = target + [self.tok.eos_token_id]
+            bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+            prompt = bos + prompt[: max(1, self.source_length - len(target) - len(bos))]
+            rows.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.tok.pad_token_id, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, l_) in enumerate(zip(rows, labels, strict=True)):
+            ids[i, : len(r)], lab[i, : len(l_)], mask[i, : len(r)] = torch.tensor(r), torch.tensor(l_), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+# -------------------------------------------------------------------------------------- schedule
+
+
+def total_steps(tcfg: Any, micro_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` × steps per epoch."""
+    if tcfg.max_steps is not None:
+        return int(tcfg.max_steps)
+    return max(1, int(tcfg.epochs) * (micro_per_epoch // int(tcfg.grad_accum)))
+
+
+def warmup_steps(tcfg: Any, total: int) -> int:
+    if tcfg.warmup_steps is not None:
+        return int(tcfg.warmup_steps)
+    return int(math.ceil(float(tcfg.warmup_ratio) * total))
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"train.scheduler={kind!r} is not one of ['cosine', 'linear', 'constant']")
+
+
+# --------------------------------------------------------------------------------------- optimizer
+
+
+def resolve_optimizer(requested: str | None, method: str | None, device: torch.device | str) -> str:
+    """The optimizer a run actually uses (recorded in results.json as ``optimizer``).
+
+    ``requested`` is ``train.optimizer``: ``auto`` / None takes the method's
+    (``lowra.methods.optimizer_for``: paged 8-bit AdamW for QLoRA on CUDA with bitsandbytes, else
+    AdamW; a quant option unknown to ``lowra.methods`` gets AdamW); ``paged_adamw_8bit`` falls back
+    to ``adamw`` (with a warning) when there is no CUDA device or bitsandbytes does not import.
+    """
+    from lowra.methods import METHODS, optimizer_for
+
+    name = "auto" if requested is None else str(requested)
+    if name == "auto":
+        return optimizer_for(method, str(device)) if method in METHODS else "adamw"
+    if name == "paged_adamw_8bit" and not _bnb_usable(device):
+        import warnings
+
+        warnings.warn("train.optimizer=paged_adamw_8bit needs CUDA and bitsandbytes; using adamw",
+                      RuntimeWarning, stacklevel=2)
+        return "adamw"
+    return name
+
+
+def _bnb_usable(device: torch.device | str) -> bool:
+    if not str(device).startswith("cuda"):
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # any import failure means: not usable here
+        return False
+    return True
+
+
+def param_groups(params: list[torch.nn.Parameter], lrs: list[float] | None, lr: float) -> list[Any]:
+    """``params`` as they go to the optimizer: one list when every parameter takes ``lr``, else one
+    group per distinct learning rate (``lrs[i]`` is the rate of ``params[i]``), in first-seen order."""
+    if lrs is None or all(x == lr for x in lrs):
+        return params
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for p, x in zip(params, lrs, strict=True):
+        groups.setdefault(float(x), []).append(p)
+    return [{"params": ps, "lr": x} for x, ps in groups.items()]
+
+
+def make_optimizer(name: str, params: list[Any], tcfg: Any) -> torch.optim.Optimizer:
+    """``adamw`` (``torch.optim.AdamW``) or ``paged_adamw_8bit`` (bitsandbytes, CUDA only); ``params``
+    is a list of parameters or of groups (``param_groups``)."""
+    kw = dict(lr=float(tcfg.lr), betas=tuple(tcfg.betas), eps=float(tcfg.eps), weight_decay=float(tcfg.weight_decay))
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, **kw)
+    raise ValueError(f"train.optimizer={name!r} is not one of ['auto', 'adamw', 'paged_adamw_8bit']")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through ``lowra.atomic.atomic_path`` (a crash keeps the previous checkpoint)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / CHECKPOINT_NAME
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+@dataclass
+class TrainResult:
+    """What the loop did: ``steps`` done in total, ``losses`` per optimizer step (all of them)."""
+
+    steps: int
+    loss_final: float | None
+    time_s: float
+    resumed_from: int
+    losses: list[float] = field(default_factory=list)
+    optimizer: str = "adamw"
+    distill: dict[str, Any] | None = None  # train.distill: weight, temperature, the teacher's costs
+
+
+def train(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    batches: LMBatches | PairBatches,
+    tcfg: Any,
+    ckpt_dir: Path,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    log_fn: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+    optimizer: str | None = None,
+    dist: Any = None,
+    teacher: torch.nn.Module | None = None,
+    teacher_stats: DistillStats | None = None,
+    param_lrs: dict[str, float] | None = None,
+) -> TrainResult:
+    """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
+
+    Args:
+        batches: micro-batch source; each micro-batch is ``{"input_ids": [B, T], "labels": [B, T], …}``.
+        tcfg: the ``train`` config (lr, scheduler, grad_accum, checkpoint_every, …).
+        ckpt_dir: where ``last.pt`` lives; with ``resume`` the loop continues from it.
+        log_fn: called with ``({"train/loss", "train/lr"}, step)`` every ``log_every`` steps.
+        optimizer: the resolved optimizer name (``resolve_optimizer``); None: ``tcfg.optimizer``
+            (``auto`` → adamw).
+        dist: an ``experiments.runner.distributed.DistContext`` under torchrun (None: one process). Then
+            ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
+            the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
+            that rank 0 alone writes (every rank reads them back on resume).
+        teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.runner.distill`); with
+            ``train.distill.weight > 0`` the loss mixes CE with the KL to it, else it is unused.
+            Never trained, never in the optimizer or the checkpoint. ``teacher_stats``: its costs.
+        param_lrs: learning rates of named parameters that do not take ``tcfg.lr`` (e.g. trainable
+            codebooks, ``train.codebooks_lr``); the schedule multiplies every group alike.
+    """
+    total = total_steps(tcfg, batches.per_epoch)
+    warmup = warmup_steps(tcfg, total)
+    named = list(params.items())
+    trainable = [p for _, p in named]
+    if optimizer is None:
+        optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
+                                      None, device)
+    lrs = None if param_lrs is None else [float(param_lrs.get(n, tcfg.lr)) for n, _ in named]
+    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr)), tcfg)
+    weight, temperature, chunk = distill_options(tcfg)
+    if weight > 0 and teacher is None:
+        raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")
+    stats = teacher_stats if teacher_stats is not None else DistillStats()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, tcfg.scheduler))
+    step, losses, elapsed = 0, [], 0.0
+    torch.manual_seed(int(tcfg.seed))
+    state = load_checkpoint(ckpt_dir) if resume else None
+    if state is not None:
+        from experiments.runner import distributed as dist_mod
+
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(dist_mod.shard_like(state["params"][name], p))
+        opt.load_state_dict(dist_mod.shard_optimizer_state(state["optimizer"], trainable))
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        step, losses, elapsed = state["step"], list(state["losses"]), float(state["elapsed_s"])
+    resumed_from = step
+
+    def save() -> None:
+        from experiments.runner import distributed as dist_mod
+
+        # gather-on-save: full tensors (a collective under FSDP2), written by rank 0 alone
+        params = {n: dist_mod.full_tensor(p) for n, p in named}
+        opt_state = dist_mod.full_optimizer_state(opt.state_dict())
+        if dist is not None and not dist.is_main:
+            dist.barrier()  # rank 0 has written when this returns
+            return
+        atomic_torch_save(
+            {
+                "step": step, "total": total,
+                "params": params,
+                "optimizer": opt_state, "scheduler": sched.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "losses": losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
+            },
+            ckpt_dir / CHECKPOINT_NAME,
+        )
+        if dist is not None:
+            dist.barrier()
+
+    t0 = time.perf_counter()
+    model.train()
+    accum = int(tcfg.grad_accum)
+    bar = progress_bar(total, "fine-tune", progress, initial=step)  # a bar on a TTY, plain lines otherwise
+    while step < total:
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for micro in range(accum):
+            batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
+            # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
+            no_sync = micro < accum - 1 and hasattr(model, "no_sync")
+            with model.no_sync() if no_sync else contextlib.nullcontext():
+                if weight > 0:
+                    loss, _ = distill_loss(model, teacher, batch, weight, temperature, chunk, stats)
+                else:  # weight 0: exactly the model's own loss
+                    loss = model(**batch).loss
+                (loss / accum).backward()
+            step_loss += float(loss.detach()) / accum
+        if dist is not None:
+            step_loss = dist.mean(step_loss)  # the loss of the global batch (equal shares per rank)
+        if tcfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, float(tcfg.max_grad_norm))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")  # before update: its line shows this step's loss
+        bar.update(1)
+        if log_fn is not None and (step % int(tcfg.log_every) == 0 or step == total):
+            log_fn({"train/loss": step_loss, "train/lr": lr}, step)
+        if step % int(tcfg.checkpoint_every) == 0 or step == total:
+            save()
+        for hook in STEP_HOOKS:
+            hook(step)
+    bar.close()
+    elapsed += time.perf_counter() - t0
+    model.eval()
+    tail = losses[-int(tcfg.log_every) :]
+    return TrainResult(
+        steps=step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=elapsed,
+        resumed_from=resumed_from, losses=losses, optimizer=optimizer,
+        distill={"weight": weight, "temperature": temperature, "chunk_tokens": chunk, **stats.to_dict()}
+        if weight > 0 else None,
+    )

@@ -1,0 +1,1 @@
+"""Studies that read many runs: accuracy tables, the weights study, result collection."""

@@ -1,0 +1,188 @@
+"""``torch.ops.lowra.lut_linear``: the quantized LoRA linear as PyTorch custom ops.
+
+``y = x · deq(W)ᵀ + bias + s · (x Aᵀ) Bᵀ`` with ``x [..., in]``, a frozen quantized ``W [out, in]``
+given as tensors and ints (``lowra_kernels.weight.PackedWeight.op_args``: ``weight = [codes…, rows…,
+codebooks…, absmax]``, one packed-code, row-index and codebook tensor per stored bit-width, and
+``meta = [group_size, in_features, bits…]``),
+LoRA adapters ``A [r, in]``, ``B [out, r]`` and LoRA scale ``s`` (optional), and an optional
+``bias [out]``. Output in ``x.dtype``.
+
+Three ops (``torch.library.custom_op``, namespace ``lowra``), each with a fake (meta)
+implementation, so ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA graphs capture them
+as single nodes:
+
+* ``lowra::lut_linear`` — the forward above. Autograd (``register_autograd``): gradients for
+  ``x``, ``A``, ``B`` and a bias that requires grad; the quantized base gets none (codebooks are
+  a tensor input whose gradient is ``None`` today, the slot a trainable-codebook backward fills).
+  Only ``x`` and the adapters are saved; ``deq(W)`` is never kept between forward and backward.
+* ``lowra::lut_grad_input`` — ``grad_y · deq(W)`` (the base's part of ``grad_x``; its own
+  backward is ``lut_linear`` without adapters, so double backward works).
+* ``lowra::dequantize`` — ``deq(W) [out, in]`` in a given dtype.
+
+Backends (``lowra_kernels.dispatch.resolve``): ``"auto"`` runs the Triton kernels on CUDA, the C++
+extension on CPU (for fp32 ``x`` with ≤ 16 rows the whole layer — GEMV, adapters, bias — is one
+extension call), the PyTorch references elsewhere; ``"torch"``, ``"cpu"``, ``"triton"`` force one.
+``lut_linear_ref`` is the reference of the forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowra_kernels.cpu_backend import GEMV_MAX_M as CPU_GEMV_MAX_M
+from lowra_kernels.cpu_backend import lut_lora_gemv_cpu
+from lowra_kernels.dispatch import resolve
+from lowra_kernels.lut_matmul import lut_matmul, lut_matmul_backward, lut_matmul_ref
+from lowra_kernels.weight import PackedWeight
+
+__all__ = ["dequantize_op", "lut_grad_input", "lut_linear", "lut_linear_forward", "lut_linear_ref"]
+
+
+def _has_adapter(lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> bool:
+    """Whether an adapter is present; both or neither of ``A [r, in]`` / ``B [out, r]`` must be given."""
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must be given together (or both None)")
+    return lora_A is not None
+
+
+def _check_args(x: torch.Tensor, w: PackedWeight, lora_A, lora_B, bias) -> None:
+    """Shape checks of the forward's arguments (a ``ValueError`` names the argument)."""
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.in_features}")
+    if _has_adapter(lora_A, lora_B):
+        r = lora_A.shape[0]
+        if lora_A.shape != (r, w.in_features) or lora_B.shape != (w.out_features, r):
+            raise ValueError(f"adapters must be A [r, {w.in_features}] and B [{w.out_features}, r], got "
+                             f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (w.out_features,):
+        raise ValueError(f"bias must be [{w.out_features}], got {tuple(bias.shape)}")
+
+
+def _add_epilogue(y: torch.Tensor, x: torch.Tensor, lora_A, lora_B, bias, scaling: float) -> torch.Tensor:
+    """``y += bias + s · (x Aᵀ) Bᵀ`` (in place on the fresh ``y``), the adapter product in ``A``'s dtype."""
+    if bias is not None:
+        y += bias.to(y.dtype)
+    if lora_A is not None:
+        y += (F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scaling).to(y.dtype)
+    return y
+
+
+def lut_linear_ref(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None = None,
+                   lora_B: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   scaling: float = 1.0) -> torch.Tensor:
+    """Reference forward: ``x deq(W)ᵀ`` by the PyTorch reference, then bias and adapters as above."""
+    _check_args(x, w, lora_A, lora_B, bias)
+    return _add_epilogue(lut_matmul_ref(x, w), x, lora_A, lora_B, bias, scaling)
+
+
+def lut_linear_forward(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                       bias: torch.Tensor | None, scaling: float, backend: str) -> torch.Tensor:
+    """The forward of ``lowra::lut_linear`` — the function its registered kernel runs — callable without
+    the dispatcher (``LowRALinear`` does so in eager mode when no gradient is being recorded: the op's
+    dispatch costs more host time than the whole decode-step implementation). No autograd."""
+    _check_args(x, w, lora_A, lora_B, bias)
+    kind = resolve(backend, x)
+    if (kind == "cpu" and x.dtype == torch.float32 and 0 < x.numel() <= CPU_GEMV_MAX_M * w.in_features
+            and all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (lora_A, lora_B, bias))):
+        return lut_lora_gemv_cpu(x, w, lora_A, lora_B, scaling, bias, check=False)  # one extension pass per layer
+    return _add_epilogue(lut_matmul(x, w, kind), x, lora_A, lora_B, bias, scaling)
+
+
+@torch.library.custom_op("lowra::lut_linear", mutates_args=())
+def lut_linear(
+    x: torch.Tensor, weight: list[torch.Tensor], lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+    bias: torch.Tensor | None, meta: list[int], scaling: float, backend: str,
+) -> torch.Tensor:
+    """``x deq(W)ᵀ + bias + s (x Aᵀ) Bᵀ`` (module doc); ``x [..., in]`` → ``[..., out]`` in ``x.dtype``.
+
+    ``weight = [codes…, rows…, codebooks…, absmax]`` and ``meta = [group_size, in_features, bits…]``
+    (``PackedWeight.op_args``).
+    """
+    w = PackedWeight.from_op_args(weight, meta)
+    return lut_linear_forward(x, w, lora_A, lora_B, bias, scaling, backend)
+
+
+@lut_linear.register_fake
+def _lut_linear_fake(x, weight, lora_A, lora_B, bias, meta, scaling, backend):
+    if x.shape[-1] != meta[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {meta[1]}")
+    return x.new_empty((*x.shape[:-1], weight[-1].shape[0]))
+
+
+@torch.library.custom_op("lowra::lut_grad_input", mutates_args=())
+def lut_grad_input(grad_y: torch.Tensor, weight: list[torch.Tensor], meta: list[int], backend: str) -> torch.Tensor:
+    """``grad_y [..., out] · deq(W) → [..., in]`` in ``grad_y.dtype`` (the base's part of ``grad_x``)."""
+    w = PackedWeight.from_op_args(weight, meta)
+    if grad_y.shape[-1] != w.out_features:
+        raise ValueError(f"grad_y has {grad_y.shape[-1]} features, the weight has {w.out_features} rows")
+    return lut_matmul_backward(grad_y, w, resolve(backend, grad_y))
+
+
+@lut_grad_input.register_fake
+def _lut_grad_input_fake(grad_y, weight, meta, backend):
+    return grad_y.new_empty((*grad_y.shape[:-1], meta[1]))
+
+
+@torch.library.custom_op("lowra::dequantize", mutates_args=())
+def dequantize_op(weight: list[torch.Tensor], meta: list[int], dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``deq(W) [out, in]`` in ``dtype`` (fp32 product rounded once: bit-exact across backends)."""
+    from lowra_kernels.dequantize import dequantize_weight
+
+    w = PackedWeight.from_op_args(weight, meta)
+    return dequantize_weight(w, dtype, resolve(backend, w.absmax))
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(weight, meta, dtype, backend):
+    return weight[-1].new_empty((weight[-1].shape[0], meta[1]), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ autograd
+def _setup_lut_linear(ctx, inputs, output) -> None:
+    x, weight, lora_A, lora_B, bias, meta, scaling, backend = inputs
+    ctx.meta, ctx.scaling, ctx.backend, ctx.has_bias = meta, scaling, backend, bias is not None
+    ctx.save_for_backward(x, lora_A, lora_B, *weight)  # the stored tensors themselves, never deq(W)
+
+
+def _backward_lut_linear(ctx, grad_y: torch.Tensor):
+    """Gradients of ``x``, ``A``, ``B`` and ``bias``; ``None`` for every tensor of the frozen base (the
+    codebooks among them: the slot a trainable-codebook gradient fills)."""
+    x, lora_A, lora_B, *weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_x = grad_a = grad_b = grad_bias = None
+    if need[0]:
+        grad_x = lut_grad_input(grad_y, weight, ctx.meta, ctx.backend)
+    if lora_A is not None and (need[0] or need[2] or need[3]):
+        g = grad_y.to(lora_A.dtype) * ctx.scaling  # [..., out]
+        gu = g @ lora_B  # [..., r]: gradient of u = x Aᵀ
+        xa = x.to(lora_A.dtype)
+        if need[0]:
+            grad_x = grad_x + (gu @ lora_A).to(x.dtype)
+        if need[2]:
+            grad_a = gu.reshape(-1, gu.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])
+        if need[3]:
+            u = F.linear(xa, lora_A)
+            grad_b = g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
+    if ctx.has_bias and need[4]:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    return grad_x, [None] * len(weight), grad_a, grad_b, grad_bias, None, None, None
+
+
+lut_linear.register_autograd(_backward_lut_linear, setup_context=_setup_lut_linear)
+
+
+def _setup_grad_input(ctx, inputs, output) -> None:
+    grad_y, weight, meta, backend = inputs
+    ctx.meta, ctx.backend = meta, backend
+    ctx.save_for_backward(*weight)
+
+
+def _backward_grad_input(ctx, gg: torch.Tensor):
+    """``lut_grad_input`` is linear in ``grad_y``: its backward is the forward matmul (no adapters)."""
+    weight = list(ctx.saved_tensors)
+    ggy = lut_linear(gg, weight, None, None, None, ctx.meta, 1.0, ctx.backend)
+    return ggy, [None] * len(weight), None, None
+
+
+lut_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)

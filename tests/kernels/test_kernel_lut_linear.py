@@ -1,0 +1,104 @@
+"""``torch.ops.lowra.lut_linear`` / ``lut_grad_input`` / ``dequantize``: opcheck, gradients, backends."""
+
+import pytest
+import torch
+from kernel_testutils import linear_op, mixed_bits, random_qtensor
+
+import lowra_kernels.lut_linear  # noqa: F401  (registers torch.ops.lowra.*)
+from lowra_kernels.lut_linear import lut_linear_ref
+
+OUT, IN, RANK = 12, 70, 3
+WIDTHS = [1, 2, 3, 4, "mixed"]
+
+
+def _weight(bits, seed: int = 0):
+    return random_qtensor(OUT, IN, mixed_bits(OUT) if bits == "mixed" else bits, seed=seed, group_size=32)
+
+
+def _args(q, dtype, adapters: bool, bias: bool, m: int = 3, grad: bool = True, backend: str = "auto"):
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(2, m, IN, generator=gen).to(dtype).requires_grad_(grad)
+    a = torch.randn(RANK, IN, generator=gen).requires_grad_(grad) if adapters else None
+    b = torch.randn(OUT, RANK, generator=gen).requires_grad_(grad) if adapters else None
+    c = torch.randn(OUT, generator=gen).to(dtype) if bias else None
+    tensors, meta = q.packed().op_args()
+    return x, tensors, a, b, c, meta, 0.5, backend
+
+
+FAST_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor")
+ALL_CHECKS = (*FAST_CHECKS, "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_opcheck_every_width_and_dtype(bits, dtype):
+    """Schema, autograd registration and fake tensors for every width and dtype; the AOT-dispatch check
+    (compiles forward and backward, ~2 s a case) for mixed widths in every dtype."""
+    q = _weight(bits)
+    torch.library.opcheck(torch.ops.lowra.lut_linear.default, _args(q, dtype, adapters=True, bias=True),
+                          test_utils=ALL_CHECKS if bits == "mixed" else FAST_CHECKS)
+
+
+@pytest.mark.parametrize(("adapters", "bias", "m"), [(False, False, 1), (False, True, 3), (True, False, 20)])
+def test_opcheck_without_adapters_or_bias(adapters, bias, m):
+    q = _weight("mixed", seed=1)
+    torch.library.opcheck(torch.ops.lowra.lut_linear.default, _args(q, torch.float32, adapters, bias, m=m))
+
+
+def test_opcheck_companion_ops():
+    q = random_qtensor(OUT, IN, mixed_bits(OUT), double_quant=True)
+    weight = q.packed().op_args()
+    gy = torch.randn(4, OUT, requires_grad=True)
+    torch.library.opcheck(torch.ops.lowra.lut_grad_input.default, (gy, *weight, "auto"))
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.lowra.dequantize.default, (*weight, dtype, "auto"))
+    assert torch.equal(torch.ops.lowra.dequantize(*weight, torch.float32, "auto"), q.dequantize(torch.float32))
+
+
+def test_gradcheck_float64_reference():
+    """fp64 through the reference: the registered backward is the derivative (x, adapters, bias)."""
+    q = _weight("mixed", seed=2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, IN, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = torch.randn(2, IN, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(OUT, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    c = torch.randn(OUT, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: linear_op(t[0], q, "torch", *t[1:], scaling=0.7), (x, a, b, c),
+                                    fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda t: linear_op(t, q, "torch"), (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_backends_agree_with_the_reference_and_base_gets_no_grad(m):
+    q = _weight("mixed", seed=3)
+    for g in q.groups:
+        g.codebook.requires_grad_(True)  # a frozen base: its gradient stays None
+    args = _args(q, torch.float32, adapters=True, bias=True, m=m)
+    x, a, b, c = args[0], args[2], args[3], args[4]
+    y = torch.ops.lowra.lut_linear(*args[:-1], "cpu")
+    want = lut_linear_ref(x, q.packed(), a, b, c, 0.5)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, b), gy, retain_graph=True)
+    want_grads = torch.autograd.grad(want, (x, a, b), gy)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    y.backward(gy)
+    assert all(g.codebook.grad is None for g in q.groups)
+
+
+def test_bad_arguments_name_the_problem():
+    q = _weight(2)
+    args = list(_args(q, torch.float32, adapters=True, bias=True, grad=False))
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.lowra.lut_linear(args[0][..., :-1], *args[1:])
+    with pytest.raises(ValueError, match="adapters"):
+        torch.ops.lowra.lut_linear(*args[:2], args[2][:, :-1], *args[3:])
+    with pytest.raises(ValueError, match="together"):
+        torch.ops.lowra.lut_linear(*args[:3], None, *args[4:])
+    with pytest.raises(ValueError, match="bias"):
+        torch.ops.lowra.lut_linear(*args[:4], args[4][:-1], *args[5:])
+    with pytest.raises(ValueError, match="widths"):
+        torch.ops.lowra.lut_linear(args[0], args[1][:-1], *args[2:])
+    with pytest.raises(ValueError, match="backend"):
+        torch.ops.lowra.lut_linear(*args[:-1], "fast")
