@@ -41,7 +41,7 @@ from torch import nn
 
 from lowra.calibration import calibration_batches, head_nll_sum, large_allocations_mapped, plain_head
 from lowra.methods import CalibrationNeeds
-from lowra.progress import progress
+from lowra.progress import Ticker
 from lowra.weights import WeightSource
 
 __all__ = ["BlockLayout", "StatStore", "block_layout", "blockwise_statistics"]
@@ -319,18 +319,6 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.grad = None
 
 
-class _Ticker:
-    """Progress over the chunks of a sweep (``lowra.progress``: a line at the start, at most every
-    10 s and at the end): ``tick()`` after each chunk."""
-
-    def __init__(self, desc: str, total: int, show: bool) -> None:
-        self.items = iter(progress(range(total), desc, show, total=total, unit="chunk"))
-        next(self.items, None)
-
-    def tick(self) -> None:
-        next(self.items, None)
-
-
 def blockwise_statistics(source: WeightSource, names: Sequence[str], calibration: Any, batch_size: int,
                          needs: CalibrationNeeds, store: StatStore, show: bool = True,
                          head_tokens: int = 128) -> BlockLayout:
@@ -363,7 +351,7 @@ def blockwise_statistics(source: WeightSource, names: Sequence[str], calibration
 def _forward_sweep(source: WeightSource, layout: BlockLayout, hidden: list[torch.Tensor],
                    kwargs: list[dict[str, Any]], needs: CalibrationNeeds, store: StatStore, show: bool) -> None:
     """Forward-only statistics: every chunk through block i (Grams by hooks), block i's file written."""
-    ticker = _Ticker("calibration (block by block)", len(layout.layers) * len(hidden), show)
+    ticker = Ticker("calibration (block by block)", len(layout.layers) * len(hidden), show, unit="chunk")
     for i, layer in enumerate(layout.layers):
         with source.materialized([layout.prefixes[i]]):
             hooks = _BlockHooks(source.model, layer, layout.targets[i], needs, fp32_chunks=False)
@@ -383,7 +371,7 @@ def _gradient_sweeps(source: WeightSource, layout: BlockLayout, hidden: list[tor
     for c in range(n):
         store.spill("h0000", c, hidden[c])
     hidden.clear()
-    ticker = _Ticker("calibration forward (block by block)", blocks * n, show)
+    ticker = Ticker("calibration forward (block by block)", blocks * n, show, unit="chunk")
     for i, layer in enumerate(layout.layers):
         with source.materialized([layout.prefixes[i]]):
             for c in range(n):
@@ -395,7 +383,7 @@ def _gradient_sweeps(source: WeightSource, layout: BlockLayout, hidden: list[tor
             x = store.unspill(f"h{blocks:04d}", c, shapes[c], device).requires_grad_(True)
             _chunk_loss(layout, x, chunks[c].to(device), head_tokens).backward()
             store.spill(f"g{blocks:04d}", c, x.grad)
-    ticker = _Ticker("calibration backward (block by block)", blocks * n, show)
+    ticker = Ticker("calibration backward (block by block)", blocks * n, show, unit="chunk")
     for i in reversed(range(blocks)):
         layer = layout.layers[i]
         with source.materialized([layout.prefixes[i]]):

@@ -59,3 +59,16 @@ def plain_progress(iterable: Iterable[T], desc: str, total: int | None, unit: st
             last = now
             eta = f", ~{(now - t0) / n * (total - n):.0f} s left" if total and n < total else ""
             log.info("%s: %d%s %ss · %.1f s%s", desc, n, of, unit, now - t0, eta)
+
+
+class Ticker:
+    """Progress of a loop that is not one iterable (nested loops, work done between items): ``tick()``
+    after each unit of work; :func:`progress`'s output (a line at the start, at most every
+    :data:`PLAIN_INTERVAL_S` seconds, at the end)."""
+
+    def __init__(self, desc: str, total: int, enabled: bool, unit: str = "layer") -> None:
+        self.items = iter(progress(range(total), desc, enabled, total=total, unit=unit))
+        next(self.items, None)
+
+    def tick(self) -> None:
+        next(self.items, None)

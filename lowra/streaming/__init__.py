@@ -1,44 +1,40 @@
 """Quantize a model larger than memory: stream a sharded safetensors checkpoint block by block.
 
-``quantize_pretrained(model_dir, out_dir, bits, ...)`` produces the same quantized model as
-loading the full-precision model and calling ``lowra.quantize_model`` (same options: the codes,
-codebooks, scales and plan are identical bit for bit), without ever holding the full-precision
-model. It reads the checkpoint's safetensors shards memory-mapped (``safetensors.safe_open``), one
-tensor at a time, and works through the transformer blocks in module order:
+``quantize_pretrained(model_dir, out_dir, config, calibration=...)`` produces the same quantized model
+as loading the full-precision model and calling ``lowra.quantize_model(model, config,
+calibration=...)`` (the codes, codebooks, scales, plan and adapters are identical bit for bit),
+without ever holding the full-precision model. The weights come from a
+:class:`lowra.weights.ShardSource` (the model is a meta-device skeleton; a tensor is read from its
+shard when a stage asks for it) and go through the in-memory path's own stages:
 
-1. **pass 1** (``method="lowra"`` with a plan): per target layer ``learn_codebooks`` → its codebooks
-   and its error table ``[out, K]`` (``lowra.error_tables.row_error_table``); each block's results
-   are written to the partial directory as they finish;
-2. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.stages.solve_plan``,
-   the in-memory path's own call);
-3. **pass 2**: per layer the quantizer with the fixed plan and codebooks, LoftQ
-   (``lowra.loftq.loftq_init``) and the ``LowRALinear`` that holds the codes and adapters; each
-   finished block is written as one safetensors shard of the partial directory;
-4. **assemble**: the quantized model is built on the meta device, its quantized layers filled from
-   the block shards and its other tensors (embeddings, norms, ``lm_head``) from the source, and
-   saved with ``lowra.save_quantized`` (so ``lowra.load_quantized`` reads it like any other save).
+1. **calibration** (when the method needs statistics): block by block (:mod:`lowra.blockwise`), one
+   decoder block materialized at a time, each block's statistics written to the partial directory;
+2. **pass 1** (a method that plans): per target layer ``lowra.stages.layer_table`` → its codebooks and
+   error table ``[out, K]``; each block's results written as they finish;
+3. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.stages.solve_plan``);
+4. **pass 2**: per layer ``lowra.quantize_layers.quantize_layer`` (quantizer with the fixed plan and
+   codebooks, adapter init, the ``LowRALinear`` that holds codes and adapters); each finished block
+   written as one safetensors file;
+5. **assemble**: the quantized model built on the meta device, its quantized layers filled from the
+   block files and its other tensors (embeddings, norms, ``lm_head``) from the source, and saved
+   with ``lowra.save_quantized`` (so ``lowra.load_quantized`` reads it like any other save).
 
-Memory: the full-precision weights held at any time are ONE target layer (plus its LoftQ SVD
-workspace); the source mapping of a shard is opened per tensor and closed right after, so the
-mapped pages do not accumulate. The assembled model is the quantized model (codes + adapters +
-the non-quantized tensors), i.e. what training needs anyway.
+Memory: full-precision weights of ONE target layer (pass 1 and 2) or one decoder block
+(calibration) at a time, one block's statistics, one calibration chunk's activations; the block
+boundaries of the calibration sweeps are spilled to disk.
 
-Resume: the partial directory ``<out_dir>.partial/`` holds ``progress.json`` (the finished blocks
-of each pass, written atomically after each block file) and the block files (each written
-atomically). A rerun with the same source and options skips every finished block; a rerun with
-other options or another source is refused (``resume=False`` starts over). The partial directory is
-removed once the final checkpoint is saved.
+Resume: the partial directory ``<out_dir>.partial/`` holds ``progress.json`` (the finished blocks of
+each pass, whether calibration finished) and the block files (each written atomically). A rerun with
+the same source, config and calibration windows skips every finished block; another is refused
+(``resume=False`` starts over). The partial directory is removed once the final checkpoint is saved.
 
 Modules, one a stage: :mod:`~lowra.streaming.source` (shards, skeleton, blocks),
-:mod:`~lowra.streaming.options` (the ``LowRAConfig``: the same as ``quantize_model``'s, recorded in
-the checkpoint as ``lowra_config``; what cannot stream), :mod:`~lowra.streaming.passes` (pass 1,
-plan, pass 2), :mod:`~lowra.streaming.partial` (the resumable progress state),
-:mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.memory` (``PeakMemory``).
+:mod:`~lowra.streaming.options` (the resolved settings, what cannot stream, the resume fingerprint),
+:mod:`~lowra.streaming.passes` (pass 1, plan, pass 2), :mod:`~lowra.streaming.partial` (the resumable
+progress state), :mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.memory` (``PeakMemory``).
 
-Not streamable: error tables and adapter inits that need data through the whole model
-(``error=fisher|kfac|measured``, ``init="calibrated"``, ``fisher_codebooks``, quantizers that need
-calibration Hessians such as OPTQ) and ``method="none"``: they raise a ValueError that says to use
-``quantize_model`` on the model in memory.
+Not streamable (``lowra.methods.unstreamable``): ``method="none"`` (nothing to quantize) and
+``error="measured"`` (it measures the whole model's loss per layer and width).
 
 ``PeakMemory`` measures each stage's peak host RSS (``/proc/self/status`` VmHWM, reset per stage
 through ``/proc/self/clear_refs``) and peak CUDA memory; ``StreamResult.stages`` records them.
@@ -166,30 +162,12 @@ def quantize_pretrained(
         with peaks.stage("calibration"):
             calib = _calibrate(job, model, targets, calibration)
     report = new_report(s, targets, calib)
-    times = report.times
-
-    # ---- pass 1: codebooks + error tables, block by block; the plan on the whole model's table
-    layer_bits: dict[str, torch.Tensor] = {}
-    codebooks: dict[str, dict[int, torch.Tensor]] = {}
-    if s.with_plan:
-        with peaks.stage("pass1_codebooks"):
-            codebooks, errors = pass1_codebooks(job, calib)
-        times["codebooks_s"] = peaks.stages["pass1_codebooks"]["time_s"]
-        with peaks.stage("plan"):
-            layer_bits = plan_rows(job, errors, report)
-            del errors
-        times["plan_s"] = peaks.stages["plan"]["time_s"]
-
-    # ---- pass 2: quantize + adapter init per layer, one block file at a time
-    job.s = s = init_for_plan(s, layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, report)
-    with peaks.stage("pass2_quantize"):
-        layer_reports = pass2_quantize(job, layer_bits, codebooks, calib, times)
-    _layer_totals(report, [layer_reports[n] for n in job.names])
+    job.s = s = _passes(job, calib, report, peaks)
 
     # ---- assemble the quantized model and save it through the public format
     with peaks.stage("assemble_save"):
         assemble_model(model, job.source, job.partial, job.blocks, module_kwargs(s))
-        times["total_s"] = time.perf_counter() - t_start
+        report.times["total_s"] = time.perf_counter() - t_start
         model.lowra_report = report
         model.lowra_config = s.config
         from lowra.checkpoint import save_quantized
@@ -200,6 +178,28 @@ def quantize_pretrained(
     shutil.rmtree(job.partial.path, ignore_errors=True)
     return StreamResult(out_dir=out_dir, report=report, stages=peaks.to_dict()["stages"], resumed=job.resumed,
                         source_bytes=source_bytes, peak_resettable=peaks.peak_resettable)
+
+
+def _passes(job: StreamJob, calib: Calibration, report: QuantizationReport, peaks: PeakMemory) -> Settings:
+    """Pass 1 (codebooks + error tables) and the plan when the method plans, then pass 2 (quantize +
+    adapter init), block by block; the report gets their times and the layers' totals.  Returns the
+    settings the init ran with (``init_for_plan``)."""
+    s, times = job.s, report.times
+    layer_bits: dict[str, torch.Tensor] = {}
+    codebooks: dict[str, dict[int, torch.Tensor]] = {}
+    if s.with_plan:
+        with peaks.stage("pass1_codebooks"):
+            codebooks, errors = pass1_codebooks(job, calib)
+        times["codebooks_s"] = peaks.stages["pass1_codebooks"]["time_s"]
+        with peaks.stage("plan"):
+            layer_bits = plan_rows(job, errors, report)
+            del errors
+        times["plan_s"] = peaks.stages["plan"]["time_s"]
+    job.s = s = init_for_plan(s, layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, report)
+    with peaks.stage("pass2_quantize"):
+        layer_reports = pass2_quantize(job, layer_bits, codebooks, calib, times)
+    _layer_totals(report, [layer_reports[n] for n in job.names])
+    return s
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lowra.progress import progress
+from lowra.progress import Ticker
 from lowra.quantize_layers import quantize_layer
 from lowra.report import LayerReport, QuantizationReport, jsonable
 from lowra.stages import Calibration, Settings, layer_table, row_costs, solve_plan
@@ -55,10 +55,13 @@ def pass1_codebooks(job: StreamJob, calib: Calibration) -> tuple[dict[str, dict[
     s, partial = job.s, job.partial
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
     errors: dict[str, torch.Tensor] = {}
-    for i, (_, block_names) in enumerate(progress(job.blocks, "pass 1 (codebooks)", s.progress, unit="block")):
+    ticker = Ticker("pass 1 (codebooks)", len(job.names), s.progress)
+    for i, (_, block_names) in enumerate(job.blocks):
         if partial.done("pass1", i):
             tensors, _ = partial.read("pass1", i)
             job.resumed["pass1"] += 1
+            for _ in block_names:
+                ticker.tick()
         else:
             t0 = time.perf_counter()
             tensors = {}
@@ -69,6 +72,7 @@ def pass1_codebooks(job: StreamJob, calib: Calibration) -> tuple[dict[str, dict[
                     tensors[f"{name}/codebook.{b}"] = c
                 tensors[f"{name}/error"] = error
                 del w
+                ticker.tick()
             partial.write("pass1", i, tensors, {"time_s": time.perf_counter() - t0})
         for name in block_names:
             codebooks[name] = {b: tensors[f"{name}/codebook.{b}"] for b in s.candidates}
@@ -106,10 +110,13 @@ def pass2_quantize(job: StreamJob, layer_bits: dict[str, torch.Tensor], codebook
     back from the block files of a resumed run)."""
     s, partial = job.s, job.partial
     layer_reports: dict[str, LayerReport] = {}
-    for i, (_, block_names) in enumerate(progress(job.blocks, "pass 2 (quantize)", s.progress, unit="block")):
+    ticker = Ticker("pass 2 (quantize)", len(job.names), s.progress)
+    for i, (_, block_names) in enumerate(job.blocks):
         if partial.done("pass2", i):
             meta = read_header(partial.file("pass2", i))
             job.resumed["pass2"] += 1
+            for _ in block_names:
+                ticker.tick()
         else:
             tensors, meta = {}, {"layers": {}, "times": {"quantize_s": 0.0, "loftq_s": 0.0}}
             for name in block_names:
@@ -124,6 +131,7 @@ def pass2_quantize(job: StreamJob, layer_bits: dict[str, torch.Tensor], codebook
                     tensors[f"{name}.lora_B"] = new.lora_B.detach()
                 meta["layers"][name] = {"quantized": new.qweight.metadata(), "report": asdict(lr)}
                 del w, new
+                ticker.tick()
             partial.write("pass2", i, tensors, meta)
             del tensors
         times["quantize_s"] += meta["times"]["quantize_s"]

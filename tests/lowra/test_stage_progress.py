@@ -45,3 +45,23 @@ def test_progress_false_is_silent(monkeypatch, caplog):
         quantize_model(model, 2.0, rank=0, codebook_iters=5, error="relative",
                        plan_options={"clusters": 8, "samples": 0, "max_nodes": 50}, progress=False)
     assert not [r for r in caplog.records if r.name == "lowra"]
+
+
+def test_quantize_pretrained_reports_every_stage_per_layer_or_chunk(monkeypatch, caplog, tmp_path):
+    """Streamed default (block-wise calibration, K-FAC plan, calibrated init): every stage logs lines
+    per chunk (calibration sweeps) or per layer (pass 1, pass 2), not per block."""
+    import torch
+
+    from experiments.eval.stories import model_dir
+    from lowra.streaming import quantize_pretrained
+
+    monkeypatch.setattr(progress_mod, "_is_terminal", lambda: False)
+    windows = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="lowra"):
+        quantize_pretrained(model_dir(), tmp_path / "q", rank=2, alpha=4, codebook_iters=3, calibration=windows,
+                            plan_options={"clusters": 8, "samples": 0, "max_nodes": 50}, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lowra"]
+    for start in ("calibration forward (block by block): 0/5 chunks", "calibration backward (block by block): 5/5",
+                  "pass 1 (codebooks): 0/35 layers", "pass 1 (codebooks): 35/35 layers",
+                  "pass 2 (quantize): 35/35 layers"):
+        assert any(line.startswith(start) for line in lines), (start, lines)
