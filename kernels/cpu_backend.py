@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +82,29 @@ def _build_flags() -> tuple[str, list[str]]:
     return f"lowra_cpu_{'avx2' if simd else 'generic'}_{key.hexdigest()[:16]}", flags
 
 
+STALE_LOCK_S = 600.0  # a build takes 10-40 s here; a lock this old was left by a killed build
+
+
+def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s``; True if removed.
+
+    torch's ``cpp_extension.load`` guards a build with a lock file and waits forever while it exists;
+    a build killed mid-way (Ctrl-C, SIGKILL, a timeout) leaves it behind, and every later process
+    would hang in ``load`` without a word.
+    """
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False
+    warnings.warn(f"removing a stale build lock ({age:.0f} s old, left by a killed build): {lock}",
+                  RuntimeWarning, stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def extension() -> Any | None:
     """The compiled extension module, building it on first call; ``None`` (warned once) if it fails."""
     global _ext, _state, _failure
@@ -92,8 +116,9 @@ def extension() -> Any | None:
         if _state == "unloaded":
             name, flags = _build_flags()
             try:
-                from torch.utils.cpp_extension import load
+                from torch.utils.cpp_extension import _get_build_directory, load
 
+                clear_stale_lock(Path(_get_build_directory(name, verbose=False)))
                 _ext = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=False)
                 _state = "ready"

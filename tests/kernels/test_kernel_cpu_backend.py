@@ -242,3 +242,20 @@ def test_extension_name_is_keyed_by_the_source(monkeypatch, tmp_path):
     other_name, other_flags = cpu._build_flags()
     assert other_flags == flags and other_name != name
     assert other_name.rsplit("_", 1)[0] == name.rsplit("_", 1)[0]  # same family, another key
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves ``lock`` behind and torch's ``load`` would wait on it forever."""
+    import os
+
+    from lowra_kernels.cpu_backend import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    assert not clear_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build in progress keeps its lock
+    old = lock.stat().st_mtime - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert clear_stale_lock(tmp_path)
+    assert not lock.exists()
