@@ -37,7 +37,7 @@ from the shards (a collective), e.g. to save a checkpoint a single process loads
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,6 +45,9 @@ from torch import nn
 from lowra.format import BitGroup, QuantizedTensor
 from lowra.nn import LowRALinear
 from lowra.scales import DQ_BLOCK, GroupScales
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lowra_kernels.weight import PackedWeight
 
 __all__ = ["ShardableLowRALinear", "ShardedQuantizedWeight", "gather_quantized", "make_bases_shardable"]
 
@@ -350,6 +353,19 @@ class ShardableLowRALinear(LowRALinear):
         return self.qweight
 
     @property
+    def _packed(self) -> PackedWeight:
+        """The kernels' view of the base, read anew each call, as copies: FSDP2 frees and re-allocates
+        the gathered storage between forwards, and the kernels' caches (``WeightCache``: the CPU
+        extension's raw pointers, launch plans) must never see a view whose memory moved."""
+        w = self.qweight.packed()
+        return w._replace(codes=tuple(t.clone() for t in w.codes), rows=tuple(t.clone() for t in w.rows),
+                          codebooks=tuple(t.clone() for t in w.codebooks), absmax=w.absmax.clone())
+
+    @property
+    def _op_weight(self) -> tuple[list[torch.Tensor], list[int]]:
+        return self._packed.op_args()
+
+    @property
     def is_quantized(self) -> bool:
         return True
 
@@ -392,7 +408,8 @@ def make_bases_shardable(model: nn.Module, world: int) -> int:
         if type(module) is LowRALinear and module.is_quantized:
             qt = module.qweight
             bits = (qt.nominal_bits, qt.effective_bits)
-            del module.qweight
+            for cached in ("_qweight", "_packed", "_op_weight"):  # the base becomes the parameter below
+                module.__dict__.pop(cached, None)
             module.__class__ = ShardableLowRALinear
             module._bits = bits
             dtype = torch.float32

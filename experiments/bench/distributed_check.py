@@ -110,6 +110,7 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
         full_tensor,
         gathered,
         init_distributed,
+        reshard,
         wrap_for_training,
     )
     from experiments.runner.setup import trainable_parameters
@@ -145,6 +146,7 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         logits = model(input_ids=probe).logits.float()
+    reshard(model)  # FSDP2 keeps a unit gathered after its forward
     adapters = {n: full_tensor(p).float().contiguous() for n, p in trainable_parameters(model).items()}
     bytes_per_rank: list[Any] = [base_bytes]
     if ctx.distributed:

@@ -267,6 +267,17 @@ def wrap_for_training(model: nn.Module, ctx: DistContext, shard_base: bool = Tru
     return model
 
 
+def reshard(model: nn.Module) -> list[nn.Module]:
+    """Shard every FSDP2 unit of ``model`` again (they stay gathered after a forward, see
+    ``wrap_for_training``) so its parameters are DTensors; returns the units (none without FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.reshard()
+    return units
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
     """Inside: ``model`` as a plain single-process model with full parameters (FSDP2), to save it.
@@ -287,9 +298,7 @@ def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
     from lowra.nn import LowRALinear
     from lowra.sharded import ShardableLowRALinear, gather_quantized
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in units:
-        m.reshard()  # the root keeps its parameters unsharded after forward: shard them again
+    units = reshard(model)
     classes = [(m, type(m)) for m in units]
     swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
     bases: list[tuple[nn.Module, nn.Parameter]] = []
@@ -301,7 +310,7 @@ def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
                 bases.append((module, p))
                 qt = gather_quantized(p)
                 module.__class__ = LowRALinear
-                module.__dict__["qweight"] = qt
+                module.qweight = qt  # the setter also builds the kernels' view
             for name, p in list(module._parameters.items()):
                 if isinstance(p, DTensor):
                     if id(p) not in full:
@@ -317,7 +326,8 @@ def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
         for module, name, p in swaps:
             module._parameters[name] = p
         for module, p in bases:
-            module.__dict__.pop("qweight", None)
+            for cached in ("_qweight", "_packed", "_op_weight"):
+                module.__dict__.pop(cached, None)
             module.__class__ = ShardableLowRALinear
             module._parameters["qweight_shards"] = p
 

@@ -49,7 +49,7 @@ def test_gemv_v2_mixed_weight_fp16_matches_lut_matmul_reference():
     groups = groups_to_v2(parts, qt.scales.absmax, qt.group_size, 256)
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(0)).to(torch.float16)
     got = gemv_v2(x, groups, 64)
-    ref = lut_matmul_ref(x.float(), qt)  # fp32 weights: v2 applies scales in fp32
+    ref = lut_matmul_ref(x.float(), qt.packed())  # fp32 weights: v2 applies scales in fp32
     torch.testing.assert_close(got.float(), ref, rtol=2e-3, atol=2e-3)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lowra.config import PAPER
 from lowra.methods import METHODS, get_method, method_of, optimizer_for
 from lowra.quantizers import QUANTIZERS
 
@@ -143,7 +144,8 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     common = dict(rank=rank, alpha=alpha, target_modules=TARGETS, group_size=spec.group_size,
                   double_quant=spec.double_quant, loftq_iters=spec.loftq_iters, progress=False)
     if not spec.needs_calibration:
-        quantize_model(model, 16 if bits is None else bits, method=spec.quantizer, **common)
+        preset = PAPER if spec.quantizer == "lowra" else {}  # lowra_paper: the data-free paper preset
+        quantize_model(model, 16 if bits is None else bits, method=spec.quantizer, **preset, **common)
         return
     if spec.quantizer == "lowra":  # the measured default: K-FAC table and calibrated init from calib text
         quantize_model(model, bits, method="lowra", error="kfac", init="calibrated", candidates=(1, 2, 3, 4),
