@@ -53,6 +53,7 @@ from lowra.layers import (
     lowra_layers,
     mark_only_lora_trainable,
 )
+from lowra.progress import activity
 from lowra.quantize_layers import quantize_layers
 from lowra.report import LayerReport, QuantizationReport
 
@@ -115,20 +116,21 @@ def quantize_model(
     config, runtime_options = config_from_arguments(config, options)
     s = stages.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
                                 quant_options=runtime_options)
-    targets = stages.find_targets(model, s)
-    if calibration is None and s.needs.any:
-        calibration = stages.default_calibration(model, s)
-    calib = stages.calibrate(model, targets, s, calibration)
-    try:
-        report = stages.new_report(s, targets, calib)
-        layer_bits: dict[str, torch.Tensor] = {}
-        codebooks: dict[str, dict[int, torch.Tensor]] = {}
-        if s.with_plan:
-            tables = stages.error_tables(model, targets, s, calib, calibration, report)
-            layer_bits = stages.plan_precision(targets, tables, s, report)
-            codebooks = tables.codebooks
-        s = stages.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
-        layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
-    finally:
-        calib.close()
-    return stages.finish_report(model, s, report, layers, t_start)
+    with activity("quantize", s.progress):
+        targets = stages.find_targets(model, s)
+        if calibration is None and s.needs.any:
+            calibration = stages.default_calibration(model, s)
+        calib = stages.calibrate(model, targets, s, calibration)
+        try:
+            report = stages.new_report(s, targets, calib)
+            layer_bits: dict[str, torch.Tensor] = {}
+            codebooks: dict[str, dict[int, torch.Tensor]] = {}
+            if s.with_plan:
+                tables = stages.error_tables(model, targets, s, calib, calibration, report)
+                layer_bits = stages.plan_precision(targets, tables, s, report)
+                codebooks = tables.codebooks
+            s = stages.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
+            layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
+        finally:
+            calib.close()
+        return stages.finish_report(model, s, report, layers, t_start)

@@ -35,6 +35,7 @@ from lowra.config import LowRAConfig
 from lowra.format import QuantizedTensor
 from lowra.layers import find_target_linears, mark_only_lora_trainable
 from lowra.methods import CalibrationNeeds, Method
+from lowra.progress import activity
 from lowra.report import LayerReport, QuantizationReport
 from lowra.validation import check_weight
 from lowra.weights import ModelSource, WeightSource
@@ -419,9 +420,10 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
         progress_log.info("plan: %d rows of %d layers at %g bits (%s budget)", sum(e.shape[0] for e in tables.errors),
                           len(tables.errors), s.bits, s.budget_kind)
     try:
-        per_layer, report.plan = solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
-                                             dict(s.plan_options),
-                                             tables.costs if s.budget_kind == "effective" else None)
+        with activity("plan", s.progress):
+            per_layer, report.plan = solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
+                                                 dict(s.plan_options),
+                                                 tables.costs if s.budget_kind == "effective" else None)
     except ValueError as exc:
         if s.budget_kind != "effective":
             raise
