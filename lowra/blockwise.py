@@ -20,7 +20,7 @@ statistics are held one block at a time, in memory and streamed alike.
 
 Numerics follow the whole-model passes: Grams accumulated from fp32 chunk products in float64 when
 gradients are collected (``collect_fisher``), in float64 throughout otherwise (``collect_hessians``).
-Progress: a line per chunk of each sweep (and of the loss gradient) at most every 5 s, heartbeats
+Progress: a line per chunk of each sweep (and of the loss gradient) at most every 4 s, heartbeats
 between (``lowra.progress``).
 """
 

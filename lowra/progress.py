@@ -29,7 +29,7 @@ log = logging.getLogger("lowra")
 T = TypeVar("T")
 
 #: The longest gap between two plain progress lines (checked after each item).
-PLAIN_INTERVAL_S = 5.0
+PLAIN_INTERVAL_S = 4.0
 #: While an activity is open, a heartbeat line after this many seconds without any log line.
 HEARTBEAT_S = 8.0
 
