@@ -28,7 +28,7 @@ Memory: phase 1 keeps codebooks and error tables only; phase 3 works one layer a
 the ``nn.Linear`` as soon as its replacement exists, so the peak stays near the (partly) quantized
 model plus one layer in fp32 (plus its SVD workspace).
 
-Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.stages` (find targets →
+Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.pipeline` (find targets →
 calibrate if needed → codebooks / error tables → plan → quantize + pack → init adapters → report);
 target selection and adapter helpers live in :mod:`lowra.layers`, the reports in
 :mod:`lowra.report` (all re-exported here).
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra import stages
+from lowra import pipeline
 from lowra.config import LowRAConfig, config_from_arguments
 from lowra.layers import (
     DEFAULT_SKIP_MODULES,
@@ -113,22 +113,22 @@ def quantize_model(
     """
     t_start = time.perf_counter()
     config, runtime_options = config_from_arguments(config, options)
-    s = stages.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
+    s = pipeline.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
                                 quant_options=runtime_options)
-    targets = stages.find_targets(model, s)
+    targets = pipeline.find_targets(model, s)
     if calibration is None and s.needs.any:
-        calibration = stages.default_calibration(model, s)
-    calib = stages.calibrate(model, targets, s, calibration)
+        calibration = pipeline.default_calibration(model, s)
+    calib = pipeline.calibrate(model, targets, s, calibration)
     try:
-        report = stages.new_report(s, targets, calib)
+        report = pipeline.new_report(s, targets, calib)
         layer_bits: dict[str, torch.Tensor] = {}
         codebooks: dict[str, dict[int, torch.Tensor]] = {}
         if s.with_plan:
-            tables = stages.error_tables(model, targets, s, calib, calibration, report)
-            layer_bits = stages.plan_precision(targets, tables, s, report)
+            tables = pipeline.error_tables(model, targets, s, calib, calibration, report)
+            layer_bits = pipeline.plan_precision(targets, tables, s, report)
             codebooks = tables.codebooks
-        s = stages.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
+        s = pipeline.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
         layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
     finally:
         calib.close()
-    return stages.finish_report(model, s, report, layers, t_start)
+    return pipeline.finish_report(model, s, report, layers, t_start)

@@ -4,7 +4,7 @@ One layer at a time (:func:`quantize_layers`): :func:`layer_quantizer` is the la
 ``[out, in] → QuantizedTensor`` (its plan's widths and codebooks fixed, or one integer width for the
 other methods), :func:`init_adapters` runs LoftQ (or the calibrated init) with it, and the
 ``nn.Linear`` is replaced by a ``LowRALinear`` and dropped at once.  The stages before it are in
-:mod:`lowra.stages`.
+:mod:`lowra.pipeline`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lowra.loftq import LoftQResult, loftq_init
 from lowra.nn import LowRALinear
 from lowra.progress import progress as layer_progress
 from lowra.report import LayerReport, QuantizationReport
-from lowra.stages import Calibration, Settings
+from lowra.pipeline import Calibration, Settings
 
 __all__ = ["init_adapters", "layer_quantizer", "module_kwargs", "quantize_layer", "quantize_layers"]
 

@@ -1,7 +1,7 @@
 """The options of streaming quantization: the same ``LowRAConfig`` as ``quantize_model``, and what cannot stream.
 
 ``stream_settings`` resolves the :class:`~lowra.config.LowRAConfig` of a ``quantize_pretrained``
-call exactly as ``quantize_model`` does (``lowra.stages.resolve_settings``: same candidates,
+call exactly as ``quantize_model`` does (``lowra.pipeline.resolve_settings``: same candidates,
 iterations, plan switch), so a streamed checkpoint records the same ``lowra_config`` as an
 in-memory one; it refuses what the method says cannot stream. ``fingerprint`` is what a resumed
 run must match.
@@ -17,7 +17,7 @@ import torch
 
 from lowra.config import LowRAConfig
 from lowra.methods import unstreamable
-from lowra.stages import Settings, resolve_settings
+from lowra.pipeline import Settings, resolve_settings
 from lowra.streaming.source import ShardReader
 
 __all__ = ["fingerprint", "stream_settings"]

@@ -1,10 +1,10 @@
 """The two passes of streaming quantization over the transformer blocks, and the plan between them.
 
-1. :func:`pass1_codebooks` (a method that plans): per target layer ``lowra.stages.layer_table``
+1. :func:`pass1_codebooks` (a method that plans): per target layer ``lowra.pipeline.layer_table``
    → its codebooks and its error table ``[out, K]`` (K-FAC / Fisher tables read the block's
    calibration statistics);
 2. :func:`plan_rows`: one ``assign_precision`` over the rows of the whole model
-   (``lowra.stages.solve_plan``, the in-memory path's own call);
+   (``lowra.pipeline.solve_plan``, the in-memory path's own call);
 3. :func:`pass2_quantize`: per layer ``lowra.quantize_layers.quantize_layer`` (the quantizer with the
    fixed plan and codebooks, the adapter init, the ``LowRALinear`` that holds codes and adapters).
 
@@ -23,7 +23,7 @@ import torch
 from lowra.progress import Ticker
 from lowra.quantize_layers import quantize_layer
 from lowra.report import LayerReport, QuantizationReport, jsonable
-from lowra.stages import Calibration, Settings, layer_table, row_costs, solve_plan
+from lowra.pipeline import Calibration, Settings, layer_table, row_costs, solve_plan
 from lowra.streaming.partial import PartialDir, read_header
 from lowra.weights import ShardSource
 

@@ -1,4 +1,4 @@
-"""The named stages of quantize_model (lowra/stages.py, lowra/quantize_layers.py), one at a time."""
+"""The named stages of quantize_model (lowra/pipeline.py, lowra/quantize_layers.py), one at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowra import stages
+from lowra import pipeline
 from lowra.config import PAPER, LowRAConfig
 from lowra.model import quantize_model
 from lowra.quantize_layers import quantize_layers
@@ -24,7 +24,7 @@ def _toy() -> nn.Module:
 def _settings(**over):
     kw = dict(bits=2.0, rank=2, alpha=4.0, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER)
     kw.update(over)
-    return stages.resolve_settings(LowRAConfig(**kw), progress=False)
+    return pipeline.resolve_settings(LowRAConfig(**kw), progress=False)
 
 
 def test_resolve_settings_derives_what_the_run_needs():
@@ -56,18 +56,18 @@ def test_stages_by_hand_equal_quantize_model():
                          progress=False)
     model = _toy()
     s = _settings(bits=1.5)
-    targets = stages.find_targets(model, s)
+    targets = pipeline.find_targets(model, s)
     assert [n for n, _ in targets] == ["0", "2", "4"]
-    calib = stages.calibrate(model, targets, s, None)
+    calib = pipeline.calibrate(model, targets, s, None)
     assert not calib.ran and not calib.fisher
-    report = stages.new_report(s, targets, calib)
-    tables = stages.error_tables(model, targets, s, calib, None, report)
+    report = pipeline.new_report(s, targets, calib)
+    tables = pipeline.error_tables(model, targets, s, calib, None, report)
     assert [tuple(e.shape) for e in tables.errors] == [(48, 3), (64, 3), (8, 3)]
     assert all(bool((e[:, :-1] >= e[:, 1:]).all()) for e in tables.errors)  # SSE falls with the width
-    layer_bits = stages.plan_precision(targets, tables, s, report)
+    layer_bits = pipeline.plan_precision(targets, tables, s, report)
     assert set(layer_bits) == {"0", "2", "4"} and report.plan["average_bits"] <= 1.5
     layers = quantize_layers(model, targets, s, layer_bits, tables.codebooks, calib, report)
-    out = stages.finish_report(model, s, report, layers, 0.0)
+    out = pipeline.finish_report(model, s, report, layers, 0.0)
     assert out is model.lowra_report and model.lowra_config is s.config
     assert out.config == rep.config == s.config.to_dict()
     assert out.bits_nominal == rep.bits_nominal and out.total_sse == rep.total_sse
@@ -81,13 +81,13 @@ def test_find_targets_checks_weights_and_rank():
     with torch.no_grad():
         model[2].weight[1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"layer '2' weight has 1 NaN/Inf"):
-        stages.find_targets(model, _settings())
+        pipeline.find_targets(model, _settings())
     with pytest.raises(ValueError, match=r"layer '0' \(48, 64\) is too small for rank 50"):
-        stages.find_targets(_toy(), _settings(rank=50))
+        pipeline.find_targets(_toy(), _settings(rank=50))
 
 
 def test_calibration_unused_by_the_method_warns():
     model = _toy()
     s = _settings()
     with pytest.warns(RuntimeWarning, match="does not use calibration data"):
-        stages.calibrate(copy.deepcopy(model), stages.find_targets(model, s), s, torch.zeros(2, 8, dtype=torch.int64))
+        pipeline.calibrate(copy.deepcopy(model), pipeline.find_targets(model, s), s, torch.zeros(2, 8, dtype=torch.int64))
