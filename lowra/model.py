@@ -53,7 +53,7 @@ from lowra.layers import (
     lowra_layers,
     mark_only_lora_trainable,
 )
-from lowra.quantize_layers import quantize_layers
+from lowra.layer_quantization import quantize_layers
 from lowra.report import LayerReport, QuantizationReport
 
 __all__ = [

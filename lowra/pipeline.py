@@ -10,7 +10,7 @@
    table ``[out, K]`` (only the small codebooks are kept, never a copy of W);
 5. :func:`plan_precision` — one precision plan (``lowra.precision.assign_precision``) over the rows
    of every layer under the average budget;
-6. :func:`lowra.quantize_layers.quantize_layers` — one layer at a time: quantize + pack
+6. :func:`lowra.layer_quantization.quantize_layers` — one layer at a time: quantize + pack
    (``layer_quantizer``), init the adapters (``init_adapters``: LoftQ or the calibrated init, the
    quantizer fixed), and swap the ``nn.Linear`` for a ``LowRALinear`` (dropped at once: the peak
    stays near one fp32 layer) — in its own module;

@@ -12,7 +12,7 @@ shard when a stage asks for it) and go through the in-memory path's own stages:
 2. **pass 1** (a method that plans): per target layer ``lowra.pipeline.layer_table`` → its codebooks and
    error table ``[out, K]``; each block's results written as they finish;
 3. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.pipeline.solve_plan``);
-4. **pass 2**: per layer ``lowra.quantize_layers.quantize_layer`` (quantizer with the fixed plan and
+4. **pass 2**: per layer ``lowra.layer_quantization.quantize_layer`` (quantizer with the fixed plan and
    codebooks, adapter init, the ``LowRALinear`` that holds codes and adapters); each finished block
    written as one safetensors file;
 5. **assemble**: the quantized model built on the meta device, its quantized layers filled from the
@@ -55,7 +55,7 @@ import torch
 
 from lowra.config import LowRAConfig, config_from_arguments
 from lowra.layers import find_target_linears
-from lowra.quantize_layers import module_kwargs
+from lowra.layer_quantization import module_kwargs
 from lowra.report import QuantizationReport
 from lowra.pipeline import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
 from lowra.streaming.assemble import assemble_model

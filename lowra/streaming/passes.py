@@ -5,7 +5,7 @@
    calibration statistics);
 2. :func:`plan_rows`: one ``assign_precision`` over the rows of the whole model
    (``lowra.pipeline.solve_plan``, the in-memory path's own call);
-3. :func:`pass2_quantize`: per layer ``lowra.quantize_layers.quantize_layer`` (the quantizer with the
+3. :func:`pass2_quantize`: per layer ``lowra.layer_quantization.quantize_layer`` (the quantizer with the
    fixed plan and codebooks, the adapter init, the ``LowRALinear`` that holds codes and adapters).
 
 Each finished block (the plan: once) is written to the partial directory
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lowra.progress import Ticker
-from lowra.quantize_layers import quantize_layer
+from lowra.layer_quantization import quantize_layer
 from lowra.report import LayerReport, QuantizationReport, jsonable
 from lowra.pipeline import Calibration, Settings, layer_table, row_costs, solve_plan
 from lowra.streaming.partial import PartialDir, read_header

@@ -1,4 +1,4 @@
-"""The named stages of quantize_model (lowra/pipeline.py, lowra/quantize_layers.py), one at a time."""
+"""The named stages of quantize_model (lowra/pipeline.py, lowra/layer_quantization.py), one at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from lowra import pipeline
 from lowra.config import PAPER, LowRAConfig
 from lowra.model import quantize_model
-from lowra.quantize_layers import quantize_layers
+from lowra.layer_quantization import quantize_layers
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
