@@ -120,7 +120,7 @@ class LowRAConfig:
             NormalFloat tables are not learned, so they stay fixed; measured in issue 12: more
             alternations with relearned codebooks help below 2 bits, not at 2 bits).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
-            model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
+            model type's projections (``lowra.model_layers.DEFAULT_TARGET_MODULES``).
         skip_modules: never quantized unless targeted explicitly (Hydra: ``keep_full_precision``).
         adapter_dtype: dtype name of A/B (``"bfloat16"``, ...); None: fp32 on CPU, bf16 on GPU.
     """

@@ -67,7 +67,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowra.format import FormatError, QuantizedTensor, tensor_sha256
-from lowra.layers import saved_linear
+from lowra.model_layers import saved_linear
 from lowra.model import lowra_layers, mark_only_lora_trainable
 from lowra.nn import LowRALinear
 

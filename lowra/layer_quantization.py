@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowra.format import QuantizedTensor
-from lowra.layers import set_module
+from lowra.model_layers import set_module
 from lowra.loftq import LoftQResult, loftq_init
 from lowra.nn import LowRALinear
 from lowra.progress import progress as layer_progress

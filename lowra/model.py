@@ -30,7 +30,7 @@ model plus one layer in fp32 (plus its SVD workspace).
 
 Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.pipeline` (find targets →
 calibrate if needed → codebooks / error tables → plan → quantize + pack → init adapters → report);
-target selection and adapter helpers live in :mod:`lowra.layers`, the reports in
+target selection and adapter helpers live in :mod:`lowra.model_layers`, the reports in
 :mod:`lowra.report` (all re-exported here).
 """
 
@@ -45,7 +45,7 @@ from torch import nn
 
 from lowra import pipeline
 from lowra.config import LowRAConfig, config_from_arguments
-from lowra.layers import (
+from lowra.model_layers import (
     DEFAULT_SKIP_MODULES,
     DEFAULT_TARGET_MODULES,
     find_target_linears,

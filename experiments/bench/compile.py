@@ -67,7 +67,7 @@ def forward_check(model: torch.nn.Module, ids: torch.Tensor, reps: int) -> dict:
 
 
 def train_check(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> dict:
-    from lowra.layers import lora_parameters
+    from lowra.model_layers import lora_parameters
 
     runs = {}
     for mode in ("eager", "compiled"):

@@ -214,10 +214,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def train_base_tables(model: torch.nn.Module, tcfg: Any) -> tuple[dict[str, float], frozenset[str]]:
     """``train.codebooks`` / ``train.scales`` = trainable: make the quantized layers' codebooks / group
-    scales parameters (``lowra.layers.train_base_tables``; codes stay frozen). Returns ``(param_lrs,
+    scales parameters (``lowra.model_layers.train_base_tables``; codes stay frozen). Returns ``(param_lrs,
     no_decay)`` for ``train``: each new parameter's learning rate (``train.codebook_lr`` /
     ``train.scale_lr``) and their names (trained without weight decay). Both empty when frozen."""
-    from lowra.layers import train_base_tables as make_trainable
+    from lowra.model_layers import train_base_tables as make_trainable
 
     codebooks = tcfg.get("codebooks", "frozen") == "trainable"
     scales = tcfg.get("scales", "frozen") == "trainable"

@@ -20,7 +20,7 @@ from lowra.atomic import dir_mode
 from lowra.format import (
     FormatError,
 )
-from lowra.layers import lowra_layers
+from lowra.model_layers import lowra_layers
 
 __all__ = ["ADAPTER_DIR", "DEFAULT_MAX_SHARD_SIZE", "MANIFEST", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "REPORT_FILE"]
 

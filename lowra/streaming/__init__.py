@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from lowra.config import LowRAConfig, config_from_arguments
-from lowra.layers import find_target_linears
+from lowra.model_layers import find_target_linears
 from lowra.layer_quantization import module_kwargs
 from lowra.report import QuantizationReport
 from lowra.pipeline import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report

@@ -9,7 +9,7 @@ import torch
 
 from lowra.codebook import learn_codebooks
 from lowra.format import QuantizedTensor
-from lowra.layers import train_base_tables
+from lowra.model_layers import train_base_tables
 from lowra.nn import LowRALinear
 
 

@@ -1,4 +1,4 @@
-"""Target selection and adapter helpers (lowra/layers.py), and the import layout of the library."""
+"""Target selection and adapter helpers (lowra/model_layers.py), and the import layout of the library."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import lowra.model
-from lowra import layers
-from lowra.layers import find_target_linears, lora_parameters, lowra_layers, mark_only_lora_trainable
+from lowra import model_layers
+from lowra.model_layers import find_target_linears, lora_parameters, lowra_layers, mark_only_lora_trainable
 
 
 class _Block(nn.Module):
@@ -59,7 +59,7 @@ def test_adapter_helpers_after_quantization():
 def test_model_reexports_the_layer_helpers():
     for name in ("find_target_linears", "lora_parameters", "lowra_layers", "mark_only_lora_trainable",
                  "DEFAULT_TARGET_MODULES", "DEFAULT_SKIP_MODULES"):
-        assert getattr(lowra.model, name) is getattr(layers, name)
+        assert getattr(lowra.model, name) is getattr(model_layers, name)
 
 
 def _is_main_guard(test: ast.expr) -> bool:
@@ -73,7 +73,7 @@ def _is_main_guard(test: ast.expr) -> bool:
 
 def _imports(package: str) -> dict[str, set[str]]:
     """``{module: modules of ``package`` it imports}``, function-level (lazy) imports included."""
-    root = Path(layers.__file__).parents[1] / package
+    root = Path(model_layers.__file__).parents[1] / package
     graph: dict[str, set[str]] = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(root.parent).with_suffix("").parts
@@ -152,7 +152,7 @@ def test_three_floors_experiments_lowra_kernels():
     """experiments -> lowra -> lowra_kernels: the library never imports experiments, the kernels never
     import the library."""
     for package, forbidden in (("lowra", ("experiments",)), ("kernels", ("experiments", "lowra"))):
-        root = Path(layers.__file__).parents[1] / package
+        root = Path(model_layers.__file__).parents[1] / package
         for path in root.rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
