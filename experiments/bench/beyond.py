@@ -47,7 +47,7 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
     from experiments.runner.distill import distill_loss, freeze
     from experiments.runner.setup import train_base_tables, trainable_parameters
     from experiments.runner.train import LMBatches, param_groups
-    from lowra.model import quantize_model
+    from lowra.model_quantization import quantize_model
 
     torch.manual_seed(0)
     model = load_model()

@@ -13,7 +13,7 @@ from torch import nn
 
 import lowra
 from lowra.config import PAPER, PLAN_OPTIONS, LowRAConfig, config_from_arguments
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 

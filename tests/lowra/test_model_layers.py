@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-import lowra.model
+import lowra.model_quantization
 from lowra import model_layers
 from lowra.model_layers import find_target_linears, lora_parameters, lowra_layers, mark_only_lora_trainable
 
@@ -45,7 +45,7 @@ def test_targets_peft_semantics_and_lm_head_skipped():
 def test_adapter_helpers_after_quantization():
     torch.manual_seed(0)
     model = _Toy()
-    lowra.model.quantize_model(model, 2, method="nf", rank=2, alpha=4, target_modules=["q_proj"], progress=False)
+    lowra.model_quantization.quantize_model(model, 2, method="nf", rank=2, alpha=4, target_modules=["q_proj"], progress=False)
     names = [n for n, _ in lowra_layers(model)]
     assert names == ["layers.0.q_proj", "layers.1.q_proj"]
     assert len(lora_parameters(model)) == 4
@@ -59,7 +59,7 @@ def test_adapter_helpers_after_quantization():
 def test_model_reexports_the_layer_helpers():
     for name in ("find_target_linears", "lora_parameters", "lowra_layers", "mark_only_lora_trainable",
                  "DEFAULT_TARGET_MODULES", "DEFAULT_SKIP_MODULES"):
-        assert getattr(lowra.model, name) is getattr(model_layers, name)
+        assert getattr(lowra.model_quantization, name) is getattr(model_layers, name)
 
 
 def _is_main_guard(test: ast.expr) -> bool:
@@ -119,7 +119,7 @@ def test_no_import_cycle_between_library_modules():
     """calibration ↔ model was a cycle (issue 17): none may come back, lazy imports included.
     (A package importing its own submodules is not a cycle.)"""
     graph = _imports("lowra")
-    assert "lowra.model" not in graph["lowra.calibration"]
+    assert "lowra.model_quantization" not in graph["lowra.calibration"]
     assert {"lowra.streaming.passes", "lowra.checkpoint.save"} <= set(graph)  # the stage packages are read
     _assert_no_cycle(graph)
 

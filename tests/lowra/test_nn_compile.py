@@ -15,7 +15,7 @@ import torch
 
 from experiments.bench.decode import quantize_decoder
 from experiments.eval.stories import load_model
-from lowra.model import lora_parameters
+from lowra.model_quantization import lora_parameters
 from lowra.nn import LowRALinear
 
 

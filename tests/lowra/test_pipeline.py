@@ -10,7 +10,7 @@ from torch import nn
 
 from lowra import pipeline
 from lowra.config import PAPER, LowRAConfig
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 from lowra.layer_quantization import quantize_layers
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}

@@ -6,7 +6,7 @@ import logging
 
 import lowra.progress as progress_mod
 from experiments.eval.stories import load_model
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 
 
 def test_plain_lines_at_start_interval_and_end(monkeypatch, caplog):

@@ -12,7 +12,7 @@ from torch import nn
 from experiments.eval.stories import finetune, load_model, perplexity, token_splits
 from lowra.config import PAPER
 from lowra.memory import memory_report
-from lowra.model import (
+from lowra.model_quantization import (
     QuantizationReport,
     find_target_linears,
     lora_parameters,
