@@ -22,7 +22,7 @@ _EXPORTS = {
     "GroupScales": "lowra.scales",
     "LoftQResult": "lowra.loftq",
     "LowRAConfig": "lowra.config",
-    "LowRALinear": "lowra.nn",
+    "LowRALinear": "lowra.linear",
     "PAPER": "lowra.config",
     "ModelSource": "lowra.weights",
     "ShardSource": "lowra.weights",

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 __all__ = [
     "DEFAULT_SKIP_MODULES",

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 def quantized_model(name: str, bits: float, rank: int) -> torch.nn.Module:
     """The model with every decoder linear quantized (random codes, NF codebooks) and non-zero adapters."""
     from experiments.bench.decode import build_model, quantize_decoder
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
 
     torch.manual_seed(0)
     model = quantize_decoder(build_model(name), bits, rank, "auto")

@@ -230,10 +230,10 @@ def train_base_tables(model: torch.nn.Module, tcfg: Any) -> tuple[dict[str, floa
 
 
 def lowra_api(name: str) -> Any:
-    """``lowra.<name>`` (the public API), else from ``lowra.model_quantization`` / ``lowra.nn``; None if absent."""
+    """``lowra.<name>`` (the public API), else from ``lowra.model_quantization`` / ``lowra.linear``; None if absent."""
     import importlib
 
-    for module in ("lowra", "lowra.model_quantization", "lowra.nn", "lowra.checkpoint", "lowra.memory"):
+    for module in ("lowra", "lowra.model_quantization", "lowra.linear", "lowra.checkpoint", "lowra.memory"):
         try:
             mod = importlib.import_module(module)
         except ImportError:

@@ -15,7 +15,7 @@ from lowra.checkpoint.manifest import read_manifest
 from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked
 from lowra.integrity import CHECKSUMS, verify_checksums
 from lowra.model_layers import lowra_layers, saved_linear
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 __all__ = ["load_merged", "load_peft", "load_quantized"]
 

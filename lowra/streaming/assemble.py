@@ -12,7 +12,7 @@ from torch import nn
 
 from lowra.format import QuantizedTensor
 from lowra.model_layers import mark_only_lora_trainable
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 from lowra.streaming.partial import PartialDir
 from lowra.streaming.source import source_key
 from lowra.weights import ShardSource

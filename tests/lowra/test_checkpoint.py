@@ -16,7 +16,7 @@ from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, 
 from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.model_quantization import lowra_layers, quantize_model
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 
 def test_save_load_bit_identical(quantized, tmp_path):

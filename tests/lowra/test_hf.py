@@ -21,7 +21,7 @@ from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
 from lowra.model_quantization import lora_parameters, lowra_layers, quantize_model
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 LAYER = "model.layers.0.mlp.down_proj"
 

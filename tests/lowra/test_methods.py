@@ -155,7 +155,7 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     # (quantize_model passes one set of quantizer options to every layer, so swap the bases here).
     from lowra.calibration import collect_hessians
     from lowra.model_quantization import lowra_layers, mark_only_lora_trainable
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
     from lowra.quantizers import quantize
 
     hessians = collect_hessians(model, calib.split(48), TARGETS)

@@ -19,7 +19,7 @@ from lowra.model_quantization import (
     lowra_layers,
     quantize_model,
 )
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 #: the paper preset (data-free: these tests quantize without calibration text), few iterations, a quick plan
 FAST = {**PAPER, "codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200},

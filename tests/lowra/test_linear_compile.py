@@ -16,7 +16,7 @@ import torch
 from experiments.bench.decode import quantize_decoder
 from experiments.eval.stories import load_model
 from lowra.model_quantization import lora_parameters
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 
 @pytest.fixture(scope="module")
