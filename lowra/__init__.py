@@ -48,7 +48,7 @@ _EXPORTS = {
     "lora_parameters": "lowra.model_quantization",
     "lowra_layers": "lowra.model_quantization",
     "mark_only_lora_trainable": "lowra.model_quantization",
-    "memory_report": "lowra.memory",
+    "memory_report": "lowra.model_memory",
     "merge_to_hf": "lowra.checkpoint",
     "normal_float_table": "lowra.normalfloat",
     "quantize": "lowra.quantizers",

@@ -84,7 +84,7 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
 def child(bits: float, variant: str) -> dict[str, Any]:
     """RSS growth of building the student (+ teacher), and the peak over 3 steps above the built state
     (run in a fresh process; the peak is reset after the build, so quantization's own peak is out)."""
-    from lowra.streaming.memory import current_rss, peak_rss, reset_peak_rss
+    from lowra.streaming.peak_memory import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(1)
     before = current_rss()

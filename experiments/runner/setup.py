@@ -233,7 +233,7 @@ def lowra_api(name: str) -> Any:
     """``lowra.<name>`` (the public API), else from ``lowra.model_quantization`` / ``lowra.linear``; None if absent."""
     import importlib
 
-    for module in ("lowra", "lowra.model_quantization", "lowra.linear", "lowra.checkpoint", "lowra.memory"):
+    for module in ("lowra", "lowra.model_quantization", "lowra.linear", "lowra.checkpoint", "lowra.model_memory"):
         try:
             mod = importlib.import_module(module)
         except ImportError:

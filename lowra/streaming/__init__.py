@@ -31,7 +31,7 @@ the same source, config and calibration windows skips every finished block; anot
 Modules, one a stage: :mod:`~lowra.streaming.source` (shards, skeleton, blocks),
 :mod:`~lowra.streaming.options` (the resolved settings, what cannot stream, the resume fingerprint),
 :mod:`~lowra.streaming.passes` (pass 1, plan, pass 2), :mod:`~lowra.streaming.partial` (the resumable
-progress state), :mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.memory` (``PeakMemory``).
+progress state), :mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.peak_memory` (``PeakMemory``).
 
 Not streamable (``lowra.methods.unstreamable``): ``method="none"`` (nothing to quantize) and
 ``error="measured"`` (it measures the whole model's loss per layer and width).
@@ -59,10 +59,10 @@ from lowra.layer_quantization import module_kwargs
 from lowra.report import QuantizationReport
 from lowra.pipeline import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
 from lowra.streaming.assemble import assemble_model
-from lowra.streaming.memory import PeakMemory, available_host_memory
-from lowra.streaming.memory import current_rss as current_rss
-from lowra.streaming.memory import peak_rss as peak_rss
-from lowra.streaming.memory import reset_peak_rss as reset_peak_rss
+from lowra.streaming.peak_memory import PeakMemory, available_host_memory
+from lowra.streaming.peak_memory import current_rss as current_rss
+from lowra.streaming.peak_memory import peak_rss as peak_rss
+from lowra.streaming.peak_memory import reset_peak_rss as reset_peak_rss
 from lowra.streaming.options import fingerprint, stream_settings
 from lowra.streaming.partial import PARTIAL_SUFFIX, PartialDir
 from lowra.streaming.passes import StreamJob, pass1_codebooks, pass2_quantize, plan_rows

@@ -11,7 +11,7 @@ from torch import nn
 
 from experiments.eval.stories import finetune, load_model, perplexity, token_splits
 from lowra.config import PAPER
-from lowra.memory import memory_report
+from lowra.model_memory import memory_report
 from lowra.model_quantization import (
     QuantizationReport,
     find_target_linears,
