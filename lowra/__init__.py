@@ -8,7 +8,7 @@ the quantizers, the precision planner, the LoRA module and the model-level funct
 # kernels) works in a bare torch + triton environment without the planner's or trainer's
 # dependencies (scipy, cvxpy, transformers, ...).
 _EXPORTS = {
-    "ActivationWhitening": "lowra.loftq",
+    "ActivationWhitening": "lowra.adapter_init",
     "BitGroup": "lowra.format",
     "ERROR_TABLES": "lowra.error_tables",
     "calibration_statistics": "lowra.error_tables",
@@ -20,7 +20,7 @@ _EXPORTS = {
     "CodebookResult": "lowra.codebook",
     "FormatError": "lowra.format",
     "GroupScales": "lowra.scales",
-    "LoftQResult": "lowra.loftq",
+    "LoftQResult": "lowra.adapter_init",
     "LowRAConfig": "lowra.config",
     "LowRALinear": "lowra.linear",
     "PAPER": "lowra.config",
@@ -44,7 +44,7 @@ _EXPORTS = {
     "load_peft": "lowra.checkpoint",
     "load_quantized": "lowra.checkpoint",
     "verify_checksums": "lowra.integrity",
-    "loftq_init": "lowra.loftq",
+    "loftq_init": "lowra.adapter_init",
     "lora_parameters": "lowra.model_quantization",
     "lowra_layers": "lowra.model_quantization",
     "mark_only_lora_trainable": "lowra.model_quantization",

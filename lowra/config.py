@@ -107,7 +107,7 @@ class LowRAConfig:
         loftq_iters: alternations of the adapter init (0: standard LoRA init, B = 0).
         init: ``"loftq"`` (rank-r SVD of the residual, the paper) or ``"calibrated"`` (the same in
             the activation norm ``‖(W − deq(Q) − s·BA)X‖``, ``H = XᵀX`` from calibration;
-            ``lowra.loftq.ActivationWhitening``); ``loftq_iters`` alternations either way.
+            ``lowra.adapter_init.ActivationWhitening``); ``loftq_iters`` alternations either way.
         init_damp: relative damping of the input Gram for ``init="calibrated"``.
         init_codebooks: ``"fixed"`` (the paper: each re-quantization of ``W − s·BA`` in the init's
             alternations keeps the codebooks learned on ``W``) or ``"relearn"`` (each one relearns every

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowra.format import QuantizedTensor
 from lowra.model_layers import set_module
-from lowra.loftq import LoftQResult, loftq_init
+from lowra.adapter_init import LoftQResult, loftq_init
 from lowra.linear import LowRALinear
 from lowra.progress import progress as layer_progress
 from lowra.report import LayerReport, QuantizationReport
