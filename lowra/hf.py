@@ -67,9 +67,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowra.format import FormatError, QuantizedTensor, tensor_sha256
+from lowra.linear import LowRALinear
 from lowra.model_layers import saved_linear
 from lowra.model_quantization import lowra_layers, mark_only_lora_trainable
-from lowra.linear import LowRALinear
 
 __all__ = [
     "HF_FORMAT_VERSION",

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra.format import QuantizedTensor
-from lowra.model_layers import set_module
 from lowra.adapter_init import LoftQResult, loftq_init
+from lowra.format import QuantizedTensor
 from lowra.linear import LowRALinear
+from lowra.model_layers import set_module
+from lowra.pipeline import Calibration, Settings
 from lowra.progress import progress as layer_progress
 from lowra.report import LayerReport, QuantizationReport
-from lowra.pipeline import Calibration, Settings
 
 __all__ = ["init_adapters", "layer_quantizer", "module_kwargs", "quantize_layer", "quantize_layers"]
 

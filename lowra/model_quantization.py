@@ -45,6 +45,7 @@ from torch import nn
 
 from lowra import pipeline
 from lowra.config import LowRAConfig, config_from_arguments
+from lowra.layer_quantization import quantize_layers
 from lowra.model_layers import (
     DEFAULT_SKIP_MODULES,
     DEFAULT_TARGET_MODULES,
@@ -53,7 +54,6 @@ from lowra.model_layers import (
     lowra_layers,
     mark_only_lora_trainable,
 )
-from lowra.layer_quantization import quantize_layers
 from lowra.report import LayerReport, QuantizationReport
 
 __all__ = [

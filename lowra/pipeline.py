@@ -33,8 +33,8 @@ from torch import nn
 
 from lowra.config import LowRAConfig
 from lowra.format import QuantizedTensor
-from lowra.model_layers import find_target_linears, mark_only_lora_trainable
 from lowra.methods import CalibrationNeeds, Method
+from lowra.model_layers import find_target_linears, mark_only_lora_trainable
 from lowra.report import LayerReport, QuantizationReport
 from lowra.validation import check_weight
 from lowra.weights import ModelSource, WeightSource

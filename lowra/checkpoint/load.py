@@ -14,8 +14,8 @@ from lowra.checkpoint.common import MANIFEST, _config_class, _empty_model, _mode
 from lowra.checkpoint.manifest import read_manifest
 from lowra.format import FormatError, QuantizedTensor, load_safetensors_checked
 from lowra.integrity import CHECKSUMS, verify_checksums
-from lowra.model_layers import lowra_layers, saved_linear
 from lowra.linear import LowRALinear
+from lowra.model_layers import lowra_layers, saved_linear
 
 __all__ = ["load_merged", "load_peft", "load_quantized"]
 

@@ -40,8 +40,8 @@ from lowra.checkpoint.common import (
 from lowra.checkpoint.export import _write_peft_adapters
 from lowra.format import file_sha256, save_safetensors_atomic
 from lowra.integrity import write_checksums
-from lowra.model_layers import lowra_layers
 from lowra.linear import LowRALinear
+from lowra.model_layers import lowra_layers
 
 __all__ = ["is_checkpoint", "save_quantized", "save_quantized_legacy"]
 

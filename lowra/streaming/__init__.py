@@ -54,18 +54,18 @@ from typing import Any
 import torch
 
 from lowra.config import LowRAConfig, config_from_arguments
-from lowra.model_layers import find_target_linears
 from lowra.layer_quantization import module_kwargs
-from lowra.report import QuantizationReport
+from lowra.model_layers import find_target_linears
 from lowra.pipeline import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
+from lowra.report import QuantizationReport
 from lowra.streaming.assemble import assemble_model
+from lowra.streaming.options import fingerprint, stream_settings
+from lowra.streaming.partial import PARTIAL_SUFFIX, PartialDir
+from lowra.streaming.passes import StreamJob, pass1_codebooks, pass2_quantize, plan_rows
 from lowra.streaming.peak_memory import PeakMemory, available_host_memory
 from lowra.streaming.peak_memory import current_rss as current_rss
 from lowra.streaming.peak_memory import peak_rss as peak_rss
 from lowra.streaming.peak_memory import reset_peak_rss as reset_peak_rss
-from lowra.streaming.options import fingerprint, stream_settings
-from lowra.streaming.partial import PARTIAL_SUFFIX, PartialDir
-from lowra.streaming.passes import StreamJob, pass1_codebooks, pass2_quantize, plan_rows
 from lowra.streaming.source import ShardReader, checkpoint_bytes, group_blocks, skeleton, source_checkpoint
 from lowra.weights import ShardSource
 

@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 from lowra.format import QuantizedTensor
-from lowra.model_layers import mark_only_lora_trainable
 from lowra.linear import LowRALinear
+from lowra.model_layers import mark_only_lora_trainable
 from lowra.streaming.partial import PartialDir
 from lowra.streaming.source import source_key
 from lowra.weights import ShardSource

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lowra.progress import Ticker
 from lowra.layer_quantization import quantize_layer
-from lowra.report import LayerReport, QuantizationReport, jsonable
 from lowra.pipeline import Calibration, Settings, layer_table, row_costs, solve_plan
+from lowra.progress import Ticker
+from lowra.report import LayerReport, QuantizationReport, jsonable
 from lowra.streaming.partial import PartialDir, read_header
 from lowra.weights import ShardSource
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowra.format import midpoints
 from lowra.adapter_init import loftq_init
+from lowra.format import midpoints
 from lowra.normalfloat import normal_float_table
 from lowra.quantizers import quantize
 from lowra.scales import GroupScales, compute_absmax

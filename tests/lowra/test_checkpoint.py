@@ -15,8 +15,8 @@ from experiments.eval.stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
 from lowra.config import PAPER
 from lowra.format import FormatError
-from lowra.model_quantization import lowra_layers, quantize_model
 from lowra.linear import LowRALinear
+from lowra.model_quantization import lowra_layers, quantize_model
 
 
 def test_save_load_bit_identical(quantized, tmp_path):

@@ -20,8 +20,8 @@ from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_q
 from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
-from lowra.model_quantization import lora_parameters, lowra_layers, quantize_model
 from lowra.linear import LowRALinear
+from lowra.model_quantization import lora_parameters, lowra_layers, quantize_model
 
 LAYER = "model.layers.0.mlp.down_proj"
 

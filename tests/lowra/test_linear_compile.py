@@ -15,8 +15,8 @@ import torch
 
 from experiments.bench.decode import quantize_decoder
 from experiments.eval.stories import load_model
-from lowra.model_quantization import lora_parameters
 from lowra.linear import LowRALinear
+from lowra.model_quantization import lora_parameters
 
 
 @pytest.fixture(scope="module")

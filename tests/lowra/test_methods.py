@@ -154,8 +154,8 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     # modulora: one Hessian per layer from the full-precision model, then OPTQ behind LowRALinear
     # (quantize_model passes one set of quantizer options to every layer, so swap the bases here).
     from lowra.calibration import collect_hessians
-    from lowra.model_quantization import lowra_layers, mark_only_lora_trainable
     from lowra.linear import LowRALinear
+    from lowra.model_quantization import lowra_layers, mark_only_lora_trainable
     from lowra.quantizers import quantize
 
     hessians = collect_hessians(model, calib.split(48), TARGETS)

@@ -45,7 +45,8 @@ def test_targets_peft_semantics_and_lm_head_skipped():
 def test_adapter_helpers_after_quantization():
     torch.manual_seed(0)
     model = _Toy()
-    lowra.model_quantization.quantize_model(model, 2, method="nf", rank=2, alpha=4, target_modules=["q_proj"], progress=False)
+    lowra.model_quantization.quantize_model(model, 2, method="nf", rank=2, alpha=4, target_modules=["q_proj"],
+                                            progress=False)
     names = [n for n, _ in lowra_layers(model)]
     assert names == ["layers.0.q_proj", "layers.1.q_proj"]
     assert len(lora_parameters(model)) == 4

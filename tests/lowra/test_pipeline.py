@@ -10,8 +10,8 @@ from torch import nn
 
 from lowra import pipeline
 from lowra.config import PAPER, LowRAConfig
-from lowra.model_quantization import quantize_model
 from lowra.layer_quantization import quantize_layers
+from lowra.model_quantization import quantize_model
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
@@ -90,4 +90,5 @@ def test_calibration_unused_by_the_method_warns():
     model = _toy()
     s = _settings()
     with pytest.warns(RuntimeWarning, match="does not use calibration data"):
-        pipeline.calibrate(copy.deepcopy(model), pipeline.find_targets(model, s), s, torch.zeros(2, 8, dtype=torch.int64))
+        pipeline.calibrate(copy.deepcopy(model), pipeline.find_targets(model, s), s,
+                           torch.zeros(2, 8, dtype=torch.int64))
