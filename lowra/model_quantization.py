@@ -113,22 +113,22 @@ def quantize_model(
     """
     t_start = time.perf_counter()
     config, runtime_options = config_from_arguments(config, options)
-    s = pipeline.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
+    settings = pipeline.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
                                 quant_options=runtime_options)
-    targets = pipeline.find_targets(model, s)
-    if calibration is None and s.needs.any:
-        calibration = pipeline.default_calibration(model, s)
-    calib = pipeline.calibrate(model, targets, s, calibration)
+    targets = pipeline.find_targets(model, settings)
+    if calibration is None and settings.needs.any:
+        calibration = pipeline.default_calibration(model, settings)
+    calib = pipeline.calibrate(model, targets, settings, calibration)
     try:
-        report = pipeline.new_report(s, targets, calib)
+        report = pipeline.new_report(settings, targets, calib)
         layer_bits: dict[str, torch.Tensor] = {}
         codebooks: dict[str, dict[int, torch.Tensor]] = {}
-        if s.with_plan:
-            tables = pipeline.error_tables(model, targets, s, calib, calibration, report)
-            layer_bits = pipeline.plan_precision(targets, tables, s, report)
+        if settings.with_plan:
+            tables = pipeline.error_tables(model, targets, settings, calib, calibration, report)
+            layer_bits = pipeline.plan_precision(targets, tables, settings, report)
             codebooks = tables.codebooks
-        s = pipeline.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
-        layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
+        settings = pipeline.init_for_plan(settings, layer_bits, {n: m.in_features for n, m in targets}, report)
+        layers = quantize_layers(model, targets, settings, layer_bits, codebooks, calib, report)
     finally:
         calib.close()
-    return pipeline.finish_report(model, s, report, layers, t_start)
+    return pipeline.finish_report(model, settings, report, layers, t_start)
