@@ -68,8 +68,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowra.format import FormatError, QuantizedTensor, tensor_sha256
 from lowra.linear import LowRALinear
-from lowra.model_layers import saved_linear
-from lowra.model_quantization import lowra_layers, mark_only_lora_trainable
+from lowra.model_layers import lowra_layers, mark_only_lora_trainable, saved_linear
 
 __all__ = [
     "HF_FORMAT_VERSION",

@@ -1,4 +1,4 @@
-"""Model-level API: quantize any HF model's linears in place, LoftQ-init the adapters, train helpers.
+"""``quantize_model``: quantize any HF model's linears in place (the model in memory) and init the adapters.
 
 ``quantize_model(model, LowRAConfig(bits=2.0, method="lowra", ...))`` (or the shortcut
 ``quantize_model(model, 2.0, method="lowra", ...)``) replaces every target ``nn.Linear`` by a
@@ -31,7 +31,7 @@ model plus one layer in fp32 (plus its SVD workspace).
 Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.pipeline` (find targets →
 calibrate if needed → codebooks / error tables → plan → quantize + pack → init adapters → report);
 target selection and adapter helpers live in :mod:`lowra.model_layers`, the reports in
-:mod:`lowra.report` (all re-exported here).
+:mod:`lowra.report`; :mod:`lowra.streaming` runs the same stages shard by shard (``quantize_pretrained``).
 """
 
 from __future__ import annotations
@@ -46,28 +46,9 @@ from torch import nn
 from lowra import pipeline
 from lowra.config import LowRAConfig, config_from_arguments
 from lowra.layer_quantization import quantize_layers
-from lowra.model_layers import (
-    DEFAULT_SKIP_MODULES,
-    DEFAULT_TARGET_MODULES,
-    find_target_linears,
-    lora_parameters,
-    lowra_layers,
-    mark_only_lora_trainable,
-)
-from lowra.report import LayerReport, QuantizationReport
+from lowra.report import QuantizationReport
 
-__all__ = [
-    "DEFAULT_SKIP_MODULES",
-    "LowRAConfig",
-    "DEFAULT_TARGET_MODULES",
-    "LayerReport",
-    "QuantizationReport",
-    "find_target_linears",
-    "lora_parameters",
-    "lowra_layers",
-    "mark_only_lora_trainable",
-    "quantize_model",
-]
+__all__ = ["quantize_model"]
 
 
 def quantize_model(

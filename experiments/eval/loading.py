@@ -75,7 +75,7 @@ def _checkpoint_tokenizer_location(path: Path, model: torch.nn.Module) -> str:
 
 def bits_of(model: torch.nn.Module) -> dict[str, float | None]:
     """Nominal and effective bits per weight over the quantized layers (parameter-weighted); None if dense."""
-    from lowra.model_quantization import lowra_layers
+    from lowra.model_layers import lowra_layers
 
     layers = [m for _, m in lowra_layers(model) if m.is_quantized]
     total = sum(m.in_features * m.out_features for m in layers)

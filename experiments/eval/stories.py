@@ -87,7 +87,7 @@ def finetune(
     seed: int = 0,
 ) -> list[float]:
     """Train the LoRA adapters (only) for ``steps`` AdamW steps on random windows; returns losses."""
-    from lowra.model_quantization import lora_parameters, mark_only_lora_trainable
+    from lowra.model_layers import lora_parameters, mark_only_lora_trainable
 
     mark_only_lora_trainable(model)
     params = lora_parameters(model)

@@ -188,7 +188,7 @@ class RankBatches:
 
 def quantized_state_digest(model: nn.Module) -> str:
     """sha256 over every LowRA layer's quantized base (codes, rows, codebooks, scales) and adapters."""
-    from lowra.model_quantization import lowra_layers
+    from lowra.model_layers import lowra_layers
 
     h = hashlib.sha256()
     for name, m in lowra_layers(model):

@@ -146,7 +146,7 @@ def _dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _lora_params(model: nn.Module) -> list[torch.Tensor]:
-    from lowra.model_quantization import lora_parameters
+    from lowra.model_layers import lora_parameters
 
     return lora_parameters(model)
 

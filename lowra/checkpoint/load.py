@@ -153,7 +153,7 @@ def _load_legacy(
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise FormatError(f"the checkpoint does not provide {leftover[:5]}")
-    from lowra.model_quantization import mark_only_lora_trainable
+    from lowra.model_layers import mark_only_lora_trainable
 
     model.to(device)
     mark_only_lora_trainable(model)

@@ -16,7 +16,8 @@ from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, 
 from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.linear import LowRALinear
-from lowra.model_quantization import lowra_layers, quantize_model
+from lowra.model_layers import lowra_layers
+from lowra.model_quantization import quantize_model
 
 
 def test_save_load_bit_identical(quantized, tmp_path):

@@ -12,7 +12,8 @@ from lowra.codebook import learn_codebooks
 from lowra.config import PAPER
 from lowra.error_tables import calibration_statistics, measure_layer_losses, measured_row_table, row_error_table
 from lowra.format import QuantizedTensor
-from lowra.model_quantization import lowra_layers, quantize_model
+from lowra.model_layers import lowra_layers
+from lowra.model_quantization import quantize_model
 
 FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200}, "progress": False}
 

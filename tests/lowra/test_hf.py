@@ -21,7 +21,8 @@ from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
 from lowra.linear import LowRALinear
-from lowra.model_quantization import lora_parameters, lowra_layers, quantize_model
+from lowra.model_layers import lora_parameters, lowra_layers
+from lowra.model_quantization import quantize_model
 
 LAYER = "model.layers.0.mlp.down_proj"
 

@@ -16,7 +16,7 @@ import torch
 from experiments.bench.decode import quantize_decoder
 from experiments.eval.stories import load_model
 from lowra.linear import LowRALinear
-from lowra.model_quantization import lora_parameters
+from lowra.model_layers import lora_parameters
 
 
 @pytest.fixture(scope="module")

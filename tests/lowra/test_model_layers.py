@@ -57,10 +57,11 @@ def test_adapter_helpers_after_quantization():
         find_target_linears(model, None)
 
 
-def test_model_reexports_the_layer_helpers():
-    for name in ("find_target_linears", "lora_parameters", "lowra_layers", "mark_only_lora_trainable",
-                 "DEFAULT_TARGET_MODULES", "DEFAULT_SKIP_MODULES"):
-        assert getattr(lowra.model_quantization, name) is getattr(model_layers, name)
+def test_public_api_gives_the_layer_helpers_of_their_one_module():
+    """``lowra.<helper>`` is the helper of ``lowra.model_layers`` (no second copy re-exported elsewhere)."""
+    for name in ("find_target_linears", "lora_parameters", "lowra_layers", "mark_only_lora_trainable"):
+        assert getattr(lowra, name) is getattr(model_layers, name)
+    assert not hasattr(lowra.model_quantization, "lowra_layers")
 
 
 def _is_main_guard(test: ast.expr) -> bool:
