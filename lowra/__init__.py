@@ -54,7 +54,6 @@ _EXPORTS = {
     "quantize": "lowra.quantizers",
     "quantize_model": "lowra.model_quantization",
     "quantize_pretrained": "lowra.streaming",
-    "read_manifest": "lowra.checkpoint",
     "register_quantizer": "lowra.quantizers",
     "save_quantized": "lowra.checkpoint",
 }
@@ -117,7 +116,6 @@ __all__ = [
     "quantize",
     "quantize_model",
     "quantize_pretrained",
-    "read_manifest",
     "register_quantizer",
     "sample_windows",
     "save_quantized",
