@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from lowra.precision.bounds import _group_lp_bounds, _hull_segments
+from lowra.precision.efficiency_paths import _ClusterPaths
 from lowra.precision.highs import DEFAULT_MAX_NODES, _solver_name
-from lowra.precision.paths import _ClusterPaths
 from lowra.precision.plan import PrecisionPlan
 from lowra.precision.problem import _ArrayLike, _prepare
 from lowra.precision.repair import _repair
