@@ -166,5 +166,5 @@ def test_checkpoint_carries_the_config(tmp_path):
     save_quantized(model, tmp_path / "hf")  # config.json's quantization_config and lowra_report.json
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
     report = json.loads((tmp_path / "hf" / "lowra_report.json").read_text())
-    assert saved["options"]["lowra_config"] == config.to_dict() == report["config"]
+    assert saved["lowra_config"] == config.to_dict() == report["config"]
     assert load_quantized(tmp_path / "hf").lowra_config == config
