@@ -238,6 +238,7 @@ class _Prepared:
 
     keep: list[torch.Tensor]  # contiguous codes (but the anchor), int64 rows, fp32 tables, absmax
     args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
+    layer: Any = None  # the extension's LayerPlan over every group (the fused forward GEMV's argument)
 
 
 _prepared = WeightCache()
@@ -251,6 +252,7 @@ def _build(w: PackedWeight) -> _Prepared:
         codes, rows, table = codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b)
         prep.keep += [t for t in (codes, rows, table) if t is not w.codes[0]]
         prep.args.append(_group_args(codes, rows, table, absmax, b, w.group_size, w.in_features))
+    prep.layer = _require().make_layer(prep.args, w.out_features)
     return prep
 
 
@@ -291,11 +293,9 @@ def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if m == 0:
         return x.new_empty(*lead, out_features)
     if m <= GEMV_MAX_M and x.dtype == torch.float32:
-        prep = prepare(w)
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
-        for args in prep.args:
-            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features, GEMV_GRAIN)
+        ext.layer_gemv(prepare(w).layer, x2.data_ptr(), m, y.data_ptr(), GEMV_GRAIN)
         return y.reshape(*lead, out_features)
     return x @ dequantize_weight_cpu(w, x.dtype).t()
 
@@ -316,23 +316,21 @@ def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | N
     lead = x.shape[:-1]
     if check:
         _check_activation(x, in_features, "x")
-    x2 = x.reshape(-1, in_features)
-    m = x2.shape[0]
+    m = x.numel() // in_features
     rank = 0 if lora_A is None else lora_A.shape[0]
     if check:
         if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
             raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
         _check_epilogue(lora_A, lora_B, bias, rank, in_features, out_features)
-    x2 = x2.contiguous()
-    xp = x2.data_ptr()
-    y = torch.empty(m, out_features, dtype=torch.float32)
+    xc = x.contiguous()  # (kept alive until the extension calls return)
+    xp = xc.data_ptr()
+    y = torch.empty((*lead, out_features), dtype=torch.float32)
     yp = y.data_ptr()
-    for args in prepare(w).args:
-        ext.gemv_group(*args, xp, m, yp, out_features, GEMV_GRAIN)
+    ext.layer_gemv(prepare(w).layer, xp, m, yp, GEMV_GRAIN)
     if rank or bias is not None:
         ext.lora_add(xp, m, in_features, lora_A.data_ptr() if rank else 0, lora_B.data_ptr() if rank else 0, rank,
                      float(scaling), bias.data_ptr() if bias is not None else 0, yp, out_features)
-    return y.view(*lead, out_features)
+    return y
 
 
 def _check_epilogue(lora_A, lora_B, bias, rank: int, in_features: int, out_features: int) -> None:
@@ -348,7 +346,7 @@ class _NoLaunch:
     def dequant_group(self, *args: Any) -> None:
         return None
 
-    gemv_group = gemv_t_group = lora_add = dequant_group
+    gemv_group = gemv_t_group = lora_add = layer_gemv = make_layer = dequant_group
 
 
 @contextlib.contextmanager
