@@ -37,8 +37,8 @@ from lowra_kernels.dispatch import resolve
 from lowra_kernels.lut_matmul import lut_matmul, lut_matmul_backward, lut_matmul_ref
 from lowra_kernels.weight import PackedWeight
 
-__all__ = ["dequantize_op", "lut_grad_input", "lut_linear", "lut_linear_autograd", "lut_linear_forward", "lut_linear_ref",
-           "lut_linear_unchecked"]
+__all__ = ["dequantize_op", "lut_grad_input", "lut_linear", "lut_linear_autograd", "lut_linear_forward",
+           "lut_linear_ref", "lut_linear_unchecked"]
 
 
 def _has_adapter(lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> bool:
@@ -271,13 +271,13 @@ class _EagerLutLinear(torch.autograd.Function):
     tensors are held as attributes, not saved tensors: they never change and need no version check."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, w, weight, meta, scaling, backend):  # noqa: D102
+    def forward(ctx, x, lora_A, lora_B, bias, w, weight, meta, scaling, backend):
         ctx.w, ctx.weight, ctx.meta, ctx.scaling, ctx.backend = w, weight, meta, scaling, backend
         ctx.save_for_backward(x, lora_A, lora_B)
         return lut_linear_unchecked(x, w, lora_A, lora_B, bias, scaling, backend)
 
     @staticmethod
-    def backward(ctx, grad_y):  # noqa: D102
+    def backward(ctx, grad_y):
         x, lora_A, lora_B = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = _input_and_adapter_grads(grad_y, x, lora_A, lora_B, ctx.weight, ctx.meta, ctx.scaling, ctx.backend,
