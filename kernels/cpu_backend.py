@@ -51,11 +51,12 @@ from lowra_kernels.weight import PackedWeight, WeightCache, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
 # Weights per thread of the forward GEMV before a further thread is used (read at each call; the
-# decode benchmark's --gemv-grain sets it). A parallel region costs a few µs while the pool's threads are
-# awake, but a whole scheduler time slice when they are not scheduled: under a load of 12 on the 2-core
-# machine, SmolLM2's four layer shapes at 2 bits took 0.61 ms per set at 1M (one thread each) and 38 ms at
-# 64K (two threads each) — so layers under 1M weights (all of SmolLM2's) stay on one thread by default.
-GEMV_GRAIN = 1 << 20
+# decode benchmark's --gemv-grain sets it). A layer is one parallel region over contiguous output rows
+# (LayerPlan), so 64K weights (≈ 10 µs of one thread's work at 2 bits) splits every SmolLM2 layer over 2
+# threads but SmolLM2's k/v projections (110K weights). It was 1M (no SmolLM2 layer split: the GEMV could
+# not gain from a second thread, while decode at 2 threads lost to 1 thread on an idle machine) because on a
+# heavily oversubscribed machine a parallel region can wait a scheduler time slice for a descheduled thread.
+GEMV_GRAIN = 1 << 16
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
