@@ -55,10 +55,16 @@ def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
     return False
 
 
-def _cpu_available() -> bool:
-    from lowra_kernels.cpu_backend import available
+_cpu_backend = None  # lowra_kernels.cpu_backend, imported on first use (it imports this module's users)
 
-    return available()
+
+def _cpu_available() -> bool:
+    global _cpu_backend
+    if _cpu_backend is None:
+        from lowra_kernels import cpu_backend
+
+        _cpu_backend = cpu_backend
+    return _cpu_backend.available()
 
 
 def resolve(backend: str, tensor: torch.Tensor) -> str:

