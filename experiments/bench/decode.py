@@ -100,7 +100,7 @@ def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, see
     """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place), on the
     linear's device (random codes drawn on the CPU from ``seed``, so every device gets the same model)."""
     from lowra.format import QuantizedTensor
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
     from lowra.scales import GroupScales, compute_absmax
 
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +129,7 @@ def compiled(model: nn.Module) -> nn.Module:
 def gemv_layers(model: nn.Module) -> list[tuple[object, torch.Tensor]]:
     """One ``(PackedWeight, x [1, in])`` per distinct layer shape of a quantized decoder (its first block's
     linears): the GEMVs a decode step runs, for timing them alone (``gemv_us``)."""
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
 
     seen, out = set(), []
     for m in model.modules():
