@@ -331,6 +331,63 @@ void gemv_t_impl(const Group& g, const float* gy, int64_t M, int64_t out_feature
   });
 }
 
+// ------------------------------------------------------------------------------------------ layer plan
+// A whole quantized layer (every stored width) for the fused forward GEMV, built once per weight: the
+// groups and, per output row, which group and which stored row hold it. One call computes every output
+// row in ONE parallel region split over contiguous output rows — one fork/join per layer instead of one
+// per width, and no two threads write the same cache line of y except at a chunk boundary (splitting a
+// width's stored rows instead interleaves the threads' writes over y when widths are mixed).
+struct LayerPlan {
+  std::vector<Group> groups;
+  std::vector<int32_t> bits;       // per group
+  std::vector<int32_t> row_group;  // per output row: its group, or -1 (row of no group: written as 0)
+  std::vector<int64_t> row_index;  // per output row: its stored row in that group
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+};
+
+template <int BITS>
+inline void row_out(const Group& g, int64_t i, const float* x, int64_t M, float* y, int64_t out_features,
+                    int64_t r) {
+  if (M == 1) {
+    y[r] = row_dot_group<BITS>(g, i, x);
+    return;
+  }
+  const int64_t K = g.in_features;
+  alignas(32) float buf[kChunk];
+  float acc[16];
+  for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    deq_row<BITS>(g, i, k0, k1, buf);
+    for (int64_t m = 0; m < M; ++m) acc[m] += dot(x + m * K + k0, buf, k1 - k0);
+  }
+  for (int64_t m = 0; m < M; ++m) y[m * out_features + r] = acc[m];
+}
+
+// y[m, r] = sum_k x[m, k] W[r, k] for every output row r (x fp32 [M, K], y fp32 [M, out], contiguous).
+void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, int64_t grain_weights) {
+  const int64_t K = p.in_features, O = p.out_features;
+  const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
+  at::parallel_for(0, O, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int32_t gi = p.row_group[r];
+      if (gi < 0) {
+        for (int64_t m = 0; m < M; ++m) y[m * O + r] = 0.f;
+        continue;
+      }
+      const Group& g = p.groups[gi];
+      const int64_t i = p.row_index[r];
+      switch (p.bits[gi]) {
+        case 1: row_out<1>(g, i, x, M, y, O, r); break;
+        case 2: row_out<2>(g, i, x, M, y, O, r); break;
+        case 3: row_out<3>(g, i, x, M, y, O, r); break;
+        default: row_out<4>(g, i, x, M, y, O, r); break;
+      }
+    }
+  });
+}
+
 template <template <int> class F, typename... Args>
 void by_bits(int64_t bits, Args&&... args) {
   switch (bits) {
@@ -414,6 +471,44 @@ void lora_add(uintptr_t x_, int64_t M, int64_t K, uintptr_t a_, uintptr_t b_, in
   }
 }
 
+// A layer plan from each width's group arguments (tuples of LOWRA_GROUP_ARGS, validated by
+// kernels/cpu_backend.py; the tensors they point into are kept alive by the caller with the plan).
+LayerPlan make_layer(const py::list& group_args, int64_t out_features) {
+  LayerPlan p;
+  p.out_features = out_features;
+  p.row_group.assign(static_cast<size_t>(out_features), -1);
+  p.row_index.assign(static_cast<size_t>(out_features), 0);
+  for (const auto& item : group_args) {
+    const py::tuple t = py::reinterpret_borrow<py::tuple>(item);
+    if (t.size() != 12) throw std::invalid_argument("a group takes 12 arguments");
+    const int64_t n = t[1].cast<int64_t>(), bits = t[9].cast<int64_t>();
+    if (bits < 1 || bits > 4) throw std::invalid_argument("bit-width must be 1, 2, 3 or 4");
+    Group g = make_group(t[0].cast<uintptr_t>(), n, t[2].cast<int64_t>(), t[3].cast<uintptr_t>(),
+                         t[4].cast<uintptr_t>(), t[5].cast<bool>(), t[6].cast<uintptr_t>(), t[7].cast<bool>(),
+                         t[8].cast<int64_t>(), t[10].cast<int64_t>(), t[11].cast<int64_t>());
+    if (!p.groups.empty() && g.in_features != p.in_features)
+      throw std::invalid_argument("every group of a layer has the same in_features");
+    p.in_features = g.in_features;
+    const int32_t gi = static_cast<int32_t>(p.groups.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = g.rows[i];
+      if (r < 0 || r >= out_features) throw std::invalid_argument("a stored row lies outside the output");
+      p.row_group[r] = gi;
+      p.row_index[r] = i;
+    }
+    p.groups.push_back(g);
+    p.bits.push_back(static_cast<int32_t>(bits));
+  }
+  return p;
+}
+
+// The fused forward of a whole layer: y = x W^T over every width in one parallel region.
+void layer_gemv(const LayerPlan& p, uintptr_t x, int64_t M, uintptr_t y, int64_t grain) {
+  if (M == 0 || p.out_features == 0) return;
+  if (M > 16) throw std::invalid_argument("the fused GEMV takes M <= 16 rows");
+  layer_gemv_impl(p, reinterpret_cast<const float*>(x), M, reinterpret_cast<float*>(y), grain);
+}
+
 bool has_avx2() { return LOWRA_AVX2 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -423,4 +518,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_t_group", &gemv_t_group, release(), "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
   m.def("lora_add", &lora_add, release(), "y += scaling * (x @ A^T) @ B^T + bias for M <= 16 (fp32)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+  py::class_<LayerPlan>(m, "LayerPlan")
+      .def_readonly("in_features", &LayerPlan::in_features)
+      .def_readonly("out_features", &LayerPlan::out_features);
+  m.def("make_layer", &make_layer, "a layer plan from each width's group arguments");
+  m.def("layer_gemv", &layer_gemv, release(), "y = x @ W^T over every width of a layer for M <= 16 (fused, fp32)");
 }

@@ -51,11 +51,12 @@ from lowra_kernels.weight import PackedWeight, WeightCache, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
 # Weights per thread of the forward GEMV before a further thread is used (read at each call; the
-# decode benchmark's --gemv-grain sets it). A parallel region costs a few µs while the pool's threads are
-# awake, but a whole scheduler time slice when they are not scheduled: under a load of 12 on the 2-core
-# machine, SmolLM2's four layer shapes at 2 bits took 0.61 ms per set at 1M (one thread each) and 38 ms at
-# 64K (two threads each) — so layers under 1M weights (all of SmolLM2's) stay on one thread by default.
-GEMV_GRAIN = 1 << 20
+# decode benchmark's --gemv-grain sets it). A layer is one parallel region over contiguous output rows
+# (LayerPlan), so 64K weights (≈ 10 µs of one thread's work at 2 bits) splits every SmolLM2 layer over 2
+# threads but SmolLM2's k/v projections (110K weights). It was 1M (no SmolLM2 layer split: the GEMV could
+# not gain from a second thread, while decode at 2 threads lost to 1 thread on an idle machine) because on a
+# heavily oversubscribed machine a parallel region can wait a scheduler time slice for a descheduled thread.
+GEMV_GRAIN = 1 << 16
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
@@ -238,6 +239,7 @@ class _Prepared:
 
     keep: list[torch.Tensor]  # contiguous codes (but the anchor), int64 rows, fp32 tables, absmax
     args: list[tuple] = field(default_factory=list)  # each group's extension arguments (_group_args)
+    layer: Any = None  # the extension's LayerPlan over every group (the fused forward GEMV's argument)
 
 
 _prepared = WeightCache()
@@ -251,6 +253,7 @@ def _build(w: PackedWeight) -> _Prepared:
         codes, rows, table = codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b)
         prep.keep += [t for t in (codes, rows, table) if t is not w.codes[0]]
         prep.args.append(_group_args(codes, rows, table, absmax, b, w.group_size, w.in_features))
+    prep.layer = _require().make_layer(prep.args, w.out_features)
     return prep
 
 
@@ -291,11 +294,9 @@ def lut_matmul_cpu(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if m == 0:
         return x.new_empty(*lead, out_features)
     if m <= GEMV_MAX_M and x.dtype == torch.float32:
-        prep = prepare(w)
         x2 = x2.contiguous()
         y = torch.empty(m, out_features, dtype=torch.float32)
-        for args in prep.args:
-            ext.gemv_group(*args, x2.data_ptr(), m, y.data_ptr(), out_features, GEMV_GRAIN)
+        ext.layer_gemv(prepare(w).layer, x2.data_ptr(), m, y.data_ptr(), GEMV_GRAIN)
         return y.reshape(*lead, out_features)
     return x @ dequantize_weight_cpu(w, x.dtype).t()
 
@@ -316,23 +317,21 @@ def lut_lora_gemv_cpu(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | N
     lead = x.shape[:-1]
     if check:
         _check_activation(x, in_features, "x")
-    x2 = x.reshape(-1, in_features)
-    m = x2.shape[0]
+    m = x.numel() // in_features
     rank = 0 if lora_A is None else lora_A.shape[0]
     if check:
         if x.dtype != torch.float32 or not 0 < m <= GEMV_MAX_M:
             raise ValueError(f"lut_lora_gemv_cpu takes fp32 x with 1..{GEMV_MAX_M} rows, got {x.dtype} with {m}")
         _check_epilogue(lora_A, lora_B, bias, rank, in_features, out_features)
-    x2 = x2.contiguous()
-    xp = x2.data_ptr()
-    y = torch.empty(m, out_features, dtype=torch.float32)
+    xc = x.contiguous()  # (kept alive until the extension calls return)
+    xp = xc.data_ptr()
+    y = torch.empty((*lead, out_features), dtype=torch.float32)
     yp = y.data_ptr()
-    for args in prepare(w).args:
-        ext.gemv_group(*args, xp, m, yp, out_features, GEMV_GRAIN)
+    ext.layer_gemv(prepare(w).layer, xp, m, yp, GEMV_GRAIN)
     if rank or bias is not None:
         ext.lora_add(xp, m, in_features, lora_A.data_ptr() if rank else 0, lora_B.data_ptr() if rank else 0, rank,
                      float(scaling), bias.data_ptr() if bias is not None else 0, yp, out_features)
-    return y.view(*lead, out_features)
+    return y
 
 
 def _check_epilogue(lora_A, lora_B, bias, rank: int, in_features: int, out_features: int) -> None:
@@ -348,7 +347,7 @@ class _NoLaunch:
     def dequant_group(self, *args: Any) -> None:
         return None
 
-    gemv_group = gemv_t_group = lora_add = dequant_group
+    gemv_group = gemv_t_group = lora_add = layer_gemv = make_layer = dequant_group
 
 
 @contextlib.contextmanager

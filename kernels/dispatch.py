@@ -51,16 +51,33 @@ def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
             raise ValueError(f"backend='cpu' takes CPU tensors, got a tensor on {tensor.device}")
         return True
     if backend == "auto" and tensor.device.type == "cpu":
-        from lowra_kernels.cpu_backend import available
-
-        return available()
+        return _cpu_available()
     return False
+
+
+_cpu_backend = None  # lowra_kernels.cpu_backend, imported on first use (it imports this module's users)
+
+
+def _cpu_available() -> bool:
+    global _cpu_backend
+    if _cpu_backend is None:
+        from lowra_kernels import cpu_backend
+
+        _cpu_backend = cpu_backend
+    return _cpu_backend.available()
 
 
 def resolve(backend: str, tensor: torch.Tensor) -> str:
     """The implementation that runs for data living where ``tensor`` is: ``"triton"``, ``"cpu"``
     (the C++ extension) or ``"torch"`` (the PyTorch reference). Every backend choice of the ops goes
-    through here (``use_triton`` first, then ``use_cpu``)."""
+    through here (``use_triton`` first, then ``use_cpu``; the common ``"auto"`` case is decided inline, as it
+    runs once per layer call)."""
+    if backend == "auto":
+        if tensor.is_cuda:
+            return "triton"
+        if tensor.device.type == "cpu":
+            return "cpu" if _cpu_available() else "torch"
+        return "torch"
     if use_triton(backend, tensor):
         return "triton"
     if use_cpu(backend, tensor):

@@ -29,7 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowra.format import QuantizedTensor
-from lowra_kernels.lut_linear import lut_linear_forward  # (importing it registers torch.ops.lowra.*)
+from lowra_kernels.lut_linear import (  # (importing it registers torch.ops.lowra.*)
+    lut_linear_autograd,
+    lut_linear_forward,
+    lut_linear_unchecked,
+)
 from lowra_kernels.weight import PackedWeight
 
 __all__ = ["LowRALinear", "base_weight", "default_adapter_dtype"]
@@ -267,26 +271,45 @@ class LowRALinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in]`` → ``[..., out]`` in ``x``'s dtype."""
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        fused = self.rank and not dropout
-        if self._packed is None:
+        """``x [..., in]`` → ``[..., out]`` in ``x``'s dtype.
+
+        A quantized base is one ``lowra::lut_linear`` call with the adapters inside (unless LoRA dropout is
+        active): under ``torch.compile`` (and with trainable base tables) the op itself; in eager mode its
+        implementation without the dispatcher — ``lut_linear_autograd`` when the call records autograd,
+        ``lut_linear_unchecked`` otherwise — the same numbers at a fraction of the host time."""
+        packed = self._packed
+        if packed is None:
             out = F.linear(x, self.dense_weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            if self.rank:
+                h = self.lora_dropout(x.to(self.lora_A.dtype))
+                out = out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
+            return out
+        a = self.lora_A
+        fused = a is not None and not (self.training and isinstance(self.lora_dropout, nn.Dropout))
+        b = self.lora_B if fused else None
+        if not fused:
+            a = None
+        bias = self.bias
+        tensors, meta = self._op_weight
+        if torch.compiler.is_compiling() or getattr(self, "_synced", None) is not None:
+            tensors = self._op_tensors()
+            if torch.compiler.is_compiling() or self._records_autograd(x, a):
+                out = torch.ops.lowra.lut_linear(x, tensors, a, b, bias, meta, self.scaling, self.backend)
+            else:
+                out = lut_linear_forward(x, PackedWeight.from_op_args(tensors, meta), a, b, bias, self.scaling,
+                                         self.backend)
         else:
-            w, a, b = self._packed, self.lora_A if fused else None, self.lora_B if fused else None
-            tensors, meta = self._op_tensors(), self._op_weight[1]
-            if self._records_autograd(x, a) or torch.compiler.is_compiling():
-                out = torch.ops.lowra.lut_linear(x, tensors, a, b, self.bias, meta, self.scaling, self.backend)
-            else:  # the op's own implementation without the dispatcher's host time (nothing to record)
-                if tensors is not self._op_weight[0]:
-                    w = PackedWeight.from_op_args(tensors, meta)
-                out = lut_linear_forward(x, w, a, b, self.bias, self.scaling, self.backend)
-            if fused or not self.rank:
-                return out
-        if self.rank:
-            h = self.lora_dropout(x.to(self.lora_A.dtype))
-            out = out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
-        return out
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"x has {x.shape[-1]} features, the layer expects {self.in_features}")
+            if torch.is_grad_enabled() and (x.requires_grad or (a is not None and (a.requires_grad or b.requires_grad))
+                                            or (bias is not None and bias.requires_grad)):
+                out = lut_linear_autograd(x, packed, tensors, meta, a, b, bias, self.scaling, self.backend)
+            else:  # nothing to record
+                out = lut_linear_unchecked(x, packed, a, b, bias, self.scaling, self.backend)
+        if fused or not self.rank:
+            return out
+        h = self.lora_dropout(x.to(self.lora_A.dtype))
+        return out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
 
     def _records_autograd(self, x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
         """Whether this call builds an autograd graph (grad mode on and an input that requires grad)."""

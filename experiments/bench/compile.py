@@ -46,6 +46,22 @@ def quantized_model(name: str, bits: float, rank: int) -> torch.nn.Module:
     return model
 
 
+def dense_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose quantized layers are plain LoRA on their dequantized weight (``LowRALinear``
+    with a dense fp32 base: ``F.linear`` + adapters, all of it visible to inductor) with the same adapters:
+    the baseline that shows how far inductor's compiled model drifts from eager without any LowRA op."""
+    from lowra.linear import LowRALinear
+
+    dense = copy.deepcopy(model)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, LowRALinear) and m.is_quantized:
+            new = LowRALinear(m.dequantized_weight(), bias=m.bias, rank=m.rank, alpha=m.alpha)
+            new.set_adapters(m.lora_A, m.lora_B)
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, new)
+    return dense
+
+
 def timed(fn) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -66,14 +82,14 @@ def forward_check(model: torch.nn.Module, ids: torch.Tensor, reps: int) -> dict:
             "compiled_ms": statistics.median(comp_s) * 1e3}
 
 
-def train_check(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> dict:
+def train_check(model: torch.nn.Module, ids: torch.Tensor, steps: int, backend: str = "inductor") -> dict:
     from lowra.model_layers import lora_parameters
 
     runs = {}
     for mode in ("eager", "compiled"):
         m = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(lora_parameters(m), lr=1e-3)
-        runs[mode] = (torch.compile(m, fullgraph=True) if mode == "compiled" else m, opt)
+        runs[mode] = (torch.compile(m, fullgraph=True, backend=backend) if mode == "compiled" else m, opt)
 
     def step(mode: str) -> float:
         run, opt = runs[mode]
@@ -90,8 +106,10 @@ def train_check(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> dict:
             loss, sec = timed(lambda mode=mode: step(mode))
             losses[mode].append(loss)
             times[mode].append(sec)
-    rel = max(abs(a - b) / abs(a) for a, b in zip(losses["eager"], losses["compiled"]))
-    return {"steps": steps, "losses_eager": losses["eager"], "losses_compiled": losses["compiled"],
+    rels = [abs(a - b) / abs(a) for a, b in zip(losses["eager"], losses["compiled"])]
+    rel = max(rels)
+    return {"steps": steps, "backend": backend, "rel_loss_diff_per_step": rels,
+            "losses_eager": losses["eager"], "losses_compiled": losses["compiled"],
             "max_rel_loss_diff": rel, "first_step_s": {k: v[0] for k, v in times.items()},
             "step_ms": {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()},
             "compiled_over_eager": statistics.median(times["compiled"][1:]) / statistics.median(times["eager"][1:])}
@@ -105,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the training check")
+    parser.add_argument("--dense-baseline", action="store_true",
+                        help="also run the training check on plain LoRA over the dequantized weights (dense_lora)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench" / "compile_cpu.json")
     args = parser.parse_args(argv)
     from lowra.atomic import write_text_atomic
@@ -119,8 +140,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         fwd = forward_check(model, torch.randint(0, vocab, (1, 64), generator=gen), args.reps)
         torch._dynamo.reset()
-        train = train_check(model, torch.randint(0, vocab, (2, 64), generator=gen), args.steps)
+        ids = torch.randint(0, vocab, (2, 64), generator=gen)
+        train = train_check(model, ids, args.steps, args.backend)
         result["models"][name] = {"forward": fwd, "train": train}
+        if args.dense_baseline:
+            torch._dynamo.reset()
+            dense = train_check(dense_lora(model), ids, args.steps, args.backend)
+            result["models"][name]["train_dense_lora"] = dense
+            print(f"{name} dense-LoRA baseline: train step {dense['step_ms']['eager']:.1f} → "
+                  f"{dense['step_ms']['compiled']:.1f} ms, max rel loss diff {dense['max_rel_loss_diff']:.2e}",
+                  flush=True)
         print(f"{name}: forward max|Δ| {fwd['max_abs_diff_logits']:.2e} (scale {fwd['logit_scale']:.1f}), "
               f"{fwd['eager_ms']:.1f} → {fwd['compiled_ms']:.1f} ms; train step {train['step_ms']['eager']:.1f} → "
               f"{train['step_ms']['compiled']:.1f} ms (×{train['compiled_over_eager']:.2f}), max rel loss diff "

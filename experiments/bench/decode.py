@@ -126,6 +126,32 @@ def compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def gemv_layers(model: nn.Module) -> list[tuple[object, torch.Tensor]]:
+    """One ``(PackedWeight, x [1, in])`` per distinct layer shape of a quantized decoder (its first block's
+    linears): the GEMVs a decode step runs, for timing them alone (``gemv_us``)."""
+    from lowra.linear import LowRALinear
+
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, LowRALinear) and m.is_quantized and (m.out_features, m.in_features) not in seen:
+            seen.add((m.out_features, m.in_features))
+            out.append((m._packed, torch.randn(1, m.in_features)))
+    return out
+
+
+def gemv_us(layers: list[tuple[object, torch.Tensor]], reps: int) -> float:
+    """Median µs of one pass of the fused CPU GEMV (M = 1, no adapters) over ``layers``."""
+    from lowra_kernels.cpu_backend import lut_lora_gemv_cpu
+
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w, x in layers:
+            lut_lora_gemv_cpu(x, w, None, None, 0.0, check=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
 def tokens_per_second(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Greedy generation speed (prompt prefill included) in new tokens per second."""
     with torch.inference_mode():
@@ -152,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also fp32 and 2-bit LowRA with a compiled forward (inductor) and a static KV cache")
     parser.add_argument("--gemv-grain", type=int, default=None,
                         help="weights per thread of the CPU GEMV (lowra_kernels.cpu_backend.GEMV_GRAIN)")
+    parser.add_argument("--gemv-reps", type=int, default=50,
+                        help="after each 2-bit generation, time the fused GEMV alone over the model's layer shapes "
+                             "(M = 1) this many times; 0 skips it")
     parser.add_argument("--out", default=str(REPO / "results" / "bench" / "decode_cpu.json"))
     args = parser.parse_args(argv)
 
@@ -169,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         configs["lowra 2b compiled"] = compiled(quantize_decoder(build_model(args.model), 2.0, args.rank, "auto"))
     vocab = configs["fp32"].config.vocab_size
     prompt = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    gemv = gemv_layers(configs["lowra 2b"]) if args.gemv_reps and "lowra 2b" in configs else []
+    gemv_samples: dict[int, list[float]] = {t: [] for t in args.threads}
     threads_before = torch.get_num_threads()
     load_before = os.getloadavg()
     results = []
@@ -181,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.rounds):
                 for name, model in configs.items():
                     speeds[name].append(tokens_per_second(model, prompt, args.new_tokens))
+                    if gemv:  # the GEMVs alone, between the generations (same load)
+                        gemv_samples[threads].append(gemv_us(gemv, args.gemv_reps))
             base = statistics.median(speeds["fp32"])
             for name, values in speeds.items():
                 tps = statistics.median(values)
@@ -189,6 +222,16 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{threads}t  {name:<30} {tps:7.2f} tok/s  ×{tps / base:5.2f} vs fp32", flush=True)
     finally:
         torch.set_num_threads(threads_before)
+    gemv_result = {}
+    if gemv:
+        gemv_result = {"shapes": [list(w.shape) for w, _ in gemv], "bits": 2,
+                       "us_per_pass": {str(t): statistics.median(v) for t, v in gemv_samples.items()},
+                       "all_us_per_pass": {str(t): v for t, v in gemv_samples.items()}}
+        base = gemv_result["us_per_pass"][str(args.threads[0])]
+        for t in args.threads:
+            us = gemv_result["us_per_pass"][str(t)]
+            print(f"{t}t  GEMV (2 bits, M=1, {len(gemv)} shapes) {us:8.1f} us/pass  "
+                  f"speed x{base / us:4.2f} vs {args.threads[0]} thread(s)", flush=True)
     result = {
         "model": args.model,
         "model_shape": {k: getattr(configs["fp32"].config, k, None) for k in SMOLLM2_135M},
@@ -199,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quantized": "every nn.Linear in the decoder layers (random packed codes, per-row NF codebooks, group 64); "
                      "embeddings, norms, tied LM head fp32",
         "results": results,
+        "gemv": gemv_result,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

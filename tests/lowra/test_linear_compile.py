@@ -48,23 +48,30 @@ def test_compiled_forward_has_no_graph_break_and_matches_eager(stories):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_training_steps_match_eager(stories):
-    """loss.backward + AdamW on the adapters, 3 steps, eager and compiled from the same start."""
+def test_compiled_training_steps_equal_eager_bitwise_over_20_steps(stories):
+    """loss.backward + AdamW on the adapters, 20 steps, eager and compiled from the same start: the losses
+    and the final adapters are *identical*. Eager runs ``lut_linear_autograd`` (no dispatcher), compiled runs
+    the op with its fake and registered backward traced by AOT autograd; both execute the same forward
+    implementation and the same backward function, so the LoRA path is never reassociated. (Under inductor the
+    rest of the model — norms, rotary, SiLU, loss — is compiled into fused C++ whose fp32 reductions differ
+    from ATen's; ``experiments.bench.compile`` measures that, with a dense-LoRA model as the baseline.)"""
     ids = torch.randint(0, stories.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
-    losses = {}
+    losses, adapters = {}, {}
     for mode in ("eager", "compiled"):
         model = copy.deepcopy(stories).train()
         opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
         run = _compile(model) if mode == "compiled" else model
         losses[mode] = []
-        for _ in range(3):
+        for _ in range(20):
             loss = run(ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
             losses[mode].append(loss.item())
+        adapters[mode] = [p.detach().clone() for p in lora_parameters(model)]
     assert losses["eager"][0] != losses["eager"][-1]  # the adapters trained
-    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-5, atol=0)
+    assert losses["compiled"] == losses["eager"]
+    assert all(torch.equal(a, b) for a, b in zip(adapters["compiled"], adapters["eager"]))
 
 
 def test_static_cache_generate_with_compiled_forward(stories):
