@@ -181,7 +181,11 @@ def _configs(name: str, args: dict) -> list:
         import triton
 
         if name == "gemv_v2":
-            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_n
+
+            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_m, gemv_v2_block_n
+
+            if gemv_v2_block_m(args["BLOCK_M"], args["BITS"], args["x_ptr"].dtype) < args["BLOCK_M"]:
+                return []  # never launched: that M tile runs in smaller tiles
 
             block_n, warps = gemv_v2_block_n(args["BITS"], args["BLOCK_M"]), GEMV_V2_CONFIG[args["BITS"]][1]
             return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG)]

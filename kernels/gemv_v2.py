@@ -24,19 +24,23 @@ from lowra_kernels.layout_v2 import TILE, V2Group, tile_words, unpack_tiles
 from lowra_kernels.lut_shfl import LANE_WORDS, lane_id, lane_table, lookup, opaque_i32, rows_agree
 
 GEMV_V2_MAX_M = 4
+GEMV_V2_MAX_BLOCK_M = {(3, torch.float32): 2}  # (bits, activation dtype) → largest M tile without spills
 # (BLOCK_N at M = 1, num_warps) per bit-width: BLOCK_N / (2 · num_warps) rows per thread share each
 # converted activation; M = 2 and 4 halve and quarter BLOCK_N (at least 2 · num_warps) so that the
 # accumulators stay ≤ 96 registers (sm_90 SASS, no spills)
 GEMV_V2_CONFIG = {1: (64, 4), 2: (64, 4), 3: (64, 4), 4: (64, 4)}
 
 
-def gemv_v2_block_m(m: int) -> int:
-    """The GEMV's M tile for ``m ≤ 4`` activation rows: 1, 2 or 4."""
-    return 1 if m <= 1 else (2 if m <= 2 else 4)
+def gemv_v2_block_m(m: int, bits: int = 2, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The GEMV's M tile for ``m ≤ 4`` activation rows: 1, 2 or 4 — at most 2 for 3 bits with fp32
+    activations (4 spills: the fp32 pairs of 4 rows outgrow 96 registers); larger ``m`` runs in tiles."""
+    tile = 1 if m <= 1 else (2 if m <= 2 else 4)
+    return min(tile, GEMV_V2_MAX_BLOCK_M.get((bits, dtype), 4))
 
 
 def gemv_v2_block_n(bits: int, block_m: int) -> int:
-    """Rows per program: ``GEMV_V2_CONFIG``'s M = 1 value over the M tile, at least 8."""
+    """Rows per program: ``GEMV_V2_CONFIG``'s M = 1 value over the M tile, at least one row a thread
+    (``2 · num_warps``)."""
     return max(2 * GEMV_V2_CONFIG[bits][1], GEMV_V2_CONFIG[bits][0] // block_m)
 
 
@@ -84,8 +88,7 @@ def _gemv_v2_kernel(
     TW: tl.constexpr = 12 if BITS == 3 else LW  # words of a row's tile
     CPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS  # codes per (low-plane) word
     STEP: tl.constexpr = 2 * LANE_WORDS // LW  # tiles per loop step
-    ARR: tl.constexpr = 1 if BITS == 3 else 4 // BITS  # lane-table arrangements (codes per shift)
-    PAIRS: tl.constexpr = x_ptr.dtype.element_ty != tl.float32  # 16-bit x read two at a time
+    ARR: tl.constexpr = 1 if BITS >= 3 else 2  # lane-table arrangements (codes per shift; 4 at 1 bit spill)
     r = row0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if ROW_MASK:
         r_ok2 = (r < n_rows)[:, None]
@@ -170,19 +173,19 @@ def _gemv_v2_kernel(
                     x_ok = t_ok
                 else:
                     x_ok = t_ok & (k < K)
-                if (c % 2 == 0) or (not PAIRS):  # one load per activation pair (16-bit x) or value (fp32)
-                    xr0 = x_raw(x_ptr, k, x_ok, PAIRS)
+                if c % 2 == 0:  # one load per activation pair
+                    xr0 = x_raw(x_ptr, k, x_ok)
                     if BLOCK_M > 1:
-                        xr1 = x_raw(x_ptr + stride_xm, k, x_ok & m_ok1, PAIRS)
+                        xr1 = x_raw(x_ptr + stride_xm, k, x_ok & m_ok1)
                     if BLOCK_M > 2:
-                        xr2 = x_raw(x_ptr + 2 * stride_xm, k, x_ok & m_ok2, PAIRS)
-                        xr3 = x_raw(x_ptr + 3 * stride_xm, k, x_ok & m_ok3, PAIRS)
-                p0 += v * x_f32(xr0, x_ptr, PAIRS, c % 2)
+                        xr2 = x_raw(x_ptr + 2 * stride_xm, k, x_ok & m_ok2)
+                        xr3 = x_raw(x_ptr + 3 * stride_xm, k, x_ok & m_ok3)
+                p0 += v * x_f32(xr0, x_ptr, c % 2)
                 if BLOCK_M > 1:
-                    p1 += v * x_f32(xr1, x_ptr, PAIRS, c % 2)
+                    p1 += v * x_f32(xr1, x_ptr, c % 2)
                 if BLOCK_M > 2:
-                    p2 += v * x_f32(xr2, x_ptr, PAIRS, c % 2)
-                    p3 += v * x_f32(xr3, x_ptr, PAIRS, c % 2)
+                    p2 += v * x_f32(xr2, x_ptr, c % 2)
+                    p3 += v * x_f32(xr3, x_ptr, c % 2)
         acc0 += p0 * sc
         if BLOCK_M > 1:
             acc1 += p1 * sc
@@ -201,34 +204,36 @@ def _gemv_v2_kernel(
 
 
 @triton.jit
-def x_raw(x_row, k, ok, PAIRS: tl.constexpr):
-    """Activations at ``k`` (even when ``PAIRS``) of one row: 16-bit x as the int32 pair ``(k, k + 1)``,
-    fp32 x as the value."""
-    if PAIRS:
-        raw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k >> 1), mask=ok, other=0)
+def x_raw(x_row, k, ok):
+    """The activation pair ``(k, k + 1)`` (``k`` even) of one row as one integer load: int32 of two
+    16-bit values, int64 of two fp32 values."""
+    if x_row.dtype.element_ty == tl.float32:
+        raw = tl.load(x_row.to(tl.pointer_type(tl.int64)) + (k >> 1), mask=ok, other=0)
     else:
-        raw = tl.load(x_row + k, mask=ok, other=0.0).to(tl.float32)
+        raw = tl.load(x_row.to(tl.pointer_type(tl.int32)) + (k >> 1), mask=ok, other=0)
     return raw
 
 
 @triton.jit
-def x_f32(raw, x_row, PAIRS: tl.constexpr, ODD: tl.constexpr):
-    """The fp32 activation of ``x_raw``'s result: element ``ODD`` of a pair — bf16 by one bit
-    operation, fp16 by one conversion — or the fp32 value itself."""
-    if PAIRS:
-        if x_row.dtype.element_ty == tl.bfloat16:
-            if ODD:
-                v = (raw & -65536).to(tl.float32, bitcast=True)
-            else:
-                v = (raw << 16).to(tl.float32, bitcast=True)
+def x_f32(raw, x_row, ODD: tl.constexpr):
+    """Element ``ODD`` of ``x_raw``'s pair in fp32: bf16 by one bit operation, fp16 by one conversion,
+    fp32 by a register move."""
+    if x_row.dtype.element_ty == tl.float32:
+        if ODD:
+            v = (raw >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         else:
-            if ODD:
-                h = (raw >> 16).to(tl.int16)
-            else:
-                h = raw.to(tl.int16)
-            v = h.to(tl.float16, bitcast=True).to(tl.float32)
+            v = raw.to(tl.int32).to(tl.float32, bitcast=True)
+    elif x_row.dtype.element_ty == tl.bfloat16:
+        if ODD:
+            v = (raw & -65536).to(tl.float32, bitcast=True)
+        else:
+            v = (raw << 16).to(tl.float32, bitcast=True)
     else:
-        v = raw
+        if ODD:
+            h = (raw >> 16).to(tl.int16)
+        else:
+            h = raw.to(tl.int16)
+        v = h.to(tl.float16, bitcast=True).to(tl.float32)
     return v
 
 
@@ -254,24 +259,25 @@ def gemv_v2(x: torch.Tensor, groups: list[V2Group], out_features: int) -> torch.
         if g.in_features != x.shape[1]:
             raise ValueError(f"x has {x.shape[1]} features, the weight expects {g.in_features}")
     M, K = x.shape
-    x = x.contiguous() if K % 2 == 0 else torch.nn.functional.pad(x, (0, 1))  # 16-bit x read as aligned pairs
-    block_m = gemv_v2_block_m(M)
-    shapes = [gemv_v2_launch_shape(g.n_rows, g.tiles, g.bits, block_m) for g in groups]
+    x = x.contiguous() if K % 2 == 0 else torch.nn.functional.pad(x, (0, 1))  # x is read as aligned pairs
+    if x.data_ptr() % 8:
+        x = x.clone()
+    bms = [gemv_v2_block_m(M, g.bits, x.dtype) for g in groups]
+    shapes = [gemv_v2_launch_shape(g.n_rows, g.tiles, g.bits, bm) for g, bm in zip(groups, bms)]
     n_split = max((s[2] for s in shapes), default=1)
     ws = torch.zeros(n_split, M, out_features, dtype=torch.float32, device=x.device)
-    for g, (block_n, warps, split, per) in zip(groups, shapes):
+    for g, bm, (block_n, warps, split, per) in zip(groups, bms, shapes):
         stride_cbr = 0 if g.codebook.shape[0] == 1 else g.codebook.stride(0)
         full = g.n_rows // block_n
         # whole row blocks without row masks, then the partial last block (if any) with them
         for row0, blocks, masked in ((0, full, False), (full * block_n, int(g.n_rows % block_n > 0), True)):
-            if blocks == 0:
-                continue
-            _gemv_v2_kernel[(blocks, split)](
-                x, g.codes, g.codebook, g.scales, g.rows, ws, M, g.n_rows, row0, K, g.tiles, per,
-                x.stride(0), g.codes.stride(0), stride_cbr, g.scales.stride(0), ws.stride(0), ws.stride(1),
-                BITS=g.bits, GROUP=g.group_size, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_K=K % TILE == 0,
-                ROW_MASK=masked, OPAQUE=not interpreting(),
-                num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG,
-            )
+            for m0 in range(0, M if blocks else 0, bm):  # activation rows in tiles of bm
+                _gemv_v2_kernel[(blocks, split)](
+                    x[m0:], g.codes, g.codebook, g.scales, g.rows, ws[:, m0:], min(bm, M - m0), g.n_rows, row0, K,
+                    g.tiles, per, x.stride(0), g.codes.stride(0), stride_cbr, g.scales.stride(0), ws.stride(0),
+                    ws.stride(1), BITS=g.bits, GROUP=g.group_size, BLOCK_M=bm, BLOCK_N=block_n,
+                    EVEN_K=K % TILE == 0, ROW_MASK=masked, OPAQUE=not interpreting(),
+                    num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG,
+                )
     y = ws[0] if n_split == 1 else ws.sum(0)
     return y.to(x.dtype)
