@@ -15,6 +15,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
+GEMV_V2_ENV = "LOWRA_GEMV_V2"  # "1": the Triton GEMV (M ≤ 4) runs gemv_v2 on layout v2 (opt-in)
 
 
 def interpreting() -> bool:
@@ -57,10 +58,21 @@ def use_cpu(backend: str, tensor: torch.Tensor) -> bool:
     return False
 
 
+def gemv_v2_enabled() -> bool:
+    """Whether the Triton GEMV path runs GEMV v2 (``lowra_kernels.gemv_v2``: shuffle lookups on the
+    load-time layout v2) instead of v1 — opt-in by ``LOWRA_GEMV_V2=1`` (read per call). Its
+    interpreter tests and sm_90 SASS checks pass; its speed awaits a GPU measurement."""
+    value = os.environ.get(GEMV_V2_ENV, "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{GEMV_V2_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def resolve(backend: str, tensor: torch.Tensor) -> str:
     """The implementation that runs for data living where ``tensor`` is: ``"triton"``, ``"cpu"``
     (the C++ extension) or ``"torch"`` (the PyTorch reference). Every backend choice of the ops goes
-    through here (``use_triton`` first, then ``use_cpu``)."""
+    through here (``use_triton`` first, then ``use_cpu``). Within ``"triton"``, the GEMV's kernel
+    version is ``gemv_v2_enabled``'s choice."""
     if use_triton(backend, tensor):
         return "triton"
     if use_cpu(backend, tensor):

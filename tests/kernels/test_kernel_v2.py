@@ -99,3 +99,24 @@ def test_gemv_v2_rejects_bad_input():
         gemv_v2(torch.randn(5, 128), [g], 8)
     with pytest.raises(ValueError, match="features"):
         gemv_v2(torch.randn(1, 64), [g], 8)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_lut_matmul_runs_gemv_v2_when_opted_in(monkeypatch, m):
+    """``LOWRA_GEMV_V2=1``: the Triton GEMV path (M ≤ 4) runs ``gemv_v2`` on the cached v2 layout and
+    matches the reference; M > 4 keeps the v1 kernels; other values of the variable are an error."""
+    import lowra_kernels.gemv_v2 as gv
+    from lowra_kernels.lut_matmul import lut_matmul, lut_matmul_ref
+
+    qt = random_qtensor(48, 256, torch.tensor([1, 2, 3, 4] * 12), seed=4)
+    w = qt.packed()
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+    calls = []
+    real = gv.gemv_v2
+    monkeypatch.setattr(gv, "gemv_v2", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setenv("LOWRA_GEMV_V2", "1")
+    torch.testing.assert_close(lut_matmul(x, w, "triton"), lut_matmul_ref(x, w), rtol=1e-4, atol=1e-4)
+    assert calls == ([m] if m <= 4 else [])
+    monkeypatch.setenv("LOWRA_GEMV_V2", "yes")
+    with pytest.raises(ValueError, match="LOWRA_GEMV_V2"):
+        lut_matmul(x, w, "triton")
