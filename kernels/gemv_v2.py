@@ -1,13 +1,19 @@
 """GEMV v2 (M ≤ 4) on layout v2: ``y[m, rows[i]] = Σ_k x[m, k] · codebook[i, code[i, k]] · scale[k // G, i]``.
 
-One program takes ``BLOCK_N`` rows and a contiguous range of K tiles (split-K); per tile it loads
-each row's tile words as whole 16-byte vectors (rows interleaved: a warp reads ≥ 512 contiguous
-bytes), unpacks by constant shifts, looks codes up in the row's **unscaled** codebook — built once
-per program: 1–2 bits a register select tree (``lut_v2.select``), 3–4 bits a transposed table
-looked up by ``tl.gather`` (``lut_v2.gather_lookup``) — multiplies by x in fp32, sums each (row,
-scale group) and applies the group scale to that fp32 partial sum (one rounding fewer than scaling
-each product in the activation dtype). ``EVEN_K`` (K a multiple of the tile) drops the x masks.
-Partials go to a workspace ``[SPLIT_K, M, out]`` summed in a fixed order (deterministic).
+One program takes ``BLOCK_N`` rows and a contiguous range of K tiles (split-K, in whole loop steps).
+Every tensor of the K loop is ``[BLOCK_N, 16]`` in one layout: 16 word pairs of a row on lane bits
+0–3, rows on lane bit 4, the warps and ``BLOCK_N / (2 · warps)`` register slots. Before the loop,
+each row's **unscaled** codebook is put into the lanes of its half warp (``lut_shfl.lane_table``;
+2 arrangements at 1–2 bits, 1 at 3–4) and the layout requirement checked (``rows_agree``: NaN if
+violated). A loop step loads 32 (low-plane) words of each row (two per thread as one 8-byte vector),
+then per code: one ``shfl.sync.idx`` lookup (the word shifted once per ``4 / BITS`` codes; the
+shuffle ignores the bits above the code) and one FMA with x in fp32 — x read as aligned pairs and
+widened once for all the thread's rows; each word pair's fp32 partial sum is multiplied by its group
+scale once (one rounding fewer than scaling each product in the activation dtype). No shared
+memory, no barrier in the loop (``tests/kernels/test_kernel_v2_sass.py`` checks the sm_90 SASS:
+≤ 0.10 warp-instructions per weight at 2 bits, ≤ 0.15 at 4). Partials go to a workspace
+``[SPLIT_K, M, out]`` summed in a fixed order (deterministic). Whole row blocks run without row
+masks; the partial last block is a second launch (``ROW_MASK``).
 
 ``gemv_v2_ref`` is the reference: ``x @ deq(W)ᵀ`` with ``deq`` in fp32 from the v2 group (no
 rounding of the weight), so the kernel matches it up to fp32 summation order.
