@@ -30,7 +30,8 @@ from lowra_kernels.layout_v2 import TILE, V2Group, tile_words, unpack_tiles
 from lowra_kernels.lut_shfl import LANE_WORDS, lane_id, lane_table, lookup, opaque_i32, rows_agree
 
 GEMV_V2_MAX_M = 4
-GEMV_V2_MAX_BLOCK_M = {(3, torch.float32): 2}  # (bits, activation dtype) → largest M tile without spills
+# (bits, activation dtype) → largest M tile without spills (sm_90 and sm_80: fp32 pairs of 4 rows spill)
+GEMV_V2_MAX_BLOCK_M = {(2, torch.float32): 2, (3, torch.float32): 2}
 # (BLOCK_N at M = 1, num_warps) per bit-width: BLOCK_N / (2 · num_warps) rows per thread share each
 # converted activation; M = 2 and 4 halve and quarter BLOCK_N (at least 2 · num_warps) so that the
 # accumulators stay ≤ 96 registers (sm_90 SASS, no spills)
@@ -38,7 +39,7 @@ GEMV_V2_CONFIG = {1: (64, 4), 2: (64, 4), 3: (64, 4), 4: (64, 4)}
 
 
 def gemv_v2_block_m(m: int, bits: int = 2, dtype: torch.dtype = torch.bfloat16) -> int:
-    """The GEMV's M tile for ``m ≤ 4`` activation rows: 1, 2 or 4 — at most 2 for 3 bits with fp32
+    """The GEMV's M tile for ``m ≤ 4`` activation rows: 1, 2 or 4 — at most 2 for 2–3 bits with fp32
     activations (4 spills: the fp32 pairs of 4 rows outgrow 96 registers); larger ``m`` runs in tiles."""
     tile = 1 if m <= 1 else (2 if m <= 2 else 4)
     return min(tile, GEMV_V2_MAX_BLOCK_M.get((bits, dtype), 4))
