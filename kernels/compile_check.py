@@ -156,9 +156,9 @@ def _args_v2(name: str, bits: int, t: Any, rows: int, extra: dict) -> dict[str, 
 
         block_m = extra["BLOCK_M"]
         per = gemv_v2_launch_shape(rows, tiles, bits, block_m)[3]
-        return dict(common, x_ptr=e(1, dtype=t), ws_ptr=e(1, dtype=f32), M=block_m, tiles_per_split=per,
+        return dict(common, x_ptr=e(1, dtype=t), ws_ptr=e(1, dtype=f32), M=block_m, row0=0, tiles_per_split=per,
                     stride_xm=IN_FEATURES, stride_ws_s=block_m * OUT_FEATURES, stride_ws_m=OUT_FEATURES,
-                    BLOCK_M=block_m, OPAQUE=True)
+                    BLOCK_M=block_m, ROW_MASK=False, OPAQUE=True)  # the whole row blocks (the hot launch)
     return dict(common, out_ptr=e(1, dtype=t), stride_or=IN_FEATURES)
 
 
@@ -181,7 +181,11 @@ def _configs(name: str, args: dict) -> list:
         import triton
 
         if name == "gemv_v2":
-            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_n
+
+            from lowra_kernels.gemv_v2 import GEMV_V2_CONFIG, GEMV_V2_MAXNREG, gemv_v2_block_m, gemv_v2_block_n
+
+            if gemv_v2_block_m(args["BLOCK_M"], args["BITS"], args["x_ptr"].dtype) < args["BLOCK_M"]:
+                return []  # never launched: that M tile runs in smaller tiles
 
             block_n, warps = gemv_v2_block_n(args["BITS"], args["BLOCK_M"]), GEMV_V2_CONFIG[args["BITS"]][1]
             return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=1, maxnreg=GEMV_V2_MAXNREG)]

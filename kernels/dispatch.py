@@ -15,6 +15,7 @@ import os
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
+GEMV_V2_ENV = "LOWRA_GEMV_V2"  # "1": the Triton GEMV (M ≤ 4) runs gemv_v2 on layout v2 (opt-in)
 
 
 def interpreting() -> bool:
@@ -67,11 +68,21 @@ def _cpu_available() -> bool:
     return _cpu_backend.available()
 
 
+def gemv_v2_enabled() -> bool:
+    """Whether the Triton GEMV path runs GEMV v2 (``lowra_kernels.gemv_v2``: shuffle lookups on the
+    load-time layout v2) instead of v1 — opt-in by ``LOWRA_GEMV_V2=1`` (read per call). Its
+    interpreter tests and sm_90 SASS checks pass; its speed awaits a GPU measurement."""
+    value = os.environ.get(GEMV_V2_ENV, "0")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{GEMV_V2_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def resolve(backend: str, tensor: torch.Tensor) -> str:
     """The implementation that runs for data living where ``tensor`` is: ``"triton"``, ``"cpu"``
     (the C++ extension) or ``"torch"`` (the PyTorch reference). Every backend choice of the ops goes
     through here (``use_triton`` first, then ``use_cpu``; the common ``"auto"`` case is decided inline, as it
-    runs once per layer call)."""
+    runs once per layer call). Within ``"triton"``, the GEMV's kernel version is ``gemv_v2_enabled``'s choice."""
     if backend == "auto":
         if tensor.is_cuda:
             return "triton"

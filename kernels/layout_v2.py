@@ -43,10 +43,15 @@ def tile_words(bits: int) -> int:
     return TILE * bits // 32
 
 
+def v2_supported(group_size: int) -> bool:
+    """Whether layout v2 takes ``group_size`` (32, 64 or a multiple of ``TILE``; ``check_group_size``)."""
+    return group_size in (32, 64) or (group_size > 0 and group_size % TILE == 0)
+
+
 def check_group_size(group_size: int) -> None:
     """The v2 layout needs a ``group_size`` of 32 or 64 or a multiple of ``TILE`` (a tile holds whole
     groups, or a group whole tiles; a group is at least one 32-code word of every width)."""
-    if group_size not in (32, 64) and (group_size <= 0 or group_size % TILE):
+    if not v2_supported(group_size):
         raise ValueError(f"the v2 layout needs a group size of 32, 64 or a multiple of {TILE}, got {group_size}")
 
 

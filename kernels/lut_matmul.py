@@ -43,8 +43,10 @@ import triton.language as tl
 
 from lowra_kernels.autotune import autotune, configs
 from lowra_kernels.config_table import config_meta, device_name, lookup
-from lowra_kernels.dispatch import interpreting
+from lowra_kernels.dispatch import gemv_v2_enabled, interpreting
+from lowra_kernels.gemv_v2 import GEMV_V2_MAX_M
 from lowra_kernels.layout import codes_per_word
+from lowra_kernels.layout_v2 import v2_supported
 from lowra_kernels.lut import gather_groups, gemv_step, lut_select
 from lowra_kernels.weight import PackedWeight, WeightCache
 
@@ -400,6 +402,7 @@ def _gemv_plan(w: PackedWeight, block_m: int, dev: str) -> tuple[int, list[tuple
 
 
 _plans = WeightCache()
+_V2_CACHE = WeightCache()  # a weight's layout-v2 groups (GEMV v2, opt-in: dispatch.gemv_v2_enabled)
 
 
 def _lut_gemv(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -462,6 +465,17 @@ def forward_path(m: int, w: PackedWeight, on_gpu: bool) -> str:
     return "fused_mm" if m < TRAIN_MIN_M else "dequant_blas"
 
 
+def _gemv_v2(x2: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """GEMV v2 of ``x2 [M ≤ 4, in]``: the weight restructured into layout v2 once (cached while its
+    tensors live unchanged), then ``gemv_v2``."""
+    from lowra_kernels.gemv_v2 import gemv_v2
+    from lowra_kernels.layout_v2 import groups_to_v2
+
+    groups = _V2_CACHE.get(w, ("v2", x2.device), lambda: groups_to_v2(
+        [(b, codes, rows, cb) for b, codes, rows, cb in w.groups()], w.absmax, w.group_size, w.in_features))
+    return gemv_v2(x2, groups, w.out_features)
+
+
 def lut_matmul_triton(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """Triton forward ``x [..., in] → y [..., out]``: GEMV, fused GEMM, or dequantize + cuBLAS, as
     ``forward_path`` chooses."""
@@ -474,7 +488,9 @@ def lut_matmul_triton(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     if M == 0:
         return x.new_empty(*lead, w.out_features)
     path = forward_path(M, w, x2.is_cuda and not interpreting())
-    if path == "gemv":
+    if path == "gemv" and gemv_v2_enabled() and M <= GEMV_V2_MAX_M and v2_supported(w.group_size):
+        y = _gemv_v2(x2, w)
+    elif path == "gemv":
         y = _lut_gemv(x2, w)
     elif path == "fused_mm":
         y = _lut_mm(x2, w)

@@ -8,8 +8,9 @@ SASS features of its binary — ``Sass``) on one ``GPU``:
   ``ceil(grid / SMs)`` CTAs (waves);
 * **issue**: warp-instructions of the busiest SM over its issue rate, ``min(schedulers · η_issue,
   resident warps / cpi)`` per cycle (``cpi``: cycles one warp needs between instructions, which
-  few resident warps cannot hide); shared-memory instructions (``LDS``/``STS``) take ``c_smem``
-  cycles each in the SM's one shared-memory pipe; per barrier a CTA waits ``c_bar`` cycles, hidden by
+  few resident warps cannot hide); shared-memory instructions (``LDS``/``STS``, and the K loop's
+  warp shuffles ``SHFL``, which use the same pipe) take ``c_smem`` cycles each in the SM's one
+  shared-memory pipe; per barrier a CTA waits ``c_bar`` cycles, hidden by
   the other resident CTAs;
 * **memory**: bytes over ``η_bw · BW`` of the level they stream from (L2 when the replayed working
   set fits in it, else HBM), capped by Little's law: an SM keeps ``resident warps × bytes one warp
@@ -115,8 +116,10 @@ class Sass:
             return sum(int(w) * n for w, n in mem.get("LDG", {}).items())
 
         loop_instr = stats["main_loop_instructions"] if has_loop else 0
+        # warp shuffles of the K loop go through the shared-memory (MIO) pipe as well, 32 lanes a clock
+        shfl = stats.get("main_loop_mix", {}).get("SHFL", 0) if has_loop else 0
         return cls(registers=registers, shared_bytes=shared_bytes, loop_instr=loop_instr,
-                   rest_instr=stats["instructions"] - loop_instr, loop_smem=smem(loop_mem),
+                   rest_instr=stats["instructions"] - loop_instr, loop_smem=smem(loop_mem) + shfl,
                    rest_smem=smem(kmem) - smem(loop_mem), loop_bar=loop_mem["BAR"],
                    rest_bar=kmem["BAR"] - loop_mem["BAR"], ldg_bytes=ldg(loop_mem if has_loop else kmem))
 

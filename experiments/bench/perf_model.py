@@ -154,7 +154,7 @@ def table_conflicts(bits: int, words: int, pw2: int, aligned: bool, rows: int) -
 def launch_v2(p: dict, feat: dict, resident: bool = False) -> Any:
     """The ``Launch`` of a v2 kernel on the representative layer, codes streamed from HBM (a decode
     step reads each layer's weight once; ``resident=True``: replayed from L2 like the H200 sweep)."""
-    from lowra_kernels.gemv_v2 import gemv_v2_launch_shape
+    from lowra_kernels.gemv_v2 import gemv_v2_launch_shape, gemv_v2_step_tiles
     from lowra_kernels.layout import num_groups
     from lowra_kernels.layout_v2 import TILE, tile_words
     from lowra_kernels.perf_model import Launch, Sass
@@ -167,8 +167,8 @@ def launch_v2(p: dict, feat: dict, resident: bool = False) -> Any:
         block_n, _, split, per = gemv_v2_launch_shape(n, tiles, bits)
         row_blocks = math.ceil(n / block_n)
         nbytes = codes + scales + codebook + row_blocks * k * 2 + split * n * 4
-        return Launch(grid=row_blocks * split, warps=p["num_warps"], trips=per, bytes=nbytes, resident=resident,
-                      sass=sass)
+        return Launch(grid=row_blocks * split, warps=p["num_warps"], trips=math.ceil(per / gemv_v2_step_tiles(bits)),
+                      bytes=nbytes, resident=resident, sass=sass)
     sass = Sass.from_stats(feat["registers"], feat["shared_bytes"], feat["sass"], has_loop=False)
     grid = math.ceil(n / cfg["BLOCK_R"]) * math.ceil(tiles / cfg["TILES"])
     return Launch(grid=grid, warps=p["num_warps"], trips=0, bytes=codes + scales + codebook + n * k * 2,
