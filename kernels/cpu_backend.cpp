@@ -331,6 +331,55 @@ void gemv_t_impl(const Group& g, const float* gy, int64_t M, int64_t out_feature
   });
 }
 
+// The codebook / scale gradient of one bit group from rows of G = dL/dW (fp32): stored rows [i0, i1)
+// of the group, stored row i's G row at gw + (i - i0) * ld (original row r = rows[i]). Per row and
+// absmax group q: loc[c] = sum over the group's inputs with code c of G[r, k]; then
+//   gcb[i, c] += absmax[r, q] * loc[c]            (dL/dcodebook: the per-row segment sum)
+//   ga[r, q]   = sum_c table[i, c] * loc[c]       (dL/dabsmax: sum_k G[r, k] * cb[i, code])
+// one pass over the codes for both (gcb [n, 2**b] per stored row, also for a shared table: the caller
+// sums it; either output may be null). Rows are split over threads; each row is written by one.
+template <int BITS, typename S>
+void table_grad_row(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t K,
+                    const float* grow, float* gcb, float* ga) {
+  constexpr int NC = 1 << BITS;
+  for (int64_t k0 = 0, q = 0; k0 < K; k0 += gs, ++q) {
+    const int64_t k1 = std::min(K, k0 + gs);
+    float loc[NC] = {};
+    for (int64_t k = k0; k < k1; ++k) loc[scalar_code<BITS>(words, k)] += grow[k];
+    if (gcb) {
+      const float s = static_cast<float>(scale[q]);
+      for (int c = 0; c < NC; ++c) gcb[c] += s * loc[c];
+    }
+    if (ga) {
+      float t = 0.f;
+      for (int c = 0; c < NC; ++c) t += tab[c] * loc[c];
+      ga[q] = t;
+    }
+  }
+}
+
+template <int BITS>
+void table_grad_impl(const Group& g, const float* gw, int64_t i0, int64_t i1, int64_t ld, float* gcb, float* ga) {
+  constexpr int NC = 1 << BITS;
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, kDequantGrain / std::max<int64_t>(K, 1));
+  at::parallel_for(i0, i1, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = g.rows[i];
+      const int32_t* words = g.codes + i * g.words;
+      const float* tab = g.table + i * g.table_stride;
+      const float* grow = gw + (i - i0) * ld;
+      float* gc = gcb ? gcb + i * NC : nullptr;
+      float* gq = ga ? ga + r * g.ngroups : nullptr;
+      const int64_t off = r * g.ngroups;
+      if (g.absmax_half)
+        table_grad_row<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, K, grow, gc, gq);
+      else
+        table_grad_row<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, K, grow, gc, gq);
+    }
+  });
+}
+
 template <template <int> class F, typename... Args>
 void by_bits(int64_t bits, Args&&... args) {
   switch (bits) {
@@ -354,6 +403,12 @@ template <int B> struct GemvF {
 };
 template <int B> struct GemvTF {
   static void run(const Group& g, const float* gy, int64_t M, int64_t o, float* gx) { gemv_t_impl<B>(g, gy, M, o, gx); }
+};
+
+template <int B> struct TableGradF {
+  static void run(const Group& g, const float* gw, int64_t i0, int64_t i1, int64_t ld, float* gcb, float* ga) {
+    table_grad_impl<B>(g, gw, i0, i1, ld, gcb, ga);
+  }
 };
 
 }  // namespace
@@ -389,6 +444,17 @@ void gemv_t_group(LOWRA_GROUP_ARGS, uintptr_t gy, int64_t M, int64_t out_feature
                   reinterpret_cast<float*>(gx));
 }
 
+// gw fp32 [i1 - i0, >= in_features] (row stride ld): the dL/dW rows of stored rows [i0, i1) of the group;
+// gcb fp32 [n, 2**bits] contiguous (accumulated into) or 0; ga fp32 [out, ngroups] contiguous (the
+// group's rows written) or 0.
+void table_grad_group(LOWRA_GROUP_ARGS, uintptr_t gw, int64_t i0, int64_t i1, int64_t ld, uintptr_t gcb,
+                      uintptr_t ga) {
+  if (i0 < 0 || i1 > n || i0 > i1) throw std::invalid_argument("stored row range out of bounds");
+  if (i0 == i1) return;
+  by_bits<TableGradF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(gw), i0, i1, ld,
+                      reinterpret_cast<float*>(gcb), reinterpret_cast<float*>(ga));
+}
+
 // y[m, o] += scaling * sum_r B[o, r] * (sum_k A[r, k] x[m, k]) + bias[o] for M <= 16 rows of fp32 x
 // [M, K], A [rank, K], B [out, rank] (all contiguous; bias may be 0): a LoRA branch (and bias) added to
 // a fused GEMV's output in the same call, so a decode step does not pay 4-5 small ATen ops per layer.
@@ -422,5 +488,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_group", &gemv_group, release(), "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
   m.def("gemv_t_group", &gemv_t_group, release(), "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
   m.def("lora_add", &lora_add, release(), "y += scaling * (x @ A^T) @ B^T + bias for M <= 16 (fp32)");
+  m.def("table_grad_group", &table_grad_group, release(),
+        "codebook / absmax gradient of one bit group from rows of dL/dW (one pass over the codes, fp32)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
 }

@@ -13,7 +13,8 @@ as single nodes:
 
 * ``lowra::lut_linear`` — the forward above. Autograd (``register_autograd``): gradients for
   ``x``, ``A``, ``B``, a bias that requires grad, and the codebooks / absmax when they require grad
-  (trainable codebooks and scales: ``lowra_kernels.codebook_grad``, chunked, never ``∂L/∂W`` whole);
+  (trainable codebooks and scales: ``lowra_kernels.codebook_grad.layer_table_grads``, chunked, never
+  ``∂L/∂W`` whole; on CPU one fused extension pass per width and chunk);
   the integer codes and row indices get none.
   Only ``x`` and the adapters are saved; ``deq(W)`` is never kept between forward and backward.
 * ``lowra::lut_grad_input`` — ``grad_y · deq(W)`` (the base's part of ``grad_x``; its own
@@ -140,45 +141,78 @@ def _dequantize_fake(weight, meta, dtype, backend):
 
 
 # ------------------------------------------------------------------------------------ autograd
+def _keeps_output(weight: list[torch.Tensor], meta: list[int], output: torch.Tensor, backend: str) -> bool:
+    """Whether the backward wants the forward's output: trainable codebooks of 1-bit rows (frozen scales,
+    fp32/fp64 output, not the reference backend) take ``one_bit_codebook_grad``, which needs the base
+    output ``x deq(W)ᵀ`` (recovered from the output: minus bias and adapters)."""
+    n = len(meta) - 2
+    return (backend != "torch" and output.dtype in (torch.float32, torch.float64) and not weight[3 * n].requires_grad
+            and any(weight[2 * n + j].requires_grad and meta[2 + j] == 1 for j in range(n)))
+
+
 def _setup_lut_linear(ctx, inputs, output) -> None:
     x, weight, lora_A, lora_B, bias, meta, scaling, backend = inputs
     ctx.meta, ctx.scaling, ctx.backend, ctx.has_bias = meta, scaling, backend, bias is not None
-    ctx.save_for_backward(x, lora_A, lora_B, *weight)  # the stored tensors themselves, never deq(W)
+    y = output if _keeps_output(weight, meta, output, backend) else None
+    # the stored tensors themselves, never deq(W); the output only for the 1-bit codebook gradient
+    ctx.save_for_backward(x, lora_A, lora_B, bias if y is not None else None, y, *weight)
 
 
 def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
-                need: list[bool], backend: str) -> list[torch.Tensor | None]:
+                need: list[bool], backend: str, base_dot: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """Gradients of the weight's tensors ``[codes…, rows…, codebooks…, absmax]``: the codebooks and the
     absmax that require grad get ``lowra_kernels.codebook_grad`` (a segment sum per row, ``∂L/∂W`` never
     built for the whole layer), the integer codes and row indices ``None``. Returned in fp32 (autograd
     casts them to the tensors' dtypes)."""
-    from lowra_kernels.codebook_grad import codebook_grad
-
     n = len(meta) - 2
     grads: list[torch.Tensor | None] = [None] * len(weight)
-    need_cb, need_a = need[2 * n:3 * n], need[3 * n]
+    need_cb, need_a = [bool(v) for v in need[2 * n:3 * n]], bool(need[3 * n])
     if not (any(need_cb) or need_a):
         return grads
     go, xx = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-    absmax = weight[3 * n]
-    g_absmax = torch.zeros(absmax.shape, dtype=torch.float32, device=absmax.device) if need_a else None
+    out = table_grads(go, xx, weight, meta, need_cb, need_a, backend, base_dot)
     for j in range(n):
-        if not (need_cb[j] or need_a):
-            continue
-        codes, rows, cb = weight[j], weight[n + j], weight[2 * n + j]
-        g_cb, g_a = codebook_grad(go, xx, codes, rows, cb, absmax, meta[2 + j], meta[0], need_a, backend)
         if need_cb[j]:
-            grads[2 * n + j] = g_cb
-        if g_a is not None:
-            g_absmax[rows.long()] = g_a.float()
-    grads[3 * n] = g_absmax
+            grads[2 * n + j] = out[j]
+    if need_a:
+        grads[3 * n] = out[n]
     return grads
+
+
+@torch.library.custom_op("lowra::table_grads", mutates_args=())
+def table_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
+                need_cb: list[bool], need_a: bool, backend: str, base_dot: torch.Tensor | None) -> list[torch.Tensor]:
+    """``[∂L/∂codebook_j for each width j…, ∂L/∂absmax]`` from ``grad_out [M, out]`` and ``x [M, in]``
+    (``lowra_kernels.codebook_grad.layer_table_grads``): fp32 (the codebooks' float64 for float64 ``x``);
+    a width whose gradient is not wanted gets zeros, ``∂L/∂absmax`` is ``[0]`` when not wanted.
+    ``base_dot [out]`` (``Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``, when the forward kept its output) lets
+    1-bit rows skip ``∂L/∂W``. An opaque op, so ``torch.compile`` traces the backward without entering
+    the CPU extension's raw pointers or the Triton launch."""
+    from lowra_kernels.codebook_grad import layer_table_grads
+
+    n = len(meta) - 2
+    g_cbs, g_a = layer_table_grads(grad_out, x, weight[:n], weight[n:2 * n], weight[2 * n:3 * n], weight[3 * n],
+                                   list(meta[2:]), meta[0], list(need_cb), need_a, backend, base_dot)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = [g.to(acc) if g is not None else torch.zeros(weight[2 * n + j].shape, dtype=acc, device=x.device)
+           for j, g in enumerate(g_cbs)]
+    out.append(g_a.float() if g_a is not None else torch.zeros(0, dtype=torch.float32, device=x.device))
+    return out
+
+
+@table_grads.register_fake
+def _table_grads_fake(grad_out, x, weight, meta, need_cb, need_a, backend, base_dot):
+    n = len(meta) - 2
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = [x.new_empty(weight[2 * n + j].shape, dtype=acc) for j in range(n)]
+    out.append(x.new_empty(weight[3 * n].shape if need_a else (0,), dtype=torch.float32))
+    return out
 
 
 def _backward_lut_linear(ctx, grad_y: torch.Tensor):
     """Gradients of ``x``, ``A``, ``B``, ``bias`` and of the base's codebooks / absmax where they require
     grad (trainable codebooks and scales, ``_base_grads``); ``None`` for the codes and row indices."""
-    x, lora_A, lora_B, *weight = ctx.saved_tensors
+    x, lora_A, lora_B, bias, y, *weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x = grad_a = grad_b = grad_bias = None
     if need[0]:
@@ -196,7 +230,20 @@ def _backward_lut_linear(ctx, grad_y: torch.Tensor):
             grad_b = g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
     if ctx.has_bias and need[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend)
+    base_dot = None
+    if y is not None:  # Σ_m grad_y[m, r] · (x deq(W)ᵀ)[m, r]: the output's, less the bias' and the adapters'
+        gy2, y2 = grad_y.reshape(-1, grad_y.shape[-1]), y.reshape(-1, y.shape[-1])
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        base_dot = torch.linalg.vecdot(gy2.to(acc), y2.to(acc), dim=0)
+        if bias is not None:
+            base_dot -= bias.to(acc) * (grad_bias if grad_bias is not None else gy2.sum(0)).to(acc)
+        if lora_A is not None:  # Σ_m g[m, r] (u Bᵀ)[m, r] = Σ_j B[r, j] (gᵀ u)[r, j], gᵀ u = grad_B
+            gtu = grad_b
+            if gtu is None:
+                u = F.linear(x.to(lora_A.dtype), lora_A).reshape(-1, lora_A.shape[0])
+                gtu = (gy2.to(lora_A.dtype) * ctx.scaling).t() @ u
+            base_dot -= (gtu.to(acc) * lora_B.to(acc)).sum(1)
+    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend, base_dot)
     return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 
