@@ -266,7 +266,7 @@ def one_bit_codebook_grad(base_dot: torch.Tensor, q: torch.Tensor, rows: torch.T
     return g.sum(0, keepdim=True) if codebook.shape[0] == 1 else g
 
 
-#: a 1-bit row takes ``one_bit_codebook_grad`` when ``max(|cb0|, |cb1|) ≤ ONE_BIT_MAX_RATIO · |cb1 − cb0|``
+#: a 1-bit row takes ``one_bit_codebook_grad`` when ``max(|cb0|, |cb1|) < ONE_BIT_MAX_RATIO · |cb1 − cb0|``
 #: (the rounding error of ``base_dot`` is amplified by at most this ratio); other rows take the exact path.
 ONE_BIT_MAX_RATIO = 1e3
 
@@ -316,7 +316,7 @@ def layer_table_grads(
             if b != 1 or not need_cb[j] or codes[j].shape[0] == 0:
                 continue
             cb = codebooks[j].to(torch.float32)
-            ok = cb.abs().amax(1) <= ONE_BIT_MAX_RATIO * (cb[:, 1] - cb[:, 0]).abs()
+            ok = ONE_BIT_MAX_RATIO * (cb[:, 1] - cb[:, 0]).abs() > cb.abs().amax(1)  # strict: cb0 = cb1 = 0 is out
             if not bool(ok.any()) or (codebooks[j].shape[0] == 1 and not bool(ok.all())):
                 continue
             if q is None:

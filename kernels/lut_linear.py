@@ -241,7 +241,7 @@ def _backward_lut_linear(ctx, grad_y: torch.Tensor):
             gtu = grad_b
             if gtu is None:
                 u = F.linear(x.to(lora_A.dtype), lora_A).reshape(-1, lora_A.shape[0])
-                gtu = (gy2.to(lora_A.dtype) * ctx.scaling).t() @ u
+                gtu = (gy2.to(lora_A.dtype) * ctx.scaling).t() @ u  # = grad_B
             base_dot -= (gtu.to(acc) * lora_B.to(acc)).sum(1)
     grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend, base_dot)
     return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None

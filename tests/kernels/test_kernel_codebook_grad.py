@@ -168,3 +168,36 @@ def test_cpu_dispatch_single_width_and_layer():
         r64 = codebook_grad_ref(grad_out, x, g.codes, g.rows, g.codebook.double(), absmax.double(), g.bits,
                                 qt.group_size)
         assert d64[0].dtype == torch.float64 and torch.equal(d64[0], r64[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])  # "torch": the exact reference for every row
+@pytest.mark.parametrize("shared", [False, True])
+def test_one_bit_rows_from_the_output_row_dot(shared, backend):
+    """1-bit rows without ∂L/∂W (``base_dot`` + ``row_sums``) equal the reference, with degenerate rows
+    (equal entries, an all-zero codebook) sent to the exact path; other widths unchanged."""
+    if backend == "cpu":
+        _requires_cpu_ext()
+    qt, x, grad_out = _problem(30, 100, shared, 32)
+    x, grad_out = x.float(), grad_out.float()
+    groups = qt.groups
+    books = [g.codebook.clone() for g in groups]
+    one = next(j for j, g in enumerate(groups) if g.bits == 1)
+    if not shared:  # row 0: cb0 = cb1 (no closed form), row 1: both zero
+        books[one][0] = books[one][0, 0]
+        books[one][1] = 0
+    absmax = qt.scales.restore()
+    w = torch.zeros(qt.shape)
+    for g, cb in zip(groups, books, strict=True):
+        from lowra_kernels.dequantize import dequantize_ref
+
+        dequantize_ref(g.codes, g.rows, cb, absmax, g.bits, qt.group_size, w)
+    base_dot = (grad_out * (x @ w.t())).sum(0)
+    got, g_a = layer_table_grads(grad_out, x, [g.codes for g in groups], [g.rows for g in groups], books, absmax,
+                                 [g.bits for g in groups], qt.group_size, [True] * len(groups), False, backend,
+                                 base_dot=base_dot)
+    assert g_a is None
+    for j, g in enumerate(groups):
+        want, _ = codebook_grad_ref(grad_out.double(), x.double(), g.codes, g.rows, books[j], absmax.double(), g.bits,
+                                    qt.group_size)
+        assert torch.isfinite(got[j]).all()
+        torch.testing.assert_close(got[j], want.float(), rtol=2e-4, atol=2e-4)
