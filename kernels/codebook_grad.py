@@ -239,9 +239,27 @@ def row_sums(grad_out: torch.Tensor, x: torch.Tensor, absmax: torch.Tensor, grou
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     in_features = x.shape[1]
     groups = num_groups(in_features, group_size)
-    xs = torch.nn.functional.pad(x.to(acc), (0, groups * group_size - in_features)).view(-1, groups, group_size).sum(-1)
+    xa = x.to(acc)
+    if groups * group_size != in_features:
+        xa = torch.nn.functional.pad(xa, (0, groups * group_size - in_features))
+    xs = xa.reshape(-1, groups, group_size).sum(-1)
     # [groups, M] × [M, out]: BLAS is fast on this orientation, slow (narrow N) on grad_outᵀ xs
     return ((xs.t() @ grad_out.to(acc)) * absmax.to(acc).t()).sum(0)
+
+
+def output_row_dot(grad_out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``Σ_m grad_out[m, r] · y[m, r]`` ``[out]`` in float64 (``grad_out``, ``y``: ``[M, out]``): the C++
+    extension's ``col_dot`` (one pass, fp64 accumulators) for fp32 CPU tensors, else ``vecdot``."""
+    from lowra_kernels.dispatch import use_cpu
+
+    if (grad_out.dtype == y.dtype == torch.float32 and use_cpu("auto", y)):
+        from lowra_kernels.cpu_backend import _require
+
+        a, b = grad_out.contiguous(), y.contiguous()
+        p = torch.empty(a.shape[1], dtype=torch.float64)
+        _require().col_dot(a.data_ptr(), b.data_ptr(), a.shape[0], a.shape[1], p.data_ptr())
+        return p
+    return torch.linalg.vecdot(grad_out.to(torch.float64), y.to(torch.float64), dim=0)
 
 
 def one_bit_codebook_grad(base_dot: torch.Tensor, q: torch.Tensor, rows: torch.Tensor,
@@ -290,6 +308,37 @@ def codebook_grad(
     return codebook_grad_ref(grad_out, x, codes, rows, codebook, absmax, bits, group_size, need_scales)
 
 
+def _one_bit(base_dot: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor,
+             kind: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(rows the closed form holds for — None when all —, ∂L/∂codebook)`` of one 1-bit width: the C++
+    ``one_bit_grad`` on the CPU backend, ``one_bit_codebook_grad`` elsewhere (``[n, 2]`` per row; a
+    shared table's sum only when every row qualifies, which for one table means all or none)."""
+    n = rows.shape[0]
+    if kind == "cpu":
+        from lowra_kernels.cpu_backend import _require
+
+        cb = codebook if codebook.dtype in (torch.float16, torch.float32) else codebook.float()
+        cb, r = cb.contiguous(), rows.to(torch.int64).contiguous()
+        p, qq = base_dot.to(torch.float64).contiguous(), q.to(torch.float64).contiguous()
+        g = torch.empty((n, 2), dtype=torch.float32)
+        bad = torch.empty(n, dtype=torch.uint8)
+        nbad = _require().one_bit_grad(n, r.data_ptr(), cb.data_ptr(), cb.dtype == torch.float16,
+                                       0 if cb.shape[0] == 1 else cb.stride(0), p.data_ptr(), qq.data_ptr(),
+                                       ONE_BIT_MAX_RATIO, g.data_ptr(), bad.data_ptr())
+        if nbad == 0:
+            return None, g.sum(0, keepdim=True) if codebook.shape[0] == 1 else g
+        return bad == 0, g
+    cbf = codebook.to(torch.float32)
+    ok = ONE_BIT_MAX_RATIO * (cbf[:, 1] - cbf[:, 0]).abs() > cbf.abs().amax(1)  # strict: cb0 = cb1 = 0 is out
+    if bool(ok.all()):
+        return None, one_bit_codebook_grad(base_dot, q, rows, codebook)
+    ok = ok.expand(n)
+    g = torch.zeros((n, 2), dtype=q.dtype, device=q.device)
+    if codebook.shape[0] > 1 and bool(ok.any()):
+        g[ok] = one_bit_codebook_grad(base_dot, q, rows[ok], codebook[ok])
+    return ok, g
+
+
 def layer_table_grads(
     grad_out: torch.Tensor, x: torch.Tensor, codes: list[torch.Tensor], rows: list[torch.Tensor],
     codebooks: list[torch.Tensor], absmax: torch.Tensor, bits: list[int], group_size: int, need_cb: list[bool],
@@ -315,16 +364,13 @@ def layer_table_grads(
         for j, b in enumerate(bits):
             if b != 1 or not need_cb[j] or codes[j].shape[0] == 0:
                 continue
-            cb = codebooks[j].to(torch.float32)
-            ok = ONE_BIT_MAX_RATIO * (cb[:, 1] - cb[:, 0]).abs() > cb.abs().amax(1)  # strict: cb0 = cb1 = 0 is out
-            if not bool(ok.any()) or (codebooks[j].shape[0] == 1 and not bool(ok.all())):
-                continue
             if q is None:
                 q = row_sums(grad_out, x, absmax, group_size)
-            if bool(ok.all()):
-                fast[j] = (None, one_bit_codebook_grad(base_dot, q, rows[j], codebooks[j]))
-            else:  # degenerate rows take the exact path
-                fast[j] = (ok, one_bit_codebook_grad(base_dot, q, rows[j][ok], codebooks[j][ok]))
+            ok, g = _one_bit(base_dot, q, rows[j], codebooks[j], kind)
+            if ok is None:
+                fast[j] = (None, g)
+            elif codebooks[j].shape[0] > 1 and bool(ok.any()):  # degenerate rows take the exact path
+                fast[j] = (ok, g[ok])
                 sub_rows[j], sub_codes[j], sub_books[j] = rows[j][~ok], codes[j][~ok], codebooks[j][~ok]
     exact = [need_cb[j] and (j not in fast or fast[j][0] is not None) for j in range(n_w)]
     if kind == "cpu" and x.dtype != torch.float64:

@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <type_traits>
 #include <cstdint>
@@ -455,6 +456,62 @@ void table_grad_group(LOWRA_GROUP_ARGS, uintptr_t gw, int64_t i0, int64_t i1, in
                       reinterpret_cast<float*>(gcb), reinterpret_cast<float*>(ga));
 }
 
+// p[o] = sum_m a[m, o] * b[m, o] for fp32 a, b [M, out] contiguous (double accumulators): the
+// per-row dot of grad_y and the output the 1-bit codebook gradient needs, in one pass over both.
+void col_dot(uintptr_t a_, uintptr_t b_, int64_t M, int64_t out_features, uintptr_t p_) {
+  const float* a = reinterpret_cast<const float*>(a_);
+  const float* b = reinterpret_cast<const float*>(b_);
+  double* p = reinterpret_cast<double*>(p_);
+  at::parallel_for(0, out_features, 256, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) p[o] = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* am = a + m * out_features;
+      const float* bm = b + m * out_features;
+      for (int64_t o = o0; o < o1; ++o) p[o] += static_cast<double>(am[o]) * static_cast<double>(bm[o]);
+    }
+  });
+}
+
+// The codebook gradient of 1-bit rows in closed form (kernels/codebook_grad.py, one_bit_codebook_grad):
+// for stored row i (r = rows[i]) with entries cb0, cb1 (fp16 or fp32 [n or 1, 2], row stride cb_stride)
+//   g1 = (p[r] - cb0 q[r]) / (cb1 - cb0),  g0 = q[r] - g1     (p, q fp64 [out])
+// written to g fp32 [n, 2]; a row with ratio * |cb1 - cb0| <= max(|cb0|, |cb1|) gets zeros and
+// bad[i] = 1 (the caller computes it the exact way). Returns the number of such rows.
+int64_t one_bit_grad(int64_t n, uintptr_t rows_, uintptr_t cb_, bool cb_half, int64_t cb_stride, uintptr_t p_,
+                     uintptr_t q_, double ratio, uintptr_t g_, uintptr_t bad_) {
+  const int64_t* rows = reinterpret_cast<const int64_t*>(rows_);
+  const double* p = reinterpret_cast<const double*>(p_);
+  const double* q = reinterpret_cast<const double*>(q_);
+  float* g = reinterpret_cast<float*>(g_);
+  uint8_t* bad = reinterpret_cast<uint8_t*>(bad_);
+  int64_t nbad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double c0, c1;
+    if (cb_half) {
+      const c10::Half* c = reinterpret_cast<const c10::Half*>(cb_) + i * cb_stride;
+      c0 = static_cast<float>(c[0]);
+      c1 = static_cast<float>(c[1]);
+    } else {
+      const float* c = reinterpret_cast<const float*>(cb_) + i * cb_stride;
+      c0 = c[0];
+      c1 = c[1];
+    }
+    const double d = c1 - c0;
+    const int64_t r = rows[i];
+    if (!(ratio * std::abs(d) > std::max(std::abs(c0), std::abs(c1)))) {
+      g[2 * i] = g[2 * i + 1] = 0.f;
+      bad[i] = 1;
+      ++nbad;
+      continue;
+    }
+    bad[i] = 0;
+    const double g1 = (p[r] - c0 * q[r]) / d;
+    g[2 * i] = static_cast<float>(q[r] - g1);
+    g[2 * i + 1] = static_cast<float>(g1);
+  }
+  return nbad;
+}
+
 // y[m, o] += scaling * sum_r B[o, r] * (sum_k A[r, k] x[m, k]) + bias[o] for M <= 16 rows of fp32 x
 // [M, K], A [rank, K], B [out, rank] (all contiguous; bias may be 0): a LoRA branch (and bias) added to
 // a fused GEMV's output in the same call, so a decode step does not pay 4-5 small ATen ops per layer.
@@ -490,5 +547,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_add", &lora_add, release(), "y += scaling * (x @ A^T) @ B^T + bias for M <= 16 (fp32)");
   m.def("table_grad_group", &table_grad_group, release(),
         "codebook / absmax gradient of one bit group from rows of dL/dW (one pass over the codes, fp32)");
+  m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
+  m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
 }

@@ -159,7 +159,7 @@ def _setup_lut_linear(ctx, inputs, output) -> None:
 
 
 def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
-                need: list[bool], backend: str, base_dot: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                need: list[bool], backend: str, kept: tuple | None = None) -> list[torch.Tensor | None]:
     """Gradients of the weight's tensors ``[codes…, rows…, codebooks…, absmax]``: the codebooks and the
     absmax that require grad get ``lowra_kernels.codebook_grad`` (a segment sum per row, ``∂L/∂W`` never
     built for the whole layer), the integer codes and row indices ``None``. Returned in fp32 (autograd
@@ -170,7 +170,9 @@ def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor
     if not (any(need_cb) or need_a):
         return grads
     go, xx = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-    out = table_grads(go, xx, weight, meta, need_cb, need_a, backend, base_dot)
+    y, bias, lora_B, gtu = kept if kept is not None else (None, None, None, None)
+    out = table_grads(go, xx, weight, meta, need_cb, need_a, backend,
+                      None if y is None else y.reshape(-1, y.shape[-1]), bias, lora_B, gtu)
     for j in range(n):
         if need_cb[j]:
             grads[2 * n + j] = out[j]
@@ -181,16 +183,26 @@ def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor
 
 @torch.library.custom_op("lowra::table_grads", mutates_args=())
 def table_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
-                need_cb: list[bool], need_a: bool, backend: str, base_dot: torch.Tensor | None) -> list[torch.Tensor]:
+                need_cb: list[bool], need_a: bool, backend: str, y: torch.Tensor | None, bias: torch.Tensor | None,
+                lora_B: torch.Tensor | None, grad_B: torch.Tensor | None) -> list[torch.Tensor]:
     """``[∂L/∂codebook_j for each width j…, ∂L/∂absmax]`` from ``grad_out [M, out]`` and ``x [M, in]``
     (``lowra_kernels.codebook_grad.layer_table_grads``): fp32 (the codebooks' float64 for float64 ``x``);
     a width whose gradient is not wanted gets zeros, ``∂L/∂absmax`` is ``[0]`` when not wanted.
-    ``base_dot [out]`` (``Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``, when the forward kept its output) lets
-    1-bit rows skip ``∂L/∂W``. An opaque op, so ``torch.compile`` traces the backward without entering
+    ``y [M, out]``, the forward's output when it kept it, with its ``bias``, ``lora_B`` and the adapters'
+    ``grad_B`` (``s · grad_outᵀ (x Aᵀ)``), gives ``base_dot[r] = Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``
+    (the output's row dot less the bias' and the adapters'), which lets 1-bit rows skip ``∂L/∂W``. An
+    opaque op, so ``torch.compile`` traces the backward without entering
     the CPU extension's raw pointers or the Triton launch."""
-    from lowra_kernels.codebook_grad import layer_table_grads
+    from lowra_kernels.codebook_grad import layer_table_grads, output_row_dot
 
     n = len(meta) - 2
+    base_dot = None
+    if y is not None:
+        base_dot = output_row_dot(grad_out, y)  # float64 [out]: the corrections cancel against it
+        if bias is not None:
+            base_dot -= bias.to(torch.float64) * grad_out.sum(0).to(torch.float64)
+        if lora_B is not None:  # Σ_m s g[m, r] (u Bᵀ)[m, r] = Σ_j B[r, j] grad_B[r, j]
+            base_dot -= (grad_B.to(torch.float64) * lora_B.to(torch.float64)).sum(1)
     g_cbs, g_a = layer_table_grads(grad_out, x, weight[:n], weight[n:2 * n], weight[2 * n:3 * n], weight[3 * n],
                                    list(meta[2:]), meta[0], list(need_cb), need_a, backend, base_dot)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -201,7 +213,7 @@ def table_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tens
 
 
 @table_grads.register_fake
-def _table_grads_fake(grad_out, x, weight, meta, need_cb, need_a, backend, base_dot):
+def _table_grads_fake(grad_out, x, weight, meta, need_cb, need_a, backend, y, bias, lora_B, grad_B):
     n = len(meta) - 2
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = [x.new_empty(weight[2 * n + j].shape, dtype=acc) for j in range(n)]
@@ -230,20 +242,14 @@ def _backward_lut_linear(ctx, grad_y: torch.Tensor):
             grad_b = g.reshape(-1, g.shape[-1]).t() @ u.reshape(-1, u.shape[-1])
     if ctx.has_bias and need[4]:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    base_dot = None
-    if y is not None:  # Σ_m grad_y[m, r] · (x deq(W)ᵀ)[m, r]: the output's, less the bias' and the adapters'
-        gy2, y2 = grad_y.reshape(-1, grad_y.shape[-1]), y.reshape(-1, y.shape[-1])
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        base_dot = torch.linalg.vecdot(gy2.to(acc), y2.to(acc), dim=0)
-        if bias is not None:
-            base_dot -= bias.to(acc) * (grad_bias if grad_bias is not None else gy2.sum(0)).to(acc)
-        if lora_A is not None:  # Σ_m g[m, r] (u Bᵀ)[m, r] = Σ_j B[r, j] (gᵀ u)[r, j], gᵀ u = grad_B
-            gtu = grad_b
-            if gtu is None:
-                u = F.linear(x.to(lora_A.dtype), lora_A).reshape(-1, lora_A.shape[0])
-                gtu = (gy2.to(lora_A.dtype) * ctx.scaling).t() @ u  # = grad_B
-            base_dot -= (gtu.to(acc) * lora_B.to(acc)).sum(1)
-    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend, base_dot)
+    gtu = None
+    if y is not None and lora_A is not None:  # gᵀ u = grad_B: the adapters' part of the output's row dot
+        gtu = grad_b
+        if gtu is None:
+            u = F.linear(x.to(lora_A.dtype), lora_A).reshape(-1, lora_A.shape[0])
+            gtu = (grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype) * ctx.scaling).t() @ u
+    kept = None if y is None else (y, bias, lora_B if lora_A is not None else None, gtu)
+    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend, kept)
     return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 

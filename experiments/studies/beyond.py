@@ -12,6 +12,7 @@ deleted; ``results.json`` (with times and memory), the Hydra config and ``sample
 
     python -m experiments.studies.beyond run distill --seeds 0 1 2 --jobs 2
     python -m experiments.studies.beyond run front --seeds 0
+    python -m experiments.studies.beyond run tables --seeds 0 1 2 --labels cb_b1.15 cbkd_b1.15
     python -m experiments.studies.beyond table distill      # <out>/table.json + table.md (+ front.png)
 
 A run directory that holds ``samples.json`` is skipped, so an interrupted study resumes.
@@ -40,6 +41,7 @@ COMMON = ["logger=none", "progress=false", "eval.max_tokens=8192", "train.max_st
 
 #: label → runner overrides, per study. Distillation: weight / temperature from the probe (docs/results.md).
 DISTILL = "train.distill.weight=0.5 train.distill.temperature=1.0"
+CB = "train.codebooks=trainable"  # trainable codebooks at train.codebook_lr (1e-2), codes frozen
 STUDIES: dict[str, dict[str, str]] = {
     "probe": {  # 1.15 bits, seed 0: which weight / temperature (the distill study uses the winner)
         "kd_w0.5_t1_b1.15": "quant=lowra +bits=1.15 train.distill.weight=0.5 train.distill.temperature=1.0",
@@ -51,6 +53,17 @@ STUDIES: dict[str, dict[str, str]] = {
     "distill": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2)},
         **{f"lowra_kd_b{b}": f"quant=lowra +bits={b} {DISTILL}" for b in (1.15, 1.5, 2)},
+    },
+    # issue 31 item 3 with the trainable base tables (train.codebooks / train.scales): each option alone and
+    # combined, against the runner default (the lowra_b* rows, shared with the distill study)
+    "tables": {
+        **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2)},
+        **{f"cb_b{b}": f"quant=lowra +bits={b} {CB}" for b in (1.15, 1.5, 2)},
+        "cb_lr3e-2_b1.15": f"quant=lowra +bits=1.15 {CB} train.codebook_lr=3e-2",
+        "cbsc_b1.15": f"quant=lowra +bits=1.15 {CB} train.scales=trainable",
+        "cbkd_b1.15": f"quant=lowra +bits=1.15 {CB} {DISTILL}",
+        "cb_r4_b1.15": f"quant=lowra +bits=1.15 {CB} lora.rank=4 lora.alpha=8",
+        "cb_wu10_b1.15": f"quant=lowra +bits=1.15 {CB} train.warmup_ratio=0.1",
     },
     "front": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2, 2.5, 3, 4)},
