@@ -171,8 +171,12 @@ def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor
         return grads
     go, xx = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
     y, bias, lora_B, gtu = kept if kept is not None else (None, None, None, None)
-    out = table_grads(go, xx, weight, meta, need_cb, need_a, backend,
-                      None if y is None else y.reshape(-1, y.shape[-1]), bias, lora_B, gtu)
+    args = (go, xx, weight, meta, need_cb, need_a, backend, None if y is None else y.reshape(-1, y.shape[-1]), bias,
+            lora_B, gtu)
+    # eager (plain tensors): the op's implementation without the dispatcher's host time (~0.1 ms a layer);
+    # traced (fake / functional tensors under torch.compile): the opaque op
+    eager = type(go) is torch.Tensor and type(xx) is torch.Tensor and not torch.compiler.is_compiling()
+    out = _table_grads_impl(*args) if eager else table_grads(*args)
     for j in range(n):
         if need_cb[j]:
             grads[2 * n + j] = out[j]
@@ -181,18 +185,18 @@ def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor
     return grads
 
 
-@torch.library.custom_op("lowra::table_grads", mutates_args=())
-def table_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
-                need_cb: list[bool], need_a: bool, backend: str, y: torch.Tensor | None, bias: torch.Tensor | None,
-                lora_B: torch.Tensor | None, grad_B: torch.Tensor | None) -> list[torch.Tensor]:
+def _table_grads_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
+                      need_cb: list[bool], need_a: bool, backend: str, y: torch.Tensor | None,
+                      bias: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      grad_B: torch.Tensor | None) -> list[torch.Tensor]:
     """``[∂L/∂codebook_j for each width j…, ∂L/∂absmax]`` from ``grad_out [M, out]`` and ``x [M, in]``
     (``lowra_kernels.codebook_grad.layer_table_grads``): fp32 (the codebooks' float64 for float64 ``x``);
     a width whose gradient is not wanted gets zeros, ``∂L/∂absmax`` is ``[0]`` when not wanted.
     ``y [M, out]``, the forward's output when it kept it, with its ``bias``, ``lora_B`` and the adapters'
     ``grad_B`` (``s · grad_outᵀ (x Aᵀ)``), gives ``base_dot[r] = Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``
-    (the output's row dot less the bias' and the adapters'), which lets 1-bit rows skip ``∂L/∂W``. An
-    opaque op, so ``torch.compile`` traces the backward without entering
-    the CPU extension's raw pointers or the Triton launch."""
+    (the output's row dot less the bias' and the adapters'), which lets 1-bit rows skip ``∂L/∂W``.
+    ``lowra::table_grads`` wraps it as an opaque op, so ``torch.compile`` traces the backward without
+    entering the CPU extension's raw pointers or the Triton launch; eager mode calls it directly."""
     from lowra_kernels.codebook_grad import layer_table_grads, output_row_dot
 
     n = len(meta) - 2
@@ -210,6 +214,9 @@ def table_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tens
            for j, g in enumerate(g_cbs)]
     out.append(g_a.float() if g_a is not None else torch.zeros(0, dtype=torch.float32, device=x.device))
     return out
+
+
+table_grads = torch.library.custom_op("lowra::table_grads", _table_grads_impl, mutates_args=())
 
 
 @table_grads.register_fake

@@ -41,6 +41,7 @@ COMMON = ["logger=none", "progress=false", "eval.max_tokens=8192", "train.max_st
 
 #: label → runner overrides, per study. Distillation: weight / temperature from the probe (docs/results.md).
 DISTILL = "train.distill.weight=0.5 train.distill.temperature=1.0"
+R4 = "lora.rank=4 lora.alpha=8"
 CB = "train.codebooks=trainable"  # trainable codebooks at train.codebook_lr (1e-2), codes frozen
 STUDIES: dict[str, dict[str, str]] = {
     "probe": {  # 1.15 bits, seed 0: which weight / temperature (the distill study uses the winner)
@@ -62,8 +63,10 @@ STUDIES: dict[str, dict[str, str]] = {
         "cb_lr3e-2_b1.15": f"quant=lowra +bits=1.15 {CB} train.codebook_lr=3e-2",
         "cbsc_b1.15": f"quant=lowra +bits=1.15 {CB} train.scales=trainable",
         "cbkd_b1.15": f"quant=lowra +bits=1.15 {CB} {DISTILL}",
-        "cb_r4_b1.15": f"quant=lowra +bits=1.15 {CB} lora.rank=4 lora.alpha=8",
         "cb_wu10_b1.15": f"quant=lowra +bits=1.15 {CB} train.warmup_ratio=0.1",
+        # adapter rank 4 (alpha 8: the same LoRA scale 2) instead of the runner's 2, alone and with the tables
+        "lowra_r4_b1.15": f"quant=lowra +bits=1.15 {R4}",
+        **{f"cb_r4_b{b}": f"quant=lowra +bits={b} {CB} {R4}" for b in (1.15, 1.5, 2)},
     },
     "front": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2, 2.5, 3, 4)},
