@@ -219,9 +219,10 @@ def codebook_grad_cpu(
         if not (need_cb[j] or need_scales) or n == 0:
             g_cbs.append(torch.zeros(codebooks[j].shape, dtype=torch.float32) if need_cb[j] else None)
             continue
-        c, r, t = codes[j].contiguous(), rows[j].to(torch.int64).contiguous(), _table(codebooks[j], b)
+        c, r = codes[j].contiguous(), rows[j].to(torch.int64).contiguous()
+        t = _table(codebooks[j], b) if need_scales else a  # the table is read for ∂absmax only (else a dummy)
         g = torch.zeros((n, 1 << b), dtype=torch.float32) if need_cb[j] else None
-        args = (c.data_ptr(), n, c.shape[1], r.data_ptr(), t.data_ptr(), t.shape[0] == 1, a.data_ptr(),
+        args = (c.data_ptr(), n, c.shape[1], r.data_ptr(), t.data_ptr(), codebooks[j].shape[0] == 1, a.data_ptr(),
                 a.dtype == torch.float16, a.shape[1], b, group_size, in_features)
         for s in range(0, n, step):
             e = min(n, s + step)
