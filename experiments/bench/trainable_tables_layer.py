@@ -20,7 +20,6 @@ trainable-table parameters with their AdamW state.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path

@@ -171,6 +171,10 @@ def run_study(study: str, seeds: list[int], jobs: int, out: Path, labels: list[s
     unknown = set(labels or []) - set(STUDIES[study])
     if unknown:
         raise SystemExit(f"--labels: {sorted(unknown)} not in study {study!r} ({sorted(STUDIES[study])})")
+    from transformers import AutoModelForCausalLM  # imported once here: the workers' lazy imports raced
+
+    import lowra  # noqa: F401
+
     work = [(label, ov, s) for s in seeds for label, ov in STUDIES[study].items() if not labels or label in labels]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_one, out, label, ov, s, samples) for label, ov, s in work]
