@@ -37,7 +37,7 @@ def build_layer(out_f: int, in_f: int, bits: float, variant: str, seed: int = 0)
     """The layer of ``variant`` and its trainable parameters (the same weight, plan and adapters for all)."""
     from lowra.codebook import learn_codebooks
     from lowra.format import QuantizedTensor
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
 
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen) * 0.05
