@@ -7,7 +7,7 @@ codebooks…, absmax]``, one packed-code, row-index and codebook tensor per stor
 LoRA adapters ``A [r, in]``, ``B [out, r]`` and LoRA scale ``s`` (optional), and an optional
 ``bias [out]``. Output in ``x.dtype``.
 
-Three ops (``torch.library.custom_op``, namespace ``lowra``), each with a fake (meta)
+Four ops (``torch.library.custom_op``, namespace ``lowra``), each with a fake (meta)
 implementation, so ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA graphs capture them
 as single nodes:
 
@@ -20,6 +20,8 @@ as single nodes:
 * ``lowra::lut_grad_input`` — ``grad_y · deq(W)`` (the base's part of ``grad_x``; its own
   backward is ``lut_linear`` without adapters, so double backward works).
 * ``lowra::dequantize`` — ``deq(W) [out, in]`` in a given dtype.
+* ``lowra::table_grads`` — the codebook / absmax gradients of ``lut_linear``'s backward (trainable
+  tables only; eager backward calls its implementation directly, traced backward the op).
 
 Backends (``lowra_kernels.dispatch.resolve``): ``"auto"`` runs the Triton kernels on CUDA, the C++
 extension on CPU (for fp32 ``x`` with ≤ 16 rows the whole layer — GEMV, adapters, bias — is one
