@@ -14,8 +14,11 @@ time (``[row_chunk, in]`` fp32, ≤ ``CHUNK_ELEMENTS``); the Triton kernel build
 ``[BLOCK_R, BLOCK_K]`` tile at a time in registers (``tl.dot`` over the tokens) and folds it into the
 row's ``2**b`` code sums and its group sums before the next tile.
 
-``codebook_grad_ref`` is the pure-PyTorch reference and the CPU path; ``codebook_grad_triton`` the
-kernel's launcher; ``codebook_grad`` dispatches (Triton on CUDA or when forced, else the reference).
+``codebook_grad_ref`` is the pure-PyTorch reference; ``codebook_grad_triton`` the kernel's launcher;
+``codebook_grad_cpu`` the CPU path (the C++ extension's ``table_grad_group``: per chunk of original rows
+one BLAS product ``∂L/∂W[chunk] = grad_outᵀ x`` shared by every width, then one pass over the packed
+codes gives the code sums and the group sums together); ``codebook_grad`` dispatches one width and
+``layer_table_grads`` a whole layer (what ``lowra::lut_linear``'s backward calls).
 """
 
 from __future__ import annotations
@@ -181,14 +184,222 @@ def codebook_grad_triton(
     return g_cb, g_a if need_scales else None
 
 
+def codebook_grad_cpu(
+    grad_out: torch.Tensor, x: torch.Tensor, codes: list[torch.Tensor], rows: list[torch.Tensor],
+    codebooks: list[torch.Tensor], absmax: torch.Tensor, bits: list[int], group_size: int, need_cb: list[bool],
+    need_scales: bool, row_chunk: int | None = None,
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """The widths of one layer on the C++ CPU backend (``table_grad_group``).
+
+    Per width, ``∂L/∂W`` is built for ``row_chunk`` of its stored rows at a time (``grad_out[:, rows]ᵀ x``,
+    ``[chunk, in]`` fp32, ≤ ``CHUNK_ELEMENTS``) and folded into the rows' code sums and group sums in one
+    pass over the packed codes (per group: ``loc[c] = Σ_{code = c} G``; ``∂cb[c] += a · loc[c]``,
+    ``∂a = Σ_c cb[c] · loc[c]``). A width with neither gradient wanted is skipped.
+
+    Args: as ``codebook_grad_ref``, one ``codes`` / ``rows`` / ``codebooks`` / ``bits`` entry per width;
+    ``need_cb[j]``: width ``j``'s codebook gradient is wanted.
+    Returns ``([∂L/∂codebook_j or None], ∂L/∂absmax [out, groups] or None)``, fp32 (rows of skipped
+    widths zero).
+    """
+    from lowra_kernels.cpu_backend import _require, _scales, _table
+
+    ext = _require()
+    out_features, in_features = grad_out.shape[1], x.shape[1]
+    for j, b in enumerate(bits):
+        _check(grad_out, x, codes[j], rows[j], codebooks[j], absmax, b, group_size)
+    go = grad_out.to(torch.float32)
+    xa = x.to(torch.float32).contiguous()
+    a = _scales(absmax)
+    g_a = torch.zeros((out_features, num_groups(in_features, group_size)), dtype=torch.float32) if need_scales \
+        else None
+    step = row_chunk or max(1, CHUNK_ELEMENTS // max(1, in_features))
+    g_cbs: list[torch.Tensor | None] = []
+    for j, b in enumerate(bits):
+        n = codes[j].shape[0]
+        if not (need_cb[j] or need_scales) or n == 0:
+            g_cbs.append(torch.zeros(codebooks[j].shape, dtype=torch.float32) if need_cb[j] else None)
+            continue
+        c, r = codes[j].contiguous(), rows[j].to(torch.int64).contiguous()
+        t = _table(codebooks[j], b) if need_scales else a  # the table is read for ∂absmax only (else a dummy)
+        g = torch.zeros((n, 1 << b), dtype=torch.float32) if need_cb[j] else None
+        args = (c.data_ptr(), n, c.shape[1], r.data_ptr(), t.data_ptr(), codebooks[j].shape[0] == 1, a.data_ptr(),
+                a.dtype == torch.float16, a.shape[1], b, group_size, in_features)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            grad_w = torch.index_select(go, 1, r[s:e]).t() @ xa  # [chunk, in]: the only ∂L/∂W rows alive
+            ext.table_grad_group(*args, grad_w.data_ptr(), s, e, grad_w.stride(0), 0 if g is None else g.data_ptr(),
+                                 0 if g_a is None else g_a.data_ptr())
+        g_cbs.append(None if g is None else g.sum(0, keepdim=True) if codebooks[j].shape[0] == 1 else g)
+    return g_cbs, g_a
+
+
+def row_sums(grad_out: torch.Tensor, x: torch.Tensor, absmax: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``Q[r] = Σ_g a[r, g] · (grad_outᵀ xs)[r, g]`` ``[out]`` (``xs [M, groups]``: the group sums of ``x``):
+    the gradient of adding the same constant to every entry of row ``r``'s codebook. A
+    ``[out, M] × [M, groups]`` product: ``group_size``× fewer flops than ``∂L/∂W``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    in_features = x.shape[1]
+    groups = num_groups(in_features, group_size)
+    xa = x.to(acc)
+    if groups * group_size != in_features:
+        xa = torch.nn.functional.pad(xa, (0, groups * group_size - in_features))
+    xs = xa.reshape(-1, groups, group_size).sum(-1)
+    # [groups, M] × [M, out]: BLAS is fast on this orientation, slow (narrow N) on grad_outᵀ xs
+    return ((xs.t() @ grad_out.to(acc)) * absmax.to(acc).t()).sum(0)
+
+
+def output_row_dot(grad_out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``Σ_m grad_out[m, r] · y[m, r]`` ``[out]`` in float64 (``grad_out``, ``y``: ``[M, out]``): the C++
+    extension's ``col_dot`` (one pass, fp64 accumulators) for fp32 CPU tensors, else ``vecdot``."""
+    from lowra_kernels.dispatch import use_cpu
+
+    if (grad_out.dtype == y.dtype == torch.float32 and use_cpu("auto", y)):
+        from lowra_kernels.cpu_backend import _require
+
+        a, b = grad_out.contiguous(), y.contiguous()
+        p = torch.empty(a.shape[1], dtype=torch.float64)
+        _require().col_dot(a.data_ptr(), b.data_ptr(), a.shape[0], a.shape[1], p.data_ptr())
+        return p
+    return torch.linalg.vecdot(grad_out.to(torch.float64), y.to(torch.float64), dim=0)
+
+
+def one_bit_codebook_grad(base_dot: torch.Tensor, q: torch.Tensor, rows: torch.Tensor,
+                          codebook: torch.Tensor) -> torch.Tensor:
+    """∂L/∂codebook of 1-bit rows without ``∂L/∂W``.
+
+    A 1-bit row's weight is ``W_r = cb0 · S0 + cb1 · S1`` with ``S_c[k] = a[r, k // g] · [code_k = c]``, so
+    its gradients are ``g_c = Σ_m grad_out[m, r] · (x S_cᵀ)[m]``, and two per-row sums give both:
+    ``P[r] = Σ_m grad_out[m, r] · (x Wᵀ)[m, r] = cb0 g0 + cb1 g1`` (``base_dot``: the gradient of scaling
+    the row, one pass over the base output) and ``Q = g0 + g1`` (``row_sums``); hence
+    ``g1 = (P − cb0 Q) / (cb1 − cb0)``, ``g0 = Q − g1``. The rows must have ``cb1 ≠ cb0``
+    (``layer_table_grads`` sends the others to the exact path).
+
+    Args: base_dot, q: ``[out]`` (all rows of the layer); rows: ``[n]`` the 1-bit rows; codebook:
+    ``[n or 1, 2]``. Returns ``[n or 1, 2]`` in ``q``'s dtype (a shared table gets the sum over rows).
+    """
+    r = rows.to(torch.long)
+    p_r, q_r = base_dot.to(q.dtype)[r], q[r]
+    cb = codebook.to(q.dtype).expand(r.shape[0], 2)
+    g1 = (p_r - cb[:, 0] * q_r) / (cb[:, 1] - cb[:, 0])
+    g = torch.stack([q_r - g1, g1], 1)
+    return g.sum(0, keepdim=True) if codebook.shape[0] == 1 else g
+
+
+#: a 1-bit row takes ``one_bit_codebook_grad`` when ``max(|cb0|, |cb1|) < ONE_BIT_MAX_RATIO · |cb1 − cb0|``
+#: (the rounding error of ``base_dot`` is amplified by at most this ratio); other rows take the exact path.
+ONE_BIT_MAX_RATIO = 1e3
+
+
 def codebook_grad(
     grad_out: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor,
     absmax: torch.Tensor, bits: int, group_size: int, need_scales: bool = True, backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dispatching launcher: the Triton kernel on CUDA (or ``backend="triton"``), the chunked
-    reference on CPU (``"auto"``, ``"torch"``, ``"cpu"``)."""
-    from lowra_kernels.dispatch import use_triton
+    """Dispatching launcher of one width: the Triton kernel on CUDA (or ``backend="triton"``), the C++
+    CPU backend for CPU tensors below float64 when it builds (``"auto"``) or always (``"cpu"``), else
+    the chunked reference (``"torch"``, float64)."""
+    from lowra_kernels.dispatch import resolve
 
-    if use_triton("torch" if backend == "cpu" else backend, codes):
+    kind = resolve(backend, codes)
+    if kind == "triton":
         return codebook_grad_triton(grad_out, x, codes, rows, codebook, absmax, bits, group_size, need_scales)
+    if kind == "cpu" and x.dtype != torch.float64:
+        g_cbs, g_a = codebook_grad_cpu(grad_out, x, [codes], [rows], [codebook], absmax, [bits], group_size,
+                                       [True], need_scales)
+        return g_cbs[0], None if g_a is None else g_a[rows.long()]
     return codebook_grad_ref(grad_out, x, codes, rows, codebook, absmax, bits, group_size, need_scales)
+
+
+def _one_bit(base_dot: torch.Tensor, q: torch.Tensor, rows: torch.Tensor, codebook: torch.Tensor,
+             kind: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(rows the closed form holds for — None when all —, ∂L/∂codebook)`` of one 1-bit width: the C++
+    ``one_bit_grad`` on the CPU backend, ``one_bit_codebook_grad`` elsewhere (``[n, 2]`` per row; a
+    shared table's sum only when every row qualifies, which for one table means all or none)."""
+    n = rows.shape[0]
+    if kind == "cpu":
+        from lowra_kernels.cpu_backend import _require
+
+        cb = codebook if codebook.dtype in (torch.float16, torch.float32) else codebook.float()
+        cb, r = cb.contiguous(), rows.to(torch.int64).contiguous()
+        p, qq = base_dot.to(torch.float64).contiguous(), q.to(torch.float64).contiguous()
+        g = torch.empty((n, 2), dtype=torch.float32)
+        bad = torch.empty(n, dtype=torch.uint8)
+        nbad = _require().one_bit_grad(n, r.data_ptr(), cb.data_ptr(), cb.dtype == torch.float16,
+                                       0 if cb.shape[0] == 1 else cb.stride(0), p.data_ptr(), qq.data_ptr(),
+                                       ONE_BIT_MAX_RATIO, g.data_ptr(), bad.data_ptr())
+        if nbad == 0:
+            return None, g.sum(0, keepdim=True) if codebook.shape[0] == 1 else g
+        return bad == 0, g
+    cbf = codebook.to(torch.float32)
+    ok = ONE_BIT_MAX_RATIO * (cbf[:, 1] - cbf[:, 0]).abs() > cbf.abs().amax(1)  # strict: cb0 = cb1 = 0 is out
+    if bool(ok.all()):
+        return None, one_bit_codebook_grad(base_dot, q, rows, codebook)
+    ok = ok.expand(n)
+    g = torch.zeros((n, 2), dtype=q.dtype, device=q.device)
+    if codebook.shape[0] > 1 and bool(ok.any()):
+        g[ok] = one_bit_codebook_grad(base_dot, q, rows[ok], codebook[ok])
+    return ok, g
+
+
+def layer_table_grads(
+    grad_out: torch.Tensor, x: torch.Tensor, codes: list[torch.Tensor], rows: list[torch.Tensor],
+    codebooks: list[torch.Tensor], absmax: torch.Tensor, bits: list[int], group_size: int, need_cb: list[bool],
+    need_scales: bool, backend: str = "auto", base_dot: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+    """The codebook gradients of every stored width of one layer and the absmax gradient ``[out, groups]``
+    (``lowra::lut_linear``'s backward).
+
+    With ``base_dot`` (``[out]``: ``Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``, from the forward's output), no
+    scale gradient wanted and a backend other than the reference (``"torch"``), 1-bit rows take
+    ``one_bit_codebook_grad`` (no ``∂L/∂W``);
+    every other row builds ``∂L/∂W`` in chunks: ``codebook_grad_cpu`` on the CPU backend,
+    ``codebook_grad`` per width elsewhere. fp32 results (float64 for float64 ``x`` on the reference).
+    """
+    from lowra_kernels.dispatch import resolve
+
+    kind = resolve(backend, absmax)
+    n_w = len(bits)
+    fast: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}  # width → (rows it took or None = all, grads)
+    sub_rows, sub_codes, sub_books = list(rows), list(codes), list(codebooks)
+    q: torch.Tensor | None = None
+    if base_dot is not None and not need_scales and kind != "torch":
+        for j, b in enumerate(bits):
+            if b != 1 or not need_cb[j] or codes[j].shape[0] == 0:
+                continue
+            if q is None:
+                q = row_sums(grad_out, x, absmax, group_size)
+            ok, g = _one_bit(base_dot, q, rows[j], codebooks[j], kind)
+            if ok is None:
+                fast[j] = (None, g)
+            elif codebooks[j].shape[0] > 1 and bool(ok.any()):  # degenerate rows take the exact path
+                fast[j] = (ok, g[ok])
+                sub_rows[j], sub_codes[j], sub_books[j] = rows[j][~ok], codes[j][~ok], codebooks[j][~ok]
+    exact = [need_cb[j] and (j not in fast or fast[j][0] is not None) for j in range(n_w)]
+    if kind == "cpu" and x.dtype != torch.float64:
+        g_cbs, g_a = codebook_grad_cpu(grad_out, x, sub_codes, sub_rows, sub_books, absmax, bits, group_size,
+                                       exact, need_scales)
+    else:
+        g_a = torch.zeros(absmax.shape, dtype=torch.float32, device=absmax.device) if need_scales else None
+        g_cbs = []
+        for j, b in enumerate(bits):
+            if not (exact[j] or need_scales) or sub_rows[j].shape[0] == 0:
+                g_cbs.append(torch.zeros(sub_books[j].shape, dtype=torch.float32, device=x.device)
+                             if exact[j] else None)
+                continue
+            g_cb, g_rows = codebook_grad(grad_out, x, sub_codes[j], sub_rows[j], sub_books[j], absmax, b,
+                                         group_size, need_scales, backend)
+            g_cbs.append(g_cb if exact[j] else None)
+            if g_rows is not None:
+                g_a[sub_rows[j].long()] = g_rows.float()
+    out: list[torch.Tensor | None] = []
+    for j in range(n_w):
+        if j not in fast:
+            out.append(g_cbs[j] if need_cb[j] else None)
+            continue
+        ok, g_fast = fast[j]
+        if ok is None:
+            out.append(g_fast)
+            continue
+        g = torch.empty(codebooks[j].shape, dtype=g_fast.dtype, device=g_fast.device)
+        g[ok], g[~ok] = g_fast, g_cbs[j].to(g.dtype)
+        out.append(g)
+    return out, g_a

@@ -23,6 +23,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <type_traits>
 #include <cstdint>
@@ -388,6 +389,55 @@ void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, in
   });
 }
 
+// The codebook / scale gradient of one bit group from rows of G = dL/dW (fp32): stored rows [i0, i1)
+// of the group, stored row i's G row at gw + (i - i0) * ld (original row r = rows[i]). Per row and
+// absmax group q: loc[c] = sum over the group's inputs with code c of G[r, k]; then
+//   gcb[i, c] += absmax[r, q] * loc[c]            (dL/dcodebook: the per-row segment sum)
+//   ga[r, q]   = sum_c table[i, c] * loc[c]       (dL/dabsmax: sum_k G[r, k] * cb[i, code])
+// one pass over the codes for both (gcb [n, 2**b] per stored row, also for a shared table: the caller
+// sums it; either output may be null). Rows are split over threads; each row is written by one.
+template <int BITS, typename S>
+void table_grad_row(const int32_t* words, const float* tab, const S* scale, int64_t gs, int64_t K,
+                    const float* grow, float* gcb, float* ga) {
+  constexpr int NC = 1 << BITS;
+  for (int64_t k0 = 0, q = 0; k0 < K; k0 += gs, ++q) {
+    const int64_t k1 = std::min(K, k0 + gs);
+    float loc[NC] = {};
+    for (int64_t k = k0; k < k1; ++k) loc[scalar_code<BITS>(words, k)] += grow[k];
+    if (gcb) {
+      const float s = static_cast<float>(scale[q]);
+      for (int c = 0; c < NC; ++c) gcb[c] += s * loc[c];
+    }
+    if (ga) {
+      float t = 0.f;
+      for (int c = 0; c < NC; ++c) t += tab[c] * loc[c];
+      ga[q] = t;
+    }
+  }
+}
+
+template <int BITS>
+void table_grad_impl(const Group& g, const float* gw, int64_t i0, int64_t i1, int64_t ld, float* gcb, float* ga) {
+  constexpr int NC = 1 << BITS;
+  const int64_t K = g.in_features;
+  const int64_t grain = std::max<int64_t>(1, kDequantGrain / std::max<int64_t>(K, 1));
+  at::parallel_for(i0, i1, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = g.rows[i];
+      const int32_t* words = g.codes + i * g.words;
+      const float* tab = g.table + i * g.table_stride;
+      const float* grow = gw + (i - i0) * ld;
+      float* gc = gcb ? gcb + i * NC : nullptr;
+      float* gq = ga ? ga + r * g.ngroups : nullptr;
+      const int64_t off = r * g.ngroups;
+      if (g.absmax_half)
+        table_grad_row<BITS>(words, tab, static_cast<const c10::Half*>(g.absmax) + off, g.gs, K, grow, gc, gq);
+      else
+        table_grad_row<BITS>(words, tab, static_cast<const float*>(g.absmax) + off, g.gs, K, grow, gc, gq);
+    }
+  });
+}
+
 template <template <int> class F, typename... Args>
 void by_bits(int64_t bits, Args&&... args) {
   switch (bits) {
@@ -411,6 +461,12 @@ template <int B> struct GemvF {
 };
 template <int B> struct GemvTF {
   static void run(const Group& g, const float* gy, int64_t M, int64_t o, float* gx) { gemv_t_impl<B>(g, gy, M, o, gx); }
+};
+
+template <int B> struct TableGradF {
+  static void run(const Group& g, const float* gw, int64_t i0, int64_t i1, int64_t ld, float* gcb, float* ga) {
+    table_grad_impl<B>(g, gw, i0, i1, ld, gcb, ga);
+  }
 };
 
 }  // namespace
@@ -444,6 +500,73 @@ void gemv_t_group(LOWRA_GROUP_ARGS, uintptr_t gy, int64_t M, int64_t out_feature
   if (n == 0 || M == 0) return;
   by_bits<GemvTF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(gy), M, out_features,
                   reinterpret_cast<float*>(gx));
+}
+
+// gw fp32 [i1 - i0, >= in_features] (row stride ld): the dL/dW rows of stored rows [i0, i1) of the group;
+// gcb fp32 [n, 2**bits] contiguous (accumulated into) or 0; ga fp32 [out, ngroups] contiguous (the
+// group's rows written) or 0.
+void table_grad_group(LOWRA_GROUP_ARGS, uintptr_t gw, int64_t i0, int64_t i1, int64_t ld, uintptr_t gcb,
+                      uintptr_t ga) {
+  if (i0 < 0 || i1 > n || i0 > i1) throw std::invalid_argument("stored row range out of bounds");
+  if (i0 == i1) return;
+  by_bits<TableGradF>(bits, LOWRA_GROUP, reinterpret_cast<const float*>(gw), i0, i1, ld,
+                      reinterpret_cast<float*>(gcb), reinterpret_cast<float*>(ga));
+}
+
+// p[o] = sum_m a[m, o] * b[m, o] for fp32 a, b [M, out] contiguous (double accumulators): the
+// per-row dot of grad_y and the output the 1-bit codebook gradient needs, in one pass over both.
+void col_dot(uintptr_t a_, uintptr_t b_, int64_t M, int64_t out_features, uintptr_t p_) {
+  const float* a = reinterpret_cast<const float*>(a_);
+  const float* b = reinterpret_cast<const float*>(b_);
+  double* p = reinterpret_cast<double*>(p_);
+  at::parallel_for(0, out_features, 256, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) p[o] = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* am = a + m * out_features;
+      const float* bm = b + m * out_features;
+      for (int64_t o = o0; o < o1; ++o) p[o] += static_cast<double>(am[o]) * static_cast<double>(bm[o]);
+    }
+  });
+}
+
+// The codebook gradient of 1-bit rows in closed form (kernels/codebook_grad.py, one_bit_codebook_grad):
+// for stored row i (r = rows[i]) with entries cb0, cb1 (fp16 or fp32 [n or 1, 2], row stride cb_stride)
+//   g1 = (p[r] - cb0 q[r]) / (cb1 - cb0),  g0 = q[r] - g1     (p, q fp64 [out])
+// written to g fp32 [n, 2]; a row with ratio * |cb1 - cb0| <= max(|cb0|, |cb1|) gets zeros and
+// bad[i] = 1 (the caller computes it the exact way). Returns the number of such rows.
+int64_t one_bit_grad(int64_t n, uintptr_t rows_, uintptr_t cb_, bool cb_half, int64_t cb_stride, uintptr_t p_,
+                     uintptr_t q_, double ratio, uintptr_t g_, uintptr_t bad_) {
+  const int64_t* rows = reinterpret_cast<const int64_t*>(rows_);
+  const double* p = reinterpret_cast<const double*>(p_);
+  const double* q = reinterpret_cast<const double*>(q_);
+  float* g = reinterpret_cast<float*>(g_);
+  uint8_t* bad = reinterpret_cast<uint8_t*>(bad_);
+  int64_t nbad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double c0, c1;
+    if (cb_half) {
+      const c10::Half* c = reinterpret_cast<const c10::Half*>(cb_) + i * cb_stride;
+      c0 = static_cast<float>(c[0]);
+      c1 = static_cast<float>(c[1]);
+    } else {
+      const float* c = reinterpret_cast<const float*>(cb_) + i * cb_stride;
+      c0 = c[0];
+      c1 = c[1];
+    }
+    const double d = c1 - c0;
+    const int64_t r = rows[i];
+    if (!(ratio * std::abs(d) > std::max(std::abs(c0), std::abs(c1)))) {
+      g[2 * i] = g[2 * i + 1] = 0.f;
+      bad[i] = 1;
+      ++nbad;
+      continue;
+    }
+    bad[i] = 0;
+    const double g1 = (p[r] - c0 * q[r]) / d;
+    g[2 * i] = static_cast<float>(q[r] - g1);
+    g[2 * i + 1] = static_cast<float>(g1);
+  }
+  return nbad;
 }
 
 // y[m, o] += scaling * sum_r B[o, r] * (sum_k A[r, k] x[m, k]) + bias[o] for M <= 16 rows of fp32 x
@@ -517,6 +640,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_group", &gemv_group, release(), "y[:, rows] = x @ W_group^T for M <= 16 (fused, fp32)");
   m.def("gemv_t_group", &gemv_t_group, release(), "gx += gy[:, rows] @ W_group for M <= 16 (fused, fp32)");
   m.def("lora_add", &lora_add, release(), "y += scaling * (x @ A^T) @ B^T + bias for M <= 16 (fp32)");
+  m.def("table_grad_group", &table_grad_group, release(),
+        "codebook / absmax gradient of one bit group from rows of dL/dW (one pass over the codes, fp32)");
+  m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
+  m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
   py::class_<LayerPlan>(m, "LayerPlan")
       .def_readonly("in_features", &LayerPlan::in_features)

@@ -39,6 +39,7 @@ import hashlib
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,12 +246,37 @@ class _Prepared:
 _prepared = WeightCache()
 
 
+_static: dict[int, tuple[weakref.ref, list[tuple[torch.Tensor | None, torch.Tensor]]]] = {}
+
+
+def static_parts(w: PackedWeight) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each width's contiguous codes and int64 row indices, kept per weight while its first codes tensor
+    lives (held weakly, as ``WeightCache`` does): they never change, while trainable codebooks change
+    every step and ``_build`` runs again."""
+    anchor = w.codes[0]
+    slot = id(anchor)
+    entry = _static.get(slot)
+    if entry is None or entry[0]() is not anchor or len(entry[1]) != len(w.codes):
+        parts = []
+        for c, r in zip(w.codes, w.rows, strict=True):
+            cc = c.contiguous()
+            parts.append((None if cc is c else cc, r.to(torch.int64).contiguous()))  # None: the codes as given
+
+        def forget(ref: weakref.ref, slot: int = slot) -> None:
+            if slot in _static and _static[slot][0] is ref:
+                del _static[slot]
+
+        entry = (weakref.ref(anchor, forget), parts)
+        _static[slot] = entry
+    return [(w.codes[j] if c is None else c, r) for j, (c, r) in enumerate(entry[1])]
+
+
 def _build(w: PackedWeight) -> _Prepared:
     check_packed(w)  # the extension reads raw pointers: shapes are checked once per weight
     absmax = _scales(w.absmax)
     prep = _Prepared([absmax])
-    for b, codes, rows, cb in w.groups():
-        codes, rows, table = codes.contiguous(), rows.to(torch.int64).contiguous(), _table(cb, b)
+    for (b, _, _, cb), (codes, rows) in zip(w.groups(), static_parts(w), strict=True):
+        table = _table(cb, b)
         prep.keep += [t for t in (codes, rows, table) if t is not w.codes[0]]
         prep.args.append(_group_args(codes, rows, table, absmax, b, w.group_size, w.in_features))
     prep.layer = _require().make_layer(prep.args, w.out_features)

@@ -7,18 +7,21 @@ codebooks…, absmax]``, one packed-code, row-index and codebook tensor per stor
 LoRA adapters ``A [r, in]``, ``B [out, r]`` and LoRA scale ``s`` (optional), and an optional
 ``bias [out]``. Output in ``x.dtype``.
 
-Three ops (``torch.library.custom_op``, namespace ``lowra``), each with a fake (meta)
+Four ops (``torch.library.custom_op``, namespace ``lowra``), each with a fake (meta)
 implementation, so ``torch.compile(fullgraph=True)``, ``torch.export`` and CUDA graphs capture them
 as single nodes:
 
 * ``lowra::lut_linear`` — the forward above. Autograd (``register_autograd``): gradients for
   ``x``, ``A``, ``B``, a bias that requires grad, and the codebooks / absmax when they require grad
-  (trainable codebooks and scales: ``lowra_kernels.codebook_grad``, chunked, never ``∂L/∂W`` whole);
+  (trainable codebooks and scales: ``lowra_kernels.codebook_grad.layer_table_grads``, chunked, never
+  ``∂L/∂W`` whole; on CPU one fused extension pass per width and chunk);
   the integer codes and row indices get none.
   Only ``x`` and the adapters are saved; ``deq(W)`` is never kept between forward and backward.
 * ``lowra::lut_grad_input`` — ``grad_y · deq(W)`` (the base's part of ``grad_x``; its own
   backward is ``lut_linear`` without adapters, so double backward works).
 * ``lowra::dequantize`` — ``deq(W) [out, in]`` in a given dtype.
+* ``lowra::table_grads`` — the codebook / absmax gradients of ``lut_linear``'s backward (trainable
+  tables only; eager backward calls its implementation directly, traced backward the op).
 
 Backends (``lowra_kernels.dispatch.resolve``): ``"auto"`` runs the Triton kernels on CUDA, the C++
 extension on CPU (for fp32 ``x`` with ≤ 16 rows the whole layer — GEMV, adapters, bias — is one
@@ -166,38 +169,47 @@ def _dequantize_fake(weight, meta, dtype, backend):
 
 
 # ------------------------------------------------------------------------------------ autograd
+def _keeps_output(weight: list[torch.Tensor], meta: list[int], output: torch.Tensor, backend: str) -> bool:
+    """Whether the backward wants the forward's output: trainable codebooks of 1-bit rows (frozen scales,
+    fp32/fp64 output, not the reference backend) take ``one_bit_codebook_grad``, which needs the base
+    output ``x deq(W)ᵀ`` (recovered from the output: minus bias and adapters)."""
+    n = len(meta) - 2
+    return (backend != "torch" and output.dtype in (torch.float32, torch.float64) and not weight[3 * n].requires_grad
+            and any(weight[2 * n + j].requires_grad and meta[2 + j] == 1 for j in range(n)))
+
+
 def _setup_lut_linear(ctx, inputs, output) -> None:
     x, weight, lora_A, lora_B, bias, meta, scaling, backend = inputs
     ctx.meta, ctx.scaling, ctx.backend, ctx.has_bias = meta, scaling, backend, bias is not None
-    ctx.save_for_backward(x, lora_A, lora_B, *weight)  # the stored tensors themselves, never deq(W)
+    y = output if _keeps_output(weight, meta, output, backend) else None
+    # the stored tensors themselves, never deq(W); the output only for the 1-bit codebook gradient
+    ctx.save_for_backward(x, lora_A, lora_B, bias if y is not None else None, y, *weight)
 
 
 def _base_grads(grad_y: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
-                need: list[bool], backend: str) -> list[torch.Tensor | None]:
+                need: list[bool], backend: str, kept: tuple | None = None) -> list[torch.Tensor | None]:
     """Gradients of the weight's tensors ``[codes…, rows…, codebooks…, absmax]``: the codebooks and the
     absmax that require grad get ``lowra_kernels.codebook_grad`` (a segment sum per row, ``∂L/∂W`` never
     built for the whole layer), the integer codes and row indices ``None``. Returned in fp32 (autograd
     casts them to the tensors' dtypes)."""
-    from lowra_kernels.codebook_grad import codebook_grad
-
     n = len(meta) - 2
     grads: list[torch.Tensor | None] = [None] * len(weight)
-    need_cb, need_a = need[2 * n:3 * n], need[3 * n]
+    need_cb, need_a = [bool(v) for v in need[2 * n:3 * n]], bool(need[3 * n])
     if not (any(need_cb) or need_a):
         return grads
     go, xx = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
-    absmax = weight[3 * n]
-    g_absmax = torch.zeros(absmax.shape, dtype=torch.float32, device=absmax.device) if need_a else None
+    y, bias, lora_B, gtu = kept if kept is not None else (None, None, None, None)
+    args = (go, xx, weight, meta, need_cb, need_a, backend, None if y is None else y.reshape(-1, y.shape[-1]), bias,
+            lora_B, gtu)
+    # eager (plain tensors): the op's implementation without the dispatcher's host time (~0.1 ms a layer);
+    # traced (fake / functional tensors under torch.compile): the opaque op
+    eager = type(go) is torch.Tensor and type(xx) is torch.Tensor and not torch.compiler.is_compiling()
+    out = _table_grads_impl(*args) if eager else table_grads(*args)
     for j in range(n):
-        if not (need_cb[j] or need_a):
-            continue
-        codes, rows, cb = weight[j], weight[n + j], weight[2 * n + j]
-        g_cb, g_a = codebook_grad(go, xx, codes, rows, cb, absmax, meta[2 + j], meta[0], need_a, backend)
         if need_cb[j]:
-            grads[2 * n + j] = g_cb
-        if g_a is not None:
-            g_absmax[rows.long()] = g_a.float()
-    grads[3 * n] = g_absmax
+            grads[2 * n + j] = out[j]
+    if need_a:
+        grads[3 * n] = out[n]
     return grads
 
 
@@ -234,15 +246,65 @@ def _input_and_adapter_grads(grad_y: torch.Tensor, x: torch.Tensor, lora_A: torc
     return grad_x, grad_a, grad_b, grad_bias
 
 
+def _table_grads_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: list[torch.Tensor], meta: list[int],
+                      need_cb: list[bool], need_a: bool, backend: str, y: torch.Tensor | None,
+                      bias: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      grad_B: torch.Tensor | None) -> list[torch.Tensor]:
+    """``[∂L/∂codebook_j for each width j…, ∂L/∂absmax]`` from ``grad_out [M, out]`` and ``x [M, in]``
+    (``lowra_kernels.codebook_grad.layer_table_grads``): fp32 (the codebooks' float64 for float64 ``x``);
+    a width whose gradient is not wanted gets zeros, ``∂L/∂absmax`` is ``[0]`` when not wanted.
+    ``y [M, out]``, the forward's output when it kept it, with its ``bias``, ``lora_B`` and the adapters'
+    ``grad_B`` (``s · grad_outᵀ (x Aᵀ)``), gives ``base_dot[r] = Σ_m grad_out[m, r] · (x deq(W)ᵀ)[m, r]``
+    (the output's row dot less the bias' and the adapters'), which lets 1-bit rows skip ``∂L/∂W``.
+    ``lowra::table_grads`` wraps it as an opaque op, so ``torch.compile`` traces the backward without
+    entering the CPU extension's raw pointers or the Triton launch; eager mode calls it directly."""
+    from lowra_kernels.codebook_grad import layer_table_grads, output_row_dot
+
+    n = len(meta) - 2
+    base_dot = None
+    if y is not None:
+        base_dot = output_row_dot(grad_out, y)  # float64 [out]: the corrections cancel against it
+        if bias is not None:
+            base_dot -= bias.to(torch.float64) * grad_out.sum(0).to(torch.float64)
+        if lora_B is not None:  # Σ_m s g[m, r] (u Bᵀ)[m, r] = Σ_j B[r, j] grad_B[r, j]
+            base_dot -= (grad_B.to(torch.float64) * lora_B.to(torch.float64)).sum(1)
+    g_cbs, g_a = layer_table_grads(grad_out, x, weight[:n], weight[n:2 * n], weight[2 * n:3 * n], weight[3 * n],
+                                   list(meta[2:]), meta[0], list(need_cb), need_a, backend, base_dot)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = [g.to(acc) if g is not None else torch.zeros(weight[2 * n + j].shape, dtype=acc, device=x.device)
+           for j, g in enumerate(g_cbs)]
+    out.append(g_a.float() if g_a is not None else torch.zeros(0, dtype=torch.float32, device=x.device))
+    return out
+
+
+table_grads = torch.library.custom_op("lowra::table_grads", _table_grads_impl, mutates_args=())
+
+
+@table_grads.register_fake
+def _table_grads_fake(grad_out, x, weight, meta, need_cb, need_a, backend, y, bias, lora_B, grad_B):
+    n = len(meta) - 2
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = [x.new_empty(weight[2 * n + j].shape, dtype=acc) for j in range(n)]
+    out.append(x.new_empty(weight[3 * n].shape if need_a else (0,), dtype=torch.float32))
+    return out
+
+
 def _backward_lut_linear(ctx, grad_y: torch.Tensor):
     """Gradients of ``x``, ``A``, ``B``, ``bias`` and of the base's codebooks / absmax where they require
     grad (trainable codebooks and scales, ``_base_grads``); ``None`` for the codes and row indices."""
-    x, lora_A, lora_B, *weight = ctx.saved_tensors
+    x, lora_A, lora_B, bias, y, *weight = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_x, grad_a, grad_b, grad_bias = _input_and_adapter_grads(
         grad_y, x, lora_A, lora_B, weight, ctx.meta, ctx.scaling, ctx.backend, need[0], need[2], need[3],
         ctx.has_bias and need[4])
-    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend)
+    gtu = None
+    if y is not None and lora_A is not None:  # gᵀ u = grad_B: the adapters' part of the output's row dot
+        gtu = grad_b
+        if gtu is None:
+            u = F.linear(x.to(lora_A.dtype), lora_A).reshape(-1, lora_A.shape[0])
+            gtu = (grad_y.reshape(-1, grad_y.shape[-1]).to(lora_A.dtype) * ctx.scaling).t() @ u
+    kept = None if y is None else (y, bias, lora_B if lora_A is not None else None, gtu)
+    grad_w = _base_grads(grad_y, x, weight, ctx.meta, list(need[1]), ctx.backend, kept)
     return grad_x, grad_w, grad_a, grad_b, grad_bias, None, None, None
 
 

@@ -12,6 +12,7 @@ deleted; ``results.json`` (with times and memory), the Hydra config and ``sample
 
     python -m experiments.studies.beyond run distill --seeds 0 1 2 --jobs 2
     python -m experiments.studies.beyond run front --seeds 0
+    python -m experiments.studies.beyond run tables --seeds 0 1 2 --labels cb_b1.15 cbkd_b1.15
     python -m experiments.studies.beyond table distill      # <out>/table.json + table.md (+ front.png)
 
 A run directory that holds ``samples.json`` is skipped, so an interrupted study resumes.
@@ -40,6 +41,8 @@ COMMON = ["logger=none", "progress=false", "eval.max_tokens=8192", "train.max_st
 
 #: label → runner overrides, per study. Distillation: weight / temperature from the probe (docs/results.md).
 DISTILL = "train.distill.weight=0.5 train.distill.temperature=1.0"
+R4 = "lora.rank=4 lora.alpha=8"
+CB = "train.codebooks=trainable"  # trainable codebooks at train.codebook_lr (1e-2), codes frozen
 STUDIES: dict[str, dict[str, str]] = {
     "probe": {  # 1.15 bits, seed 0: which weight / temperature (the distill study uses the winner)
         "kd_w0.5_t1_b1.15": "quant=lowra +bits=1.15 train.distill.weight=0.5 train.distill.temperature=1.0",
@@ -51,6 +54,19 @@ STUDIES: dict[str, dict[str, str]] = {
     "distill": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2)},
         **{f"lowra_kd_b{b}": f"quant=lowra +bits={b} {DISTILL}" for b in (1.15, 1.5, 2)},
+    },
+    # issue 31 item 3 with the trainable base tables (train.codebooks / train.scales): each option alone and
+    # combined, against the runner default (the lowra_b* rows, shared with the distill study)
+    "tables": {
+        **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2)},
+        **{f"cb_b{b}": f"quant=lowra +bits={b} {CB}" for b in (1.15, 1.5, 2)},
+        "cb_lr3e-2_b1.15": f"quant=lowra +bits=1.15 {CB} train.codebook_lr=3e-2",
+        "cbsc_b1.15": f"quant=lowra +bits=1.15 {CB} train.scales=trainable",
+        "cbkd_b1.15": f"quant=lowra +bits=1.15 {CB} {DISTILL}",
+        "cb_wu10_b1.15": f"quant=lowra +bits=1.15 {CB} train.warmup_ratio=0.1",
+        # adapter rank 4 (alpha 8: the same LoRA scale 2) instead of the runner's 2, alone and with the tables
+        "lowra_r4_b1.15": f"quant=lowra +bits=1.15 {R4}",
+        **{f"cb_r4_b{b}": f"quant=lowra +bits={b} {CB} {R4}" for b in (1.15, 1.5, 2)},
     },
     "front": {
         **{f"lowra_b{b}": f"quant=lowra +bits={b}" for b in (1.15, 1.5, 2, 2.5, 3, 4)},
@@ -155,6 +171,10 @@ def run_study(study: str, seeds: list[int], jobs: int, out: Path, labels: list[s
     unknown = set(labels or []) - set(STUDIES[study])
     if unknown:
         raise SystemExit(f"--labels: {sorted(unknown)} not in study {study!r} ({sorted(STUDIES[study])})")
+    from transformers import AutoModelForCausalLM  # imported once here: the workers' lazy imports raced
+
+    import lowra  # noqa: F401
+
     work = [(label, ov, s) for s in seeds for label, ov in STUDIES[study].items() if not labels or label in labels]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_one, out, label, ov, s, samples) for label, ov, s in work]
