@@ -13,8 +13,9 @@ statistics are held one block at a time, in memory and streamed alike.
   writes every block boundary to the spill directory; the loss gradient at the last boundary (final
   norm and LM head over slices of ``head_tokens`` positions, the cross-entropy gradient in closed
   form, so the ``[tokens, vocab]`` logits never exist whole and each slice's are computed once);
-  then a backward sweep in reverse: block ``i`` is recomputed from its stored input under autograd, its output gradient is pushed through it, hooks collect its layers' input Grams,
-  output-gradient energies and weight gradients, and the input gradient becomes block ``i - 1``'s
+  then a backward sweep in reverse: block ``i`` is recomputed from its stored input under autograd,
+  its output gradient is pushed through it, hooks collect its layers' input Grams, output-gradient
+  energies and weight gradients, and the input gradient becomes block ``i - 1``'s
   output gradient.  Per chunk the loss is the chunk's mean next-token NLL, as in the whole-model
   pass of :func:`lowra.calibration.collect_fisher`, so the statistics are the same quantities.
 
