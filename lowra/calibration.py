@@ -472,22 +472,23 @@ def head_loss_gradient(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
     """``∂L/∂hidden [B, T, d]`` of the mean next-token NLL ``L`` of ``ids [B, T]`` with logits
     ``head(hidden)`` (``hidden``: the final norm's output).
 
-    Over slices of ``head_tokens`` predicted positions, in closed form:
-    ``(softmax(logits) − onehot(label)) / n @ W_head`` (the logits in fp32), so each slice's
-    ``[head_tokens, vocab]`` logits are computed once and dropped: two head GEMMs per slice, where
-    a checkpointed autograd head needs three.
+    Over slices of ``head_tokens`` predicted positions: ``∂L/∂logits = (softmax − onehot) / n``
+    (autograd over the fp32 cross-entropy of the slice's logits only, so the values are the plain
+    backward's), then ``@ W_head``: each slice's ``[head_tokens, vocab]`` logits are computed once
+    and dropped, two head GEMMs per slice where a checkpointed autograd head needs three.
     """
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = ids[:, 1:].reshape(-1).to(flat.device)
     weight = head.weight.detach()
     grad_flat = torch.empty_like(flat)
-    scale = 1.0 / labels.numel()
+    scale = torch.ones((), dtype=torch.float32, device=flat.device) / labels.numel()  # autograd's 1/n
     for start in range(0, labels.numel(), head_tokens):
         piece = slice(start, start + head_tokens)
-        probs = torch.softmax(head(flat[piece]).float(), dim=-1)
-        probs[torch.arange(probs.shape[0], device=probs.device), labels[piece]] -= 1.0
-        probs *= scale
-        grad_flat[piece] = probs.to(weight.dtype) @ weight
+        logits = head(flat[piece]).float().requires_grad_(True)  # a leaf: autograd below covers the loss only
+        with torch.enable_grad():
+            nll = nn.functional.cross_entropy(logits, labels[piece], reduction="sum")
+        (grad_logits,) = torch.autograd.grad(nll, logits, grad_outputs=scale)  # (softmax − onehot) / n
+        grad_flat[piece] = grad_logits.to(weight.dtype) @ weight
     grad = torch.zeros_like(hidden)
     grad[:, :-1] = grad_flat.view(grad.shape[0], grad.shape[1] - 1, grad.shape[2])
     return grad
