@@ -73,6 +73,11 @@ def row_error_table(kind: str, error: torch.Tensor, weight: torch.Tensor) -> tor
     return error
 
 
+#: elements of one row chunk of ``kfac_row_errors`` (its fp32 / float64 temporaries are this size, so
+#: a 28672-wide layer needs no [out, in] float64 copy)
+KFAC_CHUNK_ELEMENTS = 1 << 22
+
+
 def kfac_row_errors(
     weight: torch.Tensor,
     codebooks: dict[int, torch.Tensor],
@@ -92,6 +97,7 @@ def kfac_row_errors(
     ``lowra.calibration.collect_fisher(..., hessians=True, output_grads=True)``.
     """
     from lowra.format import dequantized_at
+    from lowra.scales import GroupScales, compute_absmax
 
     out_features, in_features = weight.shape
     if tuple(hessian.shape) != (in_features, in_features) or tuple(output_grad_sq.shape) != (out_features,):
@@ -101,9 +107,16 @@ def kfac_row_errors(
     h = hessian.to(device=w.device, dtype=torch.float32)  # an fp32 product: float64 GEMMs cost 2-4× more on a CPU
     g = output_grad_sq.to(device=w.device, dtype=torch.float64)
     table = torch.empty(out_features, len(candidates), dtype=torch.float64)
+    step = max(1, KFAC_CHUNK_ELEMENTS // in_features)  # rows per chunk: temporaries bounded, not [out, in]
+    absmax = GroupScales.store(compute_absmax(w, group_size), double_quant).restore()  # of every row (double quant)
     for k, b in enumerate(candidates):
-        d = w - dequantized_at(w, int(b), codebooks[int(b)].to(w.device), group_size, double_quant)
-        table[:, k] = (g * ((d @ h).double() * d.double()).sum(1)).clamp_min(0.0).cpu()
+        book = codebooks[int(b)].to(w.device)
+        for start in range(0, out_features, step):
+            rows = slice(start, start + step)
+            wr = w[rows]
+            d = wr - dequantized_at(wr, int(b), book if book.shape[0] == 1 else book[rows], group_size,
+                                    absmax=absmax[rows])
+            table[rows, k] = (g[rows] * ((d @ h).double() * d.double()).sum(1)).clamp_min(0.0).cpu()
     return table
 
 
