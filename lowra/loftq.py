@@ -139,7 +139,7 @@ def loftq_init(
     alpha: float,
     iters: int = 1,
     name: str = "weight",
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | ActivationWhitening | None = None,
     damp: float = 0.01,
 ) -> LoftQResult:
     """Quantize ``weight [out, in]`` and initialize LoRA factors on the quantization residual.
@@ -151,7 +151,8 @@ def loftq_init(
         alpha: LoRA alpha; the scale ``s = alpha / r`` is folded into A and B.
         iters: T ≥ 0 alternations; 0 = plain quantization and the standard LoRA init.
         name: used in error messages (e.g. the layer name).
-        hessian: input Hessian ``[in, in]`` for the calibrated init (None: plain LoftQ).
+        hessian: input Hessian ``[in, in]`` for the calibrated init (None: plain LoftQ), or its
+            ``ActivationWhitening`` already built (the caller then need not keep the Hessian).
         damp: relative damping of ``hessian`` (see ``ActivationWhitening``).
     """
     check_weight(weight, name)
@@ -172,9 +173,10 @@ def loftq_init(
     scaling = alpha / rank
     whiten = None
     if hessian is not None:
-        if tuple(hessian.shape) != (in_features, in_features):
-            raise ValueError(f"{name}: hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
-        whiten = ActivationWhitening(hessian, damp, name)
+        shape = tuple(hessian.h.shape if isinstance(hessian, ActivationWhitening) else hessian.shape)
+        if shape != (in_features, in_features):
+            raise ValueError(f"{name}: hessian must be [{in_features}, {in_features}], got {shape}")
+        whiten = hessian if isinstance(hessian, ActivationWhitening) else ActivationWhitening(hessian, damp, name)
     best: LoftQResult | None = None
     history = []
     q = q0

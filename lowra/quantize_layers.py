@@ -19,7 +19,7 @@ from torch import nn
 
 from lowra.format import QuantizedTensor
 from lowra.layers import set_module
-from lowra.loftq import LoftQResult, loftq_init
+from lowra.loftq import ActivationWhitening, LoftQResult, loftq_init
 from lowra.nn import LowRALinear
 from lowra.progress import progress as layer_progress
 from lowra.report import LayerReport, QuantizationReport
@@ -69,7 +69,9 @@ def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, s
     quantize_fn = layer_quantizer(s, name, bits_per_row, codebooks, weight.device,
                                   importance=calib.fisher.pop(name, None) if s.fisher_codebooks else None,
                                   hessian=calib.hessians.get(name) if s.needs.layer_hessians else None)
-    hessian = calib.hessians.pop(name, None) if s.calibrated_init else None
+    hessian = calib.hessians.pop(name, None) if s.calibrated_init and s.loftq_iters > 0 else None
+    if hessian is not None and tuple(hessian.shape) == (weight.shape[1],) * 2:  # (a wrong shape: loftq_init says so)
+        hessian = ActivationWhitening(hessian, s.init_damp, f"layer {name!r}")  # the float64 Gram is freed here
     result, quantize_s, loftq_s = timed_init(quantize_fn, lambda fn: init_adapters(name, weight, fn, s, hessian))
     times["quantize_s"] += quantize_s
     times["loftq_s"] += loftq_s
@@ -104,10 +106,10 @@ def timed_init(
 
 
 def init_adapters(name: str, weight: torch.Tensor, quantize_fn: Callable[[torch.Tensor], QuantizedTensor],
-                  s: Settings, hessian: torch.Tensor | None) -> LoftQResult:
+                  s: Settings, hessian: torch.Tensor | ActivationWhitening | None) -> LoftQResult:
     """The quantized base and adapters of one layer: ``loftq_init`` with the quantizer fixed
     (``loftq_iters`` alternations; 0 = standard LoRA init; ``hessian`` = the calibrated init's
-    input Gram ``[in, in]``, None for LoftQ)."""
+    input Gram ``[in, in]`` or its whitening, None for LoftQ)."""
     return loftq_init(weight, quantize_fn, s.rank, s.alpha, iters=s.loftq_iters, name=f"layer {name!r}",
                       hessian=hessian, damp=s.init_damp)
 
