@@ -386,6 +386,7 @@ def layer_table(name: str, weight: torch.Tensor, s: Settings,
     codebooks = {b: c.cpu() for b, c in result.codebooks.items()}
     if s.error == "kfac":
         h = calib.hessians[name] if s.calibrated_init else calib.hessians.pop(name)
+        h = h.to(torch.float32)  # what kfac_row_errors multiplies by; the float64 copy is freed here
         error = kfac_row_errors(weight, result.codebooks, s.candidates, s.group_size, s.double_quant,
                                 calib.output_grads.pop(name), h)
     elif s.error == "measured":
