@@ -21,7 +21,8 @@ statistics are held one block at a time, in memory and streamed alike.
 
 Numerics follow the whole-model passes: Grams accumulated from fp32 chunk products in float64 when
 gradients are collected (``collect_fisher``), in float64 throughout otherwise (``collect_hessians``).
-Progress: one line per chunk of each sweep at most every 10 s (``lowra.progress``).
+Progress: a line per chunk of each sweep (and of the loss gradient) at most every 4 s, heartbeats
+between (``lowra.progress``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from torch import nn
 
 from lowra.calibration import calibration_batches, head_loss_gradient, large_allocations_mapped, plain_head
 from lowra.methods import CalibrationNeeds
-from lowra.progress import Ticker
+from lowra.progress import Ticker, activity
 from lowra.weights import WeightSource
 
 __all__ = ["BlockLayout", "StatStore", "block_layout", "blockwise_statistics"]
@@ -334,7 +335,7 @@ def blockwise_statistics(source: WeightSource, names: Sequence[str], calibration
     model.eval()
     try:
         with _frozen(model), large_allocations_mapped(), torch.no_grad():
-            with source.materialized(layout.trunk):
+            with source.materialized(layout.trunk), activity("calibration: embedding the windows", show):
                 firsts = [_first_block_inputs(layout, ids.to(source.device)) for ids in chunks]
             kwargs = [kw for _, kw in firsts]
             hidden = [h for h, _ in firsts]
@@ -378,10 +379,12 @@ def _gradient_sweeps(source: WeightSource, layout: BlockLayout, hidden: list[tor
                 x = store.unspill(f"h{i:04d}", c, shapes[c], device, keep=True)
                 store.spill(f"h{i + 1:04d}", c, _call(layer, x, kwargs[c]))
                 ticker.tick()
+    ticker = Ticker("calibration loss gradient (norm + LM head)", n, show, unit="chunk")
     with source.materialized(layout.head):
         for c in range(n):
             x = store.unspill(f"h{blocks:04d}", c, shapes[c], device)
             store.spill(f"g{blocks:04d}", c, _loss_gradient(layout, x, chunks[c].to(device), head_tokens))
+            ticker.tick()
     ticker = Ticker("calibration backward (block by block)", blocks * n, show, unit="chunk")
     for i in reversed(range(blocks)):
         layer = layout.layers[i]

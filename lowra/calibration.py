@@ -105,7 +105,7 @@ def calibration_batches(calibration: Any, batch_size: int, wanted: str) -> tuple
 
 
 def _target_linears(model: nn.Module, target_modules: Any) -> list[tuple[str, nn.Linear]]:
-    from lowra.layers import find_target_linears
+    from lowra.model_layers import find_target_linears
 
     return find_target_linears(model, target_modules)
 
@@ -123,7 +123,7 @@ def collect_hessians(
         model: the full-precision model (its mode is restored afterwards; run in eval mode).
         batches: ``input_ids [B, T]`` tensors, or dicts of model inputs; with an
             ``attention_mask [B, T]`` only the unmasked positions count.
-        target_modules: as ``lowra.layers.find_target_linears`` (None: the model type's defaults).
+        target_modules: as ``lowra.model_layers.find_target_linears`` (None: the model type's defaults).
         device: where the inputs go (default: the model's first parameter's device).
     Returns:
         ``H = Σ xᵀx / n`` over every token position ``x [in]`` that reached the layer (float64,
@@ -205,7 +205,7 @@ def collect_fisher(
     Args:
         model: a full-precision causal LM (HF ``labels=`` API); its mode is restored afterwards.
         batches: token chunks ``[B, T]`` (e.g. ``calibration_windows(...).split(4)``).
-        target_modules: as ``lowra.layers.find_target_linears``.
+        target_modules: as ``lowra.model_layers.find_target_linears``.
         hessians: also return ``H = Σ xᵀx / n`` ``[in, in]`` float64 per target (forward hooks;
             layers that read the same input tensor, as q/k/v do, share one Gram object).
         device: where the inputs go (default: the model's first parameter's device).

@@ -107,7 +107,7 @@ class LowRAConfig:
         loftq_iters: alternations of the adapter init (0: standard LoRA init, B = 0).
         init: ``"loftq"`` (rank-r SVD of the residual, the paper) or ``"calibrated"`` (the same in
             the activation norm ``‖(W − deq(Q) − s·BA)X‖``, ``H = XᵀX`` from calibration;
-            ``lowra.loftq.ActivationWhitening``); ``loftq_iters`` alternations either way.
+            ``lowra.adapter_init.ActivationWhitening``); ``loftq_iters`` alternations either way.
         init_damp: relative damping of the input Gram for ``init="calibrated"``.
         init_codebooks: ``"fixed"`` (the paper: each re-quantization of ``W − s·BA`` in the init's
             alternations keeps the codebooks learned on ``W``) or ``"relearn"`` (each one relearns every
@@ -120,7 +120,7 @@ class LowRAConfig:
             NormalFloat tables are not learned, so they stay fixed; measured in issue 12: more
             alternations with relearned codebooks help below 2 bits, not at 2 bits).
         target_modules: PEFT semantics (names / suffixes, or one full-match regex); None: the
-            model type's projections (``lowra.layers.DEFAULT_TARGET_MODULES``).
+            model type's projections (``lowra.model_layers.DEFAULT_TARGET_MODULES``).
         skip_modules: never quantized unless targeted explicitly (Hydra: ``keep_full_precision``).
         adapter_dtype: dtype name of A/B (``"bfloat16"``, ...); None: fp32 on CPU, bf16 on GPU.
     """

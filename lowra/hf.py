@@ -67,9 +67,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowra.format import FormatError, QuantizedTensor, tensor_sha256
-from lowra.layers import saved_linear
-from lowra.model import lowra_layers, mark_only_lora_trainable
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import lowra_layers, mark_only_lora_trainable, saved_linear
 
 __all__ = [
     "HF_FORMAT_VERSION",

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from lowra.format import BitGroup, QuantizedTensor
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 from lowra.scales import DQ_BLOCK, GroupScales
 
 if TYPE_CHECKING:  # pragma: no cover

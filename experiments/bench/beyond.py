@@ -47,7 +47,7 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
     from experiments.runner.distill import distill_loss, freeze
     from experiments.runner.setup import train_base_tables, trainable_parameters
     from experiments.runner.train import LMBatches, param_groups
-    from lowra.model import quantize_model
+    from lowra.model_quantization import quantize_model
 
     torch.manual_seed(0)
     model = load_model()
@@ -84,7 +84,7 @@ def build(bits: float, variant: str) -> tuple[Callable[[int], float], dict[str, 
 def child(bits: float, variant: str) -> dict[str, Any]:
     """RSS growth of building the student (+ teacher), and the peak over 3 steps above the built state
     (run in a fresh process; the peak is reset after the build, so quantization's own peak is out)."""
-    from lowra.streaming.memory import current_rss, peak_rss, reset_peak_rss
+    from lowra.streaming.peak_memory import current_rss, peak_rss, reset_peak_rss
 
     torch.set_num_threads(1)
     before = current_rss()

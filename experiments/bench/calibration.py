@@ -73,7 +73,7 @@ def measure(model_name: str, error: str, threads: int, samples: int | None = Non
     from experiments.runner.data import load_data
     from experiments.runner.setup import calibration_kwargs, load_model, load_tokenizer
     from lowra.error_tables import calibration_statistics
-    from lowra.model import find_target_linears
+    from lowra.model_layers import find_target_linears
 
     torch.set_num_threads(threads)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

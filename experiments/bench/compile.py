@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 def quantized_model(name: str, bits: float, rank: int) -> torch.nn.Module:
     """The model with every decoder linear quantized (random codes, NF codebooks) and non-zero adapters."""
     from experiments.bench.decode import build_model, quantize_decoder
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
 
     torch.manual_seed(0)
     model = quantize_decoder(build_model(name), bits, rank, "auto")
@@ -67,7 +67,7 @@ def forward_check(model: torch.nn.Module, ids: torch.Tensor, reps: int) -> dict:
 
 
 def train_check(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> dict:
-    from lowra.layers import lora_parameters
+    from lowra.model_layers import lora_parameters
 
     runs = {}
     for mode in ("eager", "compiled"):

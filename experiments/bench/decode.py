@@ -100,7 +100,7 @@ def quantize_decoder(model: nn.Module, bits: float, rank: int, backend: str, see
     """Replace every ``nn.Linear`` in the decoder layers by a quantized ``LowRALinear`` (in place), on the
     linear's device (random codes drawn on the CPU from ``seed``, so every device gets the same model)."""
     from lowra.format import QuantizedTensor
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
     from lowra.scales import GroupScales, compute_absmax
 
     gen = torch.Generator().manual_seed(seed)

@@ -16,7 +16,7 @@ coexist with them (below, :func:`quantize_peaks`).
   which is the plan's shape when every row has the same length.
 * **embeddings, lm_head, norms** stay in bf16 (``keep_full_precision``; Llama-2 unties ``lm_head``).
 * **adapters**: rank ``r`` on all seven projections in bf16, their bf16 gradients and AdamW's two
-  fp32 moments (``lowra.memory.memory_report``'s accounting).
+  fp32 moments (``lowra.model_memory.memory_report``'s accounting).
 * **activations** at batch × sequence with gradient checkpointing: each block's bf16 input kept
   (``L·b·s·h·2``), one block recomputed at a time (``b·s·(10h + 3f)·2``: attention projections,
   SDPA output, MLP intermediates and their gradients), and the logits (bf16 + fp32 + fp32 gradient,

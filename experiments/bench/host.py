@@ -63,7 +63,7 @@ def lowra_layer(out_features: int, in_features: int, widths: tuple[int, ...], ra
     and rank-``rank`` adapters (B non-zero)."""
     from experiments.bench.decode import random_group
     from lowra.format import QuantizedTensor
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
     from lowra.scales import GroupScales, compute_absmax
 
     gen = torch.Generator().manual_seed(seed)

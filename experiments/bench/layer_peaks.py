@@ -1,5 +1,5 @@
-"""Peak host memory of one layer's streamed work, measured: pass 1 (``lowra.stages.layer_table``:
-codebooks + K-FAC row errors) and pass 2 (``lowra.quantize_layers.quantize_layer``: quantize + the
+"""Peak host memory of one layer's streamed work, measured: pass 1 (``lowra.pipeline.layer_table``:
+codebooks + K-FAC row errors) and pass 2 (``lowra.layer_quantization.quantize_layer``: quantize + the
 calibrated init) of the default ``LowRAConfig()``, for one weight ``[out, in]`` with its input Gram.
 
 Each case runs in a fresh interpreter: the weight (fp32), its Gram ``H [in, in]`` (float64, as the
@@ -40,7 +40,13 @@ def one(out: int, inp: int, phase: str) -> dict[str, Any]:
     import torch
 
     from lowra.config import LowRAConfig
-    from lowra.stages import Calibration, LayerStats, layer_table, resolve_settings
+
+    try:
+        from lowra.layer_quantization import quantize_layer
+        from lowra.pipeline import Calibration, LayerStats, layer_table, resolve_settings
+    except ImportError:  # a checkout from before the module renames (--repo of an older commit)
+        from lowra.quantize_layers import quantize_layer
+        from lowra.stages import Calibration, LayerStats, layer_table, resolve_settings
 
     torch.manual_seed(0)
     s = resolve_settings(LowRAConfig(bits=2.0, rank=8, alpha=16.0), progress=False)
@@ -62,8 +68,6 @@ def one(out: int, inp: int, phase: str) -> dict[str, Any]:
     if phase == "pass1":
         layer_table("x", w, s, calib)
     else:
-        from lowra.quantize_layers import quantize_layer
-
         bits = torch.full((out,), 2, dtype=torch.int64)
         times = {"quantize_s": 0.0, "loftq_s": 0.0}
         quantize_layer("x", w, None, s, bits, books, calib, times)

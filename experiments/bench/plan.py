@@ -54,7 +54,7 @@ def dump_table(model: str, seed: int) -> Path:
     import torch
     from hydra import compose, initialize_config_dir
 
-    import lowra.stages as stages
+    import lowra.pipeline as pipeline
     from experiments.runner.config_check import CONF_DIR
     from experiments.runner.data import load_data
     from experiments.runner.setup import calibration_kwargs, load_model, load_tokenizer, lowra_config
@@ -73,15 +73,15 @@ def dump_table(model: str, seed: int) -> Path:
                         scope=scope, plan_options=json.dumps(plan_options))
         raise _PlanInputs
 
-    original = stages.solve_plan
-    stages.solve_plan = capture
+    original = pipeline.solve_plan
+    pipeline.solve_plan = capture
     torch.manual_seed(seed)
     try:
         quantize_model(net, lowra_config(cfg), progress=False, **calibration_kwargs(cfg, data))
     except _PlanInputs:
         pass
     finally:
-        stages.solve_plan = original
+        pipeline.solve_plan = original
     if not captured:
         raise RuntimeError(f"{model} seed {seed}: quantize_model finished without planning")
     path = table_path(model, seed)

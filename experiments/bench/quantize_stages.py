@@ -3,7 +3,7 @@
 The model, the calibration windows and the ``LowRAConfig`` are built exactly as ``python -m
 experiments.run`` builds them (Hydra config ``run`` with the given overrides; default: SmolLM2-135M,
 the default ``quant=lowra`` at 2 bits), then ``lowra.quantize_model`` runs with its named stages
-(``lowra.stages``: calibrate, error tables = codebooks + K-FAC rows, plan; ``quantize_layers``: quantize
+(``lowra.pipeline``: calibrate, error tables = codebooks + K-FAC rows, plan; ``quantize_layers``: quantize
 + pack + adapter init) each wrapped in a :class:`lowra.streaming.PeakMemory` stage: wall time and the
 peak resident set (VmHWM, reset at each stage's start) of every sub-stage, beside the sub-stage
 times of the report (``report.times``: ``quantize_s`` / ``loftq_s`` split stage 6 into the
@@ -32,8 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "results" / "bench" / "quantize_stages_cpu.json"
 DEFAULT_OVERRIDES = ("+model=smollm2_135m", "+bits=2")
 #: the stages wrapped, as (module, attribute, row name)
-WRAPPED = (("lowra.stages", "calibrate", "calibrate"), ("lowra.stages", "error_tables", "codebooks + error tables"),
-           ("lowra.stages", "plan_precision", "plan"), ("lowra.model", "quantize_layers", "quantize + init"))
+WRAPPED = (("lowra.pipeline", "calibrate", "calibrate"),
+           ("lowra.pipeline", "error_tables", "codebooks + error tables"),
+           ("lowra.pipeline", "plan_precision", "plan"),
+           ("lowra.model_quantization", "quantize_layers", "quantize + init"))
 
 
 def _load_uptime() -> float:
@@ -67,7 +69,7 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
     from experiments.runner.config_check import CONF_DIR
     from experiments.runner.data import load_data
     from experiments.runner.setup import calibration_kwargs, load_model, load_tokenizer, lowra_config
-    from lowra.model import quantize_model
+    from lowra.model_quantization import quantize_model
     from lowra.streaming import PeakMemory, current_rss
 
     torch.set_num_threads(threads)

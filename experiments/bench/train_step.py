@@ -42,7 +42,8 @@ def _peft_model(rank: int, alpha: float):
 
 
 def _ours(method: str, bits: float, rank: int, alpha: float):
-    from lowra.model import lora_parameters, quantize_model
+    from lowra.model_layers import lora_parameters
+    from lowra.model_quantization import quantize_model
 
     model = load_model()
     quantize_model(model, bits, method=method, rank=rank, alpha=alpha, loftq_iters=1, progress=False,

@@ -75,7 +75,7 @@ def peft_lora(model: nn.Module, rank: int, alpha: float) -> tuple[nn.Module, lis
 
 def lowra(model: nn.Module, bits: float, rank: int) -> tuple[nn.Module, list[nn.Parameter]]:
     """Every decoder linear a quantized ``LowRALinear`` (random codes, real format), adapters trainable."""
-    from lowra.model import lora_parameters
+    from lowra.model_layers import lora_parameters
 
     model = quantize_decoder(model, bits, rank, "auto")
     params = lora_parameters(model)

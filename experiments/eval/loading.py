@@ -20,21 +20,22 @@ from experiments.eval.tasks import REPO_ROOT
 def load_checkpoint(directory: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A saved quantized + adapted model: the ONE place the evaluation reads checkpoints.
 
-    A ``lowra.save_quantized`` directory (``lowra.is_checkpoint``: the HF-native folder or the older
-    manifest layout) goes through ``lowra.load_quantized``; any other Hugging Face model folder
+    A ``lowra.save_quantized`` directory (``lowra.is_checkpoint``; a folder of the removed version-1
+    layout is refused by ``lowra.load_quantized`` with how to convert it) goes through
+    ``lowra.load_quantized``; any other Hugging Face model folder
     (``config.json``) through ``AutoModelForCausalLM.from_pretrained``.
     """
     import lowra
 
     path = Path(directory)
-    if lowra.is_checkpoint(path):  # HF-native LowRA folders and the older manifest layout
+    if lowra.is_checkpoint(path):  # LowRA folders (load_quantized refuses the removed version-1 layout, saying why)
         return lowra.load_quantized(str(path), device=str(device))
     if (path / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path))
         return model.to(device).eval()
-    raise ValueError(f"--checkpoint {path}: neither a LowRA checkpoint (manifest.json) nor a Hugging Face model "
+    raise ValueError(f"--checkpoint {path}: neither a LowRA checkpoint nor a Hugging Face model "
                      f"folder (config.json)")
 
 
@@ -53,10 +54,7 @@ def load_tokenizer_from(where: str) -> Any:
 
 
 def _saved_options(model: torch.nn.Module) -> dict[str, Any]:
-    """What a loaded checkpoint records about itself: the legacy manifest, else the HF quantization_config."""
-    manifest = getattr(model, "lowra_manifest", None)
-    if manifest:
-        return manifest
+    """What a loaded checkpoint records about itself: its HF quantization_config's options and source model."""
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     options = dict(getattr(qc, "options", None) or {})
     return {**options, "source_model": getattr(qc, "source_model", None)}
@@ -75,7 +73,7 @@ def _checkpoint_tokenizer_location(path: Path, model: torch.nn.Module) -> str:
 
 def bits_of(model: torch.nn.Module) -> dict[str, float | None]:
     """Nominal and effective bits per weight over the quantized layers (parameter-weighted); None if dense."""
-    from lowra.model import lowra_layers
+    from lowra.model_layers import lowra_layers
 
     layers = [m for _, m in lowra_layers(model) if m.is_quantized]
     total = sum(m.in_features * m.out_features for m in layers)
@@ -119,7 +117,6 @@ def load_for_eval(
         calibration_kwargs,
         load_model,
         load_tokenizer,
-        lowra_api,
         model_location,
         needs_calibration,
         quantize_kwargs,
@@ -142,7 +139,9 @@ def load_for_eval(
     if needs_calibration(cfg):
         kwargs.update(calibration_kwargs(cfg, load_data(cfg.data, tok, need_train=True)))
     torch.manual_seed(int(cfg.seed))
-    report = lowra_api("quantize_model")(model, **kwargs)
+    from lowra import quantize_model
+
+    report = quantize_model(model, **kwargs)
     model.eval()
     return model, tok, {**info, "method": str(cfg.quant.name), "bits_target": float(cfg.quant.bits),
                         "bits_nominal": report.bits_nominal, "bits_effective": report.bits_effective}

@@ -87,7 +87,7 @@ def finetune(
     seed: int = 0,
 ) -> list[float]:
     """Train the LoRA adapters (only) for ``steps`` AdamW steps on random windows; returns losses."""
-    from lowra.model import lora_parameters, mark_only_lora_trainable
+    from lowra.model_layers import lora_parameters, mark_only_lora_trainable
 
     mark_only_lora_trainable(model)
     params = lora_parameters(model)
@@ -110,7 +110,7 @@ def finetune(
 def run_budget(bits: float, rank: int, alpha: float, steps: int, lr: float, loftq_iters: int,
                train_ids: torch.Tensor, heldout: torch.Tensor, plan_options: dict) -> dict:
     """One row of the table (see the module docstring)."""
-    from lowra.model import quantize_model
+    from lowra.model_quantization import quantize_model
 
     row: dict = {"bits": bits}
     model = load_model()

@@ -188,7 +188,7 @@ class RankBatches:
 
 def quantized_state_digest(model: nn.Module) -> str:
     """sha256 over every LowRA layer's quantized base (codes, rows, codebooks, scales) and adapters."""
-    from lowra.model import lowra_layers
+    from lowra.model_layers import lowra_layers
 
     h = hashlib.sha256()
     for name, m in lowra_layers(model):
@@ -224,7 +224,7 @@ def check_same_on_all_ranks(ctx: DistContext, model: nn.Module) -> str:
 
 def block_modules(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks (items of every ``nn.ModuleList`` that hold LoRA layers): FSDP2 units."""
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
 
     blocks = []
     for module in model.modules():
@@ -295,7 +295,7 @@ def gathered(model: nn.Module, ctx: DistContext) -> Iterator[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
     from lowra.sharded import ShardableLowRALinear, gather_quantized
 
     units = reshard(model)

@@ -5,7 +5,9 @@ batch job's output, ``| tee``) that turns into a line per update. When stderr is
 :func:`progress_bar` returns a :class:`PlainProgress` instead: same calls as tqdm (``update``,
 ``set_postfix``, ``set_description``, ``close``), but it logs one readable line
 (``fine-tune: 120/300 (40%) loss=2.41 · 35 s, ~52 s left``) at every 10 % of the total and at
-least every ``interval`` seconds — a handful of lines per loop.
+least every ``interval`` seconds — a handful of lines per loop. Each bar (and each stage of the run's
+stage bar) is also a :func:`lowra.progress.activity`, so a step or a stage that runs long is never
+silent for more than :data:`lowra.progress.HEARTBEAT_S` seconds (issue 32).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
+
+from lowra.progress import close_activity, open_activity
 
 log = logging.getLogger("experiments.runner.progress")
 T = TypeVar("T")
@@ -48,6 +52,13 @@ class PlainProgress:
         self.t_first: float | None = None  # end of this session's first item (warm-up: kernels, caches)
         self.last_decile = self._decile()
         self.closed = False
+        self.activity = open_activity(self._where()) if type(self) is PlainProgress else None
+
+    def _where(self) -> str:
+        if self.announce:
+            return self.desc
+        of = f"/{self.total}" if self.total else ""
+        return f"{self.desc}: {self.n}{of}"
 
     def _decile(self) -> int:
         return int(10 * self.n / self.total) if self.total else 0
@@ -56,6 +67,9 @@ class PlainProgress:
         self.desc = desc
         if self.announce:
             log.info("%s (%.1f s elapsed)", desc, time.perf_counter() - self.t0)
+            if self.activity is not None:  # a new stage: its own activity (and start time)
+                close_activity(self.activity)
+                self.activity = open_activity(desc)
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
         items = dict(ordered_dict or {}, **kwargs)
@@ -65,6 +79,8 @@ class PlainProgress:
         self.n += n
         if self.announce:  # stages: one line per set_description, not per update
             return
+        if self.activity is not None:
+            self.activity.desc = self._where()
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first, self.n_first = now, self.n
@@ -89,6 +105,9 @@ class PlainProgress:
         if not self.closed and not self.announce and self.total and self.n > self.start_n \
                 and self.last_decile < 10 and self.n >= self.total:
             self._line(time.perf_counter())
+        if self.activity is not None:
+            close_activity(self.activity)
+            self.activity = None
         self.closed = True
 
     def __enter__(self) -> PlainProgress:

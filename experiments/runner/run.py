@@ -79,7 +79,6 @@ from experiments.runner.setup import (
     calibration_kwargs,
     load_model,
     load_tokenizer,
-    lowra_api,
     lowra_config,
     model_location,
     needs_calibration,
@@ -193,8 +192,8 @@ def _run_stages(
     logger: RunLogger, stages: Any, prefix: str, dist_ctx: DistContext | None = None,
 ) -> dict[str, Any]:
     dist_ctx = dist_ctx or DistContext("single", 0, 1, 0, device)
-    quantize_model, save_quantized = lowra_api("quantize_model"), lowra_api("save_quantized")
-    load_quantized, memory_report = lowra_api("load_quantized"), lowra_api("memory_report")
+    from lowra import load_quantized, memory_report, quantize_model, quantize_pretrained, save_quantized
+
     steps_wanted = cfg.train.max_steps is None or int(cfg.train.max_steps) > 0
     # ---- 1. load
     stages.set_description(f"stages: {STAGES[0]}")
@@ -229,11 +228,11 @@ def _run_stages(
     quant_dir = ckpt_dir / "quantized"
     torch.manual_seed(int(cfg.seed))
     peaks.begin("quantize")
-    if ("quantize_time_s" in state and quant_dir.exists() and load_quantized is not None) or stream:
+    if ("quantize_time_s" in state and quant_dir.exists()) or stream:
         if "quantize_time_s" not in state or not quant_dir.exists():  # stream: quantize to quant_dir first
             t0 = time.perf_counter()
-            res = lowra_api("quantize_pretrained")(model_location(cfg.model), quant_dir,
-                                                   **stream_kwargs(cfg, progress, device, data))
+            res = quantize_pretrained(model_location(cfg.model), quant_dir,
+                                      **stream_kwargs(cfg, progress, device, data))
             state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
@@ -249,7 +248,7 @@ def _run_stages(
         rep = quantize_model(model, lowra_config(cfg), progress=progress, **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
-        if save_quantized is not None and dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
+        if dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
             save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
     peaks.end()
@@ -330,10 +329,10 @@ def _run_stages(
     # ---- 6. save
     stages.set_description(f"stages: {STAGES[5]}")
     with gathered(model, dist_ctx):  # FSDP2: full parameters on every rank (gather-on-save)
-        if cfg.save_model and save_quantized is not None and dist_ctx.is_main:
+        if cfg.save_model and dist_ctx.is_main:
             save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
                            source_model=model_location(cfg.model), tokenizer=tokenizer)
-        memory = memory_report(model) if memory_report is not None else None
+        memory = memory_report(model)
         n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     if memory is not None:
         memory["stages"] = peaks.to_dict()  # peak host RSS / device memory of load, quantize, fine-tune

@@ -90,11 +90,6 @@ def load_model(mcfg: Any, device: torch.device) -> torch.nn.Module:
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Evaluate the quantized base alone: the LoRA branch of every adapted layer scaled by 0."""
-    disable = lowra_api("disable_adapters")
-    if disable is not None:
-        with disable(model):
-            yield
-        return
     saved = [(m, m.scaling) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
     try:
         for m, _ in saved:
@@ -109,7 +104,9 @@ def lowra_config(cfg: Any) -> Any:
     """The ``lowra.LowRAConfig`` of the ``quant`` / ``lora`` / ``model`` groups: one Hydra key per field
     (``LowRAConfig.from_hydra``, table ``lowra.config.HYDRA_KEYS``); what ``quantize_model`` runs with
     and what ``results.json`` (``lowra_config``) and the saved model record."""
-    return lowra_api("LowRAConfig").from_hydra(cfg)
+    from lowra.config import LowRAConfig
+
+    return LowRAConfig.from_hydra(cfg)
 
 
 def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
@@ -214,10 +211,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def train_base_tables(model: torch.nn.Module, tcfg: Any) -> tuple[dict[str, float], frozenset[str]]:
     """``train.codebooks`` / ``train.scales`` = trainable: make the quantized layers' codebooks / group
-    scales parameters (``lowra.layers.train_base_tables``; codes stay frozen). Returns ``(param_lrs,
+    scales parameters (``lowra.model_layers.train_base_tables``; codes stay frozen). Returns ``(param_lrs,
     no_decay)`` for ``train``: each new parameter's learning rate (``train.codebook_lr`` /
     ``train.scale_lr``) and their names (trained without weight decay). Both empty when frozen."""
-    from lowra.layers import train_base_tables as make_trainable
+    from lowra.model_layers import train_base_tables as make_trainable
 
     codebooks = tcfg.get("codebooks", "frozen") == "trainable"
     scales = tcfg.get("scales", "frozen") == "trainable"
@@ -227,17 +224,3 @@ def train_base_tables(model: torch.nn.Module, tcfg: Any) -> tuple[dict[str, floa
         log.info("train: %d codebook/scale tensors trainable (%d values)", len(new),
                  sum(p.numel() for p in new.values()))
     return lrs, frozenset(new)
-
-
-def lowra_api(name: str) -> Any:
-    """``lowra.<name>`` (the public API), else from ``lowra.model`` / ``lowra.nn``; None if absent."""
-    import importlib
-
-    for module in ("lowra", "lowra.model", "lowra.nn", "lowra.checkpoint", "lowra.memory"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    return None

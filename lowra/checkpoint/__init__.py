@@ -7,32 +7,14 @@ shards, tokenizer, and the adapters in PEFT's format in ``dir/adapter/``. After 
 logits) and ``load_quantized(dir)`` does the same. The save is atomic: the folder is written
 under a temporary name beside ``dir`` and renamed into place (an older ``dir`` is removed last).
 
-``load_quantized`` also reads the earlier manifest layout (format version 1), which
-``save_quantized_legacy`` still writes (for tools and tests); a folder that is neither fails
-with a ``FormatError`` saying so.
+Loading checks ``lowra_checksums.json`` and every tensor's sha256 (``verify=False`` skips the hashing
+on trusted storage), the shard headers against the layout, and that codebooks and scales are finite;
+nothing is re-quantized, so logits after a reload are identical.
 
-Legacy (version 1) directory layout written by ``save_quantized_legacy(model, dir)``::
-
-    dir/manifest.json                    format, version, method, bits, source model, model class,
-                                         per-layer shapes/metadata, file names + byte sizes + sha256, report
-    dir/config.<token>.json              the HF config (model.config.to_dict())
-    dir/quantized.<token>.safetensors    per layer "<name>/b{b}.codes|rows|codebook", "<name>/absmax…"
-                                         and the plan "<name>/plan.bits" (int8 [out])
-    dir/adapters.<token>.safetensors     "<name>.lora_A" [r, in], "<name>.lora_B" [out, r]
-    dir/rest.<token>.safetensors         every other tensor of model.state_dict() (embeddings,
-                                         norms, lm_head, biases, dense bases), tied copies once
-
-Atomicity (legacy): a save writes its data files under a fresh token, fsyncs them, and only then replaces
-``manifest.json`` (``os.replace``, atomic on POSIX); files of the previous save are deleted after
-that. A crash at any moment therefore leaves a directory whose manifest names a complete save —
-the previous one or the new one. Loading checks the format name and version, that every file
-exists with its recorded size (a truncated file fails clearly) and its recorded sha256
-(``file_sha256`` in the manifest: a byte changed anywhere, even at the same size, is refused),
-that it parses, that every codebook and scale is finite, and that the shapes match the target
-model. ``load_quantized(dir, verify=False)`` (and ``read_manifest(dir, verify=False)``) skips
-the hashing — one read of every file — for speed on trusted storage; the other checks still run.
-Nothing is re-quantized on load: the codes are read back bit for bit, so
-logits after a reload are identical.
+The earlier version-1 layout (``manifest.json`` + ``quantized/adapters/rest.<token>.safetensors``,
+written by ``save_quantized_legacy``) was removed: ``load_quantized`` refuses such a folder with a
+FormatError that names the layout and how to convert it (load it with the last LowRA that reads it,
+``save_quantized`` it again); docs/design.md, "Checkpoints are Hugging Face model folders".
 
 ``merge_to_hf`` writes ``deq(base) + s·B·A`` as a plain HF model with ``save_pretrained`` (into a
 temp dir renamed into place); ``export_peft_adapters`` writes PEFT's LoRA format. The PEFT
@@ -42,22 +24,17 @@ include_base=True)`` writes it beside the adapters and names it). Every folder w
 ``lowra_checksums.json`` (:mod:`lowra.integrity`), checked by ``load_quantized``, ``load_merged`` and
 ``load_peft`` before anything loads (docs/design.md, "Format integrity").
 
-Modules: :mod:`~lowra.checkpoint.save` (both layouts), :mod:`~lowra.checkpoint.load`,
-:mod:`~lowra.checkpoint.manifest` (the legacy manifest's validation),
-:mod:`~lowra.checkpoint.export` (merge / PEFT) and :mod:`~lowra.checkpoint.common`.
+Modules: :mod:`~lowra.checkpoint.save`, :mod:`~lowra.checkpoint.load`, :mod:`~lowra.checkpoint.export`
+(merge / PEFT) and :mod:`~lowra.checkpoint.common`.
 """
 
-from lowra.checkpoint.common import ADAPTER_DIR, MANIFEST, MODEL_FORMAT, MODEL_FORMAT_VERSION
+from lowra.checkpoint.common import ADAPTER_DIR
 from lowra.checkpoint.export import export_peft_adapters, merge_to_hf, quantized_fingerprint
 from lowra.checkpoint.load import load_merged, load_peft, load_quantized
-from lowra.checkpoint.manifest import read_manifest
-from lowra.checkpoint.save import is_checkpoint, save_quantized, save_quantized_legacy
+from lowra.checkpoint.save import is_checkpoint, save_quantized
 
 __all__ = [
     "ADAPTER_DIR",
-    "MANIFEST",
-    "MODEL_FORMAT",
-    "MODEL_FORMAT_VERSION",
     "export_peft_adapters",
     "is_checkpoint",
     "load_merged",
@@ -65,7 +42,5 @@ __all__ = [
     "load_quantized",
     "merge_to_hf",
     "quantized_fingerprint",
-    "read_manifest",
     "save_quantized",
-    "save_quantized_legacy",
 ]

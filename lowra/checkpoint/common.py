@@ -1,11 +1,9 @@
-"""What the checkpoint modules share: file names, the format constants, tied-tensor and meta-device helpers,
-the atomic directory swap."""
+"""What the checkpoint modules share: file names, the meta-device model builder, the atomic directory swap."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -20,56 +18,21 @@ from lowra.atomic import dir_mode
 from lowra.format import (
     FormatError,
 )
-from lowra.layers import lowra_layers
 
-__all__ = ["ADAPTER_DIR", "DEFAULT_MAX_SHARD_SIZE", "MANIFEST", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "REPORT_FILE"]
+__all__ = ["ADAPTER_DIR", "DEFAULT_MAX_SHARD_SIZE", "REPORT_FILE", "VERSION1_MANIFEST"]
 
-MANIFEST = "manifest.json"
+#: the file that marks a folder of the removed version-1 layout (``load_quantized`` refuses it)
+VERSION1_MANIFEST = "manifest.json"
 ADAPTER_DIR = "adapter"  # PEFT copy of the adapters inside a saved folder (not at its root: see lowra.hf)
 REPORT_FILE = "lowra_report.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-MODEL_FORMAT = "lowra.model"
-MODEL_FORMAT_VERSION = 1
-_DATA_FILE = re.compile(r"^(config|quantized|adapters|rest)\.[0-9a-f]{12}\.(json|safetensors)$")
 
 # ---------------------------------------------------------------------------------- helpers
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _source_model(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-
-
-def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Keep one copy of tensors that share storage (tied embeddings); return ``aliases``."""
-    seen: dict[tuple, str] = {}
-    unique, aliases = {}, {}
-    for key, t in state.items():
-        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-                 tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-            unique[key] = t.detach().contiguous()
-    return unique, aliases
-
-
-def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``(adapters, rest)`` of ``model.state_dict()``: LoRA factors vs everything else."""
-    adapter_keys = set()
-    for name, m in lowra_layers(model):
-        if m.rank:
-            adapter_keys |= {f"{name}.lora_A", f"{name}.lora_B"}
-    state = model.state_dict()
-    adapters = {k: v for k, v in state.items() if k in adapter_keys}
-    rest = {k: v for k, v in state.items() if k not in adapter_keys}
-    return adapters, rest
 
 
 @contextlib.contextmanager
@@ -94,20 +57,12 @@ def _params_on_meta():
         nn.Module.register_parameter = original
 
 
-def _config_class(model_type: str):
-    from transformers import CONFIG_MAPPING
-
-    if model_type not in CONFIG_MAPPING:
-        raise FormatError(f"unknown model_type {model_type!r} in the saved config")
-    return CONFIG_MAPPING[model_type]
-
-
 def _model_class(name: str):
     import transformers
 
     cls = getattr(transformers, name, None)
     if cls is None or not isinstance(cls, type):
-        raise FormatError(f"unknown model class {name!r} in the manifest (transformers has no such class)")
+        raise FormatError(f"unknown model class {name!r} in config.json (transformers has no such class)")
     return cls
 
 
@@ -146,7 +101,7 @@ def _dense_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _lora_params(model: nn.Module) -> list[torch.Tensor]:
-    from lowra.model import lora_parameters
+    from lowra.model_layers import lora_parameters
 
     return lora_parameters(model)
 

@@ -17,7 +17,7 @@ from lowra.atomic import file_mode, write_text_atomic
 from lowra.checkpoint.common import _atomic_dir, _dense_dtype, _empty_model, _most_common
 from lowra.format import save_safetensors_atomic, tensor_sha256
 from lowra.integrity import write_checksums
-from lowra.layers import lowra_layers
+from lowra.model_layers import lowra_layers
 
 __all__ = ["export_peft_adapters", "merge_to_hf", "quantized_fingerprint"]
 

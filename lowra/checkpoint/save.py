@@ -1,49 +1,37 @@
 """Save a quantized model: ``save_quantized`` (a Hugging Face model folder, format version 2,
-``lowra.hf``) and ``save_quantized_legacy`` (the version-1 manifest layout); ``is_checkpoint``.
+``lowra.hf``); ``is_checkpoint``.
 
-Both are atomic: the HF folder is written under a temporary name beside its place and renamed in
-(``_atomic_dir``); the legacy layout writes its data files under a fresh token and replaces
-``manifest.json`` last (see :mod:`lowra.checkpoint`).
+Atomic: the folder is written under a temporary name beside its place and renamed in (``_atomic_dir``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lowra.atomic import write_text_atomic
 from lowra.checkpoint.common import (
-    _DATA_FILE,
     _TOKENIZER_FILES,
     ADAPTER_DIR,
     DEFAULT_MAX_SHARD_SIZE,
-    MANIFEST,
-    MODEL_FORMAT,
-    MODEL_FORMAT_VERSION,
     REPORT_FILE,
+    VERSION1_MANIFEST,
     _atomic_dir,
-    _dedupe_tied,
     _dense_dtype,
-    _fsync,
     _source_model,
-    _split_state,
 )
 from lowra.checkpoint.export import _write_peft_adapters
-from lowra.format import file_sha256, save_safetensors_atomic
+from lowra.format import save_safetensors_atomic
 from lowra.integrity import write_checksums
-from lowra.layers import lowra_layers
-from lowra.nn import LowRALinear
+from lowra.model_layers import lowra_layers
 
-__all__ = ["is_checkpoint", "save_quantized", "save_quantized_legacy"]
+__all__ = ["is_checkpoint", "save_quantized"]
 
 
 def save_quantized(
@@ -163,124 +151,8 @@ def _copy_tokenizer_files(candidates: list[str | None], target: Path) -> None:
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
-    """True if ``directory`` holds a complete LowRA save (an HF folder or the legacy manifest layout)."""
+    """True if ``directory`` holds a LowRA save: an HF folder, or a folder of the version-1 layout, which
+    ``load_quantized`` refuses saying how to convert it (so a caller that loads what this accepts fails loudly)."""
     from lowra.hf import is_lowra_hf_folder
 
-    return (Path(directory) / MANIFEST).is_file() or is_lowra_hf_folder(directory)
-
-
-# ---------------------------------------------------------------------------------- save (legacy)
-def save_quantized_legacy(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    report: Any | None = None,
-    source_model: str | None = None,
-) -> Path:
-    """Save in the version-1 manifest layout (see the module docstring); ``save_quantized`` writes HF folders.
-
-    Args:
-        report: a ``QuantizationReport`` (default ``model.lowra_report``) stored in the manifest.
-        source_model: id or path of the original model (default: the model's ``name_or_path``).
-    Returns the directory. Atomic: see the module docstring.
-    """
-    layers = lowra_layers(model)
-    if not layers:
-        raise ValueError("the model has no LowRALinear layers; run lowra.quantize_model first")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    files = {
-        "config": f"config.{token}.json",
-        "quantized": f"quantized.{token}.safetensors",
-        "adapters": f"adapters.{token}.safetensors",
-        "rest": f"rest.{token}.safetensors",
-    }
-    report = report if report is not None else getattr(model, "lowra_report", None)
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError("save_quantized needs a Hugging Face model (with .config)")
-
-    quantized: dict[str, torch.Tensor] = {}
-    layer_meta: dict[str, Any] = {}
-    for name, m in layers:
-        meta = {
-            "shape": [m.out_features, m.in_features],
-            "base": "quantized" if m.is_quantized else "dense",
-            "rank": m.rank,
-            "alpha": m.alpha,
-            "dropout": float(getattr(m.lora_dropout, "p", 0.0)),
-            "bias": m.bias is not None,
-        }
-        if m.is_quantized:
-            qt = m.qweight
-            for k, t in qt.state_dict().items():
-                quantized[f"{name}/{k}"] = t.contiguous()
-            quantized[f"{name}/plan.bits"] = qt.bits_per_row.to(torch.int8)
-            meta["quantized"] = qt.metadata()
-            meta["nominal_bits"] = qt.nominal_bits
-            meta["effective_bits"] = qt.effective_bits
-        layer_meta[name] = meta
-    adapters, rest = _split_state(model)
-    rest, aliases = _dedupe_tied(rest)
-    header = {"format": MODEL_FORMAT, "format_version": str(MODEL_FORMAT_VERSION)}
-
-    try:
-        write_text_atomic(directory / files["config"], config.to_json_string())
-        save_safetensors_atomic(quantized, directory / files["quantized"], header)
-        save_safetensors_atomic(adapters, directory / files["adapters"], header)
-        save_safetensors_atomic(rest, directory / files["rest"], header)
-        for f in files.values():
-            _fsync(directory / f)
-    except BaseException:
-        for f in files.values():
-            with contextlib.suppress(FileNotFoundError):
-                (directory / f).unlink()
-        raise
-
-    import transformers
-
-    manifest = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "method": report.method if report is not None else _method_of(layers),
-        "bits": report.bits_target if report is not None else None,
-        "bits_nominal": _weighted(layers, "nominal_bits"),
-        "bits_effective": _weighted(layers, "effective_bits"),
-        "source_model": source_model if source_model is not None else _source_model(model),
-        "model_class": type(model).__name__,
-        "model_type": getattr(config, "model_type", None),
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "files": files,
-        "file_sizes": {k: (directory / f).stat().st_size for k, f in files.items()},
-        "file_sha256": {k: file_sha256(directory / f) for k, f in files.items()},
-        "layers": layer_meta,
-        "tied": aliases,
-        "report": report.to_dict() if report is not None else None,
-        # the LowRAConfig the model was quantized with (LowRAConfig.to_dict(): an HF quantization_config)
-        "lowra_config": _config_dict(model, report),
-    }
-    write_text_atomic(directory / MANIFEST, json.dumps(manifest, indent=1))
-    # the new save is committed; drop older data files (ours only, by name pattern)
-    keep = set(files.values())
-    for f in directory.iterdir():
-        if _DATA_FILE.match(f.name) and f.name not in keep:
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-    return directory
-
-
-def _config_dict(model: nn.Module, report: Any | None) -> dict[str, Any] | None:
-    from lowra.hf import lowra_config_dict
-
-    return lowra_config_dict(model, report)
-
-
-def _method_of(layers: list[tuple[str, LowRALinear]]) -> str:
-    methods = {m.qweight.method if m.is_quantized else "none" for _, m in layers}
-    return methods.pop() if len(methods) == 1 else "mixed"
-
-
-def _weighted(layers: list[tuple[str, LowRALinear]], attr: str) -> float:
-    total = sum(m.in_features * m.out_features for _, m in layers)
-    return sum(getattr(m, attr) * m.in_features * m.out_features for _, m in layers) / total
+    return (Path(directory) / VERSION1_MANIFEST).is_file() or is_lowra_hf_folder(directory)

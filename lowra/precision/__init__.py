@@ -30,7 +30,7 @@ LowRA solves the problem in stages, one module each (read in this order):
 * :mod:`~lowra.precision.problem`: input checking; exact integer budget rows per group;
 * :mod:`~lowra.precision.bounds`: each channel's convex hull and the exact LP bound;
 * :mod:`~lowra.precision.stage1`: 0. k-means clusters, 1. the integer program over clusters,
-  whose cost model samples each cluster's efficiency path (:mod:`~lowra.precision.paths`);
+  whose cost model samples each cluster's efficiency path (:mod:`~lowra.precision.efficiency_paths`);
 * :mod:`~lowra.precision.stage2`: 2. the exact assignment of channels within each cluster;
 * :mod:`~lowra.precision.repair`: 3. the exact-integer budget check and local moves;
 * :mod:`~lowra.precision.rounding`: 4. a second plan, the LP optimum rounded down and filled; the

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from lowra.precision.bounds import _group_lp_bounds, _hull_segments
+from lowra.precision.efficiency_paths import _ClusterPaths
 from lowra.precision.highs import DEFAULT_MAX_NODES, _solver_name
-from lowra.precision.paths import _ClusterPaths
 from lowra.precision.plan import PrecisionPlan
 from lowra.precision.problem import _ArrayLike, _prepare
 from lowra.precision.repair import _repair
 from lowra.precision.rounding import _lp_rounding
 from lowra.precision.stage1 import _cluster, _stage1
 from lowra.precision.stage2 import _stage2
+from lowra.progress import activity
 
 
 def assign_precision(
@@ -125,73 +126,79 @@ def assign_precision(
     info: dict[str, Any] = {}
 
     # ---- bound (also builds the hull segments the stage-1 samples use) ----
-    t0 = time.perf_counter()
-    seg = _hull_segments(e, p.w)
-    lb_groups, _ = _group_lp_bounds(p, seg)
-    lower_bound = float(lb_groups.sum())
+    with activity("plan: LP lower bound"):
+        t0 = time.perf_counter()
+        seg = _hull_segments(e, p.w)
+        lb_groups, _ = _group_lp_bounds(p, seg)
+        lower_bound = float(lb_groups.sum())
     times["bound"] = time.perf_counter() - t0
 
     # ---- the LP optimum rounded down (kept if it beats the two-stage plan) ----
-    t0 = time.perf_counter()
-    rounded = _lp_rounding(p, seg)
+    with activity("plan: LP rounding"):
+        t0 = time.perf_counter()
+        rounded = _lp_rounding(p, seg)
     times["lp_rounding"] = time.perf_counter() - t0
 
     # ---- clusters ----
-    t0 = time.perf_counter()
-    lab = _cluster(p, int(clusters), int(seed), int(kmeans_iters), int(kmeans_sample))
-    G = int(lab.max()) + 1
-    Nk = np.bincount(lab, minlength=G)
-    wk = np.zeros((G, cand.shape[0]), dtype=np.int64)
-    wk[lab] = p.w  # one cost vector per cluster (clusters are partitioned by it)
-    gk = np.zeros(G, dtype=np.int64)
-    gk[lab] = p.group
+    with activity("plan: k-means clusters"):
+        t0 = time.perf_counter()
+        lab = _cluster(p, int(clusters), int(seed), int(kmeans_iters), int(kmeans_sample))
+        G = int(lab.max()) + 1
+        Nk = np.bincount(lab, minlength=G)
+        wk = np.zeros((G, cand.shape[0]), dtype=np.int64)
+        wk[lab] = p.w  # one cost vector per cluster (clusters are partitioned by it)
+        gk = np.zeros(G, dtype=np.int64)
+        gk[lab] = p.group
     times["cluster"] = time.perf_counter() - t0
 
     # ---- stage 1 ----
-    t0 = time.perf_counter()
-    path = _ClusterPaths(seg, lab, wk)
-    del seg
-    Y, F, pk = path.sample_points(Nk, int(samples), e, lab)
-    s1_opts = dict(opts)
-    if mip_rel_gap is not None:
-        s1_opts["mip_rel_gap"] = mip_rel_gap
-    s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
-    # "optimal" means the relative gap: HiGHS' default absolute gap (1e-6) would also stop it, and the
-    # objective (scaled by the largest sample cost) can be small enough that this stops it early.
-    s1_opts.setdefault("mip_abs_gap", 0.0)
-    # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
-    # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
-    # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
-    s1_opts.setdefault("mip_feasibility_tolerance", 1e-4)
-    emax = np.full((G, e.shape[1]), -np.inf)
-    emin = np.full((G, e.shape[1]), np.inf)
-    np.maximum.at(emax, lab, e)
-    np.minimum.at(emin, lab, e)
-    Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, wk, gk, emax, emin, s1_opts)
-    info.update(s1info)
+    with activity("plan: stage 1 (cluster ILP)"):
+        t0 = time.perf_counter()
+        path = _ClusterPaths(seg, lab, wk)
+        del seg
+        Y, F, pk = path.sample_points(Nk, int(samples), e, lab)
+        s1_opts = dict(opts)
+        if mip_rel_gap is not None:
+            s1_opts["mip_rel_gap"] = mip_rel_gap
+        s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
+        # "optimal" means the relative gap: HiGHS' default absolute gap (1e-6) would also stop it, and the
+        # objective (scaled by the largest sample cost) can be small enough that this stops it early.
+        s1_opts.setdefault("mip_abs_gap", 0.0)
+        # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
+        # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
+        # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
+        s1_opts.setdefault("mip_feasibility_tolerance", 1e-4)
+        emax = np.full((G, e.shape[1]), -np.inf)
+        emin = np.full((G, e.shape[1]), np.inf)
+        np.maximum.at(emax, lab, e)
+        np.minimum.at(emin, lab, e)
+        Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, wk, gk, emax, emin, s1_opts)
+        info.update(s1info)
     times["stage1"] = time.perf_counter() - t0
 
     # ---- stage 2 ----
-    t0 = time.perf_counter()
-    jidx, s2info = _stage2(e, lab, Yint, path, opts, stage2)
-    info.update(s2info)
+    with activity("plan: stage 2 (rows within clusters)"):
+        t0 = time.perf_counter()
+        jidx, s2info = _stage2(e, lab, Yint, path, opts, stage2)
+        info.update(s2info)
     times["stage2"] = time.perf_counter() - t0
 
     # ---- repair ----
-    t0 = time.perf_counter()
-    jidx, moves, filled = _repair(p, jidx)
-    info["repair_moves"] = moves
-    rows = np.arange(C)
-    rounded, _, rounded_filled = _repair(p, rounded)
-    two_stage_sse = float(e[rows, jidx].sum())
-    rounded_sse = float(e[rows, rounded].sum())
-    info["two_stage_objective"] = two_stage_sse
-    info["lp_rounding_objective"] = rounded_sse
-    info["plan_source"] = "two-stage"
-    if rounded_sse < two_stage_sse and (rounded_filled or not filled):
-        jidx, filled = rounded, rounded_filled
-        info["plan_source"] = "lp rounding"
-    info["budget_filled"] = filled
+    with activity("plan: repair and compare"):
+        t0 = time.perf_counter()
+        jidx, moves, filled = _repair(p, jidx)
+        info["repair_moves"] = moves
+        rows = np.arange(C)
+        rounded, _, rounded_filled = _repair(p, rounded)
+        two_stage_sse = float(e[rows, jidx].sum())
+        rounded_sse = float(e[rows, rounded].sum())
+        info["two_stage_objective"] = two_stage_sse
+        info["lp_rounding_objective"] = rounded_sse
+        info["plan_source"] = "two-stage"
+        if rounded_sse < two_stage_sse and (rounded_filled or not filled):
+            jidx, filled = rounded, rounded_filled
+            info["plan_source"] = "lp rounding"
+        info["budget_filled"] = filled
     times["repair"] = time.perf_counter() - t0
 
     bits = cand[jidx].astype(np.int64)

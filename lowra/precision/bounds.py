@@ -6,7 +6,7 @@ Zoltners 1979): sort all hull segments by error saved per bit, take them until t
 used, the last one fractionally.  Its value equals the HiGHS LP optimum (checked in the tests).
 An LP optimum has at most one fractional channel per budget row, so the integer optimum lies
 within one channel's error step of the bound, and ``gap`` measures the true sub-optimality at
-scale.  The hull segments are also the raw material of stage 1 and 2 (:mod:`lowra.precision.paths`).
+scale.  The hull segments are also the raw material of stage 1 and 2 (:mod:`lowra.precision.efficiency_paths`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def _progress_enabled(progress: bool | None) -> bool:
 
 class GapReporter:
     """HiGHS MIP callback: a ``plan: ILP …`` line on the ``lowra`` logger at most every
-    ``lowra.progress.PLAIN_INTERVAL_S`` seconds (10) with the nodes explored, the relative gap and the
+    ``lowra.progress.PLAIN_INTERVAL_S`` seconds (4) with the nodes explored, the relative gap and the
     bounds. It only reads HiGHS' state (it never sets ``user_interrupt``), so the search and the plan
     are what they are without it; the clock decides when a line is written, nothing else."""
 

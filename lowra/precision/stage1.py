@@ -18,7 +18,7 @@
    ``f_k`` that is exact at the samples, so stage 2 can only do better than stage 1 predicts.
    The samples are the K *pure* points (all channels of the cluster at one width) plus
    ``samples + 1`` points along the cluster's own efficiency path
-   (:mod:`lowra.precision.paths`): the assignments reached by upgrading channels in decreasing
+   (:mod:`lowra.precision.efficiency_paths`): the assignments reached by upgrading channels in decreasing
    order of error saved per bit.
    With ``samples=0`` only the pure points remain and the cost is exactly the paper's
    "cluster mean error x count" (a linear cost is the convex combination of pure points).

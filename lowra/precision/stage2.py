@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from lowra.precision.efficiency_paths import _ClusterPaths
 from lowra.precision.highs import _solve
-from lowra.precision.paths import _ClusterPaths
 
 
 def _stage2(e: np.ndarray, lab: np.ndarray, Y: np.ndarray, path: _ClusterPaths,

@@ -9,10 +9,10 @@ shard when a stage asks for it) and go through the in-memory path's own stages:
 
 1. **calibration** (when the method needs statistics): block by block (:mod:`lowra.blockwise`), one
    decoder block materialized at a time, each block's statistics written to the partial directory;
-2. **pass 1** (a method that plans): per target layer ``lowra.stages.layer_table`` → its codebooks and
+2. **pass 1** (a method that plans): per target layer ``lowra.pipeline.layer_table`` → its codebooks and
    error table ``[out, K]``; each block's results written as they finish;
-3. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.stages.solve_plan``);
-4. **pass 2**: per layer ``lowra.quantize_layers.quantize_layer`` (quantizer with the fixed plan and
+3. **plan**: one ``assign_precision`` over the rows of the whole model (``lowra.pipeline.solve_plan``);
+4. **pass 2**: per layer ``lowra.layer_quantization.quantize_layer`` (quantizer with the fixed plan and
    codebooks, adapter init, the ``LowRALinear`` that holds codes and adapters); each finished block
    written as one safetensors file;
 5. **assemble**: the quantized model built on the meta device, its quantized layers filled from the
@@ -31,7 +31,7 @@ the same source, config and calibration windows skips every finished block; anot
 Modules, one a stage: :mod:`~lowra.streaming.source` (shards, skeleton, blocks),
 :mod:`~lowra.streaming.options` (the resolved settings, what cannot stream, the resume fingerprint),
 :mod:`~lowra.streaming.passes` (pass 1, plan, pass 2), :mod:`~lowra.streaming.partial` (the resumable
-progress state), :mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.memory` (``PeakMemory``).
+progress state), :mod:`~lowra.streaming.assemble` and :mod:`~lowra.streaming.peak_memory` (``PeakMemory``).
 
 Not streamable (``lowra.methods.unstreamable``): ``method="none"`` (nothing to quantize) and
 ``error="measured"`` (it measures the whole model's loss per layer and width).
@@ -54,18 +54,18 @@ from typing import Any
 import torch
 
 from lowra.config import LowRAConfig, config_from_arguments
-from lowra.layers import find_target_linears
-from lowra.quantize_layers import module_kwargs
+from lowra.layer_quantization import module_kwargs
+from lowra.model_layers import find_target_linears
+from lowra.pipeline import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
 from lowra.report import QuantizationReport
-from lowra.stages import Calibration, Settings, calibrate, calibration_from_store, init_for_plan, new_report
 from lowra.streaming.assemble import assemble_model
-from lowra.streaming.memory import PeakMemory, available_host_memory
-from lowra.streaming.memory import current_rss as current_rss
-from lowra.streaming.memory import peak_rss as peak_rss
-from lowra.streaming.memory import reset_peak_rss as reset_peak_rss
 from lowra.streaming.options import fingerprint, stream_settings
 from lowra.streaming.partial import PARTIAL_SUFFIX, PartialDir
 from lowra.streaming.passes import StreamJob, pass1_codebooks, pass2_quantize, plan_rows
+from lowra.streaming.peak_memory import PeakMemory, available_host_memory
+from lowra.streaming.peak_memory import current_rss as current_rss
+from lowra.streaming.peak_memory import peak_rss as peak_rss
+from lowra.streaming.peak_memory import reset_peak_rss as reset_peak_rss
 from lowra.streaming.source import ShardReader, checkpoint_bytes, group_blocks, skeleton, source_checkpoint
 from lowra.weights import ShardSource
 
@@ -152,24 +152,24 @@ def quantize_pretrained(
     dtype = _dtype(dtype)
     device = torch.device(device)
     config, runtime = config_from_arguments(config, options)
-    s = stream_settings(config, runtime, backend=backend, progress=progress)
+    settings = stream_settings(config, runtime, backend=backend, progress=progress)
     out_dir = Path(out_dir)
     with peaks.stage("setup"):
-        job, model, targets, source_bytes = _setup(model_dir, out_dir, s, calibration, dtype, device, arch,
+        job, model, targets, source_bytes = _setup(model_dir, out_dir, settings, calibration, dtype, device, arch,
                                                    trust_remote_code, resume, backend)
     calib = Calibration()
-    if s.needs.any:
+    if settings.needs.any:
         with peaks.stage("calibration"):
             calib = _calibrate(job, model, targets, calibration)
-    report = new_report(s, targets, calib)
-    job.s = s = _passes(job, calib, report, peaks)
+    report = new_report(settings, targets, calib)
+    job.settings = settings = _passes(job, calib, report, peaks)
 
     # ---- assemble the quantized model and save it through the public format
     with peaks.stage("assemble_save"):
-        assemble_model(model, job.source, job.partial, job.blocks, module_kwargs(s))
+        assemble_model(model, job.source, job.partial, job.blocks, module_kwargs(settings))
         report.times["total_s"] = time.perf_counter() - t_start
         model.lowra_report = report
-        model.lowra_config = s.config
+        model.lowra_config = settings.config
         from lowra.checkpoint import save_quantized
 
         save_quantized(model, out_dir, report=report, source_model=str(model_dir))
@@ -184,10 +184,10 @@ def _passes(job: StreamJob, calib: Calibration, report: QuantizationReport, peak
     """Pass 1 (codebooks + error tables) and the plan when the method plans, then pass 2 (quantize +
     adapter init), block by block; the report gets their times and the layers' totals.  Returns the
     settings the init ran with (``init_for_plan``)."""
-    s, times = job.s, report.times
+    settings, times = job.settings, report.times
     layer_bits: dict[str, torch.Tensor] = {}
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
-    if s.with_plan:
+    if settings.with_plan:
         with peaks.stage("pass1_codebooks"):
             codebooks, errors = pass1_codebooks(job, calib)
         times["codebooks_s"] = peaks.stages["pass1_codebooks"]["time_s"]
@@ -195,11 +195,12 @@ def _passes(job: StreamJob, calib: Calibration, report: QuantizationReport, peak
             layer_bits = plan_rows(job, errors, report)
             del errors
         times["plan_s"] = peaks.stages["plan"]["time_s"]
-    job.s = s = init_for_plan(s, layer_bits, {n: shape[1] for n, shape in job.shapes.items()}, report)
+    in_features = {n: shape[1] for n, shape in job.shapes.items()}
+    job.settings = settings = init_for_plan(settings, layer_bits, in_features, report)
     with peaks.stage("pass2_quantize"):
         layer_reports = pass2_quantize(job, layer_bits, codebooks, calib, times)
     _layer_totals(report, [layer_reports[n] for n in job.names])
-    return s
+    return settings
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -210,7 +211,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
-def _setup(model_dir: Any, out_dir: Path, s: Settings, calibration: Any, dtype: torch.dtype | None,
+def _setup(model_dir: Any, out_dir: Path, settings: Settings, calibration: Any, dtype: torch.dtype | None,
            device: torch.device, arch: str, trust_remote_code: bool, resume: bool,
            backend: str) -> tuple[StreamJob, torch.nn.Module, list[tuple[str, torch.nn.Module]], int]:
     """The skeleton, its targets (checked against the rank), the weight source and the partial directory."""
@@ -218,15 +219,15 @@ def _setup(model_dir: Any, out_dir: Path, s: Settings, calibration: Any, dtype: 
     reader = ShardReader(directory)
     source_bytes = sum((directory / n).stat().st_size for n in reader.files())
     model = skeleton(directory, arch, dtype, trust_remote_code)
-    targets = find_target_linears(model, s.target_modules, s.skip_modules)
+    targets = find_target_linears(model, settings.target_modules, settings.skip_modules)
     names = [n for n, _ in targets]
     for n, m in targets:
-        if s.rank > min(m.out_features, m.in_features):
-            raise ValueError(f"layer {n!r} {(m.out_features, m.in_features)} is too small for rank {s.rank}")
+        if settings.rank > min(m.out_features, m.in_features):
+            raise ValueError(f"layer {n!r} {(m.out_features, m.in_features)} is too small for rank {settings.rank}")
     extra = {"dtype": dtype, "arch": arch, "backend": backend, "calibration": _digest(calibration)}
-    partial = PartialDir(out_dir.parent / (out_dir.name + PARTIAL_SUFFIX), fingerprint(s, extra, reader, names),
+    partial = PartialDir(out_dir.parent / (out_dir.name + PARTIAL_SUFFIX), fingerprint(settings, extra, reader, names),
                          resume)
-    job = StreamJob(s=s, source=ShardSource(model, reader, dtype, device), names=names,
+    job = StreamJob(settings=settings, source=ShardSource(model, reader, dtype, device), names=names,
                     shapes={n: (m.out_features, m.in_features) for n, m in targets}, blocks=group_blocks(names),
                     partial=partial, resumed={"pass1": 0, "pass2": 0, "calibration": 0})
     return job, model, targets, source_bytes
@@ -251,7 +252,7 @@ def _calibrate(job: StreamJob, model: torch.nn.Module, targets: list[tuple[str, 
         if all(store.has(i) for i in range(len(layout.layers))):
             job.resumed["calibration"] = 1
             return calibration_from_store(store, layout)
-    calib = calibrate(model, targets, job.s, calibration, source=job.source, store=store)
+    calib = calibrate(model, targets, job.settings, calibration, source=job.source, store=store)
     job.partial.mark("calibration")
     return calib
 

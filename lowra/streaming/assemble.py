@@ -11,8 +11,8 @@ from typing import Any
 from torch import nn
 
 from lowra.format import QuantizedTensor
-from lowra.layers import mark_only_lora_trainable
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import mark_only_lora_trainable
 from lowra.streaming.partial import PartialDir
 from lowra.streaming.source import source_key
 from lowra.weights import ShardSource
@@ -21,7 +21,7 @@ from lowra.weights import ShardSource
 def assemble_model(model: nn.Module, source: ShardSource, partial: PartialDir, blocks: list[tuple[str, list[str]]],
                    module_kw: dict[str, Any]) -> None:
     """Fill the meta ``model``: LowRALinear layers from the pass-2 block files, the rest from the source."""
-    from lowra.layers import set_module
+    from lowra.model_layers import set_module
 
     src, dtype = source.reader, source.dtype
     targets = set()

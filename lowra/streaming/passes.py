@@ -1,11 +1,11 @@
 """The two passes of streaming quantization over the transformer blocks, and the plan between them.
 
-1. :func:`pass1_codebooks` (a method that plans): per target layer ``lowra.stages.layer_table``
+1. :func:`pass1_codebooks` (a method that plans): per target layer ``lowra.pipeline.layer_table``
    → its codebooks and its error table ``[out, K]`` (K-FAC / Fisher tables read the block's
    calibration statistics);
 2. :func:`plan_rows`: one ``assign_precision`` over the rows of the whole model
-   (``lowra.stages.solve_plan``, the in-memory path's own call);
-3. :func:`pass2_quantize`: per layer ``lowra.quantize_layers.quantize_layer`` (the quantizer with the
+   (``lowra.pipeline.solve_plan``, the in-memory path's own call);
+3. :func:`pass2_quantize`: per layer ``lowra.layer_quantization.quantize_layer`` (the quantizer with the
    fixed plan and codebooks, the adapter init, the ``LowRALinear`` that holds codes and adapters).
 
 Each finished block (the plan: once) is written to the partial directory
@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lowra.layer_quantization import quantize_layer
+from lowra.pipeline import Calibration, Settings, layer_table, row_costs, solve_plan
 from lowra.progress import Ticker
-from lowra.quantize_layers import quantize_layer
 from lowra.report import LayerReport, QuantizationReport, jsonable
-from lowra.stages import Calibration, Settings, layer_table, row_costs, solve_plan
 from lowra.streaming.partial import PartialDir, read_header
 from lowra.weights import ShardSource
 
@@ -39,7 +39,7 @@ class StreamJob:
     the partial directory.
     """
 
-    s: Settings
+    settings: Settings
     source: ShardSource
     names: list[str]
     shapes: dict[str, tuple[int, int]]
@@ -52,10 +52,10 @@ def pass1_codebooks(job: StreamJob, calib: Calibration) -> tuple[dict[str, dict[
                                                                  dict[str, torch.Tensor]]:
     """Pass 1, block by block (the in-memory stage's own ``layer_table``, statistics from ``calib``):
     ``({layer: {bits: codebook [out, 2**bits]}}, {layer: error table [out, K]})``."""
-    s, partial = job.s, job.partial
+    settings, partial = job.settings, job.partial
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
     errors: dict[str, torch.Tensor] = {}
-    ticker = Ticker("pass 1 (codebooks)", len(job.names), s.progress)
+    ticker = Ticker("pass 1 (codebooks)", len(job.names), settings.progress)
     for i, (_, block_names) in enumerate(job.blocks):
         if partial.done("pass1", i):
             tensors, _ = partial.read("pass1", i)
@@ -67,7 +67,7 @@ def pass1_codebooks(job: StreamJob, calib: Calibration) -> tuple[dict[str, dict[
             tensors = {}
             for name in block_names:
                 w = job.source.weight(name)
-                tables, error = layer_table(name, w, s, calib)
+                tables, error = layer_table(name, w, settings, calib)
                 for b, c in tables.items():
                     tensors[f"{name}/codebook.{b}"] = c
                 tensors[f"{name}/error"] = error
@@ -75,27 +75,28 @@ def pass1_codebooks(job: StreamJob, calib: Calibration) -> tuple[dict[str, dict[
                 ticker.tick()
             partial.write("pass1", i, tensors, {"time_s": time.perf_counter() - t0})
         for name in block_names:
-            codebooks[name] = {b: tensors[f"{name}/codebook.{b}"] for b in s.candidates}
+            codebooks[name] = {b: tensors[f"{name}/codebook.{b}"] for b in settings.candidates}
             errors[name] = tensors[f"{name}/error"]
     return codebooks, errors
 
 
 def plan_rows(job: StreamJob, errors: dict[str, torch.Tensor], report: QuantizationReport) -> dict[str, torch.Tensor]:
     """The plan over the whole model's table: int64 bits ``[out]`` per layer (solve info in ``report.plan``)."""
-    s, partial, names, shapes = job.s, job.partial, job.names, job.shapes
+    settings, partial, names, shapes = job.settings, job.partial, job.names, job.shapes
     if partial.state["plan"] and partial.file("plan").is_file():
         tensors, meta = partial.read("plan")
         report.plan = meta["plan"]
         return {n: tensors[n].to(torch.int64) for n in names}
     params = [torch.full((shapes[n][0],), shapes[n][1], dtype=torch.int64) for n in names]
-    costs = [row_costs(shapes[n][0], shapes[n][1], s) for n in names] if s.budget_kind == "effective" else None
+    effective = settings.budget_kind == "effective"
+    costs = [row_costs(shapes[n][0], shapes[n][1], settings) for n in names] if effective else None
     try:
-        per_layer, report.plan = solve_plan([errors[n] for n in names], params, s.bits, s.candidates,
-                                            s.budget_scope, dict(s.plan_options), costs)
+        per_layer, report.plan = solve_plan([errors[n] for n in names], params, settings.bits, settings.candidates,
+                                            settings.budget_scope, dict(settings.plan_options), costs)
     except ValueError as exc:
-        if s.budget_kind != "effective":
+        if not effective:
             raise
-        raise ValueError(f"quant.budget_kind=effective, bits={s.bits}: {exc}") from exc
+        raise ValueError(f"quant.budget_kind=effective, bits={settings.bits}: {exc}") from exc
     layer_bits = dict(zip(names, per_layer))
     report.plan = jsonable(report.plan)
     partial.write("plan", None, {n: b.to(torch.int8) for n, b in layer_bits.items()}, {"plan": report.plan})
@@ -108,9 +109,9 @@ def pass2_quantize(job: StreamJob, layer_bits: dict[str, torch.Tensor], codebook
     adapter init with the layer's statistics from ``calib``), its ``LowRALinear`` state written.
     Quantizer and init seconds are added to ``times``; returns each layer's ``LayerReport`` (read
     back from the block files of a resumed run)."""
-    s, partial = job.s, job.partial
+    settings, partial = job.settings, job.partial
     layer_reports: dict[str, LayerReport] = {}
-    ticker = Ticker("pass 2 (quantize)", len(job.names), s.progress)
+    ticker = Ticker("pass 2 (quantize)", len(job.names), settings.progress)
     for i, (_, block_names) in enumerate(job.blocks):
         if partial.done("pass2", i):
             meta = read_header(partial.file("pass2", i))
@@ -122,8 +123,8 @@ def pass2_quantize(job: StreamJob, layer_bits: dict[str, torch.Tensor], codebook
             for name in block_names:
                 w = job.source.weight(name)
                 job.source.bias(name)  # checked finite; the assembled model reads it from the source
-                new, lr = quantize_layer(name, w, None, s, layer_bits.get(name), codebooks.pop(name, None), calib,
-                                         meta["times"])
+                new, lr = quantize_layer(name, w, None, settings, layer_bits.get(name), codebooks.pop(name, None),
+                                         calib, meta["times"])
                 for k, t in new.qweight.state_dict().items():
                     tensors[f"{name}/{k}"] = t
                 if new.rank:

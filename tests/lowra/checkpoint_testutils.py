@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lowra.model import lora_parameters
+from lowra.model_layers import lora_parameters
 
 #: token ids ``[2, 40]`` of stories260K's vocabulary (512)
 X = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))

@@ -7,7 +7,7 @@ from checkpoint_testutils import perturb_adapters
 
 from experiments.eval.stories import load_model
 from lowra.config import PAPER
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 
 
 @pytest.fixture(scope="module")

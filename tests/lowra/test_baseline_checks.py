@@ -7,7 +7,7 @@
   precision (we store the table and the absmax in fp16, bnb in fp32), so: the codes agree except
   at exact near-ties, and our dequantized weight is bit-exactly bnb's formula with fp16 table and
   absmax.
-* LoftQ: on real layers at 4-bit NF, our ``lowra.loftq.loftq_init`` reaches PEFT's
+* LoftQ: on real layers at 4-bit NF, our ``lowra.adapter_init.loftq_init`` reaches PEFT's
   ``peft.utils.loftq_utils.loftq_init`` residual (compared at alpha == r, since PEFT folds no
   alpha/r scale into the factors).
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowra.adapter_init import loftq_init
 from lowra.format import midpoints
-from lowra.loftq import loftq_init
 from lowra.normalfloat import normal_float_table
 from lowra.quantizers import quantize
 from lowra.scales import GroupScales, compute_absmax

@@ -34,7 +34,7 @@ def windows():
 
 
 def _names(model) -> list[str]:
-    from lowra.layers import find_target_linears
+    from lowra.model_layers import find_target_linears
 
     return [n for n, _ in find_target_linears(model, None, ("lm_head",))]
 

@@ -1,5 +1,6 @@
-"""The legacy manifest layout (save_quantized_legacy / load_quantized: bit-identical, atomic, clear errors),
-merge_to_hf, PEFT export. The HF-folder format of save_quantized is tested in test_hf.py."""
+"""lowra.checkpoint: version-1 folders are refused with how to convert them, merge_to_hf, PEFT export,
+file modes. The HF-folder format itself (identical logits, the plan and trainability after a reload,
+shards, atomic save, bad input) is tested in test_hf.py."""
 
 from __future__ import annotations
 
@@ -7,71 +8,35 @@ import json
 
 import pytest
 import torch
-from checkpoint_testutils import X, logits, perturb_adapters, tiny_mistral_config
+from checkpoint_testutils import logits
 
 import lowra.checkpoint as ckpt
-import lowra.checkpoint.save as ckpt_save
 from experiments.eval.stories import load_model
-from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
-from lowra.config import PAPER
+from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized
 from lowra.format import FormatError
-from lowra.model import lowra_layers, quantize_model
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_quantization import quantize_model
 
 
-def test_save_load_bit_identical(quantized, tmp_path):
-    model, report = quantized
-    save_quantized_legacy(model, tmp_path / "ck", source_model="stories260K")
-    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert manifest["format"] == "lowra.model" and manifest["format_version"] == 1
-    assert manifest["method"] == "lowra" and manifest["bits"] == 1.5 and manifest["source_model"] == "stories260K"
-    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["shape"] == [64, 172]
-    assert manifest["report"]["bits_nominal"] == pytest.approx(report.bits_nominal)
-    loaded = load_quantized(tmp_path / "ck")
-    assert torch.equal(logits(loaded), logits(model))
-    for (n, a), (m, b) in zip(lowra_layers(model), lowra_layers(loaded)):
-        assert n == m and torch.equal(a.qweight.bits_per_row, b.qweight.bits_per_row)
-        assert b.qweight.scales.double_quant
-    # only the adapters train after loading, and the reloaded model still trains
-    assert {n.rsplit(".", 1)[-1] for n, p in loaded.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
-    loaded.train()
-    loaded(X, labels=X).loss.backward()
-    # loading into an existing (unquantized) model of the same architecture works too
-    into = load_quantized(tmp_path / "ck", model=load_model())
-    assert torch.equal(logits(into), logits(model))
+def _version1_folder(path):
+    """What ``save_quantized_legacy`` (removed) wrote: manifest.json and token-named data files."""
+    path.mkdir()
+    manifest = {"format": "lowra.model", "format_version": 1, "files": {"rest": "rest.0123456789ab.safetensors"}}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "rest.0123456789ab.safetensors").write_bytes(b"")
+    return path
 
 
-def test_resave_replaces_old_files(quantized, tmp_path):
-    model, _ = quantized
-    save_quantized_legacy(model, tmp_path / "ck")
-    first = set(p.name for p in (tmp_path / "ck").iterdir())
-    save_quantized_legacy(model, tmp_path / "ck")
-    second = set(p.name for p in (tmp_path / "ck").iterdir())
-    assert len(first) == len(second) == 5 and first != second and "manifest.json" in second
-
-
-def test_crash_mid_save_keeps_previous_save(quantized, tmp_path, monkeypatch):
-    model, _ = quantized
-    save_quantized_legacy(model, tmp_path / "ck")
-    before = logits(model)
-    names = set(p.name for p in (tmp_path / "ck").iterdir())
-    changed = load_model()
-    quantize_model(changed, 4, method="nf", rank=2, progress=False)
-    calls = {"n": 0}
-    real = ckpt_save.save_safetensors_atomic
-
-    def crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ckpt_save, "save_safetensors_atomic", crash)
-    with pytest.raises(KeyboardInterrupt):
-        save_quantized_legacy(changed, tmp_path / "ck")
-    monkeypatch.undo()
-    assert set(p.name for p in (tmp_path / "ck").iterdir()) == names  # partial files removed
-    assert torch.equal(logits(load_quantized(tmp_path / "ck")), before)
+def test_version1_folders_are_refused_naming_the_layout_and_the_conversion(tmp_path):
+    old = _version1_folder(tmp_path / "old")
+    assert ckpt.is_checkpoint(old)  # so the runner and the evaluator load it, and fail loudly here
+    for verify in (True, False):
+        with pytest.raises(FormatError, match=r"version-1 layout \(manifest\.json.*format_version 1.*"
+                                              r"no longer reads.*commit \w+.*save_quantized\(lowra\.load_quantized"):
+            load_quantized(old, verify=verify)
+    (old / "manifest.json").write_text(json.dumps({"format": "something-else"}))  # a foreign manifest.json
+    with pytest.raises(FormatError, match="not a LowRA checkpoint"):
+        load_quantized(old)
 
 
 def test_merge_reloads_with_transformers(quantized, tmp_path):
@@ -169,116 +134,9 @@ def test_export_checks_a_named_base(quantized, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()
 
 
-def test_method_none_and_mistral_roundtrip(tmp_path):
-    from transformers import MistralForCausalLM
-
-    config, x = tiny_mistral_config()
-    for method, bits in [("none", 16), ("lowra", 2.5)]:
-        model = MistralForCausalLM(config).eval()
-        quantize_model(model, bits, method=method, rank=4, alpha=8, codebook_iters=3, **PAPER,
-                       plan_options={"clusters": 8, "samples": 0, "max_nodes": 200}, progress=False)
-        perturb_adapters(model)
-        save_quantized_legacy(model, tmp_path / method)
-        assert torch.equal(logits(load_quantized(tmp_path / method), x), logits(model, x))
-
-
-# ---------------------------------------------------------------------------------- bad input
-def test_foreign_truncated_and_wrong_shape(quantized, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model, _ = quantized
-    with pytest.raises(FormatError, match="not a LowRA checkpoint"):
-        load_quantized(tmp_path)  # an empty (foreign) directory
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(FormatError, match="not a LowRA checkpoint"):
-        load_quantized(tmp_path)
-
-    save_quantized_legacy(model, tmp_path / "ck")
-    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    other = load_model().config.to_dict()
-    other.update(hidden_size=32, intermediate_size=86, head_dim=4)
-    with pytest.raises(ValueError, match=r"layer 'model\.layers\.0\.self_attn\.q_proj' has shape"):
-        load_quantized(tmp_path / "ck", model=LlamaForCausalLM(LlamaConfig(**other)))
-
-    bumped = dict(manifest, format_version=99)
-    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(bumped))
-    with pytest.raises(FormatError, match="version 99"):
-        load_quantized(tmp_path / "ck")
-    (tmp_path / "ck" / "manifest.json").write_text(json.dumps(manifest))
-
-    path = tmp_path / "ck" / manifest["files"]["quantized"]
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FormatError, match="truncated"):
-        load_quantized(tmp_path / "ck")
-    # same size but garbage inside: safetensors refuses it, with the file named
-    path.write_bytes(b"\0" * len(data))
-    with pytest.raises(FormatError, match="quantized"):
-        load_quantized(tmp_path / "ck")
-
-
 def test_save_requires_quantized_model(tmp_path):
-    for save in (save_quantized, save_quantized_legacy):
-        with pytest.raises(ValueError, match="quantize_model"):
-            save(load_model(), tmp_path / "x")
-
-
-# ---------------------------------------------------------------------------------- integrity
-def _kind(name: str) -> str:
-    """``model.layers.0.self_attn.q_proj/b2.codes`` → ``b2.codes``; ``….lora_A`` → ``lora_A``."""
-    return name.rsplit("/", 1)[-1] if "/" in name else name.rsplit(".", 1)[-1]
-
-
-def test_bytes_changed_at_the_same_size_are_refused_in_every_tensor_kind(quantized, tmp_path):
-    """8 bytes flipped in one tensor of each kind (codes, rows, codebooks, double-quantized absmax
-    parts, plan, adapters, embeddings, norms) — and in the config — fail the sha256 check."""
-    from corrupt_testutils import flip_bytes, tensor_names
-
-    model, _ = quantized
-    save_quantized_legacy(model, tmp_path / "ck")
-    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
-    assert set(manifest["file_sha256"]) == set(manifest["files"])
-    seen = set()
-    for kind in ("quantized", "adapters", "rest"):
-        path = tmp_path / "ck" / manifest["files"][kind]
-        good = path.read_bytes()
-        for name in tensor_names(path):
-            if _kind(name) in seen:
-                continue
-            seen.add(_kind(name))
-            flip_bytes(path, name)
-            assert path.stat().st_size == len(good)
-            with pytest.raises(FormatError, match="sha256"):
-                load_quantized(tmp_path / "ck")
-            path.write_bytes(good)
-    assert {"b1.codes", "b1.rows", "b1.codebook", "b2.codes", "absmax.codes", "absmax.scale", "absmax.offset",
-            "plan.bits", "lora_A", "lora_B", "weight"} <= seen
-    config = tmp_path / "ck" / manifest["files"]["config"]
-    text = config.read_text()
-    config.write_text(text.replace('"hidden_size": 64', '"hidden_size": 46'))
-    with pytest.raises(FormatError, match="sha256"):
-        load_quantized(tmp_path / "ck")
-    config.write_text(text)
-    assert torch.equal(logits(load_quantized(tmp_path / "ck")), logits(model))
-
-
-def test_verify_false_skips_hashing_but_not_the_finite_check(quantized, tmp_path):
-    from corrupt_testutils import flip_bytes, tensor_names
-
-    model, _ = quantized
-    save_quantized_legacy(model, tmp_path / "ck")
-    manifest = ckpt.read_manifest(tmp_path / "ck", verify=False)
-    path = tmp_path / "ck" / manifest["files"]["quantized"]
-    good = path.read_bytes()
-    codes = next(n for n in tensor_names(path) if n.endswith("/b2.codes"))
-    flip_bytes(path, codes)  # finite garbage: only the checksum sees it
-    assert not torch.equal(logits(load_quantized(tmp_path / "ck", verify=False)), logits(model))
-    for suffix, match in [("/b1.codebook", "codebook"), ("/absmax.scale", "absmax.scale")]:
-        path.write_bytes(good)
-        name = next(n for n in tensor_names(path) if n.endswith(suffix))
-        flip_bytes(path, name, count=4, fill=0xFF)  # NaN in fp16 and fp32
-        with pytest.raises(FormatError, match=match):
-            load_quantized(tmp_path / "ck", verify=False)
+    with pytest.raises(ValueError, match="quantize_model"):
+        save_quantized(load_model(), tmp_path / "x")
 
 
 def test_saved_files_respect_the_umask(quantized, tmp_path):
@@ -288,11 +146,11 @@ def test_saved_files_respect_the_umask(quantized, tmp_path):
     model, _ = quantized
     old = os.umask(0o022)
     try:
-        save_quantized_legacy(model, tmp_path / "ck")
+        save_quantized(model, tmp_path / "ck")
         merge_to_hf(model, tmp_path / "merged")
         export_peft_adapters(model, tmp_path / "peft", include_base=True)
     finally:
         os.umask(old)
-    for f in [*(tmp_path / "ck").iterdir(), *(tmp_path / "merged").iterdir(), *(tmp_path / "peft").rglob("*")]:
+    for f in [*(tmp_path / "ck").rglob("*"), *(tmp_path / "merged").iterdir(), *(tmp_path / "peft").rglob("*")]:
         assert stat.S_IMODE(f.stat().st_mode) == (0o755 if f.is_dir() else 0o644), f
-    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o755

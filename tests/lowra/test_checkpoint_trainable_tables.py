@@ -12,8 +12,8 @@ from checkpoint_testutils import logits, perturb_adapters
 from experiments.eval.stories import load_model
 from lowra.checkpoint import export_peft_adapters, load_quantized, merge_to_hf, save_quantized
 from lowra.config import PAPER
-from lowra.layers import train_base_tables
-from lowra.model import lowra_layers, quantize_model
+from lowra.model_layers import lowra_layers, train_base_tables
+from lowra.model_quantization import quantize_model
 
 
 @pytest.fixture(scope="module")

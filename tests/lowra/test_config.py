@@ -13,7 +13,7 @@ from torch import nn
 
 import lowra
 from lowra.config import PAPER, PLAN_OPTIONS, LowRAConfig, config_from_arguments
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
@@ -152,10 +152,10 @@ def test_quantize_model_with_a_config_equals_the_keywords():
     assert dataclasses.replace(config, rank=3) != config
 
 
-def test_checkpoint_manifest_carries_the_config(tmp_path):
+def test_checkpoint_carries_the_config(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lowra.checkpoint import load_quantized, read_manifest, save_quantized, save_quantized_legacy
+    from lowra.checkpoint import load_quantized, save_quantized
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -163,9 +163,8 @@ def test_checkpoint_manifest_carries_the_config(tmp_path):
                                          max_position_embeddings=64)).eval()
     config = LowRAConfig(bits=2, method="nf", rank=2, alpha=4, group_size=16)
     quantize_model(model, config, progress=False)
-    save_quantized_legacy(model, tmp_path / "q")
-    manifest = read_manifest(tmp_path / "q")
-    assert manifest["lowra_config"] == config.to_dict() == manifest["report"]["config"]
-    assert load_quantized(tmp_path / "q").lowra_config == config
-    save_quantized(model, tmp_path / "hf")  # the HF-native folder: config.json's quantization_config
+    save_quantized(model, tmp_path / "hf")  # config.json's quantization_config and lowra_report.json
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    report = json.loads((tmp_path / "hf" / "lowra_report.json").read_text())
+    assert saved["options"]["lowra_config"] == config.to_dict() == report["config"]
     assert load_quantized(tmp_path / "hf").lowra_config == config

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from experiments.eval.stories import load_model, token_splits
+from lowra.adapter_init import ActivationWhitening, loftq_init
 from lowra.calibration import calibration_windows, collect_fisher, collect_hessians
 from lowra.codebook import learn_codebooks
 from lowra.config import PAPER
 from lowra.error_tables import calibration_statistics, measure_layer_losses, measured_row_table, row_error_table
 from lowra.format import QuantizedTensor
-from lowra.loftq import ActivationWhitening, loftq_init
-from lowra.model import lowra_layers, quantize_model
+from lowra.model_layers import lowra_layers
+from lowra.model_quantization import quantize_model
 
 FAST = {"codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200}, "progress": False}
 

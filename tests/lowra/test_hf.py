@@ -1,5 +1,5 @@
 """HF-native checkpoints: save_quantized folders load with AutoModelForCausalLM.from_pretrained
-(identical logits), save_pretrained round-trips, shards, PEFT copy, legacy folders, bad input."""
+(identical logits), save_pretrained round-trips, shards, PEFT copy, bad input."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ from safetensors.torch import load_file, save_file
 import lowra.checkpoint as ckpt
 import lowra.checkpoint.save as ckpt_save
 from experiments.eval.stories import load_model, model_dir
-from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized, save_quantized_legacy
+from lowra.checkpoint import load_quantized, merge_to_hf, save_quantized
 from lowra.config import PAPER
 from lowra.format import FormatError
 from lowra.hf import HF_FORMAT_VERSION, LowRAHfConfig, verification
-from lowra.model import lora_parameters, lowra_layers, quantize_model
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import lora_parameters, lowra_layers
+from lowra.model_quantization import quantize_model
 
 LAYER = "model.layers.0.mlp.down_proj"
 
@@ -169,14 +170,6 @@ def test_dense_base_bf16_and_untied_mistral(tmp_path):
         assert loaded.model.layers[0].mlp.up_proj.is_quantized == (method != "none")
         assert loaded.lm_head.weight.dtype == dtype
         assert torch.equal(logits(loaded, x), logits(model, x))
-
-
-def test_legacy_folders_still_load(quantized, tmp_path):
-    model, _ = quantized
-    save_quantized_legacy(model, tmp_path / "old")
-    assert (tmp_path / "old" / "manifest.json").exists()
-    assert ckpt.is_checkpoint(tmp_path / "old")
-    assert torch.equal(logits(load_quantized(tmp_path / "old")), logits(model))
 
 
 def test_save_is_atomic(quantized, saved, tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def assets() -> dict:
 
 def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tensor) -> None:
     """Quantize ``model`` in place the way the runner does for ``quant=name``."""
-    from lowra.model import quantize_model
+    from lowra.model_quantization import quantize_model
 
     spec = get_method(name)
     bits = None if spec.ignores_budget else bits
@@ -154,8 +154,8 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     # modulora: one Hessian per layer from the full-precision model, then OPTQ behind LowRALinear
     # (quantize_model passes one set of quantizer options to every layer, so swap the bases here).
     from lowra.calibration import collect_hessians
-    from lowra.model import lowra_layers, mark_only_lora_trainable
-    from lowra.nn import LowRALinear
+    from lowra.linear import LowRALinear
+    from lowra.model_layers import lowra_layers, mark_only_lora_trainable
     from lowra.quantizers import quantize
 
     hessians = collect_hessians(model, calib.split(48), TARGETS)
@@ -176,7 +176,7 @@ def _quantize(model, name: str, bits, rank: int, alpha: float, calib: torch.Tens
     ("lowra_paper", 1.5, 1.5),
 ])
 def test_method_end_to_end_on_stories260k(assets: dict, name: str, bits, want_bits) -> None:
-    from lowra.model import lora_parameters, lowra_layers
+    from lowra.model_layers import lora_parameters, lowra_layers
 
     torch.manual_seed(0)
     model = copy.deepcopy(assets["model"])

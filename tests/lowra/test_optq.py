@@ -173,7 +173,8 @@ def test_real_layer_through_quantize_model(real: dict) -> None:
     """The modulora path: OPTQ base inside LowRALinear (standard LoRA init) reproduces Ŵ."""
     import copy
 
-    from lowra.model import lowra_layers, quantize_model
+    from lowra.model_layers import lowra_layers
+    from lowra.model_quantization import quantize_model
 
     name = "model.layers.0.self_attn.q_proj"
     model = copy.deepcopy(real["model"])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lowra.format import QuantizedTensor
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 from lowra.sharded import (
     ShardableLowRALinear,
     ShardedQuantizedWeight,

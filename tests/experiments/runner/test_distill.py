@@ -16,7 +16,7 @@ from experiments.runner.data import pack_blocks
 from experiments.runner.distill import DistillStats, distill_loss, freeze
 from experiments.runner.setup import trainable_parameters
 from experiments.runner.train import LMBatches, load_checkpoint, train
-from lowra.model import quantize_model
+from lowra.model_quantization import quantize_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from experiments.runner.config_check import CONF_DIR, ConfigError, check_config
 from experiments.runner.setup import train_base_tables, trainable_parameters
 from experiments.runner.train import LMBatches, param_groups, train
 from lowra.format import QuantizedTensor
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 
 class _LM(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from lowra.precision.bounds import _hull_segments
-from lowra.precision.paths import _ClusterPaths
+from lowra.precision.efficiency_paths import _ClusterPaths
 from lowra.precision.stage2 import _stage2
 
 

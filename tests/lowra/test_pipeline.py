@@ -1,4 +1,4 @@
-"""The named stages of quantize_model (lowra/stages.py, lowra/quantize_layers.py), one at a time."""
+"""The named stages of quantize_model (lowra/pipeline.py, lowra/layer_quantization.py), one at a time."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowra import stages
+from lowra import pipeline
 from lowra.config import PAPER, LowRAConfig
-from lowra.model import quantize_model
-from lowra.quantize_layers import quantize_layers
+from lowra.layer_quantization import quantize_layers
+from lowra.model_quantization import quantize_model
 
 FAST_PLAN = {"clusters": 8, "samples": 0, "max_nodes": 200}
 
@@ -24,12 +24,12 @@ def _toy() -> nn.Module:
 def _settings(**over):
     kw = dict(bits=2.0, rank=2, alpha=4.0, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER)
     kw.update(over)
-    return stages.resolve_settings(LowRAConfig(**kw), progress=False)
+    return pipeline.resolve_settings(LowRAConfig(**kw), progress=False)
 
 
 def test_resolve_settings_derives_what_the_run_needs():
-    s = _settings()
-    assert s.with_plan and not s.stats_needed and not s.needs_calibration
+    settings = _settings()
+    assert settings.with_plan and not settings.stats_needed and not settings.needs_calibration
     u = _settings(plan="uniform", bits=3.0)
     assert not u.use_plan and u.candidates == (1, 2, 3, 4)  # the integer budget joins the candidates
     assert _settings(codebook="nf").codebook_iters == 0  # the NormalFloat start of the Lloyd-Max fit
@@ -55,21 +55,21 @@ def test_stages_by_hand_equal_quantize_model():
     rep = quantize_model(ref, 1.5, rank=2, alpha=4, group_size=16, codebook_iters=5, plan_options=FAST_PLAN, **PAPER,
                          progress=False)
     model = _toy()
-    s = _settings(bits=1.5)
-    targets = stages.find_targets(model, s)
+    settings = _settings(bits=1.5)
+    targets = pipeline.find_targets(model, settings)
     assert [n for n, _ in targets] == ["0", "2", "4"]
-    calib = stages.calibrate(model, targets, s, None)
+    calib = pipeline.calibrate(model, targets, settings, None)
     assert not calib.ran and not calib.fisher
-    report = stages.new_report(s, targets, calib)
-    tables = stages.error_tables(model, targets, s, calib, None, report)
+    report = pipeline.new_report(settings, targets, calib)
+    tables = pipeline.error_tables(model, targets, settings, calib, None, report)
     assert [tuple(e.shape) for e in tables.errors] == [(48, 3), (64, 3), (8, 3)]
     assert all(bool((e[:, :-1] >= e[:, 1:]).all()) for e in tables.errors)  # SSE falls with the width
-    layer_bits = stages.plan_precision(targets, tables, s, report)
+    layer_bits = pipeline.plan_precision(targets, tables, settings, report)
     assert set(layer_bits) == {"0", "2", "4"} and report.plan["average_bits"] <= 1.5
-    layers = quantize_layers(model, targets, s, layer_bits, tables.codebooks, calib, report)
-    out = stages.finish_report(model, s, report, layers, 0.0)
-    assert out is model.lowra_report and model.lowra_config is s.config
-    assert out.config == rep.config == s.config.to_dict()
+    layers = quantize_layers(model, targets, settings, layer_bits, tables.codebooks, calib, report)
+    out = pipeline.finish_report(model, settings, report, layers, 0.0)
+    assert out is model.lowra_report and model.lowra_config is settings.config
+    assert out.config == rep.config == settings.config.to_dict()
     assert out.bits_nominal == rep.bits_nominal and out.total_sse == rep.total_sse
     sd, ref_sd = model.state_dict(), ref.state_dict()
     assert sd.keys() == ref_sd.keys()
@@ -81,13 +81,14 @@ def test_find_targets_checks_weights_and_rank():
     with torch.no_grad():
         model[2].weight[1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"layer '2' weight has 1 NaN/Inf"):
-        stages.find_targets(model, _settings())
+        pipeline.find_targets(model, _settings())
     with pytest.raises(ValueError, match=r"layer '0' \(48, 64\) is too small for rank 50"):
-        stages.find_targets(_toy(), _settings(rank=50))
+        pipeline.find_targets(_toy(), _settings(rank=50))
 
 
 def test_calibration_unused_by_the_method_warns():
     model = _toy()
-    s = _settings()
+    settings = _settings()
     with pytest.warns(RuntimeWarning, match="does not use calibration data"):
-        stages.calibrate(copy.deepcopy(model), stages.find_targets(model, s), s, torch.zeros(2, 8, dtype=torch.int64))
+        pipeline.calibrate(copy.deepcopy(model), pipeline.find_targets(model, settings), settings,
+                           torch.zeros(2, 8, dtype=torch.int64))

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowra.codebook import learn_codebooks
 from lowra.format import QuantizedTensor
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 
 def _qt(out_features: int = 48, in_features: int = 100, seed: int = 0) -> tuple[torch.Tensor, QuantizedTensor]:

@@ -11,15 +11,11 @@ from torch import nn
 
 from experiments.eval.stories import finetune, load_model, perplexity, token_splits
 from lowra.config import PAPER
-from lowra.memory import memory_report
-from lowra.model import (
-    QuantizationReport,
-    find_target_linears,
-    lora_parameters,
-    lowra_layers,
-    quantize_model,
-)
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import find_target_linears, lora_parameters, lowra_layers
+from lowra.model_memory import memory_report
+from lowra.model_quantization import quantize_model
+from lowra.report import QuantizationReport
 
 #: the paper preset (data-free: these tests quantize without calibration text), few iterations, a quick plan
 FAST = {**PAPER, "codebook_iters": 5, "plan_options": {"clusters": 16, "samples": 0, "max_nodes": 200},

@@ -10,7 +10,7 @@
    table ``[out, K]`` (only the small codebooks are kept, never a copy of W);
 5. :func:`plan_precision` — one precision plan (``lowra.precision.assign_precision``) over the rows
    of every layer under the average budget;
-6. :func:`lowra.quantize_layers.quantize_layers` — one layer at a time: quantize + pack
+6. :func:`lowra.layer_quantization.quantize_layers` — one layer at a time: quantize + pack
    (``layer_quantizer``), init the adapters (``init_adapters``: LoftQ or the calibrated init, the
    quantizer fixed), and swap the ``nn.Linear`` for a ``LowRALinear`` (dropped at once: the peak
    stays near one fp32 layer) — in its own module;
@@ -33,8 +33,9 @@ from torch import nn
 
 from lowra.config import LowRAConfig
 from lowra.format import QuantizedTensor
-from lowra.layers import find_target_linears, mark_only_lora_trainable
 from lowra.methods import CalibrationNeeds, Method
+from lowra.model_layers import find_target_linears, mark_only_lora_trainable
+from lowra.progress import activity
 from lowra.report import LayerReport, QuantizationReport
 from lowra.validation import check_weight
 from lowra.weights import ModelSource, WeightSource
@@ -62,8 +63,8 @@ __all__ = [
 # ------------------------------------------------------------------------------ 1. settings
 @dataclass
 class Settings:
-    """One ``quantize_model`` call: its ``LowRAConfig`` (read, never copied: ``s.bits`` is
-    ``s.config.bits``), its :class:`~lowra.methods.Method`, the call's runtime arguments and the
+    """One ``quantize_model`` call: its ``LowRAConfig`` (read, never copied: ``settings.bits`` is
+    ``settings.config.bits``), its :class:`~lowra.methods.Method`, the call's runtime arguments and the
     few values resolved from them.
 
     Resolved: ``candidates`` (an integer budget stored without a plan joins them);
@@ -139,15 +140,15 @@ def resolve_settings(config: LowRAConfig, *, backend: str = "auto", progress: bo
 
 
 # ------------------------------------------------------------------------------- 2. targets
-def find_targets(model: nn.Module, s: Settings) -> list[tuple[str, nn.Linear]]:
+def find_targets(model: nn.Module, settings: Settings) -> list[tuple[str, nn.Linear]]:
     """Stage 2: the target linears (``find_target_linears``), each weight finite and wide enough for the rank."""
-    targets = find_target_linears(model, s.target_modules, s.skip_modules)
+    targets = find_target_linears(model, settings.target_modules, settings.skip_modules)
     for name, linear in targets:
         check_weight(linear.weight, f"layer {name!r} weight")
         if linear.bias is not None:
             check_weight(linear.bias[None], f"layer {name!r} bias")
-        if s.rank > min(linear.in_features, linear.out_features):
-            raise ValueError(f"layer {name!r} {tuple(linear.weight.shape)} is too small for rank {s.rank}")
+        if settings.rank > min(linear.in_features, linear.out_features):
+            raise ValueError(f"layer {name!r} {tuple(linear.weight.shape)} is too small for rank {settings.rank}")
     return targets
 
 
@@ -207,7 +208,7 @@ class Calibration:
             self.store.close()
 
 
-def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Settings,
+def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], settings: Settings,
               calibration: torch.Tensor | None, source: WeightSource | None = None,
               store: StatStore | None = None) -> Calibration:
     """Stage 3: the calibration windows through the still full-precision model, if anything needs them.
@@ -219,13 +220,13 @@ def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Setting
     """
     from lowra.blockwise import StatStore, block_layout, blockwise_statistics
 
-    needs = s.needs
+    needs = settings.needs
     if not needs.any:
-        if calibration is not None and s.method_object.quantizes:
-            warnings.warn(f"method {s.method!r} does not use calibration data; `calibration=` is ignored",
+        if calibration is not None and settings.method_object.quantizes:
+            warnings.warn(f"method {settings.method!r} does not use calibration data; `calibration=` is ignored",
                           RuntimeWarning, stacklevel=3)
         return Calibration()
-    if needs.layer_hessians and not needs.hessians and _has_data(s.quant_options):
+    if needs.layer_hessians and not needs.hessians and _has_data(settings.quant_options):
         return Calibration()
     names = [n for n, _ in targets]
     t0 = time.perf_counter()
@@ -235,12 +236,12 @@ def calibrate(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Setting
     except ValueError as exc:
         if not isinstance(source, ModelSource):
             raise ValueError(f"{needs.why} needs calibration statistics: {exc}") from None
-        out = _whole_model_statistics(model, names, s, calibration)
+        out = _whole_model_statistics(model, names, settings, calibration)
     else:
         store = store or StatStore()
         try:
-            layout = blockwise_statistics(source, names, calibration, s.calibration_batch_size, needs, store,
-                                          s.progress)
+            layout = blockwise_statistics(source, names, calibration, settings.calibration_batch_size, needs, store,
+                                          settings.progress)
         except BaseException:
             store.close()
             raise
@@ -256,7 +257,7 @@ def calibration_from_store(store: StatStore, layout: BlockLayout) -> Calibration
     return Calibration(*stats, store=store, blockwise=True, ran=True)
 
 
-def default_calibration(model: nn.Module, s: Settings) -> torch.Tensor:
+def default_calibration(model: nn.Module, settings: Settings) -> torch.Tensor:
     """The calibration windows of a call that needs them and gave none: 64 windows of 256 tokens
     sampled from the full-precision model itself (:func:`lowra.calibration.sample_windows`, seed 0),
     logged; the runner always passes windows of its training text instead."""
@@ -266,49 +267,49 @@ def default_calibration(model: nn.Module, s: Settings) -> torch.Tensor:
     max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None) or SAMPLE_SEQ_LEN
     seq_len = min(SAMPLE_SEQ_LEN, int(max_len))
     log.info("%s needs calibration text and none was given: sampling %d windows of %d tokens from the model "
-             "(pass calibration= to use real text)", s.needs.why, SAMPLE_WINDOWS, seq_len)
+             "(pass calibration= to use real text)", settings.needs.why, SAMPLE_WINDOWS, seq_len)
     try:
         return sample_windows(model, SAMPLE_WINDOWS, seq_len, seed=0)
     except ValueError as exc:
-        raise ValueError(f"{s.needs.why} needs calibration data: {exc}") from None
+        raise ValueError(f"{settings.needs.why} needs calibration data: {exc}") from None
 
 
 def _has_data(opts: dict[str, Any]) -> bool:
     return opts.get("hessian") is not None or opts.get("inputs") is not None
 
 
-def _whole_model_statistics(model: nn.Module, names: list[str], s: Settings,
+def _whole_model_statistics(model: nn.Module, names: list[str], settings: Settings,
                             calibration: torch.Tensor | None) -> Calibration:
     """The statistics of a model without decoder blocks: one pass through the whole model in memory."""
     from lowra.error_tables import calibration_statistics
 
-    needs = s.needs
-    stats = calibration_statistics(model, names, calibration, s.calibration_batch_size, fisher=needs.fisher,
+    needs = settings.needs
+    stats = calibration_statistics(model, names, calibration, settings.calibration_batch_size, fisher=needs.fisher,
                                    hessians=needs.hessians or needs.layer_hessians,
-                                   output_grads=needs.output_grads, wanted=needs.why, progress=s.progress)
+                                   output_grads=needs.output_grads, wanted=needs.why, progress=settings.progress)
     return Calibration(LayerStats("fisher", values=stats.fisher), LayerStats("hessian", values=stats.hessians),
                        LayerStats("output_grad", values=stats.output_grads))
 
 
-def new_report(s: Settings, targets: list[tuple[str, nn.Linear]], calib: Calibration) -> QuantizationReport:
+def new_report(settings: Settings, targets: list[tuple[str, nn.Linear]], calib: Calibration) -> QuantizationReport:
     """The report the stages fill: the settings, and ``times`` with one entry per stage."""
     report = QuantizationReport(
-        method=s.method,
-        bits_target=float(s.bits) if s.method_object.quantizes else None,
+        method=settings.method,
+        bits_target=float(settings.bits) if settings.method_object.quantizes else None,
         bits_nominal=0.0,
         bits_effective=0.0,
-        rank=int(s.rank),
-        alpha=float(s.alpha),
-        loftq_iters=int(s.loftq_iters),
-        group_size=int(s.group_size),
-        double_quant=bool(s.double_quant),
-        candidates=tuple(s.candidates),
+        rank=int(settings.rank),
+        alpha=float(settings.alpha),
+        loftq_iters=int(settings.loftq_iters),
+        group_size=int(settings.group_size),
+        double_quant=bool(settings.double_quant),
+        candidates=tuple(settings.candidates),
         num_params=sum(m.weight.numel() for _, m in targets),
     )
-    report.config = s.config.to_dict()
-    report.error_table = s.error if s.with_plan else None
-    report.init = s.init if s.loftq_iters > 0 else "lora"
-    report.budget_kind = s.budget_kind
+    report.config = settings.config.to_dict()
+    report.error_table = settings.error if settings.with_plan else None
+    report.init = settings.init if settings.loftq_iters > 0 else "lora"
+    report.budget_kind = settings.budget_kind
     report.times = {"codebooks_s": 0.0, "plan_s": 0.0, "quantize_s": 0.0, "loftq_s": 0.0}
     if calib.ran:
         report.times["calibration_s"] = calib.seconds
@@ -335,7 +336,7 @@ class ErrorTables:
     codebooks: dict[str, dict[int, torch.Tensor]]
 
 
-def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Settings, calib: Calibration,
+def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], settings: Settings, calib: Calibration,
                  calibration: torch.Tensor | None, report: QuantizationReport) -> ErrorTables:
     """Stage 4: per layer, ``learn_codebooks(W, bits=candidates)`` and its row error table
     (``quant.error``: weight SSE, Fisher, relative, K-FAC; ``measured`` scales Fisher shares by
@@ -343,14 +344,14 @@ def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Sett
     t0 = time.perf_counter()
     errors, params, costs = [], [], []
     codebooks: dict[str, dict[int, torch.Tensor]] = {}
-    for name, linear in _progress(targets, "codebooks", s.progress):
-        codebooks[name], error = layer_table(name, linear.weight.detach(), s, calib)
+    for name, linear in _progress(targets, "codebooks", settings.progress):
+        codebooks[name], error = layer_table(name, linear.weight.detach(), settings, calib)
         errors.append(error)
         params.append(torch.full((linear.out_features,), linear.in_features, dtype=torch.int64))
-        costs.append(row_costs(linear.out_features, linear.in_features, s))
-    group_size, double_quant, candidates = s.group_size, s.double_quant, s.candidates
+        costs.append(row_costs(linear.out_features, linear.in_features, settings))
+    group_size, double_quant, candidates = settings.group_size, settings.double_quant, settings.candidates
     report.times["codebooks_s"] = time.perf_counter() - t0
-    if s.error == "measured":
+    if settings.error == "measured":
         from lowra.error_tables import measure_layer_losses, measured_row_table
 
         t0 = time.perf_counter()
@@ -359,18 +360,19 @@ def error_tables(model: nn.Module, targets: list[tuple[str, nn.Linear]], s: Sett
             w = linear.weight.detach()
             tables = {b: codebooks[name][b].to(w.device)}
             return QuantizedTensor.from_codebooks(w, b, tables, group_size, double_quant,
-                                                  backend=s.backend).dequantize(torch.float32)
+                                                  backend=settings.backend).dequantize(torch.float32)
 
-        n_win = max(1, min(int(s.measure_windows), int(torch.as_tensor(calibration).shape[0])))
+        n_win = max(1, min(int(settings.measure_windows), int(torch.as_tensor(calibration).shape[0])))
         base_loss, increase = measure_layer_losses(model, targets, dequantized, candidates,
-                                                   torch.as_tensor(calibration)[:n_win], s.calibration_batch_size)
+                                                   torch.as_tensor(calibration)[:n_win],
+                                                   settings.calibration_batch_size)
         errors = [measured_row_table(increase[i], e, candidates) for i, e in enumerate(errors)]
         report.times["measure_s"] = time.perf_counter() - t0
         report.layer_loss_increase = {name: [float(v) for v in increase[i]] for i, (name, _) in enumerate(targets)}
     return ErrorTables(errors, params, costs, codebooks)
 
 
-def layer_table(name: str, weight: torch.Tensor, s: Settings,
+def layer_table(name: str, weight: torch.Tensor, settings: Settings,
                 calib: Calibration) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """One layer of stage 4 (in memory and streamed alike): ``learn_codebooks(W, bits=candidates)``
     (Fisher-weighted with ``fisher_codebooks``) → ``({bits: codebook [out, 2**bits]} on CPU, the
@@ -380,32 +382,34 @@ def layer_table(name: str, weight: torch.Tensor, s: Settings,
     from lowra.error_tables import kfac_row_errors, row_error_table
 
     importance = calib.fisher.pop(name, None)
-    result = learn_codebooks(weight, bits=s.candidates, group_size=s.group_size, iters=s.codebook_iters,
-                             weight_power=s.weight_power, double_quant=s.double_quant, importance=importance,
-                             weigh_codebooks=s.fisher_codebooks)
+    result = learn_codebooks(weight, bits=settings.candidates, group_size=settings.group_size,
+                             iters=settings.codebook_iters, weight_power=settings.weight_power,
+                             double_quant=settings.double_quant, importance=importance,
+                             weigh_codebooks=settings.fisher_codebooks)
     codebooks = {b: c.cpu() for b, c in result.codebooks.items()}
-    if s.error == "kfac":
-        h = calib.hessians[name] if s.calibrated_init else calib.hessians.pop(name)
+    if settings.error == "kfac":
+        h = calib.hessians[name] if settings.calibrated_init else calib.hessians.pop(name)
         h = h.to(torch.float32)  # what kfac_row_errors multiplies by; the float64 copy is freed here
-        error = kfac_row_errors(weight, result.codebooks, s.candidates, s.group_size, s.double_quant,
+        error = kfac_row_errors(weight, result.codebooks, settings.candidates, settings.group_size,
+                                settings.double_quant,
                                 calib.output_grads.pop(name), h)
-    elif s.error == "measured":
+    elif settings.error == "measured":
         error = result.error.cpu()
     else:
-        error = row_error_table(s.error, result.error, weight).cpu()
+        error = row_error_table(settings.error, result.error, weight).cpu()
     return codebooks, error
 
 
-def row_costs(out_features: int, in_features: int, s: Settings) -> torch.Tensor:
+def row_costs(out_features: int, in_features: int, settings: Settings) -> torch.Tensor:
     """Stored bits ``[out, K]`` of each row of a layer at each candidate width (``budget_kind="effective"``)."""
     from lowra.format import row_storage_bits
 
-    row = [row_storage_bits(in_features, b, s.group_size, s.double_quant) for b in s.candidates]
+    row = [row_storage_bits(in_features, b, settings.group_size, settings.double_quant) for b in settings.candidates]
     return torch.tensor(row, dtype=torch.int64).expand(out_features, -1)
 
 
 # -------------------------------------------------------------------------------- 5. plan
-def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s: Settings,
+def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, settings: Settings,
                    report: QuantizationReport) -> dict[str, torch.Tensor]:
     """Stage 5: one ``assign_precision`` over the rows of all layers; int64 bits ``[out]`` per layer.
 
@@ -414,23 +418,24 @@ def plan_precision(targets: list[tuple[str, nn.Linear]], tables: ErrorTables, s:
     counts every stored bit.
     """
     t0 = time.perf_counter()
-    if s.progress:
+    if settings.progress:
         from lowra.progress import log as progress_log
 
         progress_log.info("plan: %d rows of %d layers at %g bits (%s budget)", sum(e.shape[0] for e in tables.errors),
-                          len(tables.errors), s.bits, s.budget_kind)
+                          len(tables.errors), settings.bits, settings.budget_kind)
     try:
-        per_layer, report.plan = solve_plan(tables.errors, tables.params, s.bits, s.candidates, s.budget_scope,
-                                             dict(s.plan_options),
-                                             tables.costs if s.budget_kind == "effective" else None)
+        with activity("plan", settings.progress):
+            per_layer, report.plan = solve_plan(tables.errors, tables.params, settings.bits, settings.candidates,
+                                                 settings.budget_scope, dict(settings.plan_options),
+                                                 tables.costs if settings.budget_kind == "effective" else None)
     except ValueError as exc:
-        if s.budget_kind != "effective":
+        if settings.budget_kind != "effective":
             raise
-        raise ValueError(f"quant.budget_kind=effective, bits={s.bits}: {exc}") from exc
+        raise ValueError(f"quant.budget_kind=effective, bits={settings.bits}: {exc}") from exc
     layer_bits = {name: b for (name, _), b in zip(targets, per_layer)}
     tables.errors, tables.params = [], []
     report.times["plan_s"] = time.perf_counter() - t0
-    if s.progress:
+    if settings.progress:
         progress_log.info("plan: %.1f s, %.3f bits, gap to the LP bound %.2e (%s)", report.times["plan_s"],
                           report.plan.get("average_bits", float("nan")), report.plan.get("gap", float("nan")),
                           report.plan.get("info", {}).get("plan_source", "?"))
@@ -473,41 +478,41 @@ def solve_plan(
     return [torch.from_numpy(b.astype("int64")) for b in plan.split(sizes)], info
 
 
-def _code_bit_budget(s: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int]) -> float:
+def _code_bit_budget(settings: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int]) -> float:
     """The code-bit budget ``low_bits_init`` compares: ``bits`` for a nominal budget (the plan may
     fall a hair below it) or without a plan; for ``budget_kind="effective"`` the plan's mean code
     width, weighted by parameters (``layer_bits``: bits ``[out]`` per layer, ``in_features`` by layer)."""
-    if not layer_bits or s.budget_kind == "nominal":
-        return float(s.bits)
+    if not layer_bits or settings.budget_kind == "nominal":
+        return float(settings.bits)
     total = sum(int(b.sum()) * in_features[n] for n, b in layer_bits.items())
     return total / sum(b.numel() * in_features[n] for n, b in layer_bits.items())
 
 
-def init_for_plan(s: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int],
+def init_for_plan(settings: Settings, layer_bits: dict[str, torch.Tensor], in_features: dict[str, int],
                   report: QuantizationReport) -> Settings:
     """The settings the init runs with, once the plan (``layer_bits``, empty without one) is known:
     ``low_bits_init``'s alternations and codebooks when the code-bit budget is below its ``below``
-    (LowRA, rank > 0), else ``s``.
+    (LowRA, rank > 0), else ``settings``.
 
     ``report.loftq_iters`` / ``init_codebooks`` say what ran and ``report.low_bits_init`` whether
     the rule applied.
     """
-    low = s.low_bits_init
-    applies = (bool(low) and s.rank > 0
-               and _code_bit_budget(s, layer_bits, in_features) < low["below"])
+    low = settings.low_bits_init
+    applies = (bool(low) and settings.rank > 0
+               and _code_bit_budget(settings, layer_bits, in_features) < low["below"])
     if applies:
-        learned = s.config.codebook == "learned"  # NormalFloat tables (codebook="nf") are never relearned
-        s = replace(s, loftq_iters=int(low["loftq_iters"]),
+        learned = settings.config.codebook == "learned"  # NormalFloat tables (codebook="nf") are never relearned
+        settings = replace(settings, loftq_iters=int(low["loftq_iters"]),
                     init_codebooks=str(low["init_codebooks"]) if learned else "fixed")
     report.low_bits_init = applies
-    report.loftq_iters = int(s.loftq_iters)
-    report.init_codebooks = s.init_codebooks
-    report.init = s.init if s.loftq_iters > 0 else "lora"
-    return s
+    report.loftq_iters = int(settings.loftq_iters)
+    report.init_codebooks = settings.init_codebooks
+    report.init = settings.init if settings.loftq_iters > 0 else "lora"
+    return settings
 
 
 # ------------------------------------------------------------------------------ 7. report
-def finish_report(model: nn.Module, s: Settings, report: QuantizationReport, layer_reports: list[LayerReport],
+def finish_report(model: nn.Module, settings: Settings, report: QuantizationReport, layer_reports: list[LayerReport],
                   t_start: float) -> QuantizationReport:
     """Stage 7: freeze all but the adapters; parameter-weighted bits and total SSE; the report and
     the config are kept on the model (``model.lowra_report``, ``model.lowra_config``)."""
@@ -521,5 +526,5 @@ def finish_report(model: nn.Module, s: Settings, report: QuantizationReport, lay
     report.total_sse = sum(lr.sse_loftq for lr in layer_reports)
     report.times["total_s"] = time.perf_counter() - t_start
     model.lowra_report = report
-    model.lowra_config = s.config
+    model.lowra_config = settings.config
     return report

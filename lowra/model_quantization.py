@@ -1,4 +1,4 @@
-"""Model-level API: quantize any HF model's linears in place, LoftQ-init the adapters, train helpers.
+"""``quantize_model``: quantize any HF model's linears in place (the model in memory) and init the adapters.
 
 ``quantize_model(model, LowRAConfig(bits=2.0, method="lowra", ...))`` (or the shortcut
 ``quantize_model(model, 2.0, method="lowra", ...)``) replaces every target ``nn.Linear`` by a
@@ -28,10 +28,10 @@ Memory: phase 1 keeps codebooks and error tables only; phase 3 works one layer a
 the ``nn.Linear`` as soon as its replacement exists, so the peak stays near the (partly) quantized
 model plus one layer in fp32 (plus its SVD workspace).
 
-Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.stages` (find targets →
+Layout: ``quantize_model`` only chains the named stages of :mod:`lowra.pipeline` (find targets →
 calibrate if needed → codebooks / error tables → plan → quantize + pack → init adapters → report);
-target selection and adapter helpers live in :mod:`lowra.layers`, the reports in
-:mod:`lowra.report` (all re-exported here).
+target selection and adapter helpers live in :mod:`lowra.model_layers`, the reports in
+:mod:`lowra.report`; :mod:`lowra.streaming` runs the same stages shard by shard (``quantize_pretrained``).
 """
 
 from __future__ import annotations
@@ -43,31 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra import stages
+from lowra import pipeline
 from lowra.config import LowRAConfig, config_from_arguments
-from lowra.layers import (
-    DEFAULT_SKIP_MODULES,
-    DEFAULT_TARGET_MODULES,
-    find_target_linears,
-    lora_parameters,
-    lowra_layers,
-    mark_only_lora_trainable,
-)
-from lowra.quantize_layers import quantize_layers
-from lowra.report import LayerReport, QuantizationReport
+from lowra.layer_quantization import quantize_layers
+from lowra.progress import activity
+from lowra.report import QuantizationReport
 
-__all__ = [
-    "DEFAULT_SKIP_MODULES",
-    "LowRAConfig",
-    "DEFAULT_TARGET_MODULES",
-    "LayerReport",
-    "QuantizationReport",
-    "find_target_linears",
-    "lora_parameters",
-    "lowra_layers",
-    "mark_only_lora_trainable",
-    "quantize_model",
-]
+__all__ = ["quantize_model"]
 
 
 def quantize_model(
@@ -113,22 +95,23 @@ def quantize_model(
     """
     t_start = time.perf_counter()
     config, runtime_options = config_from_arguments(config, options)
-    s = stages.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
+    settings = pipeline.resolve_settings(config, backend=backend, progress=progress, layer_options=layer_options,
                                 quant_options=runtime_options)
-    targets = stages.find_targets(model, s)
-    if calibration is None and s.needs.any:
-        calibration = stages.default_calibration(model, s)
-    calib = stages.calibrate(model, targets, s, calibration)
-    try:
-        report = stages.new_report(s, targets, calib)
-        layer_bits: dict[str, torch.Tensor] = {}
-        codebooks: dict[str, dict[int, torch.Tensor]] = {}
-        if s.with_plan:
-            tables = stages.error_tables(model, targets, s, calib, calibration, report)
-            layer_bits = stages.plan_precision(targets, tables, s, report)
-            codebooks = tables.codebooks
-        s = stages.init_for_plan(s, layer_bits, {n: m.in_features for n, m in targets}, report)
-        layers = quantize_layers(model, targets, s, layer_bits, codebooks, calib, report)
-    finally:
-        calib.close()
-    return stages.finish_report(model, s, report, layers, t_start)
+    with activity("quantize", settings.progress):
+        targets = pipeline.find_targets(model, settings)
+        if calibration is None and settings.needs.any:
+            calibration = pipeline.default_calibration(model, settings)
+        calib = pipeline.calibrate(model, targets, settings, calibration)
+        try:
+            report = pipeline.new_report(settings, targets, calib)
+            layer_bits: dict[str, torch.Tensor] = {}
+            codebooks: dict[str, dict[int, torch.Tensor]] = {}
+            if settings.with_plan:
+                tables = pipeline.error_tables(model, targets, settings, calib, calibration, report)
+                layer_bits = pipeline.plan_precision(targets, tables, settings, report)
+                codebooks = tables.codebooks
+            settings = pipeline.init_for_plan(settings, layer_bits, {n: m.in_features for n, m in targets}, report)
+            layers = quantize_layers(model, targets, settings, layer_bits, codebooks, calib, report)
+        finally:
+            calib.close()
+        return pipeline.finish_report(model, settings, report, layers, t_start)

@@ -9,8 +9,8 @@ import torch
 
 from lowra.codebook import learn_codebooks
 from lowra.format import QuantizedTensor
-from lowra.layers import train_base_tables
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import train_base_tables
 
 
 def _layer(double_quant: bool = False, seed: int = 0) -> LowRALinear:

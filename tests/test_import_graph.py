@@ -1,65 +1,12 @@
-"""Target selection and adapter helpers (lowra/layers.py), and the import layout of the library."""
+"""The import graph of the whole tree: three floors (experiments -> lowra -> lowra_kernels), no cycle
+inside any of them, lazy (function-level) imports included."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
-
-import lowra.model
-from lowra import layers
-from lowra.layers import find_target_linears, lora_parameters, lowra_layers, mark_only_lora_trainable
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(16, 16)
-        self.up_proj = nn.Linear(16, 32)
-        self.norm = nn.LayerNorm(16)
-
-
-class _Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([_Block(), _Block()])
-        self.lm_head = nn.Linear(16, 8)
-
-
-def test_targets_peft_semantics_and_lm_head_skipped():
-    model = _Toy()
-    every = [n for n, _ in find_target_linears(model, None)]
-    assert every == ["layers.0.q_proj", "layers.0.up_proj", "layers.1.q_proj", "layers.1.up_proj"]
-    assert [n for n, _ in find_target_linears(model, ["q_proj"])] == ["layers.0.q_proj", "layers.1.q_proj"]
-    assert [n for n, _ in find_target_linears(model, r"layers\.1\..*")] == ["layers.1.q_proj", "layers.1.up_proj"]
-    assert [n for n, _ in find_target_linears(model, ["lm_head"])] == ["lm_head"]  # named explicitly
-    with pytest.raises(ValueError, match="'k_proj' matches no nn.Linear.*q_proj"):
-        find_target_linears(model, ["q_proj", "k_proj"])
-    with pytest.raises(ValueError, match="regex 'nothing' matches no nn.Linear"):
-        find_target_linears(model, "nothing")
-
-
-def test_adapter_helpers_after_quantization():
-    torch.manual_seed(0)
-    model = _Toy()
-    lowra.model.quantize_model(model, 2, method="nf", rank=2, alpha=4, target_modules=["q_proj"], progress=False)
-    names = [n for n, _ in lowra_layers(model)]
-    assert names == ["layers.0.q_proj", "layers.1.q_proj"]
-    assert len(lora_parameters(model)) == 4
-    assert mark_only_lora_trainable(model) == 2 * (2 * 16 + 16 * 2)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"layers.{i}.q_proj.lora_{ab}" for i in (0, 1) for ab in "AB"}
-    with pytest.raises(ValueError, match="already contains LowRALinear"):
-        find_target_linears(model, None)
-
-
-def test_model_reexports_the_layer_helpers():
-    for name in ("find_target_linears", "lora_parameters", "lowra_layers", "mark_only_lora_trainable",
-                 "DEFAULT_TARGET_MODULES", "DEFAULT_SKIP_MODULES"):
-        assert getattr(lowra.model, name) is getattr(layers, name)
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
 
 def _is_main_guard(test: ast.expr) -> bool:
@@ -73,7 +20,7 @@ def _is_main_guard(test: ast.expr) -> bool:
 
 def _imports(package: str) -> dict[str, set[str]]:
     """``{module: modules of ``package`` it imports}``, function-level (lazy) imports included."""
-    root = Path(layers.__file__).parents[1] / package
+    root = ROOT / package
     graph: dict[str, set[str]] = {}
     for path in root.rglob("*.py"):
         parts = path.relative_to(root.parent).with_suffix("").parts
@@ -119,24 +66,9 @@ def test_no_import_cycle_between_library_modules():
     """calibration ↔ model was a cycle (issue 17): none may come back, lazy imports included.
     (A package importing its own submodules is not a cycle.)"""
     graph = _imports("lowra")
-    assert "lowra.model" not in graph["lowra.calibration"]
+    assert "lowra.model_quantization" not in graph["lowra.calibration"]
     assert {"lowra.streaming.passes", "lowra.checkpoint.save"} <= set(graph)  # the stage packages are read
     _assert_no_cycle(graph)
-
-
-def _reaches_itself(graph: dict[str, set[str]], start: str) -> list[str] | None:
-    """An import path from ``start`` back to itself, or None."""
-    seen: set[str] = set()
-    stack = [(start, [start])]
-    while stack:
-        m, path = stack.pop()
-        for d in sorted(graph[m]):
-            if d == start:
-                return [*path, d]
-            if d not in seen:
-                seen.add(d)
-                stack.append((d, [*path, d]))
-    return None
 
 
 def test_no_import_cycle_in_experiments():
@@ -152,7 +84,7 @@ def test_three_floors_experiments_lowra_kernels():
     """experiments -> lowra -> lowra_kernels: the library never imports experiments, the kernels never
     import the library."""
     for package, forbidden in (("lowra", ("experiments",)), ("kernels", ("experiments", "lowra"))):
-        root = Path(layers.__file__).parents[1] / package
+        root = ROOT / package
         for path in root.rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \

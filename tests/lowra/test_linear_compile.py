@@ -15,8 +15,8 @@ import torch
 
 from experiments.bench.decode import quantize_decoder
 from experiments.eval.stories import load_model
-from lowra.model import lora_parameters
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
+from lowra.model_layers import lora_parameters
 
 
 @pytest.fixture(scope="module")

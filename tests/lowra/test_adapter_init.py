@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowra.adapter_init import loftq_init, low_rank_factors
 from lowra.codebook import learn_codebooks
 from lowra.format import QuantizedTensor
-from lowra.loftq import loftq_init, low_rank_factors
 from lowra.quantizers import quantize
 
 ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra.model import lowra_layers
+from lowra.model_layers import lowra_layers
 
 __all__ = ["memory_report"]
 

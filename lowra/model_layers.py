@@ -2,7 +2,7 @@
 
 ``find_target_linears`` picks the ``nn.Linear`` layers to quantize (PEFT's ``target_modules``
 semantics); ``lowra_layers`` / ``lora_parameters`` / ``mark_only_lora_trainable`` read and freeze
-a quantized model.  Kept apart from :mod:`lowra.model` so that :mod:`lowra.calibration` can find
+a quantized model.  Kept apart from :mod:`lowra.model_quantization` so that :mod:`lowra.calibration` can find
 the targets without importing the quantization pipeline (no import cycle).
 """
 
@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from lowra.nn import LowRALinear
+from lowra.linear import LowRALinear
 
 __all__ = [
     "DEFAULT_SKIP_MODULES",
