@@ -16,8 +16,6 @@ ROOTS = ("lowra", "experiments/runner")
 LIMIT = 80
 KNOWN = {  # function name (its module may move): code lines when listed (2026-12-07)
     "collect_fisher": 130,  # lowra/calibration.py
-    "_load_legacy": 88,  # lowra/checkpoint/load.py
-    "save_quantized_legacy": 91,  # lowra/checkpoint/save.py
     "assign_precision": 141,  # lowra/precision/assign.py
     "_prepare": 128,  # lowra/precision/problem.py
     "_stage1_program": 83,  # lowra/precision/stage1.py
