@@ -20,7 +20,7 @@ never above the plain quantization error (iteration 1 already has ``‖R − R_r
 Calibrated init (``hessian=H``, ``quant.init=calibrated``): the rank-r fit minimizes the residual
 in the activation norm, ``‖(R − s·BA) X‖² = tr((R − s·BA) H (R − s·BA)ᵀ)`` with ``H = XᵀX / n`` from
 calibration text, instead of ``‖R − s·BA‖_F``. Closed form (as CLoQ / QERA): with the damped
-``H_λ = H + λ·mean(diag H)·I = U Λ Uᵀ`` and ``S = U Λ^½ Uᵀ``, the optimum is
+``H_λ = H + λ·mean(diag H)·I = S Sᵀ`` (``S`` its Cholesky factor), the optimum is
 ``truncSVD_r(R S) S⁻¹``. The iterate kept is the one with the smallest activation-norm residual;
 ``sse`` stays the plain Frobenius residual (comparable with LoftQ), ``act_error`` the weighted one.
 """
@@ -77,39 +77,55 @@ def low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple
 
 
 class ActivationWhitening:
-    """``S = H_λ^½`` and ``S⁻¹`` of a damped input Hessian ``H [in, in]`` (symmetric PSD).
+    """A square-root factor ``S`` (``S Sᵀ = H_λ``) of a damped input Hessian ``H [in, in]`` (symmetric PSD).
 
     ``damp`` λ is relative to ``mean(diag H)`` (OPTQ's convention), so tiny-energy input directions
-    are not amplified without bound when un-whitening.
+    are not amplified without bound when un-whitening.  ``S`` is the Cholesky factor ``L`` of
+    ``H_λ = H + λ·mean(diag H)·I`` (lower triangular): any factor with ``S Sᵀ = H_λ`` gives the same
+    optimum ``truncSVD_r(R S) S⁻¹`` (for ``S' = S Q``, ``Q`` orthogonal, the ``Q`` cancels), and a
+    Cholesky factorization costs ``in³/3`` flops where the symmetric square root's eigendecomposition
+    costs an order of magnitude more (measured on a 2-core CPU: 1536², 0.17 s vs 8.2 s).  ``S⁻¹`` is
+    never formed: un-whitening is a triangular solve with the ``[r, in]`` factor.
     """
 
     def __init__(self, hessian: torch.Tensor, damp: float = 0.01, name: str = "weight") -> None:
-        h = torch.as_tensor(hessian).to(torch.float64)
+        h = torch.as_tensor(hessian)
         if h.dim() != 2 or h.shape[0] != h.shape[1]:
             raise ValueError(f"{name}: hessian must be square [in, in], got {tuple(h.shape)}")
         if not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name}: hessian has NaN/Inf (quant.init=calibrated needs finite activations)")
         if not damp > 0:
             raise ValueError(f"{name}: damp must be > 0, got {damp}")
-        h = 0.5 * (h + h.T)
-        mean_diag = float(h.diagonal().mean())
+        sym = h.to(torch.float64) + h.to(torch.float64).T  # float64 [in, in]: the one working copy
+        sym *= 0.5
+        mean_diag = float(sym.diagonal().mean())
         if not mean_diag > 0:
             raise ValueError(f"{name}: hessian is zero (no calibration activations reached the layer)")
-        lam, U = torch.linalg.eigh(h + damp * mean_diag * torch.eye(h.shape[0], dtype=h.dtype))
-        lam = lam.clamp_min(damp * mean_diag * 1e-3)
-        self.h = h
-        self.sqrt = ((U * lam.sqrt()) @ U.T).to(torch.float32)
-        self.inv_sqrt = ((U * lam.rsqrt()) @ U.T).to(torch.float32)
+        self.shift = damp * mean_diag
+        self.h = sym.to(torch.float32)  # what error() multiplies by (fp32 products, float64 sums)
+        sym.diagonal().add_(self.shift)
+        factor, info = torch.linalg.cholesky_ex(sym)
+        del sym
+        if int(info) != 0:  # H is PSD, so H_λ is positive definite up to rounding; say so if not
+            raise ValueError(f"{name}: the damped hessian is not positive definite (Cholesky failed at column "
+                             f"{int(info)}); raise quant.init_damp")
+        self.sqrt = factor.to(torch.float32)  # lower triangular; the float64 factor is not kept
+
+    @property
+    def inv_sqrt(self) -> torch.Tensor:
+        """``S⁻¹`` (fp32), formed on request only (the init itself solves with ``S``)."""
+        eye = torch.eye(self.sqrt.shape[0], dtype=torch.float32)
+        return torch.linalg.solve_triangular(self.sqrt, eye, upper=False)
 
     def error(self, diff: torch.Tensor) -> float:
-        """``tr(D H Dᵀ)`` (undamped H) of ``D [out, in]``."""
-        d = diff.to(torch.float64)
-        return float(((d @ self.h) * d).sum())
+        """``tr(D H Dᵀ)`` (undamped H) of ``D [out, in]``: an fp32 product ``D H``, summed in float64."""
+        d = diff.to(torch.float32)
+        return float(((d @ self.h).double() * d.double()).sum())
 
     def low_rank_factors(self, residual: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``A [r, in]``, ``B [out, r]`` with ``s·B A = truncSVD_r(R S) S⁻¹`` (balanced factors)."""
         A, B = low_rank_factors(residual.to(torch.float32) @ self.sqrt, rank, scaling)
-        return A @ self.inv_sqrt, B
+        return torch.linalg.solve_triangular(self.sqrt, A, upper=False, left=False), B
 
 
 def _sse(diff: torch.Tensor) -> float:
@@ -123,7 +139,7 @@ def loftq_init(
     alpha: float,
     iters: int = 1,
     name: str = "weight",
-    hessian: torch.Tensor | None = None,
+    hessian: torch.Tensor | ActivationWhitening | None = None,
     damp: float = 0.01,
 ) -> LoftQResult:
     """Quantize ``weight [out, in]`` and initialize LoRA factors on the quantization residual.
@@ -135,7 +151,8 @@ def loftq_init(
         alpha: LoRA alpha; the scale ``s = alpha / r`` is folded into A and B.
         iters: T ≥ 0 alternations; 0 = plain quantization and the standard LoRA init.
         name: used in error messages (e.g. the layer name).
-        hessian: input Hessian ``[in, in]`` for the calibrated init (None: plain LoftQ).
+        hessian: input Hessian ``[in, in]`` for the calibrated init (None: plain LoftQ), or its
+            ``ActivationWhitening`` already built (the caller then need not keep the Hessian).
         damp: relative damping of ``hessian`` (see ``ActivationWhitening``).
     """
     check_weight(weight, name)
@@ -156,9 +173,10 @@ def loftq_init(
     scaling = alpha / rank
     whiten = None
     if hessian is not None:
-        if tuple(hessian.shape) != (in_features, in_features):
-            raise ValueError(f"{name}: hessian must be [{in_features}, {in_features}], got {tuple(hessian.shape)}")
-        whiten = ActivationWhitening(hessian, damp, name)
+        shape = tuple(hessian.h.shape if isinstance(hessian, ActivationWhitening) else hessian.shape)
+        if shape != (in_features, in_features):
+            raise ValueError(f"{name}: hessian must be [{in_features}, {in_features}], got {shape}")
+        whiten = hessian if isinstance(hessian, ActivationWhitening) else ActivationWhitening(hessian, damp, name)
     best: LoftQResult | None = None
     history = []
     q = q0

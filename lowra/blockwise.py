@@ -11,10 +11,11 @@ statistics are held one block at a time, in memory and streamed alike.
   the blocks; the hidden states of one block boundary (every chunk) are kept between blocks.
 * **Gradient statistics** (K-FAC output factors ``G``, the diagonal Fisher): a forward sweep that
   writes every block boundary to the spill directory; the loss gradient at the last boundary (final
-  norm and LM head over slices of ``head_tokens`` positions, so the ``[tokens, vocab]`` logits never
-  exist whole); then a backward sweep in reverse: block ``i`` is recomputed from its stored input
-  under autograd, its output gradient is pushed through it, hooks collect its layers' input Grams,
-  output-gradient energies and weight gradients, and the input gradient becomes block ``i - 1``'s
+  norm and LM head over slices of ``head_tokens`` positions, the cross-entropy gradient in closed
+  form, so the ``[tokens, vocab]`` logits never exist whole and each slice's are computed once);
+  then a backward sweep in reverse: block ``i`` is recomputed from its stored input under autograd,
+  its output gradient is pushed through it, hooks collect its layers' input Grams, output-gradient
+  energies and weight gradients, and the input gradient becomes block ``i - 1``'s
   output gradient.  Per chunk the loss is the chunk's mean next-token NLL, as in the whole-model
   pass of :func:`lowra.calibration.collect_fisher`, so the statistics are the same quantities.
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lowra.calibration import calibration_batches, head_nll_sum, large_allocations_mapped, plain_head
+from lowra.calibration import calibration_batches, head_loss_gradient, large_allocations_mapped, plain_head
 from lowra.methods import CalibrationNeeds
 from lowra.progress import Ticker, activity
 from lowra.weights import WeightSource
@@ -206,11 +207,12 @@ class _BlockHooks:
 
     def _grad(self, name: str) -> Callable[[torch.Tensor], None]:
         def fn(g: torch.Tensor) -> None:
-            g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
+            g = g.detach().reshape(-1, g.shape[-1])
             if name not in self.gsums:
                 self.gsums[name] = torch.zeros(g.shape[1], dtype=torch.float64, device=g.device)
                 self.gcounts[name] = 0
-            self.gsums[name] += g.pow(2).sum(0)
+            # the chunk's sum of squares in fp32 (no float64 copy of [tokens, out]), chunks summed in float64
+            self.gsums[name] += torch.linalg.vector_norm(g.float(), dim=0).square().double()
             self.gcounts[name] += g.shape[0]
         return fn
 
@@ -293,17 +295,15 @@ def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tor
     return out[0] if isinstance(out, tuple) else out
 
 
-def _chunk_loss(layout: BlockLayout, hidden: torch.Tensor, ids: torch.Tensor, head_tokens: int) -> torch.Tensor:
-    """Mean next-token NLL of the chunk from the last block's output (final norm, head over slices)."""
-    hidden = layout.norm(hidden)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = ids[:, 1:].reshape(-1).to(hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.numel(), head_tokens):
-        piece = slice(start, start + head_tokens)
-        total = total + torch.utils.checkpoint.checkpoint(head_nll_sum, layout.lm_head, hidden[piece], labels[piece],
-                                                          use_reentrant=False)
-    return total / labels.numel()
+def _loss_gradient(layout: BlockLayout, hidden: torch.Tensor, ids: torch.Tensor, head_tokens: int) -> torch.Tensor:
+    """``∂L/∂hidden [B, T, d]`` of the chunk's mean next-token NLL ``L`` from the last block's output:
+    the final norm under autograd, the head's gradient in closed form
+    (:func:`lowra.calibration.head_loss_gradient`, as the whole-model pass)."""
+    x = hidden.detach().requires_grad_(True)
+    with torch.enable_grad():
+        normed = layout.norm(x)
+    normed.backward(head_loss_gradient(layout.lm_head, normed.detach(), ids, head_tokens))
+    return x.grad
 
 
 @contextmanager
@@ -380,11 +380,10 @@ def _gradient_sweeps(source: WeightSource, layout: BlockLayout, hidden: list[tor
                 store.spill(f"h{i + 1:04d}", c, _call(layer, x, kwargs[c]))
                 ticker.tick()
     ticker = Ticker("calibration loss gradient (norm + LM head)", n, show, unit="chunk")
-    with source.materialized(layout.head), torch.enable_grad():
+    with source.materialized(layout.head):
         for c in range(n):
-            x = store.unspill(f"h{blocks:04d}", c, shapes[c], device).requires_grad_(True)
-            _chunk_loss(layout, x, chunks[c].to(device), head_tokens).backward()
-            store.spill(f"g{blocks:04d}", c, x.grad)
+            x = store.unspill(f"h{blocks:04d}", c, shapes[c], device)
+            store.spill(f"g{blocks:04d}", c, _loss_gradient(layout, x, chunks[c].to(device), head_tokens))
             ticker.tick()
     ticker = Ticker("calibration backward (block by block)", blocks * n, show, unit="chunk")
     for i in reversed(range(blocks)):

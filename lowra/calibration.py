@@ -26,7 +26,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-__all__ = ["calibration_batches", "calibration_windows", "collect_fisher", "collect_hessians", "head_nll_sum",
+__all__ = ["calibration_batches", "calibration_windows", "collect_fisher", "collect_hessians", "head_loss_gradient",
+           "head_nll_sum",
            "large_allocations_mapped", "plain_head", "sample_windows"]
 
 
@@ -239,9 +240,9 @@ def collect_fisher(
     state = {"backward": False, "chunk": 0, "dry": True}
 
     def grad_hook(name: str):
-        def fn(g: torch.Tensor) -> None:
-            g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
-            gsums[name] += g.pow(2).sum(0)
+        def fn(g: torch.Tensor) -> None:  # the chunk's sum of squares in fp32, chunks summed in float64
+            g = g.detach().reshape(-1, g.shape[-1])
+            gsums[name] += torch.linalg.vector_norm(g.float(), dim=0).square().double()
             gcounts[name] += g.shape[0]
         return fn
 
@@ -303,9 +304,8 @@ def collect_fisher(
                             gcounts[name] = 0
                 state["backward"] = False
                 with torch.enable_grad():
-                    loss = _causal_lm_loss(model, ids, head_tokens, leaf_inputs=not diagonal)
-                    state["backward"] = True
-                    loss.backward()
+                    _causal_lm_backward(model, ids, head_tokens, leaf_inputs=not diagonal,
+                                        before_backward=lambda: state.update(backward=True))
                 for name, m in targets:
                     if diagonal and m.weight.grad is not None:  # the hook frees every gradient it saw
                         raise RuntimeError(f"calibration: the gradient of {name!r} was not consumed")
@@ -434,13 +434,16 @@ def plain_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return decoder, head
 
 
-def _causal_lm_loss(model: nn.Module, ids: torch.Tensor, head_tokens: int, leaf_inputs: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``ids [B, T]`` (the HF ``labels=ids`` loss), memory-lean.
+def _causal_lm_backward(model: nn.Module, ids: torch.Tensor, head_tokens: int, leaf_inputs: bool,
+                        before_backward: Callable[[], Any] = lambda: None) -> None:
+    """Back-propagate the mean next-token cross-entropy of ``ids [B, T]`` (the HF ``labels=ids`` loss).
 
-    The head and loss run over slices of ``head_tokens`` predicted positions, each checkpointed:
-    the logits of one slice exist at a time, in forward and in backward. ``leaf_inputs``: make the
+    With a plain head the decoder's output gradient comes from :func:`head_loss_gradient` (the head
+    over slices of ``head_tokens`` positions, the cross-entropy gradient in closed form: one
+    slice's logits exist at a time) and is pushed through the decoder. ``leaf_inputs``: make the
     input embeddings a leaf that requires grad, so activations carry gradients while no parameter
-    does.
+    does. Other models run whole: ``model(input_ids, labels=ids).loss.backward()``.
+    ``before_backward`` is called when the forward is done (the hooks then ignore recomputations).
     """
     parts = plain_head(model)
     embed = model.get_input_embeddings() if leaf_inputs else None
@@ -450,20 +453,45 @@ def _causal_lm_loss(model: nn.Module, ids: torch.Tensor, head_tokens: int, leaf_
     try:
         if parts is None:
             no_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-            return model(input_ids=ids, labels=ids, **no_cache).loss
+            loss = model(input_ids=ids, labels=ids, **no_cache).loss
+            before_backward()
+            loss.backward()
+            return
         decoder, head = parts
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
     finally:
         if handle is not None:
             handle.remove()
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = ids[:, 1:].reshape(-1).to(hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = head_loss_gradient(head, hidden.detach(), ids, head_tokens)
+    before_backward()
+    hidden.backward(grad)
+
+
+@torch.no_grad()
+def head_loss_gradient(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor, head_tokens: int) -> torch.Tensor:
+    """``∂L/∂hidden [B, T, d]`` of the mean next-token NLL ``L`` of ``ids [B, T]`` with logits
+    ``head(hidden)`` (``hidden``: the final norm's output).
+
+    Over slices of ``head_tokens`` predicted positions: ``∂L/∂logits = (softmax − onehot) / n``
+    (autograd over the fp32 cross-entropy of the slice's logits only, so the values are the plain
+    backward's), then ``@ W_head``: each slice's ``[head_tokens, vocab]`` logits are computed once
+    and dropped, two head GEMMs per slice where a checkpointed autograd head needs three.
+    """
+    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = ids[:, 1:].reshape(-1).to(flat.device)
+    weight = head.weight.detach()
+    grad_flat = torch.empty_like(flat)
+    scale = torch.ones((), dtype=torch.float32, device=flat.device) / labels.numel()  # autograd's 1/n
     for start in range(0, labels.numel(), head_tokens):
         piece = slice(start, start + head_tokens)
-        total = total + torch.utils.checkpoint.checkpoint(
-            head_nll_sum, head, hidden[piece], labels[piece], use_reentrant=False)
-    return total / labels.numel()
+        logits = head(flat[piece]).float().requires_grad_(True)  # a leaf: autograd below covers the loss only
+        with torch.enable_grad():
+            nll = nn.functional.cross_entropy(logits, labels[piece], reduction="sum")
+        (grad_logits,) = torch.autograd.grad(nll, logits, grad_outputs=scale)  # (softmax − onehot) / n
+        grad_flat[piece] = grad_logits.to(weight.dtype) @ weight
+    grad = torch.zeros_like(hidden)
+    grad[:, :-1] = grad_flat.view(grad.shape[0], grad.shape[1] - 1, grad.shape[2])
+    return grad
 
 
 def head_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

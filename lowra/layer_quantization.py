@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowra.adapter_init import LoftQResult, loftq_init
+from lowra.adapter_init import ActivationWhitening, LoftQResult, loftq_init
 from lowra.format import QuantizedTensor
 from lowra.linear import LowRALinear
 from lowra.model_layers import set_module
@@ -70,7 +70,9 @@ def quantize_layer(name: str, weight: torch.Tensor, bias: torch.Tensor | None, s
     quantize_fn = layer_quantizer(settings, name, bits_per_row, codebooks, weight.device,
                                   importance=calib.fisher.pop(name, None) if settings.fisher_codebooks else None,
                                   hessian=calib.hessians.get(name) if settings.needs.layer_hessians else None)
-    hessian = calib.hessians.pop(name, None) if settings.calibrated_init else None
+    hessian = calib.hessians.pop(name, None) if settings.calibrated_init and settings.loftq_iters > 0 else None
+    if hessian is not None and tuple(hessian.shape) == (weight.shape[1],) * 2:  # (a wrong shape: loftq_init says so)
+        hessian = ActivationWhitening(hessian, settings.init_damp, f"layer {name!r}")  # the float64 Gram is freed here
     result, quantize_s, loftq_s = timed_init(quantize_fn, lambda fn: init_adapters(name, weight, fn, settings, hessian))
     times["quantize_s"] += quantize_s
     times["loftq_s"] += loftq_s
@@ -105,10 +107,10 @@ def timed_init(
 
 
 def init_adapters(name: str, weight: torch.Tensor, quantize_fn: Callable[[torch.Tensor], QuantizedTensor],
-                  settings: Settings, hessian: torch.Tensor | None) -> LoftQResult:
+                  settings: Settings, hessian: torch.Tensor | ActivationWhitening | None) -> LoftQResult:
     """The quantized base and adapters of one layer: ``loftq_init`` with the quantizer fixed
     (``loftq_iters`` alternations; 0 = standard LoRA init; ``hessian`` = the calibrated init's
-    input Gram ``[in, in]``, None for LoftQ)."""
+    input Gram ``[in, in]`` or its whitening, None for LoftQ)."""
     return loftq_init(weight, quantize_fn, settings.rank, settings.alpha, iters=settings.loftq_iters,
                       name=f"layer {name!r}",
                       hessian=hessian, damp=settings.init_damp)

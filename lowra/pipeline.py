@@ -389,6 +389,7 @@ def layer_table(name: str, weight: torch.Tensor, settings: Settings,
     codebooks = {b: c.cpu() for b, c in result.codebooks.items()}
     if settings.error == "kfac":
         h = calib.hessians[name] if settings.calibrated_init else calib.hessians.pop(name)
+        h = h.to(torch.float32)  # what kfac_row_errors multiplies by; the float64 copy is freed here
         error = kfac_row_errors(weight, result.codebooks, settings.candidates, settings.group_size,
                                 settings.double_quant,
                                 calib.output_grads.pop(name), h)

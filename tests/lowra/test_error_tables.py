@@ -212,3 +212,25 @@ def test_effective_budget_counts_every_stored_bit():
         quantize_model(load_model(), 2, method="nf", budget_kind="effective", **FAST)
     with pytest.raises(ValueError, match="quant.budget_kind=effective, bits=1.5"):
         quantize_model(load_model(), 1.5, budget_kind="effective", rank=2, alpha=4, loftq_iters=0, **PAPER, **FAST)
+
+
+def test_kfac_row_errors_in_row_chunks_equal_one_pass(monkeypatch):
+    """Row chunks (bounded temporaries) give the table of one pass over the whole weight, double quant too."""
+    import lowra.error_tables as et
+    from lowra.codebook import learn_codebooks as learn
+    from lowra.format import dequantized_at
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 128, generator=g)
+    x = torch.randn(256, 128, generator=g)
+    h = (x.T @ x / 256).double()
+    gsq = torch.rand(37, generator=g).double()
+    for dq in (False, True):
+        books = learn(w, bits=(1, 2), group_size=64, double_quant=dq, iters=2).codebooks
+        whole = et.kfac_row_errors(w, books, (1, 2), 64, dq, gsq, h)
+        monkeypatch.setattr(et, "KFAC_CHUNK_ELEMENTS", 5 * 128)  # 5 rows per chunk
+        chunked = et.kfac_row_errors(w, books, (1, 2), 64, dq, gsq, h)
+        monkeypatch.undo()
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)  # GEMM blocking differs by rows
+        d = w - dequantized_at(w, 2, books[2], 64, dq)
+        torch.testing.assert_close(whole[:, 1], gsq * ((d.double() @ h) * d.double()).sum(1), rtol=1e-5, atol=0)

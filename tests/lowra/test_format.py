@@ -229,3 +229,21 @@ def test_fractional_bits_error_points_at_a_plan_not_at_the_same_method(method):
     msg = str(err.value)
     assert "lowra.quantize_model(model, 2.5" in msg and "int tensor [out]" in msg
     assert "(method='lowra' or" not in msg
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_dequantized_at_equals_the_stored_round_trip(bits, double_quant):
+    """The K-FAC table's values without packing: bit-identical to quantize + pack + dequantize."""
+    from lowra.codebook import learn_codebooks
+    from lowra.format import dequantized_at
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(40, 200, generator=g) * torch.logspace(-2, 1, 200)
+    w[3, :64] = 0.0  # a zero group: x = 0 there
+    table = learn_codebooks(w, bits=(bits,), group_size=64, iters=3).codebooks[bits]
+    for cb in (table, table[:1]):  # per-row and shared
+        ref = QuantizedTensor.from_codebooks(w, bits, {bits: cb}, 64, double_quant).dequantize(torch.float32)
+        assert torch.equal(dequantized_at(w, bits, cb, 64, double_quant), ref)
+    with pytest.raises(ValueError, match="codebook must have shape"):
+        dequantized_at(w, bits, table[:, :1], 64)
