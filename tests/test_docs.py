@@ -61,6 +61,25 @@ def test_every_make_target_the_docs_name_exists() -> None:
     assert named and not missing, f"docs name make targets that do not exist: {missing}"
 
 
+def test_every_python_module_the_docs_run_exists() -> None:
+    """Each `python -m <module>` in the README, docs, conf and Makefile names a module of this checkout (or
+    of the environment: pytest, pip, …), so a renamed or moved entry point cannot leave a dead command."""
+    import importlib.util
+
+    sources = [*PAGES, REPO / "Makefile"]
+    named = {(src.name, m) for src in sources
+             for m in re.findall(r"python3? -m ([A-Za-z_](?:[\w.]*\w)?)", src.read_text())}
+    missing = []
+    for src, module in sorted(named):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(f"{src}: python -m {module}")
+    assert len(named) > 20 and not missing, f"docs run modules that do not exist: {missing}"
+
+
 def test_readme_is_a_front_door() -> None:
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
