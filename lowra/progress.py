@@ -89,11 +89,14 @@ class Ticker:
 
 
 # ------------------------------------------------------------------------------------ heartbeat
+_now = time.perf_counter  # bound at import: the heartbeat's clock is not the one a test fakes
+
+
 class Activity:
     """One open stage: ``desc`` (may be updated while it runs, e.g. ``"fine-tune: 12/100"``) and its start."""
 
     def __init__(self, desc: str) -> None:
-        self.desc, self.t0 = desc, time.perf_counter()
+        self.desc, self.t0 = desc, _now()
 
 
 class _Heartbeat:
@@ -103,7 +106,7 @@ class _Heartbeat:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.open: list[Activity] = []
-        self.last_line = time.perf_counter()
+        self.last_line = _now()
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -118,7 +121,7 @@ class _Heartbeat:
         while True:
             time.sleep(0.25)
             with self.lock:
-                now = time.perf_counter()
+                now = _now()
                 if not self.open or now - self.last_line < HEARTBEAT_S:
                     continue
                 act = self.open[-1]
@@ -134,7 +137,7 @@ class _LastLine(logging.Handler):
         self.beat = beat
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.beat.last_line = time.perf_counter()
+        self.beat.last_line = _now()
 
 
 _HEARTBEAT = _Heartbeat()
@@ -147,7 +150,7 @@ def open_activity(desc: str) -> Activity:
     with _HEARTBEAT.lock:
         _HEARTBEAT.start()
         if not _HEARTBEAT.open:
-            _HEARTBEAT.last_line = time.perf_counter()
+            _HEARTBEAT.last_line = _now()
         _HEARTBEAT.open.append(act)
     return act
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -53,6 +54,8 @@ class PlainProgress:
         self.last_decile = self._decile()
         self.closed = False
         self.activity = open_activity(self._where()) if type(self) is PlainProgress else None
+        if self.activity is not None:  # a bar dropped without close() must not leave its heartbeat behind
+            weakref.finalize(self, close_activity, self.activity)
 
     def _where(self) -> str:
         if self.announce:

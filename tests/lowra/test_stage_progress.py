@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
+
 import lowra.progress as progress_mod
 from experiments.eval.stories import load_model
 from lowra.model_quantization import quantize_model
@@ -69,6 +71,11 @@ def test_quantize_pretrained_reports_every_stage_per_layer_or_chunk(monkeypatch,
 
 
 # ------------------------------------------------------------ heartbeat: an open activity is never silent
+@pytest.fixture(autouse=True)
+def _no_activity_from_elsewhere(monkeypatch):
+    """Each test starts with no open activity (one left open by an earlier test's code would beat)."""
+    monkeypatch.setattr(progress_mod._HEARTBEAT, "open", [])
+
 def _lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "lowra"]
 
