@@ -51,6 +51,15 @@ def base_weight(base: QuantizedTensor | torch.Tensor, dtype: torch.dtype, backen
     return base.to(dtype)
 
 
+def _records_autograd(x: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                      bias: torch.Tensor | None) -> bool:
+    """Whether a call on ``x`` with these adapters and bias builds an autograd graph (grad mode on and
+    one of them requires grad); the base's own tables are the layer's concern."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
+        or (bias is not None and bias.requires_grad))
+
+
 class LowRALinear(nn.Module):
     """A frozen base ``[out, in]`` (quantized or dense) + optional bias + LoRA adapters.
 
@@ -301,8 +310,7 @@ class LowRALinear(nn.Module):
         else:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"x has {x.shape[-1]} features, the layer expects {self.in_features}")
-            if torch.is_grad_enabled() and (x.requires_grad or (a is not None and (a.requires_grad or b.requires_grad))
-                                            or (bias is not None and bias.requires_grad)):
+            if _records_autograd(x, a, b, bias):
                 out = lut_linear_autograd(x, packed, tensors, meta, a, b, bias, self.scaling, self.backend)
             else:  # nothing to record
                 out = lut_linear_unchecked(x, packed, a, b, bias, self.scaling, self.backend)
@@ -313,13 +321,9 @@ class LowRALinear(nn.Module):
 
     def _records_autograd(self, x: torch.Tensor, lora_A: torch.Tensor | None) -> bool:
         """Whether this call builds an autograd graph (grad mode on and an input that requires grad)."""
-        if not torch.is_grad_enabled():
-            return False
-        bias = self.bias
-        if any(p.requires_grad for _, p in self._base_table_params()):
+        if torch.is_grad_enabled() and any(p.requires_grad for _, p in self._base_table_params()):
             return True
-        return x.requires_grad or (lora_A is not None and (lora_A.requires_grad or self.lora_B.requires_grad)) or (
-            bias is not None and bias.requires_grad)
+        return _records_autograd(x, lora_A, self.lora_B, self.bias)
 
     def _apply(self, fn, recurse: bool = True):
         """Move the ``QuantizedTensor`` with the module (``.to(device)``, ``.cuda()``, ``.cpu()``).
