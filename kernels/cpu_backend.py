@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 import time
 import warnings
@@ -78,6 +79,8 @@ def _build_flags() -> tuple[str, list[str]]:
     capability = torch.backends.cpu.get_cpu_capability()
     simd = capability in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    if os.environ.get("LOWRA_CPU_SANITIZE") == "1":  # AddressSanitizer build (run with libasan preloaded)
+        flags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
     key = hashlib.sha256(_SOURCE.read_bytes())
     key.update(" ".join(flags).encode())
     key.update(torch.__version__.encode())
@@ -122,7 +125,8 @@ def extension() -> Any | None:
 
                 clear_stale_lock(Path(_get_build_directory(name, verbose=False)))
                 _ext = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                            extra_ldflags=["-fopenmp"], verbose=False)
+                            extra_ldflags=["-fopenmp"] + [f for f in flags if f.startswith("-fsanitize")],
+                            verbose=False)
                 _state = "ready"
             except Exception as err:  # any build failure means: no fast path
                 _state, _failure = "failed", f"{type(err).__name__}: {str(err).strip()[-600:]}"
@@ -246,7 +250,13 @@ class _Prepared:
 _prepared = WeightCache()
 
 
-_static: dict[int, tuple[weakref.ref, list[tuple[torch.Tensor | None, torch.Tensor]]]] = {}
+_static: dict[int, tuple[weakref.ref, list[tuple[torch.Tensor | None, torch.Tensor]], tuple[torch.Tensor, ...]]] = {}
+
+
+def _parts_of(w: PackedWeight) -> tuple[torch.Tensor, ...]:
+    """The tensors ``static_parts`` derives from, but the anchor (held strongly by its entry: ids of dead
+    tensors are reused, so an entry keyed by identity must keep what it compares)."""
+    return (*w.codes[1:], *w.rows)
 
 
 def static_parts(w: PackedWeight) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -255,8 +265,9 @@ def static_parts(w: PackedWeight) -> list[tuple[torch.Tensor, torch.Tensor]]:
     every step and ``_build`` runs again."""
     anchor = w.codes[0]
     slot = id(anchor)
-    entry = _static.get(slot)
-    if entry is None or entry[0]() is not anchor or len(entry[1]) != len(w.codes):
+    entry, held = _static.get(slot), _parts_of(w)
+    if (entry is None or entry[0]() is not anchor or len(entry[2]) != len(held)
+            or any(a is not b for a, b in zip(held, entry[2], strict=True))):
         parts = []
         for c, r in zip(w.codes, w.rows, strict=True):
             cc = c.contiguous()
@@ -266,7 +277,7 @@ def static_parts(w: PackedWeight) -> list[tuple[torch.Tensor, torch.Tensor]]:
             if slot in _static and _static[slot][0] is ref:
                 del _static[slot]
 
-        entry = (weakref.ref(anchor, forget), parts)
+        entry = (weakref.ref(anchor, forget), parts, held)
         _static[slot] = entry
     return [(w.codes[j] if c is None else c, r) for j, (c, r) in enumerate(entry[1])]
 

@@ -105,17 +105,23 @@ def weight_key(w: PackedWeight) -> tuple:
 class WeightCache:
     """Values derived from a ``PackedWeight`` (the CPU extension's tables, a layer's Triton launch plan),
     built once per ``subkey`` (device, dtype, M bucket, …) and kept while the weight's tensors are alive
-    and unchanged in place; an entry dies with the weight's first codes tensor."""
+    and unchanged in place; an entry dies with the weight's first codes tensor.
+
+    The key holds the ``id`` of every tensor of the weight, so an entry also holds those tensors (all but
+    the weakly held anchor): an id names one live tensor only while that tensor lives, and a tensor made
+    after another died may get its id (e.g. a trainable codebook cast anew every step would otherwise
+    match the entry of last step's values)."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+        self._entries: dict[int, tuple[weakref.ref, tuple, dict, tuple]] = {}
 
     def get(self, w: PackedWeight, subkey: Hashable, build: Callable[[], T]) -> T:
         anchor = w.codes[0]
         slot, key = id(anchor), weight_key(w)
         entry = self._entries.get(slot)
         if entry is None or entry[0]() is not anchor or entry[1] != key:
-            entry = (weakref.ref(anchor, lambda ref: self._forget(slot, ref)), key, {})
+            held = tuple(t for t in (w.absmax, *w.codes, *w.rows, *w.codebooks) if t is not anchor)
+            entry = (weakref.ref(anchor, lambda ref: self._forget(slot, ref)), key, {}, held)
             self._entries[slot] = entry
         values = entry[2]
         if subkey not in values:

@@ -101,6 +101,8 @@ def run_strategy(strategy: str, world: int, workdir: Path, train: dict[str, Any]
 
 def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str, Any], interrupt_at: int | None,
             tag: str, port: int) -> None:
+    import faulthandler
+
     from safetensors.torch import load_file, save_file
 
     from experiments.runner import train as train_module
@@ -117,6 +119,7 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
     from lowra import load_quantized, save_quantized
     from lowra.sharded import quantized_resident_bytes
 
+    faulthandler.enable(all_threads=True)  # a native crash in a rank prints every thread's Python stack
     torch.set_num_threads(1)
     if strategy != "single":
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),

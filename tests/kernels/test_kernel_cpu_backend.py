@@ -158,6 +158,20 @@ def test_prepared_tables_follow_in_place_edits():
     torch.testing.assert_close(after, lut_matmul_ref(x, q.packed()), rtol=1e-5, atol=1e-5)
 
 
+def test_prepared_tables_follow_new_codebook_tensors_even_at_a_reused_id():
+    """A codebook cast anew each step (trainable tables) often lands at the id of last step's dead one:
+    the cache must still see the new values (it holds what its key names, so ids cannot be reused)."""
+    q = random_qtensor(24, 64, 2)
+    x = torch.randn(1, 64)
+    w = q.packed()
+    for step in range(40):
+        cb = (w.codebooks[0].float() * (1 + step)).half()
+        ws = w._replace(codebooks=(cb,))
+        got = lut_matmul(x, ws, backend="cpu")
+        torch.testing.assert_close(got, lut_matmul_ref(x, ws), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        del cb, ws
+
+
 def test_bad_inputs_raise():
     q = random_qtensor(20, 64, 2)
     with pytest.raises(ValueError, match="features"):
