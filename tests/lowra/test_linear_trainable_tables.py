@@ -146,3 +146,25 @@ def test_one_bit_codebook_gradient_from_the_kept_output_matches_the_reference(to
         # the 1-bit closed form reads the fp32 output, whose bias and adapter parts (large in this layer:
         # B ~ N(0, 1)) cancel: a relative error of a few 1e-4 here (6e-5 at most on stories260K's layers)
         assert float((p.grad - q.grad).norm() / q.grad.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("rows", [8, 40])  # the fused GEMV (M <= 16) and the dequantize + GEMM path
+def test_every_step_computes_with_the_current_tables(rows):
+    """The CPU kernels' per-weight caches must follow the tables each step (the op casts the parameters
+    anew every call, and a new tensor may take the id of last step's): the CPU backend equals the
+    PyTorch reference after every optimizer step, in grad mode and without."""
+    m = _layer()
+    params = m.train_base_tables(codebooks=True, scales=True)
+    opt = torch.optim.SGD(params, lr=0.5)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(4))
+    for step in range(6):
+        opt.zero_grad()
+        m(x).pow(2).mean().backward()
+        opt.step()
+        for grad_mode in (True, False):
+            with torch.set_grad_enabled(grad_mode):
+                m.backend = "cpu"
+                got = m(x).detach()
+                m.backend = "torch"
+                want = m(x).detach()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"step {step} grad {grad_mode}")
