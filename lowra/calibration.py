@@ -226,63 +226,8 @@ def collect_fisher(
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32, device="cpu") for n, m in targets} if diagonal else {}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    gsums: dict[str, torch.Tensor] = {}
-    gcounts: dict[str, int] = {}
-    # q/k/v (and gate/up) read the same input tensor: one Gram, shared (memory ÷ 2-3). A dry forward
-    # over two tokens finds which layers share (identity through a weak reference, never a data
-    # pointer: an activation nothing saves is freed at once and its memory reused by a later input),
-    # so every accumulator is allocated before the first activation and none sits between them
-    seen_inputs: dict[int, tuple[weakref.ref, str]] = {}
-    alias: dict[str, str] = {}
-    state = {"backward": False, "chunk": 0, "dry": True}
-
-    def grad_hook(name: str):
-        def fn(g: torch.Tensor) -> None:  # the chunk's sum of squares in fp32, chunks summed in float64
-            g = g.detach().reshape(-1, g.shape[-1])
-            gsums[name] += torch.linalg.vector_norm(g.float(), dim=0).square().double()
-            gcounts[name] += g.shape[0]
-        return fn
-
-    def hook(name: str):
-        def fn(_module: nn.Module, args: tuple, output: Any) -> None:
-            if state["backward"]:  # a checkpointed layer recomputing its forward: already counted
-                return
-            if state["dry"]:
-                inp = args[0]
-                ref, first = seen_inputs.get(id(inp), (None, None))
-                if ref is not None and ref() is inp:
-                    alias[name] = first
-                else:
-                    seen_inputs[id(inp)] = (weakref.ref(inp), name)
-                return
-            if output_grads and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(grad_hook(name))
-            if hessians and name not in alias:
-                # fp32 Gram per chunk (float64 matmuls cost 2-4× more and dominate the pass on a
-                # CPU), accumulated across chunks in float64
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-                sums[name] += (x.T @ x).to(torch.float64)
-                counts[name] += x.shape[0]
-        return fn
-
-    def square_into(name: str):
-        def fn(p: torch.Tensor) -> None:
-            g = p.grad
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(f"quant.error=fisher: non-finite gradient in layer {name!r} "
-                                 f"(chunk {state['chunk']}); check the model and the calibration text")
-            fisher[name] += g.detach().float().pow(2).cpu()
-            p.grad = None
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in targets] if hessians or output_grads else []
-    if diagonal:
-        for name, m in targets:
-            m.weight.requires_grad_(True)
-            handles.append(m.weight.register_post_accumulate_grad_hook(square_into(name)))
+    stats = _FisherStatistics(targets, hessians, output_grads, diagonal)
+    handles = stats.register_hooks()
     was_training = model.training
     model.eval()
     try:
@@ -291,27 +236,15 @@ def collect_fisher(
                 ids = torch.as_tensor(batch).to(device)
                 if ids.dim() == 1:
                     ids = ids[None]
-                if state["dry"]:
+                if stats.dry:
                     _find_shared_inputs(model, ids[:1, :2], hessians)
-                    seen_inputs.clear()
-                    state["dry"] = False
-                    for name, m in targets:
-                        if hessians and name not in alias:
-                            sums[name] = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                            counts[name] = 0
-                        if output_grads:
-                            gsums[name] = torch.zeros(m.out_features, dtype=torch.float64, device=device)
-                            gcounts[name] = 0
-                state["backward"] = False
+                    stats.allocate(device)
+                stats.backward = False
                 with torch.enable_grad():
                     _causal_lm_backward(model, ids, head_tokens, leaf_inputs=not diagonal,
-                                        before_backward=lambda: state.update(backward=True))
-                for name, m in targets:
-                    if diagonal and m.weight.grad is not None:  # the hook frees every gradient it saw
-                        raise RuntimeError(f"calibration: the gradient of {name!r} was not consumed")
-                    if hessians and name not in alias and not counts[name]:
-                        raise ValueError(f"no calibration activations reached {name!r} (is it used in forward?)")
-                state["chunk"] += 1
+                                        before_backward=stats.entering_backward)
+                stats.check_chunk()
+                stats.chunk += 1
     finally:
         for h in handles:
             h.remove()
@@ -319,27 +252,141 @@ def collect_fisher(
             p.requires_grad_(saved[n])
             p.grad = None
         model.train(was_training)
-    chunks = state["chunk"]
-    if not chunks:
-        raise ValueError("quant.error=fisher needs calibration batches; got none")
-    for name, f in fisher.items():
-        if not bool(f.any()):
-            raise ValueError(f"quant.error=fisher: no gradient reached layer {name!r}")
-        f /= chunks
-    hess: dict[str, torch.Tensor] = {}
-    if hessians:
-        for n in sums:
-            sums[n] /= max(counts[n], 1)
-        hess = {n: sums[alias.get(n, n)] for n, _ in targets}
-    if output_grads:
-        for n, _ in targets:
-            if not gcounts[n]:
-                raise ValueError(f"quant.error=kfac: no gradient reached layer {n!r}")
-            if not bool(torch.isfinite(gsums[n]).all()):
-                raise ValueError(f"quant.error=kfac: non-finite gradient in layer {n!r}; "
-                                 "check the model and the calibration text")
-        return fisher, hess, {n: (gsums[n] / max(gcounts[n], 1)).cpu() for n, _ in targets}
-    return fisher, hess
+    return stats.results()
+
+
+class _FisherStatistics:
+    """The accumulators of :func:`collect_fisher` and the hooks that fill them.
+
+    ``fisher {name: fp32 [out, in] on CPU}`` (squared weight gradients, summed over chunks),
+    ``sums {name: float64 [in, in]}`` / ``counts`` (input Grams and their token counts, one per set
+    of layers reading the same input tensor: ``alias`` maps the others to it), ``gsums {name:
+    float64 [out]}`` / ``gcounts`` (squared output gradients). The first batch runs a dry forward
+    (``dry``) in which the forward hooks only record which layers share an input; :meth:`allocate`
+    then creates every Gram and output-gradient accumulator before the first real activation, so
+    none sits between activations. ``backward`` is set while a checkpointed layer recomputes its
+    forward (its activations are already counted); ``chunk`` numbers the batches.
+    """
+
+    def __init__(self, targets: list[tuple[str, nn.Linear]], hessians: bool, output_grads: bool,
+                 diagonal: bool) -> None:
+        self.targets, self.hessians, self.output_grads, self.diagonal = targets, hessians, output_grads, diagonal
+        self.fisher = ({n: torch.zeros_like(m.weight, dtype=torch.float32, device="cpu") for n, m in targets}
+                       if diagonal else {})
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.gsums: dict[str, torch.Tensor] = {}
+        self.gcounts: dict[str, int] = {}
+        # q/k/v (and gate/up) read the same input tensor: one Gram, shared (memory ÷ 2-3). A dry forward
+        # over two tokens finds which layers share (identity through a weak reference, never a data
+        # pointer: an activation nothing saves is freed at once and its memory reused by a later input),
+        # so every accumulator is allocated before the first activation and none sits between them
+        self.seen_inputs: dict[int, tuple[weakref.ref, str]] = {}
+        self.alias: dict[str, str] = {}
+        self.backward = False
+        self.chunk = 0
+        self.dry = True
+
+    def entering_backward(self) -> None:
+        self.backward = True
+
+    def register_hooks(self) -> list[Any]:
+        """Forward hooks on every target (Grams, output-gradient hooks) when needed, and with
+        ``diagonal`` a post-accumulate hook on every target weight (which it makes require grad)."""
+        handles = ([m.register_forward_hook(self._forward_hook(n)) for n, m in self.targets]
+                   if self.hessians or self.output_grads else [])
+        if self.diagonal:
+            for name, m in self.targets:
+                m.weight.requires_grad_(True)
+                handles.append(m.weight.register_post_accumulate_grad_hook(self._square_into(name)))
+        return handles
+
+    def allocate(self, device: torch.device | str) -> None:
+        """End the dry pass: zeroed Gram ``[in, in]`` (one per shared input) and output-gradient
+        ``[out]`` accumulators, float64 on ``device``."""
+        self.seen_inputs.clear()
+        self.dry = False
+        for name, m in self.targets:
+            if self.hessians and name not in self.alias:
+                self.sums[name] = torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                self.counts[name] = 0
+            if self.output_grads:
+                self.gsums[name] = torch.zeros(m.out_features, dtype=torch.float64, device=device)
+                self.gcounts[name] = 0
+
+    def _grad_hook(self, name: str):
+        def fn(g: torch.Tensor) -> None:  # the chunk's sum of squares in fp32, chunks summed in float64
+            g = g.detach().reshape(-1, g.shape[-1])
+            self.gsums[name] += torch.linalg.vector_norm(g.float(), dim=0).square().double()
+            self.gcounts[name] += g.shape[0]
+        return fn
+
+    def _forward_hook(self, name: str):
+        def fn(_module: nn.Module, args: tuple, output: Any) -> None:
+            if self.backward:  # a checkpointed layer recomputing its forward: already counted
+                return
+            if self.dry:
+                inp = args[0]
+                ref, first = self.seen_inputs.get(id(inp), (None, None))
+                if ref is not None and ref() is inp:
+                    self.alias[name] = first
+                else:
+                    self.seen_inputs[id(inp)] = (weakref.ref(inp), name)
+                return
+            if self.output_grads and isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._grad_hook(name))
+            if self.hessians and name not in self.alias:
+                # fp32 Gram per chunk (float64 matmuls cost 2-4× more and dominate the pass on a
+                # CPU), accumulated across chunks in float64
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+                self.sums[name] += (x.T @ x).to(torch.float64)
+                self.counts[name] += x.shape[0]
+        return fn
+
+    def _square_into(self, name: str):
+        def fn(p: torch.Tensor) -> None:
+            g = p.grad
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"quant.error=fisher: non-finite gradient in layer {name!r} "
+                                 f"(chunk {self.chunk}); check the model and the calibration text")
+            self.fisher[name] += g.detach().float().pow(2).cpu()
+            p.grad = None
+        return fn
+
+    def check_chunk(self) -> None:
+        """After a chunk's backward: every weight gradient was consumed, every Gram got activations."""
+        for name, m in self.targets:
+            if self.diagonal and m.weight.grad is not None:  # the hook frees every gradient it saw
+                raise RuntimeError(f"calibration: the gradient of {name!r} was not consumed")
+            if self.hessians and name not in self.alias and not self.counts[name]:
+                raise ValueError(f"no calibration activations reached {name!r} (is it used in forward?)")
+
+    def results(self) -> tuple[dict[str, torch.Tensor], ...]:
+        """The means over chunks (Fisher) and tokens (Grams, output gradients), as
+        :func:`collect_fisher` returns them; refuses no batch, a layer no gradient reached, and a
+        non-finite output gradient."""
+        targets, fisher, gsums, gcounts = self.targets, self.fisher, self.gsums, self.gcounts
+        chunks = self.chunk
+        if not chunks:
+            raise ValueError("quant.error=fisher needs calibration batches; got none")
+        for name, f in fisher.items():
+            if not bool(f.any()):
+                raise ValueError(f"quant.error=fisher: no gradient reached layer {name!r}")
+            f /= chunks
+        hess: dict[str, torch.Tensor] = {}
+        if self.hessians:
+            for n in self.sums:
+                self.sums[n] /= max(self.counts[n], 1)
+            hess = {n: self.sums[self.alias.get(n, n)] for n, _ in targets}
+        if self.output_grads:
+            for n, _ in targets:
+                if not gcounts[n]:
+                    raise ValueError(f"quant.error=kfac: no gradient reached layer {n!r}")
+                if not bool(torch.isfinite(gsums[n]).all()):
+                    raise ValueError(f"quant.error=kfac: non-finite gradient in layer {n!r}; "
+                                     "check the model and the calibration text")
+            return fisher, hess, {n: (gsums[n] / max(gcounts[n], 1)).cpu() for n, _ in targets}
+        return fisher, hess
 
 
 @contextmanager

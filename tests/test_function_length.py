@@ -15,11 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = ("lowra", "experiments/runner")
 LIMIT = 80
 KNOWN = {  # function name (its module may move): code lines when listed (2026-12-07)
-    "collect_fisher": 130,  # lowra/calibration.py
-    "assign_precision": 141,  # lowra/precision/assign.py
-    "_prepare": 128,  # lowra/precision/problem.py
-    "_stage1_program": 83,  # lowra/precision/stage1.py
-    "optq_quantize": 81,  # lowra/quantizers/optq.py
     "check_config": 129,  # experiments/runner/config_check.py
     "_run_stages": 154,  # experiments/runner/run.py
     "train": 117,  # experiments/runner/train.py

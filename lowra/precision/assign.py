@@ -18,7 +18,7 @@ from lowra.precision.bounds import _group_lp_bounds, _hull_segments
 from lowra.precision.efficiency_paths import _ClusterPaths
 from lowra.precision.highs import DEFAULT_MAX_NODES, _solver_name
 from lowra.precision.plan import PrecisionPlan
-from lowra.precision.problem import _ArrayLike, _prepare
+from lowra.precision.problem import _ArrayLike, _prepare, _Problem
 from lowra.precision.repair import _repair
 from lowra.precision.rounding import _lp_rounding
 from lowra.precision.stage1 import _cluster, _stage1
@@ -105,23 +105,9 @@ def assign_precision(
     import cvxpy  # noqa: F401  (lazy: ~3 s; imported before the stages are timed)
 
     p = _prepare(errors, params, budget, candidates, scope, layer_sizes, layer_ids, bit_costs)
-    if int(clusters) < 1:
-        raise ValueError(f"clusters must be >= 1, got {clusters}")
-    if stage2 not in ("combinatorial", "lp"):
-        raise ValueError(f'stage2 must be "combinatorial" or "lp", got {stage2!r}')
-    if samples is None:
-        samples = 32 if scope == "model" else 8
-    if int(samples) < 0:
-        raise ValueError(f"samples must be >= 0, got {samples}")
-    e, n, cand = p.e, p.n, p.cand
-    C = e.shape[0]
-    if threads not in (None, 1):
-        raise ValueError(f"threads={threads}: the precision plan runs HiGHS on one thread, so that the plan "
-                         "does not depend on the thread count; leave threads unset (or 1)")
-    if max_nodes is not None and int(max_nodes) < 1:
-        raise ValueError(f"max_nodes must be >= 1 (or None: no node limit), got {max_nodes}")
-    opts: dict[str, Any] = {"verbose": verbose, "time_limit": time_limit, "threads": 1}
-    opts.update(solver_options or {})
+    samples = _check_plan_options(clusters, stage2, samples, scope, threads, max_nodes)
+    e = p.e
+    opts: dict[str, Any] = {"verbose": verbose, "time_limit": time_limit, "threads": 1, **(solver_options or {})}
     times: dict[str, float] = {}
     info: dict[str, Any] = {}
 
@@ -143,12 +129,7 @@ def assign_precision(
     with activity("plan: k-means clusters"):
         t0 = time.perf_counter()
         lab = _cluster(p, int(clusters), int(seed), int(kmeans_iters), int(kmeans_sample))
-        G = int(lab.max()) + 1
-        Nk = np.bincount(lab, minlength=G)
-        wk = np.zeros((G, cand.shape[0]), dtype=np.int64)
-        wk[lab] = p.w  # one cost vector per cluster (clusters are partitioned by it)
-        gk = np.zeros(G, dtype=np.int64)
-        gk[lab] = p.group
+        G, Nk, wk, gk = _cluster_summary(p, lab)
     times["cluster"] = time.perf_counter() - t0
 
     # ---- stage 1 ----
@@ -157,22 +138,9 @@ def assign_precision(
         path = _ClusterPaths(seg, lab, wk)
         del seg
         Y, F, pk = path.sample_points(Nk, int(samples), e, lab)
-        s1_opts = dict(opts)
-        if mip_rel_gap is not None:
-            s1_opts["mip_rel_gap"] = mip_rel_gap
-        s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
-        # "optimal" means the relative gap: HiGHS' default absolute gap (1e-6) would also stop it, and the
-        # objective (scaled by the largest sample cost) can be small enough that this stops it early.
-        s1_opts.setdefault("mip_abs_gap", 0.0)
-        # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
-        # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
-        # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
-        s1_opts.setdefault("mip_feasibility_tolerance", 1e-4)
-        emax = np.full((G, e.shape[1]), -np.inf)
-        emin = np.full((G, e.shape[1]), np.inf)
-        np.maximum.at(emax, lab, e)
-        np.minimum.at(emin, lab, e)
-        Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, wk, gk, emax, emin, s1_opts)
+        emax, emin = _cluster_error_range(e, lab, G)
+        Yint, stage1_obj, s1info = _stage1(p, Y, F, pk, Nk, wk, gk, emax, emin,
+                                           _stage1_options(opts, mip_rel_gap, max_nodes))
         info.update(s1info)
     times["stage1"] = time.perf_counter() - t0
 
@@ -186,21 +154,102 @@ def assign_precision(
     # ---- repair ----
     with activity("plan: repair and compare"):
         t0 = time.perf_counter()
-        jidx, moves, filled = _repair(p, jidx)
-        info["repair_moves"] = moves
-        rows = np.arange(C)
-        rounded, _, rounded_filled = _repair(p, rounded)
-        two_stage_sse = float(e[rows, jidx].sum())
-        rounded_sse = float(e[rows, rounded].sum())
-        info["two_stage_objective"] = two_stage_sse
-        info["lp_rounding_objective"] = rounded_sse
-        info["plan_source"] = "two-stage"
-        if rounded_sse < two_stage_sse and (rounded_filled or not filled):
-            jidx, filled = rounded, rounded_filled
-            info["plan_source"] = "lp rounding"
-        info["budget_filled"] = filled
+        jidx = _repair_and_pick(p, jidx, rounded, info)
     times["repair"] = time.perf_counter() - t0
 
+    return _plan_from_choice(p, jidx, budget, scope, lower_bound, stage1_obj, times, info, G, t_start)
+
+
+def _cluster_summary(p: _Problem, lab: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Per cluster of the labels ``lab [C]``: ``(G, Nk [G] channel counts, wk [G, K] the cost vector
+    (clusters are partitioned by it, so one per cluster), gk [G] the budget group)``."""
+    G = int(lab.max()) + 1
+    Nk = np.bincount(lab, minlength=G)
+    wk = np.zeros((G, p.cand.shape[0]), dtype=np.int64)
+    wk[lab] = p.w  # one cost vector per cluster (clusters are partitioned by it)
+    gk = np.zeros(G, dtype=np.int64)
+    gk[lab] = p.group
+    return G, Nk, wk, gk
+
+
+def _cluster_error_range(e: np.ndarray, lab: np.ndarray, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(emax, emin)`` ``[G, K]``: the largest and smallest SSE ``e [C, K]`` of any channel of each
+    cluster at each width (the costs of stage 1's slack columns ``s+`` and ``s-``)."""
+    emax = np.full((G, e.shape[1]), -np.inf)
+    emin = np.full((G, e.shape[1]), np.inf)
+    np.maximum.at(emax, lab, e)
+    np.minimum.at(emin, lab, e)
+    return emax, emin
+
+
+def _check_plan_options(clusters: int, stage2: str, samples: int | None, scope: str,
+                        threads: int | None, max_nodes: int | None) -> int:
+    """Refuse bad planner options (ValueError, in :func:`assign_precision`'s documented terms) and
+    return ``samples`` with its scope-dependent default filled in (32 for the model scope, 8 for the
+    matrix scope)."""
+    if int(clusters) < 1:
+        raise ValueError(f"clusters must be >= 1, got {clusters}")
+    if stage2 not in ("combinatorial", "lp"):
+        raise ValueError(f'stage2 must be "combinatorial" or "lp", got {stage2!r}')
+    if samples is None:
+        samples = 32 if scope == "model" else 8
+    if int(samples) < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    if threads not in (None, 1):
+        raise ValueError(f"threads={threads}: the precision plan runs HiGHS on one thread, so that the plan "
+                         "does not depend on the thread count; leave threads unset (or 1)")
+    if max_nodes is not None and int(max_nodes) < 1:
+        raise ValueError(f"max_nodes must be >= 1 (or None: no node limit), got {max_nodes}")
+    return samples
+
+
+def _stage1_options(opts: dict[str, Any], mip_rel_gap: float | None, max_nodes: int | None) -> dict[str, Any]:
+    """The HiGHS options of stage 1's branch and bound: ``opts`` plus its stopping rules (relative
+    gap, node limit; no absolute gap) and a feasibility tolerance fit for counts up to ~1e4."""
+    s1_opts = dict(opts)
+    if mip_rel_gap is not None:
+        s1_opts["mip_rel_gap"] = mip_rel_gap
+    s1_opts["max_nodes"] = max_nodes if max_nodes is not None else 2**31 - 1
+    # "optimal" means the relative gap: HiGHS' default absolute gap (1e-6) would also stop it, and the
+    # objective (scaled by the largest sample cost) can be small enough that this stops it early.
+    s1_opts.setdefault("mip_abs_gap", 0.0)
+    # Counts reach 1e4 and come out of mu @ Y products carrying ~1e-5 of float noise: at
+    # HiGHS' default 1e-6 an integral LP vertex looks fractional and the search runs on for
+    # seconds to minutes.  1e-4 absolute is 1e-8 relative; rounding is checked exactly after.
+    s1_opts.setdefault("mip_feasibility_tolerance", 1e-4)
+    return s1_opts
+
+
+def _repair_and_pick(p: _Problem, jidx: np.ndarray, rounded: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+    """Repair both plans (the two-stage one, ``jidx [C]``, and the LP rounding, ``rounded [C]``:
+    candidate indices per channel) into the budget window and return the one of least SSE (the LP
+    rounding only if it fills the budget or the two-stage plan does not either). Records the repair
+    moves, both objectives, the source and whether the budget is filled in ``info``."""
+    e = p.e
+    jidx, moves, filled = _repair(p, jidx)
+    info["repair_moves"] = moves
+    rows = np.arange(e.shape[0])
+    rounded, _, rounded_filled = _repair(p, rounded)
+    two_stage_sse = float(e[rows, jidx].sum())
+    rounded_sse = float(e[rows, rounded].sum())
+    info["two_stage_objective"] = two_stage_sse
+    info["lp_rounding_objective"] = rounded_sse
+    info["plan_source"] = "two-stage"
+    if rounded_sse < two_stage_sse and (rounded_filled or not filled):
+        jidx, filled = rounded, rounded_filled
+        info["plan_source"] = "lp rounding"
+    info["budget_filled"] = filled
+    return jidx
+
+
+def _plan_from_choice(p: _Problem, jidx: np.ndarray, budget: float, scope: str, lower_bound: float,
+                      stage1_obj: float, times: dict[str, float], info: dict[str, Any], G: int,
+                      t_start: float) -> PrecisionPlan:
+    """The :class:`PrecisionPlan` of the chosen candidate index per channel ``jidx [C]``: bits,
+    SSE, average bits (and cost bits), the relative gap to ``lower_bound`` and the total time."""
+    e, n, cand = p.e, p.n, p.cand
+    C = e.shape[0]
+    rows = np.arange(C)
     bits = cand[jidx].astype(np.int64)
     objective = float(e[rows, jidx].sum())
     used = int((n * bits).sum())

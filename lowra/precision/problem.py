@@ -105,48 +105,15 @@ def _check_costs(bit_costs: _ArrayLike, C: int, perm: np.ndarray) -> np.ndarray:
 def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: Sequence[int],
              scope: str, layer_sizes: Sequence[int] | None,
              layer_ids: _ArrayLike | None, bit_costs: _ArrayLike | None = None) -> _Problem:
-    cand_list = [int(c) for c in candidates]
-    if len(cand_list) == 0:
-        raise ValueError("candidates is empty")
-    if any(c <= 0 for c in cand_list) or any(c != float(x) for c, x in zip(cand_list, candidates)):
-        raise ValueError(f"candidates must be positive integers, got {tuple(candidates)}")
-    if len(set(cand_list)) != len(cand_list):
-        raise ValueError(f"candidates contain duplicates: {tuple(candidates)}")
-    perm = np.argsort(cand_list)
+    """Every input of the precision plan checked (ValueError naming the first fault, in this order:
+    candidates, errors, params, bit_costs, budget, layers, scope, budget against costs) and turned
+    into a :class:`_Problem` with candidates in increasing order (``errors``' and ``bit_costs``'
+    columns permuted alike) and the exact integer budget rows of every budget group."""
+    cand_list, perm = _check_candidates(candidates)
     cand = np.asarray(cand_list, dtype=np.int64)[perm]
-
-    e = _to_numpy(errors, "errors")
-    if e.ndim != 2:
-        raise ValueError(f"errors must be 2-D [channels, candidates], got shape {e.shape}")
-    if e.shape[1] != len(cand):
-        raise ValueError(f"errors has {e.shape[1]} columns but there are {len(cand)} "
-                         f"candidates {tuple(cand_list)}")
-    if e.shape[0] == 0:
-        raise ValueError("errors has no channels")
-    if not np.issubdtype(e.dtype, np.number) or np.iscomplexobj(e):
-        raise ValueError(f"errors must be real numbers, got dtype {e.dtype}")
-    e = np.ascontiguousarray(e[:, perm], dtype=np.float64)
-    if np.isnan(e).any():
-        raise ValueError(f"errors contains NaN (first at channel {int(np.isnan(e).any(1).argmax())})")
-    if np.isinf(e).any():
-        raise ValueError(f"errors contains inf (first at channel {int(np.isinf(e).any(1).argmax())})")
-    if (e < 0).any():
-        raise ValueError(f"errors contains negative values (first at channel "
-                         f"{int((e < 0).any(1).argmax())}); SSE is never negative")
-    C, K = e.shape
-
-    n_raw = _to_numpy(params, "params")
-    if n_raw.ndim != 1 or n_raw.shape[0] != C:
-        raise ValueError(f"params must have shape [{C}] (one entry per row of errors), got "
-                         f"{n_raw.shape}")
-    if not np.issubdtype(n_raw.dtype, np.number):
-        raise ValueError(f"params must be numbers, got dtype {n_raw.dtype}")
-    n_f = n_raw.astype(np.float64)
-    if not np.isfinite(n_f).all():
-        raise ValueError("params contains NaN or inf")
-    if (n_f <= 0).any() or (n_f != np.round(n_f)).any():
-        raise ValueError("params must be positive integers (parameters per channel)")
-    n = n_f.astype(np.int64)
+    e = _check_errors(errors, cand_list, perm)
+    C = e.shape[0]
+    n = _check_params(params, C)
 
     w = n[:, None] * cand[None, :]
     given = bit_costs is not None
@@ -166,6 +133,82 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
         raise ValueError(f"budget {float(B)} is above the largest candidate {int(cand[-1])} bits: "
                          "it cannot be used up (use the largest candidate, or add a wider one)")
 
+    sizes, layer_of = _layer_of_channels(layer_sizes, layer_ids, C)
+    if scope == "model":
+        group = np.zeros(C, dtype=np.int64)
+    elif scope == "matrix":
+        if layer_of is None:
+            raise ValueError('scope="matrix" needs layer_sizes or layer_ids')
+        group = layer_of.astype(np.int64)
+    else:
+        raise ValueError(f'scope must be "model" or "matrix", got {scope!r}')
+
+    cap, lo, fill, unit_inc, unit_abs = _budget_rows(B, n, w, group, costed)
+    return _Problem(e=e, n=n, cand=cand, w=w, group=group, cap=cap, lo=lo, fill=fill,
+                    costed=costed, given_costs=given, unit_inc=max(unit_inc, 1),
+                    unit_abs=max(unit_abs, 1), layer_sizes=sizes, layer_of=layer_of)
+
+
+def _check_candidates(candidates: Sequence[int]) -> tuple[list[int], np.ndarray]:
+    """The candidate widths as Python ints ``[K]`` in the caller's order, and the permutation
+    ``[K]`` that sorts them; refuses an empty list, non-positive or fractional widths, duplicates."""
+    cand_list = [int(c) for c in candidates]
+    if len(cand_list) == 0:
+        raise ValueError("candidates is empty")
+    if any(c <= 0 for c in cand_list) or any(c != float(x) for c, x in zip(cand_list, candidates)):
+        raise ValueError(f"candidates must be positive integers, got {tuple(candidates)}")
+    if len(set(cand_list)) != len(cand_list):
+        raise ValueError(f"candidates contain duplicates: {tuple(candidates)}")
+    return cand_list, np.argsort(cand_list)
+
+
+def _check_errors(errors: _ArrayLike, cand_list: list[int], perm: np.ndarray) -> np.ndarray:
+    """``errors [C, K]`` as contiguous float64 with columns permuted to increasing candidates;
+    refuses a wrong shape, no channels, non-real dtypes, NaN, inf and negative SSE (naming the
+    first bad channel)."""
+    e = _to_numpy(errors, "errors")
+    if e.ndim != 2:
+        raise ValueError(f"errors must be 2-D [channels, candidates], got shape {e.shape}")
+    if e.shape[1] != len(cand_list):
+        raise ValueError(f"errors has {e.shape[1]} columns but there are {len(cand_list)} "
+                         f"candidates {tuple(cand_list)}")
+    if e.shape[0] == 0:
+        raise ValueError("errors has no channels")
+    if not np.issubdtype(e.dtype, np.number) or np.iscomplexobj(e):
+        raise ValueError(f"errors must be real numbers, got dtype {e.dtype}")
+    e = np.ascontiguousarray(e[:, perm], dtype=np.float64)
+    if np.isnan(e).any():
+        raise ValueError(f"errors contains NaN (first at channel {int(np.isnan(e).any(1).argmax())})")
+    if np.isinf(e).any():
+        raise ValueError(f"errors contains inf (first at channel {int(np.isinf(e).any(1).argmax())})")
+    if (e < 0).any():
+        raise ValueError(f"errors contains negative values (first at channel "
+                         f"{int((e < 0).any(1).argmax())}); SSE is never negative")
+    return e
+
+
+def _check_params(params: _ArrayLike, C: int) -> np.ndarray:
+    """``params [C]`` (parameters per channel) as int64; refuses a wrong shape, non-numbers,
+    NaN/inf and anything but positive integers."""
+    n_raw = _to_numpy(params, "params")
+    if n_raw.ndim != 1 or n_raw.shape[0] != C:
+        raise ValueError(f"params must have shape [{C}] (one entry per row of errors), got "
+                         f"{n_raw.shape}")
+    if not np.issubdtype(n_raw.dtype, np.number):
+        raise ValueError(f"params must be numbers, got dtype {n_raw.dtype}")
+    n_f = n_raw.astype(np.float64)
+    if not np.isfinite(n_f).all():
+        raise ValueError("params contains NaN or inf")
+    if (n_f <= 0).any() or (n_f != np.round(n_f)).any():
+        raise ValueError("params must be positive integers (parameters per channel)")
+    return n_f.astype(np.int64)
+
+
+def _layer_of_channels(layer_sizes: Sequence[int] | None, layer_ids: _ArrayLike | None,
+                       C: int) -> tuple[tuple[int, ...] | None, np.ndarray | None]:
+    """``(layer_sizes as a tuple or None, layer_of [C] matrix index of every channel or None)``
+    from either ``layer_sizes`` (channels per matrix, in order) or ``layer_ids [C]`` (any labels,
+    numbered in sorted order), never both."""
     sizes: tuple[int, ...] | None = None
     layer_of: np.ndarray | None = None
     if layer_sizes is not None and layer_ids is not None:
@@ -182,16 +225,17 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
             raise ValueError(f"layer_ids must have shape [{C}], got {ids.shape}")
         _, layer_of = np.unique(ids, return_inverse=True)
         layer_of = layer_of.reshape(-1)
+    return sizes, layer_of
 
-    if scope == "model":
-        group = np.zeros(C, dtype=np.int64)
-    elif scope == "matrix":
-        if layer_of is None:
-            raise ValueError('scope="matrix" needs layer_sizes or layer_ids')
-        group = layer_of.astype(np.int64)
-    else:
-        raise ValueError(f'scope must be "model" or "matrix", got {scope!r}')
 
+def _budget_rows(B: Fraction, n: np.ndarray, w: np.ndarray, group: np.ndarray,
+                 costed: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The exact budget rows of every group ``g`` (``group [C]``, ``n [C]``, costs ``w [C, K]``):
+    ``cap [G] = floor(B * sum n)``, ``lo [G]`` (at least the cheapest plan, and within ``fill [G]``
+    of the budget: one bit per parameter of the widest channel, or with ``costed`` the largest cost
+    step of one channel) and the units ``unit_inc`` / ``unit_abs`` (gcds of the cost steps and of
+    the costs). With ``costed``, refuses a budget below the cheapest or above the dearest plan."""
+    K = w.shape[1]
     G = int(group.max()) + 1
     tot = np.zeros(G, dtype=object)
     np.add.at(tot, group, n.astype(object))  # exact Python ints (sum n can exceed 2**53)
@@ -227,6 +271,4 @@ def _prepare(errors: _ArrayLike, params: _ArrayLike, budget: float, candidates: 
         unit_inc = unit_abs = int(np.gcd.reduce(n))
     lo = np.array([max(math.ceil(B * int(t) - int(m)), int(lw))
                    for t, m, lw in zip(tot, fill, least)], dtype=np.int64)
-    return _Problem(e=e, n=n, cand=cand, w=w, group=group, cap=cap, lo=lo, fill=fill,
-                    costed=costed, given_costs=given, unit_inc=max(unit_inc, 1),
-                    unit_abs=max(unit_abs, 1), layer_sizes=sizes, layer_of=layer_of)
+    return cap, lo, fill, unit_inc, unit_abs

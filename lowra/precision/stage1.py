@@ -245,30 +245,7 @@ def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray
     nz = G * (K - 1)
     GK = G * K
     ncol = npts + 2 * GK + nz
-    A_sum = sp.csr_matrix((np.ones(npts), (pk, np.arange(npts))), shape=(G, npts))
-    rows = (pk[:, None] * K + np.arange(K)[None, :]).ravel()
-    cols = np.repeat(np.arange(npts), K)
-    A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(GK, npts))
-    eye = sp.identity(GK, format="csr")
-    offset = np.zeros(GK)
-    offset[np.arange(G) * K] = Nk
-    kk = np.repeat(np.arange(G), K - 1)
-    jj = np.tile(np.arange(1, K), G)
-    T = sp.csr_matrix((np.concatenate([np.ones(kk.size), -np.ones(kk.size)]),
-                       (np.concatenate([kk * K + jj, kk * K]), np.concatenate([np.arange(kk.size)] * 2))),
-                      shape=(GK, nz))
-    S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, nz))
-    W = sp.csr_matrix((dwk.ravel().astype(np.float64), (np.repeat(gk, K - 1), np.arange(kk.size))),
-                      shape=(ngrp, nz))
-    # rows: sum mu = 1 | counts: A_cnt mu + s+ - s- - T z = offset | S z <= N | budget
-    A = sp.vstack([
-        sp.hstack([A_sum, sp.csr_matrix((G, 2 * GK + nz))]),
-        sp.hstack([A_cnt, eye, -eye, -T]),
-        sp.hstack([sp.csr_matrix((G, npts + 2 * GK)), S]),
-        sp.hstack([sp.csr_matrix((ngrp, npts + 2 * GK)), W]),
-    ], format="csr")
-    row_lo = np.concatenate([np.ones(G), offset, np.full(G, -np.inf), np.full(ngrp, -np.inf)])
-    row_hi = np.concatenate([np.ones(G), offset, Nk.astype(np.float64), cap_u.astype(np.float64)])
+    A, row_lo, row_hi, W = _stage1_rows(Y, pk, Nk, dwk, gk, cap_u, K)
     c = np.concatenate([F / scale, emax.ravel() / scale, -emin.ravel() / scale, np.zeros(nz)])
     col_lo = np.zeros(ncol)
     col_hi = np.concatenate([np.full(npts + 2 * GK, np.inf), np.repeat(Nk, K - 1).astype(np.float64)])
@@ -317,6 +294,49 @@ def _stage1_program(Y: np.ndarray, F: np.ndarray, pk: np.ndarray, Nk: np.ndarray
         raise RuntimeError(f"stage-1 integer program failed: {res.status}")
     info.update(status=res.status, mip_gap=res.mip_gap, nodes=res.nodes, lp_iterations=res.lp_iterations)
     return _round_counts(Yf, Nk), float(res.objective) * scale, info
+
+
+def _stage1_rows(Y: np.ndarray, pk: np.ndarray, Nk: np.ndarray, dwk: np.ndarray, gk: np.ndarray,
+                 cap_u: np.ndarray, K: int) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, sp.csr_matrix]:
+    """The constraint rows of the stage-1 program (columns as in :func:`_stage1_program`).
+
+    Rows: ``sum mu = 1`` per cluster ``[G]`` | counts ``A_cnt mu + s+ - s- - T z = offset``
+    ``[G K]`` (``Y [P, K]`` the points' counts, ``pk [P]`` their cluster; ``offset`` puts ``N_k`` at
+    the narrowest width, ``T`` moves a channel from it to width ``j``) | ``S z <= N_k`` ``[G]`` |
+    budget ``W z <= cap_u`` ``[ngrp]`` (``W`` from ``dwk [G, K-1]`` and the clusters' groups ``gk``).
+    Returns ``(A, row_lo, row_hi, W)``: the budget rows' lower bound is ``-inf`` here (the fill row
+    ``lo_u`` is set by the caller when needed), and ``W`` is returned to measure a plan's use.
+    """
+    G = Nk.shape[0]
+    ngrp = cap_u.shape[0]
+    npts = pk.shape[0]
+    nz = G * (K - 1)
+    GK = G * K
+    A_sum = sp.csr_matrix((np.ones(npts), (pk, np.arange(npts))), shape=(G, npts))
+    rows = (pk[:, None] * K + np.arange(K)[None, :]).ravel()
+    cols = np.repeat(np.arange(npts), K)
+    A_cnt = sp.csr_matrix((Y.ravel().astype(np.float64), (rows, cols)), shape=(GK, npts))
+    eye = sp.identity(GK, format="csr")
+    offset = np.zeros(GK)
+    offset[np.arange(G) * K] = Nk
+    kk = np.repeat(np.arange(G), K - 1)
+    jj = np.tile(np.arange(1, K), G)
+    T = sp.csr_matrix((np.concatenate([np.ones(kk.size), -np.ones(kk.size)]),
+                       (np.concatenate([kk * K + jj, kk * K]), np.concatenate([np.arange(kk.size)] * 2))),
+                      shape=(GK, nz))
+    S = sp.csr_matrix((np.ones(kk.size), (kk, np.arange(kk.size))), shape=(G, nz))
+    W = sp.csr_matrix((dwk.ravel().astype(np.float64), (np.repeat(gk, K - 1), np.arange(kk.size))),
+                      shape=(ngrp, nz))
+    # rows: sum mu = 1 | counts: A_cnt mu + s+ - s- - T z = offset | S z <= N | budget
+    A = sp.vstack([
+        sp.hstack([A_sum, sp.csr_matrix((G, 2 * GK + nz))]),
+        sp.hstack([A_cnt, eye, -eye, -T]),
+        sp.hstack([sp.csr_matrix((G, npts + 2 * GK)), S]),
+        sp.hstack([sp.csr_matrix((ngrp, npts + 2 * GK)), W]),
+    ], format="csr")
+    row_lo = np.concatenate([np.ones(G), offset, np.full(G, -np.inf), np.full(ngrp, -np.inf)])
+    row_hi = np.concatenate([np.ones(G), offset, Nk.astype(np.float64), cap_u.astype(np.float64)])
+    return A, row_lo, row_hi, W
 
 
 def _round_counts(Yf: np.ndarray, Nk: np.ndarray) -> np.ndarray:

@@ -148,16 +148,8 @@ def optq_quantize(
     check_weight(weight)
     bits = check_bits(bits)
     group_size = check_group_size(group_size)
-    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
-        raise ValueError(f"OPTQ block_size must be a positive integer, got {block_size!r}")
-    if not 0.0 <= float(damp):
-        raise ValueError(f"OPTQ damp must be non-negative, got {damp!r}")
+    _check_optq_inputs(weight, hessian, damp, block_size)
     out_features, in_features = weight.shape
-    if hessian.shape != (in_features, in_features):
-        raise ValueError(f"OPTQ Hessian must be [{in_features}, {in_features}] for a weight "
-                         f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
-    if not bool(torch.isfinite(hessian).all()):
-        raise ValueError("OPTQ Hessian has NaN/Inf values")
     device = weight.device
     W = weight.detach().to(torch.float32).clone()
     H = hessian.detach().to(device=device, dtype=torch.float64).clone()
@@ -181,6 +173,46 @@ def optq_quantize(
     Hinv, damp_used = _inverse_cholesky(H, float(damp))
     Hinv = Hinv.to(torch.float32)
 
+    codes, Q, proxy = _quantize_columns(W, Hinv, col_scale, table, thresholds, block_size)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        Q = Q[:, inv]
+    stored_table = table.to(torch.float16)
+    group = BitGroup(bits, torch.arange(out_features, dtype=torch.int32, device=device),
+                     pack(codes, bits, backend), stored_table)
+    qt = QuantizedTensor((out_features, in_features), group_size, [group], scales, method="optq")
+    return OPTQResult(qt, Q, codes, damp_used, float(proxy))
+
+
+def _check_optq_inputs(weight: torch.Tensor, hessian: torch.Tensor, damp: float, block_size: int) -> None:
+    """Refuse a bad ``block_size`` or ``damp`` and a Hessian that is not a finite ``[in, in]`` for
+    ``weight [out, in]`` (ValueError), before any work is done."""
+    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"OPTQ block_size must be a positive integer, got {block_size!r}")
+    if not 0.0 <= float(damp):
+        raise ValueError(f"OPTQ damp must be non-negative, got {damp!r}")
+    in_features = weight.shape[1]
+    if hessian.shape != (in_features, in_features):
+        raise ValueError(f"OPTQ Hessian must be [{in_features}, {in_features}] for a weight "
+                         f"{tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError("OPTQ Hessian has NaN/Inf values")
+
+
+def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, col_scale: torch.Tensor, table: torch.Tensor,
+                      thresholds: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OPTQ's column loop: round each column of ``W [out, in]`` (fp32, modified in place) to the grid
+    and push its error onto the columns not yet quantized, through the upper Cholesky factor of the
+    inverse Hessian ``Hinv [in, in]`` (fp32), ``block_size`` columns at a time (GPTQ's lazy batch
+    update: within a block column by column, the rest of the matrix once per block).
+
+    ``col_scale [out, in]`` is each weight's absmax, ``table [1 or out, K]`` the grid and
+    ``thresholds [out, K - 1]`` its midpoints. Returns ``codes`` int64 ``[out, in]``, ``Q`` fp32
+    ``[out, in]`` (Ŵ) and the proxy loss ``Σ_j ‖w_j − ŵ_j‖² / (2 [H⁻¹]_jj)`` (fp32 scalar).
+    """
+    out_features, in_features = W.shape
+    device = W.device
     codes = torch.zeros(out_features, in_features, dtype=torch.int64, device=device)
     Q = torch.zeros_like(W)
     proxy = torch.zeros((), dtype=torch.float32, device=device)
@@ -204,16 +236,7 @@ def optq_quantize(
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        Q = Q[:, inv]
-    stored_table = table.to(torch.float16)
-    group = BitGroup(bits, torch.arange(out_features, dtype=torch.int32, device=device),
-                     pack(codes, bits, backend), stored_table)
-    qt = QuantizedTensor((out_features, in_features), group_size, [group], scales, method="optq")
-    return OPTQResult(qt, Q, codes, damp_used, float(proxy))
+    return codes, Q, proxy
 
 
 @register_quantizer
