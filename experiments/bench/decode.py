@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for model in configs.values():
-                tokens_per_second(model, prompt, 4)  # warm-up (builds the extension, fills caches)
+                # warm-up (builds the extension, fills caches, compiles): the timed length, as a static KV
+                # cache is sized by it and another size would recompile inside the first timed round
+                tokens_per_second(model, prompt, args.new_tokens)
             speeds: dict[str, list[float]] = {name: [] for name in configs}
             for _ in range(args.rounds):
                 for name, model in configs.items():
