@@ -65,15 +65,13 @@ def _compose(overrides: list[str], checkpointing: bool, chunk: int | None, steps
 def _load(cfg: Any, quantized: str) -> tuple[Any, Any, Any]:
     """(tokenizer, data, quantized model with ``model.gradient_checkpointing`` applied), as the runner has them."""
     from experiments.runner.data import load_data
-    from experiments.runner.setup import load_tokenizer
+    from experiments.runner.setup import apply_checkpointing, load_tokenizer
     from lowra import load_quantized
 
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg.data, tokenizer, need_train=True)
     model = load_quantized(quantized, device="cpu")
-    if cfg.model.gradient_checkpointing:  # as experiments.runner.run does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    apply_checkpointing(model, cfg.model)  # as experiments.runner.run does
     return tokenizer, data, model
 
 
@@ -144,12 +142,15 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _time_train(model: Any, batch: dict, checkpointing: bool, chunk: int | None) -> float:
+    from omegaconf import OmegaConf
+
     from experiments.runner.chunked_loss import model_loss
+    from experiments.runner.setup import apply_checkpointing
 
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        apply_checkpointing(model, OmegaConf.create({"gradient_checkpointing": True}))
     else:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.train()
     t0 = time.perf_counter()
     model_loss(model, batch, chunk).backward()

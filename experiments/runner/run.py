@@ -76,6 +76,7 @@ from experiments.runner.resume import RunState
 from experiments.runner.setup import (
     ModelUnavailableError,
     adapters_disabled,
+    apply_checkpointing,
     calibration_kwargs,
     load_model,
     load_tokenizer,
@@ -211,7 +212,7 @@ def _run_stages(
             state.set(**{f"{prefix}_fp": None})
     else:
         model = load_model(cfg.model, device)
-        _checkpointing(model, cfg)
+        apply_checkpointing(model, cfg.model)
     # eval.harness: fails here, not after training (streamed: the model's context is checked by lm-eval)
     harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")
     if cfg.eval.fp and f"{prefix}_fp" not in state:
@@ -235,7 +236,7 @@ def _run_stages(
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
         model = load_quantized(str(quant_dir), device=str(device))
-        _checkpointing(model, cfg)
+        apply_checkpointing(model, cfg.model)
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
@@ -341,15 +342,6 @@ def _run_stages(
             memory["stream_stages"] = state.get("quant_stream_stages")
             memory["stream_resumed_blocks"] = state.get("quant_stream_resumed")
     return stage_results(cfg, prefix, report, state, finetuned, result, n_trainable, data, memory, harness)
-
-
-def _checkpointing(model: torch.nn.Module, cfg: DictConfig) -> None:
-    """``model.gradient_checkpointing``: each decoder layer keeps only its input in the forward and
-    recomputes the rest in the backward (non-reentrant checkpoint: the LowRA layers' eager autograd path
-    runs again in the recomputation)."""
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
 
 
 # ------------------------------------------------------------------------------------- entry point

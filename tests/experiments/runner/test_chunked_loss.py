@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from experiments.eval.evaluate import perplexity
 from experiments.eval.stories import assets_dir, load_model, model_dir
 from experiments.runner.chunked_loss import chunked_ce, model_loss, supports_chunked_loss, token_nll
 from experiments.runner.config_check import CONF_DIR, ConfigError, check_config
 from experiments.runner.data import pack_blocks
-from experiments.runner.setup import trainable_parameters
+from experiments.runner.setup import apply_checkpointing, trainable_parameters
 from lowra.config import PAPER
 from lowra.model_quantization import quantize_model
 
@@ -96,12 +97,12 @@ def test_non_reentrant_checkpointing_same_gradients_less_saved(model, batch):
     model.train()
     plain_bytes, _, loss = _saved_bytes(lambda: chunked_ce(model, batch, 64))
     plain = _grads(model, loss)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_checkpointing(model, OmegaConf.create({"gradient_checkpointing": True}))  # the runner's call
     try:
         ckpt_bytes, _, loss2 = _saved_bytes(lambda: chunked_ce(model, batch, 64))
         ckpt = _grads(model, loss2)
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.eval()
     assert loss2.item() == loss.item()
     for a, b in zip(plain, ckpt, strict=True):
