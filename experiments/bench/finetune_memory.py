@@ -118,7 +118,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _compose(args.overrides, checkpointing, chunk, args.steps)
     tokenizer, data, model = _load(cfg, args.quantized)
     batches = _batches(cfg, data)
-    peaks = PeakMemory()
+    peaks = PeakMemory(release=True)  # as the runner's
     rss_ready = current_rss()
     with tempfile.TemporaryDirectory() as ckpt, peaks.stage("fine-tune"):
         train(model, trainable_parameters(model), batches, cfg.train, Path(ckpt), progress=False,

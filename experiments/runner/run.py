@@ -202,7 +202,7 @@ def _run_stages(
     data = load_data(cfg.data, tokenizer, need_train=steps_wanted or needs_calibration(cfg))
     from lowra.streaming import PeakMemory
 
-    peaks = PeakMemory()  # peak host RSS / device memory per stage → results["memory"]["stages"]
+    peaks = PeakMemory(release=True)  # peak host RSS / device memory per stage (free heap returned at each start)
     stream = use_streaming(cfg, device)
     model = None
     peaks.begin("load")
