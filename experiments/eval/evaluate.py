@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from experiments.runner.chunked_loss import token_nll
 from experiments.runner.progress import progress_iter
 
 
@@ -58,9 +58,12 @@ def perplexity(
     device: torch.device | str = "cpu",
     desc: str = "perplexity",
     progress: bool = True,
+    chunk_tokens: int | None = None,
 ) -> dict[str, float]:
     """Token-weighted perplexity of a causal LM on ``stream`` ``[N]`` (int64).
 
+    ``chunk_tokens``: the LM head and log-softmax run over this many positions at a time
+    (``model.loss_chunk_tokens``; None: the model's full ``[B, T, vocab]`` logits at once).
     Returns ``{"ppl", "nll", "tokens", "windows"}`` (``nll`` is the mean NLL in nats per token).
     """
     stream = stream[:max_tokens] if max_tokens else stream
@@ -79,9 +82,7 @@ def perplexity(
     try:
         for batch in progress_iter(batches, desc, progress):
             ids = torch.stack([stream[w.begin : w.end] for w in batch]).to(device)
-            logits = model(input_ids=ids).logits.float()  # [B, T, V]
-            # position t predicts token t+1
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+            nll = token_nll(model, ids, chunk_tokens)  # [B, T-1]: position t predicts token t+1
             for i, w in enumerate(batch):
                 start = w.first_target - w.begin - 1
                 total_nll += float(nll[i, start:].sum())
@@ -165,6 +166,7 @@ def evaluate(
         return perplexity(
             model, data.eval_ids, window=e.window, stride=e.stride, max_tokens=e.max_tokens,
             batch_size=e.batch_size, device=device, desc=desc, progress=progress,
+            chunk_tokens=cfg.model.get("loss_chunk_tokens"),
         )
     pairs = data.eval[: e.num_samples]
     preds = generate_summaries(

@@ -92,6 +92,15 @@ def _check_distill(t: Any, m: Any) -> None:
         raise ConfigError(f"train.distill.weight={weight} needs train.strategy=single (got {t.strategy})")
 
 
+def _check_model_lengths(m: Any) -> None:
+    """``model.max_length`` > 0; ``model.loss_chunk_tokens`` null or > 0, and null unless a causal LM."""
+    _positive_int("model.max_length", m.max_length)
+    _positive_int("model.loss_chunk_tokens", m.get("loss_chunk_tokens"), allow_none=True)
+    if m.get("loss_chunk_tokens") is not None and m.arch != "causal_lm":
+        raise ConfigError(f"model.loss_chunk_tokens={m.loss_chunk_tokens} needs model.arch=causal_lm (got {m.arch}); "
+                          "set it to null")
+
+
 def _check_base_tables(t: Any, q: Any) -> None:
     """``train.codebooks`` / ``train.scales``: frozen | trainable, each with a positive learning rate;
     trainable scales need fp16-stored absmax (not double-quantized), and the tables train in one process
@@ -184,7 +193,7 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         _existing("model.pretrained", m.pretrained)
     if not m.target_modules:
         raise ConfigError("model.target_modules is empty: name the nn.Linear modules to adapt")
-    _positive_int("model.max_length", m.max_length)
+    _check_model_lengths(m)
     _positive_int("lora.rank", cfg.lora.rank)
     _positive_float("lora.alpha", cfg.lora.alpha)
     if not 0.0 <= float(cfg.lora.dropout) < 1.0:

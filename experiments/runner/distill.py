@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from experiments.runner.chunked_loss import causal_parts, chunks, decoder_hidden, predicted
+
 #: Predicted tokens per chunk of the LM head + losses (config: ``train.distill.chunk_tokens``).
 DEFAULT_CHUNK_TOKENS = 512
 
@@ -71,28 +73,6 @@ def load_teacher(model_cfg: Any, device: torch.device | str) -> tuple[torch.nn.M
     return teacher, stats
 
 
-def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder, LM head) of a Hugging Face causal LM; a clear error for anything else."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if decoder is None or head is None:
-        raise ValueError(f"train.distill needs a causal LM with a decoder and an output embedding; "
-                         f"{type(model).__name__} has none")
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, attr, None) not in (None, 1.0):
-            raise ValueError(f"train.distill: {type(model).__name__} post-processes its logits ({attr}); "
-                             "not supported by the chunked loss")
-    return decoder, head
-
-
-def _hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states ``[B, T, d]`` for ``batch`` (labels are not passed)."""
-    decoder, _ = _parts(model)
-    kw = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    return decoder(**kw, use_cache=False).last_hidden_state
-
-
 def _chunk_losses(head_s: torch.nn.Module, head_t: torch.nn.Module, h_s: torch.Tensor, h_t: torch.Tensor,
                   labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ CE, Σ KL) over one chunk of predicted tokens: ``h_* [n, d]``, ``labels [n]``."""
@@ -118,23 +98,18 @@ def distill_loss(student: torch.nn.Module, teacher: torch.nn.Module, batch: dict
     if not 0.0 <= weight <= 1.0 or temperature <= 0 or chunk_tokens < 1:
         raise ValueError(f"train.distill: weight={weight} must be in [0, 1], temperature={temperature} > 0, "
                          f"chunk_tokens={chunk_tokens} ≥ 1")
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    n = int(keep.sum())
-    if n == 0:
-        raise ValueError("train.distill: the batch has no predicted token (every label is -100)")
+    keep, target = predicted(batch, "train.distill")
+    head_s, head_t = causal_parts(student, "train.distill")[1], causal_parts(teacher, "train.distill")[1]
+    n = target.numel()
     t0 = time.perf_counter()
     with torch.no_grad():
-        h_t = _hidden(teacher, batch)[:, :-1][keep]
+        h_t = decoder_hidden(teacher, batch)[:, :-1][keep]
     if stats is not None:
         stats.forward_s += time.perf_counter() - t0
         stats.forwards += 1
-    h_s = _hidden(student, batch)[:, :-1][keep]
-    target = labels[keep]
-    head_s, head_t = _parts(student)[1], _parts(teacher)[1]
+    h_s = decoder_hidden(student, batch)[:, :-1][keep]
     ce = kl = h_s.new_zeros((), dtype=torch.float32)
-    for a in range(0, n, chunk_tokens):
-        sl = slice(a, a + chunk_tokens)
+    for sl in chunks(n, chunk_tokens):
         c, k = checkpoint(_chunk_losses, head_s, head_t, h_s[sl], h_t[sl], target[sl], float(temperature),
                           use_reentrant=False)
         ce, kl = ce + c, kl + k

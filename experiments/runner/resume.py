@@ -50,6 +50,8 @@ NEUTRAL_KEYS = (
     "eval.batch_size",
     # the same global batch on 1 or N processes is the same run (up to float reduction order)
     "train.strategy", "train.dist_timeout_s", "train.fsdp_shard_base",
+    # memory options: the same numbers up to float reduction order (an OOM-killed run resumes with them on)
+    "model.gradient_checkpointing", "model.loss_chunk_tokens",
     # `+bits=B` is read through quant.bits, which is compared
     "bits",
 )

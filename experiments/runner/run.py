@@ -76,6 +76,7 @@ from experiments.runner.resume import RunState
 from experiments.runner.setup import (
     ModelUnavailableError,
     adapters_disabled,
+    apply_checkpointing,
     calibration_kwargs,
     load_model,
     load_tokenizer,
@@ -201,7 +202,7 @@ def _run_stages(
     data = load_data(cfg.data, tokenizer, need_train=steps_wanted or needs_calibration(cfg))
     from lowra.streaming import PeakMemory
 
-    peaks = PeakMemory()  # peak host RSS / device memory per stage → results["memory"]["stages"]
+    peaks = PeakMemory(release=True)  # peak host RSS / device memory per stage (free heap returned at each start)
     stream = use_streaming(cfg, device)
     model = None
     peaks.begin("load")
@@ -211,9 +212,7 @@ def _run_stages(
             state.set(**{f"{prefix}_fp": None})
     else:
         model = load_model(cfg.model, device)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        apply_checkpointing(model, cfg.model)
     # eval.harness: fails here, not after training (streamed: the model's context is checked by lm-eval)
     harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")
     if cfg.eval.fp and f"{prefix}_fp" not in state:
@@ -237,9 +236,7 @@ def _run_stages(
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
         del model
         model = load_quantized(str(quant_dir), device=str(device))
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        apply_checkpointing(model, cfg.model)
         report = state.get("quant_report")
     else:
         t0 = time.perf_counter()
@@ -268,6 +265,7 @@ def _run_stages(
 
     # ---- 3. evaluate before fine-tuning
     stages.set_description(f"stages: {STAGES[2]}")
+    peaks.begin("evaluate (before fine-tuning)")
     if f"{prefix}_quantized" not in state:
         with adapters_disabled(model):
             quantized = evaluate(model, tokenizer, data, cfg, device, "eval quantized", progress)
@@ -275,6 +273,7 @@ def _run_stages(
         if int(report.get("loftq_iters", cfg.quant.loftq_iters)) > 0:  # what ran (quant.low_bits_init may set it)
             loftq = evaluate(model, tokenizer, data, cfg, device, "eval loftq", progress)
         state.set(**{f"{prefix}_quantized": metric_value(quantized), f"{prefix}_loftq": metric_value(loftq)})
+    peaks.end()
     for key in (f"{prefix}_quantized", f"{prefix}_loftq"):
         _log_metric(logger, key, state.get(key))
     stages.update(1)
@@ -305,6 +304,7 @@ def _run_stages(
             resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
             optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
             teacher=teacher, teacher_stats=teacher_stats, param_lrs=param_lrs, no_decay=no_decay,
+            loss_chunk_tokens=cfg.model.get("loss_chunk_tokens"),
         )
         del teacher
         peaks.end()
@@ -314,7 +314,8 @@ def _run_stages(
     stages.set_description(f"stages: {STAGES[4]}")
     finetuned = None  # train.max_steps=0: nothing was fine-tuned
     if steps_wanted:
-        finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
+        with peaks.stage("evaluate"):
+            finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
     _log_metric(logger, f"{prefix}_finetuned", finetuned)
     harness = None
     if harness_plan is not None:  # lm-evaluation-harness + WikiText-2 (GPTQ) on the final model

@@ -87,6 +87,20 @@ def load_model(mcfg: Any, device: torch.device) -> torch.nn.Module:
     return model
 
 
+def apply_checkpointing(model: torch.nn.Module, mcfg: Any) -> None:
+    """``model.gradient_checkpointing``: each decoder layer keeps only its input in the forward and
+    recomputes the rest in the backward (non-reentrant ``torch.utils.checkpoint``: the LowRA layers' eager
+    autograd path, ``lut_linear_autograd``, runs again in the recomputation; same gradients)."""
+    if not mcfg.gradient_checkpointing:
+        return
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model.config.use_cache = False
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """Evaluate the quantized base alone: the LoRA branch of every adapted layer scaled by 0."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from experiments.runner.chunked_loss import model_loss
 from experiments.runner.distill import DistillStats, distill_loss, distill_options
 from experiments.runner.progress import progress_bar
 from lowra.atomic import atomic_path
@@ -256,7 +257,7 @@ def train(
     teacher: torch.nn.Module | None = None,
     teacher_stats: DistillStats | None = None,
     param_lrs: dict[str, float] | None = None,
-    no_decay: frozenset[str] = frozenset(),
+    no_decay: frozenset[str] = frozenset(), loss_chunk_tokens: int | None = None,
 ) -> TrainResult:
     """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
 
@@ -278,6 +279,10 @@ def train(
             codebooks, ``train.codebook_lr``); the schedule multiplies every group alike.
         no_decay: names of parameters trained without weight decay (the trainable codebooks / scales:
             decay would pull the quantization levels to zero).
+        loss_chunk_tokens: ``model.loss_chunk_tokens``: the LM head and the cross-entropy run over this
+            many predicted tokens at a time (:mod:`experiments.runner.chunked_loss`; the full logits never
+            exist); None: the model's own loss. One process only: under torchrun the wrapper's forward
+            must run, so the model's own loss is used.
     """
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
@@ -348,8 +353,8 @@ def train(
             with model.no_sync() if no_sync else contextlib.nullcontext():
                 if weight > 0:
                     loss, _ = distill_loss(model, teacher, batch, weight, temperature, chunk, stats)
-                else:  # weight 0: exactly the model's own loss
-                    loss = model(**batch).loss
+                else:  # weight 0: the model's own loss (chunk by chunk with loss_chunk_tokens)
+                    loss = model_loss(model, batch, loss_chunk_tokens if dist is None else None)
                 (loss / accum).backward()
             step_loss += float(loss.detach()) / accum
         if dist is not None:
