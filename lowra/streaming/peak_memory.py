@@ -8,6 +8,7 @@ runner's ``quant.stream=auto`` compares the full-precision checkpoint with.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator
@@ -62,16 +63,26 @@ def release_free_memory() -> bool:
     heap: after a SmolLM2 fine-tune step 1.6 GB of freed activations stayed resident and counted in every
     later stage's RSS; ``malloc_trim`` returned them (measured: 2.37 → 0.73 GB). False where there is no
     glibc (the call is then a no-op)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+    trim = _malloc_trim()
+    if trim is None:
         return False
+    trim(0)
     return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class PeakMemory:
