@@ -10,7 +10,7 @@ import pytest
 
 from experiments.bench.check_stream_equal import main
 
-ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[2].parent / "shared" / "assets")
+ASSETS = Path(os.environ.get("LOWRA_ASSETS") or Path(__file__).resolve().parents[3].parent / "shared" / "assets")
 
 
 def test_check_stream_equal_on_stories(tmp_path):
