@@ -70,10 +70,43 @@ def low_rank_factors(residual: torch.Tensor, rank: int, scaling: float) -> tuple
     """Balanced rank-r factors of ``residual [out, in]``: ``scaling · B @ A`` = its best rank-r fit.
 
     Returns ``A [r, in]`` and ``B [out, r]`` in fp32.
+
+    Only the top ``r`` singular triplets are computed: the ``r`` largest eigenpairs of the smaller
+    Gram ``R Rᵀ`` or ``Rᵀ R`` (float64, ``m = min(out, in)``), the other side's vectors recovered as
+    ``Rᵀ u / σ`` (or ``R v / σ``). In float64 that is at least as accurate as an fp32 SVD of ``R``
+    for the leading triplets (the squared condition number is taken at 1e-16, not 1e-7), and on the
+    CPU LAPACK's partial eigensolver (``dsyevr`` for an index range) costs a small part of a full
+    ``[out, in]`` SVD (SmolLM2's shapes, one thread: 0.03-0.06 s instead of 0.22-0.44 s).
+    Directions with ``σ = 0`` (a residual of rank below ``r``) get zero factors.
     """
-    U, S, Vh = torch.linalg.svd(residual.to(torch.float32), full_matrices=False)
-    root = S[:rank].sqrt() / (scaling ** 0.5)
-    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+    r64 = residual.detach().to(torch.float64)
+    out_features, in_features = r64.shape
+    wide = out_features <= in_features
+    vals, vecs = _top_eigenpairs(r64 @ r64.T if wide else r64.T @ r64, rank)
+    sigma = vals.clamp_min(0.0).sqrt()
+    inv = torch.where(sigma > 0, 1.0 / sigma.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    if wide:
+        u, vh = vecs, (vecs.T @ r64) * inv[:, None]
+    else:
+        u, vh = (r64 @ vecs) * inv[None, :], vecs.T
+    root = sigma.sqrt() / (scaling ** 0.5)
+    return (root[:, None] * vh).to(torch.float32), (u * root[None, :]).to(torch.float32)
+
+
+def _top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest eigenvalues ``[k]`` (descending) and eigenvectors ``[m, k]`` of symmetric float64 ``gram``."""
+    m = gram.shape[0]
+    k = min(k, m)
+    if gram.device.type == "cpu":
+        import scipy.linalg
+
+        vals, vecs = scipy.linalg.eigh(gram.numpy(), subset_by_index=[m - k, m - 1], driver="evr",
+                                       overwrite_a=True, check_finite=False)
+        vals, vecs = torch.from_numpy(vals), torch.from_numpy(vecs)
+    else:
+        vals, vecs = torch.linalg.eigh(gram)
+        vals, vecs = vals[m - k:], vecs[:, m - k:]
+    return vals.flip(0), vecs.flip(1)
 
 
 class ActivationWhitening:

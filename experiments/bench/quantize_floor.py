@@ -15,8 +15,9 @@ Multiply-accumulates (MACs) per sub-stage, from the model's target linears and t
   The Lloyd-Max codebook fit itself (sorts, prefix sums, binary searches) is not GEMM work and has
   no floor here.
 * **quantize + init**: per init iteration and layer the whitened residual ``R·S`` (``out·in²``);
-  the SVD of ``[out, in]`` is LAPACK, not a GEMM: its time is measured once per distinct shape
-  (``svd_s``) and counted per layer and iteration, beside the GEMM floor.
+  the rank-r factorization (:func:`lowra.adapter_init.low_rank_factors`: a float64 Gram and
+  LAPACK's partial eigensolver) is timed once per distinct shape (``svd_s``) and counted per layer
+  and iteration, beside the GEMM floor.
 
 Everything else (element-wise work, Python, I/O) is what a measured time adds above its floor.
 """
@@ -46,14 +47,16 @@ def gemm_rate(threads: int, m: int = 1024, k: int = 576, n: int = 1536, repeats:
     return FLOP_PER_MAC * m * k * n / best
 
 
-def svd_seconds(shape: tuple[int, int], repeats: int = 3) -> float:
-    """Best-of-``repeats`` time of ``torch.linalg.svd`` of an fp32 ``[out, in]`` matrix (as the init runs it)."""
+def svd_seconds(shape: tuple[int, int], rank: int, repeats: int = 3) -> float:
+    """Best-of-``repeats`` time of the init's rank-``rank`` factorization of an fp32 ``[out, in]`` residual."""
+    from lowra.adapter_init import low_rank_factors
+
     x = torch.randn(*shape)
-    torch.linalg.svd(x, full_matrices=False)
+    low_rank_factors(x, rank, 1.0)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.linalg.svd(x, full_matrices=False)
+        low_rank_factors(x, rank, 1.0)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -77,7 +80,7 @@ def distinct_inputs(model: nn.Module, targets: list[str], window: torch.Tensor) 
 
 
 def floor(model: nn.Module, targets: list[str], calibration: torch.Tensor, candidates: int, init_iters: int,
-          threads: int) -> dict[str, Any]:
+          threads: int, rank: int = 8) -> dict[str, Any]:
     """GEMM floor (seconds at the measured rate) of each wrapped sub-stage, with the counts behind it."""
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in targets]
     samples, seq = (int(s) for s in calibration.shape)
@@ -91,7 +94,7 @@ def floor(model: nn.Module, targets: list[str], calibration: torch.Tensor, candi
     table_macs = candidates * sum(o * i * i for o, i in shapes)
     init_macs = init_iters * sum(o * i * i for o, i in shapes)
     rate = gemm_rate(threads)
-    svd = {s: svd_seconds(s) for s in Counter(shapes)}
+    svd = {s: svd_seconds(s, rank) for s in Counter(shapes)}
     svd_total = init_iters * sum(svd[s] * c for s, c in Counter(shapes).items())
     macs = {"calibrate": calib_macs, "codebooks + error tables": table_macs, "quantize + init": init_macs}
     out = {name: {"gflop": round(FLOP_PER_MAC * m / 1e9, 1), "floor_s": round(FLOP_PER_MAC * m / rate, 2)}

@@ -87,7 +87,7 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
     config = lowra_config(cfg)
     settings = resolve_settings(config, progress=False)
     targets = [name for name, _ in find_targets(model, settings)]
-    per_iter = floor(model, targets, calib["calibration"], len(settings.candidates), 1, threads)
+    per_iter = floor(model, targets, calib["calibration"], len(settings.candidates), 1, threads, config.rank)
     peaks = PeakMemory()
     for module, attr, name in WRAPPED:
         mod = importlib.import_module(module)
@@ -127,7 +127,7 @@ def table(r: dict[str, Any]) -> str:
         fl = r["floor"]
         lines.append(f"GEMM floor: fp32 GEMM {fl['gemm_gflops']} GFLOP/s measured here ({fl['threads']} threads), "
                      f"{fl['calibration_tokens']} calibration tokens, {fl['init_iters']} init iteration(s); "
-                     f"init SVDs (LAPACK, not GEMM) {fl['stages']['quantize + init']['svd_s']:.1f} s")
+                     f"init rank-r factorizations (LAPACK, not GEMM) {fl['stages']['quantize + init']['svd_s']:.1f} s")
     lines.append(f"RSS after load {r['rss_loaded_bytes'] / 1e9:.2f} GB; bits {r['bits_nominal']:.3f}, "
                  f"total SSE after init {r['total_sse']:.6g}")
     return "\n".join(lines)

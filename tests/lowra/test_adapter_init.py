@@ -107,3 +107,30 @@ def test_bad_input_names_the_layer():
         loftq_init(torch.randn(8, 64), lambda m: quantize(m, 2, method="nf"), 9, 16)
     with pytest.raises(ValueError, match="iters"):
         loftq_init(torch.randn(8, 64), lambda m: quantize(m, 2, method="nf"), 2, 16, iters=-1)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_low_rank_factors_equal_the_truncated_svd(shape):
+    """The top-r triplets from the smaller Gram give the SVD's best rank-r fit (Eckart-Young)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(shape[0], 4, generator=g) @ torch.randn(4, shape[1], generator=g) * 3
+    residual = base + 0.1 * torch.randn(*shape, generator=g)
+    rank, scaling = 6, 2.0
+    a, b = low_rank_factors(residual, rank, scaling)
+    U, S, Vh = torch.linalg.svd(residual.double(), full_matrices=False)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    fit = scaling * (b.double() @ a.double())
+    assert float((fit - best).norm() / best.norm()) < 1e-5
+    # balanced factors: ‖A‖ = ‖B‖ per direction, both σ / s in squared norm
+    assert torch.allclose(a.double().norm(dim=1) ** 2, S[:rank] / scaling, rtol=1e-5)
+    assert torch.allclose(b.double().norm(dim=0) ** 2, S[:rank] / scaling, rtol=1e-5)
+
+
+def test_low_rank_factors_of_a_rank_deficient_residual_are_finite():
+    residual = torch.zeros(8, 12)
+    residual[0, :] = 1.0  # rank 1, asked for rank 4
+    a, b = low_rank_factors(residual, 4, 1.0)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert torch.allclose(b @ a, residual, atol=1e-6)
+    a0, b0 = low_rank_factors(torch.zeros(5, 7), 2, 1.0)
+    assert not a0.any() and not b0.any()
