@@ -95,6 +95,29 @@ inline __m256i codes8(const int32_t* words, int64_t k) {
   }
 }
 
+// 32 codes starting at k as four codes8 results. For b = 1, 2, 4 the caller keeps k % 32 == 0 (row_dot: every
+// group starts there when 32 | group_size), so the words and shifts are fixed: 1, 2 or 4 broadcasts and
+// constant shift vectors, no per-step table index.
+template <int BITS>
+inline void codes32(const int32_t* words, int64_t k, __m256i* c) {
+  if constexpr (BITS == 1) {
+    const __m256i w = _mm256_set1_epi32(words[k >> 5]);
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_srlv_epi32(w, load8i(kShift1[j]));
+  } else if constexpr (BITS == 2) {
+    const __m256i w0 = _mm256_set1_epi32(words[k >> 4]), w1 = _mm256_set1_epi32(words[(k >> 4) + 1]);
+    const __m256i s0 = load8i(kShift2[0]), s1 = load8i(kShift2[1]);
+    c[0] = _mm256_srlv_epi32(w0, s0);
+    c[1] = _mm256_srlv_epi32(w0, s1);
+    c[2] = _mm256_srlv_epi32(w1, s0);
+    c[3] = _mm256_srlv_epi32(w1, s1);
+  } else if constexpr (BITS == 4) {
+    const __m256i s = load8i(kShift4);
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_srlv_epi32(_mm256_set1_epi32(words[(k >> 3) + j]), s);
+  } else {
+    for (int j = 0; j < 4; ++j) c[j] = codes8<BITS>(words, k + 8 * j);
+  }
+}
+
 template <int BITS>
 inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
   if constexpr (BITS == 4) {
@@ -148,12 +171,25 @@ float row_dot(const int32_t* words, const float* tab, const S* scale, int64_t gs
     const __m256 tlo = _mm256_loadu_ps(tab);
     const __m256 thi = _mm256_loadu_ps(tab + 8);
     __m256 acc = _mm256_setzero_ps();
+    const bool wide = BITS == 3 || gs % 32 == 0;  // codes32's alignment (k = group start)
     int64_t grp = 0, grp_end = gs;
     while (k + 8 <= K) {
       const int64_t end = std::min(K, grp_end);
-      __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
+      // sum over the group of x * table value, then * absmax. Four independent accumulators: one chain of
+      // dependent FMAs made the loop latency-bound (~4 cycles per 8 weights); the sum order is fixed by
+      // the group size alone, so a row's result never depends on the thread that computes it.
+      __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps(), p2 = _mm256_setzero_ps(), p3 = _mm256_setzero_ps();
+      for (; wide && k + 32 <= end; k += 32) {
+        __m256i c[4];
+        codes32<BITS>(words, k, c);
+        p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(c[0], tlo, thi), p0);
+        p1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), lookup8<BITS>(c[1], tlo, thi), p1);
+        p2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), lookup8<BITS>(c[2], tlo, thi), p2);
+        p3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), lookup8<BITS>(c[3], tlo, thi), p3);
+      }
       for (; k + 8 <= end; k += 8)
-        part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
+        p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), p0);
+      const __m256 part = _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3));
       acc = _mm256_fmadd_ps(part, _mm256_set1_ps(static_cast<float>(scale[grp])), acc);
       ++grp;
       grp_end += gs;
