@@ -19,6 +19,9 @@
 
 #include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -670,6 +673,164 @@ void layer_gemv(const LayerPlan& p, uintptr_t x, int64_t M, uintptr_t y, int64_t
 
 bool has_avx2() { return LOWRA_AVX2 != 0; }
 
+// ------------------------------------------------------------------------ lowra::lut_linear's CPU kernel
+// The op (schema, fake and autograd: kernels/lut_linear.py) gets this C++ kernel for CPU tensors, so a
+// torch.compile'd graph runs a layer with no Python in the call: the kernel reads the op's own arguments
+// (weight = [codes…, rows…, codebooks…, absmax], meta = [group_size, in_features, bits…]), builds the
+// layer's plan in thread-local scratch (the fp32 lookup tables, int64 rows, the row map: a few µs for a
+// 1536-row layer, no Python cache lookup) and runs the same layer_gemv_impl + lora_add as the eager path
+// (lut_lora_gemv_cpu), so both give the same bits. What it does not take (another backend, M > 16, non-fp32
+// x or adapters, any shape or dtype it does not expect) goes to lowra::lut_linear_cpu_fallback, the op's
+// Python implementation, which raises the eager path's errors.
+static int64_t g_op_grain = int64_t(1) << 16;  // GEMV_GRAIN (kernels/cpu_backend.py) at install time
+static c10::OperatorHandle* g_fallback = nullptr;
+
+struct Scratch {
+  std::vector<float> tables;
+  std::vector<int64_t> rows;
+};
+
+template <typename T>
+static void fill_table(const T* cb, int64_t entries, float* dst) {  // the codebook row repeated to 16 fp32 values
+  for (int64_t j = 0; j < kTable; ++j) dst[j] = static_cast<float>(cb[j % entries]);
+}
+
+// The plan of `weight` for in_features K, or false when the arguments are not what the fast path reads.
+static bool plan_from_tensors(const std::vector<at::Tensor>& w, const std::vector<int64_t>& meta, LayerPlan& p,
+                       Scratch& sc) {
+  const int64_t nw = static_cast<int64_t>(meta.size()) - 2;
+  if (nw < 1 || static_cast<int64_t>(w.size()) != 3 * nw + 1) return false;
+  const int64_t gs = meta[0], K = meta[1];
+  if (gs < 1 || K < 1) return false;
+  const at::Tensor& absmax = w[3 * nw];
+  if (absmax.dim() != 2 || !absmax.is_contiguous() || absmax.device().type() != c10::DeviceType::CPU ||
+      absmax.size(1) != (K + gs - 1) / gs)
+    return false;
+  const bool half = absmax.scalar_type() == at::kHalf;
+  if (!half && absmax.scalar_type() != at::kFloat) return false;
+  const int64_t O = absmax.size(0);
+  int64_t total = 0, tab_rows = 0;
+  for (int64_t j = 0; j < nw; ++j) {
+    const at::Tensor &codes = w[j], &rows = w[nw + j], &cb = w[2 * nw + j];
+    const int64_t b = meta[2 + j];
+    if (b < 1 || b > 4) return false;
+    const int64_t per = b == 3 ? 10 : 32 / b, n = codes.dim() == 2 ? codes.size(0) : -1;
+    if (n < 0 || codes.scalar_type() != at::kInt || !codes.is_contiguous() || codes.size(1) != (K + per - 1) / per ||
+        rows.dim() != 1 || rows.size(0) != n || !rows.is_contiguous() ||
+        (rows.scalar_type() != at::kInt && rows.scalar_type() != at::kLong) || cb.dim() != 2 ||
+        cb.size(1) != (int64_t(1) << b) || (cb.size(0) != 1 && cb.size(0) != n) || !cb.is_contiguous() ||
+        (cb.scalar_type() != at::kHalf && cb.scalar_type() != at::kFloat) ||
+        codes.device().type() != c10::DeviceType::CPU || rows.device().type() != c10::DeviceType::CPU ||
+        cb.device().type() != c10::DeviceType::CPU)
+      return false;
+    total += n;
+    tab_rows += cb.size(0);
+  }
+  sc.tables.resize(static_cast<size_t>(tab_rows * kTable));
+  sc.rows.resize(static_cast<size_t>(total));
+  p.groups.clear();
+  p.bits.clear();
+  p.in_features = K;
+  p.out_features = O;
+  p.row_group.assign(static_cast<size_t>(O), -1);
+  p.row_index.assign(static_cast<size_t>(O), 0);
+  int64_t row0 = 0, tab0 = 0;
+  for (int64_t j = 0; j < nw; ++j) {
+    const at::Tensor &codes = w[j], &rows = w[nw + j], &cb = w[2 * nw + j];
+    const int64_t b = meta[2 + j], n = codes.size(0), entries = int64_t(1) << b;
+    int64_t* r64 = sc.rows.data() + row0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows.scalar_type() == at::kInt ? rows.data_ptr<int32_t>()[i] : rows.data_ptr<int64_t>()[i];
+      if (r < 0 || r >= O) return false;
+      r64[i] = r;
+      p.row_group[r] = static_cast<int32_t>(j);
+      p.row_index[r] = i;
+    }
+    float* tab = sc.tables.data() + tab0 * kTable;
+    for (int64_t i = 0; i < cb.size(0); ++i) {
+      if (cb.scalar_type() == at::kHalf)
+        fill_table(cb.data_ptr<c10::Half>() + i * entries, entries, tab + i * kTable);
+      else
+        fill_table(cb.data_ptr<float>() + i * entries, entries, tab + i * kTable);
+    }
+    p.groups.push_back(make_group(reinterpret_cast<uintptr_t>(codes.data_ptr<int32_t>()), n, codes.size(1),
+                                  reinterpret_cast<uintptr_t>(r64), reinterpret_cast<uintptr_t>(tab), cb.size(0) == 1,
+                                  reinterpret_cast<uintptr_t>(absmax.data_ptr()), half, absmax.size(1), gs, K));
+    p.bits.push_back(static_cast<int32_t>(b));
+    row0 += n;
+    tab0 += cb.size(0);
+  }
+  return true;
+}
+
+static bool fp32_vector_arg(const c10::IValue& v, int64_t d0, int64_t d1) {  // None, or fp32 contiguous [d0(, d1)]
+  if (v.isNone()) return true;
+  const at::Tensor& t = v.toTensor();
+  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || t.device().type() != c10::DeviceType::CPU) return false;
+  return d1 < 0 ? (t.dim() == 1 && t.size(0) == d0) : (t.dim() == 2 && t.size(0) == d0 && t.size(1) == d1);
+}
+
+// Boxed: x, weight, lora_A, lora_B, bias, meta, scaling, backend -> y.
+static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit::Stack* stack) {
+  thread_local LayerPlan plan;
+  thread_local Scratch scratch;
+  auto args = torch::jit::last(*stack, 8);
+  const at::Tensor& x = args[0].toTensor();
+  const std::string& backend = args[7].toStringRef();
+  std::vector<int64_t> meta;
+  bool ints = true;  // meta holds plain ints (symbolic ones take the fallback)
+  for (const c10::IValue& v : args[5].toListRef()) {
+    ints = ints && v.isInt();
+    meta.push_back(v.isInt() ? v.toInt() : 0);
+  }
+  std::vector<at::Tensor> weight;
+  for (const c10::IValue& v : args[1].toListRef()) weight.push_back(v.toTensor());
+  const int64_t K = meta.size() >= 2 ? meta[1] : -1;
+  const int64_t M = K > 0 && x.dim() >= 1 && x.size(-1) == K ? x.numel() / K : 0;
+  bool fast = ints && (backend == "auto" || backend == "cpu") && x.scalar_type() == at::kFloat && M >= 1 && M <= 16 &&
+              plan_from_tensors(weight, meta, plan, scratch);
+  const int64_t O = fast ? plan.out_features : 0;
+  const bool has_a = !args[2].isNone(), has_b = !args[3].isNone();
+  const int64_t rank = has_a ? args[2].toTensor().size(0) : 0;
+  fast = fast && has_a == has_b && fp32_vector_arg(args[2], rank, K) && fp32_vector_arg(args[3], O, rank) &&
+         fp32_vector_arg(args[4], O, -1) && rank <= 1024;
+  if (!fast) {
+    if (g_fallback == nullptr) throw std::runtime_error("lowra::lut_linear_cpu_fallback is not registered");
+    g_fallback->callBoxed(stack);
+    return;
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = O;
+  at::Tensor y = at::empty(shape, x.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  layer_gemv_impl(plan, xp, M, yp, g_op_grain);
+  if (rank || !args[4].isNone()) {
+    const double scaling = args[6].toDouble();
+    lora_add(reinterpret_cast<uintptr_t>(xp), M, K, rank ? reinterpret_cast<uintptr_t>(args[2].toTensor().data_ptr()) : 0,
+             rank ? reinterpret_cast<uintptr_t>(args[3].toTensor().data_ptr()) : 0, rank, scaling,
+             args[4].isNone() ? 0 : reinterpret_cast<uintptr_t>(args[4].toTensor().data_ptr()),
+             reinterpret_cast<uintptr_t>(yp), O);
+  }
+  torch::jit::drop(*stack, 8);
+  torch::jit::push(*stack, std::move(y));
+}
+
+// Registers lut_linear_cpu_kernel as lowra::lut_linear's CPU kernel (once; later calls update the grain).
+// The schema and lowra::lut_linear_cpu_fallback must exist (kernels/lut_linear.py defines both first).
+void register_lut_linear_cpu(int64_t grain) {
+  static torch::Library* lib = nullptr;
+  g_op_grain = std::max<int64_t>(1, grain);
+  if (lib != nullptr) return;
+  static c10::OperatorHandle fallback =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lowra::lut_linear_cpu_fallback", "");
+  g_fallback = &fallback;
+  // never freed: the registration lives as long as the process
+  lib = new torch::Library(torch::Library::IMPL, "lowra", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  lib->impl("lut_linear", torch::CppFunction::makeFromBoxedFunction<&lut_linear_cpu_kernel>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("dequant_group", &dequant_group, release(), "write the dequantized rows of one bit group");
@@ -681,6 +842,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
   m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+  m.def("register_lut_linear_cpu", &register_lut_linear_cpu,
+        "register the C++ CPU kernel of lowra::lut_linear (needs the op and lowra::lut_linear_cpu_fallback)");
   py::class_<LayerPlan>(m, "LayerPlan")
       .def_readonly("in_features", &LayerPlan::in_features)
       .def_readonly("out_features", &LayerPlan::out_features);

@@ -63,6 +63,7 @@ _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
 _lock = threading.Lock()
+_on_ready: list = []  # callables run with the extension once it has loaded (kernels/lut_linear.py's C++ op kernel)
 _ext: Any = None
 _state = "unloaded"  # "unloaded" | "ready" | "failed"
 _failure = ""
@@ -128,6 +129,8 @@ def extension() -> Any | None:
                             extra_ldflags=["-fopenmp"] + [f for f in flags if f.startswith("-fsanitize")],
                             verbose=False)
                 _state = "ready"
+                for hook in _on_ready:
+                    hook(_ext)
             except Exception as err:  # any build failure means: no fast path
                 _state, _failure = "failed", f"{type(err).__name__}: {str(err).strip()[-600:]}"
                 warnings.warn(
@@ -137,6 +140,13 @@ def extension() -> Any | None:
                     stacklevel=3,
                 )
     return _ext if _state == "ready" else None
+
+
+def when_ready(hook) -> None:
+    """Run ``hook(extension)`` once the extension has loaded (now, if it has; never, if it fails to build)."""
+    _on_ready.append(hook)
+    if _state == "ready" and not isinstance(_ext, _NoLaunch):
+        hook(_ext)
 
 
 def available() -> bool:
