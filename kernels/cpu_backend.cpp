@@ -14,8 +14,9 @@
 // Work is split with at::parallel_for, i.e. over torch.get_num_threads() threads.
 //
 // The Python side (kernels/cpu_backend.py) validates shapes, dtypes and contiguity and passes raw
-// data pointers: the module needs only pybind11 and ATen/Parallel.h, so it builds in a fraction of
-// the time a <torch/extension.h> module takes, and a call costs ~1 us.
+// data pointers (a call costs ~1 us): the module needs pybind11, ATen/Parallel.h and, for lowra::lut_linear's
+// CPU kernel at the end (a dispatcher kernel: torch.compile'd graphs call it with no Python), torch/library.h —
+// not <torch/extension.h>, which takes several times as long to build.
 
 #include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
@@ -684,6 +685,7 @@ bool has_avx2() { return LOWRA_AVX2 != 0; }
 // Python implementation, which raises the eager path's errors.
 static int64_t g_op_grain = int64_t(1) << 16;  // GEMV_GRAIN (kernels/cpu_backend.py) at install time
 static c10::OperatorHandle* g_fallback = nullptr;
+static bool g_no_launch = false;  // stubbed_launches (kernels/cpu_backend.py): the host path without the work
 
 struct Scratch {
   std::vector<float> tables;
@@ -805,8 +807,8 @@ static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit:
   at::Tensor y = at::empty(shape, x.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  layer_gemv_impl(plan, xp, M, yp, g_op_grain);
-  if (rank || !args[4].isNone()) {
+  if (!g_no_launch) layer_gemv_impl(plan, xp, M, yp, g_op_grain);
+  if (!g_no_launch && (rank || !args[4].isNone())) {
     const double scaling = args[6].toDouble();
     lora_add(reinterpret_cast<uintptr_t>(xp), M, K, rank ? reinterpret_cast<uintptr_t>(args[2].toTensor().data_ptr()) : 0,
              rank ? reinterpret_cast<uintptr_t>(args[3].toTensor().data_ptr()) : 0, rank, scaling,
@@ -816,6 +818,8 @@ static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit:
   torch::jit::drop(*stack, 8);
   torch::jit::push(*stack, std::move(y));
 }
+
+void set_no_launch(bool on) { g_no_launch = on; }
 
 // Registers lut_linear_cpu_kernel as lowra::lut_linear's CPU kernel (once; later calls update the grain).
 // The schema and lowra::lut_linear_cpu_fallback must exist (kernels/lut_linear.py defines both first).
@@ -842,6 +846,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
   m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+  m.def("set_no_launch", &set_no_launch, "lowra::lut_linear's C++ CPU kernel skips its GEMV (host-time benchmark)");
   m.def("register_lut_linear_cpu", &register_lut_linear_cpu,
         "register the C++ CPU kernel of lowra::lut_linear (needs the op and lowra::lut_linear_cpu_fallback)");
   py::class_<LayerPlan>(m, "LayerPlan")

@@ -395,6 +395,7 @@ class _NoLaunch:
         return None
 
     gemv_group = gemv_t_group = lora_add = layer_gemv = make_layer = dequant_group
+    set_no_launch = register_lut_linear_cpu = dequant_group
 
 
 @contextlib.contextmanager
@@ -403,11 +404,16 @@ def stubbed_launches() -> Iterator[None]:
     benchmark (``experiments.bench.host``) measures the Python path of a call without its work."""
     global _ext, _state
     saved = _ext, _state
+    real = _ext if _state == "ready" and not isinstance(_ext, _NoLaunch) else None
     _ext, _state = _NoLaunch(), "ready"
+    if real is not None:
+        real.set_no_launch(True)  # lowra::lut_linear's C++ CPU kernel (compiled graphs) as well
     try:
         yield
     finally:
         _ext, _state = saved
+        if real is not None:
+            real.set_no_launch(False)
 
 
 def lut_lora_gemv_ref(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
