@@ -31,6 +31,7 @@
 #include <stdexcept>
 #include <type_traits>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -692,9 +693,37 @@ struct Scratch {
   std::vector<int64_t> rows;
 };
 
+// n codebook rows (2**bits entries each, fp16 or fp32) as the extension's fp32 tables: each row repeated to
+// kTable values (cpu_backend.py's _table: the same fp32 values).
 template <typename T>
-static void fill_table(const T* cb, int64_t entries, float* dst) {  // the codebook row repeated to 16 fp32 values
-  for (int64_t j = 0; j < kTable; ++j) dst[j] = static_cast<float>(cb[j % entries]);
+static void fill_tables(const T* cb, int64_t n, int64_t bits, float* dst) {
+  const int64_t e = int64_t(1) << bits;
+#if LOWRA_AVX2
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    const auto* h = reinterpret_cast<const uint16_t*>(cb);
+    for (int64_t i = 0; i < n; ++i, h += e, dst += kTable) {
+      __m256 v;
+      if (e >= 8) {
+        v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+        _mm256_storeu_ps(dst, v);
+        _mm256_storeu_ps(dst + 8, e == 16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8))) : v);
+        continue;
+      }
+      int64_t bits4 = 0;  // the row's 2 or 4 halves, repeated to 4
+      std::memcpy(&bits4, h, static_cast<size_t>(2 * e));
+      if (e == 2) bits4 = (bits4 & 0xffffffff) | (bits4 << 32);
+      const __m128 q = _mm_cvtph_ps(_mm_cvtsi64_si128(bits4));
+      v = _mm256_set_m128(q, q);
+      _mm256_storeu_ps(dst, v);
+      _mm256_storeu_ps(dst + 8, v);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i, cb += e, dst += kTable) {
+    for (int64_t j = 0; j < e; ++j) dst[j] = static_cast<float>(cb[j]);
+    for (int64_t j = e; j < kTable; ++j) dst[j] = dst[j - e];
+  }
 }
 
 // The plan of `weight` for in_features K, or false when the arguments are not what the fast path reads.
@@ -739,22 +768,24 @@ static bool plan_from_tensors(const std::vector<at::Tensor>& w, const std::vecto
   int64_t row0 = 0, tab0 = 0;
   for (int64_t j = 0; j < nw; ++j) {
     const at::Tensor &codes = w[j], &rows = w[nw + j], &cb = w[2 * nw + j];
-    const int64_t b = meta[2 + j], n = codes.size(0), entries = int64_t(1) << b;
+    const int64_t b = meta[2 + j], n = codes.size(0);
     int64_t* r64 = sc.rows.data() + row0;
+    const int32_t* r32 = rows.scalar_type() == at::kInt ? rows.data_ptr<int32_t>() : nullptr;
+    const int64_t* rl = r32 ? nullptr : rows.data_ptr<int64_t>();
+    int32_t* rg = p.row_group.data();
+    int64_t* ri = p.row_index.data();
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = rows.scalar_type() == at::kInt ? rows.data_ptr<int32_t>()[i] : rows.data_ptr<int64_t>()[i];
+      const int64_t r = r32 ? r32[i] : rl[i];
       if (r < 0 || r >= O) return false;
       r64[i] = r;
-      p.row_group[r] = static_cast<int32_t>(j);
-      p.row_index[r] = i;
+      rg[r] = static_cast<int32_t>(j);
+      ri[r] = i;
     }
     float* tab = sc.tables.data() + tab0 * kTable;
-    for (int64_t i = 0; i < cb.size(0); ++i) {
-      if (cb.scalar_type() == at::kHalf)
-        fill_table(cb.data_ptr<c10::Half>() + i * entries, entries, tab + i * kTable);
-      else
-        fill_table(cb.data_ptr<float>() + i * entries, entries, tab + i * kTable);
-    }
+    if (cb.scalar_type() == at::kHalf)
+      fill_tables(cb.data_ptr<c10::Half>(), cb.size(0), b, tab);
+    else
+      fill_tables(cb.data_ptr<float>(), cb.size(0), b, tab);
     p.groups.push_back(make_group(reinterpret_cast<uintptr_t>(codes.data_ptr<int32_t>()), n, codes.size(1),
                                   reinterpret_cast<uintptr_t>(r64), reinterpret_cast<uintptr_t>(tab), cb.size(0) == 1,
                                   reinterpret_cast<uintptr_t>(absmax.data_ptr()), half, absmax.size(1), gs, K));
