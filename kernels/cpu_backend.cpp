@@ -27,6 +27,14 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
 #include <cmath>
 #include <stdexcept>
 #include <type_traits>
@@ -407,11 +415,138 @@ inline void row_out(const Group& g, int64_t i, const float* x, int64_t M, float*
   for (int64_t m = 0; m < M; ++m) y[m * out_features + r] = acc[m];
 }
 
+// ------------------------------------------------------------------------------------ claiming pool
+// The forward GEMV's threads. at::parallel_for (an OpenMP parallel region) ends in a barrier that waits for
+// every thread of the team: when the machine is oversubscribed and a worker is descheduled, each region waits
+// a scheduler time slice for it (measured: ~8 ms per call at 2 threads under load 3, 100x the work). Here the
+// caller publishes a task of row chunks and claims chunks itself; helper threads claim chunks when they run.
+// The caller waits only for chunks a helper has claimed and not finished, never for a helper that has not
+// started: at worst a call costs the one-thread time. Each chunk (so each output row) is computed by exactly
+// one thread with the same code, so results are bitwise independent of the thread count and of who ran what.
+// One task at a time: a concurrent caller (another Python thread) runs its chunks inline.
+class ClaimPool {
+ public:
+  static ClaimPool& get() {
+    // never destroyed: helpers are detached and blocked at exit. A forked child (no helpers, a mutex perhaps
+    // held by one at the fork) gets a fresh pool.
+    static std::once_flag once;
+    std::call_once(once, [] {
+      instance() = new ClaimPool();
+      pthread_atfork(nullptr, nullptr, [] { instance() = new ClaimPool(); });
+    });
+    return *instance();
+  }
+
+  // f(c) for every c in [0, n) on the caller and up to `helpers` pool threads.
+  template <typename F>
+  void run(int64_t n, int helpers, const F& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (helpers <= 0 || n <= 1 || !busy.owns_lock()) {
+      for (int64_t c = 0; c < n; ++c) f(c);
+      return;
+    }
+    ensure(helpers);
+    auto task = std::make_shared<Task>();
+    task->n = n;
+    task->max_helpers = helpers;
+    task->fn = [&f](int64_t c) { f(c); };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = task;
+      ++epoch_;
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    work(*task);
+    // every chunk is claimed now; wait for the ones helpers are still computing
+    for (int spins = 0; task->done.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (current_ == task) current_.reset();
+  }
+
+ private:
+  static ClaimPool*& instance() {
+    static ClaimPool* pool = nullptr;
+    return pool;
+  }
+
+  struct Task {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> joined{0};
+    int64_t n = 0;
+    int max_helpers = 0;
+    std::function<void(int64_t)> fn;  // valid while done < n: a chunk is claimed only before that
+  };
+
+  static void pause() {
+#if LOWRA_AVX2
+    _mm_pause();
+#endif
+  }
+
+  static void work(Task& t) {
+    for (int64_t c; (c = t.next.fetch_add(1, std::memory_order_relaxed)) < t.n;) {
+      t.fn(c);
+      t.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void ensure(int helpers) {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (static_cast<int>(threads_) < helpers) {
+      std::thread(&ClaimPool::loop, this).detach();
+      ++threads_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Task> task;
+      for (int spins = 0;; ++spins) {  // spin ~tens of us for the next task (a decode step's next layer), then sleep
+        if (epoch_.load(std::memory_order_acquire) != seen) {
+          std::lock_guard<std::mutex> lock(mu_);
+          seen = epoch_.load(std::memory_order_relaxed);
+          task = current_;
+          break;
+        }
+        if (spins < 8000) {
+          pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        seen = epoch_.load(std::memory_order_relaxed);
+        task = current_;
+        break;
+      }
+      if (task && task->joined.fetch_add(1, std::memory_order_relaxed) < task->max_helpers) work(*task);
+    }
+  }
+
+  std::mutex busy_;  // held by the caller of the task in flight
+  std::mutex mu_;    // guards current_, and the helpers' sleep
+  std::condition_variable cv_;
+  std::shared_ptr<Task> current_;
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> sleeping_{0};
+  size_t threads_ = 0;
+};
+
+bool g_claim_pool = true;  // set_claim_pool: the forward GEMV's threads from the ClaimPool (else at::parallel_for)
+
 // y[m, r] = sum_k x[m, k] W[r, k] for every output row r (x fp32 [M, K], y fp32 [M, out], contiguous).
+// Threads: min(torch.get_num_threads(), weights / grain_weights), over row chunks of the ClaimPool.
 void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, int64_t grain_weights) {
   const int64_t K = p.in_features, O = p.out_features;
-  const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
-  at::parallel_for(0, O, grain, [&](int64_t b, int64_t e) {
+  const auto rows_out = [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int32_t gi = p.row_group[r];
       if (gi < 0) {
@@ -427,7 +562,16 @@ void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, in
         default: row_out<4>(g, i, x, M, y, O, r); break;
       }
     }
-  });
+  };
+  if (!g_claim_pool) {  // OpenMP (at::parallel_for), as before the pool
+    at::parallel_for(0, O, std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1)), rows_out);
+    return;
+  }
+  const int64_t want =
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, O * K / std::max<int64_t>(grain_weights, 1)));
+  const int64_t rows = want <= 1 ? O : std::max<int64_t>(8, (O + 8 * want - 1) / (8 * want));  // ~8 chunks a thread
+  ClaimPool::get().run((O + rows - 1) / rows, static_cast<int>(want - 1),
+                       [&](int64_t c) { rows_out(c * rows, std::min(O, c * rows + rows)); });
 }
 
 // The codebook / scale gradient of one bit group from rows of G = dL/dW (fp32): stored rows [i0, i1)
@@ -851,6 +995,7 @@ static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit:
 }
 
 void set_no_launch(bool on) { g_no_launch = on; }
+void set_claim_pool(bool on) { g_claim_pool = on; }
 
 // Registers lut_linear_cpu_kernel as lowra::lut_linear's CPU kernel (once; later calls update the grain).
 // The schema and lowra::lut_linear_cpu_fallback must exist (kernels/lut_linear.py defines both first).
@@ -877,6 +1022,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
   m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+  m.def("set_claim_pool", &set_claim_pool,
+        "the forward GEMV's threads: the claiming pool (default) or at::parallel_for (OpenMP, for comparison)");
   m.def("set_no_launch", &set_no_launch, "lowra::lut_linear's C++ CPU kernel skips its GEMV (host-time benchmark)");
   m.def("register_lut_linear_cpu", &register_lut_linear_cpu,
         "register the C++ CPU kernel of lowra::lut_linear (needs the op and lowra::lut_linear_cpu_fallback)");

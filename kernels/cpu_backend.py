@@ -395,7 +395,7 @@ class _NoLaunch:
         return None
 
     gemv_group = gemv_t_group = lora_add = layer_gemv = make_layer = dequant_group
-    set_no_launch = register_lut_linear_cpu = dequant_group
+    set_no_launch = set_claim_pool = register_lut_linear_cpu = dequant_group
 
 
 @contextlib.contextmanager
