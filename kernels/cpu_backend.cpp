@@ -968,8 +968,9 @@ static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit:
               plan_from_tensors(weight, meta, plan, scratch);
   const int64_t O = fast ? plan.out_features : 0;
   const bool has_a = !args[2].isNone(), has_b = !args[3].isNone();
-  const int64_t rank = has_a ? args[2].toTensor().size(0) : 0;
-  fast = fast && has_a == has_b && fp32_vector_arg(args[2], rank, K) && fp32_vector_arg(args[3], O, rank) &&
+  const int64_t rank = has_a && args[2].toTensor().dim() == 2 ? args[2].toTensor().size(0) : 0;
+  fast = fast && has_a == has_b && (!has_a || rank > 0) && fp32_vector_arg(args[2], rank, K) &&
+         fp32_vector_arg(args[3], O, rank) &&
          fp32_vector_arg(args[4], O, -1) && rank <= 1024;
   if (!fast) {
     if (g_fallback == nullptr) throw std::runtime_error("lowra::lut_linear_cpu_fallback is not registered");
