@@ -14,19 +14,32 @@
 // Work is split with at::parallel_for, i.e. over torch.get_num_threads() threads.
 //
 // The Python side (kernels/cpu_backend.py) validates shapes, dtypes and contiguity and passes raw
-// data pointers: the module needs only pybind11 and ATen/Parallel.h, so it builds in a fraction of
-// the time a <torch/extension.h> module takes, and a call costs ~1 us.
+// data pointers (a call costs ~1 us): the module needs pybind11, ATen/Parallel.h and, for lowra::lut_linear's
+// CPU kernel at the end (a dispatcher kernel: torch.compile'd graphs call it with no Python), torch/library.h —
+// not <torch/extension.h>, which takes several times as long to build.
 
 #include <pybind11/pybind11.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include <pthread.h>
 #include <cmath>
 #include <stdexcept>
 #include <type_traits>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -95,6 +108,29 @@ inline __m256i codes8(const int32_t* words, int64_t k) {
   }
 }
 
+// 32 codes starting at k as four codes8 results. For b = 1, 2, 4 the caller keeps k % 32 == 0 (row_dot: every
+// group starts there when 32 | group_size), so the words and shifts are fixed: 1, 2 or 4 broadcasts and
+// constant shift vectors, no per-step table index.
+template <int BITS>
+inline void codes32(const int32_t* words, int64_t k, __m256i* c) {
+  if constexpr (BITS == 1) {
+    const __m256i w = _mm256_set1_epi32(words[k >> 5]);
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_srlv_epi32(w, load8i(kShift1[j]));
+  } else if constexpr (BITS == 2) {
+    const __m256i w0 = _mm256_set1_epi32(words[k >> 4]), w1 = _mm256_set1_epi32(words[(k >> 4) + 1]);
+    const __m256i s0 = load8i(kShift2[0]), s1 = load8i(kShift2[1]);
+    c[0] = _mm256_srlv_epi32(w0, s0);
+    c[1] = _mm256_srlv_epi32(w0, s1);
+    c[2] = _mm256_srlv_epi32(w1, s0);
+    c[3] = _mm256_srlv_epi32(w1, s1);
+  } else if constexpr (BITS == 4) {
+    const __m256i s = load8i(kShift4);
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_srlv_epi32(_mm256_set1_epi32(words[(k >> 3) + j]), s);
+  } else {
+    for (int j = 0; j < 4; ++j) c[j] = codes8<BITS>(words, k + 8 * j);
+  }
+}
+
 template <int BITS>
 inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
   if constexpr (BITS == 4) {
@@ -148,12 +184,25 @@ float row_dot(const int32_t* words, const float* tab, const S* scale, int64_t gs
     const __m256 tlo = _mm256_loadu_ps(tab);
     const __m256 thi = _mm256_loadu_ps(tab + 8);
     __m256 acc = _mm256_setzero_ps();
+    const bool wide = BITS == 3 || gs % 32 == 0;  // codes32's alignment (k = group start)
     int64_t grp = 0, grp_end = gs;
     while (k + 8 <= K) {
       const int64_t end = std::min(K, grp_end);
-      __m256 part = _mm256_setzero_ps();  // sum over the group of x * table value, then * absmax
+      // sum over the group of x * table value, then * absmax. Four independent accumulators: one chain of
+      // dependent FMAs made the loop latency-bound (~4 cycles per 8 weights); the sum order is fixed by
+      // the group size alone, so a row's result never depends on the thread that computes it.
+      __m256 p0 = _mm256_setzero_ps(), p1 = _mm256_setzero_ps(), p2 = _mm256_setzero_ps(), p3 = _mm256_setzero_ps();
+      for (; wide && k + 32 <= end; k += 32) {
+        __m256i c[4];
+        codes32<BITS>(words, k, c);
+        p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(c[0], tlo, thi), p0);
+        p1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), lookup8<BITS>(c[1], tlo, thi), p1);
+        p2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), lookup8<BITS>(c[2], tlo, thi), p2);
+        p3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), lookup8<BITS>(c[3], tlo, thi), p3);
+      }
       for (; k + 8 <= end; k += 8)
-        part = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), part);
+        p0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), lookup8<BITS>(codes8<BITS>(words, k), tlo, thi), p0);
+      const __m256 part = _mm256_add_ps(_mm256_add_ps(p0, p1), _mm256_add_ps(p2, p3));
       acc = _mm256_fmadd_ps(part, _mm256_set1_ps(static_cast<float>(scale[grp])), acc);
       ++grp;
       grp_end += gs;
@@ -366,11 +415,138 @@ inline void row_out(const Group& g, int64_t i, const float* x, int64_t M, float*
   for (int64_t m = 0; m < M; ++m) y[m * out_features + r] = acc[m];
 }
 
+// ------------------------------------------------------------------------------------ claiming pool
+// The forward GEMV's threads. at::parallel_for (an OpenMP parallel region) ends in a barrier that waits for
+// every thread of the team: when the machine is oversubscribed and a worker is descheduled, each region waits
+// a scheduler time slice for it (measured: ~8 ms per call at 2 threads under load 3, 100x the work). Here the
+// caller publishes a task of row chunks and claims chunks itself; helper threads claim chunks when they run.
+// The caller waits only for chunks a helper has claimed and not finished, never for a helper that has not
+// started: at worst a call costs the one-thread time. Each chunk (so each output row) is computed by exactly
+// one thread with the same code, so results are bitwise independent of the thread count and of who ran what.
+// One task at a time: a concurrent caller (another Python thread) runs its chunks inline.
+class ClaimPool {
+ public:
+  static ClaimPool& get() {
+    // never destroyed: helpers are detached and blocked at exit. A forked child (no helpers, a mutex perhaps
+    // held by one at the fork) gets a fresh pool.
+    static std::once_flag once;
+    std::call_once(once, [] {
+      instance() = new ClaimPool();
+      pthread_atfork(nullptr, nullptr, [] { instance() = new ClaimPool(); });
+    });
+    return *instance();
+  }
+
+  // f(c) for every c in [0, n) on the caller and up to `helpers` pool threads.
+  template <typename F>
+  void run(int64_t n, int helpers, const F& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (helpers <= 0 || n <= 1 || !busy.owns_lock()) {
+      for (int64_t c = 0; c < n; ++c) f(c);
+      return;
+    }
+    ensure(helpers);
+    auto task = std::make_shared<Task>();
+    task->n = n;
+    task->max_helpers = helpers;
+    task->fn = [&f](int64_t c) { f(c); };
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = task;
+      ++epoch_;
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    work(*task);
+    // every chunk is claimed now; wait for the ones helpers are still computing
+    for (int spins = 0; task->done.load(std::memory_order_acquire) < n; ++spins) {
+      if (spins < 4096) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (current_ == task) current_.reset();
+  }
+
+ private:
+  static ClaimPool*& instance() {
+    static ClaimPool* pool = nullptr;
+    return pool;
+  }
+
+  struct Task {
+    std::atomic<int64_t> next{0}, done{0};
+    std::atomic<int> joined{0};
+    int64_t n = 0;
+    int max_helpers = 0;
+    std::function<void(int64_t)> fn;  // valid while done < n: a chunk is claimed only before that
+  };
+
+  static void pause() {
+#if LOWRA_AVX2
+    _mm_pause();
+#endif
+  }
+
+  static void work(Task& t) {
+    for (int64_t c; (c = t.next.fetch_add(1, std::memory_order_relaxed)) < t.n;) {
+      t.fn(c);
+      t.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void ensure(int helpers) {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (static_cast<int>(threads_) < helpers) {
+      std::thread(&ClaimPool::loop, this).detach();
+      ++threads_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Task> task;
+      for (int spins = 0;; ++spins) {  // spin ~tens of us for the next task (a decode step's next layer), then sleep
+        if (epoch_.load(std::memory_order_acquire) != seen) {
+          std::lock_guard<std::mutex> lock(mu_);
+          seen = epoch_.load(std::memory_order_relaxed);
+          task = current_;
+          break;
+        }
+        if (spins < 8000) {
+          pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.fetch_add(1, std::memory_order_acq_rel);
+        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
+        sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        seen = epoch_.load(std::memory_order_relaxed);
+        task = current_;
+        break;
+      }
+      if (task && task->joined.fetch_add(1, std::memory_order_relaxed) < task->max_helpers) work(*task);
+    }
+  }
+
+  std::mutex busy_;  // held by the caller of the task in flight
+  std::mutex mu_;    // guards current_, and the helpers' sleep
+  std::condition_variable cv_;
+  std::shared_ptr<Task> current_;
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> sleeping_{0};
+  size_t threads_ = 0;
+};
+
+bool g_claim_pool = true;  // set_claim_pool: the forward GEMV's threads from the ClaimPool (else at::parallel_for)
+
 // y[m, r] = sum_k x[m, k] W[r, k] for every output row r (x fp32 [M, K], y fp32 [M, out], contiguous).
+// Threads: min(torch.get_num_threads(), weights / grain_weights), over row chunks of the ClaimPool.
 void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, int64_t grain_weights) {
   const int64_t K = p.in_features, O = p.out_features;
-  const int64_t grain = std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1));
-  at::parallel_for(0, O, grain, [&](int64_t b, int64_t e) {
+  const auto rows_out = [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int32_t gi = p.row_group[r];
       if (gi < 0) {
@@ -386,7 +562,16 @@ void layer_gemv_impl(const LayerPlan& p, const float* x, int64_t M, float* y, in
         default: row_out<4>(g, i, x, M, y, O, r); break;
       }
     }
-  });
+  };
+  if (!g_claim_pool) {  // OpenMP (at::parallel_for), as before the pool
+    at::parallel_for(0, O, std::max<int64_t>(1, grain_weights / std::max<int64_t>(K, 1)), rows_out);
+    return;
+  }
+  const int64_t want =
+      std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, O * K / std::max<int64_t>(grain_weights, 1)));
+  const int64_t rows = want <= 1 ? O : std::max<int64_t>(8, (O + 8 * want - 1) / (8 * want));  // ~8 chunks a thread
+  ClaimPool::get().run((O + rows - 1) / rows, static_cast<int>(want - 1),
+                       [&](int64_t c) { rows_out(c * rows, std::min(O, c * rows + rows)); });
 }
 
 // The codebook / scale gradient of one bit group from rows of G = dL/dW (fp32): stored rows [i0, i1)
@@ -634,6 +819,199 @@ void layer_gemv(const LayerPlan& p, uintptr_t x, int64_t M, uintptr_t y, int64_t
 
 bool has_avx2() { return LOWRA_AVX2 != 0; }
 
+// ------------------------------------------------------------------------ lowra::lut_linear's CPU kernel
+// The op (schema, fake and autograd: kernels/lut_linear.py) gets this C++ kernel for CPU tensors, so a
+// torch.compile'd graph runs a layer with no Python in the call: the kernel reads the op's own arguments
+// (weight = [codes…, rows…, codebooks…, absmax], meta = [group_size, in_features, bits…]), builds the
+// layer's plan in thread-local scratch (the fp32 lookup tables, int64 rows, the row map: a few µs for a
+// 1536-row layer, no Python cache lookup) and runs the same layer_gemv_impl + lora_add as the eager path
+// (lut_lora_gemv_cpu), so both give the same bits. What it does not take (another backend, M > 16, non-fp32
+// x or adapters, any shape or dtype it does not expect) goes to lowra::lut_linear_cpu_fallback, the op's
+// Python implementation, which raises the eager path's errors.
+static int64_t g_op_grain = int64_t(1) << 16;  // GEMV_GRAIN (kernels/cpu_backend.py) at install time
+static c10::OperatorHandle* g_fallback = nullptr;
+static bool g_no_launch = false;  // stubbed_launches (kernels/cpu_backend.py): the host path without the work
+
+struct Scratch {
+  std::vector<float> tables;
+  std::vector<int64_t> rows;
+};
+
+// n codebook rows (2**bits entries each, fp16 or fp32) as the extension's fp32 tables: each row repeated to
+// kTable values (cpu_backend.py's _table: the same fp32 values).
+template <typename T>
+static void fill_tables(const T* cb, int64_t n, int64_t bits, float* dst) {
+  const int64_t e = int64_t(1) << bits;
+#if LOWRA_AVX2
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    const auto* h = reinterpret_cast<const uint16_t*>(cb);
+    for (int64_t i = 0; i < n; ++i, h += e, dst += kTable) {
+      __m256 v;
+      if (e >= 8) {
+        v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+        _mm256_storeu_ps(dst, v);
+        _mm256_storeu_ps(dst + 8, e == 16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8))) : v);
+        continue;
+      }
+      int64_t bits4 = 0;  // the row's 2 or 4 halves, repeated to 4
+      std::memcpy(&bits4, h, static_cast<size_t>(2 * e));
+      if (e == 2) bits4 = (bits4 & 0xffffffff) | (bits4 << 32);
+      const __m128 q = _mm_cvtph_ps(_mm_cvtsi64_si128(bits4));
+      v = _mm256_set_m128(q, q);
+      _mm256_storeu_ps(dst, v);
+      _mm256_storeu_ps(dst + 8, v);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i, cb += e, dst += kTable) {
+    for (int64_t j = 0; j < e; ++j) dst[j] = static_cast<float>(cb[j]);
+    for (int64_t j = e; j < kTable; ++j) dst[j] = dst[j - e];
+  }
+}
+
+// The plan of `weight` for in_features K, or false when the arguments are not what the fast path reads.
+static bool plan_from_tensors(const std::vector<at::Tensor>& w, const std::vector<int64_t>& meta, LayerPlan& p,
+                       Scratch& sc) {
+  const int64_t nw = static_cast<int64_t>(meta.size()) - 2;
+  if (nw < 1 || static_cast<int64_t>(w.size()) != 3 * nw + 1) return false;
+  const int64_t gs = meta[0], K = meta[1];
+  if (gs < 1 || K < 1) return false;
+  const at::Tensor& absmax = w[3 * nw];
+  if (absmax.dim() != 2 || !absmax.is_contiguous() || absmax.device().type() != c10::DeviceType::CPU ||
+      absmax.size(1) != (K + gs - 1) / gs)
+    return false;
+  const bool half = absmax.scalar_type() == at::kHalf;
+  if (!half && absmax.scalar_type() != at::kFloat) return false;
+  const int64_t O = absmax.size(0);
+  int64_t total = 0, tab_rows = 0;
+  for (int64_t j = 0; j < nw; ++j) {
+    const at::Tensor &codes = w[j], &rows = w[nw + j], &cb = w[2 * nw + j];
+    const int64_t b = meta[2 + j];
+    if (b < 1 || b > 4) return false;
+    const int64_t per = b == 3 ? 10 : 32 / b, n = codes.dim() == 2 ? codes.size(0) : -1;
+    if (n < 0 || codes.scalar_type() != at::kInt || !codes.is_contiguous() || codes.size(1) != (K + per - 1) / per ||
+        rows.dim() != 1 || rows.size(0) != n || !rows.is_contiguous() ||
+        (rows.scalar_type() != at::kInt && rows.scalar_type() != at::kLong) || cb.dim() != 2 ||
+        cb.size(1) != (int64_t(1) << b) || (cb.size(0) != 1 && cb.size(0) != n) || !cb.is_contiguous() ||
+        (cb.scalar_type() != at::kHalf && cb.scalar_type() != at::kFloat) ||
+        codes.device().type() != c10::DeviceType::CPU || rows.device().type() != c10::DeviceType::CPU ||
+        cb.device().type() != c10::DeviceType::CPU)
+      return false;
+    total += n;
+    tab_rows += cb.size(0);
+  }
+  sc.tables.resize(static_cast<size_t>(tab_rows * kTable));
+  sc.rows.resize(static_cast<size_t>(total));
+  p.groups.clear();
+  p.bits.clear();
+  p.in_features = K;
+  p.out_features = O;
+  p.row_group.assign(static_cast<size_t>(O), -1);
+  p.row_index.assign(static_cast<size_t>(O), 0);
+  int64_t row0 = 0, tab0 = 0;
+  for (int64_t j = 0; j < nw; ++j) {
+    const at::Tensor &codes = w[j], &rows = w[nw + j], &cb = w[2 * nw + j];
+    const int64_t b = meta[2 + j], n = codes.size(0);
+    int64_t* r64 = sc.rows.data() + row0;
+    const int32_t* r32 = rows.scalar_type() == at::kInt ? rows.data_ptr<int32_t>() : nullptr;
+    const int64_t* rl = r32 ? nullptr : rows.data_ptr<int64_t>();
+    int32_t* rg = p.row_group.data();
+    int64_t* ri = p.row_index.data();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = r32 ? r32[i] : rl[i];
+      if (r < 0 || r >= O) return false;
+      r64[i] = r;
+      rg[r] = static_cast<int32_t>(j);
+      ri[r] = i;
+    }
+    float* tab = sc.tables.data() + tab0 * kTable;
+    if (cb.scalar_type() == at::kHalf)
+      fill_tables(cb.data_ptr<c10::Half>(), cb.size(0), b, tab);
+    else
+      fill_tables(cb.data_ptr<float>(), cb.size(0), b, tab);
+    p.groups.push_back(make_group(reinterpret_cast<uintptr_t>(codes.data_ptr<int32_t>()), n, codes.size(1),
+                                  reinterpret_cast<uintptr_t>(r64), reinterpret_cast<uintptr_t>(tab), cb.size(0) == 1,
+                                  reinterpret_cast<uintptr_t>(absmax.data_ptr()), half, absmax.size(1), gs, K));
+    p.bits.push_back(static_cast<int32_t>(b));
+    row0 += n;
+    tab0 += cb.size(0);
+  }
+  return true;
+}
+
+static bool fp32_vector_arg(const c10::IValue& v, int64_t d0, int64_t d1) {  // None, or fp32 contiguous [d0(, d1)]
+  if (v.isNone()) return true;
+  const at::Tensor& t = v.toTensor();
+  if (t.scalar_type() != at::kFloat || !t.is_contiguous() || t.device().type() != c10::DeviceType::CPU) return false;
+  return d1 < 0 ? (t.dim() == 1 && t.size(0) == d0) : (t.dim() == 2 && t.size(0) == d0 && t.size(1) == d1);
+}
+
+// Boxed: x, weight, lora_A, lora_B, bias, meta, scaling, backend -> y.
+static void lut_linear_cpu_kernel(const c10::OperatorHandle& /*op*/, torch::jit::Stack* stack) {
+  thread_local LayerPlan plan;
+  thread_local Scratch scratch;
+  auto args = torch::jit::last(*stack, 8);
+  const at::Tensor& x = args[0].toTensor();
+  const std::string& backend = args[7].toStringRef();
+  std::vector<int64_t> meta;
+  bool ints = true;  // meta holds plain ints (symbolic ones take the fallback)
+  for (const c10::IValue& v : args[5].toListRef()) {
+    ints = ints && v.isInt();
+    meta.push_back(v.isInt() ? v.toInt() : 0);
+  }
+  std::vector<at::Tensor> weight;
+  for (const c10::IValue& v : args[1].toListRef()) weight.push_back(v.toTensor());
+  const int64_t K = meta.size() >= 2 ? meta[1] : -1;
+  const int64_t M = K > 0 && x.dim() >= 1 && x.size(-1) == K ? x.numel() / K : 0;
+  bool fast = ints && (backend == "auto" || backend == "cpu") && x.scalar_type() == at::kFloat && M >= 1 && M <= 16 &&
+              plan_from_tensors(weight, meta, plan, scratch);
+  const int64_t O = fast ? plan.out_features : 0;
+  const bool has_a = !args[2].isNone(), has_b = !args[3].isNone();
+  const int64_t rank = has_a && args[2].toTensor().dim() == 2 ? args[2].toTensor().size(0) : 0;
+  fast = fast && has_a == has_b && (!has_a || rank > 0) && fp32_vector_arg(args[2], rank, K) &&
+         fp32_vector_arg(args[3], O, rank) &&
+         fp32_vector_arg(args[4], O, -1) && rank <= 1024;
+  if (!fast) {
+    if (g_fallback == nullptr) throw std::runtime_error("lowra::lut_linear_cpu_fallback is not registered");
+    g_fallback->callBoxed(stack);
+    return;
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = O;
+  at::Tensor y = at::empty(shape, x.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (!g_no_launch) layer_gemv_impl(plan, xp, M, yp, g_op_grain);
+  if (!g_no_launch && (rank || !args[4].isNone())) {
+    const double scaling = args[6].toDouble();
+    lora_add(reinterpret_cast<uintptr_t>(xp), M, K, rank ? reinterpret_cast<uintptr_t>(args[2].toTensor().data_ptr()) : 0,
+             rank ? reinterpret_cast<uintptr_t>(args[3].toTensor().data_ptr()) : 0, rank, scaling,
+             args[4].isNone() ? 0 : reinterpret_cast<uintptr_t>(args[4].toTensor().data_ptr()),
+             reinterpret_cast<uintptr_t>(yp), O);
+  }
+  torch::jit::drop(*stack, 8);
+  torch::jit::push(*stack, std::move(y));
+}
+
+void set_no_launch(bool on) { g_no_launch = on; }
+void set_claim_pool(bool on) { g_claim_pool = on; }
+
+// Registers lut_linear_cpu_kernel as lowra::lut_linear's CPU kernel (once; later calls update the grain).
+// The schema and lowra::lut_linear_cpu_fallback must exist (kernels/lut_linear.py defines both first).
+void register_lut_linear_cpu(int64_t grain) {
+  static torch::Library* lib = nullptr;
+  g_op_grain = std::max<int64_t>(1, grain);
+  if (lib != nullptr) return;
+  static c10::OperatorHandle fallback =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lowra::lut_linear_cpu_fallback", "");
+  g_fallback = &fallback;
+  // never freed: the registration lives as long as the process
+  lib = new torch::Library(torch::Library::IMPL, "lowra", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  lib->impl("lut_linear", torch::CppFunction::makeFromBoxedFunction<&lut_linear_cpu_kernel>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("dequant_group", &dequant_group, release(), "write the dequantized rows of one bit group");
@@ -645,6 +1023,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("col_dot", &col_dot, release(), "p[o] = sum_m a[m, o] b[m, o] (fp32 in, fp64 out)");
   m.def("one_bit_grad", &one_bit_grad, release(), "1-bit codebook gradient in closed form from p, q (returns bad rows)");
   m.def("has_avx2", &has_avx2, "whether the vectorized AVX2 path was compiled in");
+  m.def("set_claim_pool", &set_claim_pool,
+        "the forward GEMV's threads: the claiming pool (default) or at::parallel_for (OpenMP, for comparison)");
+  m.def("set_no_launch", &set_no_launch, "lowra::lut_linear's C++ CPU kernel skips its GEMV (host-time benchmark)");
+  m.def("register_lut_linear_cpu", &register_lut_linear_cpu,
+        "register the C++ CPU kernel of lowra::lut_linear (needs the op and lowra::lut_linear_cpu_fallback)");
   py::class_<LayerPlan>(m, "LayerPlan")
       .def_readonly("in_features", &LayerPlan::in_features)
       .def_readonly("out_features", &LayerPlan::out_features);

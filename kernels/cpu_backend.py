@@ -5,8 +5,12 @@ They are a small C++ extension (``kernels/cpu_backend.cpp``) built on first use 
 C++ compiler (``torch.utils.cpp_extension.load``; AVX2/FMA when the CPU has it) and cached by torch
 under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) under a name keyed by the source's
 hash: the build (about a minute on 2 cores) is paid once per machine and source version, for every shape,
-whatever other checkouts share the cache. Work is split with ``at::parallel_for``
-over ``torch.get_num_threads()`` threads. Where no compiler works, one ``RuntimeWarning`` says so
+whatever other checkouts share the cache. Work is split over ``torch.get_num_threads()`` threads: with
+``at::parallel_for`` (OpenMP), except the forward GEMV, whose row chunks are claimed from a small pool of the
+extension's own threads (``ClaimPool`` in the C++: the caller never waits at a barrier for a descheduled
+thread, so on a loaded machine 2 threads cost at worst about one thread's time instead of a scheduler slice
+per call). The extension also registers ``lowra::lut_linear``'s CPU kernel (C++, no Python per call under
+``torch.compile``; ``kernels/lut_linear.py``). Where no compiler works, one ``RuntimeWarning`` says so
 and the references run (slow, never silently).
 
 Why a C++ extension (measured on the 2-core AMD EPYC, one thread, 2048×2048 at 2 bits): the
@@ -52,17 +56,17 @@ from lowra_kernels.layout import codes_per_word
 from lowra_kernels.weight import PackedWeight, WeightCache, check_packed
 
 GEMV_MAX_M = 16  # forward/backward rows M up to this run fused, larger M dequantize + BLAS
-# Weights per thread of the forward GEMV before a further thread is used (read at each call; the
-# decode benchmark's --gemv-grain sets it). A layer is one parallel region over contiguous output rows
-# (LayerPlan), so 64K weights (≈ 10 µs of one thread's work at 2 bits) splits every SmolLM2 layer over 2
-# threads but SmolLM2's k/v projections (110K weights). It was 1M (no SmolLM2 layer split: the GEMV could
-# not gain from a second thread, while decode at 2 threads lost to 1 thread on an idle machine) because on a
-# heavily oversubscribed machine a parallel region can wait a scheduler time slice for a descheduled thread.
+# Weights per thread of the forward GEMV before a further thread is used (read at each call of the Python
+# path; lowra::lut_linear's C++ kernel takes its value when it is registered; the decode benchmark's
+# --gemv-grain sets it). A layer's output rows are split into ~8 chunks per thread that the caller and the
+# pool's helpers claim (LayerPlan, ClaimPool), so 64K weights (≈ 10 µs of one thread's work at 2 bits) splits
+# every SmolLM2 layer over 2 threads but SmolLM2's k/v projections (110K weights).
 GEMV_GRAIN = 1 << 16
 _SOURCE = Path(__file__).with_name("cpu_backend.cpp")
 _TABLE = 16  # padded codebook row in the extension
 
 _lock = threading.Lock()
+_on_ready: list = []  # callables run with the extension once it has loaded (kernels/lut_linear.py's C++ op kernel)
 _ext: Any = None
 _state = "unloaded"  # "unloaded" | "ready" | "failed"
 _failure = ""
@@ -128,6 +132,8 @@ def extension() -> Any | None:
                             extra_ldflags=["-fopenmp"] + [f for f in flags if f.startswith("-fsanitize")],
                             verbose=False)
                 _state = "ready"
+                for hook in _on_ready:
+                    hook(_ext)
             except Exception as err:  # any build failure means: no fast path
                 _state, _failure = "failed", f"{type(err).__name__}: {str(err).strip()[-600:]}"
                 warnings.warn(
@@ -137,6 +143,13 @@ def extension() -> Any | None:
                     stacklevel=3,
                 )
     return _ext if _state == "ready" else None
+
+
+def when_ready(hook) -> None:
+    """Run ``hook(extension)`` once the extension has loaded (now, if it has; never, if it fails to build)."""
+    _on_ready.append(hook)
+    if _state == "ready" and not isinstance(_ext, _NoLaunch):
+        hook(_ext)
 
 
 def available() -> bool:
@@ -385,6 +398,7 @@ class _NoLaunch:
         return None
 
     gemv_group = gemv_t_group = lora_add = layer_gemv = make_layer = dequant_group
+    set_no_launch = set_claim_pool = register_lut_linear_cpu = dequant_group
 
 
 @contextlib.contextmanager
@@ -393,11 +407,16 @@ def stubbed_launches() -> Iterator[None]:
     benchmark (``experiments.bench.host``) measures the Python path of a call without its work."""
     global _ext, _state
     saved = _ext, _state
+    real = _ext if _state == "ready" and not isinstance(_ext, _NoLaunch) else None
     _ext, _state = _NoLaunch(), "ready"
+    if real is not None:
+        real.set_no_launch(True)  # lowra::lut_linear's C++ CPU kernel (compiled graphs) as well
     try:
         yield
     finally:
         _ext, _state = saved
+        if real is not None:
+            real.set_no_launch(False)
 
 
 def lut_lora_gemv_ref(x: torch.Tensor, w: PackedWeight, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,

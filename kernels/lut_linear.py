@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from lowra_kernels.cpu_backend import GEMV_MAX_M as CPU_GEMV_MAX_M
 from lowra_kernels.cpu_backend import dequantize_weight_cpu, lut_lora_gemv_cpu
+from lowra_kernels.cpu_backend import when_ready as _cpu_when_ready
 from lowra_kernels.dispatch import resolve
 from lowra_kernels.lut_matmul import lut_matmul, lut_matmul_backward, lut_matmul_ref
 from lowra_kernels.weight import PackedWeight
@@ -328,20 +329,37 @@ lut_grad_input.register_autograd(_backward_grad_input, setup_context=_setup_grad
 
 
 # ------------------------------------------------------------------------------------ CPU kernels
-# The ops' CPU kernels registered directly with the dispatcher as well: a call from a compiled graph (inductor
-# calls ``torch.ops.lowra.lut_linear.default`` once per layer and token) then runs the implementation without
-# ``torch.library.custom_op``'s per-call wrapper (dynamo-disable frame, output-alias checks): 30 % less host
-# time per call, measured interleaved. A CPU kernel takes precedence over the op's CompositeExplicitAutograd
-# kernel for CPU tensors only; every other device keeps the op's own path. Same functions, same numbers.
-_CPU_LIB = torch.library.Library("lowra", "IMPL")
+# The ops' CPU kernels registered directly with the dispatcher: a call from a compiled graph (inductor calls
+# ``torch.ops.lowra.lut_linear.default`` once per layer and token) then runs without ``torch.library.custom_op``'s
+# per-call wrapper (dynamo-disable frame, output-alias checks). A CPU kernel takes precedence over the op's
+# CompositeExplicitAutograd kernel for CPU tensors only; every other device keeps the op's own path.
+#
+# ``lut_linear``'s CPU kernel is C++ (``kernels/cpu_backend.cpp``, ``lut_linear_cpu_kernel``), registered when the
+# extension loads: the decode case (fp32 x with ≤ 16 rows, fp32 adapters and bias) runs the same extension
+# functions as the eager path (``lut_lora_gemv_cpu``: same bits) with no Python in the call; every other call goes
+# to ``lowra::lut_linear_cpu_fallback``, this Python implementation. Until the extension has loaded (or where it
+# cannot build) the op's own CompositeExplicitAutograd kernel serves CPU tensors: same function.
+_CPU_LIB = torch.library.Library("lowra", "FRAGMENT")
+_CPU_LIB.define("lut_linear_cpu_fallback(Tensor x, Tensor[] weight, Tensor? lora_A, Tensor? lora_B, Tensor? bias, "
+                "SymInt[] meta, float scaling, str backend) -> Tensor")
 
 
 def _lut_linear_cpu(x, weight, lora_A, lora_B, bias, meta, scaling, backend):
     return lut_linear_forward(x, PackedWeight.from_op_args(weight, meta), lora_A, lora_B, bias, scaling, backend)
 
 
-_CPU_LIB.impl("lut_linear", _lut_linear_cpu, "CPU")
+_CPU_LIB.impl("lut_linear_cpu_fallback", _lut_linear_cpu, "CPU")
 _CPU_LIB.impl("lut_grad_input", _lut_grad_input_cpu, "CPU")
+
+
+def _install_cpp_kernel(ext) -> None:
+    """``lowra::lut_linear``'s C++ CPU kernel (its GEMV grain: ``cpu_backend.GEMV_GRAIN`` at registration)."""
+    from lowra_kernels import cpu_backend
+
+    ext.register_lut_linear_cpu(cpu_backend.GEMV_GRAIN)
+
+
+_cpu_when_ready(_install_cpp_kernel)
 
 
 # ------------------------------------------------------------------------------------ eager autograd

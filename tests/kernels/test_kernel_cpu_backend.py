@@ -147,6 +147,29 @@ def test_same_result_for_any_thread_count():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, None])
+@pytest.mark.parametrize("group_size", [64, 32, 24, 20])
+def test_decode_gemv_is_bitwise_equal_at_1_and_2_threads(bits, group_size, monkeypatch):
+    """The M = 1 fused GEMV (decode) splits a layer's output rows over threads; each row is computed by one
+    thread in an order fixed by the weight alone, so 2 threads give the 1-thread result bit for bit."""
+    monkeypatch.setattr(cpu, "GEMV_GRAIN", 4096)  # every layer here splits (at 2 threads)
+    q = random_qtensor(301, 576, bits if bits else mixed_bits(301), seed=3, group_size=group_size)
+    w = q.packed()
+    x = torch.randn(1, 576)
+    a, b = torch.randn(8, 576), torch.randn(301, 8)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append((cpu.lut_lora_gemv_cpu(x, w, None, None, 0.0), cpu.lut_lora_gemv_cpu(x, w, a, b, 0.5)))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        assert torch.equal(got[0], results[0][0]) and torch.equal(got[1], results[0][1])
+    torch.testing.assert_close(results[0][0].double(), x.double() @ _fp64(q).t(), rtol=1e-5, atol=1e-4)
+
+
 def test_prepared_tables_follow_in_place_edits():
     q = random_qtensor(20, 64, 2)
     x = torch.randn(1, 64)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_testutils import linear_op, mixed_bits, random_qtensor
 
-import lowra_kernels.lut_linear  # noqa: F401  (registers torch.ops.lowra.*)
+import lowra_kernels.lut_linear  # registers torch.ops.lowra.*
 from lowra_kernels.lut_linear import lut_linear_ref
 
 OUT, IN, RANK = 12, 70, 3
@@ -168,3 +168,41 @@ def test_eager_autograd_path_equals_the_op_bitwise(m, backend):
         assert torch.equal(got, want)
     (gg,) = torch.autograd.grad(g[0].square().sum(), (b,))  # through lut_grad_input's own backward
     assert gg is not None and gg.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", ["stored", "shared_fp32_absmax", "int64_rows_fp32_codebooks"])
+def test_cpu_kernel_is_cpp_and_gives_the_eager_path_bits(variant, monkeypatch):
+    """With the extension loaded, ``lowra::lut_linear``'s CPU kernel is the C++ one (no Python per call under
+    torch.compile); for the decode case it returns the eager path's bits, for the rest it runs the fallback."""
+    import lowra_kernels.cpu_backend as cpu
+    from lowra_kernels.lut_linear import lut_linear_forward
+    from lowra_kernels.weight import PackedWeight
+
+    if not cpu.available():
+        pytest.fail(f"the CPU extension did not build: {cpu.failure()}")
+    assert "cpu_backend.cpp" in torch._C._dispatch_dump("lowra::lut_linear").split("\nCPU: ")[1].split("\n")[0]
+    q = random_qtensor(OUT, IN, mixed_bits(OUT), seed=1, shared=variant == "shared_fp32_absmax",
+                       double_quant=variant == "shared_fp32_absmax", group_size=32)
+    w = q.packed()
+    if variant == "int64_rows_fp32_codebooks":
+        w = w._replace(rows=tuple(r.long() for r in w.rows), codebooks=tuple(c.float() for c in w.codebooks))
+    tensors, meta = w.op_args()
+    w = PackedWeight.from_op_args(tensors, meta)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(RANK, IN, generator=gen), torch.randn(OUT, RANK, generator=gen)
+    c = torch.randn(OUT, generator=gen)
+    cases = [(torch.randn(1, IN, generator=gen), a, b, c, "auto"),
+             (torch.randn(2, 5, IN, generator=gen), None, None, c, "cpu"),
+             (torch.randn(3, IN, generator=gen), a, b, None, "auto"),
+             (torch.randn(20, IN, generator=gen), a, b, c, "auto"),  # M > 16: fallback
+             (torch.randn(2, IN, generator=gen).half(), None, None, None, "auto"),  # fp16: fallback
+             (torch.randn(2, IN, generator=gen), a, b, c, "torch")]  # the reference: fallback
+    want = [lut_linear_forward(x, w, la, lb, bias, 0.5, backend) for x, la, lb, bias, backend in cases]
+    for k, (x, la, lb, bias, backend) in enumerate(cases):
+        with monkeypatch.context() as patch:
+            if k < 3:  # the decode cases run in C++: the Python implementation is never called
+                patch.setattr(lowra_kernels.lut_linear, "lut_linear_forward", None)
+            got = torch.ops.lowra.lut_linear(x, tensors, la, lb, bias, meta, 0.5, backend)
+        assert torch.equal(got, want[k]), (tuple(x.shape), backend)
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.lowra.lut_linear(torch.randn(1, IN + 1), tensors, None, None, None, meta, 0.5, "auto")
