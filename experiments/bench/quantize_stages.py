@@ -66,7 +66,7 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
     import torch
     from hydra import compose, initialize_config_dir
 
-    from experiments.bench.quantize_floor import floor
+    from experiments.bench.quantize_floor import floor, with_init_iters
     from experiments.runner.config_check import CONF_DIR
     from experiments.runner.data import load_data
     from experiments.runner.setup import calibration_kwargs, load_model, load_tokenizer, lowra_config
@@ -87,7 +87,8 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
     config = lowra_config(cfg)
     settings = resolve_settings(config, progress=False)
     targets = [name for name, _ in find_targets(model, settings)]
-    per_iter = floor(model, targets, calib["calibration"], len(settings.candidates), 1, threads, config.rank)
+    per_iter = floor(model, targets, calib["calibration"], tuple(settings.candidates), threads, config.rank,
+                     settings.codebook_iters, settings.group_size)
     peaks = PeakMemory()
     for module, attr, name in WRAPPED:
         mod = importlib.import_module(module)
@@ -96,10 +97,7 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
     t0 = time.perf_counter()
     report = quantize_model(model, config, progress=True, **calib)
     total = time.perf_counter() - t0
-    init = per_iter["stages"]["quantize + init"]
-    for key in ("gflop", "floor_s", "svd_s"):
-        init[key] = round(init[key] * report.loftq_iters, 2)
-    per_iter["init_iters"] = report.loftq_iters
+    with_init_iters(per_iter, report.loftq_iters)
     return {
         "overrides": list(overrides), "threads": threads, "load_before": load0, "load_after": _load_uptime(),
         "rss_loaded_bytes": rss_loaded, "total_s": round(total, 2),
@@ -115,19 +113,22 @@ def measure(overrides: list[str], threads: int, profile: str | None = None) -> d
 def table(r: dict[str, Any]) -> str:
     lines = [f"{' '.join(r['overrides'])} — {r['threads']} threads, "
              f"load {r['load_before']:.2f} → {r['load_after']:.2f}",
-             f"{'stage':<26} {'seconds':>8} {'peak RSS GB':>11} {'GEMM floor s':>12} {'x floor':>7}"]
+             f"{'stage':<26} {'seconds':>8} {'peak RSS GB':>11} {'floor s':>8} {'x floor':>7}"]
     floors = r.get("floor", {}).get("stages", {})
     for name, v in r["stages"].items():
         f = floors.get(name)
-        extra = f" {f['floor_s']:>12.1f} {v['time_s'] / f['floor_s']:>7.2f}" if f and f["floor_s"] > 0 else ""
+        extra = f" {f['floor_s']:>8.1f} {v['time_s'] / f['floor_s']:>7.2f}" if f and f["floor_s"] > 0 else ""
         lines.append(f"{name:<26} {v['time_s']:>8.1f} {v['peak_rss_bytes'] / 1e9:>11.2f}{extra}")
     lines.append(f"{'quantize_model total':<26} {r['total_s']:>8.1f} {r['process_peak_rss_bytes'] / 1e9:>11.2f}")
     lines.append("report.times: " + ", ".join(f"{k} {v:.1f}" for k, v in r["report_times"].items()))
     if r.get("floor"):
         fl = r["floor"]
-        lines.append(f"GEMM floor: fp32 GEMM {fl['gemm_gflops']} GFLOP/s measured here ({fl['threads']} threads), "
-                     f"{fl['calibration_tokens']} calibration tokens, {fl['init_iters']} init iteration(s); "
-                     f"init rank-r factorizations (LAPACK, not GEMM) {fl['stages']['quantize + init']['svd_s']:.1f} s")
+        st = fl["stages"]
+        lines.append(f"floor = GEMM work at {fl['gemm_gflops']} GFLOP/s (fp32, measured here, {fl['threads']} "
+                     "threads) + "
+                     f"timed components: Lloyd-Max {st['codebooks + error tables']['lloyd_s']:.1f} s, init "
+                     f"factorizations {st['quantize + init']['factors_s']:.1f} s; {fl['calibration_tokens']} "
+                     f"calibration tokens, {fl['init_iters']} init iteration(s)")
     lines.append(f"RSS after load {r['rss_loaded_bytes'] / 1e9:.2f} GB; bits {r['bits_nominal']:.3f}, "
                  f"total SSE after init {r['total_sse']:.6g}")
     return "\n".join(lines)
