@@ -145,7 +145,8 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
     dist_arg = ctx if ctx.distributed else None
     model, tm, base_bytes = fresh()
     t0 = time.perf_counter()
-    res = train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt, progress=False, dist=dist_arg)
+    res = train_module.train(tm, trainable_parameters(model), batches(), ckpt,
+                             train_module.TrainOptions(tcfg, progress=False, dist=dist_arg))
     train_s = time.perf_counter() - t0
     with torch.no_grad():
         logits = model(input_ids=probe).logits.float()
@@ -173,15 +174,15 @@ def _worker(rank: int, strategy: str, world: int, workdir: str, train: dict[str,
         model, tm, _ = fresh()
         train_module.STEP_HOOKS.append(stop)
         try:
-            train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt_int, progress=False,
-                               dist=dist_arg)
+            train_module.train(tm, trainable_parameters(model), batches(), ckpt_int,
+                               train_module.TrainOptions(tcfg, progress=False, dist=dist_arg))
         except Stop:
             pass
         finally:
             train_module.STEP_HOOKS.remove(stop)
         model, tm, _ = fresh()  # only the checkpoint carries the state over
-        resumed = train_module.train(tm, trainable_parameters(model), batches(), tcfg, ckpt_int, progress=False,
-                                     resume=True, dist=dist_arg)
+        resumed = train_module.train(tm, trainable_parameters(model), batches(), ckpt_int,
+                                     train_module.TrainOptions(tcfg, progress=False, resume=True, dist=dist_arg))
         assert resumed.resumed_from == interrupt_at
         resumed_losses = resumed.losses
     if ctx.is_main:

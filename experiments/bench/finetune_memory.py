@@ -109,7 +109,7 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
 
     from experiments.eval.evaluate import evaluate
     from experiments.runner.setup import trainable_parameters
-    from experiments.runner.train import train
+    from experiments.runner.train import TrainOptions, train
     from lowra.streaming import PeakMemory, current_rss
 
     torch.set_num_threads(args.threads)
@@ -121,8 +121,8 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     peaks = PeakMemory(release=True)  # as the runner's
     rss_ready = current_rss()
     with tempfile.TemporaryDirectory() as ckpt, peaks.stage("fine-tune"):
-        train(model, trainable_parameters(model), batches, cfg.train, Path(ckpt), progress=False,
-              loss_chunk_tokens=cfg.model.loss_chunk_tokens)
+        train(model, trainable_parameters(model), batches, Path(ckpt),
+              TrainOptions(cfg.train, progress=False, loss_chunk_tokens=cfg.model.loss_chunk_tokens))
     with peaks.stage("evaluate"):
         ppl = evaluate(model, tokenizer, data, cfg, "cpu", "eval", progress=False)["ppl"]
     stages = peaks.to_dict()["stages"]

@@ -183,9 +183,17 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     for key in ("model", "data", "quant", "train", "eval", "logger", "lora"):
         if key not in cfg or cfg[key] is None:
             raise ConfigError(f"config has no '{key}' section")
-    m, d, q, t, e = cfg.model, cfg.data, cfg.quant, cfg.train, cfg.eval
+    _check_model(cfg)
+    _check_data(cfg.data, cfg.model)
+    _check_quant(cfg, ignored_budget_ok)
+    _check_train(cfg.train, cfg.model, cfg.quant)
+    _check_eval(cfg.eval, cfg.model)
+    _choice("logger.name", cfg.logger.name, LOGGERS)
 
-    # model
+
+def _check_model(cfg: Any) -> None:
+    """``model.*``, ``lora.*`` and ``device``."""
+    m = cfg.model
     _choice("model.arch", m.arch, MODEL_ARCHS)
     _choice("model.source", m.source, SOURCES)
     _choice("model.dtype", m.dtype, DTYPES)
@@ -200,7 +208,9 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         raise ConfigError(f"lora.dropout={cfg.lora.dropout!r} must be in [0, 1)")
     _choice("device", cfg.device, ("auto", "cpu", "cuda") + tuple(f"cuda:{i}" for i in range(16)))
 
-    # data
+
+def _check_data(d: Any, m: Any) -> None:
+    """``data.*``: task and loader, the task the model's architecture needs, the files or hub path."""
     _choice("data.task", d.task, DATA_TASKS)
     _choice("data.loader", d.loader, DATA_LOADERS)
     if m.arch == "seq2seq" and d.task != "summarization":
@@ -222,23 +232,49 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     if d.task == "summarization" and not (d.source_field and d.target_field):
         raise ConfigError(f"data={d.name}: summarization needs data.source_field and data.target_field")
 
-    # quant
+
+def _check_quant(cfg: Any, ignored_budget_ok: bool) -> None:
+    """``quant.*``: the method, its budget, each option's choices, then every option together as
+    ``lowra.LowRAConfig.from_hydra`` reads it, its calibration and ``quant.stream``."""
     from lowra.methods import method_names, method_of
 
+    q = cfg.quant
     _choice("quant.method", q.method, method_names())
     method = method_of(str(q.method))
     check_bits(q)
-    requested = cfg.get("bits")
-    if not method.quantizes and requested is not None and not ignored_budget_ok:
-        try:
-            same = math.isclose(float(requested), float(q.bits))
-        except (TypeError, ValueError):
-            same = False
-        if not same:
-            raise ConfigError(
-                f"+bits={requested} has no effect with quant={q.name}: its base stays dense "
-                f"({float(q.bits):g}-bit); drop +bits, or choose a quantized method (quant=lowra|qlora|loftq|modulora)"
-            )
+    if not method.quantizes and not ignored_budget_ok:
+        _check_ignored_budget(cfg.get("bits"), q)
+    _check_quant_choices(q)
+    config = _lowra_config(cfg)
+    needs = method.needs(config)
+    if needs.any and not isinstance(q.options.get("calibration"), Mapping):
+        raise ConfigError(f"{needs.why} needs calibration text: set quant.options.calibration "
+                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
+    stream = q.get("stream", "auto")
+    if stream not in STREAM_MODES:
+        raise ConfigError(f"quant.stream={stream!r} is not one of ['auto', true, false]")
+    if stream is True and streamable(cfg) is not None:
+        raise ConfigError(f"quant.stream=true but {streamable(cfg)}; use quant.stream=false (or auto), or a data-free "
+                          "setting (quant.error=sse|relative, quant.init=loftq; e.g. quant=lowra_paper)")
+
+
+def _check_ignored_budget(requested: Any, q: Any) -> None:
+    """``+bits=B`` for a method whose base stays dense: an error unless it equals ``quant.bits``."""
+    if requested is None:
+        return
+    try:
+        same = math.isclose(float(requested), float(q.bits))
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(
+            f"+bits={requested} has no effect with quant={q.name}: its base stays dense "
+            f"({float(q.bits):g}-bit); drop +bits, or choose a quantized method (quant=lowra|qlora|loftq|modulora)"
+        )
+
+
+def _check_quant_choices(q: Any) -> None:
+    """Each ``quant.*`` option alone: one of its choices, or a number in its range."""
     for b in q.candidates:
         _choice("quant.candidates[]", b, CANDIDATE_BITS)
     if q.get("codebook") is not None:
@@ -255,27 +291,23 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         _positive_float("quant.weight_power", q.weight_power, allow_zero=True)
     _positive_int("quant.group_size", q.group_size)
     _positive_int("quant.loftq_iters", q.loftq_iters, allow_zero=True)
-    # every quant / lora option together, as quantize_model will get it (lowra.LowRAConfig.from_hydra)
+
+
+def _lowra_config(cfg: Any) -> Any:
+    """Every quant / lora option together, as quantize_model will get it (``lowra.LowRAConfig.from_hydra``);
+    its error as a :class:`ConfigError` (a :class:`BudgetError` for a fractional budget of a one-width setting)."""
     from lowra.config import LowRAConfig
 
     try:
-        config = LowRAConfig.from_hydra(cfg)
+        return LowRAConfig.from_hydra(cfg)
     except ValueError as exc:
         if "integer width" in str(exc):  # a fractional budget for a one-width setting: a sweep skips the job
-            raise BudgetError(f"quant={q.name}: {exc}") from None
-        raise ConfigError(f"quant={q.name}: {exc}") from None
-    needs = method.needs(config)
-    if needs.any and not isinstance(q.options.get("calibration"), Mapping):
-        raise ConfigError(f"{needs.why} needs calibration text: set quant.options.calibration "
-                          "{samples, seq_len, batch_size} (see conf/quant/lowra.yaml)")
-    stream = q.get("stream", "auto")
-    if stream not in STREAM_MODES:
-        raise ConfigError(f"quant.stream={stream!r} is not one of ['auto', true, false]")
-    if stream is True and streamable(cfg) is not None:
-        raise ConfigError(f"quant.stream=true but {streamable(cfg)}; use quant.stream=false (or auto), or a data-free "
-                          "setting (quant.error=sse|relative, quant.init=loftq; e.g. quant=lowra_paper)")
+            raise BudgetError(f"quant={cfg.quant.name}: {exc}") from None
+        raise ConfigError(f"quant={cfg.quant.name}: {exc}") from None
 
-    # train
+
+def _check_train(t: Any, m: Any, q: Any) -> None:
+    """``train.*``: optimizer, schedule, step counts, rates, sequence length, distillation, base tables."""
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     _choice("train.scheduler", t.scheduler, SCHEDULERS)
     _positive_int("train.max_steps", t.max_steps, allow_zero=True, allow_none=True)
@@ -295,7 +327,9 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
     _check_distill(t, m)
     _check_base_tables(t, q)
 
-    # eval
+
+def _check_eval(e: Any, m: Any) -> None:
+    """``eval.*``: positive sizes, windows within the model's context."""
     _positive_int("eval.window", e.window)
     _positive_int("eval.stride", e.stride)
     _positive_int("eval.batch_size", e.batch_size)
@@ -305,6 +339,3 @@ def check_config(cfg: Any, ignored_budget_ok: bool = False) -> None:
         raise ConfigError(f"eval.window={e.window} exceeds model.max_length={m.max_length}")
     if e.stride > e.window:
         raise ConfigError(f"eval.stride={e.stride} must be ≤ eval.window={e.window}")
-
-    # logger
-    _choice("logger.name", cfg.logger.name, LOGGERS)

@@ -47,6 +47,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ from experiments.runner.setup import (
     use_streaming,
 )
 from experiments.runner.summary import run_summary
-from experiments.runner.train import LMBatches, PairBatches, TrainResult, resolve_optimizer, train
+from experiments.runner.train import LMBatches, PairBatches, TrainOptions, TrainResult, resolve_optimizer, train
 
 __all__ = ["STAGES", "main", "run"]
 
@@ -188,160 +189,223 @@ def _run_prepared(cfg: DictConfig, run_dir: Path, own_dir: Path, group: str | No
     return results
 
 
+@dataclass
+class _Stages:
+    """What every stage of one run reads: the config, where it writes, its bookkeeping and outputs."""
+
+    cfg: DictConfig
+    run_dir: Path
+    ckpt_dir: Path
+    state: RunState
+    device: torch.device
+    progress: bool
+    logger: RunLogger
+    bar: Any  # the bar over the stages
+    prefix: str  # the metric's prefix (ppl / rouge)
+    dist_ctx: DistContext
+    peaks: Any = None  # lowra.streaming.PeakMemory: peak host RSS / device memory per stage
+    model: Any = None  # the model: None until loaded (never, when streamed), then quantized in place or reloaded
+
+    def start(self, index: int) -> None:
+        self.bar.set_description(f"stages: {STAGES[index]}")
+
+
 def _run_stages(
     cfg: DictConfig, run_dir: Path, ckpt_dir: Path, state: RunState, device: torch.device, progress: bool,
     logger: RunLogger, stages: Any, prefix: str, dist_ctx: DistContext | None = None,
 ) -> dict[str, Any]:
-    dist_ctx = dist_ctx or DistContext("single", 0, 1, 0, device)
-    from lowra import load_quantized, memory_report, quantize_model, quantize_pretrained, save_quantized
-
+    ctx = _Stages(cfg, run_dir, ckpt_dir, state, device, progress, logger, stages, prefix,
+                  dist_ctx or DistContext("single", 0, 1, 0, device))
     steps_wanted = cfg.train.max_steps is None or int(cfg.train.max_steps) > 0
-    # ---- 1. load
-    stages.set_description(f"stages: {STAGES[0]}")
+    tokenizer, data, stream, harness_plan = _stage_load(ctx, steps_wanted)
+    report = _stage_quantize(ctx, stream, data)
+    _stage_evaluate_quantized(ctx, tokenizer, data, report)
+    result = _stage_finetune(ctx, tokenizer, data, steps_wanted)
+    finetuned, harness = _stage_evaluate(ctx, tokenizer, data, report, harness_plan, steps_wanted)
+    memory, n_trainable = _stage_save(ctx, tokenizer, stream)
+    return stage_results(cfg, prefix, report, state, finetuned, result, n_trainable, data, memory, harness)
+
+
+def _stage_load(ctx: _Stages, steps_wanted: bool) -> tuple[Any, Any, bool, Any]:
+    """1. load: tokenizer, data, the model (``ctx.model``, unless streamed) and its full-precision metric;
+    ``(tokenizer, data, stream, lm-eval harness plan)``."""
+    cfg, state, prefix = ctx.cfg, ctx.state, ctx.prefix
+    ctx.start(0)
     tokenizer = load_tokenizer(cfg.model)
     data = load_data(cfg.data, tokenizer, need_train=steps_wanted or needs_calibration(cfg))
     from lowra.streaming import PeakMemory
 
-    peaks = PeakMemory(release=True)  # peak host RSS / device memory per stage (free heap returned at each start)
-    stream = use_streaming(cfg, device)
+    ctx.peaks = PeakMemory(release=True)  # peak host RSS / device memory per stage (free heap returned at each start)
+    stream = use_streaming(cfg, ctx.device)
     model = None
-    peaks.begin("load")
+    ctx.peaks.begin("load")
     if stream:  # the full-precision model is never loaded: quantize_pretrained reads it block by block
         if cfg.eval.fp and f"{prefix}_fp" not in state:
             log.info("quant.stream: the full-precision model is not loaded, %s_fp is not measured", prefix)
             state.set(**{f"{prefix}_fp": None})
     else:
-        model = load_model(cfg.model, device)
+        model = load_model(cfg.model, ctx.device)
         apply_checkpointing(model, cfg.model)
     # eval.harness: fails here, not after training (streamed: the model's context is checked by lm-eval)
-    harness_plan = plan_harness(cfg, model, run_dir / "lm_eval_tasks")
+    harness_plan = plan_harness(cfg, model, ctx.run_dir / "lm_eval_tasks")
     if cfg.eval.fp and f"{prefix}_fp" not in state:
-        state.set(**{f"{prefix}_fp": metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fp", progress))})
-    peaks.end()
+        state.set(**{f"{prefix}_fp": metric_value(evaluate(model, tokenizer, data, cfg, ctx.device, "eval fp",
+                                                           ctx.progress))})
+    ctx.peaks.end()
     if cfg.eval.fp:
-        _log_metric(logger, f"{prefix}_fp", state.get(f"{prefix}_fp"))
-    stages.update(1)
+        _log_metric(ctx.logger, f"{prefix}_fp", state.get(f"{prefix}_fp"))
+    ctx.bar.update(1)
+    ctx.model = model
+    return tokenizer, data, stream, harness_plan
 
-    # ---- 2. quantize (or reload the quantized init of an interrupted run)
-    stages.set_description(f"stages: {STAGES[1]}")
-    quant_dir = ckpt_dir / "quantized"
+
+def _stage_quantize(ctx: _Stages, stream: bool, data: Any) -> dict[str, Any]:
+    """2. quantize ``ctx.model`` (or reload the quantized init of an interrupted run); the quant report."""
+    from lowra import load_quantized, quantize_model, quantize_pretrained, save_quantized
+
+    cfg, state, device = ctx.cfg, ctx.state, ctx.device
+    ctx.start(1)
+    quant_dir = ctx.ckpt_dir / "quantized"
     torch.manual_seed(int(cfg.seed))
-    peaks.begin("quantize")
+    ctx.peaks.begin("quantize")
     if ("quantize_time_s" in state and quant_dir.exists()) or stream:
         if "quantize_time_s" not in state or not quant_dir.exists():  # stream: quantize to quant_dir first
             t0 = time.perf_counter()
             res = quantize_pretrained(model_location(cfg.model), quant_dir,
-                                      **stream_kwargs(cfg, progress, device, data))
+                                      **stream_kwargs(cfg, ctx.progress, device, data))
             state.set(quantize_time_s=time.perf_counter() - t0, quant_report=res.report.to_dict(),
                       quant_stream_stages=res.stages, quant_stream_resumed=res.resumed)
-        del model
-        model = load_quantized(str(quant_dir), device=str(device))
+        ctx.model = None  # the full-precision model (of a resumed run) is released before the reload
+        ctx.model = load_quantized(str(quant_dir), device=str(device))
+        model = ctx.model
         apply_checkpointing(model, cfg.model)
         report = state.get("quant_report")
     else:
+        model = ctx.model
         t0 = time.perf_counter()
         data_kw = calibration_kwargs(cfg, data) if needs_calibration(cfg) else {}
         # per-stage progress: bars on a terminal, plain log lines otherwise (lowra.progress)
-        rep = quantize_model(model, lowra_config(cfg), progress=progress, **data_kw)
+        rep = quantize_model(model, lowra_config(cfg), progress=ctx.progress, **data_kw)
         quantize_time = time.perf_counter() - t0
         report = rep.to_dict()
-        if dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
+        if ctx.dist_ctx.is_main:  # atomic (written beside, renamed): the resume point
             save_quantized(model, str(quant_dir), report=rep, source_model=model_location(cfg.model))
         state.set(quantize_time_s=quantize_time, quant_report=report)
-    peaks.end()
-    if dist_ctx.distributed:  # every rank quantized (or loaded) the same model: checked, never assumed
-        check_same_on_all_ranks(dist_ctx, model)
-    atomic_write_json(run_dir / "quant_report.json", report)
+    ctx.peaks.end()
+    if ctx.dist_ctx.distributed:  # every rank quantized (or loaded) the same model: checked, never assumed
+        check_same_on_all_ranks(ctx.dist_ctx, model)
+    atomic_write_json(ctx.run_dir / "quant_report.json", report)
     if report.get("low_bits_init"):
         log.info("quant.low_bits_init: %.3f code bits per weight, below %g: the init ran %d alternations "
                  "with %s codebooks (quant.low_bits_init=null keeps quant.loftq_iters / quant.init_codebooks)",
                  report["bits_nominal"], cfg.quant.low_bits_init.below, report["loftq_iters"],
                  report["init_codebooks"])
-    logger.log_bit_allocation(
+    ctx.logger.log_bit_allocation(
         {layer["name"]: {int(b): int(n) for b, n in layer.get("bits_histogram", {}).items()}
          for layer in report.get("layers", [])}
     )
-    stages.update(1)
+    ctx.bar.update(1)
+    return report
 
-    # ---- 3. evaluate before fine-tuning
-    stages.set_description(f"stages: {STAGES[2]}")
-    peaks.begin("evaluate (before fine-tuning)")
+
+def _stage_evaluate_quantized(ctx: _Stages, tokenizer: Any, data: Any, report: dict[str, Any]) -> None:
+    """3. evaluate before fine-tuning: the quantized base alone and with its initialized adapters."""
+    cfg, state, prefix, model = ctx.cfg, ctx.state, ctx.prefix, ctx.model
+    ctx.start(2)
+    ctx.peaks.begin("evaluate (before fine-tuning)")
     if f"{prefix}_quantized" not in state:
         with adapters_disabled(model):
-            quantized = evaluate(model, tokenizer, data, cfg, device, "eval quantized", progress)
+            quantized = evaluate(model, tokenizer, data, cfg, ctx.device, "eval quantized", ctx.progress)
         loftq = None
         if int(report.get("loftq_iters", cfg.quant.loftq_iters)) > 0:  # what ran (quant.low_bits_init may set it)
-            loftq = evaluate(model, tokenizer, data, cfg, device, "eval loftq", progress)
+            loftq = evaluate(model, tokenizer, data, cfg, ctx.device, "eval loftq", ctx.progress)
         state.set(**{f"{prefix}_quantized": metric_value(quantized), f"{prefix}_loftq": metric_value(loftq)})
-    peaks.end()
+    ctx.peaks.end()
     for key in (f"{prefix}_quantized", f"{prefix}_loftq"):
-        _log_metric(logger, key, state.get(key))
-    stages.update(1)
+        _log_metric(ctx.logger, key, state.get(key))
+    ctx.bar.update(1)
 
-    # ---- 4. fine-tune
-    stages.set_description(f"stages: {STAGES[3]}")
+
+def _training_batches(cfg: DictConfig, data: Any, tokenizer: Any) -> LMBatches | PairBatches:
+    """The micro-batches of the fine-tune: packed LM blocks, or summarization pairs."""
+    if isinstance(data, LMData):
+        return LMBatches(pack_blocks(data.train_ids, int(cfg.train.seq_len)), int(cfg.train.batch_size),
+                         int(cfg.train.seed))
+    return PairBatches(
+        data.train, tokenizer, cfg.model.arch, int(cfg.train.batch_size), int(cfg.train.seed),
+        int(cfg.train.seq_len), int(cfg.data.target_length), cfg.data.prompt_template,
+    )
+
+
+def _stage_finetune(ctx: _Stages, tokenizer: Any, data: Any, steps_wanted: bool) -> TrainResult:
+    """4. fine-tune the adapters (and the trainable base tables); nothing when ``train.max_steps=0``."""
+    cfg, device, dist_ctx, model = ctx.cfg, ctx.device, ctx.dist_ctx, ctx.model
+    ctx.start(3)
     optimizer = resolve_optimizer(cfg.train.get("optimizer"), str(cfg.quant.name), device)
     result = TrainResult(steps=0, loss_final=None, time_s=0.0, resumed_from=0, optimizer=optimizer)
     if steps_wanted:
-        if isinstance(data, LMData):
-            batches: LMBatches | PairBatches = LMBatches(
-                pack_blocks(data.train_ids, int(cfg.train.seq_len)), int(cfg.train.batch_size), int(cfg.train.seed)
-            )
-        else:
-            batches = PairBatches(
-                data.train, tokenizer, cfg.model.arch, int(cfg.train.batch_size), int(cfg.train.seed),
-                int(cfg.train.seq_len), int(cfg.data.target_length), cfg.data.prompt_template,
-            )
+        batches: LMBatches | PairBatches | RankBatches = _training_batches(cfg, data, tokenizer)
         param_lrs, no_decay = train_base_tables(model, cfg.train)  # train.codebooks / train.scales
         train_model = wrap_for_training(model, dist_ctx, bool(cfg.train.get("fsdp_shard_base", True)))
         if dist_ctx.distributed:
             batches = RankBatches(batches, dist_ctx.rank, dist_ctx.world_size)
-        peaks.begin("fine-tune")  # the teacher of train.distill is loaded inside: its memory counts here
+        ctx.peaks.begin("fine-tune")  # the teacher of train.distill is loaded inside: its memory counts here
         teacher, teacher_stats = (load_teacher(cfg.model, device) if distill_options(cfg.train)[0] > 0
                                   else (None, None))
-        result = train(
-            train_model, trainable_parameters(model), batches, cfg.train, ckpt_dir, device=device,
-            resume=bool(cfg.resume), log_fn=logger.log, progress=progress and dist_ctx.is_main,
+        options = TrainOptions.from_run_config(
+            cfg, device=device, log_fn=ctx.logger.log, progress=ctx.progress and dist_ctx.is_main,
             optimizer=optimizer, dist=dist_ctx if dist_ctx.distributed else None,
             teacher=teacher, teacher_stats=teacher_stats, param_lrs=param_lrs, no_decay=no_decay,
-            loss_chunk_tokens=cfg.model.get("loss_chunk_tokens"),
         )
-        del teacher
-        peaks.end()
-    stages.update(1)
+        result = train(train_model, trainable_parameters(model), batches, ctx.ckpt_dir, options)
+        del teacher, options
+        ctx.peaks.end()
+    ctx.bar.update(1)
+    return result
 
-    # ---- 5. evaluate
-    stages.set_description(f"stages: {STAGES[4]}")
+
+def _stage_evaluate(ctx: _Stages, tokenizer: Any, data: Any, report: dict[str, Any], harness_plan: Any,
+                    steps_wanted: bool) -> tuple[Any, dict[str, Any] | None]:
+    """5. evaluate the fine-tuned model (and the lm-eval harness); ``(metric, harness results)``."""
+    cfg, model = ctx.cfg, ctx.model
+    ctx.start(4)
     finetuned = None  # train.max_steps=0: nothing was fine-tuned
     if steps_wanted:
-        with peaks.stage("evaluate"):
-            finetuned = metric_value(evaluate(model, tokenizer, data, cfg, device, "eval fine-tuned", progress))
-    _log_metric(logger, f"{prefix}_finetuned", finetuned)
+        with ctx.peaks.stage("evaluate"):
+            finetuned = metric_value(evaluate(model, tokenizer, data, cfg, ctx.device, "eval fine-tuned",
+                                              ctx.progress))
+    _log_metric(ctx.logger, f"{ctx.prefix}_finetuned", finetuned)
     harness = None
     if harness_plan is not None:  # lm-evaluation-harness + WikiText-2 (GPTQ) on the final model
         info = {"name": str(cfg.model.name), "source": model_location(cfg.model), "method": str(cfg.quant.name),
                 "bits_target": float(cfg.quant.bits), "bits_nominal": report.get("bits_nominal"),
                 "bits_effective": report.get("bits_effective"),
                 "stage": "fine-tuned" if steps_wanted else "quantized (adapters at their init)"}
-        full = run_harness(model, tokenizer, harness_plan, info, run_dir / "harness.json", progress)
+        full = run_harness(model, tokenizer, harness_plan, info, ctx.run_dir / "harness.json", ctx.progress)
         harness = {k: full[k] for k in ("window", "wikitext2", "tasks", "lm_eval")}
-    stages.update(1)
+    ctx.bar.update(1)
+    return finetuned, harness
 
-    # ---- 6. save
-    stages.set_description(f"stages: {STAGES[5]}")
+
+def _stage_save(ctx: _Stages, tokenizer: Any, stream: bool) -> tuple[dict[str, Any] | None, int]:
+    """6. save the quantized model + adapters; ``(memory report with the stage peaks, trainable count)``."""
+    from lowra import memory_report, save_quantized
+
+    cfg, state, dist_ctx, model = ctx.cfg, ctx.state, ctx.dist_ctx, ctx.model
+    ctx.start(5)
     with gathered(model, dist_ctx):  # FSDP2: full parameters on every rank (gather-on-save)
         if cfg.save_model and dist_ctx.is_main:
-            save_quantized(model, str(run_dir / "model"), report=getattr(model, "lowra_report", None),
+            save_quantized(model, str(ctx.run_dir / "model"), report=getattr(model, "lowra_report", None),
                            source_model=model_location(cfg.model), tokenizer=tokenizer)
         memory = memory_report(model)
         n_trainable = sum(p.numel() for p in trainable_parameters(model).values())
     if memory is not None:
-        memory["stages"] = peaks.to_dict()  # peak host RSS / device memory of load, quantize, fine-tune
+        memory["stages"] = ctx.peaks.to_dict()  # peak host RSS / device memory of load, quantize, fine-tune
         memory["stream"] = stream
         if state.get("quant_stream_stages") is not None:
             memory["stream_stages"] = state.get("quant_stream_stages")
             memory["stream_resumed_blocks"] = state.get("quant_stream_resumed")
-    return stage_results(cfg, prefix, report, state, finetuned, result, n_trainable, data, memory, harness)
+    return memory, n_trainable
 
 
 # ------------------------------------------------------------------------------------- entry point

@@ -242,34 +242,21 @@ class TrainResult:
     distill: dict[str, Any] | None = None  # train.distill: weight, temperature, the teacher's costs
 
 
-def train(
-    model: torch.nn.Module,
-    params: dict[str, torch.nn.Parameter],
-    batches: LMBatches | PairBatches,
-    tcfg: Any,
-    ckpt_dir: Path,
-    device: torch.device | str = "cpu",
-    resume: bool = False,
-    log_fn: Callable[[dict[str, float], int], None] | None = None,
-    progress: bool = True,
-    optimizer: str | None = None,
-    dist: Any = None,
-    teacher: torch.nn.Module | None = None,
-    teacher_stats: DistillStats | None = None,
-    param_lrs: dict[str, float] | None = None,
-    no_decay: frozenset[str] = frozenset(), loss_chunk_tokens: int | None = None,
-) -> TrainResult:
-    """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
+@dataclass
+class TrainOptions:
+    """How :func:`train` runs: the ``train`` config and what the run adds to it (built once per run,
+    :meth:`from_run_config`).
 
-    Args:
-        batches: micro-batch source; each micro-batch is ``{"input_ids": [B, T], "labels": [B, T], …}``.
+    Attributes:
         tcfg: the ``train`` config (lr, scheduler, grad_accum, checkpoint_every, …).
-        ckpt_dir: where ``last.pt`` lives; with ``resume`` the loop continues from it.
+        device: where the micro-batches go.
+        resume: continue from ``<ckpt_dir>/last.pt`` (when it exists).
         log_fn: called with ``({"train/loss", "train/lr"}, step)`` every ``log_every`` steps.
+        progress: a bar on a terminal, plain periodic lines otherwise.
         optimizer: the resolved optimizer name (``resolve_optimizer``); None: ``tcfg.optimizer``
             (``auto`` → adamw).
         dist: an ``experiments.runner.distributed.DistContext`` under torchrun (None: one process). Then
-            ``model`` is the DDP wrapper or the FSDP2-sharded model, ``batches`` this rank's share,
+            the model is the DDP wrapper or the FSDP2-sharded model, the batches this rank's share,
             the logged loss is the mean over ranks, and checkpoints are gathered to full tensors
             that rank 0 alone writes (every rank reads them back on resume).
         teacher: the frozen fp model of ``train.distill`` (:mod:`experiments.runner.distill`); with
@@ -284,103 +271,178 @@ def train(
             exist); None: the model's own loss. One process only: under torchrun the wrapper's forward
             must run, so the model's own loss is used.
     """
+
+    tcfg: Any
+    device: torch.device | str = "cpu"
+    resume: bool = False
+    log_fn: Callable[[dict[str, float], int], None] | None = None
+    progress: bool = True
+    optimizer: str | None = None
+    dist: Any = None
+    teacher: torch.nn.Module | None = None
+    teacher_stats: DistillStats | None = None
+    param_lrs: dict[str, float] | None = None
+    no_decay: frozenset[str] = frozenset()
+    loss_chunk_tokens: int | None = None
+
+    @classmethod
+    def from_run_config(cls, cfg: Any, **run: Any) -> TrainOptions:
+        """The options of a run config: ``cfg.train``, ``cfg.resume``, ``cfg.model.loss_chunk_tokens``;
+        ``run``: the other fields (device, log_fn, teacher, …)."""
+        return cls(tcfg=cfg.train, resume=bool(cfg.resume), loss_chunk_tokens=cfg.model.get("loss_chunk_tokens"),
+                   **run)
+
+
+@dataclass
+class _Progress:
+    """Where the loop stands: optimizer steps done, their losses, seconds of earlier sessions, this one's start."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    t0: float = 0.0
+
+
+def train(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    batches: LMBatches | PairBatches,
+    ckpt_dir: Path,
+    options: TrainOptions,
+) -> TrainResult:
+    """Train ``params`` (name → parameter) of ``model`` for ``total_steps`` optimizer steps.
+
+    Args:
+        batches: micro-batch source; each micro-batch is ``{"input_ids": [B, T], "labels": [B, T], …}``.
+        ckpt_dir: where ``last.pt`` lives; with ``options.resume`` the loop continues from it.
+        options: the train config and how to run it (:class:`TrainOptions`).
+    """
+    tcfg = options.tcfg
     total = total_steps(tcfg, batches.per_epoch)
     warmup = warmup_steps(tcfg, total)
     named = list(params.items())
-    trainable = [p for _, p in named]
+    optimizer = options.optimizer
     if optimizer is None:
         optimizer = resolve_optimizer(tcfg.get("optimizer", "adamw") if hasattr(tcfg, "get") else "adamw",
-                                      None, device)
-    lrs = None if param_lrs is None else [float(param_lrs.get(n, tcfg.lr)) for n, _ in named]
-    opt = make_optimizer(optimizer, param_groups(trainable, lrs, float(tcfg.lr), [n in no_decay for n, _ in named]),
-                         tcfg)
+                                      None, options.device)
+    opt = _optimizer(named, optimizer, options)
     weight, temperature, chunk = distill_options(tcfg)
-    if weight > 0 and teacher is None:
+    if weight > 0 and options.teacher is None:
         raise ValueError(f"train.distill.weight={weight} needs the teacher (the fp model); none was given")
-    stats = teacher_stats if teacher_stats is not None else DistillStats()
+    stats = options.teacher_stats if options.teacher_stats is not None else DistillStats()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, tcfg.scheduler))
-    step, losses, elapsed = 0, [], 0.0
     torch.manual_seed(int(tcfg.seed))
-    state = load_checkpoint(ckpt_dir) if resume else None
-    if state is not None:
-        from experiments.runner import distributed as dist_mod
-
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(dist_mod.shard_like(state["params"][name], p))
-        opt.load_state_dict(dist_mod.shard_optimizer_state(state["optimizer"], trainable))
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        step, losses, elapsed = state["step"], list(state["losses"]), float(state["elapsed_s"])
-    resumed_from = step
+    state = load_checkpoint(ckpt_dir) if options.resume else None
+    done = _restore(state, named, opt, sched) if state is not None else _Progress()
+    resumed_from = done.step
 
     def save() -> None:
-        from experiments.runner import distributed as dist_mod
+        _save_checkpoint(ckpt_dir / CHECKPOINT_NAME, named, opt, sched, done, total, options.dist)
 
-        # gather-on-save: full tensors (a collective under FSDP2), written by rank 0 alone
-        params = {n: dist_mod.full_tensor(p) for n, p in named}
-        opt_state = dist_mod.full_optimizer_state(opt.state_dict())
-        if dist is not None and not dist.is_main:
-            dist.barrier()  # rank 0 has written when this returns
-            return
-        atomic_torch_save(
-            {
-                "step": step, "total": total,
-                "params": params,
-                "optimizer": opt_state, "scheduler": sched.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "losses": losses, "elapsed_s": elapsed + (time.perf_counter() - t0),
-            },
-            ckpt_dir / CHECKPOINT_NAME,
-        )
-        if dist is not None:
-            dist.barrier()
-
-    t0 = time.perf_counter()
+    done.t0 = time.perf_counter()
     model.train()
-    accum = int(tcfg.grad_accum)
-    bar = progress_bar(total, "fine-tune", progress, initial=step)  # a bar on a TTY, plain lines otherwise
-    while step < total:
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(accum):
-            batch = {k: v.to(device) for k, v in batches.get(step * accum + micro).items()}
-            # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
-            no_sync = micro < accum - 1 and hasattr(model, "no_sync")
-            with model.no_sync() if no_sync else contextlib.nullcontext():
-                if weight > 0:
-                    loss, _ = distill_loss(model, teacher, batch, weight, temperature, chunk, stats)
-                else:  # weight 0: the model's own loss (chunk by chunk with loss_chunk_tokens)
-                    loss = model_loss(model, batch, loss_chunk_tokens if dist is None else None)
-                (loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
-        if dist is not None:
-            step_loss = dist.mean(step_loss)  # the loss of the global batch (equal shares per rank)
-        if tcfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, float(tcfg.max_grad_norm))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
+    bar = progress_bar(total, "fine-tune", options.progress, initial=done.step)  # a bar on a TTY, plain lines otherwise
+    while done.step < total:
+        step_loss, lr = _optimizer_step(model, batches, done.step, [p for _, p in named], opt, options,
+                                        (weight, temperature, chunk, stats))
         sched.step()
-        step += 1
-        losses.append(step_loss)
+        done.step += 1
+        done.losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")  # before update: its line shows this step's loss
         bar.update(1)
-        if log_fn is not None and (step % int(tcfg.log_every) == 0 or step == total):
-            log_fn({"train/loss": step_loss, "train/lr": lr}, step)
-        if step % int(tcfg.checkpoint_every) == 0 or step == total:
+        if options.log_fn is not None and (done.step % int(tcfg.log_every) == 0 or done.step == total):
+            options.log_fn({"train/loss": step_loss, "train/lr": lr}, done.step)
+        if done.step % int(tcfg.checkpoint_every) == 0 or done.step == total:
             save()
         for hook in STEP_HOOKS:
-            hook(step)
+            hook(done.step)
     bar.close()
-    elapsed += time.perf_counter() - t0
+    done.elapsed += time.perf_counter() - done.t0
     model.eval()
-    tail = losses[-int(tcfg.log_every) :]
+    tail = done.losses[-int(tcfg.log_every) :]
     return TrainResult(
-        steps=step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=elapsed,
-        resumed_from=resumed_from, losses=losses, optimizer=optimizer,
+        steps=done.step, loss_final=(sum(tail) / len(tail)) if tail else None, time_s=done.elapsed,
+        resumed_from=resumed_from, losses=done.losses, optimizer=optimizer,
         distill={"weight": weight, "temperature": temperature, "chunk_tokens": chunk, **stats.to_dict()}
         if weight > 0 else None,
     )
+
+
+def _optimizer(named: list[tuple[str, torch.nn.Parameter]], name: str, options: TrainOptions,
+               ) -> torch.optim.Optimizer:
+    """The optimizer over ``named``: per-parameter learning rates and no-decay flags as groups."""
+    tcfg = options.tcfg
+    lrs = None if options.param_lrs is None else [float(options.param_lrs.get(n, tcfg.lr)) for n, _ in named]
+    groups = param_groups([p for _, p in named], lrs, float(tcfg.lr), [n in options.no_decay for n, _ in named])
+    return make_optimizer(name, groups, tcfg)
+
+
+def _restore(state: dict[str, Any], named: list[tuple[str, torch.nn.Parameter]], opt: torch.optim.Optimizer,
+             sched: Any) -> _Progress:
+    """Parameters, optimizer, scheduler and RNG states back from a checkpoint; where it stood."""
+    from experiments.runner import distributed as dist_mod
+
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(dist_mod.shard_like(state["params"][name], p))
+    opt.load_state_dict(dist_mod.shard_optimizer_state(state["optimizer"], [p for _, p in named]))
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return _Progress(step=state["step"], losses=list(state["losses"]), elapsed=float(state["elapsed_s"]))
+
+
+def _save_checkpoint(path: Path, named: list[tuple[str, torch.nn.Parameter]], opt: torch.optim.Optimizer,
+                     sched: Any, done: _Progress, total: int, dist: Any) -> None:
+    """Gather-on-save: full tensors (a collective under FSDP2), written by rank 0 alone."""
+    from experiments.runner import distributed as dist_mod
+
+    params = {n: dist_mod.full_tensor(p) for n, p in named}
+    opt_state = dist_mod.full_optimizer_state(opt.state_dict())
+    if dist is not None and not dist.is_main:
+        dist.barrier()  # rank 0 has written when this returns
+        return
+    atomic_torch_save(
+        {
+            "step": done.step, "total": total,
+            "params": params,
+            "optimizer": opt_state, "scheduler": sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "losses": done.losses, "elapsed_s": done.elapsed + (time.perf_counter() - done.t0),
+        },
+        path,
+    )
+    if dist is not None:
+        dist.barrier()
+
+
+def _optimizer_step(model: torch.nn.Module, batches: LMBatches | PairBatches, step: int,
+                    trainable: list[torch.nn.Parameter], opt: torch.optim.Optimizer, options: TrainOptions,
+                    distill: tuple[float, float, int, DistillStats]) -> tuple[float, float]:
+    """One optimizer step over ``grad_accum`` micro-batches (the scheduler not stepped);
+    ``(the step's loss, the learning rate it used)``."""
+    tcfg, dist = options.tcfg, options.dist
+    weight, temperature, chunk, stats = distill
+    accum = int(tcfg.grad_accum)
+    opt.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for micro in range(accum):
+        batch = {k: v.to(options.device) for k, v in batches.get(step * accum + micro).items()}
+        # DDP: all-reduce the gradients once per optimizer step, not per micro-batch
+        no_sync = micro < accum - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            if weight > 0:
+                loss, _ = distill_loss(model, options.teacher, batch, weight, temperature, chunk, stats)
+            else:  # weight 0: the model's own loss (chunk by chunk with loss_chunk_tokens)
+                loss = model_loss(model, batch, options.loss_chunk_tokens if dist is None else None)
+            (loss / accum).backward()
+        step_loss += float(loss.detach()) / accum
+    if dist is not None:
+        step_loss = dist.mean(step_loss)  # the loss of the global batch (equal shares per rank)
+    if tcfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, float(tcfg.max_grad_norm))
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    return step_loss, lr

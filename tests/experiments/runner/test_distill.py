@@ -15,7 +15,7 @@ from experiments.runner.config_check import CONF_DIR, ConfigError, check_config
 from experiments.runner.data import pack_blocks
 from experiments.runner.distill import DistillStats, distill_loss, freeze
 from experiments.runner.setup import trainable_parameters
-from experiments.runner.train import LMBatches, load_checkpoint, train
+from experiments.runner.train import LMBatches, TrainOptions, load_checkpoint, train
 from lowra.model_quantization import quantize_model
 
 
@@ -91,8 +91,8 @@ def test_bad_options_are_named(student, teacher, blocks):
     with pytest.raises(ValueError, match=r"weight=1.5 must be in \[0, 1\]"):
         distill_loss(student, teacher, batch, 1.5, 1.0)
     with pytest.raises(ValueError, match="needs the teacher"):
-        train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), _tcfg(weight=0.5), CONF_DIR,
-              progress=False)
+        train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), CONF_DIR,
+              TrainOptions(_tcfg(weight=0.5), progress=False))
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -119,8 +119,8 @@ def test_weight_zero_is_exactly_the_old_loss(student, teacher, blocks, tmp_path)
     runs = []
     for i, tcfg in enumerate([_tcfg(), _tcfg(weight=0.0, temperature=2.0, chunk_tokens=16)]):
         student.load_state_dict(start)
-        r = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tcfg, tmp_path / str(i),
-                  progress=False, teacher=teacher if i else None)
+        r = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tmp_path / str(i),
+                  TrainOptions(tcfg, progress=False, teacher=teacher if i else None))
         runs.append((r.losses, _snapshot(student)))
         assert r.distill is None
     student.load_state_dict(start)
@@ -141,8 +141,8 @@ def test_teacher_is_frozen_and_outside_optimizer_and_checkpoint(student, teacher
 
     train_module.make_optimizer = spy
     try:
-        r = train(student, params, LMBatches(blocks, 2, 0), _tcfg(weight=0.5, temperature=2.0, chunk_tokens=32),
-                  tmp_path, progress=False, teacher=teacher)
+        r = train(student, params, LMBatches(blocks, 2, 0), tmp_path,
+                  TrainOptions(_tcfg(weight=0.5, temperature=2.0, chunk_tokens=32), progress=False, teacher=teacher))
     finally:
         train_module.make_optimizer = real
         student_after = _snapshot(student)
@@ -164,8 +164,8 @@ class _Crash(RuntimeError):
 def test_resume_gives_the_uninterrupted_run(student, teacher, blocks, tmp_path, monkeypatch):
     start = _snapshot(student)
     tcfg = _tcfg(weight=0.7, temperature=2.0, chunk_tokens=50)
-    full = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tcfg, tmp_path / "a",
-                 progress=False, teacher=teacher)
+    full = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tmp_path / "a",
+                 TrainOptions(tcfg, progress=False, teacher=teacher))
     full_params = _snapshot(student)
     student.load_state_dict(start)
 
@@ -175,13 +175,13 @@ def test_resume_gives_the_uninterrupted_run(student, teacher, blocks, tmp_path, 
 
     monkeypatch.setattr(train_module, "STEP_HOOKS", [crash])
     with pytest.raises(_Crash):
-        train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tcfg, tmp_path / "b",
-              progress=False, teacher=teacher)
+        train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tmp_path / "b",
+              TrainOptions(tcfg, progress=False, teacher=teacher))
     monkeypatch.setattr(train_module, "STEP_HOOKS", [])
     student.load_state_dict(start)  # a fresh process: the init again, then the checkpoint
     other_teacher = freeze(copy.deepcopy(teacher))
-    resumed = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tcfg, tmp_path / "b",
-                    resume=True, progress=False, teacher=other_teacher)
+    resumed = train(student, trainable_parameters(student), LMBatches(blocks, 2, 0), tmp_path / "b",
+                    TrainOptions(tcfg, resume=True, progress=False, teacher=other_teacher))
     resumed_params = _snapshot(student)
     student.load_state_dict(start)
     assert resumed.resumed_from == 2 and resumed.losses == full.losses

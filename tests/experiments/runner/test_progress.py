@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from experiments.runner import progress as progress_module
 from experiments.runner.config_check import CONF_DIR
 from experiments.runner.progress import PlainProgress, is_terminal, progress_bar, progress_iter
-from experiments.runner.train import LMBatches, train
+from experiments.runner.train import LMBatches, TrainOptions, train
 
 
 class _Tty(io.StringIO):
@@ -65,7 +65,8 @@ def test_training_off_a_terminal_writes_lines_not_bars(capsys, caplog, tmp_path)
     tcfg.seed, tcfg.optimizer = 0, "adamw"
     tcfg.max_steps, tcfg.log_every, tcfg.checkpoint_every, tcfg.grad_accum = 20, 5, 100, 1
     blocks = torch.randint(0, 32, (64, 16), generator=torch.Generator().manual_seed(0))
-    result = train(lm, dict(lm.named_parameters()), LMBatches(blocks, 4, 0), tcfg, tmp_path, progress=True)
+    result = train(lm, dict(lm.named_parameters()), LMBatches(blocks, 4, 0), tmp_path,
+                   TrainOptions(tcfg, progress=True))
     assert result.steps == 20
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b[" not in err

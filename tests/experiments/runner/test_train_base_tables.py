@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from experiments.runner.config_check import CONF_DIR, ConfigError, check_config
 from experiments.runner.setup import train_base_tables, trainable_parameters
-from experiments.runner.train import LMBatches, param_groups, train
+from experiments.runner.train import LMBatches, TrainOptions, param_groups, train
 from lowra.format import QuantizedTensor
 from lowra.linear import LowRALinear
 
@@ -66,8 +66,8 @@ def test_trainable_tables_train_and_resume_restores_them(tmp_path):
     params = trainable_parameters(model)
     assert set(lrs) < set(params)
     start = {n: params[n].detach().clone() for n in lrs}
-    r = train(model, params, LMBatches(blocks, 2, 0), tcfg, tmp_path, progress=False, param_lrs=lrs,
-              no_decay=no_decay)
+    r = train(model, params, LMBatches(blocks, 2, 0), tmp_path,
+              TrainOptions(tcfg, progress=False, param_lrs=lrs, no_decay=no_decay))
     assert r.steps == 3
     for n in lrs:
         assert not torch.equal(start[n], params[n])
@@ -75,8 +75,8 @@ def test_trainable_tables_train_and_resume_restores_them(tmp_path):
     again = _LM()
     lrs2, no_decay2 = train_base_tables(again, tcfg)
     params2 = trainable_parameters(again)
-    train(again, params2, LMBatches(blocks, 2, 0), tcfg, tmp_path, resume=True, progress=False, param_lrs=lrs2,
-          no_decay=no_decay2)
+    train(again, params2, LMBatches(blocks, 2, 0), tmp_path,
+          TrainOptions(tcfg, resume=True, progress=False, param_lrs=lrs2, no_decay=no_decay2))
     for n in lrs:
         assert torch.equal(params2[n], params[n]), n
     assert torch.equal(again.head.qweight.groups[0].codebook, model.head.qweight.groups[0].codebook)

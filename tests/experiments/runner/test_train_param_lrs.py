@@ -1,4 +1,4 @@
-"""train(param_lrs=…): named parameters with their own learning rate, scheduled like the rest."""
+"""train(TrainOptions(param_lrs=…)): named parameters with their own learning rate, scheduled like the rest."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments.runner.config_check import CONF_DIR
-from experiments.runner.train import LMBatches, param_groups, train
+from experiments.runner.train import LMBatches, TrainOptions, param_groups, train
 
 
 class _LM(torch.nn.Module):
@@ -38,8 +38,8 @@ def test_each_parameter_moves_at_its_rate(tmp_path):
     tcfg.lr = 1e-3
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     blocks = torch.randint(0, 16, (8, 12), generator=torch.Generator().manual_seed(1))
-    r = train(model, dict(model.named_parameters()), LMBatches(blocks, 2, 0), tcfg, tmp_path, progress=False,
-              param_lrs={"head.weight": 1e-2})
+    r = train(model, dict(model.named_parameters()), LMBatches(blocks, 2, 0), tmp_path,
+              TrainOptions(tcfg, progress=False, param_lrs={"head.weight": 1e-2}))
     assert r.steps == 1
     step = {n: (p.detach() - before[n]).abs() for n, p in model.named_parameters()}
     moved = step["head.weight"][step["head.weight"] > 0]
