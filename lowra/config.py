@@ -80,9 +80,6 @@ FLAT_KEYS = ("bits", "method", "group_size", "double_quant", "candidates", "code
              "plan", "budget_scope", "budget_kind", "error", "fisher_codebooks", "measure_windows",
              "calibration_batch_size", "plan_options", "quant_options", "rank", "alpha", "dropout", "loftq_iters",
              "init", "init_damp", "init_codebooks", "low_bits_init", "target_modules", "skip_modules", "adapter_dtype")
-#: LowRA options that every method's config carried (and the runner read) before they were nested: a saved
-#: dict of another method may hold any value of them, which that method never read (``from_dict`` drops it).
-FORMERLY_COMMON = ("codebook_iters", "budget_scope", "measure_windows")
 #: Adapter-init fields: read for every quantizing method (not for ``method=none``).
 INIT_FIELDS = METHOD_INIT_FIELDS
 
@@ -320,8 +317,8 @@ class LowRAConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LowRAConfig:
         """The config of ``to_dict()`` output (e.g. a ``quantization_config``; flat, or with a nested
         ``method_config``); unknown keys are a ValueError naming them, a ``quant_method`` other than
-        ``"lowra"`` too. A saved dict of another method may carry any value of :data:`FORMERLY_COMMON`
-        (that method never read them): they are dropped."""
+        ``"lowra"`` too. A saved dict of another method may carry any value of
+        ``lowra.methods.FORMERLY_COMMON`` (that method never read them): they are ignored."""
         if not isinstance(data, Mapping):
             raise ValueError(f"LowRAConfig.from_dict needs a mapping, got {type(data).__name__}")
         data = dict(data)
@@ -334,10 +331,6 @@ class LowRAConfig:
             raise ValueError(f"LowRAConfig.from_dict: unknown key(s) {unknown}; known: {sorted(known)}")
         if "bits" not in data:
             raise ValueError("LowRAConfig.from_dict: 'bits' is required")
-        method = method_of(str(data.get("method", "lowra")))
-        for name in FORMERLY_COMMON:
-            if name not in method.fields:
-                data.pop(name, None)
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -217,6 +217,9 @@ class LowRAOptions(MethodOptions):
             raise ValueError(f"budget_scope must be 'model' or 'matrix', got {self.budget_scope!r}")
 
 
+#: LowRA options that every method's config carried (and the runner read) before they were nested: another
+#: method ignores them at any value, as it always did (old calls and saved dicts that set them still load).
+FORMERLY_COMMON = ("codebook_iters", "budget_scope", "measure_windows")
 #: What a config of a method without LowRA's options reads for each of them (``LowRAConfig.codebook``
 #: of ``method="nf"``, …): the values every such config stored before the options were nested (so the
 #: flat ``to_dict()`` and the checkpoints of those configs did not change).
@@ -249,12 +252,13 @@ class Method:
     def options(self, values: Mapping[str, Any]) -> MethodOptions:
         """Its options from flat ``LowRAConfig`` keywords (``codebook="nf"``, …) or a saved dict. A LowRA
         option given to another method is accepted only at the value every such config stored
-        (:data:`UNUSED_LOWRA_OPTIONS`: old flat dicts load), else a ValueError naming the field and the method."""
+        (:data:`UNUSED_LOWRA_OPTIONS`: old flat dicts load), else a ValueError naming the field and the method;
+        :data:`FORMERLY_COMMON` options are ignored for another method at any value, as they always were."""
         values = dict(values)
         if self.options_class is not LowRAOptions:
             for name in [k for k in values if k in UNUSED_LOWRA_OPTIONS]:
                 value = values.pop(name)
-                if _plain(value) != UNUSED_LOWRA_OPTIONS[name]:
+                if _plain(value) != UNUSED_LOWRA_OPTIONS[name] and name not in FORMERLY_COMMON:
                     raise ValueError(_not_taken(name, value, self.name))
         return self.options_class.from_values(self.name, values)
 

@@ -231,3 +231,4 @@ def test_old_flat_checkpoint_dicts_load_to_the_same_config_and_dict():
     assert LowRAConfig.from_dict({**nested, "method_config": lowra_cfg.method_config.to_dict()}) == lowra_cfg
     # every method's config carried codebook_iters / budget_scope / measure_windows: another method never read them
     assert LowRAConfig.from_dict({**OLD_NF_DICT, "codebook_iters": 7, "measure_windows": 2}) == nf
+    assert LowRAConfig(bits=4, method="nf", double_quant=True, loftq_iters=0, codebook_iters=5) == nf  # ignored
