@@ -7,6 +7,15 @@ JSON-safe and strict (unknown keys are an error naming them), stored in every ch
 ``to_dict()`` carries ``quant_method: "lowra"``: it is the ``quantization_config`` of a Hugging
 Face ``config.json`` as it stands.
 
+Common fields + the method's own options (as PEFT's ``LoraConfig`` + ``LoftQConfig``):
+``method_config`` is an object of the method's ``Method.options_class`` (:class:`~lowra.methods.LowRAOptions`
+for ``method="lowra"``: codebooks, plan, error table, low-bit init; the empty
+:class:`~lowra.methods.MethodOptions` for the others). The flat keyword form builds it
+(``LowRAConfig(bits=2, codebook="nf")``) and ``config.codebook`` reads it (for a method without the
+option: the value such configs always stored); an option the method does not take is a ValueError
+naming the field and the method. ``to_dict()`` stays flat (:data:`FLAT_KEYS`), as checkpoints stored
+it before the nesting; ``from_dict`` also reads a nested ``method_config``.
+
 ``quantize_model(model, config)`` takes it; ``quantize_model(model, bits, rank=..., ...)`` stays as
 a shortcut that builds one (:func:`config_from_arguments`).  What is data or a runtime choice of
 one call, not configuration, stays an argument of ``quantize_model``: ``calibration`` windows,
@@ -27,14 +36,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from lowra.config_values import (
+    LOW_BITS_INIT_KEYS,  # noqa: F401 (its old home: lowra.config.LOW_BITS_INIT_KEYS)
+    integer,
+    json_safe,
+    names,
+    number,
+    string,
+)
 from lowra.methods import INIT_FIELDS as METHOD_INIT_FIELDS
-from lowra.methods import LOWRA_FIELDS, METHOD_DEFAULT, Method, method_of
+from lowra.methods import (
+    LOWRA_FIELDS,
+    METHOD_DEFAULT,
+    UNUSED_LOWRA_OPTIONS,
+    LowRAOptions,
+    Method,
+    MethodOptions,
+    method_of,
+)
 
-__all__ = ["HYDRA_KEYS", "PAPER", "LowRAConfig", "config_from_arguments"]
+__all__ = ["HYDRA_KEYS", "PAPER", "LowRAConfig", "LowRAOptions", "MethodOptions", "config_from_arguments"]
 
 #: ``LowRAConfig.to_dict()["quant_method"]``: the name of this quantization scheme in HF configs.
 QUANT_METHOD = "lowra"
@@ -42,11 +66,6 @@ QUANT_METHOD = "lowra"
 #: given by ``quantize_model``); checked against its signature by the tests.
 PLAN_OPTIONS = ("clusters", "seed", "samples", "time_limit", "mip_rel_gap", "max_nodes", "threads", "solver_options",
                 "kmeans_iters", "kmeans_sample", "stage2", "verbose")
-_CODEBOOKS = ("learned", "nf")
-_PLANS = ("ilp", "uniform")
-_SCOPES = ("model", "matrix")
-_BUDGET_KINDS = ("nominal", "effective")
-_INIT_CODEBOOKS = ("fixed", "relearn")
 _WIDTHS = (1, 2, 3, 4)
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: LowRA-only fields: the runner reads them from ``quant.*`` for ``quant.method=lowra`` only (the
@@ -55,8 +74,12 @@ LOWRA_ONLY = LOWRA_FIELDS
 #: The paper's preset (conf/quant/lowra_paper.yaml) as ``LowRAConfig`` fields: data-free weight-SSE plan
 #: over {1, 2, 4} bits, LoftQ init — ``LowRAConfig(bits=2, **PAPER)``.
 PAPER = {"candidates": (1, 2, 4), "error": "sse", "init": "loftq", "low_bits_init": None}
-#: The keys of ``LowRAConfig.low_bits_init``.
-LOW_BITS_INIT_KEYS = ("below", "loftq_iters", "init_codebooks")
+#: ``LowRAConfig.to_dict()``'s keys in their order: the flat form every checkpoint stored before the
+#: method's options were nested (``method_config``), kept so that saved files and fingerprints do not change.
+FLAT_KEYS = ("bits", "method", "group_size", "double_quant", "candidates", "codebook", "codebook_iters", "weight_power",
+             "plan", "budget_scope", "budget_kind", "error", "fisher_codebooks", "measure_windows",
+             "calibration_batch_size", "plan_options", "quant_options", "rank", "alpha", "dropout", "loftq_iters",
+             "init", "init_damp", "init_codebooks", "low_bits_init", "target_modules", "skip_modules", "adapter_dtype")
 #: Adapter-init fields: read for every quantizing method (not for ``method=none``).
 INIT_FIELDS = METHOD_INIT_FIELDS
 
@@ -102,6 +125,9 @@ class LowRAConfig:
         plan_options: options of ``lowra.precision.assign_precision`` (``clusters``, ``samples``,
             ``time_limit``, ...; :data:`PLAN_OPTIONS`).
         quant_options: JSON-safe options of another method's quantizer (OPTQ ``damp``, ...).
+        method_config: the method's own options (the LowRA-only fields above, from ``codebook`` to
+            ``measure_windows``, and ``init_codebooks``, ``low_bits_init`` below, live in its
+            :class:`~lowra.methods.LowRAOptions`); given flat, they are gathered into it.
     Adapters:
         rank, alpha, dropout: LoRA rank r (0: none), alpha (scale ``alpha / r``), input dropout.
         loftq_iters: alternations of the adapter init (0: standard LoRA init, B = 0).
@@ -130,15 +156,6 @@ class LowRAConfig:
     group_size: int = 64
     double_quant: bool = False
     candidates: tuple[int, ...] = METHOD_DEFAULT  # type: ignore[assignment]
-    codebook: str = "learned"
-    codebook_iters: int = 20
-    weight_power: float = 2.0
-    plan: str = "ilp"
-    budget_scope: str = "model"
-    budget_kind: str = "nominal"
-    error: str = METHOD_DEFAULT  # type: ignore[assignment]
-    fisher_codebooks: bool = False
-    measure_windows: int = 16
     calibration_batch_size: int = 4
     plan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     quant_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -148,11 +165,40 @@ class LowRAConfig:
     loftq_iters: int = 1
     init: str = METHOD_DEFAULT  # type: ignore[assignment]
     init_damp: float = 0.01
-    init_codebooks: str = "fixed"
-    low_bits_init: dict[str, Any] | None = METHOD_DEFAULT  # type: ignore[assignment]
     target_modules: str | tuple[str, ...] | None = None
     skip_modules: tuple[str, ...] = ("lm_head",)
     adapter_dtype: str | None = None
+    #: the method's own options (``Method.options_class``: :class:`~lowra.methods.LowRAOptions` for
+    #: ``method="lowra"``, an empty :class:`~lowra.methods.MethodOptions` otherwise), or a mapping of them
+    method_config: MethodOptions | Mapping[str, Any] | None = None
+
+    def __init__(self, *args: Any, **values: Any) -> None:
+        """The fields above by keyword (``bits`` and ``method`` also by position); the method's own
+        options either as ``method_config`` or flat (``LowRAConfig(bits=2, codebook="nf")``), flat ones
+        over ``method_config``'s."""
+        fields = dataclasses.fields(self)
+        if len(args) > 2:
+            raise TypeError(f"LowRAConfig takes at most 2 positional arguments (bits, method), got {len(args)}")
+        for f, value in zip(fields, args, strict=False):
+            if f.name in values:
+                raise TypeError(f"LowRAConfig got multiple values for argument {f.name!r}")
+            values[f.name] = value
+        own = {k: values.pop(k) for k in list(values) if k in LOWRA_FIELDS and values[k] is not METHOD_DEFAULT}
+        for k in [k for k in values if k in LOWRA_FIELDS]:
+            values.pop(k)  # METHOD_DEFAULT: the option's default
+        unknown = sorted(set(values) - {f.name for f in fields})
+        if unknown:
+            raise TypeError(f"LowRAConfig got an unexpected keyword argument {unknown[0]!r}")
+        for f in fields:
+            if f.name in values:
+                value = values[f.name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+        self._flat_options = own
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -161,83 +207,66 @@ class LowRAConfig:
     # ------------------------------------------------------------------------- validation
     def _normalise_types(self) -> None:
         """Plain Python types (so ``to_dict`` is JSON-safe and equal configs compare equal); fields
-        left at ``METHOD_DEFAULT`` take the method's default (``lowra.methods.Method.defaults``)."""
-        self.method = _string("method", self.method)
+        left at ``METHOD_DEFAULT`` take the method's default (``lowra.methods.Method.defaults``);
+        ``method_config`` becomes the method's options object."""
+        self.method = string("method", self.method)
         for name, value in method_of(self.method).defaults.items():
             if getattr(self, name) is METHOD_DEFAULT:
                 setattr(self, name, copy.deepcopy(value))
-        self.bits = _number("bits", self.bits)
-        for name in ("group_size", "codebook_iters", "measure_windows", "calibration_batch_size", "rank",
-                     "loftq_iters"):
-            setattr(self, name, _integer(name, getattr(self, name)))
-        for name in ("weight_power", "alpha", "dropout", "init_damp"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        for name in ("double_quant", "fisher_codebooks"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("codebook", "plan", "budget_scope", "budget_kind", "error", "init", "init_codebooks"):
-            setattr(self, name, _string(name, getattr(self, name)))
+        self.method_config = self._method_options(self.__dict__.pop("_flat_options", {}))
+        self.bits = number("bits", self.bits)
+        for name in ("group_size", "calibration_batch_size", "rank", "loftq_iters"):
+            setattr(self, name, integer(name, getattr(self, name)))
+        for name in ("alpha", "dropout", "init_damp"):
+            setattr(self, name, number(name, getattr(self, name)))
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
+        self.init = string("init", self.init)
         if isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__"):
             raise ValueError(f"candidates must be a sequence of bit-widths, got {self.candidates!r}")
-        self.candidates = tuple(_integer("candidates", b) for b in self.candidates)
+        self.candidates = tuple(integer("candidates", b) for b in self.candidates)
         if self.target_modules is not None and not isinstance(self.target_modules, str):
-            self.target_modules = _names("target_modules", self.target_modules)
-        self.skip_modules = _names("skip_modules", self.skip_modules)
+            self.target_modules = names("target_modules", self.target_modules)
+        self.skip_modules = names("skip_modules", self.skip_modules)
         if self.adapter_dtype is not None:
             name = str(self.adapter_dtype).removeprefix("torch.")
             if name not in _DTYPES:
                 raise ValueError(f"adapter_dtype must be one of {_DTYPES} or None, got {self.adapter_dtype!r}")
             self.adapter_dtype = name
-        if self.low_bits_init is not None:
-            self.low_bits_init = _low_bits_init(self.low_bits_init)
         for name in ("plan_options", "quant_options"):
-            value = {} if getattr(self, name) is None else getattr(self, name)
-            if not isinstance(value, Mapping):
-                raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
-            value = {str(k): v for k, v in value.items()}
-            bad = [k for k, v in value.items() if not _json_safe(v)]
-            if bad:
-                raise ValueError(f"{name} must hold JSON values (numbers, strings, lists, dicts): {bad} do not "
-                                 "(tensors such as a layer's hessian= are data: pass them to quantize_model)")
-            setattr(self, name, value)
+            setattr(self, name, _json_options(name, getattr(self, name)))
+
+    def _method_options(self, flat: dict[str, Any]) -> MethodOptions:
+        """``method_config`` (None, an options object or a mapping) with the flat options over it, as
+        the method's options class (a LowRA option another method does not take: ValueError naming both)."""
+        method, given = method_of(self.method), self.method_config
+        if type(given) is method.options_class and not flat:
+            return copy.deepcopy(given)
+        if given is None:
+            values: dict[str, Any] = {}
+        elif isinstance(given, MethodOptions):
+            values = given.to_dict()
+        elif isinstance(given, Mapping):
+            values = {str(k): v for k, v in given.items()}
+        else:
+            raise ValueError(f"method_config must be a {method.options_class.__name__} or a mapping, got "
+                             f"{type(given).__name__}")
+        return method.options({**values, **flat})
 
     def _check_values(self) -> None:
-        from lowra.error_tables import ERROR_TABLES, INITS
+        from lowra.error_tables import INITS
 
-        if self.codebook not in _CODEBOOKS:
-            raise ValueError(f"codebook must be 'learned' or 'nf', got {self.codebook!r}")
-        if self.plan not in _PLANS:
-            raise ValueError(f"plan must be 'ilp' or 'uniform', got {self.plan!r}")
-        if self.error not in ERROR_TABLES:
-            raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {self.error!r}")
         if self.init not in INITS:
             raise ValueError(f"quant.init must be one of {INITS}, got {self.init!r}")
-        if self.init_codebooks not in _INIT_CODEBOOKS:
-            raise ValueError(f"quant.init_codebooks must be 'fixed' or 'relearn', got {self.init_codebooks!r}")
-        if self.low_bits_init is not None:
-            low = self.low_bits_init
-            if not 1.0 < low["below"] <= 4.0:
-                raise ValueError(f"quant.low_bits_init.below must lie in (1, 4] code bits, got {low['below']!r}")
-            if low["loftq_iters"] < 0:
-                raise ValueError(f"quant.low_bits_init.loftq_iters must be >= 0, got {low['loftq_iters']!r}")
-            if low["init_codebooks"] not in _INIT_CODEBOOKS:
-                raise ValueError("quant.low_bits_init.init_codebooks must be 'fixed' or 'relearn', got "
-                                 f"{low['init_codebooks']!r}")
-        if self.budget_kind not in _BUDGET_KINDS:
-            raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {self.budget_kind!r}")
-        if self.budget_scope not in _SCOPES:
-            raise ValueError(f"budget_scope must be 'model' or 'matrix', got {self.budget_scope!r}")
         if not self.candidates or any(b not in _WIDTHS for b in self.candidates) or \
                 len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct widths from {_WIDTHS}, got {self.candidates!r}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
-        for name in ("codebook_iters", "loftq_iters"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
-        for name in ("measure_windows", "calibration_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.loftq_iters < 0:
+            raise ValueError(f"loftq_iters must be a non-negative integer, got {self.loftq_iters!r}")
+        if self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be a positive integer, got {self.calibration_batch_size!r}")
         if self.rank < 0:
             raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
         if not self.alpha > 0:
@@ -257,33 +286,49 @@ class LowRAConfig:
         """The :class:`~lowra.methods.Method` of ``method`` (what it plans, needs and quantizes with)."""
         return method_of(self.method)
 
+    def option(self, name: str) -> Any:
+        """LowRA option ``name`` as the stages read it: the method's own value, else (a method without
+        it) the value such configs always stored (:data:`lowra.methods.UNUSED_LOWRA_OPTIONS`)."""
+        if name in type(self.method_config).option_names():
+            return getattr(self.method_config, name)
+        return copy.deepcopy(UNUSED_LOWRA_OPTIONS[name])
+
     # ------------------------------------------------------------------------ serialisation
+    def field_values(self) -> dict[str, Any]:
+        """Every option by its flat name (:data:`FLAT_KEYS`: the common fields and LowRA's options,
+        read with :meth:`option`), as Python values."""
+        return {k: self.option(k) if k in LOWRA_FIELDS else getattr(self, k) for k in FLAT_KEYS}
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict of every field (tuples as lists) plus ``quant_method: "lowra"``.
+        """JSON-safe flat dict of every option (tuples as lists) plus ``quant_method: "lowra"``.
 
         This is the ``quantization_config`` of a Hugging Face ``config.json``;
-        ``LowRAConfig.from_dict(config.to_dict()) == config``.
+        ``LowRAConfig.from_dict(config.to_dict()) == config``. It stays flat (:data:`FLAT_KEYS`, the
+        method's options among the common fields) so that checkpoints and the streamed run's resume
+        fingerprint are those of before the options were nested; :meth:`from_dict` also reads a
+        nested ``method_config``.
         """
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else json.loads(json.dumps(value))
+        for name, value in self.field_values().items():
+            out[name] = list(value) if isinstance(value, tuple) else json.loads(json.dumps(value))
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LowRAConfig:
-        """The config of ``to_dict()`` output (e.g. a ``quantization_config``); unknown keys are a
-        ValueError naming them, a ``quant_method`` other than ``"lowra"`` too."""
+        """The config of ``to_dict()`` output (e.g. a ``quantization_config``; flat, or with a nested
+        ``method_config``); unknown keys are a ValueError naming them, a ``quant_method`` other than
+        ``"lowra"`` too. A saved dict of another method may carry any value of
+        ``lowra.methods.FORMERLY_COMMON`` (that method never read them): they are ignored."""
         if not isinstance(data, Mapping):
             raise ValueError(f"LowRAConfig.from_dict needs a mapping, got {type(data).__name__}")
         data = dict(data)
         qm = data.pop("quant_method", QUANT_METHOD)
         if qm != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r} for a LowRAConfig, got {qm!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        known = {f.name for f in dataclasses.fields(cls)} | set(LOWRA_FIELDS)
+        unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"LowRAConfig.from_dict: unknown key(s) {unknown}; known: {sorted(names)}")
+            raise ValueError(f"LowRAConfig.from_dict: unknown key(s) {unknown}; known: {sorted(known)}")
         if "bits" not in data:
             raise ValueError("LowRAConfig.from_dict: 'bits' is required")
         return cls(**data)
@@ -323,12 +368,21 @@ class LowRAConfig:
                 values[field] = source[rest]
         # ``quant.options`` are extra keyword arguments of quantize_model: a field's name sets the
         # field (``+quant.options.measure_windows=4``), the rest are the quantizer's options
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | set(LOWRA_FIELDS)
         for key in [k for k in options if k in names]:
             if key in values and key != "quant_options" and _hydra_set(q, key):
                 raise ValueError(f"{key} is set twice: quant.{key} and quant.options.{key}")
             values[key] = options.pop(key)
         return cls(**values)
+
+
+def _option_property(name: str) -> property:
+    return property(lambda self: self.option(name), doc=f"LowRA option ``{name}`` (:meth:`LowRAConfig.option`).")
+
+
+for _name in LOWRA_FIELDS:  # config.codebook, config.error, ...: read through the method's options
+    setattr(LowRAConfig, _name, _option_property(_name))
+del _name
 
 
 #: ``LowRAConfig`` field → the key of the composed Hydra config that sets it (one to one).
@@ -359,11 +413,11 @@ def config_from_arguments(config: LowRAConfig | Mapping[str, Any] | float | None
     Returns ``(config, runtime quantizer options)``.
     """
     options = dict(options)
-    names = {f.name for f in dataclasses.fields(LowRAConfig)}
+    names = {f.name for f in dataclasses.fields(LowRAConfig)} | set(LOWRA_FIELDS)
     if "use_plan" in options and not options.pop("use_plan"):
         options["plan"] = "uniform"
     fields = {k: options.pop(k) for k in list(options) if k in names}
-    extra_json = {k: v for k, v in options.items() if _json_safe(v)}
+    extra_json = {k: v for k, v in options.items() if json_safe(v)}
     runtime = {k: v for k, v in options.items() if k not in extra_json}
     if isinstance(config, LowRAConfig):
         base = config
@@ -400,63 +454,14 @@ def _hydra_set(q: Mapping[str, Any], key: str) -> bool:
     return key in q and q[key] is not None
 
 
-def _integer(name: str, value: Any) -> int:
-    try:
-        ok = not isinstance(value, bool) and float(value) == int(value)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if name != "bits" and not math.isfinite(out):  # bits: NaN fails the budget range check, naming it
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return out
-
-
-def _string(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {value!r}")
-    return value
-
-
-def _low_bits_init(value: Any) -> dict[str, Any]:
-    """``low_bits_init`` as a plain dict with exactly :data:`LOW_BITS_INIT_KEYS`, typed."""
+def _json_options(name: str, value: Any) -> dict[str, Any]:
+    """``plan_options`` / ``quant_options`` as a dict of JSON values (None: empty)."""
+    value = {} if value is None else value
     if not isinstance(value, Mapping):
-        raise ValueError(f"quant.low_bits_init must be null or a mapping with keys {list(LOW_BITS_INIT_KEYS)}, "
-                         f"got {value!r}")
+        raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
     value = {str(k): v for k, v in value.items()}
-    if set(value) != set(LOW_BITS_INIT_KEYS):
-        raise ValueError(f"quant.low_bits_init needs exactly the keys {list(LOW_BITS_INIT_KEYS)}, got {sorted(value)}")
-    return {"below": _number("quant.low_bits_init.below", value["below"]),
-            "loftq_iters": _integer("quant.low_bits_init.loftq_iters", value["loftq_iters"]),
-            "init_codebooks": _string("quant.low_bits_init.init_codebooks", value["init_codebooks"])}
-
-
-def _names(name: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{name} must be a list of module names, got {value!r}")
-    out = tuple(value)
-    if not all(isinstance(v, str) for v in out):
-        raise ValueError(f"{name} must be a list of module names (strings), got {value!r}")
-    return out
-
-
-def _json_safe(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_json_safe(v) for v in value)
-    if isinstance(value, Mapping):
-        return all(isinstance(k, str) and _json_safe(v) for k, v in value.items())
-    return False
+    bad = [k for k, v in value.items() if not json_safe(v)]
+    if bad:
+        raise ValueError(f"{name} must hold JSON values (numbers, strings, lists, dicts): {bad} do not "
+                         "(tensors such as a layer's hessian= are data: pass them to quantize_model)")
+    return value

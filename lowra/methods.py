@@ -4,9 +4,11 @@ A :class:`Method` (one per ``LowRAConfig.method``: ``lowra``, ``nf``, ``uniform`
 other registered quantizer, and ``none``) says in ONE place everything that differs between
 methods, and every stage, the streaming path, ``LowRAConfig`` and the runner's checks ask it:
 
-- its own config fields (:attr:`Method.fields`: the ``LowRAConfig`` fields only it reads; the
-  runner reads them from ``quant.*`` for this method only) and their checks
-  (:meth:`Method.check`, called by ``LowRAConfig.__post_init__``);
+- its own config (:attr:`Method.options_class`: a dataclass validated in ``__post_init__``,
+  ``LowRAConfig.method_config``; :class:`LowRAOptions` for LowRA, the empty :class:`MethodOptions`
+  for the others; :attr:`Method.fields` are its field names, which the runner reads from ``quant.*``
+  for this method only) and the checks that span the common fields (:meth:`Method.check`, called by
+  ``LowRAConfig.__post_init__``);
 - the budgets it accepts (:meth:`Method.check_bits`: THE place ``bits`` is validated);
 - its layer quantizer (:meth:`Method.layer_quantizer`: ``[out, in] → QuantizedTensor``, through
   the quantizer registry ``lowra.quantizers`` for every method, LowRA included);
@@ -41,10 +43,13 @@ keys of ``MethodSpec.ablations``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from lowra.config_values import integer, low_bits_init, number, string
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,8 +58,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from lowra.format import QuantizedTensor
 
 __all__ = [
-    "METHODS", "METHOD_DEFAULT", "CalibrationNeeds", "LowRAMethod", "Method", "MethodSpec", "NoQuantization",
-    "QuantizerMethod", "get_method", "method_names", "method_of", "optimizer_for", "unstreamable",
+    "METHODS", "METHOD_DEFAULT", "CalibrationNeeds", "LowRAMethod", "LowRAOptions", "Method", "MethodOptions",
+    "MethodSpec", "NoQuantization", "QuantizerMethod", "get_method", "method_names", "method_of", "optimizer_for",
+    "unstreamable",
 ]
 
 STANDARD_INIT = "standard"
@@ -106,22 +112,155 @@ class CalibrationNeeds:
         return self.fisher or self.output_grads
 
 
+# ----------------------------------------------------------------------------- method options
+@dataclass
+class MethodOptions:
+    """The options of a method that has none of its own (``none``, ``nf``, ``uniform``, ``optq``, …; a
+    registered quantizer's free-form options are ``LowRAConfig.quant_options``). A method with its own
+    options subclasses it: a dataclass whose ``__post_init__`` types and checks every field, each error
+    naming the field (``LowRAConfig.method_config``, as PEFT's ``LoraConfig.loftq_config``)."""
+
+    #: the method these options belong to (for messages)
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_values(cls, method: str, values: Mapping[str, Any]) -> MethodOptions:
+        """The options of ``method`` from ``values`` (name → value); a name it does not take is a
+        ValueError naming the field and the method."""
+        unknown = [k for k in values if k not in cls.option_names()]
+        if unknown:
+            owner = "a LowRA option" if unknown[0] in LowRAOptions.option_names() else "not an option"
+            raise ValueError(f"{unknown[0]} is {owner}; method={method!r} does not take it")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as a JSON-safe value (tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+#: ``LowRAOptions.low_bits_init`` of the runner's ``quant=lowra``: below 2 code bits, 4 alternations
+#: that relearn the codebooks (issue 12)
+LOW_BITS_DEFAULT = {"below": 2.0, "loftq_iters": 4, "init_codebooks": "relearn"}
+
+
+@dataclass
+class LowRAOptions(MethodOptions):
+    """LowRA's own options (``LowRAConfig.method_config`` of ``method="lowra"``; every field is
+    documented on :class:`lowra.config.LowRAConfig`). Defaults: the runner's ``quant=lowra``."""
+
+    method: ClassVar[str] = "lowra"
+
+    codebook: str = "learned"
+    codebook_iters: int = 20
+    weight_power: float = 2.0
+    plan: str = "ilp"
+    budget_scope: str = "model"
+    budget_kind: str = "nominal"
+    error: str = "kfac"
+    fisher_codebooks: bool = False
+    measure_windows: int = 16
+    init_codebooks: str = "fixed"
+    low_bits_init: dict[str, Any] | None = field(default_factory=lambda: dict(LOW_BITS_DEFAULT))
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_iters", "measure_windows"):
+            setattr(self, name, integer(name, getattr(self, name)))
+        self.weight_power = number("weight_power", self.weight_power)
+        if not isinstance(self.fisher_codebooks, bool):
+            raise ValueError(f"fisher_codebooks must be true or false, got {self.fisher_codebooks!r}")
+        for name in ("codebook", "plan", "budget_scope", "budget_kind", "error", "init_codebooks"):
+            setattr(self, name, string(name, getattr(self, name)))
+        if self.low_bits_init is not None:
+            self.low_bits_init = low_bits_init(self.low_bits_init)
+        self._check_choices()
+        if self.codebook_iters < 0:
+            raise ValueError(f"codebook_iters must be a non-negative integer, got {self.codebook_iters!r}")
+        if self.measure_windows < 1:
+            raise ValueError(f"measure_windows must be a positive integer, got {self.measure_windows!r}")
+        if self.init_codebooks == "relearn" and self.codebook != "learned":
+            raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
+                             f"(got method='lowra', codebook={self.codebook!r})")
+        if self.fisher_codebooks and self.error != "fisher":
+            raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
+
+    def _check_choices(self) -> None:
+        from lowra.error_tables import ERROR_TABLES
+
+        if self.codebook not in ("learned", "nf"):
+            raise ValueError(f"codebook must be 'learned' or 'nf', got {self.codebook!r}")
+        if self.plan not in ("ilp", "uniform"):
+            raise ValueError(f"plan must be 'ilp' or 'uniform', got {self.plan!r}")
+        if self.error not in ERROR_TABLES:
+            raise ValueError(f"quant.error must be one of {ERROR_TABLES}, got {self.error!r}")
+        if self.init_codebooks not in ("fixed", "relearn"):
+            raise ValueError(f"quant.init_codebooks must be 'fixed' or 'relearn', got {self.init_codebooks!r}")
+        low = self.low_bits_init
+        if low is not None:
+            if not 1.0 < low["below"] <= 4.0:
+                raise ValueError(f"quant.low_bits_init.below must lie in (1, 4] code bits, got {low['below']!r}")
+            if low["loftq_iters"] < 0:
+                raise ValueError(f"quant.low_bits_init.loftq_iters must be >= 0, got {low['loftq_iters']!r}")
+            if low["init_codebooks"] not in ("fixed", "relearn"):
+                raise ValueError("quant.low_bits_init.init_codebooks must be 'fixed' or 'relearn', got "
+                                 f"{low['init_codebooks']!r}")
+        if self.budget_kind not in ("nominal", "effective"):
+            raise ValueError(f"quant.budget_kind must be 'nominal' or 'effective', got {self.budget_kind!r}")
+        if self.budget_scope not in ("model", "matrix"):
+            raise ValueError(f"budget_scope must be 'model' or 'matrix', got {self.budget_scope!r}")
+
+
+#: LowRA options that every method's config carried (and the runner read) before they were nested: another
+#: method ignores them at any value, as it always did (old calls and saved dicts that set them still load).
+FORMERLY_COMMON = ("codebook_iters", "budget_scope", "measure_windows")
+#: What a config of a method without LowRA's options reads for each of them (``LowRAConfig.codebook``
+#: of ``method="nf"``, …): the values every such config stored before the options were nested (so the
+#: flat ``to_dict()`` and the checkpoints of those configs did not change).
+UNUSED_LOWRA_OPTIONS: dict[str, Any] = {**LowRAOptions(error="sse", low_bits_init=None).to_dict()}
+
+
 # ------------------------------------------------------------------------------------ methods
 class Method:
     """One ``LowRAConfig.method``: what the stages ask of it (see the module docstring)."""
 
     name: str = ""
-    #: ``LowRAConfig`` fields only this method reads (others ignore them; the runner reads them for it only)
-    fields: tuple[str, ...] = ()
+    #: the class of its own options (``LowRAConfig.method_config``): the fields only this method reads
+    options_class: type[MethodOptions] = MethodOptions
     #: the adapter init when a preset does not say (``LowRAConfig.init``)
     default_init: str = LOFTQ_INIT
     #: the base is quantized (False: a dense frozen base, plain LoRA)
     quantizes: bool = True
     #: ``LowRAConfig`` fields whose default depends on the method (left at ``METHOD_DEFAULT``)
-    defaults: dict[str, Any] = {"candidates": (1, 2, 4), "error": "sse", "init": LOFTQ_INIT, "low_bits_init": None}
+    defaults: dict[str, Any] = {"candidates": (1, 2, 4), "init": LOFTQ_INIT}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """``LowRAConfig`` fields only this method reads (its :attr:`options_class`'s; the runner reads
+        them for it only)."""
+        return self.options_class.option_names()
+
+    def options(self, values: Mapping[str, Any]) -> MethodOptions:
+        """Its options from flat ``LowRAConfig`` keywords (``codebook="nf"``, …) or a saved dict. A LowRA
+        option given to another method is accepted only at the value every such config stored
+        (:data:`UNUSED_LOWRA_OPTIONS`: old flat dicts load), else a ValueError naming the field and the method;
+        :data:`FORMERLY_COMMON` options are ignored for another method at any value, as they always were."""
+        values = dict(values)
+        if self.options_class is not LowRAOptions:
+            for name in [k for k in values if k in UNUSED_LOWRA_OPTIONS]:
+                value = values.pop(name)
+                if _plain(value) != UNUSED_LOWRA_OPTIONS[name] and name not in FORMERLY_COMMON:
+                    raise ValueError(_not_taken(name, value, self.name))
+        return self.options_class.from_values(self.name, values)
 
     # ---- budgets and checks
     def check_bits(self, config: LowRAConfig) -> None:
@@ -146,9 +285,6 @@ class Method:
         if config.budget_kind == "effective" and not self.plans(config):
             raise ValueError("quant.budget_kind=effective needs method='lowra' with a precision plan (plan='ilp'); "
                              "other methods store one fixed width and report their effective bits as they are")
-        for name, default, why in _LOWRA_FIELD_DEFAULTS:
-            if name not in self.fields and getattr(config, name) != default:
-                raise ValueError(why.format(method=self.name, value=getattr(config, name)))
 
     # ---- what the stages ask
     def plans(self, config: LowRAConfig) -> bool:
@@ -223,18 +359,15 @@ class QuantizerMethod(Method):
 class LowRAMethod(Method):
     """``method="lowra"``: learned per-row codebooks, an error table and one precision plan.
 
-    Its own fields (:data:`LOWRA_FIELDS`): ``codebook``, ``plan``, ``weight_power``, ``error``,
-    ``fisher_codebooks``, ``budget_kind``, ``init_codebooks``, ``low_bits_init``.
+    Its own options: :class:`LowRAOptions` (:data:`LOWRA_FIELDS`).
     """
 
     name = "lowra"
-    fields = ("codebook", "plan", "weight_power", "error", "fisher_codebooks", "budget_kind", "init_codebooks",
-              "low_bits_init")
+    options_class = LowRAOptions
     default_init = CALIBRATED_INIT
-    #: the runner's ``quant=lowra`` (issue 12's measured default): candidates {1, 2, 3, 4}, the K-FAC
-    #: table, the calibrated init; below 2 code bits 4 alternations that relearn the codebooks
-    defaults = {"candidates": (1, 2, 3, 4), "error": "kfac", "init": CALIBRATED_INIT,
-                "low_bits_init": {"below": 2.0, "loftq_iters": 4, "init_codebooks": "relearn"}}
+    #: the runner's ``quant=lowra`` (issue 12's measured default): candidates {1, 2, 3, 4}, the calibrated
+    #: init (its K-FAC table and low-bit init rule: the defaults of :class:`LowRAOptions`)
+    defaults = {"candidates": (1, 2, 3, 4), "init": CALIBRATED_INIT}
 
     def plans(self, config: LowRAConfig) -> bool:
         return config.plan == "ilp"
@@ -242,14 +375,6 @@ class LowRAMethod(Method):
     def _fractional_message(self, config: LowRAConfig) -> str:
         return (f"plan='uniform' (use_plan=False) stores every row at one integer width, got a fractional "
                 f"budget bits={config.bits:g}; use plan='ilp' (the precision plan) or an integer budget")
-
-    def check(self, config: LowRAConfig) -> None:
-        super().check(config)
-        if config.init_codebooks == "relearn" and config.codebook != "learned":
-            raise ValueError("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
-                             f"(got method={self.name!r}, codebook={config.codebook!r})")
-        if config.fisher_codebooks and config.error != "fisher":
-            raise ValueError("fisher_codebooks=True needs error='fisher' (the Fisher diagonal weights the fit)")
 
     def candidates(self, config: LowRAConfig) -> tuple[int, ...]:
         """The config's candidates; without a plan the integer budget joins them (its codebooks are learned)."""
@@ -315,15 +440,31 @@ class LowRAMethod(Method):
         return quantize
 
 
-#: ``LowRAConfig`` fields that only LowRA reads, their defaults and the message of a method that has none.
-_LOWRA_FIELD_DEFAULTS = (
-    ("error", "sse", "quant.error={value!r} is an error table of LowRA's planner; method {method!r} has none"),
-    ("init_codebooks", "fixed", "quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
-                                "(got method={method!r})"),
-    ("low_bits_init", None, "quant.low_bits_init needs method='lowra', got method={method!r}"),
-)
+#: The messages of a LowRA option given to another method (the others: :func:`_not_taken`'s own).
+_NOT_TAKEN = {
+    "error": "quant.error={value!r} is an error table of LowRA's planner; method {method!r} has none",
+    "init_codebooks": ("quant.init_codebooks=relearn needs method='lowra' with learned codebooks "
+                       "(got method={method!r})"),
+    "low_bits_init": "quant.low_bits_init needs method='lowra', got method={method!r}",
+}
+
+
+def _not_taken(name: str, value: Any, method: str) -> str:
+    why = _NOT_TAKEN.get(name, "{name} is a LowRA option; method={method!r} does not take it (got {name}={value!r})")
+    return why.format(name=name, value=value, method=method)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as its JSON form would read (tuples as lists, numbers compared by value)."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 #: LowRA's own fields (the runner reads ``quant.<field>`` for ``quant.method=lowra`` only).
-LOWRA_FIELDS = LowRAMethod.fields
+LOWRA_FIELDS = LowRAOptions.option_names()
 _BUILTIN: dict[str, Method] = {"none": NoQuantization(), "lowra": LowRAMethod()}
 
 

@@ -130,10 +130,8 @@ def quantize_kwargs(cfg: Any, progress: bool) -> dict[str, Any]:
     (``INIT_KEYS``) only for quantizing methods; ``quant_options`` (``quant.options`` without the
     runner's ``calibration`` recipe) flattened, as ``quantize_model(**options)`` takes them.
     """
-    import dataclasses
-
     config = lowra_config(cfg)
-    kw: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    kw: dict[str, Any] = config.field_values()  # flat: the method's options among the common fields
     options = kw.pop("quant_options")
     method = config.method_object  # its own fields only; the init fields for quantizing methods only
     for key in (*(k for k in LOWRA_KEYS if k not in method.fields), *(INIT_KEYS if not method.quantizes else ())):

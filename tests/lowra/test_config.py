@@ -168,3 +168,67 @@ def test_checkpoint_carries_the_config(tmp_path):
     report = json.loads((tmp_path / "hf" / "lowra_report.json").read_text())
     assert saved["lowra_config"] == config.to_dict() == report["config"]
     assert load_quantized(tmp_path / "hf").lowra_config == config
+
+
+# ---- the method's own options, nested (issue 28): LowRAConfig = common fields + method_config
+#: ``LowRAConfig(bits=4, method="nf").to_dict()`` as checkpoints stored it before the options were nested
+OLD_NF_DICT = {
+    "quant_method": "lowra", "bits": 4.0, "method": "nf", "group_size": 64, "double_quant": True,
+    "candidates": [1, 2, 4], "codebook": "learned", "codebook_iters": 20, "weight_power": 2.0, "plan": "ilp",
+    "budget_scope": "model", "budget_kind": "nominal", "error": "sse", "fisher_codebooks": False,
+    "measure_windows": 16, "calibration_batch_size": 4, "plan_options": {}, "quant_options": {}, "rank": 16,
+    "alpha": 16.0, "dropout": 0.0, "loftq_iters": 0, "init": "loftq", "init_damp": 0.01, "init_codebooks": "fixed",
+    "low_bits_init": None, "target_modules": None, "skip_modules": ["lm_head"], "adapter_dtype": None,
+}
+#: the same for LowRA's paper preset at 1.5 bits with some of its options changed
+OLD_LOWRA_DICT = {
+    **OLD_NF_DICT, "bits": 1.5, "method": "lowra", "double_quant": False, "codebook": "nf", "codebook_iters": 5,
+    "budget_scope": "matrix", "loftq_iters": 1, "measure_windows": 4,
+}
+
+
+def test_method_options_are_nested_and_flat_keywords_still_build_them():
+    from lowra.methods import LowRAOptions, MethodOptions
+
+    flat = LowRAConfig(bits=2, codebook="nf", codebook_iters=5)
+    assert isinstance(flat.method_config, LowRAOptions) and flat.method_config.codebook == "nf"
+    assert flat == LowRAConfig(bits=2, method_config=LowRAOptions(codebook="nf", codebook_iters=5))
+    assert flat == LowRAConfig(bits=2, method_config={"codebook": "nf", "codebook_iters": 5})
+    assert (flat.codebook, flat.codebook_iters, flat.error) == ("nf", 5, "kfac")  # read through the options
+    assert dataclasses.replace(flat, codebook="learned").method_config == LowRAOptions(codebook_iters=5)
+    nf = LowRAConfig(bits=4, method="nf")
+    assert type(nf.method_config) is MethodOptions and (nf.codebook, nf.error, nf.low_bits_init) == \
+        ("learned", "sse", None)  # what such configs always read
+    with pytest.raises(ValueError, match="codebook must be 'learned' or 'nf'"):
+        LowRAOptions(codebook="kmeans")  # validated in __post_init__
+
+
+def test_an_option_of_another_method_names_the_field_and_the_method():
+    from lowra.methods import LowRAOptions
+
+    with pytest.raises(ValueError, match="codebook is a LowRA option; method='nf' does not take it"):
+        LowRAConfig(bits=4, method="nf", codebook="nf")
+    with pytest.raises(ValueError, match="plan is a LowRA option; method='none' does not take it"):
+        LowRAConfig(bits=16, method="none", method_config=LowRAOptions(plan="uniform"))
+    with pytest.raises(ValueError, match="zzz is not an option; method='lowra' does not take it"):
+        LowRAConfig(bits=2, method_config={"zzz": 1})
+    with pytest.raises(ValueError, match="method_config must be a LowRAOptions or a mapping"):
+        LowRAConfig(bits=2, method_config=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'zzz'"):
+        LowRAConfig(bits=2, zzz=1)
+
+
+def test_old_flat_checkpoint_dicts_load_to_the_same_config_and_dict():
+    nf = LowRAConfig.from_dict(OLD_NF_DICT)
+    assert nf == LowRAConfig(bits=4, method="nf", double_quant=True, loftq_iters=0) and nf.to_dict() == OLD_NF_DICT
+    lowra_cfg = LowRAConfig.from_dict(OLD_LOWRA_DICT)
+    assert lowra_cfg == LowRAConfig(bits=1.5, codebook="nf", codebook_iters=5, budget_scope="matrix",
+                                    measure_windows=4, error="sse", low_bits_init=None, candidates=(1, 2, 4),
+                                    init="loftq")
+    assert lowra_cfg.to_dict() == OLD_LOWRA_DICT
+    assert list(lowra_cfg.to_dict()) == list(OLD_LOWRA_DICT)  # the same keys in the same order
+    nested = {k: v for k, v in OLD_LOWRA_DICT.items() if k not in lowra_cfg.method_config.option_names()}
+    assert LowRAConfig.from_dict({**nested, "method_config": lowra_cfg.method_config.to_dict()}) == lowra_cfg
+    # every method's config carried codebook_iters / budget_scope / measure_windows: another method never read them
+    assert LowRAConfig.from_dict({**OLD_NF_DICT, "codebook_iters": 7, "measure_windows": 2}) == nf
+    assert LowRAConfig(bits=4, method="nf", double_quant=True, loftq_iters=0, codebook_iters=5) == nf  # ignored
