@@ -208,8 +208,10 @@ def test_effective_budget_counts_every_stored_bit():
     rows = layer.qweight.bits_per_row.tolist()
     stored = sum(row_storage_bits(layer.in_features, b, 64) for b in rows)
     assert stored == 8 * layer.qweight.nbytes  # fp16 scales: the cost model is exact
-    with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
+    with pytest.raises(ValueError, match=r"budget_kind is a LowRA option; method='nf' does not take it"):
         quantize_model(load_model(), 2, method="nf", budget_kind="effective", **FAST)
+    with pytest.raises(ValueError, match="budget_kind=effective needs method='lowra' with a precision plan"):
+        quantize_model(load_model(), 2, budget_kind="effective", plan="uniform", **FAST)
     with pytest.raises(ValueError, match="quant.budget_kind=effective, bits=1.5"):
         quantize_model(load_model(), 1.5, budget_kind="effective", rank=2, alpha=4, loftq_iters=0, **PAPER, **FAST)
 
