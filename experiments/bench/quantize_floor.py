@@ -36,17 +36,22 @@ from torch import nn
 FLOP_PER_MAC = 2
 
 
+def best_time(fn: Any, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls of ``fn()``, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_rate(threads: int, m: int = 1024, k: int = 576, n: int = 1536, repeats: int = 8) -> float:
     """Measured fp32 GEMM rate in FLOP/s (``[m, k] @ [k, n]``, best of ``repeats``, after a warm-up)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(m, k), torch.randn(k, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return FLOP_PER_MAC * m * k * n / best
+    return FLOP_PER_MAC * m * k * n / best_time(lambda: torch.mm(a, b), repeats)
 
 
 def svd_seconds(shape: tuple[int, int], rank: int, repeats: int = 3) -> float:
@@ -54,13 +59,7 @@ def svd_seconds(shape: tuple[int, int], rank: int, repeats: int = 3) -> float:
     from lowra.adapter_init import low_rank_factors
 
     x = torch.randn(*shape)
-    low_rank_factors(x, rank, 1.0)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        low_rank_factors(x, rank, 1.0)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_time(lambda: low_rank_factors(x, rank, 1.0), repeats)
 
 
 def distinct_inputs(model: nn.Module, targets: list[str], window: torch.Tensor) -> list[int]:
